@@ -1,0 +1,131 @@
+r"""Entropy, cross-entropy and KL divergence of probability vectors.
+
+These work on probabilities, not logits, and never renormalize: a vector that does not sum to 1 is
+taken as given (the formulas are those of :func:`scipy.special.entr` and :func:`scipy.special.rel_entr`
+summed over ``axis``). Values must lie in [0, 1] and must not be NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _validation as v
+
+
+def _prepare(name_arrays: list[tuple[str, Any]], axis: int) -> tuple[Any, list[Any], int]:
+    for name, x in name_arrays:
+        v.check_array(name, x)
+    xp = v.namespace(*(x for _, x in name_arrays))
+    first_name, first = name_arrays[0]
+    for name, x in name_arrays[1:]:
+        if tuple(x.shape) != tuple(first.shape):
+            raise ValueError(
+                f"{name} must have the shape of {first_name} {tuple(first.shape)}, got {tuple(x.shape)}"
+            )
+    float_dtypes = [v.compute_dtype(xp, x, name) for name, x in name_arrays if v.is_float_array(xp, x)]
+    dtype = xp.result_type(*float_dtypes) if float_dtypes else xp.float64
+    out = []
+    for name, x in name_arrays:
+        x = v.as_float(xp, x, dtype, name)
+        v.check_in_unit_interval(xp, name, x)
+        out.append(x)
+    ax = v.normalize_axis(axis, first.ndim)
+    return xp, out, ax
+
+
+def _scale(value: Any, base: Any) -> Any:
+    ln_base = v.log_base(base)
+    return value if ln_base is None else value / ln_base
+
+
+def entropy(p: Any, /, *, axis: int = -1, base: float | None = None) -> Any:
+    r"""Shannon entropy of each distribution along ``axis``.
+
+    .. math:: H(P) = -\sum_i p_i \log p_i, \qquad 0 \log 0 = 0.
+
+    Args:
+      p: probabilities, shape ``[..., num_classes]`` (classes along ``axis``), values in [0, 1].
+      axis: the class axis.
+      base: ``None`` for nats, ``2`` for bits, any positive number other than 1.
+
+    Returns:
+      The entropy of each distribution, shape ``[...]`` (``p``'s shape without ``axis``).
+
+    Example:
+      >>> import numpy as np, crossent as ce
+      >>> round(float(ce.entropy(np.array([0.5, 0.5]), base=2)), 4)
+      1.0
+      >>> round(float(ce.entropy(np.array([0.1, 0.8, 0.1]))), 4)
+      0.639
+
+    References: C. E. Shannon, A Mathematical Theory of Communication (1948).
+    """
+    xp, (p,), ax = _prepare([("p", p)], axis)
+    zero = xp.zeros((), dtype=p.dtype)
+    safe = xp.where(p > 0, p, xp.ones((), dtype=p.dtype))
+    terms = xp.where(p > 0, -p * xp.log(safe), zero)
+    return _scale(xp.sum(terms, axis=ax), base)
+
+
+def cross_entropy(p: Any, q: Any, /, *, axis: int = -1, base: float | None = None) -> Any:
+    r"""Cross-entropy of the predicted distribution ``q`` relative to the true distribution ``p``.
+
+    .. math:: H(P, Q) = -\sum_i p_i \log q_i,
+
+    with :math:`0 \log q = 0` for every q (including 0) and :math:`+\infty` where
+    :math:`p_i > 0` and :math:`q_i = 0`. Nothing is clipped.
+
+    Args:
+      p: true probabilities, shape ``[..., num_classes]``, values in [0, 1].
+      q: predicted probabilities, same shape, values in [0, 1].
+      axis: the class axis.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      Shape ``[...]``.
+
+    Example (true class 2 of 3, one-hot; the loss is -log of the probability of the true class):
+      >>> import numpy as np, crossent as ce
+      >>> p = np.array([0.0, 1.0, 0.0])
+      >>> round(float(ce.cross_entropy(p, np.array([0.1, 0.8, 0.1]))), 4)
+      0.2231
+      >>> round(float(ce.cross_entropy(p, np.array([0.7, 0.2, 0.1]))), 4)
+      1.6094
+    """
+    xp, (p, q), ax = _prepare([("p", p), ("q", q)], axis)
+    zero = xp.zeros((), dtype=p.dtype)
+    log_q = xp.log(q)  # -inf where q == 0: gives +inf below when p > 0
+    terms = xp.where(p > 0, -p * log_q, zero)
+    return _scale(xp.sum(terms, axis=ax), base)
+
+
+def kl_divergence(p: Any, q: Any, /, *, axis: int = -1, base: float | None = None) -> Any:
+    r"""Kullback-Leibler divergence :math:`D_{KL}(P \| Q)`.
+
+    .. math:: D_{KL}(P \| Q) = \sum_i p_i \log \frac{p_i}{q_i} = H(P, Q) - H(P),
+
+    with :math:`0 \log(0 / q) = 0` and :math:`+\infty` where :math:`p_i > 0` and
+    :math:`q_i = 0` (as :func:`scipy.special.rel_entr`).
+
+    Args:
+      p: true probabilities, shape ``[..., num_classes]``.
+      q: predicted probabilities, same shape.
+      axis: the class axis.
+      base: ``None`` for nats, ``2`` for bits.
+
+    Returns:
+      Shape ``[...]``, every entry >= 0 for distributions that sum to 1.
+
+    Example (KL = CE - H):
+      >>> import numpy as np, crossent as ce
+      >>> p, q = np.array([0.2, 0.5, 0.3]), np.array([0.1, 0.8, 0.1])
+      >>> kl = float(ce.kl_divergence(p, q))
+      >>> round(kl, 4), round(float(ce.cross_entropy(p, q) - ce.entropy(p)), 4)
+      (0.2332, 0.2332)
+    """
+    xp, (p, q), ax = _prepare([("p", p), ("q", q)], axis)
+    zero = xp.zeros((), dtype=p.dtype)
+    one = xp.ones((), dtype=p.dtype)
+    safe_p = xp.where(p > 0, p, one)
+    terms = xp.where(p > 0, p * (xp.log(safe_p) - xp.log(q)), zero)
+    return _scale(xp.sum(terms, axis=ax), base)

@@ -1,0 +1,351 @@
+r"""Softmax cross-entropy from logits, with integer or probability targets, and its gradient.
+
+One private Array-API implementation (:func:`_softmax_ce`) computes the per-row loss and, on
+request, the closed-form gradient; the public functions validate and delegate (STYLE.md item 2).
+
+Semantics are PyTorch's ``F.cross_entropy`` with DESIGN.md's documented deviations:
+
+* a ``"mean"`` whose denominator is zero (no non-ignored target, an empty batch, a total class
+  weight of 0) is 0 with a zero gradient (PyTorch: NaN);
+* label smoothing spreads ``label_smoothing`` over the classes whose logit is finite in that row
+  (``eps / K``, K = number of finite logits; PyTorch: ``eps / C``, and inf when a logit is -inf);
+* a zero target on a -inf logit contributes 0 with a zero gradient; a positive one gives +inf;
+* an ignored row contributes 0 whatever its logits are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import device, is_numpy_namespace
+
+from . import _validation as v
+
+
+def softmax_cross_entropy(
+    logits: Any,
+    targets: Any,
+    /,
+    *,
+    axis: int = -1,
+    weight: Any = None,
+    sample_weight: Any = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    base: float | None = None,
+) -> Any:
+    r"""Cross-entropy between ``targets`` and the softmax of ``logits``.
+
+    With :math:`x` the (soft-capped) logits of one row, :math:`\mathrm{lse} = \log\sum_c e^{x_c}`
+    and :math:`\log q_c = x_c - \mathrm{lse}`, the loss of a row is
+
+    .. math::
+
+       \ell = -\sum_c w_c\, t_c \log q_c + z\,\mathrm{lse}^2,
+       \qquad t = (1 - \varepsilon)\,\mathrm{target} + \frac{\varepsilon}{K}\,[x_c > -\infty]
+
+    where the target is one-hot for an integer label :math:`y` (then the first term is
+    :math:`(1-\varepsilon) w_y (\mathrm{lse} - x_y) - \frac{\varepsilon}{K}\sum_{c} w_c \log q_c`, as
+    ``F.cross_entropy``), K is the number of finite logits in the row, ``w`` the class weights,
+    ``z`` the z-loss coefficient (PaLM) and the logits are first soft-capped,
+    :math:`x \leftarrow s \tanh(x / s)` (Gemma 2), when ``softcap`` is given.
+
+    ``"mean"`` divides the sum of the first term by :math:`\sum_i s_i w_{y_i}` over non-ignored rows
+    (``s`` the sample weights; for probability targets by :math:`\sum_i s_i`), and the sum of the
+    z-loss term by :math:`\sum_i s_i` over non-ignored rows; a zero denominator gives 0.
+
+    Args:
+      logits: shape ``[..., num_classes]`` (classes along ``axis``), real floating point;
+        float16/bfloat16 are computed in float32. -inf masks a class.
+      targets: integer class indices of shape ``[...]`` (``logits``' shape without ``axis``), or
+        probabilities of ``logits``' shape (not validated: distillation targets need not sum to 1).
+      axis: the class axis of ``logits`` (``axis=1`` for PyTorch's ``(N, C, d1, ..., dk)`` layout).
+      weight: class weights, shape ``[num_classes]``, finite.
+      sample_weight: per-row weights, shape ``[...]``, finite.
+      ignore_index: a label whose rows contribute nothing (integer targets only).
+      label_smoothing: :math:`\varepsilon \in [0, 1]`.
+      z_loss: coefficient of :math:`\mathrm{lse}^2` (not combinable with ``base``).
+      softcap: positive cap :math:`s`, or None.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``[...]``).
+      base: None for nats, 2 for bits.
+
+    Returns:
+      The loss: a 0-d array, or shape ``[...]`` for ``reduction="none"``; float32 at least.
+
+    Example (true class 2 of 3; the logits are log-probabilities, so softmax gives them back):
+      >>> import numpy as np, crossent as ce
+      >>> good, bad = np.log([[0.1, 0.8, 0.1]]), np.log([[0.7, 0.2, 0.1]])
+      >>> round(float(ce.softmax_cross_entropy(good, np.array([1]))), 4)
+      0.2231
+      >>> round(float(ce.softmax_cross_entropy(bad, np.array([1]))), 4)
+      1.6094
+      >>> round(float(ce.softmax_cross_entropy(good, np.array([1]), base=2)), 4)  # bits
+      0.3219
+
+    References:
+      PyTorch ``torch.nn.functional.cross_entropy``; Szegedy et al., Rethinking the Inception
+      Architecture (label smoothing, arXiv:1512.00567); Chowdhery et al., PaLM (z-loss,
+      arXiv:2204.02311); Gemma Team, Gemma 2 (logit soft-capping, arXiv:2408.00118).
+    """
+    loss, _ = _softmax_ce(
+        logits, targets, axis=axis, weight=weight, sample_weight=sample_weight,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, reduction=reduction, base=base, with_grad=False,
+    )
+    return loss
+
+
+def softmax_cross_entropy_and_grad(
+    logits: Any,
+    targets: Any,
+    /,
+    *,
+    axis: int = -1,
+    weight: Any = None,
+    sample_weight: Any = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    base: float | None = None,
+) -> tuple[Any, Any]:
+    r""":func:`softmax_cross_entropy` and its gradient with respect to ``logits``, in closed form.
+
+    For a row with class weights ``w`` and smoothed target ``t`` the gradient with respect to the
+    (soft-capped) logits is
+
+    .. math:: \frac{\partial \ell}{\partial x} = \Big(\sum_c w_c t_c\Big)\, q - w \odot t
+              + 2 z\, \mathrm{lse}\, q,
+
+    which is :math:`q - \mathrm{onehot}(y)` for plain integer targets (softmax minus target),
+    scaled by the row's weight over the ``"mean"`` denominator and chained through the soft-cap,
+    :math:`\partial (s\tanh(x/s)) / \partial x = 1 - \tanh^2(x/s)`. For ``reduction="none"`` the
+    gradient is that of the sum of the per-row losses.
+
+    Returns:
+      ``(loss, grad)``; ``grad`` has ``logits``' shape and dtype.
+
+    Example:
+      >>> import numpy as np, crossent as ce
+      >>> loss, grad = ce.softmax_cross_entropy_and_grad(np.zeros((1, 4)), np.array([2]))
+      >>> grad.round(4).tolist()
+      [[0.25, 0.25, -0.75, 0.25]]
+    """
+    return _softmax_ce(
+        logits, targets, axis=axis, weight=weight, sample_weight=sample_weight,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, reduction=reduction, base=base, with_grad=True,
+    )
+
+
+def _softmax_ce(
+    logits: Any, targets: Any, *, axis: int, weight: Any, sample_weight: Any,
+    ignore_index: int | None, label_smoothing: float, z_loss: float, softcap: float | None,
+    reduction: str, base: float | None, with_grad: bool,
+) -> tuple[Any, Any]:
+    # ---- validation --------------------------------------------------------------------------
+    v.check_array("logits", logits)
+    v.check_array("targets", targets)
+    xp = v.namespace(logits, targets, weight, sample_weight)
+    reduction = v.check_reduction(reduction)
+    ln_base = v.log_base(base)
+    eps = v.check_unit_interval("label_smoothing", label_smoothing)
+    z = v.check_nonnegative_scalar("z_loss", z_loss)
+    cap = v.check_softcap(softcap)
+    if z > 0 and ln_base is not None:
+        raise ValueError(
+            f"z_loss and base cannot be combined (z_loss is a regularizer, not a loss in bits): "
+            f"got z_loss={z_loss}, base={base}"
+        )
+    dtype = v.compute_dtype(xp, logits, "logits")
+    ax = v.normalize_axis(axis, logits.ndim)
+    dev = device(logits)
+    x = xp.moveaxis(logits, ax, -1) if ax != logits.ndim - 1 else logits
+    x = v.as_float(xp, x, dtype, "logits")
+    num_classes = x.shape[-1]
+    batch_shape = tuple(x.shape[:-1])
+
+    integer_targets = v.is_integer_array(xp, targets)
+    if integer_targets:
+        if tuple(targets.shape) != batch_shape:
+            raise ValueError(
+                f"targets of class indices must have the shape of logits without axis {axis}, "
+                f"{batch_shape}, got {tuple(targets.shape)}"
+            )
+        labels = v.check_labels(xp, targets, num_classes, ignore_index)
+    elif v.is_float_array(xp, targets):
+        if tuple(targets.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"targets of probabilities must have the shape of logits {tuple(logits.shape)}, "
+                f"got {tuple(targets.shape)} (class indices must have an integer dtype)"
+            )
+        if ignore_index is not None:
+            raise ValueError(
+                f"ignore_index applies to integer class targets only, got ignore_index={ignore_index} "
+                "with probability targets"
+            )
+        v.check_no_nan(xp, "targets", targets)
+        t = xp.moveaxis(targets, ax, -1) if ax != logits.ndim - 1 else targets
+        t = v.as_float(xp, t, dtype, "targets")
+    else:
+        raise TypeError(
+            f"targets must be integer class indices or floating-point probabilities, got dtype {targets.dtype}"
+        )
+    w = None if weight is None else v.check_class_weight(xp, weight, num_classes, dtype)
+    sw = None if sample_weight is None else v.check_sample_weight(xp, sample_weight, batch_shape, dtype)
+
+    zero = xp.zeros((), dtype=dtype, device=dev)
+    one = xp.ones((), dtype=dtype, device=dev)
+
+    # ---- which rows count ----------------------------------------------------------------------
+    if integer_targets and ignore_index is not None:
+        keep = labels != ignore_index
+    else:
+        keep = xp.ones(batch_shape, dtype=xp.bool, device=dev)
+    row_w = xp.where(keep, one, zero) if sw is None else xp.where(keep, sw, zero)
+
+    # ---- per-row loss (and gradient) -------------------------------------------------------------
+    if num_classes == 0:
+        # No class: every row is ignored (labels were checked) or has an empty sum.
+        ce_row = xp.zeros(batch_shape, dtype=dtype, device=dev)
+        lse = xp.zeros(batch_shape, dtype=dtype, device=dev)
+        target_w = xp.zeros(batch_shape, dtype=dtype, device=dev) if integer_targets else one
+        grad = xp.zeros(x.shape, dtype=dtype, device=dev) if with_grad else None
+        z = 0.0
+    else:
+        if cap is not None:
+            tanh = xp.tanh(x / cap)
+            x = cap * tanh
+        fast = None
+        if (integer_targets and eps == 0.0 and not with_grad and w is None
+                and is_numpy_namespace(xp) and x.ndim >= 1):
+            fast = _numpy_fast_lse_and_nll(x, xp.where(keep, labels, 0))
+        if fast is not None:
+            lse, nll = fast
+            target_w = one
+            ce_row = nll
+            grad = None
+        else:
+            m = xp.max(x, axis=-1, keepdims=True)
+            m = xp.where(xp.isfinite(m), m, zero)
+            e = xp.exp(x - m)
+            s = xp.sum(e, axis=-1, keepdims=True)
+            lse_k = xp.log(s) + m
+            lse = lse_k[..., 0]
+            log_q = x - lse_k
+            finite = xp.isfinite(x)
+            if integer_targets:
+                onehot = xp.expand_dims(labels, axis=-1) == xp.arange(num_classes, device=dev)
+                nll = -xp.sum(xp.where(onehot, log_q, zero), axis=-1)
+                target_w = one if w is None else xp.sum(xp.where(onehot, w, zero), axis=-1)
+                ce_row = (1.0 - eps) * target_w * nll if eps < 1.0 else xp.zeros_like(nll)
+                if eps > 0.0:
+                    k = xp.sum(xp.astype(finite, dtype), axis=-1)
+                    k = xp.where(k > 0, k, one)
+                    wl = log_q if w is None else w * log_q
+                    ce_row = ce_row - eps * xp.sum(xp.where(finite, wl, zero), axis=-1) / k
+            else:
+                if eps > 0.0:
+                    k = xp.sum(xp.astype(finite, dtype), axis=-1, keepdims=True)
+                    k = xp.where(k > 0, k, one)
+                    t = (1.0 - eps) * t + xp.where(finite, eps / k, zero)
+                wt = t if w is None else w * t
+                ce_row = -xp.sum(xp.where(wt == 0, zero, wt * log_q), axis=-1)
+                target_w = one
+            if with_grad:
+                q = e / s
+                if integer_targets:
+                    onehot_f = xp.astype(onehot, dtype)
+                    a = xp.expand_dims(target_w if w is not None else xp.ones(batch_shape, dtype=dtype,
+                                                                               device=dev), axis=-1)
+                    g = (1.0 - eps) * a * (q - onehot_f)
+                    if eps > 0.0:
+                        kk = xp.expand_dims(k, axis=-1)
+                        finite_f = xp.astype(finite, dtype)
+                        if w is None:
+                            g = g + eps * (q - finite_f / kk)
+                        else:
+                            w_f = xp.sum(xp.where(finite, w, zero), axis=-1, keepdims=True)
+                            g = g + eps * (w_f / kk * q - w * finite_f / kk)
+                else:
+                    g = xp.sum(wt, axis=-1, keepdims=True) * q - wt
+                grad = g
+            else:
+                grad = None
+        z_row = z * lse * lse if z > 0 else None
+
+    # ---- reduction ---------------------------------------------------------------------------------
+    ce_row = xp.where(keep, ce_row, zero)
+    if z > 0:
+        z_row = xp.where(keep, z_row, zero)
+    if reduction == "none":
+        loss = ce_row if z == 0 else ce_row + z_row
+        if sw is not None:
+            loss = loss * row_w
+        ce_scale, z_scale = row_w, row_w
+    else:
+        ce_sum = xp.sum(row_w * ce_row)
+        z_sum = xp.sum(row_w * z_row) if z > 0 else None
+        if reduction == "sum":
+            loss = ce_sum if z == 0 else ce_sum + z_sum
+            ce_scale, z_scale = row_w, row_w
+        else:
+            ce_den = xp.sum(row_w * target_w) if integer_targets else xp.sum(row_w)
+            ce_scale = _safe_divide(xp, row_w, ce_den, zero, one)
+            loss = _safe_divide(xp, ce_sum, ce_den, zero, one)
+            if z > 0:
+                z_den = xp.sum(row_w)
+                z_scale = _safe_divide(xp, row_w, z_den, zero, one)
+                loss = loss + _safe_divide(xp, z_sum, z_den, zero, one)
+            else:
+                z_scale = None
+    if ln_base is not None:
+        loss = loss / ln_base
+
+    if not with_grad:
+        return loss, None
+    if num_classes > 0:
+        grad = xp.expand_dims(ce_scale, axis=-1) * grad
+        if z > 0:
+            grad = grad + xp.expand_dims(z_scale * 2.0 * z * lse, axis=-1) * (e / s)
+        grad = xp.where(xp.expand_dims(keep, axis=-1), grad, zero)
+        if cap is not None:
+            grad = grad * (1.0 - tanh * tanh)
+        if ln_base is not None:
+            grad = grad / ln_base
+    if ax != logits.ndim - 1:
+        grad = xp.moveaxis(grad, -1, ax)
+    return loss, xp.astype(grad, logits.dtype)
+
+
+def _safe_divide(xp: Any, num: Any, den: Any, zero: Any, one: Any) -> Any:
+    """num / den, and 0 where den == 0 (DESIGN.md: a mean over nothing is 0)."""
+    nonzero = den != 0
+    return xp.where(nonzero, num / xp.where(nonzero, den, one), zero)
+
+
+def _numpy_fast_lse_and_nll(x: Any, labels: Any) -> tuple[Any, Any] | None:
+    """(lse, nll) from the compiled CPU kernel of crossent.cpu, or None when it does not apply.
+
+    The kernel needs a C-contiguous float32/float64 array; anything else takes the Array-API path.
+    """
+    import numpy as np
+
+    if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous or x.size == 0:
+        return None
+    try:
+        from .. import cpu
+    except ImportError:
+        return None
+    available = getattr(cpu, "available", None)
+    if available is None or not getattr(cpu, "ENABLED", True) or not available():
+        return None
+    num_classes = x.shape[-1]
+    lse, picked = cpu.lse_and_pick(x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1)))
+    shape = x.shape[:-1]
+    lse = lse.reshape(shape)
+    return lse, lse - picked.reshape(shape)
