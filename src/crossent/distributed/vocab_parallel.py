@@ -1,0 +1,740 @@
+r"""Vocabulary-parallel cross-entropy over ``torch.distributed``: the logits never get gathered.
+
+Each of the ``W`` ranks of a process group holds a contiguous slice of the vocabulary (rank order,
+uneven or empty slices allowed): either its columns of the logits, ``local_logits[..., V_r]``, or
+its rows of the output layer, ``local_weight[V_r, D]`` (and ``local_bias[V_r]``), with the input
+``x[..., D]`` replicated. Targets are global class indices, the same on every rank. Every rank gets
+the same loss, equal to the single-process loss on the concatenated logits, and the gradient of
+its own slice.
+
+Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank)::
+
+    step  on every rank r (local, no N x V)                collective           floats per rank
+    ----  ---------------------------------------------    ------------------   ----------------
+    0     V_r, N, D, dtype, options, min/max and a          all_gather int64     16 W (not per row)
+          fingerprint of target, local argument errors      (once per call)      one host sync
+          -> the same table on every rank: every rank
+             checks it and raises the same error together
+          offset_r = V_0 + ... + V_{r-1}   (partition.vocab_offsets, pure)
+    forward
+    1     for each chunk c of the slice (columns c0:c1):
+            z = local_logits[:, c0:c1]          (logits version)
+            z = softcap(x @ W[c0:c1]^T + b)     (linear version, never N x V_r at once)
+          online over the chunks, per row i:
+            m_r = max_j z_ij,  s_r = sum_j exp(z_ij - m_r)
+            t_r = z_{i, y_i}  if offset_r <= y_i < offset_r + V_r, else 0
+            S_r = sum_{j: z_ij finite} z_ij,  K_r = #{j: z_ij finite}   (label_smoothing > 0 only)
+    2     m = max_r m_r                                     all_reduce MAX       N
+    3     s_r <- s_r * exp(m_r - m)                         all_reduce SUM of    2N  (4N with
+          [s, t, S, K] = sum_r [s_r, t_r, S_r, K_r]         stacked [s,t(,S,K)]  label_smoothing)
+    4     lse = m + log s
+          loss_i = (1 - eps)(lse - t) + eps (lse - S / K) + z_loss lse^2   (0 on ignored rows)
+    backward (g_i = d loss / d loss_i: grad_output, / #non-ignored rows for "mean", 0 if ignored)
+    5     dz_ij = g_i (p_ij (1 + 2 z_loss lse_i) - (1 - eps)[j = y_i] - eps [z_ij finite] / K_i),
+          p_ij = exp(z_ij - lse_i);  logits version: grad = dz, no communication
+          linear version: recompute each chunk, dz <- dz (1 - tanh^2) under softcap,
+            dW[c0:c1] = dz^T x,  db[c0:c1] = sum_i dz,  dx_r += dz W[c0:c1]
+    6     dx = sum_r dx_r                                   all_reduce SUM       N D (linear only)
+
+So the loss costs three collectives per call, two of them O(N) and none O(N V); the linear
+version adds one all-reduce of the input gradient in backward (each rank's ``x`` is replicated,
+so its gradient is the sum of every slice's contribution; every rank gets that sum).
+
+Faults: every argument check, local or across ranks (slice shapes that disagree with the input,
+rows or feature sizes or options that differ between ranks, a target differing between ranks or
+outside ``[0, V)``), goes through the table of step 0, so all ranks raise the same exception
+together instead of some of them waiting in a collective. A rank that never calls at all makes the
+others wait until the process group's timeout (``init_process_group(timeout=...)``).
+
+Semantics follow crossent's contract (``DESIGN.md``): ``mean`` divides by the number of non-ignored
+rows and is 0 with zero gradients when there are none; label smoothing gives ``eps / K`` to each
+of the ``K`` classes whose (softcapped) logit is finite in that row, ``K`` counted over all ranks;
+``z_loss * lse^2`` is added per non-ignored row; softcap ``c tanh(logits / c)`` comes first;
+bfloat16/float16 inputs accumulate and return float32 losses. NaN logits propagate; an ignored row
+contributes 0 whatever its logits. Validation reads one small table to the host (one sync per call);
+the rest stays on the device, so the same code runs on NCCL.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from .partition import vocab_offsets
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+
+# Elements (rows x columns) of one chunk of logits: each float32 temporary of a chunk is 32 MiB.
+# Read at every call, so tests may lower it to exercise many chunks on small shapes.
+_CHUNK_ELEMENTS = 1 << 23
+
+_REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_EXCEPTIONS = (ValueError, TypeError)  # codes 1, 2 of the "problem" field
+_MESSAGE_BYTES = 512  # per rank, for a local error message sent to the other ranks
+
+# Fields of the step-0 table, one int64 each; floats travel as their IEEE bits.
+_FIELDS = (
+    "problem",  # 0: none, 1: ValueError, 2: TypeError in this rank's own arguments
+    "vocab",  # V_r
+    "rows",  # N
+    "target_ndim",
+    "features",  # D (linear version), else 0
+    "dtype",  # index in _FLOAT_DTYPES
+    "target_min",  # over non-ignored targets; INT64_MAX if none
+    "target_max",  # over non-ignored targets; INT64_MIN if none
+    "target_fingerprint",  # position-weighted sum of the targets
+    "ignore_index",
+    "reduction",
+    "label_smoothing",
+    "z_loss",
+    "softcap",
+    "has_bias",
+    "input_grad",  # linear version: whether x requires grad (its gradient is all-reduced)
+)
+_INT64_MAX = (1 << 63) - 1
+_INT64_MIN = -(1 << 63)
+_SHARED = {  # fields every rank must agree on, with the words an error uses
+    "rows": "the number of rows (target.numel())",
+    "target_ndim": "target.ndim",
+    "features": "the feature size D of the input",
+    "dtype": "the dtype of the logits / input",
+    "target_fingerprint": "the target (a position-weighted checksum of its indices)",
+    "ignore_index": "ignore_index",
+    "reduction": "reduction",
+    "label_smoothing": "label_smoothing",
+    "z_loss": "z_loss",
+    "softcap": "softcap",
+    "has_bias": "whether local_bias is given",
+    "input_grad": "input.requires_grad",
+}
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a forward/backward needs besides the tensors (one autograd argument)."""
+
+    group: Any
+    offset: int
+    vocab_local: int
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    chunk: int  # columns per chunk
+    target_shape: torch.Size
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_columns(rows: int, vocab_local: int) -> int:
+    return max(1, min(max(vocab_local, 1), _CHUNK_ELEMENTS // max(rows, 1)))
+
+
+def _softcapped(lin: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(c tanh(lin / c), tanh(lin / c))``, or ``(lin, None)`` without softcap."""
+    if softcap is None:
+        return lin, None
+    th = torch.tanh(lin / softcap)
+    return softcap * th, th
+
+
+class _RowStats:
+    """Per-row running statistics of this rank's slice (step 1), then their global values (2-4)."""
+
+    def __init__(self, target_local: torch.Tensor, owned: torch.Tensor, dtype, smoothing: bool):
+        rows = target_local.shape[0]
+        device = target_local.device
+        self.target_local = target_local  # y_i - offset_r (any value where not owned)
+        self.owned = owned  # row not ignored and y_i in this rank's slice
+        self.m = torch.full((rows,), -math.inf, dtype=dtype, device=device)
+        self.s = torch.zeros(rows, dtype=dtype, device=device)
+        self.t = torch.zeros(rows, dtype=dtype, device=device)
+        self.smoothing = smoothing
+        if smoothing:
+            self.finite_sum = torch.zeros(rows, dtype=dtype, device=device)
+            self.finite_count = torch.zeros(rows, dtype=dtype, device=device)
+
+    def update(self, z: torch.Tensor, col0: int) -> None:
+        """Fold the columns ``col0 : col0 + z.shape[1]`` of this slice's logits ``z`` in."""
+        m_new = torch.maximum(self.m, z.amax(dim=1))  # NaN propagates
+        shift = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
+        self.s = self.s * torch.exp(self.m - shift) + torch.exp(z - shift[:, None]).sum(dim=1)
+        self.m = m_new
+        in_chunk, index = _chunk_target(self.target_local, self.owned, col0, z.shape[1])
+        picked = z.gather(1, index[:, None]).squeeze(1)
+        self.t = self.t + torch.where(in_chunk, picked, torch.zeros_like(picked))
+        if self.smoothing:
+            finite = torch.isfinite(z)
+            self.finite_sum = self.finite_sum + torch.where(finite, z, torch.zeros_like(z)).sum(dim=1)
+            self.finite_count = self.finite_count + finite.sum(dim=1, dtype=z.dtype)
+
+    def reduce(self, group) -> tuple[torch.Tensor, ...]:
+        """Steps 2-3: global ``lse, t, S, K`` per row (``S, K`` are None without smoothing)."""
+        m = self.m.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        shift = torch.where(m == -math.inf, torch.zeros_like(m), m)
+        parts = [self.s * torch.exp(self.m - shift), self.t]
+        if self.smoothing:
+            parts += [self.finite_sum, self.finite_count]
+        stacked = torch.stack(parts)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        lse = shift + torch.log(stacked[0])
+        if self.smoothing:
+            return lse, stacked[1], stacked[2], stacked[3]
+        return lse, stacked[1], None, None
+
+
+def _chunk_target(target_local, owned, col0: int, width: int):
+    """Rows whose target lies in columns ``col0 : col0 + width`` and its index in the chunk."""
+    shifted = target_local - col0
+    in_chunk = owned & (shifted >= 0) & (shifted < width)
+    index = torch.where(in_chunk, shifted, torch.zeros_like(shifted))
+    return in_chunk, index
+
+
+def _row_losses(plan: _Plan, valid, lse, t, finite_sum, finite_count):
+    """Step 4: per-row loss, 0 on ignored rows."""
+    eps = plan.label_smoothing
+    row = lse - t
+    if eps > 0.0:
+        row = (1.0 - eps) * row + eps * (lse - finite_sum / finite_count)
+    if plan.z_loss > 0.0:
+        row = row + plan.z_loss * lse * lse
+    return torch.where(valid, row, torch.zeros_like(row))
+
+
+def _reduce(plan: _Plan, row: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    if plan.reduction == "none":
+        return row.reshape(plan.target_shape)
+    total = row.sum()
+    return total / denominator if plan.reduction == "mean" else total
+
+
+def _row_coefficients(plan: _Plan, grad_output, valid, denominator):
+    """``g_i``: d(returned loss)/d(loss_i) times the incoming gradient, 0 on ignored rows."""
+    if plan.reduction == "none":
+        g = grad_output.reshape(-1)
+    elif plan.reduction == "sum":
+        g = grad_output.expand(valid.shape[0])
+    else:
+        g = (grad_output / denominator).expand(valid.shape[0])
+    return torch.where(valid, g, torch.zeros_like(g))
+
+
+def _logits_grad(plan: _Plan, z, col0, saved, g):
+    """Step 5: d loss / d z for the columns ``col0 : col0 + z.shape[1]`` (accumulation dtype)."""
+    target_local, owned, valid, lse, finite_count = saved
+    eps = plan.label_smoothing
+    p = torch.exp(z - lse[:, None])
+    if plan.z_loss > 0.0:
+        p = p * (1.0 + 2.0 * plan.z_loss * lse)[:, None]
+    in_chunk, index = _chunk_target(target_local, owned, col0, z.shape[1])
+    p.scatter_add_(1, index[:, None], (-(1.0 - eps) * in_chunk.to(p.dtype))[:, None])
+    if eps > 0.0:
+        share = (eps / finite_count)[:, None]
+        p = p - torch.where(torch.isfinite(z), share, torch.zeros_like(share))
+    dz = p * g[:, None]
+    return torch.where(valid[:, None], dz, torch.zeros_like(dz))
+
+
+def _denominator(valid: torch.Tensor, dtype) -> torch.Tensor:
+    """Number of non-ignored rows, at least 1 (a mean over no rows is 0)."""
+    return valid.sum().clamp(min=1).to(dtype)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, plan: _Plan):  # logits [N, V_r], target [N]
+        acc = _acc_dtype(logits.dtype)
+        valid = target != plan.ignore_index
+        target_local = target - plan.offset
+        owned = valid & (target_local >= 0) & (target_local < plan.vocab_local)
+        stats = _RowStats(target_local, owned, acc, plan.label_smoothing > 0.0)
+        for col0 in range(0, plan.vocab_local, plan.chunk):
+            stats.update(logits[:, col0 : col0 + plan.chunk].to(acc), col0)
+        lse, t, finite_sum, finite_count = stats.reduce(plan.group)
+        denominator = _denominator(valid, acc)
+        row = _row_losses(plan, valid, lse, t, finite_sum, finite_count)
+        ctx.plan = plan
+        ctx.save_for_backward(logits, target_local, owned, valid, lse, finite_count, denominator)
+        return _reduce(plan, row, denominator)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        plan: _Plan = ctx.plan
+        logits, target_local, owned, valid, lse, finite_count, denominator = ctx.saved_tensors
+        acc = lse.dtype
+        g = _row_coefficients(plan, grad_output.to(acc), valid, denominator)
+        saved = (target_local, owned, valid, lse, finite_count)
+        grad = torch.empty_like(logits)
+        for col0 in range(0, plan.vocab_local, plan.chunk):
+            z = logits[:, col0 : col0 + plan.chunk].to(acc)
+            grad[:, col0 : col0 + plan.chunk] = _logits_grad(plan, z, col0, saved, g)
+        return grad, None, None  # logits; target and plan take no gradient
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, plan: _Plan):  # x [N, D], weight [V_r, D], bias [V_r]
+        acc = _acc_dtype(x.dtype)
+        valid = target != plan.ignore_index
+        target_local = target - plan.offset
+        owned = valid & (target_local >= 0) & (target_local < plan.vocab_local)
+        stats = _RowStats(target_local, owned, acc, plan.label_smoothing > 0.0)
+        for col0 in range(0, plan.vocab_local, plan.chunk):
+            z, _ = _softcapped(_linear_chunk(x, weight, bias, col0, plan.chunk).to(acc), plan.softcap)
+            stats.update(z, col0)
+        lse, t, finite_sum, finite_count = stats.reduce(plan.group)
+        denominator = _denominator(valid, acc)
+        row = _row_losses(plan, valid, lse, t, finite_sum, finite_count)
+        ctx.plan = plan
+        ctx.save_for_backward(x, weight, bias, target_local, owned, valid, lse, finite_count, denominator)
+        return _reduce(plan, row, denominator)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        plan: _Plan = ctx.plan
+        x, weight, bias, target_local, owned, valid, lse, finite_count, denominator = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        g = _row_coefficients(plan, grad_output.to(acc), valid, denominator)
+        saved = (target_local, owned, valid, lse, finite_count)
+        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        for col0 in range(0, plan.vocab_local, plan.chunk):
+            cols = slice(col0, col0 + plan.chunk)
+            z, th = _softcapped(_linear_chunk(x, weight, bias, col0, plan.chunk).to(acc), plan.softcap)
+            dz = _logits_grad(plan, z, col0, saved, g)
+            if th is not None:
+                dz = dz * (1.0 - th * th)  # d softcap(u) / du = 1 - tanh(u / c)^2
+            if grad_b is not None:
+                grad_b[cols] = dz.sum(dim=0).to(grad_b.dtype)
+            dz = dz.to(x.dtype)
+            if grad_w is not None:
+                grad_w[cols] = dz.T @ x
+            if grad_x is not None:
+                grad_x += (dz @ weight[cols]).to(acc)
+        if grad_x is not None:
+            # x is replicated on every rank: its gradient sums the contributions of all slices
+            # (step 6). Every rank of the group takes this branch: input.requires_grad is checked
+            # to agree across ranks in step 0.
+            dist.all_reduce(grad_x, op=dist.ReduceOp.SUM, group=plan.group)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None  # x, weight, bias; target and plan take none
+
+
+def _linear_chunk(x, weight, bias, col0: int, width: int) -> torch.Tensor:
+    """Logits of the columns ``col0 : col0 + width`` of this slice, in the input dtype."""
+    w = weight[col0 : col0 + width]
+    if bias is None:
+        return x @ w.T
+    return torch.addmm(bias[col0 : col0 + width], x, w.T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 0: validation and partition, collectively.
+
+
+def _group_of(group, fn: str):
+    if not dist.is_available():
+        raise RuntimeError(f"{fn}: torch.distributed is not available in this PyTorch build")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{fn}: no default process group; call torch.distributed.init_process_group first "
+            "(group=None means the default group)"
+        )
+    if group is None:
+        group = dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{fn}: group must contain this process (rank {dist.get_rank()}), it does not")
+    return group
+
+
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, problems) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        problems.append((TypeError, f"ignore_index must be an int, got {ignore_index!r}"))
+    if reduction not in _REDUCTIONS:
+        problems.append((ValueError, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}"))
+    for name, value, low, high in (
+        ("label_smoothing", label_smoothing, 0.0, 1.0),
+        ("z_loss", z_loss, 0.0, math.inf),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append((TypeError, f"{name} must be a float, got {type(value).__name__}"))
+        elif not (low <= value <= high and math.isfinite(value)):
+            bounds = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"finite and >= {low:g}"
+            problems.append((ValueError, f"{name} must be {bounds}, got {value}"))
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            problems.append((TypeError, f"softcap must be None or a float, got {type(softcap).__name__}"))
+        elif not (math.isfinite(softcap) and softcap > 0):
+            problems.append((ValueError, f"softcap must be None or a finite float > 0, got {softcap}"))
+
+
+def _check_tensor(value, name: str, problems, *, floating: bool) -> bool:
+    if not isinstance(value, torch.Tensor):
+        problems.append((TypeError, f"{name} must be a torch.Tensor, got {type(value).__name__}"))
+        return False
+    if floating and value.dtype not in _FLOAT_DTYPES:
+        problems.append(
+            (TypeError, f"{name} must be float64, float32, float16 or bfloat16, got {value.dtype}")
+        )
+        return False
+    if not floating and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        problems.append((TypeError, f"{name} must hold integer class indices, got {value.dtype}"))
+        return False
+    return True
+
+
+def _target_summary(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[min, max, fingerprint]`` of the targets, on the target's device (no host sync)."""
+    flat = target.reshape(-1).to(torch.int64)
+    valid = flat != ignore_index
+    if flat.numel() == 0:
+        low = torch.tensor(_INT64_MAX, device=flat.device)
+        high = torch.tensor(_INT64_MIN, device=flat.device)
+    else:
+        low = torch.where(valid, flat, torch.full_like(flat, _INT64_MAX)).min()
+        high = torch.where(valid, flat, torch.full_like(flat, _INT64_MIN)).max()
+    position = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
+    fingerprint = (flat * position).sum()  # int64; wraps deterministically on overflow
+    return torch.stack([low, high, fingerprint])
+
+
+def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary) -> list[dict]:
+    """Step 0: all-gather every rank's table; raise the same error on every rank if any."""
+    world = dist.get_world_size(group)
+    local = torch.tensor([fields[name] for name in _FIELDS], dtype=torch.int64)
+    local = local.to(device)
+    if summary is not None:
+        at = _FIELDS.index("target_min")
+        local[at : at + 3] = summary.to(device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    table = [dict(zip(_FIELDS, row, strict=True)) for row in torch.stack(gathered).tolist()]
+
+    if any(row["problem"] for row in table):  # every rank sees the same table: all enter here
+        text = "; ".join(message for _, message in problems).encode()[:_MESSAGE_BYTES]
+        buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+        buffer[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        messages = [torch.empty_like(buffer).to(device) for _ in range(world)]
+        dist.all_gather(messages, buffer.to(device), group=group)
+        reports = []
+        for rank, (row, message) in enumerate(zip(table, messages, strict=True)):
+            if row["problem"]:
+                raw = bytes(message.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+                reports.append((row["problem"], f"rank {rank}: {raw}"))
+        kind = _EXCEPTIONS[reports[0][0] - 1]
+        raise kind(f"{fn}: " + "; ".join(text for _, text in reports) + " (raised on every rank)")
+
+    for name, words in _SHARED.items():
+        values = [row[name] for row in table]
+        if len(set(values)) > 1:
+            if name in ("label_smoothing", "z_loss"):
+                values = [_bits_float(v) for v in values]
+            elif name == "softcap":
+                values = [None if v == 0 else _bits_float(v) for v in values]
+            elif name == "reduction":
+                values = [_REDUCTIONS[v] for v in values]
+            elif name == "dtype":
+                values = [str(_FLOAT_DTYPES[v]) for v in values]
+            raise ValueError(
+                f"{fn}: {words} must be the same on every rank of the group, got {values} in rank "
+                "order (raised on every rank)"
+            )
+    return table
+
+
+def _plan_from_table(fn: str, group, table, *, ignore_index, reduction, label_smoothing, z_loss,
+                     softcap, rows: int, target_shape) -> _Plan:
+    sizes = [row["vocab"] for row in table]
+    offsets, vocab = vocab_offsets(sizes)
+    low = min(row["target_min"] for row in table)
+    high = max(row["target_max"] for row in table)
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{fn}: target must hold ignore_index ({ignore_index}) or global class indices in "
+            f"[0, {vocab}) (V = sum of the slice sizes {sizes} in rank order), got {bad} "
+            "(raised on every rank)"
+        )
+    rank = dist.get_rank(group)
+    return _Plan(
+        group=group,
+        offset=offsets[rank],
+        vocab_local=sizes[rank],
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        chunk=_chunk_columns(rows, sizes[rank]),
+        target_shape=target_shape,
+    )
+
+
+def _base_fields(ignore_index, reduction, label_smoothing, z_loss, softcap, problems) -> dict:
+    fields = dict.fromkeys(_FIELDS, 0)
+    fields["target_min"], fields["target_max"] = _INT64_MAX, _INT64_MIN
+    if problems:
+        return fields
+    fields["ignore_index"] = ignore_index
+    fields["reduction"] = _REDUCTIONS.index(reduction)
+    fields["label_smoothing"] = _float_bits(label_smoothing)
+    fields["z_loss"] = _float_bits(z_loss)
+    fields["softcap"] = 0 if softcap is None else _float_bits(softcap)
+    return fields
+
+
+def _finish_fields(fields, problems) -> None:
+    if problems:
+        fields["problem"] = _EXCEPTIONS.index(problems[0][0]) + 1
+
+
+def _device_of(*values) -> torch.device:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    r"""Cross-entropy of logits split by vocabulary across the ranks of ``group``.
+
+    With ``z = concat_r(local_logits_r)`` the logits over the global vocabulary of ``V`` classes,
+    per non-ignored row ``i`` (target ``y_i``, ``\epsilon`` = ``label_smoothing``, ``K_i`` = the
+    number of classes with a finite logit in the row):
+
+    .. math::
+
+        \ell_i = (1-\epsilon)\,(\mathrm{lse}_i - z_{i,y_i})
+                 + \epsilon\,\Big(\mathrm{lse}_i - \frac{1}{K_i}\sum_{j:\,z_{ij}\ \mathrm{finite}} z_{ij}\Big)
+                 + \lambda_z\,\mathrm{lse}_i^2,
+        \qquad \mathrm{lse}_i = \log\sum_{j<V} e^{z_{ij}}
+
+    and ``ℓ_i = 0`` on rows whose target is ``ignore_index``. ``reduction="mean"`` divides the sum
+    by the number of non-ignored rows (0, with zero gradients, when there are none). The logits are
+    never gathered: the module docstring draws the communication (three collectives, O(N) floats).
+
+    Args:
+        local_logits: this rank's slice of the logits, ``[..., V_r]``; rank ``r`` holds the global
+            classes ``[V_0 + ... + V_{r-1}, V_0 + ... + V_r)``. Slices may be uneven.
+        target: global class indices ``[...]`` (the leading shape of ``local_logits``), integer
+            dtype, identical on every rank; ``ignore_index`` marks rows that do not count.
+        group: the process group over which the vocabulary is split; None is the default group.
+        ignore_index: target value whose rows contribute 0.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape of ``target``).
+        label_smoothing: ``eps`` in [0, 1]; mass ``eps / K_i`` on each finite-logit class.
+        z_loss: ``λ_z >= 0``, adds ``λ_z lse^2`` per non-ignored row (PaLM).
+
+    Returns:
+        the loss, identical on every rank: a scalar, or ``target.shape`` for ``"none"``; float32
+        for bfloat16/float16 logits. Backward gives this rank ``d loss / d local_logits`` and needs
+        no communication (every rank must backpropagate the same upstream gradient).
+
+    Raises:
+        ValueError, TypeError: on every rank of the group together, for a bad argument on any rank,
+            a target outside ``[0, V)`` other than ``ignore_index``, or shapes, targets or options
+            that differ across ranks.
+
+    Example (a group of one process; with ``torchrun`` each rank passes its own slice):
+
+    >>> import os, tempfile, torch, torch.distributed as dist
+    >>> store = os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    >>> logits = torch.tensor([[0.0, 2.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    >>> vocab_parallel_cross_entropy(logits, torch.tensor([1, 0]))
+    tensor(0.6691, dtype=torch.float64)
+    >>> torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0]))
+    tensor(0.6691, dtype=torch.float64)
+    >>> dist.destroy_process_group()
+
+    References:
+        Shoeybi et al., Megatron-LM (2019), arXiv:1909.08053, section 3 (vocabulary-parallel
+        cross-entropy); Chowdhery et al., PaLM (2022), arXiv:2204.02311 (z-loss).
+    """
+    fn = "vocab_parallel_cross_entropy"
+    group = _group_of(group, fn)
+    problems: list[tuple[type, str]] = []
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, None, problems)
+    fields = _base_fields(ignore_index, reduction, label_smoothing, z_loss, None, problems)
+    summary = None
+    ok = _check_tensor(local_logits, "local_logits", problems, floating=True)
+    ok = _check_tensor(target, "target", problems, floating=False) and ok
+    if ok:
+        if local_logits.ndim == 0:
+            problems.append((ValueError, "local_logits must have a class dimension [..., V_r], got a 0-d tensor"))
+        elif tuple(local_logits.shape[:-1]) != tuple(target.shape):
+            problems.append(
+                (ValueError, f"target must have the leading shape of local_logits "
+                 f"{tuple(local_logits.shape[:-1])}, got {tuple(target.shape)}")
+            )
+        elif target.device != local_logits.device:
+            problems.append(
+                (ValueError, f"target must be on the device of local_logits ({local_logits.device}), "
+                 f"got {target.device}")
+            )
+    if ok and not problems:
+        fields["vocab"] = local_logits.shape[-1]
+        fields["rows"] = target.numel()
+        fields["target_ndim"] = target.ndim
+        fields["dtype"] = _FLOAT_DTYPES.index(local_logits.dtype)
+        summary = _target_summary(target, ignore_index)
+    _finish_fields(fields, problems)
+    table = _exchange(fn, group, _device_of(local_logits, target), problems, fields, summary)
+    rows = fields["rows"]
+    plan = _plan_from_table(
+        fn, group, table, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=None, rows=rows,
+        target_shape=target.shape,
+    )
+    logits2d = local_logits.reshape(rows, plan.vocab_local)
+    return _VocabParallelCrossEntropy.apply(logits2d, target.reshape(rows).to(torch.int64), plan)
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    local_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    local_bias: torch.Tensor | None = None,
+    group=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    r"""Cross-entropy of ``input @ W.T + b`` with the output layer ``W`` split by vocabulary rows.
+
+    Equals :func:`vocab_parallel_cross_entropy` of ``z = softcap(input @ local_weight.T +
+    local_bias)`` on each rank, with ``softcap(u) = c \tanh(u / c)`` when ``softcap=c`` is given,
+    without ever holding this rank's ``N x V_r`` logits: they are computed in chunks of columns
+    and recomputed chunk by chunk in backward. ``input`` is replicated on every rank; its gradient
+    is all-reduced over the group in backward, so every rank gets the full ``d loss / d input``.
+    ``local_weight`` and ``local_bias`` get the gradient of their own slice.
+
+    Args:
+        input: ``[..., D]``, the same on every rank.
+        local_weight: this rank's rows of the output layer, ``[V_r, D]``, rank order, uneven allowed.
+        target: global class indices ``[...]`` (the leading shape of ``input``), same on every rank.
+        local_bias: this rank's slice of the bias ``[V_r]``, or None (on every rank).
+        group: the process group over which the vocabulary is split; None is the default group.
+        ignore_index, reduction, label_smoothing, z_loss: as :func:`vocab_parallel_cross_entropy`
+            (``lse`` and the smoothing use the softcapped logits).
+        softcap: None, or ``c > 0``: logits become ``c tanh(logits / c)`` first (Gemma 2).
+
+    Returns:
+        the loss, identical on every rank: a scalar, or ``target.shape`` for ``"none"``.
+
+    Raises:
+        ValueError, TypeError: on every rank together, as :func:`vocab_parallel_cross_entropy`,
+            also when ``local_weight``/``local_bias`` disagree with ``input`` or with each other,
+            or ``input.requires_grad`` differs across ranks (its backward all-reduce needs all).
+
+    >>> import os, tempfile, torch, torch.distributed as dist
+    >>> store = os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    >>> x = torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64)
+    >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> vocab_parallel_linear_cross_entropy(x, w, torch.tensor([0, 2]))
+    tensor(0.4813, dtype=torch.float64)
+    >>> torch.nn.functional.cross_entropy(x @ w.T, torch.tensor([0, 2]))
+    tensor(0.4813, dtype=torch.float64)
+    >>> dist.destroy_process_group()
+    """
+    fn = "vocab_parallel_linear_cross_entropy"
+    group = _group_of(group, fn)
+    problems: list[tuple[type, str]] = []
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, problems)
+    fields = _base_fields(ignore_index, reduction, label_smoothing, z_loss, softcap, problems)
+    summary = None
+    ok = _check_tensor(input, "input", problems, floating=True)
+    ok = _check_tensor(local_weight, "local_weight", problems, floating=True) and ok
+    ok = _check_tensor(target, "target", problems, floating=False) and ok
+    if local_bias is not None:
+        ok = _check_tensor(local_bias, "local_bias", problems, floating=True) and ok
+    if ok:
+        _check_linear_shapes(input, local_weight, target, local_bias, problems)
+    if ok and not problems:
+        fields["vocab"] = local_weight.shape[0]
+        fields["rows"] = target.numel()
+        fields["target_ndim"] = target.ndim
+        fields["features"] = input.shape[-1]
+        fields["dtype"] = _FLOAT_DTYPES.index(input.dtype)
+        fields["has_bias"] = int(local_bias is not None)
+        fields["input_grad"] = int(input.requires_grad)
+        summary = _target_summary(target, ignore_index)
+    _finish_fields(fields, problems)
+    table = _exchange(fn, group, _device_of(input, local_weight, target), problems, fields, summary)
+    rows = fields["rows"]
+    plan = _plan_from_table(
+        fn, group, table, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, rows=rows,
+        target_shape=target.shape,
+    )
+    x2d = input.reshape(rows, input.shape[-1])
+    flat_target = target.reshape(rows).to(torch.int64)
+    return _VocabParallelLinearCrossEntropy.apply(x2d, local_weight, local_bias, flat_target, plan)
+
+
+def _check_linear_shapes(input, local_weight, target, local_bias, problems) -> None:
+    if input.ndim == 0:
+        problems.append((ValueError, "input must have a feature dimension [..., D], got a 0-d tensor"))
+        return
+    features = input.shape[-1]
+    if tuple(input.shape[:-1]) != tuple(target.shape):
+        problems.append(
+            (ValueError, f"target must have the leading shape of input {tuple(input.shape[:-1])}, "
+             f"got {tuple(target.shape)}")
+        )
+    if local_weight.ndim != 2 or local_weight.shape[1] != features:
+        problems.append(
+            (ValueError, f"local_weight must have shape (V_r, D) with D = input.shape[-1] = {features}, "
+             f"got {tuple(local_weight.shape)}")
+        )
+    elif local_bias is not None and tuple(local_bias.shape) != (local_weight.shape[0],):
+        problems.append(
+            (ValueError, f"local_bias must have shape (V_r,) = ({local_weight.shape[0]},) to match "
+             f"local_weight, got {tuple(local_bias.shape)}")
+        )
+    tensors = {"input": input, "local_weight": local_weight, "target": target}
+    if local_bias is not None:
+        tensors["local_bias"] = local_bias
+    devices = {name: value.device for name, value in tensors.items()}
+    if len(set(devices.values())) > 1:
+        problems.append((ValueError, f"all tensors must be on one device, got {devices}"))
+    dtypes = {name: value.dtype for name, value in tensors.items() if name != "target"}
+    if len(set(dtypes.values())) > 1:
+        problems.append((TypeError, f"input, local_weight and local_bias must share a dtype, got {dtypes}"))
