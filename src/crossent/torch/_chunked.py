@@ -1,0 +1,429 @@
+"""impl="chunked": pure-PyTorch cross-entropy that works on the logits block by block.
+
+The rows are processed in blocks of ``rows_per_block`` rows (default: as many rows as fit in
+``DEFAULT_BLOCK_ELEMENTS`` logits, 4 Mi elements = 16 MiB in float32), so the float32 temporaries
+stay bounded by a few blocks whatever N is. For the fused linear cross-entropy the logits block
+``E_b @ W.T + b`` is computed, consumed and dropped: the N x V logits never exist.
+
+Per row i with (softcapped) logits z, lse = logsumexp(z), p = softmax(z), class weights w
+(all ones when absent), smoothing eps and K = number of finite logits in the row:
+
+    integer target y:  loss_i = (1 - eps) w_y (lse - z_y) + eps / K * sum_{c finite} w_c (lse - z_c)
+    probabilities t:   loss_i = sum_c w_c t'_c (lse - z_c),  t' = (1 - eps) t + eps / K [z_c finite]
+    z-loss:            + z_loss * lse^2
+
+and with row coefficients a_i (reduction and upstream gradient) and b_i (the z-loss share):
+
+    d loss / d z_c = a_i (p_c S_i - T_ic) + 2 b_i lse_i p_c,
+    S_i = sum_c T_ic,  T_ic = (1 - eps) w_y [c = y] + eps / K w_c [z_c finite]   (or w_c t'_c)
+
+softcap chains with d/dx [s tanh(x/s)] = 1 - (z/s)^2 on the capped z.
+
+Gradients: for "mean"/"sum" the linear version computes dE, dW, db during the forward pass
+(their upstream gradient is one scalar, applied in backward), 6NDV flops in all; for "none" it
+keeps lse per row and recomputes the logits blocks in backward (8NDV). The logits version saves
+lse per row and writes the gradient in backward.
+
+Ignored rows: on the CPU the non-ignored rows are gathered first and the ignored rows cost
+nothing (``nonzero`` needs the count on the host, free on the CPU). On other devices that would
+be a device-to-host sync, so every row is processed and ignored rows get zero coefficients.
+
+No ``.item()`` or other host syncs run in forward or backward on accelerator tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._reference import acc_dtype, safe_divide
+
+DEFAULT_BLOCK_ELEMENTS = 1 << 22
+
+
+def rows_per_block(num_classes: int, chunk_size: int | None) -> int:
+    """Rows per block: ``chunk_size`` if given, else DEFAULT_BLOCK_ELEMENTS // num_classes."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, DEFAULT_BLOCK_ELEMENTS // max(num_classes, 1))
+
+
+class _Rows:
+    """What the loss needs per row before any logit is seen (targets, weights, denominators)."""
+
+    def __init__(
+        self,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        num_rows: int,
+        dt: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.soft = target.is_floating_point()
+        if self.soft:
+            self.valid = None
+            self.valid_f = torch.ones(num_rows, dtype=dt, device=device)
+            self.ce_denominator = torch.tensor(float(num_rows), dtype=dt, device=device)
+            self.n_valid = self.ce_denominator
+            self.safe_target = None
+            self.w_target = None
+            self.rows = None
+            return
+        valid = target != ignore_index
+        self.valid = valid
+        self.valid_f = valid.to(dt)
+        self.safe_target = torch.where(valid, target, torch.zeros_like(target))
+        if weight is None:
+            self.w_target = self.valid_f
+        else:
+            self.w_target = weight.to(dt)[self.safe_target] * self.valid_f
+        self.ce_denominator = self.w_target.sum()
+        self.n_valid = self.valid_f.sum()
+        self.rows = None
+        if device.type == "cpu":
+            rows = valid.nonzero().squeeze(1)
+            if rows.numel() < num_rows:
+                self.rows = rows
+
+    def blocks(self, num_rows: int, step: int):
+        """Yield (row selector, row index tensor or None) per block of processed rows."""
+        if self.rows is None:
+            for start in range(0, num_rows, step):
+                yield slice(start, min(start + step, num_rows)), None
+        else:
+            for start in range(0, self.rows.numel(), step):
+                idx = self.rows[start : start + step]
+                yield idx, idx
+
+    def coefficients(
+        self, reduction: str, z_loss: float, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row coefficients (a, b) of the gradient formula, upstream gradient included."""
+        g = grad_output.to(self.valid_f.dtype)
+        if reduction == "none":
+            a = self.valid_f * g
+            return a, z_loss * a
+        if reduction == "sum":
+            a = self.valid_f * g
+            return a, z_loss * a
+        a = safe_divide(g, self.ce_denominator) * self.valid_f
+        b = safe_divide(z_loss * g, self.n_valid) * self.valid_f
+        return a, b
+
+
+def _take(tensor: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+    return tensor[sel] if isinstance(sel, slice) else tensor.index_select(0, sel)
+
+
+def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if softcap is None:
+        return z
+    return torch.tanh(z / softcap).mul_(softcap)
+
+
+def _block_forward(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    soft: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lse (r,), cross-entropy per row (r,) without z-loss, and softmax p (r, C)."""
+    m = z.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = (z - m).exp_()
+    s = p.sum(dim=-1, keepdim=True)
+    lse = (m + s.log()).squeeze(1)
+    p.div_(s)
+    if soft:
+        t = _soft_target(z, target, weight, eps)
+        diff = lse[:, None] - z
+        ce = torch.where(t == 0, torch.zeros_like(diff), t * diff).sum(dim=-1)
+        return lse, ce, p
+    z_y = z.gather(1, target[:, None]).squeeze(1)
+    w_y = torch.ones_like(lse) if weight is None else weight[target]
+    ce = (1.0 - eps) * w_y * (lse - z_y)
+    if eps > 0.0:
+        finite = torch.isfinite(z)
+        k = finite.sum(dim=-1).to(z.dtype)
+        zf = torch.where(finite, z, torch.zeros_like(z))
+        if weight is None:
+            w_sum, wz = k, zf.sum(dim=-1)
+        else:
+            w_sum, wz = finite.to(z.dtype) @ weight, zf @ weight
+        ce = ce + eps / k * (lse * w_sum - wz)
+    return lse, ce, p
+
+
+def _soft_target(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """w_c t'_c for a block of probability targets, smoothing over finite logits."""
+    t = target.to(z.dtype)
+    if eps > 0.0:
+        finite = torch.isfinite(z)
+        k = finite.sum(dim=-1, keepdim=True).to(z.dtype)
+        t = (1.0 - eps) * t + finite.to(z.dtype) * (eps / k)
+    return t if weight is None else t * weight
+
+
+def _block_grad(
+    p: torch.Tensor,
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    soft: bool,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    softcap: float | None,
+) -> torch.Tensor:
+    """d loss / d raw logits for one block, written over ``p`` (and ``z`` is consumed)."""
+    if soft:
+        t = _soft_target(z, target, weight, eps)
+        coef = a * t.sum(dim=-1) + 2.0 * b * lse
+        grad = p.mul_(coef[:, None]).sub_(a[:, None] * t)
+    else:
+        w_y = torch.ones_like(lse) if weight is None else weight[target]
+        s = (1.0 - eps) * w_y
+        if eps > 0.0:
+            finite = torch.isfinite(z)
+            k = finite.sum(dim=-1).to(z.dtype)
+            wf = finite.to(z.dtype) if weight is None else torch.where(finite, weight, 0.0)
+            s = s + eps / k * wf.sum(dim=-1)
+        grad = p.mul_((a * s + 2.0 * b * lse)[:, None])
+        grad.scatter_add_(1, target[:, None], (-(1.0 - eps) * a * w_y)[:, None])
+        if eps > 0.0:
+            grad.sub_(wf.mul_((a * eps / k)[:, None]))
+    if softcap is not None:
+        grad.mul_(z.div_(softcap).square_().neg_().add_(1.0))
+    return grad
+
+
+def _zero_ignored_rows(z: torch.Tensor, rows: _Rows, sel: slice | torch.Tensor) -> torch.Tensor:
+    """On the all-rows path, ignored rows are computed on zeros so NaN/inf there cannot leak."""
+    if rows.valid is None or rows.rows is not None:
+        return z
+    keep = _take(rows.valid, sel)
+    return torch.where(keep[:, None], z, torch.zeros_like(z))
+
+
+def _reduce(
+    ce: torch.Tensor, zl: torch.Tensor, rows: _Rows, reduction: str
+) -> torch.Tensor:
+    if reduction == "none":
+        return (ce + zl) * rows.valid_f
+    if reduction == "sum":
+        return (ce + zl).mul(rows.valid_f).sum()
+    return safe_divide((ce * rows.valid_f).sum(), rows.ce_denominator) + safe_divide(
+        (zl * rows.valid_f).sum(), rows.n_valid
+    )
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of materialized logits (M, C), in row blocks, float32 accumulation."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float | None,
+        block_rows: int,
+        inplace_backward: bool,
+    ) -> torch.Tensor:
+        num_rows, _ = logits.shape
+        dt = acc_dtype(logits.dtype)
+        w = None if weight is None else weight.to(dt)
+        rows = _Rows(target, weight, ignore_index, num_rows, dt, logits.device)
+        lse_all = torch.zeros(num_rows, dtype=dt, device=logits.device)
+        ce_all = torch.zeros(num_rows, dtype=dt, device=logits.device)
+        for sel, idx in rows.blocks(num_rows, block_rows):
+            z = _zero_ignored_rows(_capped(_take(logits, sel).to(dt), softcap), rows, sel)
+            t = _take(target if rows.soft else rows.safe_target, sel)
+            lse, ce, _ = _block_forward(z, t, w, label_smoothing, rows.soft)
+            if idx is None:
+                lse_all[sel], ce_all[sel] = lse, ce
+            else:
+                lse_all.index_copy_(0, idx, lse)
+                ce_all.index_copy_(0, idx, ce)
+        ctx.save_for_backward(logits, target, weight, lse_all)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, block_rows)
+        ctx.inplace_backward = inplace_backward
+        return _reduce(ce_all, z_loss * lse_all * lse_all, rows, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        logits, target, weight, lse_all = ctx.saved_tensors
+        ignore_index, reduction, eps, z_loss, softcap, block_rows = ctx.options
+        num_rows, _ = logits.shape
+        dt = lse_all.dtype
+        w = None if weight is None else weight.to(dt)
+        rows = _Rows(target, weight, ignore_index, num_rows, dt, logits.device)
+        a_all, b_all = rows.coefficients(reduction, z_loss, grad_output)
+        if ctx.inplace_backward:
+            grad = logits.detach()
+            if rows.rows is not None:
+                grad.index_fill_(0, (~rows.valid).nonzero().squeeze(1), 0.0)
+        else:
+            grad = torch.zeros_like(logits)
+        for sel, idx in rows.blocks(num_rows, block_rows):
+            z = _zero_ignored_rows(_capped(_take(logits, sel).to(dt), softcap), rows, sel)
+            t = _take(target if rows.soft else rows.safe_target, sel)
+            lse = _take(lse_all, sel)
+            p = (z - lse[:, None]).exp_()
+            g = _block_grad(
+                p, z, lse, t, w, eps, rows.soft, _take(a_all, sel), _take(b_all, sel), softcap
+            )
+            if idx is None:
+                grad[sel] = g
+            else:
+                grad.index_copy_(0, idx, g.to(grad.dtype))
+        # One gradient per forward argument: logits; then None for target, weight, ignore_index,
+        # reduction, label_smoothing, z_loss, softcap, block_rows, inplace_backward.
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _matmul_low_precision(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad (r, V) @ weight (V, D) in weight's dtype, returned in grad's dtype.
+
+    For bfloat16/float16 weights, each row of grad is divided by its largest magnitude before the
+    cast (values of a mean's gradient can lie below float16's range) and scaled back after the
+    matmul; the product itself accumulates in float32 inside the matmul.
+    """
+    if weight.dtype == grad.dtype:
+        return grad @ weight
+    scale = grad.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return ((grad / scale).to(weight.dtype) @ weight).to(grad.dtype).mul_(scale)
+
+
+def _linear_pass(
+    x: torch.Tensor,
+    lin_w: torch.Tensor,
+    lin_b: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    rows: _Rows,
+    options: tuple,
+    coefficients: tuple[torch.Tensor, torch.Tensor] | None,
+    lse_saved: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+):
+    """One sweep over row blocks: losses (forward) and/or gradients (given coefficients)."""
+    _, _, eps, _, softcap, block_rows = options
+    num_rows = x.shape[0]
+    dt = acc_dtype(x.dtype)
+    w = None if weight is None else weight.to(dt)
+    want_loss = lse_saved is None
+    lse_all = torch.zeros(num_rows, dtype=dt, device=x.device) if want_loss else lse_saved
+    ce_all = torch.zeros(num_rows, dtype=dt, device=x.device) if want_loss else None
+    need_x, need_w, need_b = needs if coefficients is not None else (False, False, False)
+    grad_x = torch.zeros(x.shape, dtype=dt, device=x.device) if need_x else None
+    grad_w = torch.zeros(lin_w.shape, dtype=dt, device=x.device) if need_w else None
+    grad_b = (
+        torch.zeros(lin_w.shape[0], dtype=dt, device=x.device)
+        if need_b and lin_b is not None
+        else None
+    )
+    for sel, idx in rows.blocks(num_rows, block_rows):
+        xb = _take(x, sel)
+        z = _zero_ignored_rows(_capped(F.linear(xb, lin_w, lin_b).to(dt), softcap), rows, sel)
+        t = _take(target if rows.soft else rows.safe_target, sel)
+        if want_loss:
+            lse, ce, p = _block_forward(z, t, w, eps, rows.soft)
+            if idx is None:
+                lse_all[sel], ce_all[sel] = lse, ce
+            else:
+                lse_all.index_copy_(0, idx, lse)
+                ce_all.index_copy_(0, idx, ce)
+        else:
+            lse = _take(lse_all, sel)
+            p = (z - lse[:, None]).exp_()
+        if coefficients is None:
+            continue
+        a, b = (_take(c, sel) for c in coefficients)
+        g = _block_grad(p, z, lse, t, w, eps, rows.soft, a, b, softcap)
+        if grad_x is not None:
+            gx = _matmul_low_precision(g, lin_w)
+            if idx is None:
+                grad_x[sel] = gx
+            else:
+                grad_x.index_copy_(0, idx, gx)
+        if grad_w is not None:
+            grad_w.addmm_(g.T, xb.to(dt))
+        if grad_b is not None:
+            grad_b.add_(g.sum(dim=0))
+    return lse_all, ce_all, (grad_x, grad_w, grad_b)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``x @ W.T + b`` for x (M, D), W (V, D), in row blocks."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        lin_w: torch.Tensor,
+        lin_b: torch.Tensor | None,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float | None,
+        block_rows: int,
+        needs: tuple[bool, bool, bool],
+    ) -> torch.Tensor:
+        num_rows = x.shape[0]
+        dt = acc_dtype(x.dtype)
+        rows = _Rows(target, weight, ignore_index, num_rows, dt, x.device)
+        options = (ignore_index, reduction, label_smoothing, z_loss, softcap, block_rows)
+        precompute = reduction != "none" and any(needs)
+        coefficients = None
+        if precompute:
+            coefficients = rows.coefficients(reduction, z_loss, torch.ones((), dtype=dt))
+        lse, ce, grads = _linear_pass(
+            x, lin_w, lin_b, target, weight, rows, options, coefficients, None, needs
+        )
+        ctx.precompute = precompute
+        ctx.options = options
+        ctx.needs = needs
+        ctx.dtypes = (x.dtype, lin_w.dtype, None if lin_b is None else lin_b.dtype)
+        if precompute:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(x, lin_w, lin_b, target, weight, lse)
+        return _reduce(ce, z_loss * lse * lse, rows, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        if ctx.precompute:
+            grads = ctx.saved_tensors
+            g = grad_output
+            out = tuple(
+                None if gr is None else (gr * g.to(gr.dtype)).to(d)
+                for gr, d in zip(grads, ctx.dtypes, strict=True)
+            )
+        else:
+            x, lin_w, lin_b, target, weight, lse = ctx.saved_tensors
+            ignore_index, reduction, _, z_loss, _, _ = ctx.options
+            rows = _Rows(target, weight, ignore_index, x.shape[0], lse.dtype, x.device)
+            coefficients = rows.coefficients(reduction, z_loss, grad_output)
+            _, _, grads = _linear_pass(
+                x, lin_w, lin_b, target, weight, rows, ctx.options, coefficients, lse, ctx.needs
+            )
+            out = tuple(
+                None if gr is None else gr.to(d) for gr, d in zip(grads, ctx.dtypes, strict=True)
+            )
+        # Gradients for x, lin_w, lin_b; then None for target, weight, ignore_index, reduction,
+        # label_smoothing, z_loss, softcap, block_rows, needs.
+        return (*out, None, None, None, None, None, None, None, None, None)

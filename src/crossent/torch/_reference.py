@@ -1,0 +1,113 @@
+"""impl="reference": the plain composition of torch ops, used as the test oracle.
+
+It materializes everything (log-softmax of the full logits, float32 at least) and lets autograd
+differentiate it. Where PyTorch defines a behaviour it agrees with ``F.cross_entropy`` (tested);
+the documented deviations of DESIGN.md are written out with ``torch.where``:
+
+- a mean whose denominator is zero is 0 with a zero gradient;
+- label smoothing spreads ``eps`` over the K classes whose logit is finite in that row;
+- a zero target mass on a -inf logit contributes 0 (0 log 0 = 0), with a zero gradient;
+- an ignored row contributes 0 whatever its logits are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_softcap(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """softcap * tanh(z / softcap) (Gemma 2); identity when softcap is None."""
+    if softcap is None:
+        return z
+    return softcap * torch.tanh(z / softcap)
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, and 0 (with zero gradient) where the denominator is 0."""
+    nonzero = denominator != 0
+    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
+    return torch.where(nonzero, numerator / safe, torch.zeros_like(numerator))
+
+
+def reference_cross_entropy_2d(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Cross-entropy of logits (M, C) against class indices (M,) or probabilities (M, C).
+
+    Returns (M,) for reduction="none", else a scalar; the dtype is float32 (float64 for
+    float64 logits).
+    """
+    dt = acc_dtype(logits.dtype)
+    z = apply_softcap(logits.to(dt), softcap)
+    num_rows, num_classes = z.shape
+    w = None if weight is None else weight.to(dt)
+    eps = label_smoothing
+    soft = target.is_floating_point()
+
+    if soft:
+        valid = torch.ones(num_rows, dtype=torch.bool, device=z.device)
+    else:
+        valid = target != ignore_index
+        # An ignored row contributes 0 whatever its logits are (NaN and inf included).
+        z = torch.where(valid[:, None], z, torch.zeros_like(z))
+    logp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    finite = torch.isfinite(z)
+    num_finite = finite.sum(dim=-1, keepdim=True).to(dt)
+
+    if soft:
+        t = target.to(dt)
+        if eps > 0.0:
+            t = (1.0 - eps) * t + eps * finite.to(dt) / num_finite
+        wt = t if w is None else t * w
+        terms = torch.where(wt == 0, torch.zeros_like(logp), -wt * logp)
+        row = terms.sum(dim=-1)
+        ce_denominator = torch.tensor(float(num_rows), dtype=dt, device=z.device)
+    else:
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        nll = -logp.gather(1, safe_target[:, None]).squeeze(1)
+        w_target = torch.ones_like(nll) if w is None else w[safe_target]
+        row = (1.0 - eps) * w_target * nll
+        if eps > 0.0:
+            wc = torch.ones_like(logp) if w is None else w.expand_as(logp)
+            smooth = torch.where(finite, -wc * logp, torch.zeros_like(logp)).sum(dim=-1)
+            row = row + eps * smooth / num_finite.squeeze(1)
+        row = torch.where(valid, row, torch.zeros_like(row))
+        ce_denominator = torch.where(valid, w_target, torch.zeros_like(w_target)).sum()
+
+    z_row = torch.zeros_like(row)
+    if z_loss > 0.0:
+        z_row = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
+
+    if reduction == "none":
+        return row + z_row
+    if reduction == "sum":
+        return row.sum() + z_row.sum()
+    n_valid = valid.sum().to(dt)
+    return safe_divide(row.sum(), ce_denominator) + safe_divide(z_row.sum(), n_valid)
+
+
+def reference_linear_cross_entropy_2d(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None,
+    **options: object,
+) -> torch.Tensor:
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` (plain F.linear, then the above)."""
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    return reference_cross_entropy_2d(logits, target, **options)  # type: ignore[arg-type]

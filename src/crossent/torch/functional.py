@@ -1,0 +1,514 @@
+"""Functional PyTorch losses: drop-ins for ``torch.nn.functional`` plus the fused linear head.
+
+``impl`` picks the implementation of the two softmax losses:
+
+- "reference": the plain composition of torch ops (log-softmax of the full logits), the oracle;
+- "chunked": pure PyTorch, row blocks with float32 accumulation and bounded temporaries
+  (any device; the fallback everywhere);
+- "triton": the GPU kernels of ``crossent.triton`` (CUDA tensors; CPU tensors only under
+  ``TRITON_INTERPRET=1``); integer targets only;
+- "auto": "triton" for CUDA tensors with integer targets when ``import triton`` works, else
+  "chunked".
+
+Semantics follow DESIGN.md: PyTorch's where PyTorch defines them, plus the documented deviations
+(zero-denominator means are 0 with zero gradient; label smoothing over the finite logits of a row;
+0 * log 0 = 0 for -inf logits or log-probabilities with zero target mass).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn import _reduction as _legacy
+
+from . import _checks
+from ._chunked import ChunkedCrossEntropy, ChunkedLinearCrossEntropy, rows_per_block
+from ._reference import (
+    acc_dtype,
+    reference_cross_entropy_2d,
+    reference_linear_cross_entropy_2d,
+    safe_divide,
+)
+
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "kl_div",
+    "linear_cross_entropy",
+]
+
+
+def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """Map the deprecated size_average/reduce pair as PyTorch does (with its warning)."""
+    if size_average is not None or reduce is not None:
+        return _legacy.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def _triton_function(name: str):
+    try:
+        module = importlib.import_module("crossent.triton")
+        fn = getattr(module, name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"impl='triton' needs crossent.triton.{name} and the triton package, which could not "
+            f"be loaded ({type(exc).__name__}: {exc}); use impl='chunked' or impl='auto'"
+        ) from exc
+    return fn
+
+
+@torch.compiler.disable
+def _chunked_cross_entropy(*args):
+    # A graph break under torch.compile: the row loop's length depends on data on the CPU.
+    return ChunkedCrossEntropy.apply(*args)
+
+
+@torch.compiler.disable
+def _chunked_linear_cross_entropy(*args):
+    return ChunkedLinearCrossEntropy.apply(*args)
+
+
+def _resolve_impl(impl: str, device: torch.device, soft: bool) -> str:
+    if impl == "auto":
+        if device.type == "cuda" and not soft and _checks.triton_importable():
+            return "triton"
+        return "chunked"
+    if impl == "triton":
+        if soft:
+            raise ValueError(
+                "impl='triton' supports integer class targets only, got probability targets; "
+                "use impl='chunked' or impl='auto'"
+            )
+        if not _checks.triton_allowed_on(device):
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got "
+                f"tensors on {device}"
+            )
+    return impl
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+    inplace_backward: bool = False,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""Cross-entropy between logits and class indices or class probabilities.
+
+    Drop-in for ``torch.nn.functional.cross_entropy`` (same positional order, legacy
+    ``size_average``/``reduce`` included). With :math:`z` the logits of one row (after
+    ``softcap``: :math:`z \leftarrow s \tanh(z / s)`), :math:`\mathrm{lse} = \log\sum_c e^{z_c}`,
+    class weights :math:`w` and smoothing :math:`\epsilon` spread over the :math:`K` classes whose
+    logit is finite:
+
+    .. math::
+
+        \ell = (1-\epsilon)\, w_y (\mathrm{lse} - z_y)
+               + \frac{\epsilon}{K} \sum_{c:\, z_c > -\infty} w_c (\mathrm{lse} - z_c)
+               + \lambda_z\, \mathrm{lse}^2
+
+    for an integer target :math:`y` (soft targets :math:`t`: :math:`\sum_c w_c t'_c
+    (\mathrm{lse} - z_c)` with :math:`t' = (1-\epsilon) t + \epsilon/K`). "mean" divides the
+    first two terms' sum by the summed :math:`w_y` of non-ignored rows (by the number of rows for
+    soft targets) and the z-loss sum by the number of non-ignored rows; a zero denominator gives 0.
+
+    Args:
+        input: logits, shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; class dim 1.
+        target: int class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``, or float
+            probabilities of the input's shape.
+        weight: optional class weights, shape ``(C,)``.
+        size_average, reduce: deprecated, mapped to ``reduction`` as PyTorch does.
+        ignore_index: target value whose rows contribute nothing (integer targets).
+        reduction: "mean" | "sum" | "none" ("none" returns the target's shape).
+        label_smoothing: epsilon in [0, 1].
+        z_loss: coefficient of the PaLM z-loss :math:`\mathrm{lse}^2`, >= 0.
+        softcap: None or s > 0, Gemma 2's logit soft-capping.
+        impl: "auto" | "triton" | "chunked" | "reference" (see the module docstring).
+        inplace_backward: write the gradient into ``input``'s memory during backward instead of a
+            new tensor (saves one N x C buffer; ``input`` is overwritten). Meant for the Triton
+            kernels; "chunked" honours it too, "reference" ignores it.
+        validate: check target values (range, NaN) and class weights. None: on for CPU tensors,
+            off for accelerator tensors (the check needs a device-to-host sync).
+
+    Returns:
+        float32 loss (float64 for float64 input): a scalar, or the target's shape for "none".
+
+    Example (the textbook case: predicted probabilities [0.1, 0.8, 0.1], true class 1):
+
+    >>> import torch, crossent.torch as cet
+    >>> logits = torch.tensor([[0.1, 0.8, 0.1]]).log()
+    >>> round(cet.cross_entropy(logits, torch.tensor([1])).item(), 4)
+    0.2231
+    >>> round(cet.cross_entropy(logits, torch.tensor([0])).item(), 4)
+    2.3026
+    """
+    reduction = _checks.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    impl = _checks.check_impl(impl)
+    eps = _checks.check_label_smoothing(label_smoothing)
+    z_loss = _checks.check_z_loss(z_loss)
+    softcap = _checks.check_softcap(softcap)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    _checks.check_floating("input", input)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...)")
+    soft = target.is_floating_point()
+    class_dim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[class_dim]
+    expected = input.shape if soft else input.shape[:class_dim] + input.shape[class_dim + 1 :]
+    if tuple(target.shape) != tuple(expected):
+        kind = "probabilities" if soft else "class indices"
+        raise ValueError(
+            f"target ({kind}) must have shape {tuple(expected)} for input of shape "
+            f"{tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    if not soft and (target.dtype == torch.bool or target.is_complex()):
+        raise TypeError(f"target must hold int64 class indices or float probabilities, got {target.dtype}")
+    check = _checks.wants_validation(validate, input, target, weight)
+    weight = _checks.check_class_weight(weight, num_classes, validate=check)
+    if soft:
+        _checks.check_prob_target(target, validate=check)
+    else:
+        target = target.long()
+        _checks.check_class_target(target, num_classes, ignore_index, validate=check)
+
+    # (N, C, d1..dk) with class dim 1 -> (M, C), classes last.
+    if input.dim() == 1:
+        logits2d = input[None]
+        target2d = target[None]
+    else:
+        logits2d = input.movedim(1, -1).reshape(-1, num_classes)
+        target2d = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
+    impl = _resolve_impl(impl, input.device, soft)
+    options = dict(
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=eps,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    if impl == "reference":
+        loss = reference_cross_entropy_2d(logits2d, target2d, **options)
+    elif impl == "chunked":
+        loss = _chunked_cross_entropy(
+            logits2d,
+            target2d,
+            weight,
+            ignore_index,
+            reduction,
+            eps,
+            z_loss,
+            softcap,
+            rows_per_block(num_classes, None),
+            inplace_backward and logits2d.data_ptr() == input.data_ptr(),
+        )
+    else:
+        loss = _triton_function("cross_entropy")(
+            logits2d.contiguous(), target2d, inplace_backward=inplace_backward, **options
+        )
+    if reduction == "none":
+        return loss.reshape(target.shape if not soft else expected[:class_dim] + expected[class_dim + 1 :])
+    return loss
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` without holding the logits.
+
+    Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` with the
+    classes last (same semantics, z-loss and softcap as :func:`cross_entropy`), and follows the
+    argument order of PyTorch 2.13's ``torch.nn.functional.linear_cross_entropy``. With
+    impl="chunked" the rows go through in blocks of ``chunk_size`` rows (default: 4 Mi logits per
+    block), the gradients of ``input``, ``linear_weight`` and ``linear_bias`` accumulate in float32,
+    and the N x V logits are never held: extra memory is a few blocks plus float32 gradient
+    buffers of the inputs' sizes.
+
+    Args:
+        input: hidden states, shape ``(*, D)`` (e.g. ``(N, D)`` or ``(B, T, D)``).
+        linear_weight: ``(V, D)``, the output embedding.
+        target: int class indices of shape ``(*)``, or float probabilities of shape ``(*, V)``.
+        linear_bias: optional ``(V,)``.
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap, validate: as in
+            :func:`cross_entropy`.
+        impl: "auto" | "triton" | "chunked" | "reference".
+        chunk_size: rows per block for impl="chunked" (None: 4 Mi logits per block).
+
+    Returns:
+        float32 loss (float64 for float64 input): a scalar, or shape ``(*)`` for "none".
+
+    Example:
+
+    >>> import math, torch, crossent.torch as cet
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])   # 3 classes
+    >>> y = torch.tensor([0, 1])
+    >>> loss = cet.linear_cross_entropy(x, w, y)
+    >>> round(loss.item(), 4), round(math.log(1 + 2 * math.exp(-1)), 4)
+    (0.5514, 0.5514)
+    """
+    reduction = _checks.check_reduction(reduction)
+    impl = _checks.check_impl(impl)
+    eps = _checks.check_label_smoothing(label_smoothing)
+    z_loss = _checks.check_z_loss(z_loss)
+    softcap = _checks.check_softcap(softcap)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    _checks.check_floating("input", input)
+    _checks.check_floating("linear_weight", linear_weight)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if input.dim() < 1:
+        raise ValueError("input must have shape (*, D), got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(
+            f"linear_weight must have shape (V, D), got shape {tuple(linear_weight.shape)}"
+        )
+    num_classes, dim = linear_weight.shape
+    if input.shape[-1] != dim:
+        raise ValueError(
+            f"input's last dimension must equal linear_weight's D={dim} (linear_weight shape "
+            f"{tuple(linear_weight.shape)}), got input shape {tuple(input.shape)}"
+        )
+    if input.dtype != linear_weight.dtype:
+        raise TypeError(
+            f"input and linear_weight must have the same dtype, got {input.dtype} and "
+            f"{linear_weight.dtype}"
+        )
+    if linear_bias is not None:
+        _checks.check_floating("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (num_classes,):
+            raise ValueError(
+                f"linear_bias must have shape ({num_classes},), got {tuple(linear_bias.shape)}"
+            )
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(
+                f"linear_bias must have input's dtype {input.dtype}, got {linear_bias.dtype}"
+            )
+    soft = target.is_floating_point()
+    lead = tuple(input.shape[:-1])
+    expected = lead + (num_classes,) if soft else lead
+    if tuple(target.shape) != expected:
+        kind = "probabilities" if soft else "class indices"
+        raise ValueError(
+            f"target ({kind}) must have shape {expected} for input of shape "
+            f"{tuple(input.shape)} and {num_classes} classes, got {tuple(target.shape)}"
+        )
+    if not soft and (target.dtype == torch.bool or target.is_complex()):
+        raise TypeError(f"target must hold int64 class indices or float probabilities, got {target.dtype}")
+    check = _checks.wants_validation(validate, input, target, weight)
+    weight = _checks.check_class_weight(weight, num_classes, validate=check)
+    if soft:
+        _checks.check_prob_target(target, validate=check)
+    else:
+        target = target.long()
+        _checks.check_class_target(target, num_classes, ignore_index, validate=check)
+
+    x2d = input.reshape(-1, dim)
+    target2d = target.reshape(-1, num_classes) if soft else target.reshape(-1)
+    impl = _resolve_impl(impl, input.device, soft)
+    options = dict(
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=eps,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    if impl == "reference":
+        loss = reference_linear_cross_entropy_2d(
+            x2d, linear_weight, target2d, linear_bias=linear_bias, **options
+        )
+    elif impl == "chunked":
+        grad_on = torch.is_grad_enabled()
+        needs = (
+            grad_on and input.requires_grad,
+            grad_on and linear_weight.requires_grad,
+            grad_on and linear_bias is not None and linear_bias.requires_grad,
+        )
+        loss = _chunked_linear_cross_entropy(
+            x2d,
+            linear_weight,
+            linear_bias,
+            target2d,
+            weight,
+            ignore_index,
+            reduction,
+            eps,
+            z_loss,
+            softcap,
+            rows_per_block(num_classes, chunk_size),
+            needs,
+        )
+    else:
+        loss = _triton_function("linear_cross_entropy")(
+            x2d.contiguous(), linear_weight, target2d, linear_bias=linear_bias, **options
+        )
+    if reduction == "none":
+        return loss.reshape(lead)
+    return loss
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
+    *,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""Binary cross-entropy from logits; drop-in for ``F.binary_cross_entropy_with_logits``.
+
+    .. math::
+
+        \ell = w \left[ p\, t\, \mathrm{softplus}(-x) + (1 - t)\, \mathrm{softplus}(x) \right]
+
+    with ``pos_weight`` :math:`p` (broadcast over the last dimension) and elementwise ``weight``
+    :math:`w`. A term whose coefficient (:math:`p t` or :math:`1 - t`) is exactly 0 contributes 0
+    even at an infinite logit (PyTorch gives NaN at x = -inf, t = 0 and x = +inf, t = 1). "mean"
+    divides by the number of elements; an empty input gives 0 (PyTorch: NaN). Targets are not
+    range-checked (as in PyTorch); NaN in them is an error when validating.
+
+    Returns a float32 loss (float64 for float64 input).
+
+    >>> import torch, crossent.torch as cet
+    >>> x = torch.tensor([0.0, 2.0])
+    >>> round(cet.binary_cross_entropy_with_logits(x, torch.tensor([1.0, 0.0])).item(), 4)  # (ln 2 + ln(1 + e^2)) / 2
+    1.41
+    """
+    reduction = _checks.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    _checks.check_floating("input", input)
+    _checks.check_floating("target", target)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is None:
+            continue
+        _checks.check_floating(name, t)
+        try:
+            torch.broadcast_shapes(t.shape, input.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} must broadcast to the input's shape {tuple(input.shape)}, got "
+                f"{tuple(t.shape)}"
+            ) from None
+    check = _checks.wants_validation(validate, input, target, weight, pos_weight)
+    if check:
+        for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+            if t is not None and bool(torch.isnan(t).any()):
+                raise ValueError(f"{name} must not contain NaN, got NaN")
+    dt = acc_dtype(input.dtype)
+    x = input.to(dt)
+    t = target.to(dt)
+    positive = t if pos_weight is None else pos_weight.to(dt) * t
+    negative = 1.0 - t
+    zero = torch.zeros_like(x)
+    loss = torch.where(positive == 0, zero, positive * F.softplus(-x)) + torch.where(
+        negative == 0, zero, negative * F.softplus(x)
+    )
+    if weight is not None:
+        loss = loss * weight.to(dt)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return safe_divide(loss.sum(), torch.tensor(float(loss.numel()), dtype=dt, device=x.device))
+
+
+def kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    log_target: bool = False,
+    *,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""KL divergence with log-probabilities as input; drop-in for ``F.kl_div``.
+
+    Pointwise :math:`t (\log t - x)` (``log_target=True``: :math:`e^{t} (t - x)`), where
+    ``input`` :math:`x` holds log Q and ``target`` P (or log P). Where the target mass is 0 the
+    term is 0 even at :math:`x = -\infty` (PyTorch: NaN); where it is positive and
+    :math:`x = -\infty` the term is :math:`+\infty`. Reductions: "batchmean" (sum / batch size,
+    the mathematical KL per sample), "mean" (sum / number of elements, PyTorch's default, without
+    PyTorch's warning), "sum", "none"; a zero denominator gives 0.
+
+    Returns a float32 loss (float64 for float64 input).
+
+    >>> import math, torch, crossent.torch as cet
+    >>> p = torch.tensor([[0.5, 0.5]])
+    >>> q = torch.tensor([[0.9, 0.1]])
+    >>> kl = cet.kl_div(q.log(), p, reduction="batchmean")
+    >>> round(kl.item(), 4), round(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), 4)
+    (0.5108, 0.5108)
+    """
+    reduction = _checks.check_reduction(
+        _legacy_reduction(size_average, reduce, reduction), ("mean", "batchmean", "sum", "none")
+    )
+    _checks.check_floating("input", input)
+    _checks.check_floating("target", target)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    if _checks.wants_validation(validate, input, target) and bool(torch.isnan(target).any()):
+        raise ValueError("target must not contain NaN, got NaN")
+    dt = acc_dtype(input.dtype)
+    x = input.to(dt)
+    t = target.to(dt)
+    zero = torch.zeros_like(x)
+    if log_target:
+        empty = t == -math.inf
+        safe_t = torch.where(empty, zero, t)
+        loss = torch.where(empty, zero, torch.exp(safe_t) * (safe_t - x))
+    else:
+        empty = t == 0
+        safe_t = torch.where(empty, torch.ones_like(t), t)
+        loss = torch.where(empty, zero, t * (torch.log(safe_t) - x))
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        count = input.shape[0] if input.dim() > 0 else 1
+    else:
+        count = loss.numel()
+    return safe_divide(total, torch.tensor(float(count), dtype=dt, device=x.device))
