@@ -1,0 +1,1 @@
+"""The `crossent` command line: `score` (this package) and `demo` (crossent.cli.demo)."""

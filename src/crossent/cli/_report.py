@@ -1,0 +1,227 @@
+"""The HTML report and PNG plots of ``crossent score --report/--plots`` (matplotlib, Agg).
+
+Figures are drawn with ``matplotlib.figure.Figure`` (no pyplot global state) and embedded in
+the page as base64 PNG data URIs, so the page is one self-contained file. Every file is
+written atomically: a temporary file in the destination directory, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import math
+import os
+import tempfile
+
+import numpy as np
+
+__all__ = ["render_pngs", "write_atomic", "write_html_report", "write_pngs"]
+
+PLOTS = {
+    "per_class_loss.png": "Cross-entropy per true class",
+    "reliability.png": "Reliability diagram",
+    "loss_histogram.png": "Per-row loss",
+}
+_MAX_BARS = 40
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and os.replace."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".crossent-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _figure(width=6.4, height=3.8):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _per_class_png(result) -> bytes:
+    entries = [e for e in result.per_class if e["cross_entropy_nats"] is not None]
+    title = "Cross-entropy per true class"
+    if len(entries) > _MAX_BARS:
+        entries = sorted(entries, key=lambda e: -e["cross_entropy_nats"])[:_MAX_BARS]
+        title += f" (the {_MAX_BARS} highest of {len(result.per_class)})"
+    fig, ax = _figure(6.4, max(2.5, 0.5 + 0.22 * len(entries)))
+    names = [e["name"] for e in entries]
+    values = [min(e["cross_entropy_nats"], 1e300) for e in entries]
+    y = np.arange(len(entries))
+    ax.barh(y, values, color="#4c72b0")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.axvline(min(result.cross_entropy_nats, 1e300), color="#c44e52", linestyle="--",
+               label=f"all rows: {result.cross_entropy_nats:.4g}")
+    ax.set_xlabel("mean cross-entropy (nats)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def _reliability_png(result) -> bytes:
+    bins = result.calibration
+    fig, ax = _figure(5.2, 4.6)
+    width = 1.0 / len(bins)
+    centers = np.array([(b["lower"] + b["upper"]) / 2 for b in bins])
+    acc = np.array([b["accuracy"] if b["accuracy"] is not None else 0.0 for b in bins])
+    conf = np.array([b["confidence"] if b["confidence"] is not None else 0.0 for b in bins])
+    used = np.array([b["weight"] > 0 for b in bins])
+    ax.bar(centers[used], acc[used], width=width, edgecolor="black", color="#4c72b0",
+           label="accuracy")
+    ax.bar(centers[used], (conf - acc)[used], bottom=acc[used], width=width, color="#c44e52",
+           alpha=0.35, edgecolor="#c44e52", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("top-label confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability ({len(bins)} bins), ECE = {result.expected_calibration_error:.4f}")
+    ax.legend(loc="upper left")
+    return _png(fig)
+
+
+def _histogram_png(result) -> bytes:
+    hist = result.loss_histogram
+    counts = np.asarray(hist["counts"], dtype=np.float64)
+    width = hist["bin_width"]
+    finite = counts[:-1]
+    total = counts.sum()
+    fig, ax = _figure()
+    if total > 0:
+        # show up to the 99.5th percentile of the finite losses, in at most 60 bars
+        cum = np.cumsum(finite)
+        last = int(np.searchsorted(cum, 0.995 * cum[-1])) + 1 if cum[-1] > 0 else 1
+        last = max(last, 10)
+        group = max(1, math.ceil(last / 60))
+        last = min(len(finite), group * math.ceil(last / group))
+        bars = finite[:last].reshape(-1, group).sum(axis=1) if last % group == 0 else finite[:last]
+        step = width * (group if last % group == 0 else 1)
+        edges = np.arange(len(bars)) * step
+        ax.bar(edges, bars, width=step, align="edge", color="#55a868", edgecolor="white")
+        beyond = total - finite[:last].sum() + result.infinite_loss_rows
+        note = f"{int(beyond):,} rows above {last * width:.3g} nats" if beyond else ""
+        if note:
+            ax.text(0.98, 0.95, note, transform=ax.transAxes, ha="right", va="top")
+    ax.axvline(result.cross_entropy_nats if math.isfinite(result.cross_entropy_nats) else 0,
+               color="#c44e52", linestyle="--", label="mean")
+    ax.set_xlabel("per-row cross-entropy (nats)")
+    ax.set_ylabel("rows")
+    ax.set_title("Histogram of per-row loss")
+    ax.legend(loc="center right")
+    return _png(fig)
+
+
+def render_pngs(result, *, from_logits: bool = False) -> dict[str, bytes]:
+    """The report's plots as PNG bytes, by file name (see ``PLOTS``)."""
+    return {
+        "per_class_loss.png": _per_class_png(result),
+        "reliability.png": _reliability_png(result),
+        "loss_histogram.png": _histogram_png(result),
+    }
+
+
+def write_pngs(folder, pngs: dict[str, bytes]) -> None:
+    """Write the PNGs into ``folder`` (created if missing), each atomically."""
+    os.makedirs(folder, exist_ok=True)
+    for name, data in pngs.items():
+        write_atomic(os.path.join(folder, name), data)
+
+
+def _fmt(x, digits=6) -> str:
+    if x is None:
+        return "&ndash;"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if math.isfinite(x) else html.escape(str(x))
+    return html.escape(f"{x:,}" if isinstance(x, int) else str(x))
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+       max-width: 60rem; color: #222; padding: 0 1rem; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
+table { border-collapse: collapse; margin: 0.5rem 0; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.75rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { margin: 1rem 0; } img { max-width: 100%; height: auto; }
+.meta { color: #666; font-size: 0.9rem; }
+"""
+
+
+def render_html(result, pngs: dict[str, bytes], meta: dict) -> str:
+    """One self-contained HTML page: summary, per-class table, plots as data URIs."""
+    summary = [
+        ("rows", result.rows),
+        ("classes", result.classes),
+        ("cross-entropy (nats)", result.cross_entropy_nats),
+        ("cross-entropy (bits)", result.cross_entropy_bits),
+        ("perplexity", result.perplexity),
+        ("accuracy", result.accuracy),
+        ("expected calibration error", result.expected_calibration_error),
+    ]
+    if result.weight != result.rows:
+        summary.insert(1, ("total sample weight", result.weight))
+    if result.infinite_loss_rows:
+        summary.append(("rows with infinite loss", result.infinite_loss_rows))
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>crossent score: {html.escape(str(meta.get('source', '')))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>crossent score: {html.escape(str(meta.get('source', '')))}</h1>",
+        '<p class="meta">'
+        + ", ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in meta.items())
+        + f", written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
+        '<h2>Summary</h2><table id="summary"><tbody>',
+    ]
+    parts += [f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in summary]
+    parts.append("</tbody></table>")
+    for name, caption in PLOTS.items():
+        data = base64.b64encode(pngs[name]).decode("ascii")
+        parts.append(
+            f'<h2>{html.escape(caption)}</h2><figure><img alt="{html.escape(caption)}" '
+            f'src="data:image/png;base64,{data}"></figure>'
+        )
+    parts.append('<h2>Per class</h2><table id="per-class"><thead><tr><th>class</th><th>rows</th>'
+                 "<th>weight</th><th>cross-entropy (nats)</th><th>accuracy</th></tr></thead><tbody>")
+    for e in result.per_class[:1000]:
+        parts.append(
+            f"<tr><td>{html.escape(e['name'])}</td><td>{_fmt(e['rows'])}</td>"
+            f"<td>{_fmt(e['weight'])}</td><td>{_fmt(e['cross_entropy_nats'])}</td>"
+            f"<td>{_fmt(e['accuracy'])}</td></tr>"
+        )
+    parts.append("</tbody></table>")
+    if len(result.per_class) > 1000:
+        parts.append(f"<p>{len(result.per_class) - 1000} more classes: see --format json.</p>")
+    parts.append("<h2>Calibration bins</h2><table id=\"calibration\"><thead><tr><th>confidence</th>"
+                 "<th>weight</th><th>mean confidence</th><th>accuracy</th></tr></thead><tbody>")
+    for b in result.calibration:
+        parts.append(
+            f"<tr><td>({b['lower']:.3f}, {b['upper']:.3f}]</td><td>{_fmt(b['weight'])}</td>"
+            f"<td>{_fmt(b['confidence'])}</td><td>{_fmt(b['accuracy'])}</td></tr>"
+        )
+    parts.append("</tbody></table></body></html>\n")
+    return "\n".join(parts)
+
+
+def write_html_report(path, result, pngs: dict[str, bytes], meta: dict) -> None:
+    """Render the page and write it atomically to ``path``."""
+    write_atomic(path, render_html(result, pngs, meta).encode("utf-8"))

@@ -1,0 +1,244 @@
+"""``crossent score``: cross-entropy, accuracy and calibration of a file of predictions.
+
+Reads the file batch by batch (memory follows ``--batch-rows``, not the file size), feeds a
+``crossent.metrics.ScoreAccumulator`` and prints a table or JSON. Exit codes: 0 success,
+1 bad data (the message names the column and the 0-based data row), 2 usage error. Errors go
+to stderr; on an error nothing is printed to stdout and no report or plot is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import click
+import numpy as np
+
+from crossent.io import DataError, expand_paths, open_predictions
+
+__all__ = ["score", "score_files"]
+
+_ALL_SUFFIXES = (".parquet", ".pq", ".csv", ".npy", ".npz")
+
+
+class BadData(click.ClickException):
+    """Bad data in a prediction file: exit status 1."""
+
+    exit_code = 1
+
+
+def score_files(
+    path: str,
+    /,
+    *,
+    target: str,
+    probs: str | None = None,
+    logits: str | None = None,
+    sample_weight: str | None = None,
+    normalize: bool = False,
+    engine: str = "local",
+    batch_rows: int = 65536,
+    client=None,
+    progress: bool = False,
+):
+    """Score the prediction file(s) at ``path``; returns ``(ScoreResult, [PredictionFile])``.
+
+    ``path`` is a file, a directory or a glob (``--engine dask`` reads Parquet files only).
+    Raises ``crossent.io.DataError`` for bad data, ``ValueError`` for bad arguments.
+    """
+    if (probs is None) == (logits is None):
+        raise ValueError("pass exactly one of probs= (--probs) and logits= (--logits)")
+    if engine not in ("local", "dask"):
+        raise ValueError(f"engine must be 'local' or 'dask', got {engine!r}")
+    suffixes = (".parquet", ".pq") if engine == "dask" else _ALL_SUFFIXES
+    paths = expand_paths(path, suffixes=suffixes)
+    first = open_predictions(
+        paths[0], target=target, scores=probs or logits, sample_weight=sample_weight
+    )
+    if engine == "dask" and first.format != "parquet":
+        raise ValueError(f"--engine dask reads Parquet files, got {paths[0]!r}")
+    files = [first] + [first.with_path(p) for p in paths[1:]]
+    options = {
+        "num_classes": first.num_classes,
+        "from_logits": logits is not None,
+        "normalize": normalize,
+        # text carries no dtype: CSV rows written from float32 arrays sum to 1 within float32's
+        # tolerance, so text is held to that tolerance (binary files to their own dtype's)
+        "tolerance": math.sqrt(np.finfo(np.float32).eps) if first.text else None,
+        "class_names": first.class_names,
+        "column_names": first.score_columns,
+        "target_name": target,
+        "weight_name": sample_weight or "sample_weight",
+    }
+    if engine == "dask":
+        from ._engines import score_dask
+
+        acc = score_dask(files, options, batch_rows=batch_rows, client=client)
+    else:
+        from ._engines import score_local
+
+        if progress:
+            with _progress_bar(files) as advance:
+                acc = score_local(files, options, batch_rows=batch_rows, progress=advance)
+        else:
+            acc = score_local(files, options, batch_rows=batch_rows)
+    return acc.compute(), files
+
+
+class _progress_bar:
+    """A rich progress bar on stderr (used only when stderr is a terminal)."""
+
+    def __init__(self, files):
+        rows = [f.num_rows for f in files]
+        self.total = sum(rows) if all(r is not None for r in rows) else None
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.progress = Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+        )
+        self.progress.__enter__()
+        task = self.progress.add_task("scoring rows", total=self.total)
+        return lambda n: self.progress.advance(task, n)
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+def _json_number(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no inf/NaN: null (the table prints inf)
+    return x
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    return _json_number(obj)
+
+
+def _format_table(result, source: str) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = Table(title=f"crossent score: {source}", show_header=False)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    rows = [
+        ("rows", f"{result.rows:,}"),
+        ("classes", f"{result.classes}"),
+        ("cross-entropy (nats)", f"{result.cross_entropy_nats:.6f}"),
+        ("cross-entropy (bits)", f"{result.cross_entropy_bits:.6f}"),
+        ("perplexity", f"{result.perplexity:.6g}"),
+        ("accuracy", f"{result.accuracy:.6f}"),
+        ("expected calibration error", f"{result.expected_calibration_error:.6f}"),
+    ]
+    if result.weight != result.rows:
+        rows.insert(1, ("total sample weight", f"{result.weight:.6g}"))
+    for name, value in rows:
+        summary.add_row(name, value)
+    per_class = Table(title="per class")
+    for col, justify in (("class", "left"), ("rows", "right"), ("cross-entropy", "right"),
+                         ("accuracy", "right")):
+        per_class.add_column(col, justify=justify)
+    shown = result.per_class[:50]
+    for entry in shown:
+        ce, acc = entry["cross_entropy_nats"], entry["accuracy"]
+        per_class.add_row(
+            entry["name"], f"{entry['rows']:,}",
+            "-" if ce is None else f"{ce:.6f}", "-" if acc is None else f"{acc:.4f}",
+        )
+    console = Console(file=None, width=100, record=True, force_terminal=False)
+    with console.capture() as capture:
+        console.print(summary)
+        console.print(per_class)
+        if len(result.per_class) > len(shown):
+            console.print(f"({len(result.per_class) - len(shown)} more classes: use --format json)")
+    return capture.get()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("path")
+@click.option("--target", required=True, metavar="COLUMN",
+              help="Column of class indices, or class names matching the score columns "
+                   "(p_cat -> cat).")
+@click.option("--probs", metavar="COLUMNS",
+              help="Probability columns, one per class: a comma list or a glob ('p_*').")
+@click.option("--logits", metavar="COLUMNS",
+              help="Logit columns, one per class: a comma list or a glob ('l*').")
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output on stdout.")
+@click.option("--sample-weight", metavar="COLUMN", help="Column of row weights (finite, >= 0).")
+@click.option("--normalize", is_flag=True,
+              help="Renormalize probability rows that do not sum to 1 (else they are an error).")
+@click.option("--report", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write a self-contained HTML report (summary, per-class loss, reliability "
+                   "diagram, loss histogram).")
+@click.option("--plots", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write the report's plots as PNG files into DIR.")
+@click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="dask: PATH is a directory or glob of Parquet files, one task per row group "
+                   "(cluster from DASK_SCHEDULER_ADDRESS, else a local one).")
+@click.option("--batch-rows", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="Rows per batch: peak memory follows this, not the file size.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score(path, target, probs, logits, output_format, sample_weight, normalize, report, plots,
+          engine, batch_rows, quiet):
+    """Cross-entropy, accuracy and calibration of the predictions in PATH.
+
+    PATH is a Parquet, CSV, .npy or .npz file (or a directory or glob of them). The class
+    axis is given by --probs or --logits: class k is the k-th selected column (a glob keeps the
+    file's column order). An .npz file may hold a 2-D array of scores: name it as the columns.
+
+    Exit status: 0 success, 1 bad data (the message names the column and the 0-based data
+    row), 2 usage error.
+    """
+    if (probs is None) == (logits is None):
+        raise click.UsageError("pass exactly one of --probs and --logits")
+    if normalize and logits is not None:
+        raise click.UsageError("--normalize applies to --probs only")
+    show_progress = not quiet and sys.stderr.isatty()
+    try:
+        result, files = score_files(
+            path, target=target, probs=probs, logits=logits, sample_weight=sample_weight,
+            normalize=normalize, engine=engine, batch_rows=batch_rows, progress=show_progress,
+        )
+    except DataError as exc:
+        raise BadData(str(exc)) from None
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="PATH") from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if result.rows == 0:
+        raise BadData(f"{path}: no data rows to score")
+    if report or plots:
+        from ._report import render_pngs, write_html_report, write_pngs
+
+        pngs = render_pngs(result, from_logits=logits is not None)
+        meta = {
+            "source": path,
+            "columns": f"{files[0].score_columns[0]} .. {files[0].score_columns[-1]}",
+            "kind": "logits" if logits is not None else "probabilities",
+            "target": target,
+            "files": len(files),
+        }
+        try:
+            if plots:
+                write_pngs(plots, pngs)
+            if report:
+                write_html_report(report, result, pngs, meta)
+        except OSError as exc:
+            raise click.FileError(exc.filename or report or plots, hint=exc.strerror) from None
+    if output_format == "json":
+        click.echo(json.dumps(_clean(result.to_dict()), allow_nan=False))
+    else:
+        click.echo(_format_table(result, path), nl=False)

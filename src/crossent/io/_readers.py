@@ -1,0 +1,534 @@
+"""Readers for prediction files (Parquet, CSV, .npy, .npz), one batch of rows at a time.
+
+Peak memory follows the batch size, not the file size:
+- Parquet: ``ParquetFile(path, pre_buffer=False).iter_batches(...)`` reads one row group's
+  selected columns at a time (with pre-buffering pyarrow would read the whole file up front);
+- CSV: ``pyarrow.csv.open_csv`` parses block by block, only the selected columns;
+- .npy / .npz: the array header is parsed with ``numpy.lib.format`` and rows are read from
+  the file (or the zip member) sequentially into a batch buffer; no memory map, whose pages
+  would stay resident and count against the process.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ._columns import DataError, class_names_from_columns, resolve_columns
+from ._targets import TargetDecoder
+
+__all__ = ["Batch", "PredictionFile", "expand_paths", "open_predictions"]
+
+FORMATS = ("parquet", "csv", "npy", "npz")
+_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "npy", ".npz": "npz"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows ``start .. start + n - 1`` (0-based data rows of ``path``) of a prediction file.
+
+    ``scores``: ``[n, C]`` probabilities or logits (float32, or float64 when the file holds
+    float64, integers or text); ``targets``: ``[n]`` int64 class indices in ``[0, C)``;
+    ``sample_weight``: ``[n]`` float64 or None.
+    """
+
+    scores: np.ndarray
+    targets: np.ndarray
+    sample_weight: np.ndarray | None
+    start: int
+    path: str
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    """A 2-D member of an .npz file (or a subarray field of an .npy record) used as K columns."""
+
+    name: str
+    width: int
+
+
+@dataclass(frozen=True)
+class PredictionFile:
+    """An opened (resolved, not held open) prediction file; picklable for Dask tasks.
+
+    Holds the resolved score columns (``score_columns``, one per class, in class order), their
+    class names, the target decoder and the optional sample-weight column. ``batches()`` opens
+    the file and yields ``Batch`` objects.
+    """
+
+    path: str
+    format: str
+    score_columns: tuple[str, ...]
+    class_names: tuple[str, ...]
+    target: TargetDecoder
+    sample_weight: str | None
+    score_dtype: np.dtype
+    num_rows: int | None
+    text: bool = False  # scores parsed from text (CSV): no dtype of their own
+    _sources: tuple = field(default=(), repr=False)  # columns to read (names or _Matrix)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.score_columns)
+
+    def with_path(self, path: str) -> PredictionFile:
+        """The same column selection applied to another file of the same layout."""
+        other = open_predictions(
+            path,
+            target=self.target.column,
+            scores=",".join(s.name if isinstance(s, _Matrix) else s for s in self._sources),
+            sample_weight=self.sample_weight,
+            format=self.format,
+            decoder=self.target,
+        )
+        if other.score_columns != self.score_columns:
+            raise DataError(
+                f"selects columns {list(other.score_columns)}, but {self.path} gave "
+                f"{list(self.score_columns)}",
+                path=path,
+            )
+        return other
+
+    def row_groups(self) -> list[tuple[int, int]]:
+        """``(row group index, first data row)`` of each Parquet row group (Dask tasks)."""
+        if self.format != "parquet":
+            return [(-1, 0)]
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(self.path, pre_buffer=False).metadata
+        starts, row = [], 0
+        for i in range(meta.num_row_groups):
+            starts.append((i, row))
+            row += meta.row_group(i).num_rows
+        return starts
+
+    def batches(self, batch_rows: int = 65536, *, row_group=None) -> Iterator[Batch]:
+        """Yield the file's rows as ``Batch`` objects of at most ``batch_rows`` rows.
+
+        ``row_group=(index, first_row)`` reads one Parquet row group only.
+        """
+        if not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+        reader = _READERS[self.format]
+        columns = list(self._sources) + [self.target.column]
+        if self.sample_weight is not None:
+            columns.append(self.sample_weight)
+        for start, data in reader(self, columns, batch_rows, row_group):
+            yield self._batch(start, data)
+
+    def _batch(self, start: int, data: dict) -> Batch:
+        n = len(data[self.target.column])
+        scores = np.empty((n, self.num_classes), dtype=self.score_dtype)
+        k = 0
+        for source in self._sources:
+            if isinstance(source, _Matrix):
+                scores[:, k : k + source.width] = data[source.name]
+                k += source.width
+            else:
+                scores[:, k] = self._numbers(data[source], source, start)
+                k += 1
+        targets = self.target.decode(data[self.target.column], start=start, path=self.path)
+        weight = None
+        if self.sample_weight is not None:
+            weight = self._numbers(data[self.sample_weight], self.sample_weight, start)
+            weight = weight.astype(np.float64, copy=False)
+        return Batch(scores, targets, weight, start, self.path)
+
+    def _numbers(self, values, name: str, start: int) -> np.ndarray:
+        if isinstance(values, pa.Array):
+            if values.null_count:
+                row = int(pc.index(values.is_null(), True).as_py())
+                raise DataError("missing value", path=self.path, column=name, row=start + row)
+            if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+                raise DataError(f"holds {values.type}, expected numbers", path=self.path, column=name)
+            return values.to_numpy(zero_copy_only=False)
+        values = np.asarray(values)
+        if values.dtype.kind not in "iuf":
+            raise DataError(f"holds {values.dtype}, expected numbers", path=self.path, column=name)
+        return values
+
+
+def expand_paths(path: str, *, suffixes=(".parquet", ".pq")) -> list[str]:
+    """The files named by ``path``: itself, the matching files of a directory, or a glob."""
+    if os.path.isdir(path):
+        found = sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(tuple(suffixes))
+        )
+    elif any(c in path for c in "*?["):
+        found = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+    else:
+        found = [path] if os.path.isfile(path) else []
+    if not found:
+        raise FileNotFoundError(f"PATH {path!r} names no file ({', '.join(suffixes)})")
+    return found
+
+
+def detect_format(path: str) -> str:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(
+            f"PATH must end in one of {sorted(_SUFFIXES)} (or pass a format), got {path!r}"
+        )
+    return _SUFFIXES[suffix]
+
+
+def open_predictions(
+    path,
+    /,
+    *,
+    target: str,
+    scores: str,
+    sample_weight: str | None = None,
+    format: str | None = None,
+    decoder: TargetDecoder | None = None,
+) -> PredictionFile:
+    """Open a prediction file: resolve the columns and decide how the target is decoded.
+
+    ``scores`` is a comma list or glob of columns, one per class (``"p_*"``); ``target`` names
+    the column of class indices or class names (matched to the score column names,
+    ``p_cat -> cat``); ``sample_weight`` optionally names a column of row weights.
+    Nothing is read beyond the header and, for a text target column, its first batch.
+
+    >>> import numpy as np, os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "pred.npz")
+    >>> np.savez(path, probs=np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]), y=np.array([1, 1]))
+    >>> f = open_predictions(path, target="y", scores="probs")
+    >>> batch = next(f.batches())
+    >>> f.score_columns, batch.targets.tolist()
+    (('probs[0]', 'probs[1]', 'probs[2]'), [1, 1])
+    """
+    path = os.fspath(path)
+    format = detect_format(path) if format is None else format
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    available, kinds, num_rows = _SCHEMA[format](path)
+    sources = resolve_columns(scores, available, option="score columns", path=path)
+    score_columns, dtypes = [], []
+    for name in sources:
+        kind = kinds[name]
+        if isinstance(kind, tuple):  # a matrix: (dtype, width)
+            score_columns += [f"{name}[{k}]" for k in range(kind[1])]
+            dtypes.append(np.dtype(kind[0]))
+        else:
+            score_columns.append(name)
+            dtypes.append(kind)
+    for option, name in (("target", target), ("sample weight", sample_weight)):
+        if name is None:
+            continue
+        if name not in available or isinstance(kinds[name], tuple):
+            raise DataError(f"{option}: no column {name!r} in the file", path=path)
+        if name in sources:
+            raise ValueError(f"{option} column {name!r} is also selected as a score column")
+    if len(score_columns) < 2:
+        raise ValueError(f"score columns must select at least 2 columns, got {score_columns}")
+    text = format == "csv"
+    score_dtype = _score_dtype(dtypes, path, sources)
+    matrix = any(isinstance(kinds[s], tuple) for s in sources)
+    names = (
+        [str(k) for k in range(len(score_columns))]
+        if matrix
+        else class_names_from_columns(score_columns)
+    )
+    sources = tuple(_Matrix(s, kinds[s][1]) if isinstance(kinds[s], tuple) else s for s in sources)
+    opened = PredictionFile(
+        path,
+        format,
+        tuple(score_columns),
+        tuple(names),
+        decoder or TargetDecoder(target, tuple(names), tuple(score_columns)),
+        sample_weight,
+        score_dtype,
+        num_rows,
+        text,
+        sources,
+    )
+    if decoder is None:
+        first = next(_READERS[format](opened, [target], 65536, None), None)
+        if first is not None:
+            picked = TargetDecoder.for_first_batch(
+                target, names, score_columns, first[1][target]
+            )
+            opened = dataclasses.replace(opened, target=picked)
+    return opened
+
+
+def _score_dtype(dtypes, path, sources) -> np.dtype:
+    for name, dt in zip(sources, dtypes, strict=True):
+        if not isinstance(dt, np.dtype) or dt.kind not in "iuf":
+            raise DataError(f"holds {dt}, expected numbers", path=path, column=name)
+    if all(np.dtype(dt).kind == "f" and np.dtype(dt).itemsize <= 4 for dt in dtypes):
+        return np.dtype(np.float32)  # float16 and float32 files give float32 scores
+    return np.dtype(np.float64)
+
+
+# ---------------------------------------------------------------- Parquet
+
+
+def _parquet_schema(path):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"not a readable Parquet file ({exc})", path=path) from None
+    schema = pf.schema_arrow
+    kinds = {}
+    for f in schema:
+        numeric = pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+        kinds[f.name] = np.dtype(f.type.to_pandas_dtype()) if numeric else str(f.type)
+    return schema.names, kinds, pf.metadata.num_rows
+
+
+def _parquet_batches(opened, columns, batch_rows, row_group):
+    import pyarrow.parquet as pq
+
+    names = [c.name if isinstance(c, _Matrix) else c for c in columns]
+    pf = pq.ParquetFile(opened.path, pre_buffer=False)
+    start = 0
+    groups = None
+    if row_group is not None:
+        groups, start = [row_group[0]], row_group[1]
+    for rb in pf.iter_batches(batch_size=batch_rows, columns=names, row_groups=groups,
+                              use_threads=False):
+        yield start, {name: rb.column(name) for name in names}
+        start += rb.num_rows
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def _csv_header(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        sample = f.readline()
+        lines = [f.readline() for _ in range(64)]
+    header = next(csv.reader([sample]), [])
+    if not header:
+        raise DataError("empty CSV file (no header line)", path=path)
+    row_bytes = max(1.0, sum(len(line) for line in lines) / max(1, sum(1 for x in lines if x)))
+    return header, row_bytes
+
+
+def _csv_schema(path):
+    header, _ = _csv_header(path)
+    return header, {name: np.dtype(np.float64) for name in header}, None
+
+
+def _csv_batches(opened, columns, batch_rows, row_group):
+    import pyarrow.csv as pcsv
+
+    header, row_bytes = _csv_header(opened.path)
+    names = list(dict.fromkeys(columns))
+    types = {name: pa.float64() for name in names}
+    types[opened.target.column] = pa.string()
+    block = int(min(max(batch_rows * row_bytes, 1 << 16), 1 << 28))
+    try:
+        reader = pcsv.open_csv(
+            opened.path,
+            read_options=pcsv.ReadOptions(block_size=block, use_threads=False),
+            convert_options=pcsv.ConvertOptions(include_columns=names, column_types=types),
+        )
+    except pa.ArrowInvalid as exc:
+        raise DataError(_csv_message(exc), path=opened.path) from None
+    start = 0
+    while True:
+        try:
+            rb = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as exc:
+            raise DataError(_csv_message(exc, start), path=opened.path) from None
+        for offset in range(0, rb.num_rows, batch_rows):
+            part = rb.slice(offset, batch_rows)
+            yield start + offset, {name: part.column(name) for name in names}
+        start += rb.num_rows
+
+
+def _csv_message(exc, start=None) -> str:
+    text = str(exc).strip()
+    if start is not None:
+        text += f" (in the block of data rows from {start})"
+    return f"cannot parse the CSV file: {text}"
+
+
+# ---------------------------------------------------------------- .npy / .npz
+
+
+@dataclass(frozen=True)
+class _ArrayMember:
+    name: str  # member name in the .npz ("" for an .npy file)
+    shape: tuple
+    dtype: np.dtype
+    fortran: bool
+
+
+def _read_header(f, path, name):
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except ValueError as exc:
+        raise DataError(f"not a readable .npy array {name!r} ({exc})", path=path) from None
+    if dtype.hasobject:
+        raise DataError(f"array {name!r} holds Python objects; only plain arrays are read",
+                        path=path)
+    return _ArrayMember(name, tuple(shape), dtype, fortran)
+
+
+def _npy_members(path, fmt):
+    if fmt == "npy":
+        with open(path, "rb") as f:
+            return [_read_header(f, path, "")]
+    members = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as f:
+                        members.append(_read_header(f, path, info.filename[:-4]))
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"not a readable .npz file ({exc})", path=path) from None
+    return members
+
+
+def _npy_columns(members, path):
+    """Columns of .npy/.npz members: 1-D arrays, 2-D matrices, record fields."""
+    names, kinds, where, rows = [], {}, {}, set()
+    for m in members:
+        if not m.shape:
+            continue
+        rows.add(m.shape[0])
+        if m.dtype.names:  # records: each field is a column (a subarray field is a matrix)
+            for fname in m.dtype.names:
+                sub = m.dtype.fields[fname][0]
+                if sub.shape and len(sub.shape) == 1:
+                    kinds[fname] = (sub.base, sub.shape[0])
+                else:
+                    kinds[fname] = sub
+                names.append(fname)
+                where[fname] = (m, fname)
+        elif len(m.shape) == 1:
+            names.append(m.name)
+            kinds[m.name] = m.dtype
+            where[m.name] = (m, None)
+        elif len(m.shape) == 2 and m.name:
+            names.append(m.name)
+            kinds[m.name] = (m.dtype, m.shape[1])
+            where[m.name] = (m, None)
+        elif len(m.shape) == 2:  # a plain 2-D .npy: columns "0", "1", ...
+            for k in range(m.shape[1]):
+                names.append(str(k))
+                kinds[str(k)] = m.dtype
+                where[str(k)] = (m, k)
+    if len(rows) > 1:
+        raise DataError(f"arrays have different numbers of rows {sorted(rows)}", path=path)
+    return names, kinds, where, (rows.pop() if rows else 0)
+
+
+def _npy_schema(path, fmt):
+    names, kinds, _, rows = _npy_columns(_npy_members(path, fmt), path)
+    return names, kinds, rows
+
+
+def _npy_batches(opened, columns, batch_rows, row_group):
+    path, fmt = opened.path, opened.format
+    members = _npy_members(path, fmt)
+    _, kinds, where, num_rows = _npy_columns(members, path)
+    wanted = [c.name if isinstance(c, _Matrix) else c for c in columns]
+    needed = {}
+    for name in wanted:
+        member = where[name][0]
+        needed.setdefault(member.name, member)
+    with _MemberStreams(path, fmt, needed.values()) as streams:
+        for start in range(0, num_rows, batch_rows):
+            n = min(batch_rows, num_rows - start)
+            chunks = {m: streams.read(m, start, n) for m in needed}
+            data = {}
+            for name in wanted:
+                member, key = where[name]
+                chunk = chunks[member.name]
+                if member.dtype.names:
+                    col = chunk[key]
+                elif key is None:
+                    col = chunk
+                else:
+                    col = chunk[:, key]
+                if col.dtype.kind == "S":
+                    col = col.astype(str)
+                data[name] = col
+            yield start, data
+
+
+class _MemberStreams:
+    """Sequential row readers over the arrays of an .npy or .npz file."""
+
+    def __init__(self, path, fmt, members):
+        self.path, self.fmt, self.members = path, fmt, {m.name: m for m in members}
+        self.files, self.zip = {}, None
+
+    def __enter__(self):
+        if self.fmt == "npz":
+            self.zip = zipfile.ZipFile(self.path)
+        for m in self.members.values():
+            if m.fortran and len(m.shape) > 1:
+                # column-major rows are not contiguous: read the member whole (documented)
+                self.files[m.name] = self._load_whole(m)
+                continue
+            f = self.zip.open(m.name + ".npy") if self.zip else open(self.path, "rb")
+            _read_header(f, self.path, m.name)
+            self.files[m.name] = f
+        return self
+
+    def _load_whole(self, m):
+        if self.zip:
+            with self.zip.open(m.name + ".npy") as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
+
+    def read(self, name, start, n):
+        m, f = self.members[name], self.files[name]
+        if isinstance(f, np.ndarray):
+            return np.ascontiguousarray(f[start : start + n])
+        row_shape = m.shape[1:]
+        count = n * int(np.prod(row_shape, dtype=np.int64))
+        out = np.empty((n, *row_shape), dtype=m.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8)) if count else memoryview(b"")
+        got = 0
+        while got < len(view):
+            k = f.readinto(view[got:])
+            if not k:
+                raise DataError(f"array {name!r} ends early at row {start + got // max(1, m.dtype.itemsize)}",
+                                path=self.path)
+            got += k
+        return out
+
+    def __exit__(self, *exc):
+        for f in self.files.values():
+            if not isinstance(f, np.ndarray):
+                f.close()
+        if self.zip:
+            self.zip.close()
+
+
+_SCHEMA = {
+    "parquet": _parquet_schema,
+    "csv": _csv_schema,
+    "npy": lambda p: _npy_schema(p, "npy"),
+    "npz": lambda p: _npy_schema(p, "npz"),
+}
+_READERS = {
+    "parquet": _parquet_batches,
+    "csv": _csv_batches,
+    "npy": _npy_batches,
+    "npz": _npy_batches,
+}

@@ -1,0 +1,414 @@
+"""A streaming, mergeable accumulator of cross-entropy, accuracy and calibration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["InvalidDataError", "ScoreAccumulator", "ScoreResult"]
+
+LN2 = math.log(2.0)
+
+
+class InvalidDataError(ValueError):
+    """A row that cannot be scored; ``column`` and ``row`` (0-based data row) say where."""
+
+    def __init__(self, message: str, *, column=None, row=None):
+        where = []
+        if column is not None:
+            where.append(f"column {column!r}")
+        if row is not None:
+            where.append(f"data row {row}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.column = column
+        self.row = row
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What ``ScoreAccumulator.compute()`` returns; ``to_dict()`` is the JSON of ``crossent score``.
+
+    Means divide by the total sample weight (the number of rows without weights); a mean whose
+    denominator is zero is 0, as everywhere in crossent. Per-class entries of a class with no
+    rows are None.
+    """
+
+    rows: int
+    weight: float
+    class_names: tuple[str, ...]
+    cross_entropy_nats: float
+    accuracy: float
+    expected_calibration_error: float
+    per_class: tuple[dict, ...]
+    calibration: tuple[dict, ...]
+    loss_histogram: dict
+    infinite_loss_rows: int
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def cross_entropy_bits(self) -> float:
+        return self.cross_entropy_nats / LN2
+
+    @property
+    def perplexity(self) -> float:
+        try:
+            return math.exp(self.cross_entropy_nats)
+        except OverflowError:
+            return math.inf
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": self.rows,
+            "weight": self.weight,
+            "classes": self.classes,
+            "class_names": list(self.class_names),
+            "cross_entropy_nats": self.cross_entropy_nats,
+            "cross_entropy_bits": self.cross_entropy_bits,
+            "perplexity": self.perplexity,
+            "accuracy": self.accuracy,
+            "expected_calibration_error": self.expected_calibration_error,
+            "calibration_bins": len(self.calibration),
+            "infinite_loss_rows": self.infinite_loss_rows,
+            "per_class": [dict(entry) for entry in self.per_class],
+            "calibration": [dict(entry) for entry in self.calibration],
+        }
+
+
+class ScoreAccumulator:
+    r"""Streaming, mergeable cross-entropy, accuracy and calibration of class predictions.
+
+    Feed batches of ``scores`` ``[n, C]`` (probabilities, or logits with ``from_logits=True``)
+    and ``targets`` ``[n]`` (class indices) with ``update``; combine the accumulators of
+    separate parts with ``merge``; read the metrics with ``compute``. All sums are float64, so
+    the result does not depend on how the rows were split (up to float64 rounding).
+
+    Per row, with sample weight :math:`w_i` (1 by default) and true class :math:`y_i`:
+
+    .. math::
+        \ell_i = -\log \max(q_{i, y_i}, \epsilon) \quad\text{(probabilities)},\qquad
+        \ell_i = \log\sum_k e^{z_{ik}} - z_{i, y_i} \quad\text{(logits)}
+
+    cross-entropy :math:`= \sum_i w_i \ell_i / \sum_i w_i`; accuracy
+    :math:`= \sum_i w_i [\arg\max_k q_{ik} = y_i] / \sum_i w_i`; with the top-label confidence
+    :math:`c_i = \max_k q_{ik}` put in ``n_bins`` equal-width bins :math:`(b/B, (b+1)/B]`,
+    expected calibration error :math:`= \sum_b |\mathrm{acc}_b - \mathrm{conf}_b| n_b / n`
+    (:math:`n_b` the weight in bin b). :math:`\epsilon` is ``finfo(scores.dtype).eps``, the same
+    clipping as ``crossent.log_loss(eps="auto")``; logits are never clipped.
+
+    Validation is per row and vectorized: probabilities must lie in [0, 1] and sum to 1 within
+    ``tolerance`` (default ``sqrt(finfo(dtype).eps)``, as ``crossent.log_loss``) unless
+    ``normalize=True``; logits must not be NaN or +inf and a row needs a finite logit (-inf masks
+    a class); weights must be finite and >= 0. A bad row raises ``InvalidDataError`` naming the
+    column (``column_names``) and the 0-based data row (``start`` + position in the batch).
+
+    Per-row losses also go into a fixed-bin histogram (``hist_bin_width`` nats wide, up to
+    ``hist_max`` nats, then one overflow bin), so the memory does not grow with the data.
+
+    >>> acc = ScoreAccumulator(3)
+    >>> _ = acc.update(np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]), np.array([1, 1]))
+    >>> r = acc.compute()
+    >>> round(r.cross_entropy_nats, 4), r.accuracy   # (-ln 0.8 - ln 0.2) / 2
+    (0.9163, 0.5)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        from_logits: bool = False,
+        normalize: bool = False,
+        tolerance: float | None = None,
+        n_bins: int = 15,
+        class_names=None,
+        column_names=None,
+        target_name: str = "targets",
+        weight_name: str = "sample_weight",
+        hist_bin_width: float = 0.01,
+        hist_max: float = 50.0,
+    ):
+        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+            raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+        if tolerance is not None and not (tolerance >= 0):
+            raise ValueError(f"tolerance must be >= 0 or None, got {tolerance!r}")
+        if not (hist_bin_width > 0 and hist_max > hist_bin_width):
+            raise ValueError(
+                f"hist_bin_width must be > 0 and below hist_max, got {hist_bin_width}, {hist_max}"
+            )
+        C = int(num_classes)
+        for name, value in (("class_names", class_names), ("column_names", column_names)):
+            if value is not None and len(value) != C:
+                raise ValueError(f"{name} must have num_classes={C} entries, got {len(value)}")
+        self.num_classes = C
+        self.from_logits = bool(from_logits)
+        self.normalize = bool(normalize)
+        self.tolerance = tolerance
+        self.n_bins = int(n_bins)
+        self.class_names = tuple(str(c) for c in (class_names or range(C)))
+        self.column_names = tuple(column_names) if column_names is not None else None
+        self.target_name = target_name
+        self.weight_name = weight_name
+        self.hist_bin_width = float(hist_bin_width)
+        self.hist_bins = int(math.ceil(hist_max / hist_bin_width))
+        self.rows = 0
+        self.weight = 0.0
+        self.loss_sum = 0.0
+        self.correct = 0.0
+        self.infinite_loss_rows = 0
+        self.class_rows = np.zeros(C, np.int64)
+        self.class_weight = np.zeros(C)
+        self.class_loss = np.zeros(C)
+        self.class_correct = np.zeros(C)
+        self.bin_weight = np.zeros(self.n_bins)
+        self.bin_confidence = np.zeros(self.n_bins)
+        self.bin_correct = np.zeros(self.n_bins)
+        self.loss_hist = np.zeros(self.hist_bins + 1, np.int64)  # last bin: >= hist_max
+        self.loss_min = math.inf
+        self.loss_max = -math.inf
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, scores, targets, /, *, sample_weight=None, start: int = 0):
+        """Add a batch: ``scores`` ``[n, C]``, ``targets`` ``[n]`` int, ``sample_weight`` ``[n]``.
+
+        ``start`` is the 0-based data row of ``scores[0]`` (for error messages). Returns self.
+        Nothing is added when the batch has a bad row.
+        """
+        scores = np.asarray(scores)
+        targets = np.asarray(targets)
+        if scores.ndim != 2 or scores.shape[1] != self.num_classes:
+            raise ValueError(
+                f"scores must have shape [n, {self.num_classes}], got {list(scores.shape)}"
+            )
+        if scores.dtype.kind not in "iuf":
+            raise TypeError(f"scores must hold real numbers, got dtype {scores.dtype}")
+        if scores.dtype.kind != "f":
+            scores = scores.astype(np.float64)
+        elif scores.dtype.itemsize < 4:
+            scores = scores.astype(np.float32)
+        n = scores.shape[0]
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape [{n}], got {list(targets.shape)}")
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"targets must be integer class indices, got dtype {targets.dtype}")
+        if n:
+            bad = (targets < 0) | (targets >= self.num_classes)
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise InvalidDataError(
+                    f"label {targets[row]} is not a class index in [0, {self.num_classes})",
+                    column=self.target_name,
+                    row=start + row,
+                )
+        weight = None
+        if sample_weight is not None:
+            weight = np.asarray(sample_weight, dtype=np.float64)
+            if weight.shape != (n,):
+                raise ValueError(f"sample_weight must have shape [{n}], got {list(weight.shape)}")
+            ok = np.isfinite(weight) & (weight >= 0)
+            if not ok.all():
+                row = int(np.argmin(ok))
+                raise InvalidDataError(
+                    f"sample weight {weight[row]!r} is not a finite number >= 0",
+                    column=self.weight_name,
+                    row=start + row,
+                )
+        if n == 0:
+            return self
+        if self.from_logits:
+            loss, predicted, confidence = self._from_logits(scores, targets, start)
+        else:
+            loss, predicted, confidence = self._from_probs(scores, targets, start)
+        self._add(loss, predicted, confidence, targets, weight)
+        return self
+
+    def _column(self, k: int) -> str:
+        return self.column_names[k] if self.column_names else f"scores[:, {k}]"
+
+    def _from_probs(self, p, t, start):
+        rows = np.arange(p.shape[0])
+        hi = p.max(axis=1)
+        lo = p.min(axis=1)
+        ok = (lo >= 0) & (hi <= 1)  # False for NaN
+        if not ok.all():
+            r = int(np.argmin(ok))
+            row = p[r]
+            k = int(np.argmin((row >= 0) & (row <= 1)))
+            what = "NaN" if np.isnan(row[k]) else f"{float(row[k])!r}"
+            raise InvalidDataError(
+                f"probability {what} is not in [0, 1]", column=self._column(k), row=start + r
+            )
+        total = p.sum(axis=1, dtype=np.float64)
+        if self.normalize:
+            if (total <= 0).any():
+                r = int(np.argmax(total <= 0))
+                raise InvalidDataError(
+                    "probabilities of the row are all 0: nothing to normalize",
+                    column=self._columns_span(),
+                    row=start + r,
+                )
+        else:
+            tol = self.tolerance
+            if tol is None:
+                tol = math.sqrt(np.finfo(p.dtype).eps)
+            off = np.abs(total - 1.0) > tol
+            if off.any():
+                r = int(np.argmax(off))
+                raise InvalidDataError(
+                    f"probabilities of the row sum to {total[r]!r}, not 1 (tolerance {tol:.3g}); "
+                    "pass normalize=True (--normalize) to renormalize them",
+                    column=self._columns_span(),
+                    row=start + r,
+                )
+        eps = float(np.finfo(p.dtype).eps)
+        q = p[rows, t].astype(np.float64)
+        confidence = hi.astype(np.float64)
+        if self.normalize:
+            q /= total
+            confidence /= total
+        loss = -np.log(np.maximum(q, eps))
+        return loss, p.argmax(axis=1), confidence
+
+    def _from_logits(self, z, t, start):
+        rows = np.arange(z.shape[0])
+        m = z.max(axis=1)
+        ok = np.isfinite(m)  # NaN or +inf anywhere in the row, or no finite logit
+        if not ok.all():
+            r = int(np.argmin(ok))
+            row = z[r]
+            if np.isnan(row).any():
+                k, what = int(np.argmax(np.isnan(row))), "logit is NaN"
+            elif np.isposinf(row).any():
+                k, what = int(np.argmax(np.isposinf(row))), "logit is +inf"
+            else:
+                k, what = None, "every logit of the row is -inf"
+            raise InvalidDataError(
+                what, column=self._columns_span() if k is None else self._column(k), row=start + r
+            )
+        m = m.astype(np.float64)
+        shifted = z - m[:, None] if z.dtype == np.float64 else z.astype(np.float64) - m[:, None]
+        np.exp(shifted, out=shifted)
+        sum_exp = shifted.sum(axis=1)
+        lse = m + np.log(sum_exp)
+        loss = lse - z[rows, t]
+        return loss, z.argmax(axis=1), 1.0 / sum_exp
+
+    def _columns_span(self) -> str:
+        if self.column_names:
+            return f"{self.column_names[0]}..{self.column_names[-1]}"
+        return "scores"
+
+    def _add(self, loss, predicted, confidence, t, weight):
+        C, B = self.num_classes, self.n_bins
+        correct = (predicted == t).astype(np.float64)
+        finite = np.isfinite(loss)
+        n_inf = int(loss.size - np.count_nonzero(finite))
+        if weight is None:
+            wl, wc, wconf = loss, correct, confidence
+            self.weight += float(loss.size)
+            self.class_weight += np.bincount(t, minlength=C)
+        else:
+            with np.errstate(invalid="ignore"):
+                wl = weight * loss
+            if n_inf:  # 0 * inf: a row of weight 0 adds nothing
+                wl[weight == 0] = 0.0
+            wc, wconf = weight * correct, weight * confidence
+            self.weight += float(weight.sum())
+            self.class_weight += np.bincount(t, weights=weight, minlength=C)
+        self.rows += int(loss.size)
+        self.loss_sum += float(wl.sum())
+        self.correct += float(wc.sum())
+        self.infinite_loss_rows += n_inf
+        self.class_rows += np.bincount(t, minlength=C)
+        self.class_loss += np.bincount(t, weights=wl, minlength=C)
+        self.class_correct += np.bincount(t, weights=wc, minlength=C)
+        b = np.clip(np.ceil(confidence * B).astype(np.int64) - 1, 0, B - 1)
+        self.bin_weight += np.bincount(b, weights=None if weight is None else weight, minlength=B)
+        self.bin_confidence += np.bincount(b, weights=wconf, minlength=B)
+        self.bin_correct += np.bincount(b, weights=wc, minlength=B)
+        fl = loss[finite] if n_inf else loss
+        if fl.size:
+            h = np.minimum(fl / self.hist_bin_width, self.hist_bins).astype(np.int64)
+            self.loss_hist += np.bincount(h, minlength=self.hist_bins + 1)
+            self.loss_min = min(self.loss_min, float(fl.min()))
+            self.loss_max = max(self.loss_max, float(fl.max()))
+        if n_inf:
+            self.loss_max = math.inf
+
+    # ------------------------------------------------------------------ merge / compute
+
+    def _config(self):
+        return (self.num_classes, self.from_logits, self.normalize, self.n_bins,
+                self.hist_bin_width, self.hist_bins)
+
+    def merge(self, other: ScoreAccumulator, /) -> ScoreAccumulator:
+        """Add the rows of ``other`` (an accumulator with the same settings); returns self."""
+        if not isinstance(other, ScoreAccumulator):
+            raise TypeError(f"other must be a ScoreAccumulator, got {type(other).__name__}")
+        if other._config() != self._config():
+            raise ValueError(
+                "other must have the same num_classes, from_logits, normalize, n_bins and "
+                f"histogram bins: got {other._config()}, this one has {self._config()}"
+            )
+        for name in ("rows", "weight", "loss_sum", "correct", "infinite_loss_rows"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("class_rows", "class_weight", "class_loss", "class_correct", "bin_weight",
+                     "bin_confidence", "bin_correct", "loss_hist"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.loss_min = min(self.loss_min, other.loss_min)
+        self.loss_max = max(self.loss_max, other.loss_max)
+        return self
+
+    def compute(self) -> ScoreResult:
+        """The metrics of all rows added so far (see the class docstring for the formulas)."""
+
+        def mean(num, den):
+            return float(num / den) if den != 0 else 0.0
+
+        per_class = []
+        for k in range(self.num_classes):
+            present = self.class_rows[k] > 0
+            w = float(self.class_weight[k])
+            per_class.append({
+                "class": k,
+                "name": self.class_names[k],
+                "rows": int(self.class_rows[k]),
+                "weight": w,
+                "cross_entropy_nats": mean(self.class_loss[k], w) if present else None,
+                "accuracy": mean(self.class_correct[k], w) if present else None,
+            })
+        calibration = []
+        for b in range(self.n_bins):
+            w = float(self.bin_weight[b])
+            calibration.append({
+                "lower": b / self.n_bins,
+                "upper": (b + 1) / self.n_bins,
+                "weight": w,
+                "confidence": mean(self.bin_confidence[b], w) if w else None,
+                "accuracy": mean(self.bin_correct[b], w) if w else None,
+            })
+        ece = mean(np.abs(self.bin_correct - self.bin_confidence).sum(), self.weight)
+        histogram = {
+            "bin_width": self.hist_bin_width,
+            "counts": self.loss_hist.copy(),  # last entry: losses >= bins * bin_width
+            "min": self.loss_min if self.rows else None,
+            "max": self.loss_max if self.rows else None,
+        }
+        return ScoreResult(
+            rows=self.rows,
+            weight=self.weight,
+            class_names=self.class_names,
+            cross_entropy_nats=mean(self.loss_sum, self.weight),
+            accuracy=mean(self.correct, self.weight),
+            expected_calibration_error=ece,
+            per_class=tuple(per_class),
+            calibration=tuple(calibration),
+            loss_histogram=histogram,
+            infinite_loss_rows=self.infinite_loss_rows,
+        )
