@@ -1,0 +1,263 @@
+"""Fast path for numpy arrays on the CPU: row-wise log-sum-exp, the picked logit and the gradient.
+
+:func:`crossent.softmax_cross_entropy` calls into this module for numpy logits with integer
+labels; the loss of row i is ``lse[i] - picked[i]``. With numba installed (the ``crossent[fast]``
+extra) the work is done by compiled kernels that run over the rows in parallel, read each row
+from memory once and allocate nothing of the logits' size. Without numba, the same functions run
+blocked numpy code (slower, about as much extra memory as one block of rows).
+
+The kernels are compiled on first use and cached on disk (numba ``cache=True``), so
+``import crossent`` does not import numba. Set the environment variable ``CROSSENT_CPU_FAST=0``
+to make :func:`available` return False (the numpy code is then used here, and callers that check
+:func:`available` take their own path).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["available", "lse_and_pick", "softmax_minus_onehot"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# numpy fallback: rows per block are chosen so that a block's temporaries stay near this size.
+_BLOCK_BYTES = 1024 * 1024
+
+_numba_importable: bool | None = None
+
+
+def available() -> bool:
+    """Whether the compiled (numba) kernels can be used.
+
+    True when numba imports and the environment variable ``CROSSENT_CPU_FAST`` is not ``"0"``.
+    The import is tried once per process; this call does not compile anything.
+
+    >>> isinstance(available(), bool)
+    True
+    """
+    global _numba_importable
+    if os.environ.get("CROSSENT_CPU_FAST", "1") == "0":
+        return False
+    if _numba_importable is None:
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            _numba_importable = False
+        else:
+            _numba_importable = True
+    return _numba_importable
+
+
+def _load_kernels() -> Any:
+    return importlib.import_module("crossent.cpu._kernels")
+
+
+def _check_logits(logits: object) -> np.ndarray:
+    if not isinstance(logits, np.ndarray):
+        raise TypeError(f"logits must be a numpy.ndarray, got {type(logits).__name__}")
+    if logits.dtype not in _FLOATS:
+        raise TypeError(f"logits must have dtype float32 or float64, got {logits.dtype}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (N, C), got shape {logits.shape}")
+    if not logits.flags.c_contiguous:
+        raise ValueError(
+            "logits must be C-contiguous (rows laid out one after another), got strides "
+            f"{logits.strides} for shape {logits.shape}; pass np.ascontiguousarray(logits)"
+        )
+    return logits
+
+
+def _check_labels(labels: object, n: int, c: int) -> np.ndarray:
+    if not isinstance(labels, np.ndarray):
+        raise TypeError(f"labels must be a numpy.ndarray, got {type(labels).__name__}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match logits, got {labels.shape}")
+    if n:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= c:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels must lie in [0, {c}) (the number of classes), got {bad}")
+    return np.ascontiguousarray(labels, dtype=np.int64)
+
+
+def lse_and_pick(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray, np.ndarray]:
+    r"""Row-wise log-sum-exp of the logits and the logit of each row's label.
+
+    .. math::
+
+        \mathrm{lse}_i = \log \sum_j e^{x_{ij}}
+                       = m_i + \log \sum_j e^{x_{ij} - m_i},\quad m_i = \max_j x_{ij},
+        \qquad \mathrm{picked}_i = x_{i, y_i},
+
+    so that :math:`\mathrm{lse}_i - \mathrm{picked}_i` is row i's softmax cross-entropy in nats.
+    The sum of exponentials is accumulated in float64. A row whose entries are all ``-inf`` gives
+    ``-inf``; NaN anywhere in a row gives NaN; a ``+inf`` entry gives NaN (``inf - inf`` in the
+    shifted sum).
+
+    Args:
+      logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
+      labels: ``[N]`` integer array, every entry in ``[0, C)``.
+
+    Returns:
+      ``(lse, picked)``: two ``[N]`` arrays of the logits' dtype.
+
+    Raises:
+      TypeError, ValueError: naming the argument, for anything else.
+
+    >>> x = np.log(np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]))
+    >>> lse, picked = lse_and_pick(x, np.array([1, 1]))
+    >>> np.round(lse - picked, 4)  # -ln 0.8, -ln 0.2
+    array([0.2231, 1.6094])
+    """
+    logits = _check_logits(logits)
+    n, c = logits.shape
+    labels = _check_labels(labels, n, c)
+    lse = np.empty(n, dtype=logits.dtype)
+    picked = np.empty(n, dtype=logits.dtype)
+    if n == 0:
+        return lse, picked
+    if available():
+        k = _load_kernels()
+        kernel = k.lse_and_pick_f32 if logits.dtype == np.float32 else k.lse_and_pick_f64
+        kernel(logits, labels, lse, picked)
+    else:
+        _lse_and_pick_numpy(logits, labels, lse, picked)
+    return lse, picked
+
+
+def softmax_minus_onehot(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    scale: float | np.ndarray,
+    out: np.ndarray,
+    /,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Write the scaled gradient of softmax cross-entropy into ``out``; return ``(lse, picked)``.
+
+    .. math::
+
+        \mathrm{out}_{ij} = s_i \left(\mathrm{softmax}(x_i)_j - [j = y_i]\right),
+        \qquad \mathrm{softmax}(x_i)_j = e^{x_{ij} - \mathrm{lse}_i},
+
+    which is :math:`s_i\, \partial \ell_i / \partial x_{ij}` for :math:`\ell_i = \mathrm{lse}_i -
+    x_{i, y_i}`. Rows with :math:`s_i = 0` (ignored rows) get exact zeros whatever their logits.
+    The row's log-sum-exp is computed in float64 and used unrounded; the returned ``lse`` and
+    ``picked`` equal :func:`lse_and_pick`'s, so one call gives both loss and gradient.
+
+    Args:
+      logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
+      labels: ``[N]`` integer array, every entry in ``[0, C)``.
+      scale: a real number (every row) or an ``[N]`` array of per-row factors, e.g.
+        ``weight[labels] / weight[labels].sum()`` for a weighted mean.
+      out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself (in place).
+
+    Returns:
+      ``(lse, picked)``: two ``[N]`` arrays of the logits' dtype.
+
+    >>> x = np.array([[0.0, 0.0], [0.0, np.log(3.0)]])
+    >>> g = np.empty_like(x)
+    >>> lse, picked = softmax_minus_onehot(x, np.array([0, 1]), 0.5, g)
+    >>> g
+    array([[-0.25 ,  0.25 ],
+           [ 0.125, -0.125]])
+    """
+    logits = _check_logits(logits)
+    n, c = logits.shape
+    labels = _check_labels(labels, n, c)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != logits.shape or out.dtype != logits.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous {logits.dtype} array of shape {logits.shape} like logits, "
+            f"got a {'C-contiguous' if out.flags.c_contiguous else 'non-contiguous'} "
+            f"{out.dtype} array of shape {out.shape}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+    if out is not logits and np.shares_memory(out, logits):
+        raise ValueError("out must be logits itself or not overlap it, got a partial overlap")
+    scale_rows = np.asarray(scale, dtype=np.float64)
+    if scale_rows.ndim == 0:
+        scale_rows = np.full(n, scale_rows, dtype=np.float64)
+    elif scale_rows.shape != (n,):
+        raise ValueError(f"scale must be a scalar or have shape ({n},), got {scale_rows.shape}")
+    lse = np.empty(n, dtype=logits.dtype)
+    picked = np.empty(n, dtype=logits.dtype)
+    if n == 0:
+        return lse, picked
+    if available():
+        k = _load_kernels()
+        f32 = logits.dtype == np.float32
+        kernel = k.softmax_minus_onehot_f32 if f32 else k.softmax_minus_onehot_f64
+        kernel(logits, labels, np.ascontiguousarray(scale_rows), out, lse, picked)
+    else:
+        _softmax_minus_onehot_numpy(logits, labels, scale_rows, out, lse, picked)
+    return lse, picked
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy fallback (no numba): the same math, a block of rows at a time.
+
+
+def _block_rows(c: int) -> int:
+    return max(1, _BLOCK_BYTES // (8 * max(c, 1)))
+
+
+def _block_lse(block: np.ndarray) -> np.ndarray:
+    """float64 lse of each row of a 2-D block (C >= 1), with the kernels' conventions."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        m = np.fmax.reduce(block, axis=1).astype(np.float64)  # max ignoring NaN, like the kernel
+        finite_m = np.where(m == -np.inf, 0.0, m)
+        s = np.exp(block - finite_m[:, None], dtype=np.float64).sum(axis=1)
+        lse = finite_m + np.log(s)
+        degenerate = m == -np.inf
+        if degenerate.any():
+            lse[degenerate] = block[degenerate].sum(axis=1, dtype=np.float64)
+    return lse
+
+
+def _lse_and_pick_numpy(
+    logits: np.ndarray, labels: np.ndarray, lse: np.ndarray, picked: np.ndarray
+) -> None:
+    n, c = logits.shape
+    if c == 0:
+        lse[:] = -np.inf
+        return
+    step = _block_rows(c)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        lse[start:stop] = _block_lse(logits[start:stop])
+    picked[:] = logits[np.arange(n), labels]
+
+
+def _softmax_minus_onehot_numpy(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    scale: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    picked: np.ndarray,
+) -> None:
+    n, c = logits.shape
+    if c == 0:
+        lse[:] = -np.inf
+        return
+    picked[:] = logits[np.arange(n), labels]
+    step = _block_rows(c)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        block = logits[start:stop]
+        block_lse = _block_lse(block)
+        lse[start:stop] = block_lse
+        rows = np.arange(stop - start)
+        with np.errstate(invalid="ignore", over="ignore"):
+            p = np.exp(block - block_lse[:, None], dtype=np.float64)
+            p[rows, labels[start:stop]] -= 1.0
+            p *= scale[start:stop, None]
+        p[scale[start:stop] == 0.0] = 0.0
+        out[start:stop] = p
