@@ -1,0 +1,138 @@
+"""Triton GPU kernels for cross-entropy (layer 4 of 4: the functional entry points).
+
+Imported lazily by ``crossent.torch`` for ``impl="triton"``; depends only on torch and triton.
+On CPU tensors the kernels run through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+before triton was imported (that is how the test suite runs them without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._functions import CrossEntropyFunction, LinearCrossEntropyFunction
+
+__all__ = ["cross_entropy", "linear_cross_entropy"]
+
+
+def cross_entropy(
+    logits,
+    target,
+    /,
+    *,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    inplace_backward=False,
+):
+    r"""Cross-entropy of integer targets on materialized logits, with a fused gradient.
+
+    For row :math:`i` with target :math:`t`, :math:`x = c \tanh(\mathrm{logits}/c)` when
+    ``softcap=c`` (else the logits), :math:`\ell = \log\sum_j e^{x_j}`, class weights :math:`w`
+    and the :math:`K` classes whose :math:`x_j` is finite:
+
+    .. math::
+        L_i = (1-\varepsilon) w_t (\ell - x_t)
+              + \frac{\varepsilon}{K} \sum_{j: x_j > -\infty} w_j (\ell - x_j)
+              + z\,\ell^2
+
+    ``"mean"`` divides the first two terms by :math:`\sum_i w_{t_i}` and the z-loss term by the
+    number of non-ignored rows (a zero denominator gives 0); ``"sum"`` adds; ``"none"`` returns
+    :math:`L_i` (0 on ignored rows). The forward kernel writes the gradient too (online softmax,
+    arXiv:1805.02867), so backward only scales it; ``inplace_backward=True`` writes it into
+    ``logits`` itself (their values are destroyed), saving an (M, C) buffer.
+
+    Args:
+        logits: (M, C) float32, bfloat16 or float16 on CUDA (classes last, unit column stride
+            preferred; other layouts are copied).
+        target: (M,) integer class indices in [0, C) or ``ignore_index``.
+        weight: optional (C,) class weights.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in ``crossent.torch``.
+        inplace_backward: write the gradient into ``logits`` (opt-in).
+
+    Returns:
+        float32 loss: a scalar, or (M,) for ``reduction="none"``.
+
+    Example (the textbook case: true class 2 of 3, predictions [0.1, 0.8, 0.1] and [0.7, 0.2, 0.1]):
+
+    >>> import torch
+    >>> from crossent.triton import cross_entropy
+    >>> logits = torch.tensor([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]).log()
+    >>> cross_entropy(logits, torch.tensor([1, 1]), reduction="none").round(decimals=4)
+    tensor([0.2231, 1.6094])
+    """
+    return CrossEntropyFunction.apply(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        inplace_backward,
+    )
+
+
+def linear_cross_entropy(
+    input,  # noqa: A002 - torch.nn.functional.linear_cross_entropy's name
+    linear_weight,
+    target,
+    /,
+    *,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    memory_budget=None,
+):
+    r"""``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the logits.
+
+    Same loss as :func:`cross_entropy` on :math:`X = E W^\top + b`, where :math:`E` is ``input``
+    (``(..., D)``) and :math:`W` is ``linear_weight`` ``(V, D)``. Ignored rows are compacted
+    out on the device before any product. The forward computes logits tiles with ``tl.dot`` and
+    keeps only per-row statistics (max, sum-exp, target logit, smoothing sums); the backward
+    recomputes each tile, forms :math:`G = \partial L/\partial X` and accumulates
+    :math:`\partial L/\partial E = G W` in float32 and :math:`\partial L/\partial W = G^\top E`,
+    vocabulary chunk by chunk, in a fixed order (deterministic, no atomics).
+
+    Memory: by default ("lean") nothing of size M x V is held beyond a workspace of at most
+    ``LEAN_WORKSPACE_BYTES`` (48 MiB) plus a float32 (M, D) accumulator. ``memory_budget``
+    (bytes, "fast") lets the forward keep the logits' gradient of as many vocabulary columns as
+    fit (all of them when ``M * V * itemsize <= memory_budget``), which are then not recomputed.
+
+    Args:
+        input: (..., D) float32, bfloat16 or float16.
+        linear_weight: (V, D), dtype of ``input``.
+        target: (...) integer class indices (shape of ``input`` without its last axis).
+        linear_bias: optional (V,).
+        weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`cross_entropy`.
+        memory_budget: None ("lean") or bytes of workspace allowed ("fast").
+
+    Returns:
+        float32 loss: a scalar, or the shape of ``target`` for ``reduction="none"``.
+
+    Example (class 1 of 3 scored by an identity head):
+
+    >>> import torch
+    >>> from crossent.triton import linear_cross_entropy
+    >>> x = torch.tensor([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]).log()
+    >>> linear_cross_entropy(x, torch.eye(3), torch.tensor([1, 1]), reduction="none").round(decimals=4)
+    tensor([0.2231, 1.6094])
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.ndim < 1 or tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target must have the shape of input without its last axis "
+            f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    flat_input = input.reshape(-1, input.shape[-1]) if input.ndim != 2 else input
+    loss = LinearCrossEntropyFunction.apply(
+        flat_input, linear_weight, target.reshape(-1), linear_bias, weight, ignore_index,
+        reduction, label_smoothing, z_loss, softcap, memory_budget,
+    )
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss

@@ -1,0 +1,75 @@
+"""autograd.Functions (layer 3 of 4) over the launchers in ``_launchers``."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _launchers as L
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy on logits; the forward kernel also writes d loss / d logits (upstream 1)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, inplace_backward):
+        write_grad = bool(ctx.needs_input_grad[0])
+        out = L.cross_entropy_forward(
+            logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            inplace_backward, write_grad,
+        )
+        ctx.grad = out.grad
+        ctx.consumed = False
+        ctx.mark_non_differentiable(target)
+        return out.loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.consumed:
+            raise RuntimeError(
+                "crossent.triton.cross_entropy scales its stored gradient in place: backward "
+                "through the same graph twice (retain_graph=True) is not supported; recompute "
+                "the loss, or use impl='chunked'"
+            )
+        ctx.consumed = True
+        grad = L.scale_rows_(ctx.grad, grad_output)
+        ctx.grad = None
+        # One entry per forward argument: logits, then target, weight, ignore_index, reduction,
+        # label_smoothing, z_loss, softcap, inplace_backward (none of them differentiable).
+        return grad, None, None, None, None, None, None, None, None
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Fused linear cross-entropy: statistics in forward, gradient tiles recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                label_smoothing, z_loss, softcap, memory_budget):
+        needs = ctx.needs_input_grad
+        need_grad = bool(needs[0] or needs[1] or needs[3])
+        fwd = L.linear_forward(
+            inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+            label_smoothing, z_loss, softcap, memory_budget, need_grad,
+        )
+        ctx.fwd = fwd
+        ctx.options = (label_smoothing, softcap)
+        ctx.save_for_backward(inp, linear_weight, linear_bias)
+        ctx.mark_non_differentiable(target)
+        return fwd.loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        inp, linear_weight, linear_bias = ctx.saved_tensors
+        label_smoothing, softcap = ctx.options
+        needs = ctx.needs_input_grad
+        d_inp, d_w, d_b = L.linear_backward(
+            ctx.fwd, grad_output, inp, linear_weight, linear_bias, label_smoothing, softcap,
+            bool(needs[0]), bool(needs[1]), bool(needs[3]) and linear_bias is not None,
+        )
+        # One entry per forward argument: input, linear_weight, target, linear_bias, then
+        # weight, ignore_index, reduction, label_smoothing, z_loss, softcap, memory_budget
+        # (class weights are treated as constants, as the other crossent paths do).
+        return d_inp, d_w, None, d_b, None, None, None, None, None, None, None

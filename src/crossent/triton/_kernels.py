@@ -1,0 +1,754 @@
+"""Triton kernels (layer 1 of 4: kernel / launcher / autograd.Function / functional).
+
+Every kernel here works in float32 whatever the storage dtype of its inputs, and indexes rows with
+int64 (``row.to(tl.int64) * stride``): a row offset ``row * stride`` overflows int32 as soon as
+``rows * classes > 2**31`` (e.g. 32768 x 128256 logits), so every pointer that multiplies a row
+index by a stride does so after widening to int64. Column offsets inside one row stay int32
+(one row holds fewer than 2**31 elements).
+
+Notation shared by all kernels (one row ``i`` of logits, target class ``t``):
+
+* ``x_j``: the logit after the optional softcap, ``x = cap * tanh(raw / cap)`` (Gemma 2);
+* ``lse = log sum_j exp(x_j)``, computed with the online (running-max) softmax of
+  Milakov & Gimelshein, "Online normalizer calculation for softmax", arXiv:1805.02867;
+* ``fin_j = [x_j != -inf]``: classes with a finite logit; label smoothing spreads its mass
+  ``eps`` over the ``K = sum_j fin_j`` finite classes (crossent's documented deviation from PyTorch,
+  which uses all C classes and returns inf when a logit is -inf);
+* class weights ``w_j`` (1 without ``weight``), ``S_w = sum_j fin_j w_j``,
+  ``S_wx = sum_j fin_j w_j x_j``;
+* per-row loss (F.cross_entropy's label-smoothing formula, with the finite-class rule)::
+
+      CE_i = (1 - eps) w_t (lse - x_t) + (eps / K) (lse S_w - S_wx)
+      Z_i  = z_loss * lse**2                          (PaLM's z-loss, not class-weighted)
+      loss_i = ce_scale * CE_i + z_scale * Z_i
+
+  where ``ce_scale``/``z_scale`` are 1 for "sum"/"none" and ``1 / sum_i w_{t_i}`` /
+  ``1 / #non-ignored rows`` for "mean" (0 when that denominator is 0), computed on the device
+  before the kernels run, so no kernel ever waits for the host;
+* its gradient with respect to ``x_j`` (``p_j = exp(x_j - lse)``)::
+
+      dloss_i/dx_j = A_i p_j - B_i [j == t] - C_i w_j fin_j
+      A_i = ce_scale ((1 - eps) w_t + (eps / K) S_w) + z_scale * 2 z_loss lse
+      B_i = ce_scale (1 - eps) w_t,   C_i = ce_scale eps / K
+
+  and, with a softcap, times ``dx/draw = 1 - (x / cap)**2``. Ignored rows have loss 0 and
+  gradient 0; a non-ignored target outside ``[0, C)`` gives a NaN loss (the GPU path does not
+  validate targets, as that would need a host sync).
+
+``UPCAST_DOT`` (constexpr) converts bf16 ``tl.dot`` operands to float32 first. It is set only under
+``TRITON_INTERPRET=1``, whose NumPy ``tl.dot`` mishandles bfloat16; the conversion is exact (every
+bf16 product is exact in float32), so the interpreter computes what the tensor cores compute.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(y):
+    """tanh(y) in float32 from exp only (``tl`` has no stable tanh across Triton 3.6-3.9).
+
+    For |y| >= 1/8: sign(y) (1 - e) / (1 + e) with e = exp(-2|y|) <= 1 (no overflow; -inf -> -1).
+    For |y| < 1/8 the odd Taylor series to y**7 (truncation < 2e-9 relative) avoids the
+    cancellation in 1 - e.
+    """
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(y < 0.0, -big, big)
+    y2 = y * y
+    small = y * (1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 - y2 * 0.05396825396825397)))
+    return tl.where(a < 0.125, small, big)
+
+
+@triton.jit
+def _online_update(m, s, x, axis: tl.constexpr):
+    """One step of the online softmax normalizer (arXiv:1805.02867) along ``axis`` of ``x``.
+
+    ``m`` is the running max, ``s`` the running sum of exp(x - m). A block whose values are all
+    -inf (masked lanes, -inf logits) leaves both unchanged: the shift ``m_safe`` is 0 when the new
+    max is -inf, so no ``-inf - (-inf)`` NaN appears. NaN logits propagate into ``s``.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=axis))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if axis == 0:
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+    else:
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    return m_new, s
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy on materialized logits: one program per row, two passes over the row.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ce_forward_kernel(
+    logits_ptr,
+    stride_logits,
+    grad_ptr,
+    stride_grad,
+    target_ptr,
+    weight_ptr,
+    scales_ptr,
+    loss_ptr,
+    n_cols,
+    ignore_index,
+    eps,
+    z_loss,
+    cap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Loss of one row and (optionally) its gradient, in one launch (forward writes the gradient).
+
+    Pass 1 streams the row once: online max/sum-exp, and for label smoothing K, S_w, S_wx.
+    Pass 2 (``WRITE_GRAD``) streams it again and writes ``A p - B [j==t] - C w fin`` (times the
+    softcap derivative) for an upstream gradient of 1; backward then only scales it. The second
+    read of a row mostly hits L2 (one row is at most 512 KiB). ``grad_ptr`` may equal
+    ``logits_ptr`` (in-place gradient): every element is read before it is overwritten by the
+    same program.
+
+    Pointers: ``logits_ptr`` (M, C) any float dtype, row stride ``stride_logits``, unit column
+    stride; ``grad_ptr`` (M, C) same dtype, row stride ``stride_grad``; ``target_ptr`` (M,) int64;
+    ``weight_ptr`` (C,) class weights (unused without ``HAS_WEIGHT``); ``scales_ptr`` float32
+    [ce_scale, z_scale]; ``loss_ptr`` (M,) float32 output, ``loss_i`` above.
+    Scalars: ``n_cols`` = C, ``ignore_index``, ``eps`` (label smoothing), ``z_loss``, ``cap``.
+    Constexprs: the ``HAS_*`` switches compile out unused terms; ``BLOCK`` columns per step.
+    Overflow: ``row`` is widened to int64 before ``row * stride``.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * stride_logits
+    g_row = grad_ptr + row * stride_grad
+    target = tl.load(target_ptr + row)
+    cols0 = tl.arange(0, BLOCK)
+    if target == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, n_cols, BLOCK):
+                cols = start + cols0
+                zero = tl.zeros([BLOCK], dtype=tl.float32)
+                tl.store(g_row + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+    else:
+        ce_scale = tl.load(scales_ptr)
+        z_scale = tl.load(scales_ptr + 1)
+        target_ok = (target >= 0) & (target < n_cols)
+        t_safe = tl.where(target_ok, target, 0)
+        x_t = tl.load(x_row + t_safe).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_t = cap * _tanh(x_t / cap)
+        w_t = 1.0
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + t_safe).to(tl.float32)
+
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], dtype=tl.float32)
+        sum_w = tl.zeros([], dtype=tl.float32)
+        sum_wx = tl.zeros([], dtype=tl.float32)
+        n_fin = tl.zeros([], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + cols0
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = tl.where(mask, cap * _tanh(x / cap), float("-inf"))
+            m, s = _online_update(m, s, x, 0)
+            if HAS_SMOOTHING:
+                fin = x != float("-inf")
+                w = tl.full([BLOCK], 1.0, tl.float32)
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                sum_w += tl.sum(tl.where(fin, w, 0.0), axis=0)
+                sum_wx += tl.sum(tl.where(fin, w * x, 0.0), axis=0)
+                n_fin += tl.sum(fin.to(tl.float32), axis=0)
+        lse = m + tl.log(s)
+
+        ce = (1.0 - eps) * w_t * (lse - x_t)
+        a_coef = ce_scale * (1.0 - eps) * w_t
+        c_coef = 0.0
+        if HAS_SMOOTHING:
+            k_inv = tl.where(n_fin > 0.0, 1.0 / n_fin, 0.0)
+            ce += eps * k_inv * (lse * sum_w - sum_wx)
+            a_coef += ce_scale * eps * k_inv * sum_w
+            c_coef = ce_scale * eps * k_inv
+        loss = ce_scale * ce
+        if HAS_Z_LOSS:
+            loss += z_scale * z_loss * lse * lse
+            a_coef += z_scale * 2.0 * z_loss * lse
+        b_coef = ce_scale * (1.0 - eps) * w_t
+        nan = float("nan")
+        loss = tl.where(target_ok, loss, nan)
+        tl.store(loss_ptr + row, loss)
+
+        if WRITE_GRAD:
+            a_coef = tl.where(target_ok, a_coef, nan)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + cols0
+                mask = cols < n_cols
+                x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                if HAS_SOFTCAP:
+                    th = _tanh(x / cap)
+                    x = cap * th
+                p = tl.exp(x - lse)
+                g = a_coef * p - tl.where(cols == target, b_coef, 0.0)
+                if HAS_SMOOTHING:
+                    w = tl.full([BLOCK], 1.0, tl.float32)
+                    if HAS_WEIGHT:
+                        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                    g -= tl.where(x != float("-inf"), c_coef * w, 0.0)
+                if HAS_SOFTCAP:
+                    g = g * (1.0 - th * th)
+                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, n_cols, BLOCK: tl.constexpr):
+    """In-place ``grad[row, :] *= scale[row * stride_scale]`` (stride 0: one scalar for all rows).
+
+    A row whose scale is exactly 1 is skipped without touching memory: with ``loss.backward()``
+    on a mean or sum the upstream gradient is 1, and this check (done on the device) saves a full
+    read and write of the gradient without a host sync.
+    Pointers: ``grad_ptr`` (M, n_cols), row stride ``stride_grad``, unit column stride;
+    ``scale_ptr`` any float dtype. Overflow: ``row`` widened to int64.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    if scale != 1.0:
+        g_row = grad_ptr + row * stride_grad
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            g = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused linear cross-entropy: logits tiles x = E W^T + b computed with tl.dot, never stored
+# in full. Rows are visited through ``rows_ptr``: the indices of the non-ignored rows first (in
+# their original order), ``n_valid`` of them (read on the device); programs whose row block lies
+# past ``n_valid`` return at once, so ignored rows cost no matmul and no host sync is needed.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(
+    e_ptr,
+    stride_em,
+    stride_ed,
+    w_ptr,
+    stride_wv,
+    stride_wd,
+    bias_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    n_dim,
+    cap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 tile ``x[rows, cols] = softcap(E[rows] @ W[cols]^T + b[cols])`` (BLOCK_M, BLOCK_V).
+
+    ``rows`` are int64 row indices of E (gathered), ``cols`` int32 vocabulary indices; masked
+    entries are computed from zeros. The K loop runs over ``n_dim`` in steps of BLOCK_K with a
+    float32 accumulator. Returns ``(x, th)``, ``th = tanh(.)`` for the softcap derivative (equal
+    to ``x`` without a softcap).
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    cols64 = cols.to(tl.int64)
+    for k0 in range(0, n_dim, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < n_dim
+        a = tl.load(
+            e_ptr + rows[:, None] * stride_em + ks[None, :] * stride_ed,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + cols64[None, :] * stride_wv + ks[:, None] * stride_wd,
+            mask=col_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    th = acc
+    if HAS_SOFTCAP:
+        th = _tanh(acc / cap)
+        acc = cap * th
+    return acc, th
+
+
+@triton.jit
+def _grad_tile(
+    x,
+    th,
+    cols,
+    col_mask,
+    target,
+    lse,
+    a_coef,
+    b_coef,
+    c_coef,
+    weight_ptr,
+    cap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Gradient tile ``A p - B [j==t] - C w fin`` (times ``1 - th**2`` with a softcap), float32.
+
+    ``x`` (BM, BV) softcapped logits, ``th`` their tanh, ``target``/``lse``/coefficients (BM,).
+    Masked columns give 0 (their ``x`` is forced to -inf).
+    """
+    x = tl.where(col_mask[None, :], x, float("-inf"))
+    p = tl.exp(x - lse[:, None])
+    g = a_coef[:, None] * p - tl.where(cols[None, :] == target[:, None], b_coef[:, None], 0.0)
+    if HAS_SMOOTHING:
+        w = tl.where(col_mask, 1.0, 0.0)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        g -= tl.where(x != float("-inf"), c_coef[:, None] * w[None, :], 0.0)
+    if HAS_SOFTCAP:
+        g = g * (1.0 - th * th)
+    return g
+
+
+@triton.jit
+def _lce_forward_kernel(
+    e_ptr,
+    stride_em,
+    stride_ed,
+    w_ptr,
+    stride_wv,
+    stride_wd,
+    bias_ptr,
+    rows_ptr,
+    n_valid_ptr,
+    target_ptr,
+    weight_ptr,
+    partial_ptr,
+    store_ptr,
+    stride_store,
+    n_store,
+    n_rows,
+    n_vocab,
+    n_dim,
+    tiles_per_split,
+    cap,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per-row softmax statistics of one vocabulary split: grid (row blocks, splits).
+
+    Program (pid_m, pid_s) takes compacted rows ``pid_m*BLOCK_M + [0, BLOCK_M)`` and the
+    vocabulary tiles ``[pid_s*tiles_per_split, (pid_s+1)*tiles_per_split)``; for each tile it
+    computes the logits with tl.dot (float32 accumulator) and folds them into running
+    (max, sum-exp) (online softmax, arXiv:1805.02867), the target logit (from the one tile that
+    holds it), and for label smoothing (K, S_w, S_wx). The six per-row partials go to
+    ``partial_ptr`` float32 [6, n_splits, n_rows] (q * n_splits + pid_s) * n_rows + r; the combine
+    kernel reduces them in split order (deterministic). With ``STORE_LOGITS`` the softcapped
+    logits of columns < ``n_store`` are also written to ``store_ptr`` (n_rows, n_store), row
+    stride ``stride_store``, in compacted row order ("fast" mode: backward reuses them).
+
+    Pointers: ``e_ptr`` (M, D) strides (stride_em, stride_ed); ``w_ptr`` (V, D) strides
+    (stride_wv, stride_wd); ``bias_ptr`` (V,); ``rows_ptr`` (M,) int64 compacted row indices;
+    ``n_valid_ptr`` int64 scalar (number of non-ignored rows); ``target_ptr`` (M,) int64;
+    ``weight_ptr`` (V,) class weights. Overflow: row indices and row offsets are int64.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_valid = tl.load(n_valid_ptr)
+    if pid_m * BLOCK_M < n_valid:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = r < n_valid
+        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_M], dtype=tl.float32)
+        x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_wx = tl.zeros([BLOCK_M], dtype=tl.float32)
+        n_tiles = tl.cdiv(n_vocab, BLOCK_V)
+        tile_lo = pid_s * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+        for tile in range(tile_lo, tile_hi):
+            cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+            col_mask = cols < n_vocab
+            x, th = _logits_tile(
+                e_ptr, stride_em, stride_ed, w_ptr, stride_wv, stride_wd, bias_ptr,
+                rows, row_mask, cols, col_mask, n_dim, cap,
+                HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+            )
+            if STORE_LOGITS:
+                if tile * BLOCK_V < n_store:
+                    st_ptr = store_ptr + r.to(tl.int64)[:, None] * stride_store + cols[None, :]
+                    st_mask = row_mask[:, None] & (cols < n_store)[None, :]
+                    tl.store(st_ptr, x.to(store_ptr.dtype.element_ty), mask=st_mask)
+            x = tl.where(col_mask[None, :], x, float("-inf"))
+            x_t += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+            m, s = _online_update(m, s, x, 1)
+            if HAS_SMOOTHING:
+                fin = x != float("-inf")
+                w = tl.where(col_mask, 1.0, 0.0)
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                n_fin += tl.sum(fin.to(tl.float32), axis=1)
+                sum_w += tl.sum(tl.where(fin, w[None, :], 0.0), axis=1)
+                sum_wx += tl.sum(tl.where(fin, w[None, :] * x, 0.0), axis=1)
+        base = partial_ptr + pid_s.to(tl.int64) * n_rows + r
+        plane = n_splits.to(tl.int64) * n_rows
+        tl.store(base, m, mask=row_mask)
+        tl.store(base + plane, s, mask=row_mask)
+        tl.store(base + 2 * plane, x_t, mask=row_mask)
+        tl.store(base + 3 * plane, n_fin, mask=row_mask)
+        tl.store(base + 4 * plane, sum_w, mask=row_mask)
+        tl.store(base + 5 * plane, sum_wx, mask=row_mask)
+
+
+@triton.jit
+def _lce_combine_kernel(
+    partial_ptr,
+    rows_ptr,
+    n_valid_ptr,
+    target_ptr,
+    weight_ptr,
+    scales_ptr,
+    loss_ptr,
+    coef_ptr,
+    n_rows,
+    n_splits,
+    n_vocab,
+    eps,
+    z_loss,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Reduce the split partials in split order to lse, the row loss and the gradient coefficients.
+
+    Grid (row blocks,). Writes ``loss_ptr[rows[r]]`` (original row order; the caller zeroes the
+    buffer so ignored rows read 0) and ``coef_ptr`` float32 [4, n_rows] = (lse, A, B, C) in
+    compacted order r. Pointers as in ``_lce_forward_kernel``; ``scales_ptr`` float32
+    [ce_scale, z_scale].
+    """
+    pid_m = tl.program_id(0)
+    n_valid = tl.load(n_valid_ptr)
+    if pid_m * BLOCK_M < n_valid:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = r < n_valid
+        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        target = tl.load(target_ptr + rows, mask=row_mask, other=0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_M], dtype=tl.float32)
+        x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_wx = tl.zeros([BLOCK_M], dtype=tl.float32)
+        plane = n_splits.to(tl.int64) * n_rows
+        for split in range(0, n_splits):
+            base = partial_ptr + split * n_rows + r
+            m_k = tl.load(base, mask=row_mask, other=float("-inf"))
+            s_k = tl.load(base + plane, mask=row_mask, other=0.0)
+            m_new = tl.maximum(m, m_k)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + s_k * tl.exp(m_k - m_safe)
+            m = m_new
+            x_t += tl.load(base + 2 * plane, mask=row_mask, other=0.0)
+            if HAS_SMOOTHING:
+                n_fin += tl.load(base + 3 * plane, mask=row_mask, other=0.0)
+                sum_w += tl.load(base + 4 * plane, mask=row_mask, other=0.0)
+                sum_wx += tl.load(base + 5 * plane, mask=row_mask, other=0.0)
+        lse = m + tl.log(tl.where(row_mask, s, 1.0))  # masked lanes: no log(0)
+        ce_scale = tl.load(scales_ptr)
+        z_scale = tl.load(scales_ptr + 1)
+        target_ok = (target >= 0) & (target < n_vocab)
+        w_t = tl.full([BLOCK_M], 1.0, tl.float32)
+        if HAS_WEIGHT:
+            t_safe = tl.where(target_ok, target, 0)
+            w_t = tl.load(weight_ptr + t_safe, mask=row_mask, other=0.0).to(tl.float32)
+        ce = (1.0 - eps) * w_t * (lse - x_t)
+        a_coef = ce_scale * (1.0 - eps) * w_t
+        c_coef = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_SMOOTHING:
+            k_inv = tl.where(n_fin > 0.0, 1.0 / n_fin, 0.0)
+            ce += eps * k_inv * (lse * sum_w - sum_wx)
+            a_coef += ce_scale * eps * k_inv * sum_w
+            c_coef = ce_scale * eps * k_inv
+        loss = ce_scale * ce
+        if HAS_Z_LOSS:
+            loss += z_scale * z_loss * lse * lse
+            a_coef += z_scale * 2.0 * z_loss * lse
+        b_coef = ce_scale * (1.0 - eps) * w_t
+        loss = tl.where(target_ok, loss, float("nan"))
+        a_coef = tl.where(target_ok, a_coef, float("nan"))
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        tl.store(coef_ptr + r, lse, mask=row_mask)
+        tl.store(coef_ptr + n_rows + r, a_coef, mask=row_mask)
+        tl.store(coef_ptr + 2 * n_rows + r, b_coef, mask=row_mask)
+        tl.store(coef_ptr + 3 * n_rows + r, c_coef, mask=row_mask)
+
+
+@triton.jit
+def _lce_grad_tile_kernel(
+    e_ptr,
+    stride_em,
+    stride_ed,
+    w_ptr,
+    stride_wv,
+    stride_wd,
+    bias_ptr,
+    rows_ptr,
+    n_valid_ptr,
+    target_ptr,
+    weight_ptr,
+    coef_ptr,
+    g_ptr,
+    stride_g,
+    col_start,
+    n_chunk,
+    n_rows,
+    n_vocab,
+    n_dim,
+    cap,
+    FROM_LOGITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Gradient of the logits for vocabulary columns [col_start, col_start + n_chunk).
+
+    Grid (row blocks, column blocks of the chunk). ``g_ptr`` (n_rows, >= n_chunk), row stride
+    ``stride_g``, compacted row order, column j holds vocabulary column col_start + j, for an
+    upstream gradient of 1. Without ``FROM_LOGITS`` ("lean") the logits tile is recomputed with
+    tl.dot; with it ("fast") ``g_ptr`` already holds the softcapped logits written by the
+    forward kernel and is overwritten in place. Rows past ``n_valid`` are skipped (their entries
+    are never read). ``coef_ptr`` float32 [4, n_rows] (lse, A, B, C) from the combine kernel.
+    """
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    if pid_m * BLOCK_M < n_valid:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = r < n_valid
+        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+        j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols = col_start + j
+        col_mask = (j < n_chunk) & (cols < n_vocab)
+        tile_ptr = g_ptr + r.to(tl.int64)[:, None] * stride_g + j[None, :]
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        if FROM_LOGITS:
+            x = tl.load(tile_ptr, mask=tile_mask, other=0.0).to(tl.float32)
+            th = x
+            if HAS_SOFTCAP:
+                th = x / cap
+        else:
+            x, th = _logits_tile(
+                e_ptr, stride_em, stride_ed, w_ptr, stride_wv, stride_wd, bias_ptr,
+                rows, row_mask, cols, col_mask, n_dim, cap,
+                HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+            )
+        lse = tl.load(coef_ptr + r, mask=row_mask, other=0.0)
+        a_coef = tl.load(coef_ptr + n_rows + r, mask=row_mask, other=0.0)
+        b_coef = tl.load(coef_ptr + 2 * n_rows + r, mask=row_mask, other=0.0)
+        c_coef = tl.load(coef_ptr + 3 * n_rows + r, mask=row_mask, other=0.0)
+        g = _grad_tile(
+            x, th, cols, col_mask, target, lse, a_coef, b_coef, c_coef, weight_ptr, cap,
+            HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+        )
+        tl.store(tile_ptr, g.to(g_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _lce_grad_input_kernel(
+    g_ptr,
+    stride_g,
+    w_ptr,
+    stride_wv,
+    stride_wd,
+    rows_ptr,
+    n_valid_ptr,
+    gout_ptr,
+    stride_gout,
+    acc_ptr,
+    out_ptr,
+    col_start,
+    n_chunk,
+    n_dim,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dE[rows] += g_out[rows] * G_chunk @ W[col_start : col_start + n_chunk]  (one chunk).
+
+    Grid (row blocks, D blocks). ``G_chunk`` at ``g_ptr`` (compacted rows, row stride
+    ``stride_g``). Each program owns a (BLOCK_M, BLOCK_D) block of dE and runs its K loop over
+    the chunk's columns with a float32 register accumulator, then adds the previous chunks' sum
+    from ``acc_ptr`` (float32 (M, D) contiguous, original row order; not read when ``FIRST``).
+    Chunks run in a fixed order and every dE element is owned by one program per launch: no
+    atomics, deterministic. When ``LAST`` the total is cast and written to ``out_ptr``
+    (dtype of E, (M, D) contiguous, rows of ignored targets zeroed by the caller), else to
+    ``acc_ptr``. ``gout_ptr``: upstream gradient, per row (stride 1, "none") or one scalar
+    (stride 0). Overflow: row indices int64.
+    """
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    if pid_m * BLOCK_M < n_valid:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = r < n_valid
+        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = d < n_dim
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        r64 = r.to(tl.int64)
+        for k0 in range(0, n_chunk, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < n_chunk
+            g = tl.load(
+                g_ptr + r64[:, None] * stride_g + ks[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + (col_start + ks).to(tl.int64)[:, None] * stride_wv + d[None, :] * stride_wd,
+                mask=k_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST_DOT:
+                g = g.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+        scale = tl.load(gout_ptr + rows * stride_gout, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * scale[:, None]
+        offs = rows[:, None] * n_dim + d[None, :]
+        mask = row_mask[:, None] & d_mask[None, :]
+        if not FIRST:
+            acc += tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        if LAST:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(acc_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _lce_grad_weight_kernel(
+    g_ptr,
+    stride_g,
+    e_ptr,
+    stride_em,
+    stride_ed,
+    rows_ptr,
+    n_valid_ptr,
+    gout_ptr,
+    stride_gout,
+    dw_ptr,
+    db_ptr,
+    col_start,
+    n_chunk,
+    n_dim,
+    PER_ROW_SCALE: tl.constexpr,
+    HAS_WEIGHT_GRAD: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dW[col_start + v] = sum_r g_out[rows[r]] G[r, v] E[rows[r]]  (and db = sum_r g_out G[r, v]).
+
+    Grid (column blocks of the chunk, D blocks). Each program owns a (BLOCK_V, BLOCK_D) block of
+    dW and runs its K loop over the ``n_valid`` compacted rows (a bound read on the device, so
+    ignored rows are never multiplied), float32 register accumulator, one store: deterministic.
+    ``dw_ptr`` (V, D) contiguous, dtype of W; ``db_ptr`` (V,) dtype of the bias, written by the
+    ``pid_d == 0`` programs (``HAS_WEIGHT_GRAD`` / ``HAS_BIAS_GRAD`` select what is computed; for
+    the bias alone the launcher uses a single D block). ``PER_ROW_SCALE``: the upstream gradient is per row ("none") and
+    scales G's rows before the product; otherwise the scalar scales the result.
+    """
+    pid_v = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    j_mask = j < n_chunk
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < n_dim
+    acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for r0 in range(0, n_valid, BLOCK_K):
+        r = r0 + tl.arange(0, BLOCK_K)
+        row_mask = r < n_valid
+        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        g = tl.load(
+            g_ptr + r.to(tl.int64)[:, None] * stride_g + j[None, :],
+            mask=row_mask[:, None] & j_mask[None, :],
+            other=0.0,
+        )
+        if PER_ROW_SCALE:
+            scale = tl.load(gout_ptr + rows * stride_gout, mask=row_mask, other=0.0).to(tl.float32)
+            g = (g.to(tl.float32) * scale[:, None]).to(g_ptr.dtype.element_ty)
+        if HAS_BIAS_GRAD:
+            acc_b += tl.sum(g.to(tl.float32), axis=0)
+        if HAS_WEIGHT_GRAD:
+            e = tl.load(
+                e_ptr + rows[:, None] * stride_em + d[None, :] * stride_ed,
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST_DOT:
+                g = g.to(tl.float32)
+                e = e.to(tl.float32)
+            acc = tl.dot(tl.trans(g), e, acc, input_precision=DOT_PRECISION)
+    if not PER_ROW_SCALE:
+        scale = tl.load(gout_ptr).to(tl.float32)
+        acc = acc * scale
+        acc_b = acc_b * scale
+    cols = (col_start + j).to(tl.int64)
+    if HAS_WEIGHT_GRAD:
+        tl.store(
+            dw_ptr + cols[:, None] * n_dim + d[None, :],
+            acc.to(dw_ptr.dtype.element_ty),
+            mask=j_mask[:, None] & d_mask[None, :],
+        )
+    if HAS_BIAS_GRAD:
+        if pid_d == 0:
+            tl.store(db_ptr + cols, acc_b.to(db_ptr.dtype.element_ty), mask=j_mask)

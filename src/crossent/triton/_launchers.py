@@ -1,0 +1,486 @@
+"""Host launchers (layer 2 of 4): argument checks, grid, block sizes and warps, workspaces.
+
+Nothing here reads a device value on the host: denominators, the number of non-ignored rows and
+the compacted row order are device tensors that the kernels load themselves, so a launch never
+waits for the GPU (no ``.item()``, no data-dependent shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+
+from . import _kernels as K
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REDUCTIONS = ("mean", "sum", "none")
+
+#: Workspace of the "lean" linear cross-entropy: one (rows x chunk) gradient tile per vocabulary
+#: chunk. 48 MiB keeps the lean mode's extra memory under N*D*4 B (the float32 dE accumulator)
+#: + 64 MiB; bigger chunks mean fewer read-modify-write passes over the dE accumulator.
+LEAN_WORKSPACE_BYTES = 48 * 2**20
+
+
+def interpreted() -> bool:
+    """True when the kernels were compiled for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return type(K._ce_forward_kernel).__name__ == "InterpretedFunction"
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation that needs no host sync (shapes, dtypes, option values; target ranges on CPU only).
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_options(reduction, label_smoothing, z_loss, softcap, ignore_index):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be None or a float, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0.0):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_device(name, tensor, device):
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on {device} like the input, got {tensor.device}")
+
+
+def _check_runnable(device):
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreted():
+        return
+    raise ValueError(
+        f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+        f"triton is imported), got tensors on {device}"
+    )
+
+
+def _check_target(target, n_rows, n_classes, ignore_index, device):
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.ndim != 1 or target.shape[0] != n_rows:
+        raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
+    _check_device("target", target, device)
+    if target.device.type == "cpu" and target.numel():
+        # CPU tensors cost no sync to check (DESIGN.md: validation always on for CPU tensors).
+        bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"target must be in [0, {n_classes}) or ignore_index={ignore_index}; "
+                f"target[{i}] = {int(target[i])}"
+            )
+    return target.to(torch.int64).contiguous()
+
+
+def _check_class_weight(weight, n_classes, device):
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be None or a torch.Tensor, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor, got dtype {weight.dtype}")
+    if weight.ndim != 1 or weight.shape[0] != n_classes:
+        raise ValueError(f"weight must have shape ({n_classes},), got {tuple(weight.shape)}")
+    _check_device("weight", weight, device)
+    if weight.device.type == "cpu" and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite, got NaN or inf")
+    return weight.detach().to(torch.float32).contiguous()
+
+
+def _check_float(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16 for impl='triton' (float32 "
+            f"accumulation), got {tensor.dtype}; use impl='chunked' for float64"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Device-side scales: ce_scale = 1/sum_i w_{t_i}, z_scale = 1/#valid for "mean" (0 if empty).
+# ------------------------------------------------------------------------------------------------
+
+
+def _scales(target, weight, ignore_index, n_classes, reduction, device):
+    """float32 [ce_scale, z_scale] on the device, and the valid-row mask (no host sync)."""
+    valid = target != ignore_index
+    if reduction != "mean":
+        return torch.ones(2, dtype=torch.float32, device=device), valid
+    n_valid = valid.sum(dtype=torch.float32)
+    if weight is None:
+        total_weight = n_valid
+    else:
+        safe = target.clamp(0, max(n_classes - 1, 0))
+        total_weight = torch.where(valid, weight[safe], 0.0).sum()
+    inv = torch.stack([total_weight, n_valid])
+    return torch.where(inv != 0, 1.0 / inv, torch.zeros_like(inv)), valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-entropy on materialized logits.
+# ------------------------------------------------------------------------------------------------
+
+
+def _row_block(n_cols):
+    # One program per row streams the row in BLOCK-column steps. 4096 columns with 8 warps is
+    # 16 elements per thread per step (two 16-byte loads of bf16), few registers, so several rows
+    # share an SM and hide each other's load latency; both benchmark shapes (8192 or 32768 rows)
+    # give far more programs than SMs. Short rows use one step of the next power of two.
+    block = min(4096, triton.next_power_of_2(max(n_cols, 16)))
+    return block, (8 if block >= 2048 else 4)
+
+
+@dataclasses.dataclass
+class CEForward:
+    loss: torch.Tensor  # float32 scalar, or (M,) for "none"
+    grad: torch.Tensor | None  # (M, C) gradient for an upstream gradient of 1
+
+
+def cross_entropy_forward(
+    logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+    inplace_backward, write_grad,
+):
+    """Check arguments, launch ``_ce_forward_kernel`` and reduce the per-row losses."""
+    _check_float("logits", logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (rows, classes), got shape {tuple(logits.shape)}")
+    _check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    device = logits.device
+    _check_runnable(device)
+    n_rows, n_cols = logits.shape
+    target = _check_target(target, n_rows, n_cols, ignore_index, device)
+    weight = _check_class_weight(weight, n_cols, device)
+
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    grad = None
+    if write_grad:
+        grad = x if inplace_backward else torch.empty_like(x, memory_format=torch.contiguous_format)
+    scales, valid = _scales(target, weight, ignore_index, n_cols, reduction, device)
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    if n_cols == 0:
+        # No class to score: ignored rows give 0, any other target is out of range (NaN).
+        row_loss = torch.where(valid, float("nan"), 0.0).to(torch.float32)
+    elif n_rows > 0:
+        block, warps = _row_block(n_cols)
+        g = grad if grad is not None else x
+        K._ce_forward_kernel[(n_rows,)](
+            x, x.stride(0), g, g.stride(0), target,
+            weight if weight is not None else scales, scales, row_loss,
+            n_cols, ignore_index, float(label_smoothing), float(z_loss),
+            float(softcap) if softcap is not None else 1.0,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            HAS_Z_LOSS=z_loss > 0.0,
+            HAS_SOFTCAP=softcap is not None,
+            WRITE_GRAD=grad is not None,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    loss = row_loss if reduction == "none" else row_loss.sum()
+    return CEForward(loss, grad)
+
+
+def scale_rows_(grad, grad_output):
+    """In place ``grad *= grad_output`` (scalar, or per row for "none"); rows scaled by 1 skipped."""
+    n_rows, n_cols = grad.shape
+    if n_rows == 0 or n_cols == 0:
+        return grad
+    g = grad_output.detach()
+    stride = 0 if g.ndim == 0 else g.stride(0)
+    block, warps = _row_block(n_cols)
+    K._scale_rows_kernel[(n_rows,)](grad, grad.stride(0), g, stride, n_cols, BLOCK=block, num_warps=warps)
+    return grad
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused linear cross-entropy.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTiles:
+    """Tile shapes of the fused linear kernels (one config, no autotuning: see ``linear_tiles``)."""
+
+    block_m: int  # rows of E per program (forward, gradient tile, dE)
+    block_v: int  # vocabulary columns per program (forward, gradient tile, dW)
+    block_k: int  # depth of one tl.dot step in every K loop
+    block_d: int  # columns of dE / dW per program
+    num_warps: int
+    num_stages: int
+    programs: int  # forward programs wanted in flight: sets the number of vocabulary splits
+
+
+def linear_tiles(dtype):
+    """Tiles for Hopper-class GPUs, fixed per dtype.
+
+    128x128 output tiles with a 64-deep K step (32 for float32, to keep three pipeline stages of
+    operands within shared memory) and 8 warps hold the float32 accumulator in 64 registers per
+    thread and give wgmma-sized products. A single config (rather than ``triton.autotune``) keeps
+    the K-loop order, hence the rounding of every sum, identical run to run and machine to
+    machine: results are deterministic, which autotuning across BLOCK_K would break.
+    """
+    if dtype == torch.float32:
+        return LinearTiles(128, 128, 32, 128, 8, 3, 1024)
+    return LinearTiles(128, 128, 64, 128, 8, 3, 1024)
+
+
+@dataclasses.dataclass
+class LinearPlan:
+    n_rows: int
+    n_vocab: int
+    n_dim: int
+    tiles: LinearTiles
+    n_splits: int
+    tiles_per_split: int
+    chunk: int  # vocabulary columns recomputed per backward step ("lean")
+    n_store: int  # vocabulary columns whose logits the forward keeps ("fast"); 0 in lean mode
+
+
+def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
+    tiles = linear_tiles(dtype)
+    elt = torch.empty((), dtype=dtype).element_size()
+    n_m_blocks = triton.cdiv(max(n_rows, 1), tiles.block_m)
+    n_v_tiles = triton.cdiv(n_vocab, tiles.block_v)
+    # Vocabulary splits: enough (row block, split) programs to fill the GPU several times over
+    # even when rows are few; chosen from the shape only, so the combine order is deterministic.
+    n_splits = max(1, min(n_v_tiles, triton.cdiv(tiles.programs, n_m_blocks)))
+    per_split = triton.cdiv(n_v_tiles, n_splits)
+    n_splits = triton.cdiv(n_v_tiles, per_split)
+    row_bytes = max(n_rows, 1) * elt
+    chunk = max(tiles.block_v, LEAN_WORKSPACE_BYTES // row_bytes // tiles.block_v * tiles.block_v)
+    chunk = min(chunk, triton.cdiv(n_vocab, tiles.block_v) * tiles.block_v)
+    n_store = 0
+    if need_grad and memory_budget:
+        if n_vocab * row_bytes <= memory_budget:
+            n_store = n_vocab
+        else:
+            # Keep whole chunks of logits while the rest still fits one recompute chunk.
+            n_store = max(0, (memory_budget - chunk * row_bytes) // row_bytes) // chunk * chunk
+            n_store = min(n_store, n_vocab)
+    return LinearPlan(n_rows, n_vocab, n_dim, tiles, n_splits, per_split, chunk, n_store)
+
+
+def _dot_args(dtype):
+    # tf32 would lose float32 precision: float32 inputs take the exact ("ieee") product.
+    return dict(
+        UPCAST_DOT=interpreted() and dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
+@dataclasses.dataclass
+class LinearForward:
+    loss: torch.Tensor
+    rows: torch.Tensor  # (M,) int64: non-ignored rows first, original order kept (stable)
+    n_valid: torch.Tensor  # int64 scalar on the device
+    coef: torch.Tensor  # float32 (4, M): lse, A, B, C in compacted row order
+    store: torch.Tensor | None  # (M, n_store) gradient of the stored logits ("fast"), or None
+    plan: LinearPlan
+    target: torch.Tensor
+    weight: torch.Tensor | None
+
+
+def linear_forward(
+    inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+    label_smoothing, z_loss, softcap, memory_budget, need_grad,
+):
+    """Check arguments; forward kernels (split statistics, combine); "fast": store gradients."""
+    _check_float("input", inp)
+    _check_float("linear_weight", linear_weight)
+    if inp.ndim != 2:
+        raise ValueError(f"input must be 2-D (rows, features) here, got shape {tuple(inp.shape)}")
+    if linear_weight.ndim != 2 or linear_weight.shape[1] != inp.shape[1]:
+        raise ValueError(
+            f"linear_weight must have shape (V, {inp.shape[1]}), got {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != inp.dtype:
+        raise TypeError(
+            f"linear_weight must have the dtype of input ({inp.dtype}), got {linear_weight.dtype}"
+        )
+    if linear_weight.shape[0] == 0:
+        raise ValueError("linear_weight must have at least one row (class), got shape (0, D)")
+    _check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0
+    ):
+        raise ValueError(f"memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}")
+    device = inp.device
+    _check_runnable(device)
+    _check_device("linear_weight", linear_weight, device)
+    n_rows, n_dim = inp.shape
+    n_vocab = linear_weight.shape[0]
+    if linear_bias is not None:
+        _check_float("linear_bias", linear_bias)
+        if linear_bias.shape != (n_vocab,):
+            raise ValueError(f"linear_bias must have shape ({n_vocab},), got {tuple(linear_bias.shape)}")
+        _check_device("linear_bias", linear_bias, device)
+    target = _check_target(target, n_rows, n_vocab, ignore_index, device)
+    weight = _check_class_weight(weight, n_vocab, device)
+
+    plan = plan_linear(n_rows, n_vocab, n_dim, inp.dtype, memory_budget, need_grad)
+    t = plan.tiles
+    scales, valid = _scales(target, weight, ignore_index, n_vocab, reduction, device)
+    # Compaction without a host sync: a stable sort puts the valid rows first, in order; the
+    # kernels read n_valid from the device and skip every row block past it.
+    rows = torch.argsort((~valid).to(torch.int8), stable=True)
+    n_valid = valid.sum()
+    row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    coef = torch.zeros(4, n_rows, dtype=torch.float32, device=device)
+    store = None
+    if plan.n_store:
+        store = torch.empty(n_rows, plan.n_store, dtype=inp.dtype, device=device)
+    if n_rows:
+        partial = torch.empty(6, plan.n_splits, n_rows, dtype=torch.float32, device=device)
+        dummy = scales
+        n_m_blocks = triton.cdiv(n_rows, t.block_m)
+        flags = dict(
+            HAS_BIAS=linear_bias is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            HAS_SOFTCAP=softcap is not None,
+        )
+        cap = float(softcap) if softcap is not None else 1.0
+        K._lce_forward_kernel[(n_m_blocks, plan.n_splits)](
+            inp, inp.stride(0), inp.stride(1),
+            linear_weight, linear_weight.stride(0), linear_weight.stride(1),
+            linear_bias if linear_bias is not None else dummy,
+            rows, n_valid, target, weight if weight is not None else dummy,
+            partial, store if store is not None else dummy, plan.n_store, plan.n_store,
+            n_rows, n_vocab, n_dim, plan.tiles_per_split, cap,
+            STORE_LOGITS=store is not None,
+            BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+            **flags, **_dot_args(inp.dtype),
+        )
+        K._lce_combine_kernel[(n_m_blocks,)](
+            partial, rows, n_valid, target, weight if weight is not None else dummy,
+            scales, row_loss, coef, n_rows, plan.n_splits, n_vocab,
+            float(label_smoothing), float(z_loss),
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            HAS_Z_LOSS=z_loss > 0.0,
+            BLOCK_M=t.block_m,
+            num_warps=4,
+        )
+        if store is not None:
+            # "fast": turn the stored logits into their gradient now, in place (elementwise).
+            K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(plan.n_store, t.block_v))](
+                inp, 0, 0, linear_weight, 0, 0, dummy,
+                rows, n_valid, target, weight if weight is not None else dummy, coef,
+                store, store.stride(0), 0, plan.n_store, n_rows, n_vocab, n_dim, cap,
+                FROM_LOGITS=True,
+                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+                num_warps=t.num_warps,
+                **flags, **_dot_args(inp.dtype),
+            )
+    loss = row_loss if reduction == "none" else row_loss.sum()
+    return LinearForward(loss, rows, n_valid, coef, store, plan, target, weight)
+
+
+def linear_backward(
+    fwd, grad_output, inp, linear_weight, linear_bias, label_smoothing, softcap,
+    need_input, need_weight, need_bias,
+):
+    """dE, dW, db for the upstream gradient ``grad_output`` (scalar, or (M,) for "none").
+
+    Vocabulary chunks in a fixed order: the stored ("fast") columns first as one chunk, then
+    chunks of ``plan.chunk`` columns whose gradient tile is recomputed into a bounded workspace.
+    Per chunk: dE (+)= g * G @ W_chunk into a float32 accumulator, dW_chunk = G^T E.
+    """
+    plan, t = fwd.plan, fwd.plan.tiles
+    n_rows, n_vocab, n_dim = plan.n_rows, plan.n_vocab, plan.n_dim
+    device = inp.device
+    d_inp = torch.zeros_like(inp, memory_format=torch.contiguous_format) if need_input else None
+    d_w = None
+    if need_weight:
+        d_w = torch.empty_like(linear_weight, memory_format=torch.contiguous_format)
+    d_b = torch.empty_like(linear_bias, memory_format=torch.contiguous_format) if need_bias else None
+    if not n_rows or not (need_input or need_weight or need_bias):
+        if d_w is not None:
+            d_w.zero_()
+        if d_b is not None:
+            d_b.zero_()
+        return d_inp, d_w, d_b
+    g_out = grad_output.detach()
+    per_row = g_out.ndim == 1
+    g_stride = g_out.stride(0) if per_row else 0
+    chunks = []
+    if fwd.store is not None:
+        chunks.append((0, plan.n_store, fwd.store))
+    for start in range(plan.n_store, n_vocab, plan.chunk):
+        chunks.append((start, min(plan.chunk, n_vocab - start), None))
+    workspace = None
+    if any(buf is None for _, _, buf in chunks):
+        workspace = torch.empty(n_rows, plan.chunk, dtype=inp.dtype, device=device)
+    acc = None
+    if need_input and len(chunks) > 1:
+        acc = torch.empty(n_rows, n_dim, dtype=torch.float32, device=device)
+    dummy = fwd.coef
+    weight = fwd.weight
+    cap = float(softcap) if softcap is not None else 1.0
+    n_m_blocks = triton.cdiv(n_rows, t.block_m)
+    dot = _dot_args(inp.dtype)
+    for i, (start, width, buf) in enumerate(chunks):
+        if buf is None:
+            buf = workspace
+            K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, t.block_v))](
+                inp, inp.stride(0), inp.stride(1),
+                linear_weight, linear_weight.stride(0), linear_weight.stride(1),
+                linear_bias if linear_bias is not None else dummy,
+                fwd.rows, fwd.n_valid, fwd.target, weight if weight is not None else dummy,
+                fwd.coef, buf, buf.stride(0), start, width, n_rows, n_vocab, n_dim, cap,
+                FROM_LOGITS=False,
+                HAS_BIAS=linear_bias is not None,
+                HAS_WEIGHT=weight is not None,
+                HAS_SMOOTHING=label_smoothing > 0.0,
+                HAS_SOFTCAP=softcap is not None,
+                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+                **dot,
+            )
+        if need_input:
+            K._lce_grad_input_kernel[(n_m_blocks, triton.cdiv(n_dim, t.block_d))](
+                buf, buf.stride(0), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
+                fwd.rows, fwd.n_valid, g_out, g_stride,
+                acc if acc is not None else dummy, d_inp, start, width, n_dim,
+                FIRST=i == 0, LAST=i == len(chunks) - 1,
+                BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_K=t.block_k,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+                **dot,
+            )
+        if need_weight or need_bias:
+            d_blocks = triton.cdiv(n_dim, t.block_d) if need_weight else 1
+            K._lce_grad_weight_kernel[(triton.cdiv(width, t.block_v), d_blocks)](
+                buf, buf.stride(0), inp, inp.stride(0), inp.stride(1),
+                fwd.rows, fwd.n_valid, g_out, g_stride,
+                d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
+                start, width, n_dim,
+                PER_ROW_SCALE=per_row,
+                HAS_WEIGHT_GRAD=d_w is not None,
+                HAS_BIAS_GRAD=d_b is not None,
+                BLOCK_V=t.block_v, BLOCK_D=t.block_d, BLOCK_K=t.block_k,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+                **dot,
+            )
+    return d_inp, d_w, d_b
