@@ -7,9 +7,9 @@ from memory once and allocate nothing of the logits' size. Without numba, the sa
 blocked numpy code (slower, about as much extra memory as one block of rows).
 
 The kernels are compiled on first use and cached on disk (numba ``cache=True``), so
-``import crossent`` does not import numba. Set the environment variable ``CROSSENT_CPU_FAST=0``
-to make :func:`available` return False (the numpy code is then used here, and callers that check
-:func:`available` take their own path).
+``import crossent`` does not import numba. Set ``crossent.cpu.ENABLED = False`` or the
+environment variable ``CROSSENT_CPU_FAST=0`` to make :func:`available` return False (the numpy
+code is then used here, and :func:`crossent.softmax_cross_entropy` takes its Array-API path).
 """
 
 from __future__ import annotations
@@ -26,20 +26,24 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # numpy fallback: rows per block are chosen so that a block's temporaries stay near this size.
 _BLOCK_BYTES = 1024 * 1024
 
+ENABLED = True
+"""Set to False to make :func:`available` return False (e.g. to time the Array-API path)."""
+
 _numba_importable: bool | None = None
 
 
 def available() -> bool:
     """Whether the compiled (numba) kernels can be used.
 
-    True when numba imports and the environment variable ``CROSSENT_CPU_FAST`` is not ``"0"``.
+    True when numba imports, :data:`ENABLED` is true and the environment variable
+    ``CROSSENT_CPU_FAST`` is not ``"0"``.
     The import is tried once per process; this call does not compile anything.
 
     >>> isinstance(available(), bool)
     True
     """
     global _numba_importable
-    if os.environ.get("CROSSENT_CPU_FAST", "1") == "0":
+    if not ENABLED or os.environ.get("CROSSENT_CPU_FAST", "1") == "0":
         return False
     if _numba_importable is None:
         try:
@@ -95,9 +99,10 @@ def lse_and_pick(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray,
         \qquad \mathrm{picked}_i = x_{i, y_i},
 
     so that :math:`\mathrm{lse}_i - \mathrm{picked}_i` is row i's softmax cross-entropy in nats.
-    The sum of exponentials is accumulated in float64. A row whose entries are all ``-inf`` gives
-    ``-inf``; NaN anywhere in a row gives NaN; a ``+inf`` entry gives NaN (``inf - inf`` in the
-    shifted sum).
+    The sum of exponentials is accumulated in float64. The shift :math:`m_i` is taken as 0 when
+    it is not finite, as in :func:`crossent.softmax_cross_entropy`: a row whose entries are all
+    ``-inf`` gives ``-inf``, a row holding ``+inf`` gives ``+inf``, and NaN anywhere in a row gives
+    NaN.
 
     Args:
       logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
@@ -209,21 +214,19 @@ def _block_rows(c: int) -> int:
 
 
 def _block_lse(block: np.ndarray) -> np.ndarray:
-    """float64 lse of each row of a 2-D block (C >= 1), with the kernels' conventions."""
+    """float64 lse of each row of a 2-D block (C >= 1), with the kernels' conventions.
+
+    The shift is the row's maximum over non-NaN entries, or 0 when that is not finite, so an
+    all -inf row gives log(0) = -inf, a row holding +inf gives +inf, and NaN propagates.
+    """
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        m = np.fmax.reduce(block, axis=1).astype(np.float64)  # max ignoring NaN, like the kernel
-        finite_m = np.where(m == -np.inf, 0.0, m)
-        s = np.exp(block - finite_m[:, None], dtype=np.float64).sum(axis=1)
-        lse = finite_m + np.log(s)
-        degenerate = m == -np.inf
-        if degenerate.any():
-            lse[degenerate] = block[degenerate].sum(axis=1, dtype=np.float64)
-    return lse
+        m = np.fmax.reduce(block, axis=1).astype(np.float64)
+        m[~np.isfinite(m)] = 0.0
+        s = np.exp(block - m[:, None], dtype=np.float64).sum(axis=1)
+        return m + np.log(s)
 
 
-def _lse_and_pick_numpy(
-    logits: np.ndarray, labels: np.ndarray, lse: np.ndarray, picked: np.ndarray
-) -> None:
+def _lse_and_pick_numpy(logits: np.ndarray, labels: np.ndarray, lse: np.ndarray, picked: np.ndarray) -> None:
     n, c = logits.shape
     if c == 0:
         lse[:] = -np.inf

@@ -45,6 +45,8 @@ _LN2 = 0.6931471805599453
 # Below this, exp(d) is under float64's smallest normal (2**-1022); the sum it joins holds a 1.
 _EXP_ZERO_BELOW = -708.0
 _SUM_FLAGS = {"reassoc", "contract"}
+# Taylor coefficients 1/k! of exp(r), k = 2..8 (k = 0, 1 are 1).
+_P2, _P3, _P4, _P5, _P6, _P7, _P8 = (1.0 / math.factorial(k) for k in range(2, 9))
 
 
 @intrinsic
@@ -66,22 +68,15 @@ def _exp_nonpos(d):
     """
     k = np.floor(d * _LOG2E + 0.5)  # a float (math.floor would give an int64)
     r = d - k * _LN2
-    p = 1.0 + r * (
-        1.0
-        + r
-        * (
-            1.0 / 2.0
-            + r
-            * (
-                1.0 / 6.0
-                + r
-                * (
-                    1.0 / 24.0
-                    + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0))))
-                )
-            )
-        )
-    )
+    p = _P8
+    p = p * r + _P7
+    p = p * r + _P6
+    p = p * r + _P5
+    p = p * r + _P4
+    p = p * r + _P3
+    p = p * r + _P2
+    p = p * r + 1.0
+    p = p * r + 1.0
     # Clamp before the integer conversion so -inf, NaN and huge |d| never reach it as garbage.
     kc = min(max(k, -1022.0), 1023.0)
     # Through int32: AVX2 converts four float64 to int32 at once, but has no float64 -> int64.
@@ -132,12 +127,14 @@ def _row_max(row):
 
 
 @nb.njit(inline="always", cache=True)
-def _degenerate_lse(row):
-    """lse of a row whose maximum over non-NaN values is -inf: -inf, or NaN if a NaN is present."""
-    s = 0.0
+def _lse_nonfinite_max(row, m):
+    """lse of a row whose maximum over non-NaN entries m is -inf or +inf: m, or NaN if a NaN is in
+    the row (also for an empty row, m = -inf). Matches max + log(sum(exp(x - max))) with the
+    shift taken as 0 when the max is not finite."""
     for j in range(row.shape[0]):
-        s += row[j]  # -inf + ... + -inf = -inf; any NaN makes it NaN
-    return s if row.shape[0] > 0 else -np.inf
+        if row[j] != row[j]:
+            return np.nan
+    return m
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
@@ -146,8 +143,8 @@ def lse_and_pick_f32(logits, labels, lse, picked):
     for i in prange(n):
         row = logits[i]
         m = _row_max(row)
-        if m == -np.inf:
-            lse[i] = _degenerate_lse(row)
+        if m == -np.inf or m == np.inf:
+            lse[i] = _lse_nonfinite_max(row, m)
         else:
             s = 0.0
             for j in range(row.shape[0]):
@@ -163,8 +160,8 @@ def lse_and_pick_f64(logits, labels, lse, picked):
     for i in prange(n):
         row = logits[i]
         m = _row_max(row)
-        if m == -np.inf:
-            lse[i] = _degenerate_lse(row)
+        if m == -np.inf or m == np.inf:
+            lse[i] = _lse_nonfinite_max(row, m)
         else:
             s = 0.0
             for j in range(row.shape[0]):
@@ -182,8 +179,8 @@ def softmax_minus_onehot_f32(logits, labels, scale, out, lse, picked):
         dst = out[i]
         c = row.shape[0]
         m = _row_max(row)
-        if m == -np.inf:
-            lse_i = _degenerate_lse(row)
+        if m == -np.inf or m == np.inf:
+            lse_i = _lse_nonfinite_max(row, m)
         else:
             s = 0.0
             for j in range(c):
@@ -212,8 +209,8 @@ def softmax_minus_onehot_f64(logits, labels, scale, out, lse, picked):
         dst = out[i]
         c = row.shape[0]
         m = _row_max(row)
-        if m == -np.inf:
-            lse_i = _degenerate_lse(row)
+        if m == -np.inf or m == np.inf:
+            lse_i = _lse_nonfinite_max(row, m)
         else:
             s = 0.0
             for j in range(c):
