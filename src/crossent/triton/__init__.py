@@ -65,7 +65,7 @@ def cross_entropy(
     """
     return CrossEntropyFunction.apply(
         logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        inplace_backward,
+        inplace_backward, torch.is_grad_enabled(),
     )
 
 
@@ -131,7 +131,7 @@ def linear_cross_entropy(
     flat_input = input.reshape(-1, input.shape[-1]) if input.ndim != 2 else input
     loss = LinearCrossEntropyFunction.apply(
         flat_input, linear_weight, target.reshape(-1), linear_bias, weight, ignore_index,
-        reduction, label_smoothing, z_loss, softcap, memory_budget,
+        reduction, label_smoothing, z_loss, softcap, memory_budget, torch.is_grad_enabled(),
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)

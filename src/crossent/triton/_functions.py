@@ -13,8 +13,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, inplace_backward):
-        write_grad = bool(ctx.needs_input_grad[0])
+                softcap, inplace_backward, grad_enabled):
+        # needs_input_grad ignores torch.no_grad(); grad_enabled is taken outside forward.
+        write_grad = bool(grad_enabled and ctx.needs_input_grad[0])
         out = L.cross_entropy_forward(
             logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
             inplace_backward, write_grad,
@@ -37,8 +38,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = L.scale_rows_(ctx.grad, grad_output)
         ctx.grad = None
         # One entry per forward argument: logits, then target, weight, ignore_index, reduction,
-        # label_smoothing, z_loss, softcap, inplace_backward (none of them differentiable).
-        return grad, None, None, None, None, None, None, None, None
+        # label_smoothing, z_loss, softcap, inplace_backward, grad_enabled (none differentiable).
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -46,9 +47,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-                label_smoothing, z_loss, softcap, memory_budget):
+                label_smoothing, z_loss, softcap, memory_budget, grad_enabled):
         needs = ctx.needs_input_grad
-        need_grad = bool(needs[0] or needs[1] or needs[3])
+        need_grad = bool(grad_enabled and (needs[0] or needs[1] or needs[3]))
         fwd = L.linear_forward(
             inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
             label_smoothing, z_loss, softcap, memory_budget, need_grad,
@@ -70,6 +71,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             bool(needs[0]), bool(needs[1]), bool(needs[3]) and linear_bias is not None,
         )
         # One entry per forward argument: input, linear_weight, target, linear_bias, then
-        # weight, ignore_index, reduction, label_smoothing, z_loss, softcap, memory_budget
-        # (class weights are treated as constants, as the other crossent paths do).
-        return d_inp, d_w, None, d_b, None, None, None, None, None, None, None
+        # weight, ignore_index, reduction, label_smoothing, z_loss, softcap, memory_budget,
+        # grad_enabled (class weights are treated as constants, as the other crossent paths do).
+        return d_inp, d_w, None, d_b, None, None, None, None, None, None, None, None

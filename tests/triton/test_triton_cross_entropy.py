@@ -1,0 +1,271 @@
+"""crossent.triton.cross_entropy under TRITON_INTERPRET=1 against float64 PyTorch.
+
+Shapes are odd on purpose: C = 4099 (not a power of two, more than one 4096-column step per row),
+N = 1, 5, 37. Each call is one kernel launch forward and one backward.
+"""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+import crossent.triton as ctr
+from crossent.triton import cross_entropy
+
+C = 4099
+IGNORE = -100
+
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "smoothing+weight": {"label_smoothing": 0.2, "weight": True},
+    "zloss+softcap": {"z_loss": 1e-2, "softcap": 4.0},
+    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0},
+}
+
+
+def make(n, c=C, seed=0, ignore_every=4):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 3.0
+    target = torch.randint(0, c, (n,), generator=g)
+    if ignore_every:
+        target[1::ignore_every] = IGNORE
+    weight = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    return logits, target, weight
+
+
+def options(name, weight):
+    opts = dict(OPTIONS[name])
+    if opts.pop("weight", False):
+        opts["weight"] = weight
+    return opts
+
+
+def upstream(loss, reduction, seed=1):
+    """A non-trivial upstream gradient: random per row for "none", 1.7 for scalars."""
+    if reduction == "none":
+        g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return g.to(loss.dtype)
+    return torch.tensor(1.7, dtype=loss.dtype)
+
+
+def run_triton(logits, target, **opts):
+    x = logits.detach().clone().requires_grad_()
+    loss = cross_entropy(x, target, **opts)
+    loss.backward(upstream(loss, opts.get("reduction", "mean")).to(loss.dtype))
+    return loss.detach(), x.grad
+
+
+def run_reference(ref, logits, target, **opts):
+    x = logits.detach().to(torch.float64).clone().requires_grad_()
+    o = {k: (v.to(torch.float64) if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    o.pop("inplace_backward", None)
+    loss = ref(x, target, **o)
+    loss.backward(upstream(loss, o.get("reduction", "mean")))
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_float32_matches_float64_pytorch(ref, name, reduction):
+    logits, target, weight = make(37)
+    opts = options(name, weight)
+    loss, grad = run_triton(logits.float(), target, reduction=reduction, **{
+        k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
+    want, want_grad = run_reference(ref, logits.float(), target, reduction=reduction, **opts)
+    assert loss.dtype == torch.float32
+    assert loss.shape == want.shape
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_small_batches(ref, n):
+    logits, target, weight = make(n, ignore_every=0)
+    opts = options("all", weight)
+    loss, grad = run_triton(logits.float(), target, **opts)
+    want, want_grad = run_reference(ref, logits.float(), target, **opts)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_naive_torch(ref, dtype):
+    """Error against the float64 truth on the same (rounded) inputs <= naive torch's + tol."""
+    logits, target, weight = make(37)
+    opts = options("all", weight)
+    low = logits.to(dtype)
+    loss, grad = run_triton(low, target, reduction="none", **opts)
+    truth, truth_grad = run_reference(ref, low, target, reduction="none", **opts)
+    # Naive: the same PyTorch ops run in the low precision itself.
+    x = low.detach().clone().requires_grad_()
+    naive = ref(x, target, reduction="none", **{k: (v.to(dtype) if isinstance(v, torch.Tensor) else v)
+                                               for k, v in opts.items()})
+    naive.backward(upstream(naive, "none").to(dtype))
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    err = (loss.double() - truth).abs().max()
+    naive_err = (naive.double() - truth).abs().max()
+    assert err <= naive_err + tol * truth.abs().max()
+    gerr = (grad.double() - truth_grad).abs().max()
+    naive_gerr = (x.grad.double() - truth_grad).abs().max()
+    assert gerr <= naive_gerr + tol * truth_grad.abs().max()
+
+
+def test_inplace_backward_writes_gradient_into_logits(ref):
+    logits, target, _ = make(37)
+    x = logits.float().requires_grad_()
+    before = x.detach().clone()
+    loss = cross_entropy(x, target, inplace_backward=True)
+    want, want_grad = run_reference(ref, before, target)
+    # The forward already overwrote the logits with d loss / d logits (upstream gradient 1).
+    torch.testing.assert_close(x.detach().double(), want_grad / 1.7, rtol=1e-5, atol=1e-8)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), want_grad / 1.7, rtol=1e-5, atol=1e-8)
+
+
+def test_default_leaves_logits_untouched_and_no_grad_writes_nothing(ref):
+    logits, target, _ = make(5)
+    x = logits.float().requires_grad_()
+    before = x.detach().clone()
+    cross_entropy(x, target).backward()
+    assert torch.equal(x.detach(), before)
+    with torch.no_grad():
+        loss = cross_entropy(x, target, inplace_backward=True)
+    assert torch.equal(x.detach(), before)
+    torch.testing.assert_close(loss.double(), ref(before.double(), target), rtol=2e-6, atol=1e-6)
+
+
+def test_upstream_gradient_of_one_and_backward_twice():
+    logits, target, _ = make(5)
+    x = logits.float().requires_grad_()
+    loss = cross_entropy(x, target, reduction="sum")
+    loss.backward(retain_graph=True)
+    y = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(y, target, reduction="sum").backward()
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_strided_logits(ref):
+    logits, target, _ = make(5)
+    want, want_grad = run_reference(ref, logits.float(), target, label_smoothing=0.1)
+    wide = torch.zeros(5, C + 13, dtype=torch.float32)
+    wide[:, 3 : 3 + C] = logits.float()
+    wide.requires_grad_()
+    by_rows = wide[:, 3 : 3 + C]  # row stride C + 13, used in place
+    tall = logits.float().t().contiguous().requires_grad_()
+    by_cols = tall.t()  # column stride 5: copied to rows first
+    for x, grad_of in ((by_rows, lambda: wide.grad[:, 3 : 3 + C]), (by_cols, lambda: tall.grad.t())):
+        loss = cross_entropy(x, target, label_smoothing=0.1)
+        loss.backward(torch.tensor(1.7))
+        torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(grad_of().double(), want_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_deterministic():
+    logits, target, weight = make(37)
+    opts = options("all", weight.float())
+    a = run_triton(logits.float(), target, **opts)
+    b = run_triton(logits.float(), target, **opts)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# -- documented deviations from PyTorch (DESIGN.md "Semantics") ---------------------------------
+
+
+@pytest.mark.parametrize("case", ["all_ignored", "zero_weight", "empty"])
+def test_zero_denominator_mean_is_zero_with_zero_grad(case):
+    logits, target, weight = make(5)
+    opts = {}
+    if case == "all_ignored":
+        target = torch.full_like(target, IGNORE)
+    elif case == "zero_weight":
+        target = torch.full_like(target, 7)
+        weight = weight.float().clone()
+        weight[7] = 0.0
+        opts["weight"] = weight
+    else:
+        logits, target = logits[:0], target[:0]
+    x = logits.float().requires_grad_()
+    loss = cross_entropy(x, target, label_smoothing=0.1, **opts)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def test_minus_inf_logits_get_no_smoothing_mass_and_zero_grad(ref):
+    """Classes with -inf logits drop out: same loss and gradient as slicing them away."""
+    logits, target, weight = make(37)
+    masked = 10
+    target = torch.where(target == IGNORE, target, target.clamp(min=masked))
+    full = logits.float().clone()
+    full[:, :masked] = float("-inf")
+    opts = dict(label_smoothing=0.2, z_loss=1e-2)
+    x = full.clone().requires_grad_()
+    loss = cross_entropy(x, target, weight=weight.float(), **opts)
+    loss.backward()
+    shifted = torch.where(target == IGNORE, target, target - masked)
+    want, want_grad = run_reference(ref, full[:, masked:], shifted, weight=weight[masked:], **opts)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad[:, masked:].double(), want_grad / 1.7, rtol=1e-5, atol=1e-8)
+    assert torch.count_nonzero(x.grad[:, :masked]) == 0
+    assert torch.isfinite(x.grad).all()
+
+
+def test_inf_at_target_and_nan_propagate():
+    logits, target, _ = make(5, ignore_every=0)
+    x = logits.float().clone()
+    x[0, target[0]] = float("-inf")
+    x[1, 17] = float("nan")
+    loss = cross_entropy(x, target, reduction="none")
+    assert loss[0] == float("inf")
+    assert torch.isnan(loss[1])
+    assert torch.isfinite(loss[2:]).all()
+
+
+# -- argument checking -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ({"z_loss": -1.0}, ValueError, "z_loss"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+        ({"weight": torch.ones(3)}, ValueError, "weight"),
+        ({"inplace_backward": 1}, TypeError, "inplace_backward"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    logits, target, _ = make(2, c=5, ignore_every=0)
+    with pytest.raises(error, match=match):
+        cross_entropy(logits.float(), target, **kwargs)
+
+
+def test_bad_data():
+    logits, target, _ = make(3, c=5, ignore_every=0)
+    with pytest.raises(TypeError, match="logits"):
+        cross_entropy(logits, target)  # float64
+    with pytest.raises(ValueError, match="logits"):
+        cross_entropy(logits.float()[None], target)
+    with pytest.raises(ValueError, match="target"):
+        cross_entropy(logits.float(), target[:2])
+    with pytest.raises(TypeError, match="target"):
+        cross_entropy(logits.float(), target.float())
+    bad = target.clone()
+    bad[2] = 5
+    with pytest.raises(ValueError, match=r"target\[2\] = 5"):
+        cross_entropy(logits.float(), bad)
+
+
+def test_docstring_examples_run():
+    failures, tried = doctest.testmod(ctr, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert tried >= 4 and failures == 0
