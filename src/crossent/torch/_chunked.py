@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from ._reference import acc_dtype, safe_divide
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
+# Gather the non-ignored rows first on the CPU (free there); tests switch it off to run the
+# all-rows path that accelerator tensors take.
+COMPACT_IGNORED_ROWS_ON_CPU = True
 
 
 def rows_per_block(num_classes: int, chunk_size: int | None) -> int:
@@ -81,7 +84,7 @@ class _Rows:
         self.ce_denominator = self.w_target.sum()
         self.n_valid = self.valid_f.sum()
         self.rows = None
-        if device.type == "cpu":
+        if device.type == "cpu" and COMPACT_IGNORED_ROWS_ON_CPU:
             rows = valid.nonzero().squeeze(1)
             if rows.numel() < num_rows:
                 self.rows = rows
@@ -211,8 +214,10 @@ def _zero_ignored_rows(z: torch.Tensor, rows: _Rows, sel: slice | torch.Tensor) 
 
 
 def _reduce(
-    ce: torch.Tensor, zl: torch.Tensor, rows: _Rows, reduction: str
+    ce: torch.Tensor, lse: torch.Tensor, z_loss: float, rows: _Rows, reduction: str
 ) -> torch.Tensor:
+    # z_loss == 0 adds nothing, not 0 * lse^2 (NaN where a row's logits are all -inf).
+    zl = z_loss * lse * lse if z_loss > 0.0 else torch.zeros_like(ce)
     if reduction == "none":
         return (ce + zl) * rows.valid_f
     if reduction == "sum":
@@ -257,7 +262,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(logits, target, weight, lse_all)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, block_rows)
         ctx.inplace_backward = inplace_backward
-        return _reduce(ce_all, z_loss * lse_all * lse_all, rows, reduction)
+        return _reduce(ce_all, lse_all, z_loss, rows, reduction)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
@@ -390,7 +395,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         precompute = reduction != "none" and any(needs)
         coefficients = None
         if precompute:
-            coefficients = rows.coefficients(reduction, z_loss, torch.ones((), dtype=dt))
+            coefficients = rows.coefficients(
+                reduction, z_loss, torch.ones((), dtype=dt, device=x.device)
+            )
         lse, ce, grads = _linear_pass(
             x, lin_w, lin_b, target, weight, rows, options, coefficients, None, needs
         )
@@ -402,7 +409,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(*grads)
         else:
             ctx.save_for_backward(x, lin_w, lin_b, target, weight, lse)
-        return _reduce(ce, z_loss * lse * lse, rows, reduction)
+        return _reduce(ce, lse, z_loss, rows, reduction)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]

@@ -1,0 +1,47 @@
+"""Run one linear cross-entropy fwd+bwd and print its peak-RSS growth (run as a subprocess).
+
+usage: python _torch_memory_probe.py IMPL N D V
+Prints one line: "<extra_bytes> <logits_bytes> <seconds>", where extra_bytes is the growth of
+the process's peak resident set (ru_maxrss) during the call, after the inputs, their gradient
+buffers and a small warm-up call exist.
+"""
+
+import resource
+import sys
+import time
+
+import torch
+
+import crossent.torch as cet
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main() -> None:
+    impl, n, d, v = sys.argv[1], *map(int, sys.argv[2:5])
+    torch.manual_seed(0)
+    x = torch.randn(n, d, requires_grad=True)
+    w = (torch.randn(v, d) / d**0.5).requires_grad_()
+    y = torch.randint(0, v, (n,))
+    # Warm-up on a small problem (thread pools, allocator caches), and gradient buffers in place.
+    small = cet.linear_cross_entropy(x[:8], w[:1000], y[:8] % 1000, impl=impl)
+    small.backward()
+    x.grad.zero_()
+    w.grad.zero_()
+    before = peak_rss_bytes()
+    start = time.perf_counter()
+    if impl == "composition":
+        loss = torch.nn.functional.cross_entropy(x @ w.T, y)
+    else:
+        loss = cet.linear_cross_entropy(x, w, y, impl=impl)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    extra = peak_rss_bytes() - before
+    assert torch.isfinite(loss)
+    print(extra, n * v * 4, f"{seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
