@@ -1,0 +1,340 @@
+"""Softmax cross-entropy on the CPU, numpy logits with integer labels: crossent against its peers.
+
+One setup (:func:`make_inputs`): ``N x C`` float32 logits drawn from N(0, sigma^2) (sigma = 3 by
+default: then about 1% of the true-class probabilities fall below float32's epsilon, which is
+where scikit-learn's clipping changes the loss) and uniform integer labels. Every case runs in a
+fresh subprocess, so that its peak memory can be read from ``ru_maxrss``:
+
+1. import everything and warm every case up on a tiny input (numba compiles, torch initializes);
+2. draw the logits in place (no temporaries) and record the peak RSS so far as the baseline;
+3. one warm call, then ``--repeats`` timed calls; report the median, min and max wall time and
+   the peak RSS above the baseline ("extra memory": everything the case allocated at once).
+
+Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
+
+* ``crossent``            ``crossent.softmax_cross_entropy`` (numba fast path)
+* ``crossent-kernel``     ``crossent.cpu.lse_and_pick`` and ``mean(lse - picked)`` only
+* ``crossent-array-api``  ``crossent.softmax_cross_entropy`` with ``crossent.cpu.ENABLED = False``
+* ``torch``               ``torch.nn.functional.cross_entropy`` on ``torch.from_numpy`` (no copy)
+* ``scipy``               ``scipy.special.logsumexp(x, axis=1)`` minus the picked logits
+* ``sklearn``             ``sklearn.metrics.log_loss(y, scipy.special.softmax(x, axis=1))``
+  (softmax included in the time); it clips probabilities to [eps, 1 - eps], hence its value
+* ``crossent-grad``       ``crossent.softmax_cross_entropy_and_grad`` (``--grad``)
+* ``crossent-kernel-grad`` ``crossent.cpu.softmax_minus_onehot`` into a preallocated gradient
+* ``torch-grad``          ``F.cross_entropy(x.requires_grad_()).backward()``
+
+Threads: torch and numba use ``--threads`` (2 by default); numpy and scipy are single-threaded.
+Results are appended to ``benchmarks/results/cpu_softmax_ce.csv`` (long format, one row per case
+with CPU model, library versions, date) and the run's table is written to
+``benchmarks/results/cpu_softmax_ce.md``.
+
+    python benchmarks/bench_cpu_softmax_ce.py                 # 200000 x 1000, all forward cases
+    python benchmarks/bench_cpu_softmax_ce.py --grad --rows 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+FORWARD = ["crossent", "crossent-kernel", "crossent-array-api", "torch", "scipy", "sklearn"]
+GRADIENT = ["crossent-grad", "crossent-kernel-grad", "torch-grad"]
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_FIELDS = [
+    "date_utc", "case", "what", "rows", "classes", "dtype", "sigma", "threads", "repeats",
+    "median_s", "min_s", "max_s", "ratio_to_torch", "extra_peak_mib", "extra_pct_of_logits",
+    "loss", "cpu", "python", "numpy", "numba", "torch", "scipy", "sklearn", "crossent", "commit",
+]  # fmt: skip
+DESCRIPTION = {
+    "crossent": "crossent.softmax_cross_entropy (numba fast path)",
+    "crossent-kernel": "crossent.cpu.lse_and_pick + mean(lse - picked)",
+    "crossent-array-api": "crossent.softmax_cross_entropy, Array-API path (no numba)",
+    "torch": "torch F.cross_entropy",
+    "scipy": "scipy.special.logsumexp - picked",
+    "sklearn": "sklearn log_loss(softmax(x)) (clips)",
+    "crossent-grad": "crossent.softmax_cross_entropy_and_grad",
+    "crossent-kernel-grad": "crossent.cpu.softmax_minus_onehot (loss + grad)",
+    "torch-grad": "torch F.cross_entropy + backward",
+}
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def make_inputs(rows: int, classes: int, sigma: float, seed: int = 0):
+    """float32 logits ~ N(0, sigma^2), drawn in place, and int64 labels uniform in [0, classes)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, classes), dtype=np.float32)
+    x *= np.float32(sigma)
+    y = rng.integers(0, classes, rows)
+    return x, y
+
+
+def make_case(case: str, threads: int):
+    """The callable f(x, y) -> float (mean loss) of one case, with its imports done."""
+    import numpy as np
+
+    if case.startswith("crossent"):
+        import crossent
+        from crossent import cpu
+
+        cpu.ENABLED = case != "crossent-array-api"
+        if case in ("crossent", "crossent-array-api"):
+            return lambda x, y: float(crossent.softmax_cross_entropy(x, y))
+        if case == "crossent-kernel":
+
+            def kernel(x, y):
+                lse, picked = cpu.lse_and_pick(x, y)
+                return float(np.mean(lse - picked, dtype=np.float64))
+
+            return kernel
+        if case == "crossent-grad":
+
+            def public_grad(x, y):
+                loss, grad = crossent.softmax_cross_entropy_and_grad(x, y)
+                del grad
+                return float(loss)
+
+            return public_grad
+        if case == "crossent-kernel-grad":
+            grad_buffer = {}
+
+            def kernel_grad(x, y):
+                out = grad_buffer.get(x.shape)
+                if out is None:  # the gradient buffer is the output, allocated once per shape
+                    out = grad_buffer[x.shape] = np.empty_like(x)
+                lse, picked = cpu.softmax_minus_onehot(x, y, 1.0 / x.shape[0], out)
+                return float(np.mean(lse - picked, dtype=np.float64))
+
+            return kernel_grad
+    if case.startswith("torch"):
+        import torch.nn.functional as F
+
+        import torch
+
+        torch.set_num_threads(threads)
+        if case == "torch":
+            return lambda x, y: F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y)).item()
+
+        def torch_grad(x, y):
+            t = torch.from_numpy(x).requires_grad_(True)
+            loss = F.cross_entropy(t, torch.from_numpy(y))
+            loss.backward()
+            return loss.item()
+
+        return torch_grad
+    if case == "scipy":
+        from scipy.special import logsumexp
+
+        def scipy_case(x, y):
+            lse = logsumexp(x, axis=1)
+            return float(np.mean(lse - x[np.arange(x.shape[0]), y], dtype=np.float64))
+
+        return scipy_case
+    if case == "sklearn":
+        from scipy.special import softmax
+        from sklearn.metrics import log_loss
+
+        def sklearn_case(x, y):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # float32 rows "do not sum to 1" at 1e-7
+                return float(log_loss(y, softmax(x, axis=1), labels=np.arange(x.shape[1])))
+
+        return sklearn_case
+    raise ValueError(f"unknown case {case!r}")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def worker(args) -> dict:
+    f = make_case(args.worker, args.threads)
+    tiny_x, tiny_y = make_inputs(64, 17, args.sigma, seed=1)
+    f(tiny_x, tiny_y)  # imports, numba compilation (or its cache), torch start-up
+    x, y = make_inputs(args.rows, args.classes, args.sigma)
+    baseline = peak_rss_bytes()
+    loss = f(x, y)  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        f(x, y)
+        times.append(time.perf_counter() - t0)
+    extra = max(0, peak_rss_bytes() - baseline)
+    return {
+        "case": args.worker,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "extra_peak_bytes": extra,
+        "logits_bytes": x.nbytes,
+        "loss": loss,
+    }
+
+
+# ---- conditions -------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for key, dist in [("numpy", "numpy"), ("numba", "numba"), ("torch", "torch"),
+                      ("scipy", "scipy"), ("sklearn", "scikit-learn"), ("crossent", "crossent")]:
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = ""
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+# ---- driver -----------------------------------------------------------------------------------
+
+
+def run_case(case: str, args) -> dict:
+    repeats = args.repeats if case not in ("sklearn", "crossent-array-api", "crossent-grad") else (
+        args.slow_repeats)
+    cmd = [sys.executable, __file__, "--worker", case, "--rows", str(args.rows),
+           "--classes", str(args.classes), "--sigma", str(args.sigma),
+           "--threads", str(args.threads), "--repeats", str(repeats)]  # fmt: skip
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS="1")  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["repeats"] = repeats
+    print(f"  {case:22s} median {result['median_s']:.3f} s, extra "
+          f"{result['extra_peak_bytes'] / 2**20:.0f} MiB, loss {result['loss']:.4f}", flush=True)
+    return result
+
+
+def markdown(results: list[dict], args, conditions: dict) -> str:
+    torch_fwd = next((r["median_s"] for r in results if r["case"] == "torch"), None)
+    torch_grad = next((r["median_s"] for r in results if r["case"] == "torch-grad"), None)
+    logits_mib = args.rows * args.classes * 4 / 2**20
+    lines = [
+        f"| case ({args.rows} x {args.classes} float32, sigma {args.sigma}) | median s (min-max) "
+        "| vs torch | extra peak MiB (% of logits) | mean loss |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        ref = torch_grad if r["case"].endswith("grad") else torch_fwd
+        ratio = f"{r['median_s'] / ref:.2f}x" if ref else ""
+        extra = r["extra_peak_bytes"] / 2**20
+        lines.append(
+            f"| {DESCRIPTION[r['case']]} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
+            f"| {ratio} | {extra:.1f} ({100 * extra / logits_mib:.1f}%) | {r['loss']:.4f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Conditions: {conditions['cpu']}, {args.threads} threads for torch and numba (numpy and "
+        f"scipy single-threaded), {conditions['date_utc']}; Python {conditions['python']}, "
+        f"numpy {conditions['numpy']}, numba {conditions['numba']}, torch {conditions['torch']}, "
+        f"scipy {conditions['scipy']}, scikit-learn {conditions['sklearn']}, crossent "
+        f"{conditions['crossent']} ({conditions['commit']}). Median of {args.repeats} warm calls "
+        f"({args.slow_repeats} for the slow cases); extra peak = peak RSS above the inputs, each "
+        "case in its own process. Logits ~ N(0, sigma^2): scikit-learn clips probabilities to "
+        "[eps, 1 - eps] (eps = float32 epsilon), which lowers the loss of rows whose true-class "
+        "probability is below eps. The gradient cases count the gradient (100% of the logits) "
+        "as extra."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--sigma", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--slow-repeats", type=int, default=2,
+                        help="repeats for sklearn and the Array-API cases (seconds each)")
+    parser.add_argument("--cases", default=",".join(FORWARD), help="comma list of cases")
+    parser.add_argument("--grad", action="store_true", help="add the loss-and-gradient cases")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    cases = [c for c in args.cases.split(",") if c]
+    if args.grad:
+        cases += [c for c in GRADIENT if c not in cases]
+    unknown = sorted(set(cases) - set(FORWARD) - set(GRADIENT))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {FORWARD + GRADIENT}")
+    conditions = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "cpu": cpu_model(), "commit": git_commit(), **versions()}  # fmt: skip
+    print(f"{args.rows} x {args.classes} float32, {args.threads} threads, {conditions['cpu']}")
+    results = [run_case(case, args) for case in cases]
+    table = markdown(results, args, conditions)
+    print()
+    print(table)
+    if args.no_save:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    csv_path = RESULTS / "cpu_softmax_ce.csv"
+    new = not csv_path.exists()
+    torch_ref = {r["case"]: r["median_s"] for r in results if r["case"] in ("torch", "torch-grad")}
+    with csv_path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for r in results:
+            ref = torch_ref.get("torch-grad" if r["case"].endswith("grad") else "torch")
+            writer.writerow({
+                "date_utc": conditions["date_utc"], "case": r["case"],
+                "what": DESCRIPTION[r["case"]], "rows": args.rows, "classes": args.classes,
+                "dtype": "float32", "sigma": args.sigma, "threads": args.threads,
+                "repeats": r["repeats"], "median_s": f"{r['median_s']:.4f}",
+                "min_s": f"{r['min_s']:.4f}", "max_s": f"{r['max_s']:.4f}",
+                "ratio_to_torch": f"{r['median_s'] / ref:.3f}" if ref else "",
+                "extra_peak_mib": f"{r['extra_peak_bytes'] / 2**20:.1f}",
+                "extra_pct_of_logits": f"{100 * r['extra_peak_bytes'] / r['logits_bytes']:.2f}",
+                "loss": f"{r['loss']:.6f}",
+                **{k: conditions[k] for k in ("cpu", "python", "numpy", "numba", "torch",
+                                              "scipy", "sklearn", "crossent", "commit")},
+            })  # fmt: skip
+    (RESULTS / "cpu_softmax_ce.md").write_text(table)
+    print(f"appended to {csv_path}; table in {RESULTS / 'cpu_softmax_ce.md'}")
+
+
+if __name__ == "__main__":
+    main()
