@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ._columns import DataError, class_names_from_columns, resolve_columns
-from ._targets import TargetDecoder
+from ._targets import TargetDecoder, first_true, numeric_view
 
 __all__ = ["Batch", "PredictionFile", "expand_paths", "open_predictions"]
 
@@ -36,8 +35,8 @@ _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "np
 class Batch:
     """Rows ``start .. start + n - 1`` (0-based data rows of ``path``) of a prediction file.
 
-    ``scores``: ``[n, C]`` probabilities or logits (float32, or float64 when the file holds
-    float64, integers or text); ``targets``: ``[n]`` int64 class indices in ``[0, C)``;
+    ``scores``: ``[n, C]`` probabilities or logits, column-major (float32, or float64 when the
+    file holds float64, integers or text); ``targets``: ``[n]`` int64 class indices in ``[0, C)``;
     ``sample_weight``: ``[n]`` float64 or None.
     """
 
@@ -127,7 +126,9 @@ class PredictionFile:
 
     def _batch(self, start: int, data: dict) -> Batch:
         n = len(data[self.target.column])
-        scores = np.empty((n, self.num_classes), dtype=self.score_dtype)
+        # column-major [n, C]: each column is one contiguous copy, and the metrics' reductions
+        # over a short class axis run much faster in this layout
+        scores = np.empty((self.num_classes, n), dtype=self.score_dtype).T
         k = 0
         for source in self._sources:
             if isinstance(source, _Matrix):
@@ -146,11 +147,11 @@ class PredictionFile:
     def _numbers(self, values, name: str, start: int) -> np.ndarray:
         if isinstance(values, pa.Array):
             if values.null_count:
-                row = int(pc.index(values.is_null(), True).as_py())
+                row = first_true(values.is_null())
                 raise DataError("missing value", path=self.path, column=name, row=start + row)
             if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
                 raise DataError(f"holds {values.type}, expected numbers", path=self.path, column=name)
-            return values.to_numpy(zero_copy_only=False)
+            return numeric_view(values)
         values = np.asarray(values)
         if values.dtype.kind not in "iuf":
             raise DataError(f"holds {values.dtype}, expected numbers", path=self.path, column=name)
@@ -283,22 +284,36 @@ def _parquet_schema(path):
     schema = pf.schema_arrow
     kinds = {}
     for f in schema:
-        numeric = pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
-        kinds[f.name] = np.dtype(f.type.to_pandas_dtype()) if numeric else str(f.type)
+        kinds[f.name] = _numpy_dtype(f.type)
     return schema.names, kinds, pf.metadata.num_rows
+
+
+_PARQUET_BUFFER = 1 << 16
+_PARQUET_THREADS = False  # decoding threads hold more batches at once (+25 MiB measured)
+
+
+def _numpy_dtype(kind):
+    """The numpy dtype of a numeric arrow type, else the type's name (without pandas)."""
+    if pa.types.is_floating(kind) or pa.types.is_integer(kind):
+        letter = "f" if pa.types.is_floating(kind) else "i" if pa.types.is_signed_integer(kind) else "u"
+        return np.dtype(f"{letter}{kind.bit_width // 8}")
+    return str(kind)
 
 
 def _parquet_batches(opened, columns, batch_rows, row_group):
     import pyarrow.parquet as pq
 
     names = [c.name if isinstance(c, _Matrix) else c for c in columns]
-    pf = pq.ParquetFile(opened.path, pre_buffer=False)
+    # pre_buffer=False: do not read the whole file up front; buffer_size: stream each column
+    # chunk through a small buffer instead of reading the chunk whole (peak memory then follows
+    # the batch, not the row group)
+    pf = pq.ParquetFile(opened.path, pre_buffer=False, buffer_size=_PARQUET_BUFFER)
     start = 0
     groups = None
     if row_group is not None:
         groups, start = [row_group[0]], row_group[1]
     for rb in pf.iter_batches(batch_size=batch_rows, columns=names, row_groups=groups,
-                              use_threads=False):
+                              use_threads=_PARQUET_THREADS):
         yield start, {name: rb.column(name) for name in names}
         start += rb.num_rows
 

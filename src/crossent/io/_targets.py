@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ._columns import DataError
 
@@ -38,6 +37,8 @@ class TargetDecoder:
         values = _as_arrow(values)
         if not _is_text(values.type) or len(values) == 0:
             return decoder
+        import pyarrow.compute as pc  # text only: a numeric target never loads it (12 MiB)
+
         values = values.drop_null()
         known = pc.is_in(values, value_set=pa.array(decoder._lookup_names(), pa.string()))
         if pc.all(known).as_py() is not False:
@@ -64,13 +65,15 @@ class TargetDecoder:
         num_classes = len(self.class_names)
 
         def fail(mask, what):
-            row = _first_true(mask)
+            row = first_true(mask)
             value = values[row].as_py()
             raise DataError(what(value), path=path, column=self.column, row=start + row)
 
         if values.null_count:
             fail(values.is_null(), lambda v: "missing class label")
         kind = values.type
+        if _is_text(kind):
+            import pyarrow.compute as pc  # only text targets load it (12 MiB)
         if _is_text(kind) and self.mode != "index":
             names = self._lookup_names()
             index = pc.index_in(values, value_set=pa.array(names, pa.string()))
@@ -79,7 +82,7 @@ class TargetDecoder:
                     index.is_null(),
                     lambda v: f"label {v!r} is not among the classes {_show(self.class_names)}",
                 )
-            return self._lookup_classes()[index.to_numpy()]
+            return self._lookup_classes()[numeric_view(index)]
         if _is_text(kind):
             ok = pc.match_substring_regex(values, _INTEGER_TEXT)
             if not pc.all(ok).as_py():
@@ -90,16 +93,19 @@ class TargetDecoder:
                 )
             values = pc.cast(pc.utf8_trim_whitespace(values), pa.int64())
         elif pa.types.is_floating(kind):
-            whole = pc.equal(pc.floor(values), values)
-            if not pc.all(whole).as_py():
-                fail(pc.invert(whole), lambda v: f"class label {v!r} is not a whole number")
+            floats = numeric_view(values)
+            whole = np.floor(floats) == floats  # False for NaN and inf
+            if not whole.all():
+                row = int(np.argmin(whole))
+                raise DataError(f"class label {floats[row]!r} is not a whole number",
+                                path=path, column=self.column, row=start + row)
         elif not pa.types.is_integer(kind):
             raise DataError(
                 f"holds {kind}, expected class indices (integers) or class names (text)",
                 path=path,
                 column=self.column,
             )
-        out = values.to_numpy(zero_copy_only=False)
+        out = numeric_view(values)
         bad = (out < 0) | (out >= num_classes)
         if bad.any():
             row = int(np.argmax(bad))
@@ -110,6 +116,24 @@ class TargetDecoder:
                 row=start + row,
             )
         return out.astype(np.int64, copy=False)
+
+
+def numeric_view(values: pa.Array) -> np.ndarray:
+    """Zero-copy numpy view of a numeric arrow array without nulls.
+
+    (``pa.Array.to_numpy`` imports pandas, which ``crossent score`` must not load.)
+    """
+    kind = values.type
+    if pa.types.is_floating(kind):
+        dtype = np.dtype(f"f{kind.bit_width // 8}")
+    elif pa.types.is_integer(kind):
+        dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(kind) else 'u'}{kind.bit_width // 8}")
+    else:
+        raise TypeError(f"values must be a numeric arrow array, got {kind}")
+    data = values.buffers()[1]
+    if data is None or len(values) == 0:
+        return np.empty(0, dtype)
+    return np.frombuffer(data, dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)
 
 
 def _as_arrow(values) -> pa.Array:
@@ -131,7 +155,10 @@ def _is_text(kind) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
-def _first_true(mask) -> int:
+def first_true(mask) -> int:
+    """Position of the first true (or null) entry of an arrow boolean array."""
+    import pyarrow.compute as pc
+
     return int(pc.index(mask.fill_null(True), True).as_py())
 
 

@@ -12,6 +12,18 @@ __all__ = ["InvalidDataError", "ScoreAccumulator", "ScoreResult"]
 LN2 = math.log(2.0)
 
 
+def _is_first_max(scores, target_score, row_max, t):
+    """``argmax(scores, axis=1) == t`` (first maximum wins) without a slow row-wise argmax."""
+    correct = target_score == row_max
+    if not correct.any():
+        return correct
+    ties = np.count_nonzero(scores == row_max[:, None], axis=1) > 1
+    tied = np.flatnonzero(correct & ties)
+    if tied.size:
+        correct[tied] = scores[tied].argmax(axis=1) == t[tied]
+    return correct
+
+
 class InvalidDataError(ValueError):
     """A row that cannot be scored; ``column`` and ``row`` (0-based data row) say where."""
 
@@ -188,10 +200,13 @@ class ScoreAccumulator:
             )
         if scores.dtype.kind not in "iuf":
             raise TypeError(f"scores must hold real numbers, got dtype {scores.dtype}")
+        # column-major: reductions over a short class axis run ~20x faster than over C-order rows
         if scores.dtype.kind != "f":
-            scores = scores.astype(np.float64)
+            scores = scores.astype(np.float64, order="F")
         elif scores.dtype.itemsize < 4:
-            scores = scores.astype(np.float32)
+            scores = scores.astype(np.float32, order="F")
+        else:
+            scores = np.asfortranarray(scores)
         n = scores.shape[0]
         if targets.shape != (n,):
             raise ValueError(f"targets must have shape [{n}], got {list(targets.shape)}")
@@ -267,18 +282,20 @@ class ScoreAccumulator:
                     row=start + r,
                 )
         eps = float(np.finfo(p.dtype).eps)
-        q = p[rows, t].astype(np.float64)
+        q = p[rows, t]
+        correct = _is_first_max(p, q, hi, t)
+        q = q.astype(np.float64)
         confidence = hi.astype(np.float64)
         if self.normalize:
             q /= total
             confidence /= total
         loss = -np.log(np.maximum(q, eps))
-        return loss, p.argmax(axis=1), confidence
+        return loss, correct, confidence
 
     def _from_logits(self, z, t, start):
         rows = np.arange(z.shape[0])
         m = z.max(axis=1)
-        ok = np.isfinite(m)  # NaN or +inf anywhere in the row, or no finite logit
+        ok = np.isfinite(m)  # False for NaN or +inf anywhere in the row, or no finite logit
         if not ok.all():
             r = int(np.argmin(ok))
             row = z[r]
@@ -291,22 +308,24 @@ class ScoreAccumulator:
             raise InvalidDataError(
                 what, column=self._columns_span() if k is None else self._column(k), row=start + r
             )
-        m = m.astype(np.float64)
-        shifted = z - m[:, None] if z.dtype == np.float64 else z.astype(np.float64) - m[:, None]
+        zt = z[rows, t]
+        correct = _is_first_max(z, zt, m, t)
+        # exp in the input precision (float32 has SIMD exp; every term is in (0, 1]), sums and
+        # logs in float64
+        shifted = z - m[:, None]
         np.exp(shifted, out=shifted)
-        sum_exp = shifted.sum(axis=1)
-        lse = m + np.log(sum_exp)
-        loss = lse - z[rows, t]
-        return loss, z.argmax(axis=1), 1.0 / sum_exp
+        sum_exp = shifted.sum(axis=1, dtype=np.float64)
+        loss = (m.astype(np.float64) - zt) + np.log(sum_exp)
+        return loss, correct, 1.0 / sum_exp
 
     def _columns_span(self) -> str:
         if self.column_names:
             return f"{self.column_names[0]}..{self.column_names[-1]}"
         return "scores"
 
-    def _add(self, loss, predicted, confidence, t, weight):
+    def _add(self, loss, correct, confidence, t, weight):
         C, B = self.num_classes, self.n_bins
-        correct = (predicted == t).astype(np.float64)
+        correct = correct.astype(np.float64)
         finite = np.isfinite(loss)
         n_inf = int(loss.size - np.count_nonzero(finite))
         if weight is None:
