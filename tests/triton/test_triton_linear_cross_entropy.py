@@ -1,0 +1,247 @@
+"""crossent.triton.linear_cross_entropy under TRITON_INTERPRET=1 against float64 PyTorch.
+
+The oracle is the loss of ``x @ W.T + b`` written out in float64 (``reference`` in conftest.py),
+differentiated by autograd. Shapes: N = 61 rows, D = 32, V = 1031 classes (odd, not multiples of
+any tile). Each fwd+bwd is about six kernel launches; the interpreter makes them slow, so the
+option grid is crossed with the reductions only where a reduction changes the code path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crossent.triton import _launchers, linear_cross_entropy
+
+N, D, V = 61, 32, 1031
+IGNORE = -100
+
+
+def make(n=N, d=D, v=V, seed=0, ignore_every=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(v, generator=g, dtype=torch.float64)
+    target = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        target[3::ignore_every] = IGNORE  # 10% ignored, scattered
+    cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    return x, w, b, target, cw
+
+
+def upstream(loss):
+    if loss.ndim:
+        g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        return g.to(loss.dtype)
+    return torch.tensor(1.7, dtype=loss.dtype)
+
+
+def run_triton(x, w, b, target, **opts):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(x, w, target, linear_bias=b, **opts)
+    loss.backward(upstream(loss))
+    return loss.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def run_reference(ref, x, w, b, target, **opts):
+    x = x.detach().double().clone().requires_grad_()
+    w = w.detach().double().clone().requires_grad_()
+    b = None if b is None else b.detach().double().clone().requires_grad_()
+    opts = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    opts.pop("memory_budget", None)
+    logits = x @ w.T if b is None else x @ w.T + b
+    loss = ref(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), **opts)
+    if loss.ndim:
+        loss = loss.reshape(target.shape)
+    loss.backward(upstream(loss))
+    return loss.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def assert_matches(got, want, rtol=1e-5, atol=1e-6):
+    loss, dx, dw, db = got
+    loss_w, dx_w, dw_w, db_w = want
+    assert loss.dtype == torch.float32 and loss.shape == loss_w.shape
+    torch.testing.assert_close(loss.double(), loss_w, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx.double(), dx_w, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dw.double(), dw_w, rtol=rtol, atol=atol)
+    if db_w is not None:
+        torch.testing.assert_close(db.double(), db_w, rtol=rtol, atol=atol)
+
+
+CASES = [
+    # (options, reduction, bias)
+    ({}, "mean", False),
+    ({}, "sum", True),
+    ({}, "none", True),
+    ({"weight": True}, "mean", True),
+    ({"label_smoothing": 0.1}, "mean", True),
+    ({"label_smoothing": 0.2, "weight": True}, "none", False),
+    ({"z_loss": 1e-2}, "mean", True),
+    ({"softcap": 3.0}, "mean", True),
+    ({"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}, "mean", True),
+    ({"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}, "sum", True),
+]
+
+
+@pytest.mark.parametrize(("opts", "reduction", "bias"), CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_float32_matches_float64_pytorch(ref, opts, reduction, bias):
+    x, w, b, target, cw = make()
+    opts = dict(opts)
+    if opts.pop("weight", False):
+        opts["weight"] = cw.float()
+    b = b if bias else None
+    got = run_triton(x.float(), w.float(), None if b is None else b.float(), target,
+                     reduction=reduction, **opts)
+    want = run_reference(ref, x.float(), w.float(), b if b is None else b.float(), target,
+                         reduction=reduction, **opts)
+    assert_matches(got, want)
+
+
+ALL = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}
+
+
+@pytest.mark.parametrize("mode", ["lean_chunks", "fast_all", "fast_part", "small_tiles"])
+def test_schedules(ref, monkeypatch, mode):
+    """Every schedule gives the same answer: several lean chunks, all or part of the vocabulary
+    kept by the forward ("fast"), and tiles small enough for many row blocks and splits."""
+    x, w, b, target, cw = make()
+    opts = dict(ALL, weight=cw.float())
+    elt = 4
+    if mode == "lean_chunks":
+        monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 256 * elt)  # 256 columns
+    elif mode == "fast_all":
+        opts["memory_budget"] = N * V * elt
+    elif mode == "fast_part":
+        monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 256 * elt)
+        opts["memory_budget"] = N * 600 * elt  # 256 columns kept + one 256-column chunk
+    else:
+        small = _launchers.LinearTiles(16, 32, 16, 16, 4, 2, 64)
+        monkeypatch.setattr(_launchers, "linear_tiles", lambda dtype: small)
+    plan = _launchers.plan_linear(N, V, D, torch.float32, opts.get("memory_budget"), True)
+    expected_store = {"lean_chunks": 0, "fast_all": V, "fast_part": 256, "small_tiles": 0}[mode]
+    assert plan.n_store == expected_store
+    got = run_triton(x.float(), w.float(), b.float(), target, reduction="none", **opts)
+    want = run_reference(ref, x.float(), w.float(), b.float(), target, reduction="none", **opts)
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_naive_torch(ref, dtype):
+    """Errors against float64 on the same rounded inputs <= naive low-precision torch's + tol."""
+    x, w, b, target, cw = make()
+    xl, wl, bl = x.to(dtype), w.to(dtype), b.to(dtype)
+    opts = dict(ALL, weight=cw.float())
+    got = run_triton(xl, wl, bl, target, **opts)
+    truth = run_reference(ref, xl, wl, bl, target, **opts)
+    # Naive: the same torch ops in the low precision (logits in `dtype`, as eager bf16 training).
+    xn, wn, bn = (t.detach().clone().requires_grad_() for t in (xl, wl, bl))
+    naive = ref(xn @ wn.T + bn, target, **{**opts, "weight": cw.to(dtype)})
+    naive.backward(upstream(naive).to(dtype))
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for ours, mine_naive, true in zip(got, (naive.detach(), xn.grad, wn.grad, bn.grad), truth):
+        err = (ours.double() - true).abs().max()
+        naive_err = (mine_naive.double() - true).abs().max()
+        assert err <= naive_err + tol * true.abs().max()
+
+
+def test_three_dim_input_and_none_shape(ref):
+    x, w, b, target, _ = make()
+    x3, t3 = x[:60].reshape(4, 15, D), target[:60].reshape(4, 15)
+    got = run_triton(x3.float(), w.float(), None, t3, reduction="none", z_loss=1e-2)
+    want = run_reference(ref, x3.float(), w.float(), None, t3, reduction="none", z_loss=1e-2)
+    assert got[0].shape == (4, 15) and got[1].shape == (4, 15, D)
+    assert_matches(got, want)
+
+
+def test_partial_requires_grad(ref):
+    x, w, b, target, _ = make()
+    want = run_reference(ref, x.float(), w.float(), b.float(), target)
+    wf = w.float().requires_grad_()
+    linear_cross_entropy(x.float(), wf, target, linear_bias=b.float()).backward(torch.tensor(1.7))
+    torch.testing.assert_close(wf.grad.double(), want[2], rtol=1e-5, atol=1e-6)
+    xf = x.float().requires_grad_()
+    bf = b.float().requires_grad_()
+    linear_cross_entropy(xf, w.float(), target, linear_bias=bf).backward(torch.tensor(1.7))
+    torch.testing.assert_close(xf.grad.double(), want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bf.grad.double(), want[3], rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_mean_is_zero_with_zero_grads():
+    x, w, b, target, _ = make(n=9)
+    target = torch.full_like(target, IGNORE)
+    loss, dx, dw, db = run_triton(x.float(), w.float(), b.float(), target, label_smoothing=0.1,
+                                  z_loss=1e-2)
+    assert loss.item() == 0.0
+    for g in (dx, dw, db):
+        assert torch.count_nonzero(g) == 0
+
+
+def test_ignored_rows_equal_dropping_them():
+    """Ignoring a row is the same as slicing it out (sum reduction), gradients included."""
+    x, w, b, target, _ = make()
+    keep = target != IGNORE
+    a = run_triton(x.float(), w.float(), b.float(), target, reduction="sum")
+    s = run_triton(x.float()[keep], w.float(), b.float(), target[keep], reduction="sum")
+    torch.testing.assert_close(a[0], s[0], rtol=1e-6, atol=1e-5)
+    assert torch.count_nonzero(a[1][~keep]) == 0
+    torch.testing.assert_close(a[1][keep], s[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a[2], s[2], rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic():
+    x, w, b, target, cw = make()
+    opts = dict(ALL, weight=cw.float())
+    first = run_triton(x.float(), w.float(), b.float(), target, **opts)
+    second = run_triton(x.float(), w.float(), b.float(), target, **opts)
+    for u, v in zip(first, second):
+        assert torch.equal(u, v)
+
+
+def test_no_grad_mode_stores_nothing(monkeypatch):
+    x, w, b, target, _ = make()
+    calls = []
+    real = _launchers.plan_linear
+
+    def spy(*args):
+        plan = real(*args)
+        calls.append(plan.n_store)
+        return plan
+
+    monkeypatch.setattr(_launchers, "plan_linear", spy)
+    wf = w.float().requires_grad_()
+    with torch.no_grad():
+        loss = linear_cross_entropy(x.float(), wf, target, memory_budget=1 << 30)
+    assert calls == [0] and not loss.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"memory_budget": -1}, ValueError, "memory_budget"),
+        ({"reduction": "mean "}, ValueError, "reduction"),
+        ({"linear_bias": torch.zeros(3)}, ValueError, "linear_bias"),
+        ({"weight": torch.ones(3)}, ValueError, "weight"),
+        ({"softcap": -2.0}, ValueError, "softcap"),
+    ],
+)
+def test_bad_options(change, error, match):
+    x, w, _, target, _ = make(n=3, v=7, ignore_every=0)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(x.float(), w.float(), target, **change)
+
+
+def test_bad_data():
+    x, w, _, target, _ = make(n=3, v=7, ignore_every=0)
+    with pytest.raises(TypeError, match="linear_weight"):
+        linear_cross_entropy(x.float(), w, target)
+    with pytest.raises(ValueError, match="linear_weight"):
+        linear_cross_entropy(x.float(), w.float()[:, :5], target)
+    with pytest.raises(ValueError, match="target"):
+        linear_cross_entropy(x.float(), w.float(), target[:2])
+    bad = target.clone()
+    bad[0] = 7
+    with pytest.raises(ValueError, match=r"target\[0\] = 7"):
+        linear_cross_entropy(x.float(), w.float(), bad)
