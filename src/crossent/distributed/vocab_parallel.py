@@ -438,7 +438,7 @@ def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary)
     if any(row["problem"] for row in table):  # every rank sees the same table: all enter here
         text = "; ".join(message for _, message in problems).encode()[:_MESSAGE_BYTES]
         buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-        buffer[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        buffer[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
         messages = [torch.empty_like(buffer).to(device) for _ in range(world)]
         dist.all_gather(messages, buffer.to(device), group=group)
         reports = []

@@ -1,0 +1,472 @@
+"""Code that runs inside the spawned ranks of tests/distributed (gloo on the CPU).
+
+The parent test puts this folder on sys.path so that torch.multiprocessing's spawned children can
+import this module by name. Every rank builds the same global float64 problem from a seed, keeps
+its slice, and compares the vocab-parallel loss and gradients with a single-process float64 oracle
+written with plain PyTorch (F.cross_entropy on the full logits, x @ W.T + b, z-loss and softcap
+written out). Each check function returns how many comparisons it made; the entry point writes
+that count to a file the parent reads, so a check that silently skipped everything fails.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import math
+import os
+import re
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+RTOL = 1e-10
+ATOL = 1e-12
+GROUP_TIMEOUT_S = 30  # bounded waits: a collective that cannot complete fails after this
+
+
+def entry(rank: int, world: int, store: str, out_dir: str, checks: list) -> None:
+    """torch.multiprocessing target: join the gloo group, run the check functions in order.
+
+    ``checks`` is a list of ``(function name, args)``; the rank writes ``{name: count}`` to
+    ``out_dir/rank-<rank>.json`` after each check, so the parent sees how far every rank got.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+    )
+    report = {}
+    try:
+        for name, args in checks:
+            report[name] = globals()[name](rank, world, *args)
+            with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as handle:
+                json.dump(report, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# problem and oracle
+
+
+def slice_bounds(sizes, rank):
+    """[lo, hi) of rank's slice, written out independently of crossent.distributed.partition."""
+    lo = sum(sizes[:rank])
+    return lo, lo + sizes[rank]
+
+
+def make_targets(gen, shape, vocab, ignore):
+    """Targets in [0, vocab); ``ignore`` None, -100 (rows set to it) or a class index c (rows
+    holding c are ignored, plus a few set to c)."""
+    target = torch.randint(0, vocab, shape, generator=gen)
+    if ignore is not None:
+        mask = torch.rand(shape, generator=gen) < 0.3
+        target = torch.where(mask, torch.full_like(target, ignore), target)
+    return target
+
+
+def oracle_rows(z, target, *, ignore_index, eps, zl):
+    """Per-row float64 loss on the full logits z [N, V]: F.cross_entropy + z_loss written out."""
+    ce = F.cross_entropy(z, target, ignore_index=ignore_index, reduction="none", label_smoothing=eps)
+    valid = target != ignore_index
+    lse = torch.logsumexp(z, dim=-1)
+    return ce + torch.where(valid, zl * lse * lse, torch.zeros_like(lse))
+
+
+def oracle_reduce(rows, target, *, ignore_index, reduction, shape):
+    if reduction == "none":
+        return rows.reshape(shape)
+    if reduction == "sum":
+        return rows.sum()
+    count = int((target != ignore_index).sum())
+    return rows.sum() / count if count else rows.sum() * 0.0  # documented deviation: 0, not NaN
+
+
+def close(actual, expected, what, *, rtol=RTOL, atol=ATOL):
+    """|actual - expected| <= atol + rtol |expected| elementwise, NaN where expected is NaN.
+
+    Written out because torch.testing.assert_close imports DTensor (and sympy, 5 s) once a
+    process group exists.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    actual, expected = actual.detach(), expected.detach()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), f"{what}: NaN at other places\n{actual}\n{expected}"
+    same = actual == expected  # equal infinities
+    ok = same | ((actual - expected).abs() <= atol + rtol * expected.abs()) | nan
+    if not bool(ok.all()):
+        err = torch.where(ok, torch.zeros_like(actual), (actual - expected).abs()).max().item()
+        raise AssertionError(f"{what}: max abs error {err:.3e} beyond rtol {rtol}, atol {atol}")
+
+
+def upstream(reduction, shape, gen):
+    if reduction == "none":
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+    return torch.tensor(0.7, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# the grid of options
+
+
+def check_grid(rank, world, sizes, all_heads=True):
+    """Both functions, every option combination, float64, against the oracle to 1e-10.
+
+    ``all_heads``: every (bias, softcap) head of the linear version for every option case;
+    otherwise the cases cycle through the heads (each head still meets every reduction): with
+    more ranks than cores every collective costs a scheduler time slice.
+    """
+    import crossent.distributed.vocab_parallel as vp
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    shape, features = (3, 5), 6
+    default_chunk = vp._CHUNK_ELEMENTS
+    reductions = ("mean", "sum", "none")
+    ignores = (None, -100, 3)
+    epsilons = (0.0, 0.2)
+    z_losses = (0.0, 0.03)
+    heads = ((False, None), (True, None), (False, 3.0), (True, 3.0))
+    checks = 0
+    for case, (reduction, ignore, eps, zl) in enumerate(
+        itertools.product(reductions, ignores, epsilons, z_losses)
+    ):
+        gen = torch.Generator().manual_seed(1000 + case)
+        ignore_index = -100 if ignore is None else ignore
+        target = make_targets(gen, shape, vocab, ignore)
+        grad_out = upstream(reduction, shape, gen)
+        # odd cases: 3 columns per chunk (many chunks, a ragged last one); even: one chunk
+        vp._CHUNK_ELEMENTS = 15 * 3 if case % 2 else default_chunk
+        opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=eps, z_loss=zl)
+        what = f"rank {rank} sizes {sizes} {opts}"
+
+        # logits version
+        z = torch.randn(*shape, vocab, generator=gen, dtype=torch.float64) * 2.0
+        z_full = z.clone().requires_grad_()
+        rows = oracle_rows(z_full.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index,
+                           eps=eps, zl=zl)
+        expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction,
+                                 shape=shape)
+        (expected * grad_out).sum().backward()
+        z_local = z[..., lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(z_local, target, **opts)
+        close(loss, expected.detach(), f"logits loss, {what}")
+        if zl == 0.0 and reduction != "none" and bool((target != ignore_index).any()):
+            direct = F.cross_entropy(z.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index,
+                                     reduction=reduction, label_smoothing=eps)
+            close(loss, direct, f"logits loss vs F.cross_entropy, {what}")
+            checks += 1
+        (loss * grad_out).sum().backward()
+        close(z_local.grad, z_full.grad[..., lo:hi], f"logits grad, {what}")
+        checks += 2
+
+        # linear version
+        for has_bias, softcap in heads if all_heads else heads[case % 4 : case % 4 + 1]:
+            x = torch.randn(*shape, features, generator=gen, dtype=torch.float64)
+            w = torch.randn(vocab, features, generator=gen, dtype=torch.float64)
+            b = torch.randn(vocab, generator=gen, dtype=torch.float64) if has_bias else None
+            x_full, w_full = x.clone().requires_grad_(), w.clone().requires_grad_()
+            b_full = b.clone().requires_grad_() if has_bias else None
+            logits = x_full @ w_full.T + (b_full if has_bias else 0.0)
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            rows = oracle_rows(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index,
+                               eps=eps, zl=zl)
+            expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction,
+                                     shape=shape)
+            (expected * grad_out).sum().backward()
+            x_local = x.clone().requires_grad_()
+            w_local = w[lo:hi].clone().requires_grad_()
+            b_local = b[lo:hi].clone().requires_grad_() if has_bias else None
+            loss = vocab_parallel_linear_cross_entropy(
+                x_local, w_local, target, local_bias=b_local, softcap=softcap, **opts
+            )
+            label = f"linear bias={has_bias} softcap={softcap}, {what}"
+            close(loss, expected.detach(), f"loss, {label}")
+            (loss * grad_out).sum().backward()
+            close(x_local.grad, x_full.grad, f"input grad, {label}")
+            close(w_local.grad, w_full.grad[lo:hi], f"weight grad, {label}")
+            checks += 3
+            if has_bias:
+                close(b_local.grad, b_full.grad[lo:hi], f"bias grad, {label}")
+                checks += 1
+    vp._CHUNK_ELEMENTS = default_chunk
+    return checks
+
+
+
+# ------------------------------------------------------------------------------------------------
+# documented deviations and edge cases
+
+
+def written_out_rows(z, target, *, ignore_index, eps, zl):
+    """DESIGN.md's formula on full float64 logits: smoothing eps/K over the K finite classes."""
+    valid = target != ignore_index
+    z = torch.where(valid[:, None], z, torch.zeros_like(z))  # ignored rows: 0 whatever the logits
+    lse = torch.logsumexp(z, dim=-1)
+    finite = torch.isfinite(z)
+    count = finite.sum(dim=-1).to(z.dtype)
+    finite_sum = torch.where(finite, z, torch.zeros_like(z)).sum(dim=-1)
+    picked = z.gather(1, torch.where(valid, target, 0)[:, None]).squeeze(1)
+    row = (1 - eps) * (lse - picked) + eps * (lse - finite_sum / count) + zl * lse * lse
+    return torch.where(valid, row, torch.zeros_like(row))
+
+
+def check_special(rank, world, sizes):
+    """-inf masks with label smoothing (K over all ranks), zero denominators, empty batch, NaN,
+    bfloat16, unbatched input, int32 targets; ``sizes`` holds an empty slice."""
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    gen = torch.Generator().manual_seed(7)
+    checks = 0
+    rows = 6
+
+    # 1. masked classes: row 0 has every class of the first non-empty slice at -inf but its
+    #    target, row 1 a scattered mask, row 4 is ignored and entirely -inf (contributes 0)
+    z = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    first = next(r for r in range(world) if sizes[r])
+    f_lo, f_hi = slice_bounds(sizes, first)
+    target[0] = f_hi if f_hi < vocab else f_lo
+    z[0, f_lo:f_hi] = -math.inf
+    z[0, target[0]] = 0.5
+    mask = torch.rand(rows, vocab, generator=gen) < 0.4
+    mask[:, :] &= torch.arange(rows)[:, None] == 1
+    mask[1, target[1]] = False
+    z[mask] = -math.inf
+    target[4] = -100
+    z[4] = -math.inf
+    for reduction, eps, zl in (("none", 0.25, 0.01), ("mean", 0.25, 0.0), ("sum", 1.0, 0.02)):
+        z_full = z.clone().requires_grad_()
+        expected_rows = written_out_rows(z_full, target, ignore_index=-100, eps=eps, zl=zl)
+        expected = oracle_reduce(expected_rows, target, ignore_index=-100, reduction=reduction,
+                                 shape=(rows,))
+        grad_out = upstream(reduction, (rows,), gen)
+        (expected * grad_out).sum().backward()
+        z_local = z[:, lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(z_local, target, reduction=reduction,
+                                            label_smoothing=eps, z_loss=zl)
+        (loss * grad_out).sum().backward()
+        what = f"masked classes rank {rank} {reduction} eps={eps}"
+        close(loss, expected.detach(), f"loss, {what}")
+        close(z_local.grad, z_full.grad[:, lo:hi], f"grad, {what}")
+        assert bool(torch.isfinite(loss).all()), what
+        assert bool((z_local.grad[torch.isinf(z[:, lo:hi])] == 0).all()), f"grad on -inf, {what}"
+        checks += 4
+
+    # 1b. the same through the linear version: a -inf bias masks classes
+    x = torch.randn(rows, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(vocab, generator=gen, dtype=torch.float64)
+    target_b = torch.randint(0, vocab, (rows,), generator=gen)
+    masked = torch.rand(vocab, generator=gen) < 0.3
+    masked[target_b] = False
+    b[masked] = -math.inf
+    x_full, w_full, b_full = (t.clone().requires_grad_() for t in (x, w, b))
+    expected = written_out_rows(x_full @ w_full.T + b_full, target_b, ignore_index=-100, eps=0.1,
+                                zl=0.01).mean()
+    expected.backward()
+    x_l, w_l, b_l = x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone()
+    b_l.requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(x_l, w_l, target_b, local_bias=b_l,
+                                               label_smoothing=0.1, z_loss=0.01)
+    loss.backward()
+    close(loss, expected.detach(), "linear masked loss")
+    close(x_l.grad, x_full.grad, "linear masked input grad")
+    close(w_l.grad, w_full.grad[lo:hi], "linear masked weight grad")
+    close(b_l.grad, b_full.grad[lo:hi], "linear masked bias grad")
+    checks += 4
+
+    # 2. a -inf target logit gives +inf for that row only
+    z2 = torch.randn(3, vocab, generator=gen, dtype=torch.float64)
+    t2 = torch.tensor([1, 2, 0]) % vocab
+    z2[1, t2[1]] = -math.inf
+    loss = vocab_parallel_cross_entropy(z2[:, lo:hi].clone(), t2, reduction="none")
+    expected = F.cross_entropy(z2, t2, reduction="none")
+    assert loss[1].item() == math.inf, loss
+    close(loss, expected, "-inf target logit")
+    checks += 2
+
+    # 3. mean over no counted rows is 0 with zero gradients (PyTorch: NaN); sum is 0 too
+    z3 = torch.randn(4, vocab, generator=gen, dtype=torch.float64)
+    t3 = torch.full((4,), -100)
+    for reduction in ("mean", "sum"):
+        z_local = z3[:, lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(z_local, t3, reduction=reduction, label_smoothing=0.1,
+                                            z_loss=0.1)
+        loss.backward()
+        assert loss.item() == 0.0 and not bool(z_local.grad.any()), (reduction, loss)
+        x_l, w_l = x[:4].clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
+        b_l = torch.zeros(hi - lo, dtype=torch.float64, requires_grad=True)
+        loss = vocab_parallel_linear_cross_entropy(x_l, w_l, t3, local_bias=b_l, reduction=reduction,
+                                                   softcap=2.0, z_loss=0.1)
+        loss.backward()
+        assert loss.item() == 0.0, (reduction, loss)
+        assert not (x_l.grad.any() or w_l.grad.any() or b_l.grad.any()), reduction
+        checks += 2
+
+    # 4. empty batch
+    for reduction, shape in (("mean", ()), ("sum", ()), ("none", (0,))):
+        z_local = torch.zeros(0, hi - lo, dtype=torch.float64, requires_grad=True)
+        loss = vocab_parallel_cross_entropy(z_local, torch.zeros(0, dtype=torch.int64),
+                                            reduction=reduction)
+        assert loss.shape == shape and not bool(loss.any()), (reduction, loss)
+        loss.sum().backward()
+        assert z_local.grad.shape == (0, hi - lo)
+        x_l = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+        w_l = w[lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(x_l, w_l, torch.zeros(0, dtype=torch.int64),
+                                                   reduction=reduction)
+        loss.sum().backward()
+        assert loss.shape == shape and not bool(w_l.grad.any()), (reduction, loss)
+        checks += 2
+
+    # 5. NaN: an ignored row contributes 0 whatever its logits; elsewhere NaN propagates
+    z5 = torch.randn(5, vocab, generator=gen, dtype=torch.float64)
+    t5 = torch.randint(0, vocab, (5,), generator=gen)
+    t5[2] = -100
+    z5[2, :] = math.nan
+    z_local = z5[:, lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(z_local, t5, label_smoothing=0.2, z_loss=0.01)
+    loss.backward()
+    keep = torch.tensor([0, 1, 3, 4])
+    z_kept = z5[keep].clone().requires_grad_()
+    expected = oracle_rows(z_kept, t5[keep], ignore_index=-100, eps=0.2, zl=0.01).mean()
+    expected.backward()
+    close(loss, expected.detach(), "NaN on an ignored row: loss")
+    close(z_local.grad[keep], z_kept.grad[:, lo:hi], "NaN on an ignored row: grad")
+    assert not bool(z_local.grad[2].any())
+    z5[0, 0] = math.nan  # a counted row with a NaN logit
+    assert math.isnan(vocab_parallel_cross_entropy(z5[:, lo:hi].clone(), t5).item())
+    checks += 4
+
+    # 6. bfloat16: float32 loss, error of float32 accumulation only
+    z6 = (torch.randn(9, vocab, generator=gen) * 3).to(torch.bfloat16)
+    t6 = torch.randint(0, vocab, (9,), generator=gen)
+    z_local = z6[:, lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(z_local, t6, label_smoothing=0.1, z_loss=0.01)
+    loss.backward()
+    z_ref = z6.double().requires_grad_()
+    expected = oracle_rows(z_ref, t6, ignore_index=-100, eps=0.1, zl=0.01).mean()
+    expected.backward()
+    assert loss.dtype == torch.float32 and z_local.grad.dtype == torch.bfloat16
+    close(loss, expected.float(), "bf16 loss", rtol=1e-5, atol=1e-6)
+    close(z_local.grad.double(), z_ref.grad[:, lo:hi], "bf16 grad", rtol=1e-2, atol=1e-4)
+    x6 = torch.randn(9, 4, generator=gen).to(torch.bfloat16)
+    w6 = torch.randn(vocab, 4, generator=gen).to(torch.bfloat16)
+    loss = vocab_parallel_linear_cross_entropy(x6, w6[lo:hi].clone(), t6, softcap=5.0)
+    logits = (x6 @ w6.T).double()  # the logits as the bfloat16 product rounds them
+    expected = F.cross_entropy(5.0 * torch.tanh(logits / 5.0), t6)
+    assert loss.dtype == torch.float32
+    close(loss, expected.float(), "bf16 linear loss", rtol=1e-5, atol=1e-6)
+    checks += 4
+
+    # 7. unbatched logits [V_r] with a 0-d target; int32 targets
+    z7 = torch.randn(vocab, generator=gen, dtype=torch.float64)
+    t7 = torch.tensor(vocab - 1, dtype=torch.int32)
+    loss = vocab_parallel_cross_entropy(z7[lo:hi].clone(), t7, reduction="none")
+    assert loss.shape == ()
+    close(loss, F.cross_entropy(z7, t7.long(), reduction="none"), "unbatched")
+    checks += 1
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------
+# faults: every rank raises the same error, nobody waits
+
+
+def expect_error(kind, pattern, call):
+    try:
+        call()
+    except kind as err:
+        message = str(err)
+        assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+        assert "raised on every rank" in message, message
+        return 1
+    raise AssertionError(f"expected {kind.__name__} matching {pattern!r}, nothing was raised")
+
+
+def check_faults(rank, world, sizes):
+    """Bad or mismatched arguments on one rank or all: the same exception on every rank."""
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy as vpce,
+    )
+    from crossent.distributed import (
+        vocab_parallel_linear_cross_entropy as vplce,
+    )
+
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    last = world - 1
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(5, vocab, generator=gen, dtype=torch.float64)
+    x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, 6, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (5,), generator=gen)
+    zl, wl = z[:, lo:hi], w[lo:hi]
+    faults = [
+        # a target outside the global vocabulary (the slices are too small for it)
+        (ValueError, rf"in \[0, {vocab}\).*{re.escape(str(list(sizes)))}.*got {vocab}",
+         lambda: vpce(zl, torch.where(target == target[0], vocab, target))),
+        (ValueError, r"got -7", lambda: vplce(x, wl, torch.cat([target[:4], torch.tensor([-7])]))),
+        # a rank whose slice disagrees with the input
+        (ValueError, rf"rank {last}: local_weight must have shape \(V_r, D\)",
+         lambda: vplce(x, torch.randn(hi - lo, 7, dtype=torch.float64) if rank == last else wl,
+                       target)),
+        (ValueError, rf"rank {last}: local_bias must have shape",
+         lambda: vplce(x, wl, target,
+                       local_bias=torch.zeros(hi - lo + (rank == last), dtype=torch.float64))),
+        (ValueError, rf"rank 0: target must have the leading shape",
+         lambda: vpce(zl[:4] if rank == 0 else zl, target)),
+        # shapes that are consistent on each rank but differ between ranks
+        (ValueError, r"feature size D .* same on every rank of the group, got \[6, 7",
+         lambda: vplce(torch.randn(5, 6 + rank, dtype=torch.float64),
+                       torch.randn(hi - lo, 6 + rank, dtype=torch.float64), target)),
+        (ValueError, r"number of rows",
+         lambda: vpce(zl[: 5 - (rank == last)], target[: 5 - (rank == last)])),
+        (ValueError, r"the target .* same on every rank",
+         lambda: vpce(zl, (target + rank) % vocab)),
+        (ValueError, r"dtype of the logits",
+         lambda: vpce(zl.float() if rank == last else zl, target)),
+        (ValueError, r"input.requires_grad",
+         lambda: vplce(x.clone().requires_grad_(rank == 0), wl, target)),
+        # options: bad on one rank, or differing between ranks
+        (ValueError, r"rank 0: reduction must be one of",
+         lambda: vpce(zl, target, reduction="avg" if rank == 0 else "mean")),
+        (ValueError, r"label_smoothing must be the same on every rank of the group, got \[0.0, 0.1",
+         lambda: vpce(zl, target, label_smoothing=0.1 * rank)),
+        (ValueError, r"softcap must be the same",
+         lambda: vplce(x, wl, target, softcap=None if rank == 0 else 2.0)),
+        (ValueError, rf"rank {last}: label_smoothing must be \[0, 1\], got 1.5",
+         lambda: vpce(zl, target, label_smoothing=1.5 if rank == last else 0.0)),
+        (TypeError, rf"rank {last}: target must hold integer class indices",
+         lambda: vpce(zl, target.double() if rank == last else target)),
+    ]
+    raised = sum(expect_error(kind, pattern, call) for kind, pattern, call in faults)
+    assert raised == len(faults)
+
+    # the group is still in step: a good call afterwards equals the oracle
+    z_full = z.clone().requires_grad_()
+    expected = F.cross_entropy(z_full, target, label_smoothing=0.1)
+    expected.backward()
+    z_local = zl.clone().requires_grad_()
+    loss = vpce(z_local, target, label_smoothing=0.1)
+    loss.backward()
+    close(loss, expected.detach(), "after the faults: loss")
+    close(z_local.grad, z_full.grad[:, lo:hi], "after the faults: grad")
+    return raised + 2
