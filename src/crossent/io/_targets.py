@@ -97,7 +97,7 @@ class TargetDecoder:
             whole = np.floor(floats) == floats  # False for NaN and inf
             if not whole.all():
                 row = int(np.argmin(whole))
-                raise DataError(f"class label {floats[row]!r} is not a whole number",
+                raise DataError(f"class label {float(floats[row])!r} is not a whole number",
                                 path=path, column=self.column, row=start + row)
         elif not pa.types.is_integer(kind):
             raise DataError(
@@ -110,7 +110,7 @@ class TargetDecoder:
         if bad.any():
             row = int(np.argmax(bad))
             raise DataError(
-                f"label {out[row]!r} is not a class index in [0, {num_classes})",
+                f"label {int(out[row])} is not a class index in [0, {num_classes})",
                 path=path,
                 column=self.column,
                 row=start + row,

@@ -230,7 +230,7 @@ class ScoreAccumulator:
             if not ok.all():
                 row = int(np.argmin(ok))
                 raise InvalidDataError(
-                    f"sample weight {weight[row]!r} is not a finite number >= 0",
+                    f"sample weight {float(weight[row])!r} is not a finite number >= 0",
                     column=self.weight_name,
                     row=start + row,
                 )
@@ -276,7 +276,7 @@ class ScoreAccumulator:
             if off.any():
                 r = int(np.argmax(off))
                 raise InvalidDataError(
-                    f"probabilities of the row sum to {total[r]!r}, not 1 (tolerance {tol:.3g}); "
+                    f"probabilities of the row sum to {float(total[r])!r}, not 1 (tolerance {tol:.3g}); "
                     "pass normalize=True (--normalize) to renormalize them",
                     column=self._columns_span(),
                     row=start + r,
