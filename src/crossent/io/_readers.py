@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import glob
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -352,7 +353,7 @@ def _csv_batches(opened, columns, batch_rows, row_group):
             convert_options=pcsv.ConvertOptions(include_columns=names, column_types=types),
         )
     except pa.ArrowInvalid as exc:
-        raise DataError(_csv_message(exc), path=opened.path) from None
+        raise _csv_error(exc, opened.path, header) from None
     start = 0
     while True:
         try:
@@ -360,18 +361,33 @@ def _csv_batches(opened, columns, batch_rows, row_group):
         except StopIteration:
             return
         except pa.ArrowInvalid as exc:
-            raise DataError(_csv_message(exc, start), path=opened.path) from None
+            raise _csv_error(exc, opened.path, header) from None
         for offset in range(0, rb.num_rows, batch_rows):
             part = rb.slice(offset, batch_rows)
             yield start + offset, {name: part.column(name) for name in names}
         start += rb.num_rows
 
 
-def _csv_message(exc, start=None) -> str:
-    text = str(exc).strip()
-    if start is not None:
-        text += f" (in the block of data rows from {start})"
-    return f"cannot parse the CSV file: {text}"
+_CSV_CONVERSION = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'")
+
+
+def _csv_error(exc, path, header) -> DataError:
+    """A CSV parse error, with the column and 0-based data row found by rescanning the file.
+
+    (Arrow names the column by position and counts rows in its own way; the scan runs only on
+    this error path.)
+    """
+    match = _CSV_CONVERSION.search(str(exc))
+    if match and int(match.group(1)) < len(header):
+        k, value = int(match.group(1)), match.group(2)
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            next(rows, None)
+            for row_number, row in enumerate(rows):
+                if k < len(row) and row[k] == value:
+                    return DataError(f"{value!r} is not a number", path=path, column=header[k],
+                                     row=row_number)
+    return DataError(f"cannot parse the CSV file: {str(exc).strip()}", path=path)
 
 
 # ---------------------------------------------------------------- .npy / .npz
