@@ -9,9 +9,9 @@ from __future__ import annotations
 import doctest
 
 import pytest
-import torch
 
 import crossent.triton as ctr
+import torch
 from crossent.triton import cross_entropy
 
 C = 4099

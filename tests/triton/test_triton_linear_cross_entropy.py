@@ -9,8 +9,8 @@ option grid is crossed with the reductions only where a reduction changes the co
 from __future__ import annotations
 
 import pytest
-import torch
 
+import torch
 from crossent.triton import _launchers, linear_cross_entropy
 
 N, D, V = 61, 32, 1031
@@ -141,7 +141,7 @@ def test_low_precision_no_worse_than_naive_torch(ref, dtype):
     naive.backward(upstream(naive).to(dtype))
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    for ours, mine_naive, true in zip(got, (naive.detach(), xn.grad, wn.grad, bn.grad), truth):
+    for ours, mine_naive, true in zip(got, (naive.detach(), xn.grad, wn.grad, bn.grad), truth, strict=True):
         err = (ours.double() - true).abs().max()
         naive_err = (mine_naive.double() - true).abs().max()
         assert err <= naive_err + tol * true.abs().max()
@@ -196,7 +196,7 @@ def test_deterministic():
     opts = dict(ALL, weight=cw.float())
     first = run_triton(x.float(), w.float(), b.float(), target, **opts)
     second = run_triton(x.float(), w.float(), b.float(), target, **opts)
-    for u, v in zip(first, second):
+    for u, v in zip(first, second, strict=True):
         assert torch.equal(u, v)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch.autograd.function import once_differentiable
+
+import torch
 
 from . import _launchers as L
 

@@ -42,8 +42,9 @@ bf16 product is exact in float32), so the interpreter computes what the tensor c
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
+
+import triton
 
 
 @triton.jit

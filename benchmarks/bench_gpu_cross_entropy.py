@@ -1,0 +1,144 @@
+"""Cross-entropy on materialized logits, forward+backward, on one CUDA GPU: crossent vs peers.
+
+One command on a GPU machine (from the repository root, crossent installed):
+
+    python benchmarks/bench_gpu_cross_entropy.py            # DESIGN.md shapes, bf16, 10% ignored
+
+Runs, in one process and on the same inputs: crossent.triton.cross_entropy (gradient in a new
+buffer, and in place), torch F.cross_entropy on the bf16 logits, on logits.float(), the latter
+under torch.compile, and Liger's LigerCrossEntropyLoss when liger-kernel is installed; plus the
+floor of the operation: a device copy of the logits (read once, write once) at the measured copy
+bandwidth. Appends one long-format row per implementation and shape to
+benchmarks/results/gpu_cross_entropy.csv (see gpu_harness.COLUMNS) and prints a table.
+Exits with status 2 and a message when no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARK = "cross_entropy_logits_fwd_bwd"
+
+
+def implementations(torch, F):
+    import crossent.triton as ctr
+
+    impls = {
+        "crossent-triton": lambda x, t: ctr.cross_entropy(x, t),
+        "crossent-triton-inplace": lambda x, t: ctr.cross_entropy(x, t, inplace_backward=True),
+        "torch-eager-bf16": lambda x, t: F.cross_entropy(x, t),
+        "torch-eager-logits.float()": lambda x, t: F.cross_entropy(x.float(), t),
+        "torch-compile-logits.float()": torch.compile(lambda x, t: F.cross_entropy(x.float(), t)),
+    }
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger = LigerCrossEntropyLoss()
+        impls["liger-kernel"] = lambda x, t: liger(x, t)
+    except ImportError as e:
+        print(f"note: liger-kernel not importable ({e}); skipped", file=sys.stderr)
+    return impls
+
+
+def bench_shape(torch, F, impls, shape, dtype, args, common):
+    """Rows for one (rows, classes) shape: the copy floor, then every implementation."""
+    n_rows, n_cols = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = (torch.randn(n_rows, n_cols, device="cuda", generator=gen) * 2.0).to(dtype)
+    target = torch.randint(0, n_cols, (n_rows,), device="cuda", generator=gen)
+    target[torch.rand(n_rows, device="cuda", generator=gen) < args.ignored] = -100
+    moved = 2 * base.numel() * base.element_size()  # read the logits once, write the grad once
+
+    def bandwidth(ms):
+        return moved / (ms * 1e-3) / 1e9
+
+    # float32 reference: loss and gradient of F.cross_entropy on the upcast logits.
+    ref_x = base.float().requires_grad_()
+    ref_loss = F.cross_entropy(ref_x, target)
+    ref_loss.backward()
+    ref_grad, ref_loss = ref_x.grad, ref_loss.detach()
+    del ref_x
+
+    rows = []
+    # Floor: one device copy of the logits = read once + write once.
+    dst = torch.empty_like(base)
+    times, _, _, _ = H.measure(torch, tuple, lambda: dst.copy_(base), args.repeats, args.warmup,
+                               lambda inputs: [])
+    rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
+                      "floor: copy logits (read+write once)", times, 0, bandwidth, "GB/s",
+                      float("nan"), float("nan")))
+    dst = None  # free the copy before the implementations run
+
+    def make_inputs():
+        return (base.clone().requires_grad_(), target)
+
+    for name, fn in impls.items():
+        def run(x, t, fn=fn):
+            loss = fn(x, t)
+            loss.backward()
+            return loss.detach()
+
+        try:
+            times, extra, loss, grads = H.measure(
+                torch, make_inputs, run, args.repeats, args.warmup, lambda inputs: [inputs[0].grad]
+            )
+            rows.append(H.row(
+                common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
+                bandwidth, "GB/s", float((loss.float() - ref_loss).abs()),
+                H.relative_error(grads[0], ref_grad),
+            ))
+        except Exception as e:  # one failing peer must not lose the others' numbers
+            rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, e))
+        finally:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="8192x128256,32768x32000", help="ROWSxCLASSES,...")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ignored", type=float, default=0.1, help="fraction of ignored targets")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "gpu_cross_entropy.csv"))
+    args = parser.parse_args(argv)
+    try:
+        shapes = H.parse_shapes(args.shapes, 2)
+    except ValueError as e:
+        parser.error(str(e))
+    torch = H.require_cuda()
+    import torch.nn.functional as F
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
+    common = H.conditions(torch)
+    impls = implementations(torch, F)
+    if args.impls:
+        wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - set(impls))
+        if unknown:
+            parser.error(f"--impls: unknown {unknown}; known: {sorted(impls)}")
+        impls = {k: v for k, v in impls.items() if k in wanted}
+
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(torch, F, impls, shape, dtype, args, common)
+        torch.cuda.empty_cache()
+
+    H.append_rows(args.out, rows)
+    H.print_table(rows)
+    print(f"appended {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Fused linear cross-entropy (LM head), forward+backward, on one CUDA GPU: crossent vs peers.
+
+One command on a GPU machine (from the repository root, crossent installed):
+
+    python benchmarks/bench_gpu_linear_cross_entropy.py     # Gemma-2 and Llama-3 shapes, bf16
+
+Runs, in one process and on the same inputs (N x D hidden states E, V x D head W, 10% ignored
+targets): crossent.triton.linear_cross_entropy "lean" (default) and "fast" (--fast-budget-mib),
+torch eager (logits.float() then F.cross_entropy), the same under torch.compile, Liger's
+LigerFusedLinearCrossEntropyLoss and Cut Cross-Entropy (default filtering, and filter_eps=None)
+when installed, and the three bare matmuls of the head (E W^T, G W, G^T E: 6NDV flops), the
+yardstick of DESIGN.md's targets. Throughput is 6NDV / time. Errors: loss, dE and dW against a
+float32 reference (relative L2). Appends long-format rows to
+benchmarks/results/gpu_linear_cross_entropy.csv and prints a table. Exits with status 2 and a
+message when no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARK = "linear_cross_entropy_fwd_bwd"
+
+
+def implementations(torch, F, fast_budget):
+    import crossent.triton as ctr
+
+    def eager(e, w, t):
+        return F.cross_entropy((e @ w.T).float(), t)
+
+    impls = {
+        "crossent-triton-lean": lambda e, w, t: ctr.linear_cross_entropy(e, w, t),
+        f"crossent-triton-fast({fast_budget >> 20}MiB)": lambda e, w, t: ctr.linear_cross_entropy(
+            e, w, t, memory_budget=fast_budget),
+        "torch-eager": eager,
+        "torch-compile": torch.compile(eager),
+    }
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        impls["liger-kernel"] = lambda e, w, t: liger(w, e, t)
+    except ImportError as err:
+        print(f"note: liger-kernel not importable ({err}); skipped", file=sys.stderr)
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        impls["cut-cross-entropy"] = lambda e, w, t: cce(e, w, t)
+        impls["cut-cross-entropy(filter_eps=None)"] = lambda e, w, t: cce(e, w, t, filter_eps=None)
+    except ImportError as err:
+        print(f"note: cut-cross-entropy not importable ({err}); skipped", file=sys.stderr)
+    return impls
+
+
+def bench_shape(torch, F, impls, shape, dtype, args, common):
+    """Rows for one (N, D, V) shape: the bare matmuls, then every implementation."""
+    n, d, v = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    emb = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
+    head = (torch.randn(v, d, device="cuda", generator=gen) * (2.0 / math.sqrt(d))).to(dtype)
+    target = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    target[torch.rand(n, device="cuda", generator=gen) < args.ignored] = -100
+    flops = 6.0 * n * d * v
+
+    def tflops(ms):
+        return flops / (ms * 1e-3) / 1e12
+
+    # float32 reference (no TF32): loss, dE, dW.
+    re, rw = emb.float().requires_grad_(), head.float().requires_grad_()
+    ref_loss = F.cross_entropy(re @ rw.T, target)
+    ref_loss.backward()
+    ref_de, ref_dw, ref_loss = re.grad, rw.grad, ref_loss.detach()
+    del re, rw
+    torch.cuda.empty_cache()
+
+    rows = []
+    if not args.impls or "bare-matmuls" in args.impls:
+        g = (torch.randn(n, v, device="cuda", generator=gen) * 1e-4).to(dtype)
+
+        def bare():
+            logits = emb @ head.T
+            return logits, g @ head, g.T @ emb
+
+        times, extra, _, _ = H.measure(torch, tuple, bare, args.repeats, args.warmup,
+                                       lambda inputs: [])
+        rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
+                          "bare-matmuls (E W^T, G W, G^T E)", times, extra, tflops, "TFLOP/s",
+                          float("nan"), float("nan"), note="yardstick; extra includes logits"))
+        del g, bare
+        torch.cuda.empty_cache()
+
+    def make_inputs():
+        return (emb.detach().requires_grad_(), head.detach().requires_grad_(), target)
+
+    for name, fn in impls.items():
+        def run(e, w, t, fn=fn):
+            loss = fn(e, w, t)
+            loss.backward()
+            return loss.detach()
+
+        try:
+            times, extra, loss, grads = H.measure(
+                torch, make_inputs, run, args.repeats, args.warmup,
+                lambda inputs: [inputs[0].grad, inputs[1].grad],
+            )
+            rows.append(H.row(
+                common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
+                tflops, "TFLOP/s", float((loss.float() - ref_loss).abs()),
+                H.relative_error(grads[0], ref_de), H.relative_error(grads[1], ref_dw),
+                note="grad_rel_err = dE, grad2_rel_err = dW",
+            ))
+        except Exception as err:  # one failing peer must not lose the others' numbers
+            rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, err))
+        finally:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="8192x2304x256000,8192x4096x128256", help="NxDxV,...")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ignored", type=float, default=0.1, help="fraction of ignored targets")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fast-budget-mib", type=int, default=1536,
+                        help="memory_budget of crossent's fast mode, MiB")
+    parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "gpu_linear_cross_entropy.csv"))
+    args = parser.parse_args(argv)
+    try:
+        shapes = H.parse_shapes(args.shapes, 3)
+    except ValueError as e:
+        parser.error(str(e))
+    torch = H.require_cuda()
+    import torch.nn.functional as F
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
+    common = H.conditions(torch)
+    impls = implementations(torch, F, args.fast_budget_mib << 20)
+    if args.impls:
+        wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - set(impls) - {"bare-matmuls"})
+        if unknown:
+            parser.error(f"--impls: unknown {unknown}; known: {sorted(impls) + ['bare-matmuls']}")
+        impls = {k: v for k, v in impls.items() if k in wanted}
+
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(torch, F, impls, shape, dtype, args, common)
+        torch.cuda.empty_cache()
+
+    H.append_rows(args.out, rows)
+    H.print_table(rows)
+    print(f"appended {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Shared GPU benchmark harness: time, extra memory, errors, conditions, long-format CSV rows.
+
+Used by bench_gpu_cross_entropy.py and bench_gpu_linear_cross_entropy.py. Every implementation
+of one benchmark runs in the same process, on the same inputs, one after the other:
+
+* time: CUDA events around one forward+backward call, ``repeats`` times after ``warmup`` calls;
+  median, p10 and p90 in milliseconds (inputs are re-created outside the timed region when an
+  implementation overwrites them, e.g. an in-place gradient);
+* extra memory: ``torch.cuda.max_memory_allocated()`` during the call minus what was allocated
+  before it, minus the gradient buffers the call leaves behind (``.grad`` of the inputs): what the
+  implementation needs beyond its inputs and outputs;
+* errors: relative L2 error ``||g - g_ref|| / ||g_ref||`` of each gradient and absolute error of
+  the loss against a float32 reference computed once per shape;
+* conditions: device name, torch / triton / liger-kernel / cut-cross-entropy versions, UTC date.
+
+The pure-Python helpers (``parse_shapes``, ``summarize``, ``append_rows``) are tested on the CPU
+in tests/triton/test_triton_bench_harness.py; everything else needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import math
+import os
+import statistics
+import sys
+
+COLUMNS = [
+    "date", "device", "torch", "triton", "liger_kernel", "cut_cross_entropy", "benchmark",
+    "shape", "dtype", "ignored_fraction", "impl", "median_ms", "p10_ms", "p90_ms", "repeats",
+    "extra_mib", "throughput", "throughput_unit", "loss_abs_err", "grad_rel_err",
+    "grad2_rel_err", "note",
+]
+
+
+def parse_shapes(text, dims):
+    """``"8192x128256,32768x32000"`` -> [(8192, 128256), (32768, 32000)]; each has ``dims`` ints."""
+    shapes = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        if len(parts) != dims or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(
+                f"--shapes must be a comma list of {dims} positive integers joined by 'x', got {item!r}"
+            )
+        shape = tuple(int(p) for p in parts)
+        if min(shape) <= 0:
+            raise ValueError(f"--shapes entries must be positive, got {item!r}")
+        shapes.append(shape)
+    if not shapes:
+        raise ValueError("--shapes is empty")
+    return shapes
+
+
+def _percentile(sorted_values, q):
+    """Linear-interpolation percentile (numpy's default) of an ascending list."""
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(times_ms):
+    """(median, p10, p90) of a list of times in milliseconds."""
+    if not times_ms:
+        raise ValueError("summarize needs at least one time")
+    values = sorted(times_ms)
+    return statistics.median(values), _percentile(values, 0.1), _percentile(values, 0.9)
+
+
+def append_rows(path, rows):
+    """Append dict rows (keys from COLUMNS) to a CSV, writing the header when the file is new."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def package_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def conditions(torch):
+    """The columns every row of one run shares."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "liger_kernel": package_version("liger-kernel"),
+        "cut_cross_entropy": package_version("cut-cross-entropy"),
+    }
+
+
+def require_cuda():
+    """Import torch and exit with status 2 and a clear message when no CUDA device is present."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("error: these GPU benchmarks need PyTorch with CUDA; torch is not installed")
+    if not torch.cuda.is_available():
+        print(
+            "error: no CUDA device: the GPU benchmarks time CUDA kernels and cannot run here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return torch
+
+
+def relative_error(value, reference):
+    """||value - reference|| / ||reference|| in float64 (accumulated), NaN when absent."""
+    if value is None or reference is None:
+        return float("nan")
+    diff = (value.double() - reference.double()).norm()
+    return float(diff / reference.double().norm().clamp_min(1e-300))
+
+
+def measure(torch, make_inputs, run, repeats, warmup, grads_of):
+    """Time ``run(*inputs)`` (forward+backward) with CUDA events.
+
+    ``make_inputs()`` returns a fresh tuple of inputs for every call (outside the timed region);
+    ``grads_of(inputs)`` lists the gradient tensors the call produced. Returns
+    (times_ms, extra_bytes, last_result, last_grads).
+    """
+    times, extra, result, grads = [], 0, None, None
+    for i in range(warmup + repeats):
+        inputs = make_inputs()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = run(*inputs)
+        stop.record()
+        torch.cuda.synchronize()
+        grads = grads_of(inputs)
+        grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+        peak = torch.cuda.max_memory_allocated()
+        if i >= warmup:
+            times.append(start.elapsed_time(stop))
+            extra = max(extra, peak - before - grad_bytes)
+        if i < warmup + repeats - 1:
+            del inputs, result, grads
+            result = grads = None
+    return times, extra, result, grads
+
+
+def row(common, benchmark, shape, dtype, ignored, impl, times, extra_bytes, throughput, unit,
+        loss_err, grad_err, grad2_err=float("nan"), note=""):
+    median, p10, p90 = summarize(times)
+    return dict(
+        common, benchmark=benchmark, shape="x".join(map(str, shape)), dtype=dtype,
+        ignored_fraction=ignored, impl=impl, median_ms=median, p10_ms=p10, p90_ms=p90,
+        repeats=len(times), extra_mib=extra_bytes / 2**20, throughput=throughput(median),
+        throughput_unit=unit, loss_abs_err=loss_err, grad_rel_err=grad_err,
+        grad2_rel_err=grad2_err, note=note,
+    )
+
+
+def failed_row(common, benchmark, shape, dtype, ignored, impl, error):
+    return dict(
+        common, benchmark=benchmark, shape="x".join(map(str, shape)), dtype=dtype,
+        ignored_fraction=ignored, impl=impl, note=f"failed: {type(error).__name__}: {error}"[:300],
+    )
+
+
+def print_table(rows):
+    """Human-readable summary of this run's rows on stdout."""
+    header = f"{'shape':>22} {'impl':>34} {'median ms':>10} {'p10':>8} {'p90':>8} {'extra MiB':>10} " \
+             f"{'throughput':>16} {'loss err':>9} {'grad err':>9} {'grad2 err':>9}"
+    print(header)
+    for r in rows:
+        if r.get("note", "").startswith("failed"):
+            print(f"{r['shape']:>22} {r['impl']:>34}  {r['note']}")
+            continue
+
+        def num(key, spec, r=r):
+            v = r.get(key, "")
+            return format(v, spec) if isinstance(v, float) and not math.isnan(v) else "-"
+
+        print(
+            f"{r['shape']:>22} {r['impl']:>34} {num('median_ms', '10.3f')} {num('p10_ms', '8.3f')} "
+            f"{num('p90_ms', '8.3f')} {num('extra_mib', '10.1f')} "
+            f"{num('throughput', '10.1f')} {r['throughput_unit']:>5} {num('loss_abs_err', '9.2e')} "
+            f"{num('grad_rel_err', '9.2e')} {num('grad2_rel_err', '9.2e')}"
+        )
