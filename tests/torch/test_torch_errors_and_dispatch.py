@@ -1,0 +1,158 @@
+"""Bad input gives a clear error; impl= dispatch (triton is faked: no GPU here)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import crossent.torch as cet
+from crossent.torch import functional as cet_functional
+
+X = torch.zeros(4, 5)
+Y = torch.tensor([0, 1, 2, 4])
+E = torch.zeros(4, 3)
+W = torch.zeros(5, 3)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: cet.cross_entropy(X, torch.tensor([0, 1, 5, 2])), ValueError,
+         r"target must hold class indices in \[0, 5\) or ignore_index=-100, got 5"),
+        (lambda: cet.cross_entropy(X, torch.tensor([0, -1, 2, 2])), ValueError,
+         r"got -1"),
+        (lambda: cet.linear_cross_entropy(E, W, torch.tensor([0, 9, 1, 1])), ValueError,
+         r"class indices in \[0, 5\)"),
+        (lambda: cet.cross_entropy(X, Y[:3]), ValueError,
+         r"target \(class indices\) must have shape \(4,\) .* got \(3,\)"),
+        (lambda: cet.linear_cross_entropy(E, W, Y[:2]), ValueError,
+         r"target \(class indices\) must have shape \(4,\)"),
+        (lambda: cet.cross_entropy(X, torch.zeros(4, 4)), ValueError,
+         r"target \(probabilities\) must have shape \(4, 5\)"),
+        (lambda: cet.linear_cross_entropy(torch.zeros(4, 2), W, Y), ValueError,
+         r"input's last dimension must equal linear_weight's D=3"),
+        (lambda: cet.linear_cross_entropy(E, torch.zeros(5, 3, 1), Y), ValueError,
+         r"linear_weight must have shape \(V, D\)"),
+        (lambda: cet.linear_cross_entropy(E, W, Y, linear_bias=torch.zeros(4)), ValueError,
+         r"linear_bias must have shape \(5,\)"),
+        (lambda: cet.linear_cross_entropy(E, W.double(), Y), TypeError,
+         r"same dtype"),
+        (lambda: cet.cross_entropy(X, Y, torch.ones(4)), ValueError,
+         r"weight must be a 1-D tensor with one entry per class \(5\), got shape \(4,\)"),
+        (lambda: cet.cross_entropy(X, Y, torch.tensor([1.0, math.nan, 1, 1, 1])), ValueError,
+         r"weight must not contain NaN"),
+        (lambda: cet.cross_entropy(X, torch.full((4, 5), math.nan)), ValueError,
+         r"target must not contain NaN"),
+        (lambda: cet.cross_entropy(X, Y, impl="cuda"), ValueError,
+         r"impl must be one of \('auto', 'triton', 'chunked', 'reference'\), got 'cuda'"),
+        (lambda: cet.linear_cross_entropy(E, W, Y, impl="fast"), ValueError,
+         r"impl must be one of"),
+        (lambda: cet.cross_entropy(X, Y, softcap=0.0), ValueError,
+         r"softcap must be None or a finite float > 0, got 0.0"),
+        (lambda: cet.linear_cross_entropy(E, W, Y, softcap=-1.0), ValueError,
+         r"softcap must be None or a finite float > 0, got -1.0"),
+        (lambda: cet.cross_entropy(X, Y, label_smoothing=1.5), ValueError,
+         r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (lambda: cet.linear_cross_entropy(E, W, Y, label_smoothing=-0.1), ValueError,
+         r"label_smoothing must be in \[0, 1\], got -0.1"),
+        (lambda: cet.cross_entropy(X, Y, reduction="avg"), ValueError,
+         r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+        (lambda: cet.cross_entropy(X, Y, z_loss=-1.0), ValueError, r"z_loss must be"),
+        (lambda: cet.linear_cross_entropy(E, W, Y, chunk_size=0), ValueError,
+         r"chunk_size must be None or an int >= 1, got 0"),
+        (lambda: cet.cross_entropy(Y, Y), TypeError, r"input must be a floating-point tensor"),
+        (lambda: cet.cross_entropy(X, Y.bool()), TypeError, r"target must hold int64"),
+        (lambda: cet.cross_entropy(torch.tensor(1.0), Y), ValueError, r"class dimension"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_validate_false_skips_value_checks_and_true_forces_them():
+    # validate=False is the accelerator default (no host sync); on the CPU it can be forced off.
+    loss = cet.cross_entropy(X, Y, torch.tensor([1.0, math.nan, 1, 1, 1]), validate=False)
+    assert torch.isnan(loss)
+    with pytest.raises(ValueError, match="got 5"):
+        cet.cross_entropy(X, torch.tensor([0, 1, 5, 2]), validate=True)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        cet.cross_entropy(X, Y, impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        cet.linear_cross_entropy(E, W, Y, impl="triton")
+
+
+def test_triton_rejects_probability_targets(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="integer class targets only"):
+        cet.cross_entropy(X, torch.full((4, 5), 0.2), impl="triton")
+
+
+def test_missing_triton_function_gives_clear_import_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "crossent.triton", types.ModuleType("crossent.triton"))
+    with pytest.raises(ImportError, match="impl='triton' needs crossent.triton.cross_entropy"):
+        cet.cross_entropy(X, Y, impl="triton")
+
+
+class _FakeTriton(types.ModuleType):
+    """Records the calls the wrapper makes and answers with the reference implementation."""
+
+    def __init__(self):
+        super().__init__("crossent.triton")
+        self.calls = []
+
+    def cross_entropy(self, logits, target, **kw):
+        self.calls.append(("cross_entropy", tuple(logits.shape), tuple(target.shape), dict(kw)))
+        assert logits.is_contiguous()
+        kw.pop("inplace_backward")
+        return cet.cross_entropy(logits, target, impl="reference", **kw)
+
+    def linear_cross_entropy(self, x, w, target, **kw):
+        self.calls.append(("linear_cross_entropy", tuple(x.shape), tuple(target.shape), kw))
+        return cet.linear_cross_entropy(x, w, target, impl="reference", **kw)
+
+
+def test_triton_dispatch_reshapes_and_passes_options(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fake = _FakeTriton()
+    monkeypatch.setitem(sys.modules, "crossent.triton", fake)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)  # (N, C, d1): class dim 1
+    y = torch.randint(0, 5, (2, 3))
+    got = cet.cross_entropy(x, y, reduction="none", z_loss=0.1, softcap=5.0, impl="triton",
+                            inplace_backward=True)
+    assert got.shape == (2, 3)
+    name, xs, ys, kw = fake.calls[-1]
+    assert (name, xs, ys) == ("cross_entropy", (6, 5), (6,))
+    assert kw["inplace_backward"] is True and kw["z_loss"] == 0.1 and kw["softcap"] == 5.0
+    want = cet.cross_entropy(x, y, reduction="none", z_loss=0.1, softcap=5.0, impl="reference")
+    torch.testing.assert_close(got, want)
+
+    h = torch.randn(2, 3, 4, dtype=torch.float64)  # (B, T, D)
+    w = torch.randn(7, 4, dtype=torch.float64)
+    t = torch.randint(0, 7, (2, 3))
+    got = cet.linear_cross_entropy(h, w, t, reduction="none", impl="triton")
+    assert got.shape == (2, 3)
+    assert fake.calls[-1][:3] == ("linear_cross_entropy", (6, 4), (6,))
+
+
+def test_auto_picks_chunked_on_cpu_and_triton_on_cuda(monkeypatch):
+    fake = _FakeTriton()
+    monkeypatch.setitem(sys.modules, "crossent.triton", fake)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cet.cross_entropy(torch.randn(4, 5), Y)  # CPU tensors: chunked, even under the interpreter
+    assert fake.calls == []
+    monkeypatch.setattr(cet_functional._checks, "triton_importable", lambda: True)
+    cuda = torch.device("cuda")
+    assert cet_functional._resolve_impl("auto", cuda, soft=False) == "triton"
+    assert cet_functional._resolve_impl("auto", cuda, soft=True) == "chunked"
+    monkeypatch.setattr(cet_functional._checks, "triton_importable", lambda: False)
+    assert cet_functional._resolve_impl("auto", cuda, soft=False) == "chunked"
