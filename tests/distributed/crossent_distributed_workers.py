@@ -138,9 +138,7 @@ def check_grid(rank, world, sizes, all_heads=True):
     z_losses = (0.0, 0.03)
     heads = ((False, None), (True, None), (False, 3.0), (True, 3.0))
     checks = 0
-    for case, (reduction, ignore, eps, zl) in enumerate(
-        itertools.product(reductions, ignores, epsilons, z_losses)
-    ):
+    for case, (reduction, ignore, eps, zl) in enumerate(itertools.product(reductions, ignores, epsilons, z_losses)):
         gen = torch.Generator().manual_seed(1000 + case)
         ignore_index = -100 if ignore is None else ignore
         target = make_targets(gen, shape, vocab, ignore)
@@ -153,17 +151,20 @@ def check_grid(rank, world, sizes, all_heads=True):
         # logits version
         z = torch.randn(*shape, vocab, generator=gen, dtype=torch.float64) * 2.0
         z_full = z.clone().requires_grad_()
-        rows = oracle_rows(z_full.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index,
-                           eps=eps, zl=zl)
-        expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction,
-                                 shape=shape)
+        rows = oracle_rows(z_full.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index, eps=eps, zl=zl)
+        expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction, shape=shape)
         (expected * grad_out).sum().backward()
         z_local = z[..., lo:hi].clone().requires_grad_()
         loss = vocab_parallel_cross_entropy(z_local, target, **opts)
         close(loss, expected.detach(), f"logits loss, {what}")
         if zl == 0.0 and reduction != "none" and bool((target != ignore_index).any()):
-            direct = F.cross_entropy(z.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index,
-                                     reduction=reduction, label_smoothing=eps)
+            direct = F.cross_entropy(
+                z.reshape(-1, vocab),
+                target.reshape(-1),
+                ignore_index=ignore_index,
+                reduction=reduction,
+                label_smoothing=eps,
+            )
             close(loss, direct, f"logits loss vs F.cross_entropy, {what}")
             checks += 1
         (loss * grad_out).sum().backward()
@@ -180,10 +181,8 @@ def check_grid(rank, world, sizes, all_heads=True):
             logits = x_full @ w_full.T + (b_full if has_bias else 0.0)
             if softcap is not None:
                 logits = softcap * torch.tanh(logits / softcap)
-            rows = oracle_rows(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index,
-                               eps=eps, zl=zl)
-            expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction,
-                                     shape=shape)
+            rows = oracle_rows(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index, eps=eps, zl=zl)
+            expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction, shape=shape)
             (expected * grad_out).sum().backward()
             x_local = x.clone().requires_grad_()
             w_local = w[lo:hi].clone().requires_grad_()
@@ -202,7 +201,6 @@ def check_grid(rank, world, sizes, all_heads=True):
                 checks += 1
     vp._CHUNK_ELEMENTS = default_chunk
     return checks
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,13 +252,11 @@ def check_special(rank, world, sizes):
     for reduction, eps, zl in (("none", 0.25, 0.01), ("mean", 0.25, 0.0), ("sum", 1.0, 0.02)):
         z_full = z.clone().requires_grad_()
         expected_rows = written_out_rows(z_full, target, ignore_index=-100, eps=eps, zl=zl)
-        expected = oracle_reduce(expected_rows, target, ignore_index=-100, reduction=reduction,
-                                 shape=(rows,))
+        expected = oracle_reduce(expected_rows, target, ignore_index=-100, reduction=reduction, shape=(rows,))
         grad_out = upstream(reduction, (rows,), gen)
         (expected * grad_out).sum().backward()
         z_local = z[:, lo:hi].clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(z_local, target, reduction=reduction,
-                                            label_smoothing=eps, z_loss=zl)
+        loss = vocab_parallel_cross_entropy(z_local, target, reduction=reduction, label_smoothing=eps, z_loss=zl)
         (loss * grad_out).sum().backward()
         what = f"masked classes rank {rank} {reduction} eps={eps}"
         close(loss, expected.detach(), f"loss, {what}")
@@ -278,13 +274,11 @@ def check_special(rank, world, sizes):
     masked[target_b] = False
     b[masked] = -math.inf
     x_full, w_full, b_full = (t.clone().requires_grad_() for t in (x, w, b))
-    expected = written_out_rows(x_full @ w_full.T + b_full, target_b, ignore_index=-100, eps=0.1,
-                                zl=0.01).mean()
+    expected = written_out_rows(x_full @ w_full.T + b_full, target_b, ignore_index=-100, eps=0.1, zl=0.01).mean()
     expected.backward()
     x_l, w_l, b_l = x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone()
     b_l.requires_grad_()
-    loss = vocab_parallel_linear_cross_entropy(x_l, w_l, target_b, local_bias=b_l,
-                                               label_smoothing=0.1, z_loss=0.01)
+    loss = vocab_parallel_linear_cross_entropy(x_l, w_l, target_b, local_bias=b_l, label_smoothing=0.1, z_loss=0.01)
     loss.backward()
     close(loss, expected.detach(), "linear masked loss")
     close(x_l.grad, x_full.grad, "linear masked input grad")
@@ -307,14 +301,14 @@ def check_special(rank, world, sizes):
     t3 = torch.full((4,), -100)
     for reduction in ("mean", "sum"):
         z_local = z3[:, lo:hi].clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(z_local, t3, reduction=reduction, label_smoothing=0.1,
-                                            z_loss=0.1)
+        loss = vocab_parallel_cross_entropy(z_local, t3, reduction=reduction, label_smoothing=0.1, z_loss=0.1)
         loss.backward()
         assert loss.item() == 0.0 and not bool(z_local.grad.any()), (reduction, loss)
         x_l, w_l = x[:4].clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
         b_l = torch.zeros(hi - lo, dtype=torch.float64, requires_grad=True)
-        loss = vocab_parallel_linear_cross_entropy(x_l, w_l, t3, local_bias=b_l, reduction=reduction,
-                                                   softcap=2.0, z_loss=0.1)
+        loss = vocab_parallel_linear_cross_entropy(
+            x_l, w_l, t3, local_bias=b_l, reduction=reduction, softcap=2.0, z_loss=0.1
+        )
         loss.backward()
         assert loss.item() == 0.0, (reduction, loss)
         assert not (x_l.grad.any() or w_l.grad.any() or b_l.grad.any()), reduction
@@ -323,15 +317,13 @@ def check_special(rank, world, sizes):
     # 4. empty batch
     for reduction, shape in (("mean", ()), ("sum", ()), ("none", (0,))):
         z_local = torch.zeros(0, hi - lo, dtype=torch.float64, requires_grad=True)
-        loss = vocab_parallel_cross_entropy(z_local, torch.zeros(0, dtype=torch.int64),
-                                            reduction=reduction)
+        loss = vocab_parallel_cross_entropy(z_local, torch.zeros(0, dtype=torch.int64), reduction=reduction)
         assert loss.shape == shape and not bool(loss.any()), (reduction, loss)
         loss.sum().backward()
         assert z_local.grad.shape == (0, hi - lo)
         x_l = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
         w_l = w[lo:hi].clone().requires_grad_()
-        loss = vocab_parallel_linear_cross_entropy(x_l, w_l, torch.zeros(0, dtype=torch.int64),
-                                                   reduction=reduction)
+        loss = vocab_parallel_linear_cross_entropy(x_l, w_l, torch.zeros(0, dtype=torch.int64), reduction=reduction)
         loss.sum().backward()
         assert loss.shape == shape and not bool(w_l.grad.any()), (reduction, loss)
         checks += 2
@@ -421,41 +413,60 @@ def check_faults(rank, world, sizes):
     zl, wl = z[:, lo:hi], w[lo:hi]
     faults = [
         # a target outside the global vocabulary (the slices are too small for it)
-        (ValueError, rf"in \[0, {vocab}\).*{re.escape(str(list(sizes)))}.*got {vocab}",
-         lambda: vpce(zl, torch.where(target == target[0], vocab, target))),
+        (
+            ValueError,
+            rf"in \[0, {vocab}\).*{re.escape(str(list(sizes)))}.*got {vocab}",
+            lambda: vpce(zl, torch.where(target == target[0], vocab, target)),
+        ),
         (ValueError, r"got -7", lambda: vplce(x, wl, torch.cat([target[:4], torch.tensor([-7])]))),
         # a rank whose slice disagrees with the input
-        (ValueError, rf"rank {last}: local_weight must have shape \(V_r, D\)",
-         lambda: vplce(x, torch.randn(hi - lo, 7, dtype=torch.float64) if rank == last else wl,
-                       target)),
-        (ValueError, rf"rank {last}: local_bias must have shape",
-         lambda: vplce(x, wl, target,
-                       local_bias=torch.zeros(hi - lo + (rank == last), dtype=torch.float64))),
-        (ValueError, rf"rank 0: target must have the leading shape",
-         lambda: vpce(zl[:4] if rank == 0 else zl, target)),
+        (
+            ValueError,
+            rf"rank {last}: local_weight must have shape \(V_r, D\)",
+            lambda: vplce(x, torch.randn(hi - lo, 7, dtype=torch.float64) if rank == last else wl, target),
+        ),
+        (
+            ValueError,
+            rf"rank {last}: local_bias must have shape",
+            lambda: vplce(x, wl, target, local_bias=torch.zeros(hi - lo + (rank == last), dtype=torch.float64)),
+        ),
+        (ValueError, r"rank 0: target must have the leading shape", lambda: vpce(zl[:4] if rank == 0 else zl, target)),
         # shapes that are consistent on each rank but differ between ranks
-        (ValueError, r"feature size D .* same on every rank of the group, got \[6, 7",
-         lambda: vplce(torch.randn(5, 6 + rank, dtype=torch.float64),
-                       torch.randn(hi - lo, 6 + rank, dtype=torch.float64), target)),
-        (ValueError, r"number of rows",
-         lambda: vpce(zl[: 5 - (rank == last)], target[: 5 - (rank == last)])),
-        (ValueError, r"the target .* same on every rank",
-         lambda: vpce(zl, (target + rank) % vocab)),
-        (ValueError, r"dtype of the logits",
-         lambda: vpce(zl.float() if rank == last else zl, target)),
-        (ValueError, r"input.requires_grad",
-         lambda: vplce(x.clone().requires_grad_(rank == 0), wl, target)),
+        (
+            ValueError,
+            r"feature size D .* same on every rank of the group, got \[6, 7",
+            lambda: vplce(
+                torch.randn(5, 6 + rank, dtype=torch.float64),
+                torch.randn(hi - lo, 6 + rank, dtype=torch.float64),
+                target,
+            ),
+        ),
+        (ValueError, r"number of rows", lambda: vpce(zl[: 5 - (rank == last)], target[: 5 - (rank == last)])),
+        (ValueError, r"the target .* same on every rank", lambda: vpce(zl, (target + rank) % vocab)),
+        (ValueError, r"dtype of the logits", lambda: vpce(zl.float() if rank == last else zl, target)),
+        (ValueError, r"input.requires_grad", lambda: vplce(x.clone().requires_grad_(rank == 0), wl, target)),
         # options: bad on one rank, or differing between ranks
-        (ValueError, r"rank 0: reduction must be one of",
-         lambda: vpce(zl, target, reduction="avg" if rank == 0 else "mean")),
-        (ValueError, r"label_smoothing must be the same on every rank of the group, got \[0.0, 0.1",
-         lambda: vpce(zl, target, label_smoothing=0.1 * rank)),
-        (ValueError, r"softcap must be the same",
-         lambda: vplce(x, wl, target, softcap=None if rank == 0 else 2.0)),
-        (ValueError, rf"rank {last}: label_smoothing must be \[0, 1\], got 1.5",
-         lambda: vpce(zl, target, label_smoothing=1.5 if rank == last else 0.0)),
-        (TypeError, rf"rank {last}: target must hold integer class indices",
-         lambda: vpce(zl, target.double() if rank == last else target)),
+        (
+            ValueError,
+            r"rank 0: reduction must be one of",
+            lambda: vpce(zl, target, reduction="avg" if rank == 0 else "mean"),
+        ),
+        (
+            ValueError,
+            r"label_smoothing must be the same on every rank of the group, got \[0.0, 0.1",
+            lambda: vpce(zl, target, label_smoothing=0.1 * rank),
+        ),
+        (ValueError, r"softcap must be the same", lambda: vplce(x, wl, target, softcap=None if rank == 0 else 2.0)),
+        (
+            ValueError,
+            rf"rank {last}: label_smoothing must be \[0, 1\], got 1.5",
+            lambda: vpce(zl, target, label_smoothing=1.5 if rank == last else 0.0),
+        ),
+        (
+            TypeError,
+            rf"rank {last}: target must hold integer class indices",
+            lambda: vpce(zl, target.double() if rank == last else target),
+        ),
     ]
     raised = sum(expect_error(kind, pattern, call) for kind, pattern, call in faults)
     assert raised == len(faults)

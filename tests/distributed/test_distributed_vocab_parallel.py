@@ -61,8 +61,11 @@ def run_ranks(out_dir: Path, world: int, checks: list) -> list[dict]:
 @pytest.fixture(scope="module", params=sorted(PLANS), ids=lambda world: f"{world}-ranks")
 def reports(request, tmp_path_factory):
     world = request.param
-    checks = [("check_grid", PLANS[world]["grid"]), ("check_special", PLANS[world]["special"]),
-              ("check_faults", PLANS[world]["faults"])]
+    checks = [
+        ("check_grid", PLANS[world]["grid"]),
+        ("check_special", PLANS[world]["special"]),
+        ("check_faults", PLANS[world]["faults"]),
+    ]
     out_dir = tmp_path_factory.mktemp(f"ranks{world}")
     return world, run_ranks(out_dir, world, checks)
 

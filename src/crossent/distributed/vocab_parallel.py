@@ -398,9 +398,7 @@ def _check_tensor(value, name: str, problems, *, floating: bool) -> bool:
         problems.append((TypeError, f"{name} must be a torch.Tensor, got {type(value).__name__}"))
         return False
     if floating and value.dtype not in _FLOAT_DTYPES:
-        problems.append(
-            (TypeError, f"{name} must be float64, float32, float16 or bfloat16, got {value.dtype}")
-        )
+        problems.append((TypeError, f"{name} must be float64, float32, float16 or bfloat16, got {value.dtype}"))
         return False
     if not floating and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         problems.append((TypeError, f"{name} must hold integer class indices, got {value.dtype}"))
@@ -467,8 +465,9 @@ def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary)
     return table
 
 
-def _plan_from_table(fn: str, group, table, *, ignore_index, reduction, label_smoothing, z_loss,
-                     softcap, rows: int, target_shape) -> _Plan:
+def _plan_from_table(
+    fn: str, group, table, *, ignore_index, reduction, label_smoothing, z_loss, softcap, rows: int, target_shape
+) -> _Plan:
     sizes = [row["vocab"] for row in table]
     offsets, vocab = vocab_offsets(sizes)
     low = min(row["target_min"] for row in table)
@@ -597,13 +596,18 @@ def vocab_parallel_cross_entropy(
             problems.append((ValueError, "local_logits must have a class dimension [..., V_r], got a 0-d tensor"))
         elif tuple(local_logits.shape[:-1]) != tuple(target.shape):
             problems.append(
-                (ValueError, f"target must have the leading shape of local_logits "
-                 f"{tuple(local_logits.shape[:-1])}, got {tuple(target.shape)}")
+                (
+                    ValueError,
+                    f"target must have the leading shape of local_logits "
+                    f"{tuple(local_logits.shape[:-1])}, got {tuple(target.shape)}",
+                )
             )
         elif target.device != local_logits.device:
             problems.append(
-                (ValueError, f"target must be on the device of local_logits ({local_logits.device}), "
-                 f"got {target.device}")
+                (
+                    ValueError,
+                    f"target must be on the device of local_logits ({local_logits.device}), got {target.device}",
+                )
             )
     if ok and not problems:
         fields["vocab"] = local_logits.shape[-1]
@@ -615,8 +619,15 @@ def vocab_parallel_cross_entropy(
     table = _exchange(fn, group, _device_of(local_logits, target), problems, fields, summary)
     rows = fields["rows"]
     plan = _plan_from_table(
-        fn, group, table, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=None, rows=rows,
+        fn,
+        group,
+        table,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=None,
+        rows=rows,
         target_shape=target.shape,
     )
     logits2d = local_logits.reshape(rows, plan.vocab_local)
@@ -700,8 +711,15 @@ def vocab_parallel_linear_cross_entropy(
     table = _exchange(fn, group, _device_of(input, local_weight, target), problems, fields, summary)
     rows = fields["rows"]
     plan = _plan_from_table(
-        fn, group, table, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, rows=rows,
+        fn,
+        group,
+        table,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        rows=rows,
         target_shape=target.shape,
     )
     x2d = input.reshape(rows, input.shape[-1])
@@ -716,18 +734,26 @@ def _check_linear_shapes(input, local_weight, target, local_bias, problems) -> N
     features = input.shape[-1]
     if tuple(input.shape[:-1]) != tuple(target.shape):
         problems.append(
-            (ValueError, f"target must have the leading shape of input {tuple(input.shape[:-1])}, "
-             f"got {tuple(target.shape)}")
+            (
+                ValueError,
+                f"target must have the leading shape of input {tuple(input.shape[:-1])}, got {tuple(target.shape)}",
+            )
         )
     if local_weight.ndim != 2 or local_weight.shape[1] != features:
         problems.append(
-            (ValueError, f"local_weight must have shape (V_r, D) with D = input.shape[-1] = {features}, "
-             f"got {tuple(local_weight.shape)}")
+            (
+                ValueError,
+                f"local_weight must have shape (V_r, D) with D = input.shape[-1] = {features}, "
+                f"got {tuple(local_weight.shape)}",
+            )
         )
     elif local_bias is not None and tuple(local_bias.shape) != (local_weight.shape[0],):
         problems.append(
-            (ValueError, f"local_bias must have shape (V_r,) = ({local_weight.shape[0]},) to match "
-             f"local_weight, got {tuple(local_bias.shape)}")
+            (
+                ValueError,
+                f"local_bias must have shape (V_r,) = ({local_weight.shape[0]},) to match "
+                f"local_weight, got {tuple(local_bias.shape)}",
+            )
         )
     tensors = {"input": input, "local_weight": local_weight, "target": target}
     if local_bias is not None:
