@@ -73,7 +73,8 @@ def _per_class_png(result) -> bytes:
                label=f"all rows: {result.cross_entropy_nats:.4g}")
     ax.set_xlabel("mean cross-entropy (nats)")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(entries) < 8 else -0.08),
+              frameon=False)
     return _png(fig)
 
 
