@@ -1,0 +1,92 @@
+"""`--engine dask`: one task per row group on a local cluster of 2 worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from crossent.cli.score import score_files
+from crossent.io import DataError
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None, worker_dashboard_address=None) as c:
+        with distributed.Client(c) as client:
+            yield c, client
+
+
+@pytest.fixture(scope="module")
+def folder(pred_table, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dask")
+    n = pred_table.num_rows
+    cuts = [0, 700, 1500, n]
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        pq.write_table(pred_table.slice(a, b - a), out / f"part-{i}.parquet", row_group_size=256)
+    return out
+
+
+def _same(a, b):
+    assert a.rows == b.rows and a.class_names == b.class_names
+    for key in ("weight", "cross_entropy_nats", "accuracy", "expected_calibration_error"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-12, err_msg=key)
+    for x, y in zip(a.per_class, b.per_class, strict=True):
+        assert x["rows"] == y["rows"]
+        np.testing.assert_allclose(x["cross_entropy_nats"], y["cross_entropy_nats"], rtol=1e-12)
+    np.testing.assert_array_equal(a.loss_histogram["counts"], b.loss_histogram["counts"])
+
+
+def test_dask_equals_local(cluster, folder, parquet_path):
+    _, client = cluster
+    args = {"target": "label", "probs": "p_*", "sample_weight": "w"}
+    dask_result, files = score_files(str(folder), engine="dask", client=client, **args)
+    assert len(files) == 3
+    local_dir, _ = score_files(str(folder), engine="local", **args)
+    local_one, _ = score_files(str(parquet_path), engine="local", **args)
+    _same(dask_result, local_dir)
+    _same(dask_result, local_one)
+    glob_result, _ = score_files(str(folder / "part-*.parquet"), engine="dask", client=client,
+                                 target="y", logits="logit*")
+    local_logits, _ = score_files(str(parquet_path), target="y", logits="logit*")
+    _same(glob_result, local_logits)
+
+
+def test_dask_bad_data_names_file_column_and_row(cluster, folder, tmp_path):
+    _, client = cluster
+    bad = pq.read_table(folder / "part-1.parquet")
+    values = bad.column("p_dog").to_numpy().copy()
+    values[300] = 2.0
+    bad = bad.set_column(bad.schema.get_field_index("p_dog"), "p_dog", pa.array(values))
+    pq.write_table(pq.read_table(folder / "part-0.parquet"), tmp_path / "a.parquet")
+    pq.write_table(bad, tmp_path / "b.parquet", row_group_size=256)
+    with pytest.raises(DataError, match=r"b.parquet: column 'p_dog', data row 300: probability"):
+        score_files(str(tmp_path), engine="dask", client=client, target="y", probs="p_*")
+
+
+def test_cli_dask_engine_on_a_scheduler_address(cluster, folder, parquet_path):
+    c, _ = cluster
+    env = dict(os.environ, DASK_SCHEDULER_ADDRESS=c.scheduler_address)
+    cmd = [sys.executable, "-m", "crossent.cli.main", "score", str(folder), "--target", "y",
+           "--probs", "p_*", "--engine", "dask", "--format", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    local, _ = score_files(str(parquet_path), target="y", probs="p_*")
+    assert out["rows"] == local.rows
+    np.testing.assert_allclose(out["cross_entropy_nats"], local.cross_entropy_nats, rtol=1e-12)
+
+
+def test_dask_engine_reads_parquet_only(tmp_path):
+    (tmp_path / "a.csv").write_text("a,b,y\n0.5,0.5,1\n")
+    with pytest.raises(FileNotFoundError, match="names no file"):
+        score_files(str(tmp_path), engine="dask", target="y", probs="a,b")
