@@ -481,3 +481,104 @@ def check_faults(rank, world, sizes):
     close(loss, expected.detach(), "after the faults: loss")
     close(z_local.grad, z_full.grad[:, lo:hi], "after the faults: grad")
     return raised + 2
+
+
+# ------------------------------------------------------------------------------------------------
+# the communication schedule of the module docstring, and a group other than the default one
+
+
+class CollectiveLog:
+    """Records every all_reduce / all_gather the library makes: (kind, op, numel, dtype)."""
+
+    def __init__(self):
+        self.calls = []
+        self._saved = dist.all_reduce, dist.all_gather
+
+    def __enter__(self):
+        all_reduce, all_gather = self._saved
+
+        def logged_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            self.calls.append(("all_reduce", str(op).split(".")[-1], tensor.numel(), tensor.dtype))
+            return all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+        def logged_all_gather(tensors, tensor, group=None, async_op=False):
+            self.calls.append(("all_gather", None, tensor.numel(), tensor.dtype))
+            return all_gather(tensors, tensor, group=group, async_op=async_op)
+
+        dist.all_reduce, dist.all_gather = logged_all_reduce, logged_all_gather
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce, dist.all_gather = self._saved
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def check_schedule_and_groups(rank, world):
+    """The collectives are those the module docstring draws; ``group=`` splits over a subgroup."""
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+    from crossent.distributed.vocab_parallel import _FIELDS
+
+    rows, features, sizes = 7, 5, [4, 6, 3][:world]
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    x = torch.randn(rows, features, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, features, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    table = ("all_gather", None, len(_FIELDS), torch.int64)
+    row_max = ("all_reduce", "MAX", rows, torch.float64)
+    checks = 0
+    with CollectiveLog() as log:
+        for eps in (0.0, 0.1):
+            stacked = ("all_reduce", "SUM", (4 if eps else 2) * rows, torch.float64)
+            loss = vocab_parallel_cross_entropy(z[:, lo:hi].clone().requires_grad_(), target, label_smoothing=eps)
+            assert log.take() == [table, row_max, stacked]
+            loss.backward()
+            assert log.take() == []  # the logits version needs nothing in backward
+            for x_grad in (True, False):
+                loss = vocab_parallel_linear_cross_entropy(
+                    x.clone().requires_grad_(x_grad),
+                    w[lo:hi].clone().requires_grad_(),
+                    target,
+                    label_smoothing=eps,
+                    softcap=4.0,
+                )
+                assert log.take() == [table, row_max, stacked]
+                loss.backward()
+                input_grad = ("all_reduce", "SUM", rows * features, torch.float64)
+                assert log.take() == ([input_grad] if x_grad else [])
+                checks += 4
+    assert len(_FIELDS) <= 16  # the docstring's "16 W int64 per call"
+
+    # a subgroup: every rank but rank 1 splits the vocabulary; rank 1 is not in the group
+    members = [r for r in range(world) if r != 1]
+    group = dist.new_group(members)  # collective over the default group
+    if rank in members:
+        sub_sizes = [5, 8][: len(members)]
+        sub_lo, sub_hi = slice_bounds(sub_sizes, members.index(rank))
+        sub_vocab = sum(sub_sizes)
+        t = target % sub_vocab
+        z_full = z[:, :sub_vocab].clone().requires_grad_()
+        expected = F.cross_entropy(z_full, t, reduction="sum", label_smoothing=0.2)
+        expected.backward()
+        z_local = z[:, sub_lo:sub_hi].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(z_local, t, group=group, reduction="sum", label_smoothing=0.2)
+        loss.backward()
+        close(loss, expected.detach(), f"subgroup loss rank {rank}")
+        close(z_local.grad, z_full.grad[:, sub_lo:sub_hi], f"subgroup grad rank {rank}")
+        checks += 2
+    else:
+        try:
+            vocab_parallel_cross_entropy(z[:, :3].clone(), target % 3, group=group)
+        except ValueError as err:
+            assert "group must contain this process" in str(err), err
+            checks += 2
+    dist.barrier()
+    return checks

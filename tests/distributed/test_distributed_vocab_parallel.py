@@ -65,6 +65,7 @@ def reports(request, tmp_path_factory):
         ("check_grid", PLANS[world]["grid"]),
         ("check_special", PLANS[world]["special"]),
         ("check_faults", PLANS[world]["faults"]),
+        ("check_schedule_and_groups", ()),
     ]
     out_dir = tmp_path_factory.mktemp(f"ranks{world}")
     return world, run_ranks(out_dir, world, checks)
@@ -89,6 +90,11 @@ def test_masked_classes_zero_denominators_nan_and_bfloat16(reports):
 def test_faults_raise_the_same_error_on_every_rank(reports):
     world, ranks = reports
     assert [report["check_faults"] for report in ranks] == [15 + 2] * world
+
+
+def test_collectives_follow_the_documented_schedule_and_group(reports):
+    world, ranks = reports
+    assert [report["check_schedule_and_groups"] for report in ranks] == [16 + 2] * world
 
 
 def test_without_process_group_is_a_clear_error():

@@ -117,7 +117,7 @@ _SHARED = {  # fields every rank must agree on, with the words an error uses
 
 
 def _float_bits(value: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+    return struct.unpack("<q", struct.pack("<d", float(value) + 0.0))[0]  # + 0.0: -0.0 -> 0.0
 
 
 def _bits_float(bits: int) -> float:
