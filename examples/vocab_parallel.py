@@ -12,14 +12,18 @@ Run on the CPU (gloo):
     torchrun --nproc-per-node 2 examples/vocab_parallel.py
     python examples/vocab_parallel.py            # a group of one process, same numbers
 
-Options: ``--dtype float64`` (default float32), ``--rows``, ``--hidden``, ``--vocab``.
+Options: ``--dtype float64`` (default float32), ``--rows``, ``--hidden``, ``--vocab``, and
+``--repeat K`` to also time K forward+backward steps of both (median; the vocab-parallel time is
+the slowest rank's, the single-process one runs on rank 0 while the others wait).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256, help="tokens in the batch")
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--vocab", type=int, default=1003)
+    parser.add_argument("--repeat", type=int, default=0, help="time this many steps of each")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -74,17 +79,21 @@ def main() -> None:
     local_bias = bias[rows].clone().requires_grad_()
     local_hidden = hidden.clone().requires_grad_()
 
-    loss = vocab_parallel_linear_cross_entropy(
-        local_hidden,
-        local_weight,
-        target,
-        local_bias=local_bias,
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=LABEL_SMOOTHING,
-        z_loss=Z_LOSS,
-        softcap=SOFTCAP,
-    )
-    loss.backward()
+    def parallel_step():
+        loss = vocab_parallel_linear_cross_entropy(
+            local_hidden,
+            local_weight,
+            target,
+            local_bias=local_bias,
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=LABEL_SMOOTHING,
+            z_loss=Z_LOSS,
+            softcap=SOFTCAP,
+        )
+        loss.backward()
+        return loss
+
+    loss = parallel_step()
 
     if rank == 0:
         ref_hidden = hidden.clone().requires_grad_()
@@ -106,6 +115,30 @@ def main() -> None:
         )
         print(f"max |d hidden grad| : {d_hidden:.3e}")
         print(f"max |d weight grad| : {d_weight:.3e}  (rank 0's slice)")
+
+    if args.repeat > 0:
+        parallel_ms = []
+        for _ in range(args.repeat):
+            dist.barrier()
+            start = time.perf_counter()
+            parallel_step()
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's time
+            parallel_ms.append(1e3 * elapsed.item())
+        if rank == 0:
+            single_ms = []
+            for _ in range(args.repeat):
+                ref_hidden = hidden.clone().requires_grad_()
+                ref_weight = weight.clone().requires_grad_()
+                start = time.perf_counter()
+                single_process_loss(ref_hidden, ref_weight, bias, target).backward()
+                single_ms.append(1e3 * (time.perf_counter() - start))
+            print(
+                f"fwd+bwd median of {args.repeat}: vocab-parallel {statistics.median(parallel_ms):.1f} "
+                f"ms, single-process {statistics.median(single_ms):.1f} ms "
+                f"(threads per process: {torch.get_num_threads()})"
+            )
+        dist.barrier()
     dist.destroy_process_group()
 
 

@@ -29,6 +29,8 @@ from crossent.distributed import (  # noqa: E402
     vocab_parallel_linear_cross_entropy,
 )
 
+pytestmark = pytest.mark.slow  # spawns processes (a few seconds each)
+
 JOIN_TIMEOUT_S = 150
 
 # Per world size: uneven slices for the option grid, slices with an empty one for the edge cases,
