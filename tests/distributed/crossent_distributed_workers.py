@@ -467,6 +467,11 @@ def check_faults(rank, world, sizes):
             rf"rank {last}: target must hold integer class indices",
             lambda: vpce(zl, target.double() if rank == last else target),
         ),
+        (
+            TypeError,
+            rf"rank {last}: local_logits must be a torch.Tensor, got list",
+            lambda: vpce(zl.tolist() if rank == last else zl, target),
+        ),
     ]
     raised = sum(expect_error(kind, pattern, call) for kind, pattern, call in faults)
     assert raised == len(faults)

@@ -512,10 +512,14 @@ def _finish_fields(fields, problems) -> None:
         fields["problem"] = _EXCEPTIONS.index(problems[0][0]) + 1
 
 
-def _device_of(*values) -> torch.device:
+def _device_of(group, *values) -> torch.device:
+    """Where the step-0 table travels: the data's device; without a tensor argument (an error on
+    this rank), the device the group's backend talks through, so the error still reaches all."""
     for value in values:
         if isinstance(value, torch.Tensor):
             return value.device
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -616,7 +620,7 @@ def vocab_parallel_cross_entropy(
         fields["dtype"] = _FLOAT_DTYPES.index(local_logits.dtype)
         summary = _target_summary(target, ignore_index)
     _finish_fields(fields, problems)
-    table = _exchange(fn, group, _device_of(local_logits, target), problems, fields, summary)
+    table = _exchange(fn, group, _device_of(group, local_logits, target), problems, fields, summary)
     rows = fields["rows"]
     plan = _plan_from_table(
         fn,
@@ -708,7 +712,7 @@ def vocab_parallel_linear_cross_entropy(
         fields["input_grad"] = int(input.requires_grad)
         summary = _target_summary(target, ignore_index)
     _finish_fields(fields, problems)
-    table = _exchange(fn, group, _device_of(input, local_weight, target), problems, fields, summary)
+    table = _exchange(fn, group, _device_of(group, input, local_weight, target), problems, fields, summary)
     rows = fields["rows"]
     plan = _plan_from_table(
         fn,
