@@ -587,3 +587,57 @@ def check_schedule_and_groups(rank, world):
             checks += 2
     dist.barrier()
     return checks
+
+
+def check_random_splits(rank, world, cases=8):
+    """Random partitions of the vocabulary (empty slices included) with random options."""
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    checks = 0
+    for case in range(cases):
+        gen = torch.Generator().manual_seed(500 + case)  # the same on every rank
+        vocab = int(torch.randint(1, 40, (), generator=gen))
+        cuts = torch.randint(0, vocab + 1, (world - 1,), generator=gen).sort().values.tolist()
+        edges = [0, *cuts, vocab]
+        sizes = [edges[r + 1] - edges[r] for r in range(world)]
+        lo, hi = slice_bounds(sizes, rank)
+        rows, features = int(torch.randint(1, 12, (), generator=gen)), 3
+        eps = [0.0, 0.3][case % 2]
+        zl = [0.0, 0.05][(case // 2) % 2]
+        reduction = ["mean", "sum", "none"][case % 3]
+        softcap = [None, 2.5][(case // 4) % 2]
+        target = make_targets(gen, (rows,), vocab, -100)
+        x = torch.randn(rows, features, generator=gen, dtype=torch.float64)
+        w = torch.randn(vocab, features, generator=gen, dtype=torch.float64)
+        b = torch.randn(vocab, generator=gen, dtype=torch.float64)
+        grad_out = upstream(reduction, (rows,), gen)
+        x_full, w_full, b_full = (t.clone().requires_grad_() for t in (x, w, b))
+        logits = x_full @ w_full.T + b_full
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits.retain_grad()
+        rows_loss = oracle_rows(logits, target, ignore_index=-100, eps=eps, zl=zl)
+        expected = oracle_reduce(rows_loss, target, ignore_index=-100, reduction=reduction, shape=(rows,))
+        (expected * grad_out).sum().backward()
+        opts = dict(reduction=reduction, label_smoothing=eps, z_loss=zl)
+        what = f"random split {sizes} rank {rank} {opts} softcap={softcap}"
+
+        z_local = logits.detach()[:, lo:hi].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(z_local, target, **opts)
+        (loss * grad_out).sum().backward()
+        close(loss, expected.detach(), f"logits loss, {what}")
+        close(z_local.grad, logits.grad[:, lo:hi], f"logits grad, {what}")
+
+        x_l, w_l, b_l = x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone()
+        b_l.requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(x_l, w_l, target, local_bias=b_l, softcap=softcap, **opts)
+        (loss * grad_out).sum().backward()
+        close(loss, expected.detach(), f"linear loss, {what}")
+        close(x_l.grad, x_full.grad, f"input grad, {what}")
+        close(w_l.grad, w_full.grad[lo:hi], f"weight grad, {what}")
+        close(b_l.grad, b_full.grad[lo:hi], f"bias grad, {what}")
+        checks += 6
+    return checks

@@ -68,6 +68,7 @@ def reports(request, tmp_path_factory):
         ("check_special", PLANS[world]["special"]),
         ("check_faults", PLANS[world]["faults"]),
         ("check_schedule_and_groups", ()),
+        ("check_random_splits", ()),
     ]
     out_dir = tmp_path_factory.mktemp(f"ranks{world}")
     return world, run_ranks(out_dir, world, checks)
@@ -97,6 +98,11 @@ def test_faults_raise_the_same_error_on_every_rank(reports):
 def test_collectives_follow_the_documented_schedule_and_group(reports):
     world, ranks = reports
     assert [report["check_schedule_and_groups"] for report in ranks] == [16 + 2] * world
+
+
+def test_random_partitions_with_empty_slices(reports):
+    world, ranks = reports
+    assert [report["check_random_splits"] for report in ranks] == [8 * 6] * world
 
 
 def test_without_process_group_is_a_clear_error():
