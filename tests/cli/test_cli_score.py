@@ -211,3 +211,39 @@ def test_group_lists_subcommands():
     assert result.exit_code == 0 and "score" in result.stdout
     assert CliRunner().invoke(main, ["score", "--help"]).exit_code == 0
     assert CliRunner().invoke(main, ["nope"]).exit_code == 2
+
+
+def _run_on_terminal(cmd):
+    """Run cmd with stderr on a pseudo-terminal; returns (completed process, stderr bytes)."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="100")
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=slave, env=env, timeout=120)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+    return done, b"".join(chunks)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a pseudo-terminal")
+def test_progress_bar_only_on_a_terminal(parquet_path):
+    cmd = [sys.executable, "-m", "crossent.cli.main", "score", str(parquet_path), "--target", "y",
+           "--probs", "p_*", "--format", "json", "--batch-rows", "100"]
+    done, stderr = _run_on_terminal(cmd)
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["rows"] == 2531  # stdout stays clean JSON
+    assert b"scoring rows" in stderr
+    done, stderr = _run_on_terminal(cmd + ["--quiet"])
+    assert done.returncode == 0 and b"scoring rows" not in stderr
