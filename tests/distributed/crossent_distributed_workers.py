@@ -562,6 +562,27 @@ def check_schedule_and_groups(rank, world):
                 checks += 4
     assert len(_FIELDS) <= 16  # the docstring's "16 W int64 per call"
 
+    # the linear version never holds this rank's N x V_r logits: chunks of at most
+    # _CHUNK_ELEMENTS // N columns, each column computed once in forward and once in backward
+    import crossent.distributed.vocab_parallel as vp
+
+    default_chunk, linear_chunk = vp._CHUNK_ELEMENTS, vp._linear_chunk
+    widths = []
+
+    def recording_chunk(x_, weight_, bias_, col0, width):
+        out = linear_chunk(x_, weight_, bias_, col0, width)
+        widths.append(out.shape[1])
+        return out
+
+    vp._CHUNK_ELEMENTS, vp._linear_chunk = rows * 2, recording_chunk
+    try:
+        loss = vocab_parallel_linear_cross_entropy(x.clone().requires_grad_(), w[lo:hi].clone(), target)
+        loss.backward()
+    finally:
+        vp._CHUNK_ELEMENTS, vp._linear_chunk = default_chunk, linear_chunk
+    assert max(widths, default=0) <= 2 and sum(widths) == 2 * (hi - lo), widths
+    checks += 1
+
     # a subgroup: every rank but rank 1 splits the vocabulary; rank 1 is not in the group
     members = [r for r in range(world) if r != 1]
     group = dist.new_group(members)  # collective over the default group

@@ -97,7 +97,7 @@ def test_faults_raise_the_same_error_on_every_rank(reports):
 
 def test_collectives_follow_the_documented_schedule_and_group(reports):
     world, ranks = reports
-    assert [report["check_schedule_and_groups"] for report in ranks] == [16 + 2] * world
+    assert [report["check_schedule_and_groups"] for report in ranks] == [16 + 1 + 2] * world
 
 
 def test_random_partitions_with_empty_slices(reports):
