@@ -10,6 +10,10 @@ fresh subprocess, so that its peak memory can be read from ``ru_maxrss``:
 3. one warm call, then ``--repeats`` timed calls; report the median, min and max wall time and
    the peak RSS above the baseline ("extra memory": everything the case allocated at once).
 
+The fast cases run round-robin ``--rounds`` times (each time in a new process) and their timed
+calls are pooled, so a change in the machine's load hits all of them alike; ratios to torch are
+taken between cases of the same run.
+
 Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 
 * ``crossent``            ``crossent.softmax_cross_entropy`` (numba fast path)
@@ -176,9 +180,7 @@ def worker(args) -> dict:
     extra = max(0, peak_rss_bytes() - baseline)
     return {
         "case": args.worker,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
+        "times": times,
         "extra_peak_bytes": extra,
         "logits_bytes": x.nbytes,
         "loss": loss,
@@ -224,9 +226,11 @@ def git_commit() -> str:
 # ---- driver -----------------------------------------------------------------------------------
 
 
+SLOW = ("sklearn", "crossent-array-api", "crossent-grad", "scipy")
+
+
 def run_case(case: str, args) -> dict:
-    repeats = args.repeats if case not in ("sklearn", "crossent-array-api", "crossent-grad") else (
-        args.slow_repeats)
+    repeats = args.slow_repeats if case in SLOW else args.repeats
     cmd = [sys.executable, __file__, "--worker", case, "--rows", str(args.rows),
            "--classes", str(args.classes), "--sigma", str(args.sigma),
            "--threads", str(args.threads), "--repeats", str(repeats)]  # fmt: skip
@@ -236,10 +240,35 @@ def run_case(case: str, args) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["repeats"] = repeats
-    print(f"  {case:22s} median {result['median_s']:.3f} s, extra "
+    print(f"  {case:22s} median {statistics.median(result['times']):.3f} s, extra "
           f"{result['extra_peak_bytes'] / 2**20:.0f} MiB, loss {result['loss']:.4f}", flush=True)
     return result
+
+
+def run_all(cases: list[str], args) -> list[dict]:
+    """Run the cases round-robin, ``--rounds`` times (the slow ones once), so that a change in
+    the machine's load during the run hits every case alike; pool each case's timed calls."""
+    pooled: dict[str, dict] = {}
+    for round_ in range(args.rounds):
+        print(f"round {round_ + 1} of {args.rounds}", flush=True)
+        for case in cases:
+            if round_ > 0 and case in SLOW:
+                continue
+            r = run_case(case, args)
+            if case not in pooled:
+                pooled[case] = {**r, "processes": 1}
+            else:
+                p = pooled[case]
+                p["times"] += r["times"]
+                p["extra_peak_bytes"] = max(p["extra_peak_bytes"], r["extra_peak_bytes"])
+                p["processes"] += 1
+    results = []
+    for case in cases:
+        p = pooled[case]
+        t = p["times"]
+        results.append({**p, "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                        "repeats": len(t)})  # fmt: skip
+    return results
 
 
 def markdown(results: list[dict], args, conditions: dict) -> str:
@@ -265,10 +294,12 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
         f"scipy single-threaded), {conditions['date_utc']}; Python {conditions['python']}, "
         f"numpy {conditions['numpy']}, numba {conditions['numba']}, torch {conditions['torch']}, "
         f"scipy {conditions['scipy']}, scikit-learn {conditions['sklearn']}, crossent "
-        f"{conditions['crossent']} ({conditions['commit']}). Median of {args.repeats} warm calls "
-        f"({args.slow_repeats} for the slow cases); extra peak = peak RSS above the inputs, each "
-        "case in its own process. Logits ~ N(0, sigma^2): scikit-learn clips probabilities to "
-        "[eps, 1 - eps] (eps = float32 epsilon), which lowers the loss of rows whose true-class "
+        f"{conditions['crossent']} ({conditions['commit']}). Median of {args.rounds} x "
+        f"{args.repeats} warm calls, the cases run round-robin in {args.rounds} rounds "
+        f"({args.slow_repeats} calls in one round for scipy, sklearn and the Array-API path); "
+        "extra peak = peak RSS above the inputs, each case in its own process. Logits ~ "
+        "N(0, sigma^2): scikit-learn clips probabilities to [eps, 1 - eps] (eps = float32 "
+        "epsilon), which lowers the loss of rows whose true-class "
         "probability is below eps. The gradient cases count the gradient (100% of the logits) "
         "as extra."
     )
@@ -283,7 +314,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--slow-repeats", type=int, default=2,
-                        help="repeats for sklearn and the Array-API cases (seconds each)")
+                        help="repeats for the slow cases (scipy, sklearn, the Array-API path)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="round-robin passes over the fast cases (the slow ones run once)")
     parser.add_argument("--cases", default=",".join(FORWARD), help="comma list of cases")
     parser.add_argument("--grad", action="store_true", help="add the loss-and-gradient cases")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
@@ -303,7 +336,7 @@ def main(argv=None) -> None:
     conditions = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "cpu": cpu_model(), "commit": git_commit(), **versions()}  # fmt: skip
     print(f"{args.rows} x {args.classes} float32, {args.threads} threads, {conditions['cpu']}")
-    results = [run_case(case, args) for case in cases]
+    results = run_all(cases, args)
     table = markdown(results, args, conditions)
     print()
     print(table)
