@@ -116,6 +116,12 @@ def test_usage_errors_exit_2(parquet_path, args):
     assert result.stdout == ""
 
 
+def test_report_into_a_missing_folder_exits_2_before_scoring(parquet_path, tmp_path):
+    result = run(parquet_path, "--target", "y", "--probs", "p_*", "--report",
+                 tmp_path / "nope" / "r.html")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
 def test_missing_path_and_unknown_suffix_exit_2(tmp_path):
     assert run(tmp_path / "nope.parquet", "--target", "y", "--probs", "a,b").exit_code == 2
     (tmp_path / "a.txt").write_text("a,b,y\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import click
@@ -222,6 +223,8 @@ def score(path, target, probs, logits, output_format, sample_weight, normalize, 
         raise click.UsageError("pass exactly one of --probs and --logits")
     if normalize and logits is not None:
         raise click.UsageError("--normalize applies to --probs only")
+    if report and not os.path.isdir(os.path.dirname(os.path.abspath(report))):
+        raise click.BadParameter(f"the folder of {report!r} does not exist", param_hint="--report")
     show_progress = not quiet and sys.stderr.isatty()
     _lean_arrow_memory()
     try:
