@@ -1,4 +1,15 @@
-"""A streaming, mergeable accumulator of cross-entropy, accuracy and calibration."""
+"""A streaming, mergeable accumulator of cross-entropy, accuracy and calibration.
+
+The per-row losses are the formulas of ``crossent.log_loss`` (``eps="auto"``) and
+``crossent.softmax_cross_entropy`` (the tests pin them to those functions and to scikit-learn),
+computed here in numpy rather than by calling the core functions, for two reasons measured on
+16384 x 16 float32 batches: the whole ``update`` (validation, losses, accuracy, calibration
+bins, histogram) takes 1.5-1.9 ms, while ``log_loss(reduction="none")`` alone takes 6-7 ms and
+``softmax_cross_entropy`` 10-19 ms, which would put ``crossent score`` past its time target; and a
+bad row must be reported with its column and data row, which the core's ValueErrors do not carry,
+so the validation has to happen here anyway. Batches are made column-major: over a short class
+axis, numpy's row reductions are ~20x faster in that layout.
+"""
 
 from __future__ import annotations
 
