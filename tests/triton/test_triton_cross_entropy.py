@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 import crossent.triton as ctr  # noqa: E402
 import torch  # noqa: E402
-from crossent.triton import cross_entropy  # noqa: E402
+from crossent.triton import _launchers, cross_entropy  # noqa: E402
 
 C = 4099
 IGNORE = -100
@@ -83,6 +83,28 @@ def test_float32_matches_float64_pytorch(ref, name, reduction):
     assert loss.shape == want.shape
     torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_streamed_rows(ref, monkeypatch, reduction):
+    """Rows longer than one block: two passes in 1024-column steps (5 steps for C = 4099)."""
+    monkeypatch.setattr(_launchers, "SINGLE_BLOCK_MAX", 512)
+    monkeypatch.setattr(_launchers, "LOOP_BLOCK", 1024)
+    assert _launchers._row_block(C) == (1024, 16, False)
+    logits, target, weight = make(37)
+    for name in ("plain", "all"):
+        opts = options(name, weight)
+        loss, grad = run_triton(logits.float(), target, reduction=reduction, **{
+            k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
+        want, want_grad = run_reference(ref, logits.float(), target, reduction=reduction, **opts)
+        torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+    # the in-place gradient and the backward scale over several steps as well
+    x = logits.float().requires_grad_()
+    loss = cross_entropy(x, target, reduction=reduction, inplace_backward=True)
+    loss.backward(upstream(loss, reduction))
+    want, want_grad = run_reference(ref, logits.float(), target, reduction=reduction)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("n", [1, 5])

@@ -87,6 +87,39 @@ def _online_update(m, s, x, axis: tl.constexpr):
 
 
 @triton.jit
+def _ce_load_block(x_row, cols, mask, cap, HAS_SOFTCAP: tl.constexpr):
+    """float32 logits of one block (masked lanes -inf) and their tanh (softcap derivative)."""
+    x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    th = x
+    if HAS_SOFTCAP:
+        th = _tanh(x / cap)
+        x = tl.where(mask, cap * th, float("-inf"))
+    return x, th
+
+
+@triton.jit
+def _ce_class_weight(weight_ptr, cols, mask, HAS_WEIGHT: tl.constexpr):
+    """Class weights of one block (1 without weights), 0 on masked lanes."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(mask, 1.0, 0.0)
+    return w
+
+
+@triton.jit
+def _ce_grad_block(x, th, w, cols, target, lse, a_coef, b_coef, c_coef,
+                   HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``A p - B [j==t] - C w fin`` for one block, times ``1 - th**2`` with a softcap."""
+    g = a_coef * tl.exp(x - lse) - tl.where(cols == target, b_coef, 0.0)
+    if HAS_SMOOTHING:
+        g -= tl.where(x != float("-inf"), c_coef * w, 0.0)
+    if HAS_SOFTCAP:
+        g = g * (1.0 - th * th)
+    return g
+
+
+@triton.jit
 def _ce_forward_kernel(
     logits_ptr,
     stride_logits,
@@ -106,16 +139,19 @@ def _ce_forward_kernel(
     HAS_Z_LOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Loss of one row and (optionally) its gradient, in one launch (forward writes the gradient).
 
-    Pass 1 streams the row once: online max/sum-exp, and for label smoothing K, S_w, S_wx.
-    Pass 2 (``WRITE_GRAD``) streams it again and writes ``A p - B [j==t] - C w fin`` (times the
-    softcap derivative) for an upstream gradient of 1; backward then only scales it. The second
-    read of a row mostly hits L2 (one row is at most 512 KiB). ``grad_ptr`` may equal
-    ``logits_ptr`` (in-place gradient): every element is read before it is overwritten by the
-    same program.
+    ``SINGLE_BLOCK`` (the row fits one BLOCK): the row is loaded once and kept in registers; the
+    statistics and the gradient come from that copy, so the logits are read exactly once.
+    Otherwise pass 1 streams the row in BLOCK steps (online max/sum-exp, and for label smoothing
+    K, S_w, S_wx) and pass 2 (``WRITE_GRAD``) streams it again; the second read hits L2 when few
+    enough rows are in flight (the launcher picks big programs for long rows).
+    The gradient written is ``A p - B [j==t] - C w fin`` (times the softcap derivative) for an
+    upstream gradient of 1; backward then only scales it. ``grad_ptr`` may equal ``logits_ptr``
+    (in-place gradient): every element is read before the same program overwrites it.
 
     Pointers: ``logits_ptr`` (M, C) any float dtype, row stride ``stride_logits``, unit column
     stride; ``grad_ptr`` (M, C) same dtype, row stride ``stride_grad``; ``target_ptr`` (M,) int64;
@@ -133,10 +169,10 @@ def _ce_forward_kernel(
     if target == ignore_index:
         tl.store(loss_ptr + row, 0.0)
         if WRITE_GRAD:
+            zero = tl.zeros([BLOCK], dtype=tl.float32).to(grad_ptr.dtype.element_ty)
             for start in range(0, n_cols, BLOCK):
                 cols = start + cols0
-                zero = tl.zeros([BLOCK], dtype=tl.float32)
-                tl.store(g_row + cols, zero.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+                tl.store(g_row + cols, zero, mask=cols < n_cols)
     else:
         ce_scale = tl.load(scales_ptr)
         z_scale = tl.load(scales_ptr + 1)
@@ -149,26 +185,35 @@ def _ce_forward_kernel(
         if HAS_WEIGHT:
             w_t = tl.load(weight_ptr + t_safe).to(tl.float32)
 
-        m = tl.full([], float("-inf"), tl.float32)
-        s = tl.zeros([], dtype=tl.float32)
-        sum_w = tl.zeros([], dtype=tl.float32)
-        sum_wx = tl.zeros([], dtype=tl.float32)
-        n_fin = tl.zeros([], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + cols0
-            mask = cols < n_cols
-            x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            if HAS_SOFTCAP:
-                x = tl.where(mask, cap * _tanh(x / cap), float("-inf"))
-            m, s = _online_update(m, s, x, 0)
+        if SINGLE_BLOCK:
+            mask = cols0 < n_cols
+            x, th = _ce_load_block(x_row, cols0, mask, cap, HAS_SOFTCAP)
+            m, s = _online_update(
+                tl.full([], float("-inf"), tl.float32), tl.zeros([], dtype=tl.float32), x, 0
+            )
             if HAS_SMOOTHING:
+                w = _ce_class_weight(weight_ptr, cols0, mask, HAS_WEIGHT)
                 fin = x != float("-inf")
-                w = tl.full([BLOCK], 1.0, tl.float32)
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                sum_w += tl.sum(tl.where(fin, w, 0.0), axis=0)
-                sum_wx += tl.sum(tl.where(fin, w * x, 0.0), axis=0)
-                n_fin += tl.sum(fin.to(tl.float32), axis=0)
+                sum_w = tl.sum(tl.where(fin, w, 0.0), axis=0)
+                sum_wx = tl.sum(tl.where(fin, w * x, 0.0), axis=0)
+                n_fin = tl.sum(fin.to(tl.float32), axis=0)
+        else:
+            m = tl.full([], float("-inf"), tl.float32)
+            s = tl.zeros([], dtype=tl.float32)
+            sum_w = tl.zeros([], dtype=tl.float32)
+            sum_wx = tl.zeros([], dtype=tl.float32)
+            n_fin = tl.zeros([], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + cols0
+                mask = cols < n_cols
+                xb, _ = _ce_load_block(x_row, cols, mask, cap, HAS_SOFTCAP)
+                m, s = _online_update(m, s, xb, 0)
+                if HAS_SMOOTHING:
+                    wb = _ce_class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
+                    fin = xb != float("-inf")
+                    sum_w += tl.sum(tl.where(fin, wb, 0.0), axis=0)
+                    sum_wx += tl.sum(tl.where(fin, wb * xb, 0.0), axis=0)
+                    n_fin += tl.sum(fin.to(tl.float32), axis=0)
         lse = m + tl.log(s)
 
         ce = (1.0 - eps) * w_t * (lse - x_t)
@@ -190,23 +235,23 @@ def _ce_forward_kernel(
 
         if WRITE_GRAD:
             a_coef = tl.where(target_ok, a_coef, nan)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + cols0
-                mask = cols < n_cols
-                x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                if HAS_SOFTCAP:
-                    th = _tanh(x / cap)
-                    x = cap * th
-                p = tl.exp(x - lse)
-                g = a_coef * p - tl.where(cols == target, b_coef, 0.0)
-                if HAS_SMOOTHING:
-                    w = tl.full([BLOCK], 1.0, tl.float32)
-                    if HAS_WEIGHT:
-                        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                    g -= tl.where(x != float("-inf"), c_coef * w, 0.0)
-                if HAS_SOFTCAP:
-                    g = g * (1.0 - th * th)
-                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            if SINGLE_BLOCK:
+                if not HAS_SMOOTHING:
+                    w = x  # unused by _ce_grad_block without smoothing
+                g = _ce_grad_block(x, th, w, cols0, target, lse, a_coef, b_coef, c_coef,
+                                   HAS_SMOOTHING, HAS_SOFTCAP)
+                tl.store(g_row + cols0, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            else:
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + cols0
+                    mask = cols < n_cols
+                    xb, th = _ce_load_block(x_row, cols, mask, cap, HAS_SOFTCAP)
+                    wb = xb
+                    if HAS_SMOOTHING:
+                        wb = _ce_class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
+                    g = _ce_grad_block(xb, th, wb, cols, target, lse, a_coef, b_coef, c_coef,
+                                       HAS_SMOOTHING, HAS_SOFTCAP)
+                    tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -621,7 +666,7 @@ def _lce_grad_input_kernel(
 ):
     """dE[rows] += g_out[rows] * G_chunk @ W[col_start : col_start + n_chunk]  (one chunk).
 
-    Grid (row blocks, D blocks). ``G_chunk`` at ``g_ptr`` (compacted rows, row stride
+    Grid (D blocks, row blocks). ``G_chunk`` at ``g_ptr`` (compacted rows, row stride
     ``stride_g``). Each program owns a (BLOCK_M, BLOCK_D) block of dE and runs its K loop over
     the chunk's columns with a float32 register accumulator, then adds the previous chunks' sum
     from ``acc_ptr`` (float32 (M, D) contiguous, original row order; not read when ``FIRST``).
@@ -631,8 +676,10 @@ def _lce_grad_input_kernel(
     ``acc_ptr``. ``gout_ptr``: upstream gradient, per row (stride 1, "none") or one scalar
     (stride 0). Overflow: row indices int64.
     """
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    # D blocks vary fastest: programs running together share one block of G rows (read once
+    # into L2) and sweep the chunk of W (chunk x D, L2-sized) instead of re-reading G per D block.
+    pid_d = tl.program_id(0)
+    pid_m = tl.program_id(1)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -698,7 +745,7 @@ def _lce_grad_weight_kernel(
 ):
     """dW[col_start + v] = sum_r g_out[rows[r]] G[r, v] E[rows[r]]  (and db = sum_r g_out G[r, v]).
 
-    Grid (column blocks of the chunk, D blocks). Each program owns a (BLOCK_V, BLOCK_D) block of
+    Grid (D blocks, column blocks of the chunk). Each program owns a (BLOCK_V, BLOCK_D) block of
     dW and runs its K loop over the ``n_valid`` compacted rows (a bound read on the device, so
     ignored rows are never multiplied), float32 register accumulator, one store: deterministic.
     ``dw_ptr`` (V, D) contiguous, dtype of W; ``db_ptr`` (V,) dtype of the bias, written by the
@@ -706,8 +753,9 @@ def _lce_grad_weight_kernel(
     the bias alone the launcher uses a single D block). ``PER_ROW_SCALE``: the upstream gradient is per row ("none") and
     scales G's rows before the product; otherwise the scalar scales the result.
     """
-    pid_v = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    # D blocks vary fastest: programs running together share one column slab of G.
+    pid_d = tl.program_id(0)
+    pid_v = tl.program_id(1)
     n_valid = tl.load(n_valid_ptr)
     j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     j_mask = j < n_chunk

@@ -140,13 +140,26 @@ def _scales(target, weight, ignore_index, n_classes, reduction, device):
 # ------------------------------------------------------------------------------------------------
 
 
+#: Rows of at most this many columns are held in registers by one program (read once);
+#: longer rows are streamed twice in LOOP_BLOCK-column steps.
+SINGLE_BLOCK_MAX = 32768
+LOOP_BLOCK = 8192
+
+
 def _row_block(n_cols):
-    # One program per row streams the row in BLOCK-column steps. 4096 columns with 8 warps is
-    # 16 elements per thread per step (two 16-byte loads of bf16), few registers, so several rows
-    # share an SM and hide each other's load latency; both benchmark shapes (8192 or 32768 rows)
-    # give far more programs than SMs. Short rows use one step of the next power of two.
-    block = min(4096, triton.next_power_of_2(max(n_cols, 16)))
-    return block, (8 if block >= 2048 else 4)
+    """(BLOCK, num_warps, single_block) for one-program-per-row kernels over ``n_cols`` columns.
+
+    Rows up to SINGLE_BLOCK_MAX columns: one block holds the whole row, so the logits are read
+    once (32768 columns over 16 warps is 64 values per thread, 32 registers as packed bf16).
+    Longer rows (e.g. 128256): 8192-column steps with 16 warps; big programs keep few rows in
+    flight (about 2 per SM, 132 SMs x 2 x 256 KiB ~ the 50 MB L2 of an H100), so the second
+    pass over a row mostly hits L2 instead of HBM. Short rows use fewer warps.
+    """
+    block = triton.next_power_of_2(max(n_cols, 16))
+    if block <= SINGLE_BLOCK_MAX:
+        warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+        return block, warps, True
+    return LOOP_BLOCK, 16, False
 
 
 @dataclasses.dataclass
@@ -182,7 +195,7 @@ def cross_entropy_forward(
         # No class to score: ignored rows give 0, any other target is out of range (NaN).
         row_loss = torch.where(valid, float("nan"), 0.0).to(torch.float32)
     elif n_rows > 0:
-        block, warps = _row_block(n_cols)
+        block, warps, single = _row_block(n_cols)
         g = grad if grad is not None else x
         K._ce_forward_kernel[(n_rows,)](
             x, x.stride(0), g, g.stride(0), target,
@@ -194,6 +207,7 @@ def cross_entropy_forward(
             HAS_Z_LOSS=z_loss > 0.0,
             HAS_SOFTCAP=softcap is not None,
             WRITE_GRAD=grad is not None,
+            SINGLE_BLOCK=single,
             BLOCK=block,
             num_warps=warps,
         )
@@ -208,7 +222,7 @@ def scale_rows_(grad, grad_output):
         return grad
     g = grad_output.detach()
     stride = 0 if g.ndim == 0 else g.stride(0)
-    block, warps = _row_block(n_cols)
+    block, warps, _ = _row_block(n_cols)
     K._scale_rows_kernel[(n_rows,)](grad, grad.stride(0), g, stride, n_cols, BLOCK=block, num_warps=warps)
     return grad
 
@@ -460,7 +474,7 @@ def linear_backward(
                 **dot,
             )
         if need_input:
-            K._lce_grad_input_kernel[(n_m_blocks, triton.cdiv(n_dim, t.block_d))](
+            K._lce_grad_input_kernel[(triton.cdiv(n_dim, t.block_d), n_m_blocks)](
                 buf, buf.stride(0), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
                 fwd.rows, fwd.n_valid, g_out, g_stride,
                 acc if acc is not None else dummy, d_inp, start, width, n_dim,
@@ -471,7 +485,7 @@ def linear_backward(
             )
         if need_weight or need_bias:
             d_blocks = triton.cdiv(n_dim, t.block_d) if need_weight else 1
-            K._lce_grad_weight_kernel[(triton.cdiv(width, t.block_v), d_blocks)](
+            K._lce_grad_weight_kernel[(d_blocks, triton.cdiv(width, t.block_v))](
                 buf, buf.stride(0), inp, inp.stride(0), inp.stride(1),
                 fwd.rows, fwd.n_valid, g_out, g_stride,
                 d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
