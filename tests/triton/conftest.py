@@ -57,9 +57,8 @@ def pytest_collection_modifyitems(items):
 def reference(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
               label_smoothing=0.0, z_loss=0.0, softcap=None):
     """The loss by plain PyTorch ops, in the dtype of ``logits`` (float64 for the oracle)."""
-    import torch.nn.functional as F
-
     import torch
+    import torch.nn.functional as F
 
     x = logits
     if softcap is not None:

@@ -13,8 +13,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernel tests need it")
 
-import crossent.triton as ctr  # noqa: E402
 import torch  # noqa: E402
+
+import crossent.triton as ctr  # noqa: E402
 from crossent.triton import _launchers, cross_entropy  # noqa: E402
 
 C = 4099

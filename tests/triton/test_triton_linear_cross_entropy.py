@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernel tests need it")
 
 import torch  # noqa: E402
+
 from crossent.triton import _launchers, linear_cross_entropy  # noqa: E402
 
 N, D, V = 61, 32, 1031
@@ -248,3 +249,19 @@ def test_bad_data():
     bad[0] = 7
     with pytest.raises(ValueError, match=r"target\[0\] = 7"):
         linear_cross_entropy(x.float(), w.float(), bad)
+
+
+def test_strided_input_and_weight(ref):
+    """E as a column slice of a wider buffer, W as the transpose of a (D, V) matrix (tied head)."""
+    x, w, b, target, _ = make()
+    want = run_reference(ref, x.float(), w.float(), b.float(), target, label_smoothing=0.1)
+    wide = torch.zeros(N, D + 7)
+    wide[:, 5 : 5 + D] = x.float()
+    wide.requires_grad_()
+    w_t = w.float().t().contiguous().requires_grad_()  # (D, V)
+    bf = b.float().requires_grad_()
+    loss = linear_cross_entropy(wide[:, 5 : 5 + D], w_t.t(), target, linear_bias=bf,
+                                label_smoothing=0.1)
+    loss.backward(torch.tensor(1.7))
+    got = (loss.detach(), wide.grad[:, 5 : 5 + D], w_t.grad.t(), bf.grad)
+    assert_matches(got, want)
