@@ -194,6 +194,18 @@ def test_strided_logits(ref):
         torch.testing.assert_close(grad_of().double(), want_grad, rtol=1e-5, atol=1e-8)
 
 
+def test_custom_ignore_index_inside_class_range(ref):
+    logits, target, weight = make(37, ignore_every=0)
+    target[::3] = 11
+    opts = dict(ignore_index=11, label_smoothing=0.1, weight=weight)
+    loss, grad = run_triton(logits.float(), target, **{
+        k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
+    want, want_grad = run_reference(ref, logits.float(), target, **opts)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+    assert torch.count_nonzero(grad[::3]) == 0
+
+
 def test_deterministic():
     logits, target, weight = make(37)
     opts = options("all", weight.float())

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from torch.autograd.function import once_differentiable
-
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _launchers as L
 

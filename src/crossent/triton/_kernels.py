@@ -42,9 +42,8 @@ bf16 product is exact in float32), so the interpreter computes what the tensor c
 
 from __future__ import annotations
 
-import triton.language as tl
-
 import triton
+import triton.language as tl
 
 
 @triton.jit
