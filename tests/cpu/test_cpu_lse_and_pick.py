@@ -6,7 +6,10 @@ Every test runs twice: through the numba kernels and through the blocked-numpy f
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -187,3 +190,60 @@ def test_available_follows_switches(monkeypatch):
     monkeypatch.delenv("CROSSENT_CPU_FAST")
     monkeypatch.setattr(cpu, "ENABLED", False)
     assert not cpu.available()
+
+
+def test_serial_and_parallel_kernels_agree_bitwise(monkeypatch):
+    rng = np.random.default_rng(8)
+    for dtype in (np.float32, np.float64):
+        x = random_logits(rng, 301, 257, dtype)
+        y = rng.integers(0, 257, 301)
+        monkeypatch.setattr(cpu, "_PARALLEL_MIN_ELEMENTS", 0)
+        parallel = cpu.lse_and_pick(x, y)
+        monkeypatch.setattr(cpu, "_PARALLEL_MIN_ELEMENTS", x.size + 1)
+        serial = cpu.lse_and_pick(x, y)
+        np.testing.assert_array_equal(parallel[0], serial[0])
+        np.testing.assert_array_equal(parallel[1], serial[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_works_in_a_process_forked_after_parallel_use(monkeypatch):
+    # GNU OpenMP (numba's thread pool here) cannot be used in a forked child once the parent used
+    # it: numba terminates such a child. The fast path must notice and run serially there.
+    monkeypatch.setattr(cpu, "_PARALLEL_MIN_ELEMENTS", 0)
+    rng = np.random.default_rng(9)
+    x = random_logits(rng, 2000, 300, np.float32)
+    y = rng.integers(0, 300, 2000)
+    want, _ = cpu.lse_and_pick(x, y)
+    assert cpu._parallel_pid == os.getpid()
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded process" (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: compute, send the bytes, leave without running pytest's exit code
+        code = 1
+        try:
+            lse, _ = cpu.lse_and_pick(x, y)
+            os.write(write_end, lse.tobytes())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 1 << 16):
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(np.frombuffer(b"".join(chunks), np.float32), want)
+
+
+def test_concurrent_calls_from_threads(monkeypatch):
+    monkeypatch.setattr(cpu, "_PARALLEL_MIN_ELEMENTS", 0)
+    rng = np.random.default_rng(10)
+    x = random_logits(rng, 3000, 200, np.float64)
+    y = rng.integers(0, 200, 3000)
+    want = cpu.lse_and_pick(x, y)[0]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: cpu.lse_and_pick(x, y)[0], range(8)))
+    for got in results:
+        np.testing.assert_array_equal(got, want)

@@ -30,6 +30,11 @@ ENABLED = True
 """Set to False to make :func:`available` return False (e.g. to time the Array-API path)."""
 
 _numba_importable: bool | None = None
+# Inputs with fewer elements run serially: starting the thread pool costs more than the work.
+_PARALLEL_MIN_ELEMENTS = 1 << 16
+# The process that first ran a parallel kernel. A process forked from it must not use numba's
+# thread pool (GNU OpenMP is not fork-safe: numba terminates such a child), so it runs serially.
+_parallel_pid: int | None = None
 
 
 def available() -> bool:
@@ -55,8 +60,17 @@ def available() -> bool:
     return _numba_importable
 
 
-def _load_kernels() -> Any:
-    return importlib.import_module("crossent.cpu._kernels")
+def _kernel(name: str, dtype: np.dtype, size: int) -> Any:
+    """The compiled kernel ``name`` for ``dtype``: parallel over rows, or serial for small inputs
+    and in a process forked after the parallel kernels ran."""
+    global _parallel_pid
+    kernels = importlib.import_module("crossent.cpu._kernels")
+    suffix = "_f32" if dtype == np.float32 else "_f64"
+    pid = os.getpid()
+    if size < _PARALLEL_MIN_ELEMENTS or (_parallel_pid is not None and _parallel_pid != pid):
+        return getattr(kernels, name + suffix + "_serial")
+    _parallel_pid = pid
+    return getattr(kernels, name + suffix)
 
 
 def _check_logits(logits: object) -> np.ndarray:
@@ -127,9 +141,7 @@ def lse_and_pick(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray,
     if n == 0:
         return lse, picked
     if available():
-        k = _load_kernels()
-        kernel = k.lse_and_pick_f32 if logits.dtype == np.float32 else k.lse_and_pick_f64
-        kernel(logits, labels, lse, picked)
+        _kernel("lse_and_pick", logits.dtype, logits.size)(logits, labels, lse, picked)
     else:
         _lse_and_pick_numpy(logits, labels, lse, picked)
     return lse, picked
@@ -196,9 +208,7 @@ def softmax_minus_onehot(
     if n == 0:
         return lse, picked
     if available():
-        k = _load_kernels()
-        f32 = logits.dtype == np.float32
-        kernel = k.softmax_minus_onehot_f32 if f32 else k.softmax_minus_onehot_f64
+        kernel = _kernel("softmax_minus_onehot", logits.dtype, logits.size)
         kernel(logits, labels, np.ascontiguousarray(scale_rows), out, lse, picked)
     else:
         _softmax_minus_onehot_numpy(logits, labels, scale_rows, out, lse, picked)

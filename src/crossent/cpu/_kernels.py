@@ -137,95 +137,128 @@ def _lse_nonfinite_max(row, m):
     return m
 
 
+# ---- one row ---------------------------------------------------------------------------------
+
+
+@nb.njit(inline="always", cache=True)
+def _row_lse_f32(row):
+    m = _row_max(row)
+    if m == -np.inf or m == np.inf:
+        return _lse_nonfinite_max(row, m)
+    s = 0.0
+    for j in range(row.shape[0]):
+        s += _exp_nonpos(np.float64(row[j]) - m)
+    return m + math.log(s)
+
+
+@nb.njit(inline="always", cache=True)
+def _row_lse_f64(row):
+    m = _row_max(row)
+    if m == -np.inf or m == np.inf:
+        return _lse_nonfinite_max(row, m)
+    s = 0.0
+    for j in range(row.shape[0]):
+        s += math.exp(row[j] - m)
+    return m + math.log(s)
+
+
+@nb.njit(inline="always", cache=True)
+def _row_grad_f32(row, dst, label, a, lse_i, x_label):
+    """dst = a * (softmax(row) - onehot(label)); x_label = row[label] read before dst (which may
+    be row) is written."""
+    if a == 0.0:
+        for j in range(row.shape[0]):
+            dst[j] = 0.0
+        return
+    for j in range(row.shape[0]):
+        dst[j] = a * _exp_nonpos(np.float64(row[j]) - lse_i)
+    dst[label] = a * (_exp_nonpos(np.float64(x_label) - lse_i) - 1.0)
+
+
+@nb.njit(inline="always", cache=True)
+def _row_grad_f64(row, dst, label, a, lse_i, x_label):
+    if a == 0.0:
+        for j in range(row.shape[0]):
+            dst[j] = 0.0
+        return
+    for j in range(row.shape[0]):
+        dst[j] = a * math.exp(row[j] - lse_i)
+    dst[label] = a * (math.exp(x_label - lse_i) - 1.0)
+
+
+# ---- entry points: over the rows, in parallel (prange) or serially -------------------------------
+# The serial versions serve small inputs (thread start-up would cost more than the work) and
+# processes forked from one that already ran the parallel ones (GNU OpenMP, numba's threading
+# layer here, cannot be used again after a fork: the child would be terminated).
+
+
 @nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
 def lse_and_pick_f32(logits, labels, lse, picked):
-    n = logits.shape[0]
-    for i in prange(n):
-        row = logits[i]
-        m = _row_max(row)
-        if m == -np.inf or m == np.inf:
-            lse[i] = _lse_nonfinite_max(row, m)
-        else:
-            s = 0.0
-            for j in range(row.shape[0]):
-                s += _exp_nonpos(np.float64(row[j]) - m)
-            lse[i] = m + math.log(s)
-        if row.shape[0] > 0:
-            picked[i] = row[labels[i]]
+    for i in prange(logits.shape[0]):
+        lse[i] = _row_lse_f32(logits[i])
+        picked[i] = logits[i, labels[i]]
+
+
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def lse_and_pick_f32_serial(logits, labels, lse, picked):
+    for i in range(logits.shape[0]):
+        lse[i] = _row_lse_f32(logits[i])
+        picked[i] = logits[i, labels[i]]
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
 def lse_and_pick_f64(logits, labels, lse, picked):
-    n = logits.shape[0]
-    for i in prange(n):
-        row = logits[i]
-        m = _row_max(row)
-        if m == -np.inf or m == np.inf:
-            lse[i] = _lse_nonfinite_max(row, m)
-        else:
-            s = 0.0
-            for j in range(row.shape[0]):
-                s += math.exp(row[j] - m)
-            lse[i] = m + math.log(s)
-        if row.shape[0] > 0:
-            picked[i] = row[labels[i]]
+    for i in prange(logits.shape[0]):
+        lse[i] = _row_lse_f64(logits[i])
+        picked[i] = logits[i, labels[i]]
+
+
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def lse_and_pick_f64_serial(logits, labels, lse, picked):
+    for i in range(logits.shape[0]):
+        lse[i] = _row_lse_f64(logits[i])
+        picked[i] = logits[i, labels[i]]
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
 def softmax_minus_onehot_f32(logits, labels, scale, out, lse, picked):
-    n = logits.shape[0]
-    for i in prange(n):
+    for i in prange(logits.shape[0]):
         row = logits[i]
-        dst = out[i]
-        c = row.shape[0]
-        m = _row_max(row)
-        if m == -np.inf or m == np.inf:
-            lse_i = _lse_nonfinite_max(row, m)
-        else:
-            s = 0.0
-            for j in range(c):
-                s += _exp_nonpos(np.float64(row[j]) - m)
-            lse_i = m + math.log(s)
+        lse_i = _row_lse_f32(row)
+        x_label = row[labels[i]]
         lse[i] = lse_i
-        if c == 0:
-            continue
-        label = labels[i]
-        picked[i] = row[label]  # read before `out` (which may be `logits`) is written
-        a = scale[i]
-        if a == 0.0:
-            for j in range(c):
-                dst[j] = 0.0
-        else:
-            for j in range(c):
-                dst[j] = a * _exp_nonpos(np.float64(row[j]) - lse_i)
-            dst[label] = a * (_exp_nonpos(np.float64(picked[i]) - lse_i) - 1.0)
+        picked[i] = x_label
+        _row_grad_f32(row, out[i], labels[i], scale[i], lse_i, x_label)
+
+
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def softmax_minus_onehot_f32_serial(logits, labels, scale, out, lse, picked):
+    for i in range(logits.shape[0]):
+        row = logits[i]
+        lse_i = _row_lse_f32(row)
+        x_label = row[labels[i]]
+        lse[i] = lse_i
+        picked[i] = x_label
+        _row_grad_f32(row, out[i], labels[i], scale[i], lse_i, x_label)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
 def softmax_minus_onehot_f64(logits, labels, scale, out, lse, picked):
-    n = logits.shape[0]
-    for i in prange(n):
+    for i in prange(logits.shape[0]):
         row = logits[i]
-        dst = out[i]
-        c = row.shape[0]
-        m = _row_max(row)
-        if m == -np.inf or m == np.inf:
-            lse_i = _lse_nonfinite_max(row, m)
-        else:
-            s = 0.0
-            for j in range(c):
-                s += math.exp(row[j] - m)
-            lse_i = m + math.log(s)
+        lse_i = _row_lse_f64(row)
+        x_label = row[labels[i]]
         lse[i] = lse_i
-        if c == 0:
-            continue
-        label = labels[i]
-        picked[i] = row[label]
-        a = scale[i]
-        if a == 0.0:
-            for j in range(c):
-                dst[j] = 0.0
-        else:
-            for j in range(c):
-                dst[j] = a * math.exp(row[j] - lse_i)
-            dst[label] = a * (math.exp(picked[i] - lse_i) - 1.0)
+        picked[i] = x_label
+        _row_grad_f64(row, out[i], labels[i], scale[i], lse_i, x_label)
+
+
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def softmax_minus_onehot_f64_serial(logits, labels, scale, out, lse, picked):
+    for i in range(logits.shape[0]):
+        row = logits[i]
+        lse_i = _row_lse_f64(row)
+        x_label = row[labels[i]]
+        lse[i] = lse_i
+        picked[i] = x_label
+        _row_grad_f64(row, out[i], labels[i], scale[i], lse_i, x_label)
