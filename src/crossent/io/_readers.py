@@ -253,7 +253,10 @@ def open_predictions(
         text,
         sources,
     )
-    if decoder is None:
+    numeric_target = format != "csv" and isinstance(kinds[target], np.dtype) and (
+        kinds[target].kind in "iuf"
+    )
+    if decoder is None and not numeric_target:  # text: indices or names? look at a batch
         first = next(_READERS[format](opened, [target], 65536, None), None)
         if first is not None:
             picked = TargetDecoder.for_first_batch(

@@ -261,9 +261,8 @@ class ScoreAccumulator:
         rows = np.arange(p.shape[0])
         hi = p.max(axis=1)
         lo = p.min(axis=1)
-        ok = (lo >= 0) & (hi <= 1)  # False for NaN
-        if not ok.all():
-            r = int(np.argmin(ok))
+        if not (lo.min() >= 0 and hi.max() <= 1):  # False for NaN
+            r = int(np.argmin((lo >= 0) & (hi <= 1)))
             row = p[r]
             k = int(np.argmin((row >= 0) & (row <= 1)))
             what = "NaN" if np.isnan(row[k]) else f"{float(row[k])!r}"
@@ -283,9 +282,8 @@ class ScoreAccumulator:
             tol = self.tolerance
             if tol is None:
                 tol = math.sqrt(np.finfo(p.dtype).eps)
-            off = np.abs(total - 1.0) > tol
-            if off.any():
-                r = int(np.argmax(off))
+            if not (total.min() >= 1.0 - tol and total.max() <= 1.0 + tol):
+                r = int(np.argmax(np.abs(total - 1.0) > tol))
                 raise InvalidDataError(
                     f"probabilities of the row sum to {float(total[r])!r}, not 1 (tolerance {tol:.3g}); "
                     "pass normalize=True (--normalize) to renormalize them",
@@ -295,12 +293,14 @@ class ScoreAccumulator:
         eps = float(np.finfo(p.dtype).eps)
         q = p[rows, t]
         correct = _is_first_max(p, q, hi, t)
-        q = q.astype(np.float64)
+        loss = q.astype(np.float64)
         confidence = hi.astype(np.float64)
         if self.normalize:
-            q /= total
+            loss /= total
             confidence /= total
-        loss = -np.log(np.maximum(q, eps))
+        np.maximum(loss, eps, out=loss)
+        np.log(loss, out=loss)
+        np.negative(loss, out=loss)
         return loss, correct, confidence
 
     def _from_logits(self, z, t, start):
@@ -337,8 +337,9 @@ class ScoreAccumulator:
     def _add(self, loss, correct, confidence, t, weight):
         C, B = self.num_classes, self.n_bins
         correct = correct.astype(np.float64)
-        finite = np.isfinite(loss)
-        n_inf = int(loss.size - np.count_nonzero(finite))
+        loss_max = float(loss.max())  # losses are >= 0, never NaN (validated): inf is the max
+        finite = np.isfinite(loss) if loss_max == math.inf else None
+        n_inf = 0 if finite is None else int(loss.size - np.count_nonzero(finite))
         if weight is None:
             wl, wc, wconf = loss, correct, confidence
             self.weight += float(loss.size)
@@ -358,18 +359,21 @@ class ScoreAccumulator:
         self.class_rows += np.bincount(t, minlength=C)
         self.class_loss += np.bincount(t, weights=wl, minlength=C)
         self.class_correct += np.bincount(t, weights=wc, minlength=C)
-        b = np.clip(np.ceil(confidence * B).astype(np.int64) - 1, 0, B - 1)
+        b = confidence * B  # bin b holds confidences in (b/B, (b+1)/B]
+        np.ceil(b, out=b)
+        b -= 1
+        np.clip(b, 0, B - 1, out=b)
+        b = b.astype(np.intp)
         self.bin_weight += np.bincount(b, weights=None if weight is None else weight, minlength=B)
         self.bin_confidence += np.bincount(b, weights=wconf, minlength=B)
         self.bin_correct += np.bincount(b, weights=wc, minlength=B)
         fl = loss[finite] if n_inf else loss
         if fl.size:
-            h = np.minimum(fl / self.hist_bin_width, self.hist_bins).astype(np.int64)
-            self.loss_hist += np.bincount(h, minlength=self.hist_bins + 1)
+            h = fl / self.hist_bin_width
+            np.minimum(h, self.hist_bins, out=h)
+            self.loss_hist += np.bincount(h.astype(np.intp), minlength=self.hist_bins + 1)
             self.loss_min = min(self.loss_min, float(fl.min()))
-            self.loss_max = max(self.loss_max, float(fl.max()))
-        if n_inf:
-            self.loss_max = math.inf
+        self.loss_max = max(self.loss_max, loss_max)
 
     # ------------------------------------------------------------------ merge / compute
 
