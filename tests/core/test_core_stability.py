@@ -24,21 +24,24 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)))
 
 
-def assert_as_accurate_as_float32_torch(rows, logits, labels):
-    """Per row, crossent's error against the float64 truth is at most PyTorch's float32 error
-    (F.cross_entropy on the same values upcast to float32) plus 4 float32 ulps of the result."""
+def naive_float32_rows(logits, labels):
+    """The textbook stable computation carried out in float32 arithmetic throughout:
+    log sum exp(x - m) - (x_y - m), m the row maximum."""
+    x = np.asarray(logits, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        m = np.max(x, axis=-1, keepdims=True)
+        shifted = x - np.where(np.isfinite(m), m, np.float32(0))
+        log_s = np.log(np.sum(np.exp(shifted), axis=-1, dtype=np.float32))
+    return (log_s - np.take_along_axis(shifted, labels[:, None], -1)[:, 0]).astype(np.float64)
+
+
+def assert_as_accurate_as_float32_allows(rows, logits, labels):
+    """Per row, crossent's error against the float64 truth is at most the naive float32
+    computation's error plus a float32 tolerance of 4 eps (|loss| + 1) (STYLE.md item 8)."""
     truth = truth_rows(logits, labels)
-    naive = (
-        F.cross_entropy(
-            torch.from_numpy(np.asarray(logits, dtype=np.float32)),
-            torch.from_numpy(labels),
-            reduction="none",
-        )
-        .double()
-        .numpy()
-    )
+    naive = naive_float32_rows(logits, labels)
     err = np.abs(np.asarray(rows, dtype=np.float64) - truth)
-    allowed = np.abs(naive - truth) + 4 * np.finfo(np.float32).eps * np.abs(truth) + 1e-30
+    allowed = np.abs(naive - truth) + 4 * np.finfo(np.float32).eps * (np.abs(truth) + 1)
     worst = int(np.argmax(err - allowed))
     assert np.all(err <= allowed), (worst, rows[worst], naive[worst], truth[worst])
 
@@ -63,7 +66,7 @@ def test_logits_of_plus_minus_1e4(xp, asxp, tonp, dtype):
     if dtype == np.float64:
         np.testing.assert_allclose(rows, truth, rtol=1e-12, atol=1e-300)
     else:
-        assert_as_accurate_as_float32_torch(rows, logits, labels)
+        assert_as_accurate_as_float32_allows(rows, logits, labels)
     np.testing.assert_allclose(float(tonp(loss)), truth.sum(), rtol=1e-12 if dtype == np.float64 else 2e-7)
     x64 = logits.astype(np.float64)
     softmax = np.exp(x64 - logsumexp(x64, axis=-1, keepdims=True))
@@ -82,7 +85,7 @@ def test_minus_inf_on_non_target_classes(xp, asxp, tonp, dtype):
     if dtype == np.float64:
         np.testing.assert_allclose(tonp(loss), truth_rows(logits, labels), rtol=1e-12)
     else:
-        assert_as_accurate_as_float32_torch(tonp(loss), logits, labels)
+        assert_as_accurate_as_float32_allows(tonp(loss), logits, labels)
     g = tonp(grad)
     assert np.all(np.isfinite(g))
     assert np.all(g[mask] == 0.0)
@@ -90,7 +93,7 @@ def test_minus_inf_on_non_target_classes(xp, asxp, tonp, dtype):
 
 def test_float32_wide_spread_is_as_accurate_as_float32_allows(xp, asxp, tonp):
     """Odd shape, logits spread over +-300 plus a few huge ones: crossent's float32 loss is as
-    accurate as PyTorch's float32 one, per row, and its mean within 1e-6 of the truth."""
+    accurate as float32 arithmetic allows, per row, and its mean within 1e-6 of the truth."""
     rng = np.random.default_rng(11)
     logits = (rng.standard_normal((253, 1009)) * 100).astype(np.float32)
     logits[::17, 5] = 3e4
@@ -99,7 +102,7 @@ def test_float32_wide_spread_is_as_accurate_as_float32_allows(xp, asxp, tonp):
     labels[::17][:4] = 5  # rows whose target is the (huge) maximum: loss near 0
     got = tonp(ce.softmax_cross_entropy(asxp(logits), asxp(labels), reduction="none"))
     assert got.dtype == np.float32
-    assert_as_accurate_as_float32_torch(got, logits, labels)
+    assert_as_accurate_as_float32_allows(got, logits, labels)
     mean = tonp(ce.softmax_cross_entropy(asxp(logits), asxp(labels)))
     assert mean.dtype == np.float32
     assert rel_err(mean, truth_rows(logits, labels).mean()) <= 1e-6
@@ -123,7 +126,7 @@ def test_half_precision_torch_inputs_accumulate_in_float32(dtype):
     rows = ce.softmax_cross_entropy(x, labels, reduction="none")
     mean = ce.softmax_cross_entropy(x, labels)
     assert rows.dtype == torch.float32 and mean.dtype == torch.float32
-    assert_as_accurate_as_float32_torch(rows.numpy(), x64, labels.numpy())
+    assert_as_accurate_as_float32_allows(rows.numpy(), x64, labels.numpy())
     naive_half = F.cross_entropy(x, labels, reduction="none").double().numpy()
     assert rel_err(rows.numpy(), truth) < rel_err(naive_half, truth)
     assert rel_err(mean.numpy(), truth.mean()) <= 1e-6
@@ -143,7 +146,7 @@ def test_half_precision_numpy_inputs_accumulate_in_float32():
     labels = rng.integers(0, 2001, size=65)
     rows = ce.softmax_cross_entropy(x, labels, reduction="none")
     assert rows.dtype == np.float32
-    assert_as_accurate_as_float32_torch(rows, x, labels)
+    assert_as_accurate_as_float32_allows(rows, x, labels)
     p = np.full((4, 8), 0.125, dtype=np.float16)
     assert np.asarray(ce.log_loss(p, np.arange(4))).dtype == np.float32
     assert np.asarray(ce.entropy(p)).dtype == np.float32

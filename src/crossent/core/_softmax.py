@@ -230,13 +230,20 @@ def _softmax_ce(
             ce_row = nll
             grad = None
         else:
+            if integer_targets and ignore_index is not None:
+                # An ignored row contributes 0 whatever its logits are: compute it on zeros, so
+                # its NaN or all -inf logits raise no floating-point warning and leak into nothing.
+                x = xp.where(xp.expand_dims(keep, axis=-1), x, zero)
             m = xp.max(x, axis=-1, keepdims=True)
             m = xp.where(xp.isfinite(m), m, zero)
-            e = xp.exp(x - m)
+            shifted = x - m
+            e = xp.exp(shifted)
             s = xp.sum(e, axis=-1, keepdims=True)
-            lse_k = xp.log(s) + m
-            lse = lse_k[..., 0]
-            log_q = x - lse_k
+            log_s = xp.log(s)
+            lse = (log_s + m)[..., 0]
+            # log q = (x - m) - log s, not x - lse: x - m is exact, and subtracting lse (rounded at
+            # the magnitude of the logits) would cancel catastrophically for float32 logits of 1e4.
+            log_q = shifted - log_s
             finite = xp.isfinite(x)
             if integer_targets:
                 onehot = xp.expand_dims(labels, axis=-1) == xp.arange(num_classes, device=dev)
@@ -246,15 +253,19 @@ def _softmax_ce(
                 if eps > 0.0:
                     k = xp.sum(xp.astype(finite, dtype), axis=-1)
                     k = xp.where(k > 0, k, one)
-                    wl = log_q if w is None else w * log_q
-                    ce_row = ce_row - eps * xp.sum(xp.where(finite, wl, zero), axis=-1) / k
+                    finite_log_q = xp.where(finite, log_q, zero)
+                    wl = finite_log_q if w is None else w * finite_log_q
+                    ce_row = ce_row - eps * xp.sum(wl, axis=-1) / k
             else:
                 if eps > 0.0:
                     k = xp.sum(xp.astype(finite, dtype), axis=-1, keepdims=True)
                     k = xp.where(k > 0, k, one)
                     t = (1.0 - eps) * t + xp.where(finite, eps / k, zero)
                 wt = t if w is None else w * t
-                ce_row = -xp.sum(xp.where(wt == 0, zero, wt * log_q), axis=-1)
+                # 0 * log 0 = 0: a zero target on a masked (-inf) class contributes nothing. The
+                # mask multiplies nothing infinite by zero (no NaN, no warning) and keeps the
+                # derivative with respect to the targets, -w log q, wherever log q is finite.
+                ce_row = -xp.sum(wt * xp.where((wt == 0) & ~finite, zero, log_q), axis=-1)
                 target_w = one
             if with_grad:
                 q = e / s
@@ -345,7 +356,32 @@ def _numpy_fast_lse_and_nll(x: Any, labels: Any) -> tuple[Any, Any] | None:
     if available is None or not getattr(cpu, "ENABLED", True) or not available():
         return None
     num_classes = x.shape[-1]
-    lse, picked = cpu.lse_and_pick(x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1)))
+    rows = x.reshape(-1, num_classes)
+    flat_labels = np.ascontiguousarray(labels.reshape(-1))
+    lse, picked = cpu.lse_and_pick(rows, flat_labels)
+    # Ignored rows (labels replaced by 0 by the caller) may hold inf or NaN; they are masked out
+    # afterwards, so their inf - inf must not warn.
+    with np.errstate(invalid="ignore"):
+        nll = lse - picked
+        if lse.dtype.itemsize < 8:
+            # lse came back rounded to the logits' precision: where the loss is much smaller than
+            # |lse| (float32 logits of 1e4, confident rows), lse - picked lost the loss's low
+            # digits to that rounding. Recompute those rows as (m - x_y) + log sum exp(x - m),
+            # whose terms are exact or small, as the Array-API path does.
+            suspect = np.flatnonzero(~(np.abs(lse) <= 2 * np.abs(nll)))
+            if suspect.size:
+                nll[suspect] = _exact_nll_rows(rows[suspect], flat_labels[suspect])
     shape = x.shape[:-1]
-    lse = lse.reshape(shape)
-    return lse, lse - picked.reshape(shape)
+    return lse.reshape(shape), nll.reshape(shape)
+
+
+def _exact_nll_rows(rows: Any, labels: Any) -> Any:
+    """-log softmax(rows)[labels] for a few numpy rows, computed without cancellation."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        m = np.max(rows, axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0).astype(rows.dtype)
+        shifted = rows - m
+        log_s = np.log(np.sum(np.exp(shifted), axis=-1))
+        return log_s - shifted[np.arange(rows.shape[0]), labels]
