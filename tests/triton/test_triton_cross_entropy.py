@@ -206,6 +206,18 @@ def test_custom_ignore_index_inside_class_range(ref):
     assert torch.count_nonzero(grad[::3]) == 0
 
 
+def test_shift_invariance_at_large_logits(ref):
+    """Logits near 1e4 in float32: the loss and gradient equal those of the unshifted logits
+    (the kernels use x - max and max - x_t, both exact, never x - lse)."""
+    logits, target, weight = make(37)
+    shifted = logits.float() + 1.0e4
+    opts = dict(label_smoothing=0.1)
+    loss, grad = run_triton(shifted, target, reduction="none", **opts)
+    want, want_grad = run_reference(ref, shifted, target, reduction="none", **opts)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_deterministic():
     logits, target, weight = make(37)
     opts = options("all", weight.float())

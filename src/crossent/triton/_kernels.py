@@ -15,17 +15,20 @@ Notation shared by all kernels (one row ``i`` of logits, target class ``t``):
   ``eps`` over the ``K = sum_j fin_j`` finite classes (crossent's documented deviation from PyTorch,
   which uses all C classes and returns inf when a logit is -inf);
 * class weights ``w_j`` (1 without ``weight``), ``S_w = sum_j fin_j w_j``,
-  ``S_wx = sum_j fin_j w_j x_j``;
+  ``S_wd = sum_j fin_j w_j (x_j - m)`` with ``m`` the row max (kept relative to the running
+  max, see ``_rebase``);
 * per-row loss (F.cross_entropy's label-smoothing formula, with the finite-class rule)::
 
-      CE_i = (1 - eps) w_t (lse - x_t) + (eps / K) (lse S_w - S_wx)
+      CE_i = (1 - eps) w_t (lse - x_t) + (eps / K) (S_w log s - S_wd)     (lse = m + log s)
       Z_i  = z_loss * lse**2                          (PaLM's z-loss, not class-weighted)
       loss_i = ce_scale * CE_i + z_scale * Z_i
 
   where ``ce_scale``/``z_scale`` are 1 for "sum"/"none" and ``1 / sum_i w_{t_i}`` /
   ``1 / #non-ignored rows`` for "mean" (0 when that denominator is 0), computed on the device
   before the kernels run, so no kernel ever waits for the host;
-* its gradient with respect to ``x_j`` (``p_j = exp(x_j - lse)``)::
+* its gradient with respect to ``x_j`` (``p_j = exp(x_j - lse)``, evaluated as
+  ``exp((x_j - m) - log s)`` so that no rounding of ``lse`` enters; likewise
+  ``lse - x_t = (m - x_t) + log s``)::
 
       dloss_i/dx_j = A_i p_j - B_i [j == t] - C_i w_j fin_j
       A_i = ce_scale ((1 - eps) w_t + (eps / K) S_w) + z_scale * 2 z_loss lse
@@ -80,6 +83,19 @@ def _online_update(m, s, x, axis: tl.constexpr):
     return m_new, s
 
 
+@triton.jit
+def _rebase(sum_w, sum_wd, m_old, m_new):
+    """Move ``sum_wd = sum_j w_j (x_j - m_old)`` onto a new reference max ``m_new``.
+
+    Label smoothing needs ``sum_j w_j (lse - x_j) = S_w log s - sum_j w_j (x_j - m)``; keeping the
+    sum relative to the running max (as the online softmax keeps s) avoids the cancellation of
+    ``lse * S_w - sum_j w_j x_j`` when the logits are large (1e4 in float32: ulp 1e-3 per term).
+    ``m_old = -inf`` means nothing finite was summed yet (``sum_w = 0``): no shift, no NaN.
+    """
+    m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return sum_wd + sum_w * tl.where(m_old == float("-inf"), 0.0, m_old - m_new_safe)
+
+
 # --------------------------------------------------------------------------------------------
 # Cross-entropy on materialized logits: one program per row, two passes over the row.
 # --------------------------------------------------------------------------------------------
@@ -107,10 +123,14 @@ def _ce_class_weight(weight_ptr, cols, mask, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _ce_grad_block(x, th, w, cols, target, lse, a_coef, b_coef, c_coef,
+def _ce_grad_block(x, th, w, cols, target, m, log_s, a_coef, b_coef, c_coef,
                    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """``A p - B [j==t] - C w fin`` for one block, times ``1 - th**2`` with a softcap."""
-    g = a_coef * tl.exp(x - lse) - tl.where(cols == target, b_coef, 0.0)
+    """``A p - B [j==t] - C w fin`` for one block, times ``1 - th**2`` with a softcap.
+
+    ``p = exp((x - m) - log s)``: ``x - m`` is exact, whereas ``x - lse`` would carry the rounding
+    of ``lse`` (an ulp of the logits' magnitude) into every probability.
+    """
+    g = a_coef * tl.exp((x - m) - log_s) - tl.where(cols == target, b_coef, 0.0)
     if HAS_SMOOTHING:
         g -= tl.where(x != float("-inf"), c_coef * w, 0.0)
     if HAS_SOFTCAP:
@@ -146,7 +166,7 @@ def _ce_forward_kernel(
     ``SINGLE_BLOCK`` (the row fits one BLOCK): the row is loaded once and kept in registers; the
     statistics and the gradient come from that copy, so the logits are read exactly once.
     Otherwise pass 1 streams the row in BLOCK steps (online max/sum-exp, and for label smoothing
-    K, S_w, S_wx) and pass 2 (``WRITE_GRAD``) streams it again; the second read hits L2 when few
+    K, S_w, S_wd) and pass 2 (``WRITE_GRAD``) streams it again; the second read hits L2 when few
     enough rows are in flight (the launcher picks big programs for long rows).
     The gradient written is ``A p - B [j==t] - C w fin`` (times the softcap derivative) for an
     upstream gradient of 1; backward then only scales it. ``grad_ptr`` may equal ``logits_ptr``
@@ -193,34 +213,39 @@ def _ce_forward_kernel(
             if HAS_SMOOTHING:
                 w = _ce_class_weight(weight_ptr, cols0, mask, HAS_WEIGHT)
                 fin = x != float("-inf")
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
                 sum_w = tl.sum(tl.where(fin, w, 0.0), axis=0)
-                sum_wx = tl.sum(tl.where(fin, w * x, 0.0), axis=0)
+                sum_wd = tl.sum(tl.where(fin, w * (x - m_safe), 0.0), axis=0)
                 n_fin = tl.sum(fin.to(tl.float32), axis=0)
         else:
             m = tl.full([], float("-inf"), tl.float32)
             s = tl.zeros([], dtype=tl.float32)
             sum_w = tl.zeros([], dtype=tl.float32)
-            sum_wx = tl.zeros([], dtype=tl.float32)
+            sum_wd = tl.zeros([], dtype=tl.float32)
             n_fin = tl.zeros([], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK):
                 cols = start + cols0
                 mask = cols < n_cols
                 xb, _ = _ce_load_block(x_row, cols, mask, cap, HAS_SOFTCAP)
+                m_prev = m
                 m, s = _online_update(m, s, xb, 0)
                 if HAS_SMOOTHING:
                     wb = _ce_class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
                     fin = xb != float("-inf")
+                    m_safe = tl.where(m == float("-inf"), 0.0, m)
+                    sum_wd = _rebase(sum_w, sum_wd, m_prev, m)
+                    sum_wd += tl.sum(tl.where(fin, wb * (xb - m_safe), 0.0), axis=0)
                     sum_w += tl.sum(tl.where(fin, wb, 0.0), axis=0)
-                    sum_wx += tl.sum(tl.where(fin, wb * xb, 0.0), axis=0)
                     n_fin += tl.sum(fin.to(tl.float32), axis=0)
-        lse = m + tl.log(s)
+        log_s = tl.log(s)
+        lse = m + log_s
 
-        ce = (1.0 - eps) * w_t * (lse - x_t)
+        ce = (1.0 - eps) * w_t * ((m - x_t) + log_s)  # not lse - x_t: see _ce_grad_block
         a_coef = ce_scale * (1.0 - eps) * w_t
         c_coef = 0.0
         if HAS_SMOOTHING:
             k_inv = tl.where(n_fin > 0.0, 1.0 / n_fin, 0.0)
-            ce += eps * k_inv * (lse * sum_w - sum_wx)
+            ce += eps * k_inv * (sum_w * log_s - sum_wd)
             a_coef += ce_scale * eps * k_inv * sum_w
             c_coef = ce_scale * eps * k_inv
         loss = ce_scale * ce
@@ -237,7 +262,7 @@ def _ce_forward_kernel(
             if SINGLE_BLOCK:
                 if not HAS_SMOOTHING:
                     w = x  # unused by _ce_grad_block without smoothing
-                g = _ce_grad_block(x, th, w, cols0, target, lse, a_coef, b_coef, c_coef,
+                g = _ce_grad_block(x, th, w, cols0, target, m, log_s, a_coef, b_coef, c_coef,
                                    HAS_SMOOTHING, HAS_SOFTCAP)
                 tl.store(g_row + cols0, g.to(grad_ptr.dtype.element_ty), mask=mask)
             else:
@@ -248,7 +273,7 @@ def _ce_forward_kernel(
                     wb = xb
                     if HAS_SMOOTHING:
                         wb = _ce_class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
-                    g = _ce_grad_block(xb, th, wb, cols, target, lse, a_coef, b_coef, c_coef,
+                    g = _ce_grad_block(xb, th, wb, cols, target, m, log_s, a_coef, b_coef, c_coef,
                                        HAS_SMOOTHING, HAS_SOFTCAP)
                     tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -347,7 +372,8 @@ def _grad_tile(
     cols,
     col_mask,
     target,
-    lse,
+    m,
+    log_s,
     a_coef,
     b_coef,
     c_coef,
@@ -359,11 +385,12 @@ def _grad_tile(
 ):
     """Gradient tile ``A p - B [j==t] - C w fin`` (times ``1 - th**2`` with a softcap), float32.
 
-    ``x`` (BM, BV) softcapped logits, ``th`` their tanh, ``target``/``lse``/coefficients (BM,).
-    Masked columns give 0 (their ``x`` is forced to -inf).
+    ``x`` (BM, BV) softcapped logits, ``th`` their tanh, ``target``, the row max ``m``,
+    ``log_s`` (lse = m + log_s) and the coefficients (BM,). Masked columns give 0 (their ``x``
+    is forced to -inf). ``p = exp((x - m) - log_s)`` keeps ``x - m`` exact.
     """
     x = tl.where(col_mask[None, :], x, float("-inf"))
-    p = tl.exp(x - lse[:, None])
+    p = tl.exp((x - m[:, None]) - log_s[:, None])
     g = a_coef[:, None] * p - tl.where(cols[None, :] == target[:, None], b_coef[:, None], 0.0)
     if HAS_SMOOTHING:
         w = tl.where(col_mask, 1.0, 0.0)
@@ -414,7 +441,7 @@ def _lce_forward_kernel(
     vocabulary tiles ``[pid_s*tiles_per_split, (pid_s+1)*tiles_per_split)``; for each tile it
     computes the logits with tl.dot (float32 accumulator) and folds them into running
     (max, sum-exp) (online softmax, arXiv:1805.02867), the target logit (from the one tile that
-    holds it), and for label smoothing (K, S_w, S_wx). The six per-row partials go to
+    holds it), and for label smoothing (K, S_w, S_wd). The six per-row partials go to
     ``partial_ptr`` float32 [6, n_splits, n_rows] (q * n_splits + pid_s) * n_rows + r; the combine
     kernel reduces them in split order (deterministic). With ``STORE_LOGITS`` the softcapped
     logits of columns < ``n_store`` are also written to ``store_ptr`` (n_rows, n_store), row
@@ -440,7 +467,7 @@ def _lce_forward_kernel(
         x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
         n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_wx = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_wd = tl.zeros([BLOCK_M], dtype=tl.float32)
         n_tiles = tl.cdiv(n_vocab, BLOCK_V)
         tile_lo = pid_s * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
@@ -459,15 +486,18 @@ def _lce_forward_kernel(
                     tl.store(st_ptr, x.to(store_ptr.dtype.element_ty), mask=st_mask)
             x = tl.where(col_mask[None, :], x, float("-inf"))
             x_t += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+            m_prev = m
             m, s = _online_update(m, s, x, 1)
             if HAS_SMOOTHING:
                 fin = x != float("-inf")
                 w = tl.where(col_mask, 1.0, 0.0)
                 if HAS_WEIGHT:
                     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
                 n_fin += tl.sum(fin.to(tl.float32), axis=1)
+                sum_wd = _rebase(sum_w, sum_wd, m_prev, m)
+                sum_wd += tl.sum(tl.where(fin, w[None, :] * (x - m_safe[:, None]), 0.0), axis=1)
                 sum_w += tl.sum(tl.where(fin, w[None, :], 0.0), axis=1)
-                sum_wx += tl.sum(tl.where(fin, w[None, :] * x, 0.0), axis=1)
         base = partial_ptr + pid_s.to(tl.int64) * n_rows + r
         plane = n_splits.to(tl.int64) * n_rows
         tl.store(base, m, mask=row_mask)
@@ -475,7 +505,7 @@ def _lce_forward_kernel(
         tl.store(base + 2 * plane, x_t, mask=row_mask)
         tl.store(base + 3 * plane, n_fin, mask=row_mask)
         tl.store(base + 4 * plane, sum_w, mask=row_mask)
-        tl.store(base + 5 * plane, sum_wx, mask=row_mask)
+        tl.store(base + 5 * plane, sum_wd, mask=row_mask)
 
 
 @triton.jit
@@ -501,7 +531,7 @@ def _lce_combine_kernel(
     """Reduce the split partials in split order to lse, the row loss and the gradient coefficients.
 
     Grid (row blocks,). Writes ``loss_ptr[rows[r]]`` (original row order; the caller zeroes the
-    buffer so ignored rows read 0) and ``coef_ptr`` float32 [4, n_rows] = (lse, A, B, C) in
+    buffer so ignored rows read 0) and ``coef_ptr`` float32 [5, n_rows] = (m, log s, A, B, C) in
     compacted order r. Pointers as in ``_lce_forward_kernel``; ``scales_ptr`` float32
     [ce_scale, z_scale].
     """
@@ -517,7 +547,7 @@ def _lce_combine_kernel(
         x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
         n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_wx = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_wd = tl.zeros([BLOCK_M], dtype=tl.float32)
         plane = n_splits.to(tl.int64) * n_rows
         for split in range(0, n_splits):
             base = partial_ptr + split * n_rows + r
@@ -526,13 +556,16 @@ def _lce_combine_kernel(
             m_new = tl.maximum(m, m_k)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - m_safe) + s_k * tl.exp(m_k - m_safe)
-            m = m_new
             x_t += tl.load(base + 2 * plane, mask=row_mask, other=0.0)
             if HAS_SMOOTHING:
                 n_fin += tl.load(base + 3 * plane, mask=row_mask, other=0.0)
-                sum_w += tl.load(base + 4 * plane, mask=row_mask, other=0.0)
-                sum_wx += tl.load(base + 5 * plane, mask=row_mask, other=0.0)
-        lse = m + tl.log(tl.where(row_mask, s, 1.0))  # masked lanes: no log(0)
+                sum_w_k = tl.load(base + 4 * plane, mask=row_mask, other=0.0)
+                sum_wd_k = tl.load(base + 5 * plane, mask=row_mask, other=0.0)
+                sum_wd = _rebase(sum_w, sum_wd, m, m_new) + _rebase(sum_w_k, sum_wd_k, m_k, m_new)
+                sum_w += sum_w_k
+            m = m_new
+        log_s = tl.log(tl.where(row_mask, s, 1.0))  # masked lanes: no log(0)
+        lse = m + log_s
         ce_scale = tl.load(scales_ptr)
         z_scale = tl.load(scales_ptr + 1)
         target_ok = (target >= 0) & (target < n_vocab)
@@ -540,12 +573,12 @@ def _lce_combine_kernel(
         if HAS_WEIGHT:
             t_safe = tl.where(target_ok, target, 0)
             w_t = tl.load(weight_ptr + t_safe, mask=row_mask, other=0.0).to(tl.float32)
-        ce = (1.0 - eps) * w_t * (lse - x_t)
+        ce = (1.0 - eps) * w_t * ((m - x_t) + log_s)
         a_coef = ce_scale * (1.0 - eps) * w_t
         c_coef = tl.zeros([BLOCK_M], dtype=tl.float32)
         if HAS_SMOOTHING:
             k_inv = tl.where(n_fin > 0.0, 1.0 / n_fin, 0.0)
-            ce += eps * k_inv * (lse * sum_w - sum_wx)
+            ce += eps * k_inv * (sum_w * log_s - sum_wd)
             a_coef += ce_scale * eps * k_inv * sum_w
             c_coef = ce_scale * eps * k_inv
         loss = ce_scale * ce
@@ -556,10 +589,11 @@ def _lce_combine_kernel(
         loss = tl.where(target_ok, loss, float("nan"))
         a_coef = tl.where(target_ok, a_coef, float("nan"))
         tl.store(loss_ptr + rows, loss, mask=row_mask)
-        tl.store(coef_ptr + r, lse, mask=row_mask)
-        tl.store(coef_ptr + n_rows + r, a_coef, mask=row_mask)
-        tl.store(coef_ptr + 2 * n_rows + r, b_coef, mask=row_mask)
-        tl.store(coef_ptr + 3 * n_rows + r, c_coef, mask=row_mask)
+        tl.store(coef_ptr + r, tl.where(row_mask, m, 0.0), mask=row_mask)
+        tl.store(coef_ptr + n_rows + r, log_s, mask=row_mask)
+        tl.store(coef_ptr + 2 * n_rows + r, a_coef, mask=row_mask)
+        tl.store(coef_ptr + 3 * n_rows + r, b_coef, mask=row_mask)
+        tl.store(coef_ptr + 4 * n_rows + r, c_coef, mask=row_mask)
 
 
 @triton.jit
@@ -602,7 +636,7 @@ def _lce_grad_tile_kernel(
     upstream gradient of 1. Without ``FROM_LOGITS`` ("lean") the logits tile is recomputed with
     tl.dot; with it ("fast") ``g_ptr`` already holds the softcapped logits written by the
     forward kernel and is overwritten in place. Rows past ``n_valid`` are skipped (their entries
-    are never read). ``coef_ptr`` float32 [4, n_rows] (lse, A, B, C) from the combine kernel.
+    are never read). ``coef_ptr`` float32 [5, n_rows] (m, log s, A, B, C) from the combine kernel.
     """
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -628,12 +662,13 @@ def _lce_grad_tile_kernel(
                 rows, row_mask, cols, col_mask, n_dim, cap,
                 HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
             )
-        lse = tl.load(coef_ptr + r, mask=row_mask, other=0.0)
-        a_coef = tl.load(coef_ptr + n_rows + r, mask=row_mask, other=0.0)
-        b_coef = tl.load(coef_ptr + 2 * n_rows + r, mask=row_mask, other=0.0)
-        c_coef = tl.load(coef_ptr + 3 * n_rows + r, mask=row_mask, other=0.0)
+        m = tl.load(coef_ptr + r, mask=row_mask, other=0.0)
+        log_s = tl.load(coef_ptr + n_rows + r, mask=row_mask, other=0.0)
+        a_coef = tl.load(coef_ptr + 2 * n_rows + r, mask=row_mask, other=0.0)
+        b_coef = tl.load(coef_ptr + 3 * n_rows + r, mask=row_mask, other=0.0)
+        c_coef = tl.load(coef_ptr + 4 * n_rows + r, mask=row_mask, other=0.0)
         g = _grad_tile(
-            x, th, cols, col_mask, target, lse, a_coef, b_coef, c_coef, weight_ptr, cap,
+            x, th, cols, col_mask, target, m, log_s, a_coef, b_coef, c_coef, weight_ptr, cap,
             HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
         )
         tl.store(tile_ptr, g.to(g_ptr.dtype.element_ty), mask=tile_mask)

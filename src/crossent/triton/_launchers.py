@@ -308,7 +308,7 @@ class LinearForward:
     loss: torch.Tensor
     rows: torch.Tensor  # (M,) int64: non-ignored rows first, original order kept (stable)
     n_valid: torch.Tensor  # int64 scalar on the device
-    coef: torch.Tensor  # float32 (4, M): lse, A, B, C in compacted row order
+    coef: torch.Tensor  # float32 (5, M): max, log sum-exp shift, A, B, C; compacted row order
     store: torch.Tensor | None  # (M, n_store) gradient of the stored logits ("fast"), or None
     plan: LinearPlan
     target: torch.Tensor
@@ -360,7 +360,7 @@ def linear_forward(
     rows = torch.argsort((~valid).to(torch.int8), stable=True)
     n_valid = valid.sum()
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
-    coef = torch.zeros(4, n_rows, dtype=torch.float32, device=device)
+    coef = torch.zeros(5, n_rows, dtype=torch.float32, device=device)
     store = None
     if plan.n_store:
         store = torch.empty(n_rows, plan.n_store, dtype=inp.dtype, device=device)
