@@ -293,7 +293,7 @@ def _parquet_schema(path):
 
 
 _PARQUET_BUFFER = 1 << 16
-_PARQUET_THREADS = False  # decoding threads hold more batches at once (+25 MiB measured)
+_PARQUET_THREADS = False  # decoding threads hold more batches at once (+10-25 MiB measured)
 
 
 def _numpy_dtype(kind):
