@@ -207,3 +207,20 @@ def test_open_errors(tmp_path, data):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         open_predictions(tmp_path / "bad.parquet", target="y", scores="p_*")
+
+
+def test_exact_names_win_over_globs(tmp_path):
+    t = pa.table({"p[0]": [0.5, 0.25], "p[1]": [0.5, 0.75], "p0": [1.0, 1.0], "y": [0, 1]})
+    pq.write_table(t, tmp_path / "a.parquet")
+    f = open_predictions(tmp_path / "a.parquet", target="y", scores="p[0],p[1]")
+    assert f.score_columns == ("p[0]", "p[1]")
+    assert f.with_path(tmp_path / "a.parquet").score_columns == ("p[0]", "p[1]")
+
+
+def test_truncated_npy_names_the_row(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros(100, dtype=[("y", "i8"), ("a", "f8"), ("b", "f8")]))
+    data = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(data[: len(data) - 24 * 30])
+    f = open_predictions(tmp_path / "a.npy", target="y", scores="a,b")
+    with pytest.raises(DataError, match="ends early, at data row 70"):
+        _collect(f, 64)

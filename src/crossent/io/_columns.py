@@ -32,11 +32,12 @@ class DataError(ValueError):
         self.row = row
 
 
-def resolve_columns(spec: str, available, /, *, option: str = "columns", path=None) -> list[str]:
+def resolve_columns(spec, available, /, *, option: str = "columns", path=None) -> list[str]:
     """Resolve a column spec (``"a,b,c"`` or a glob ``"p_*"``) against ``available``.
 
     Each comma-separated item is either an exact column name or a glob (``*``, ``?``,
-    ``[...]``); a glob's matches keep the file's column order (``l0, l1, ..., l15``, never
+    ``[...]``; a column named exactly like the item wins over the glob); a list or tuple gives
+    exact names; a glob's matches keep the file's column order (``l0, l1, ..., l15``, never
     sorted as text). Items are concatenated in the order given; a column selected twice is an
     error, as is an item that matches nothing.
 
@@ -45,22 +46,26 @@ def resolve_columns(spec: str, available, /, *, option: str = "columns", path=No
     >>> resolve_columns("p_b, p_a", ["p_a", "p_b"])
     ['p_b', 'p_a']
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{option} must be a comma list or a glob of column names, got {spec!r}")
     available = list(available)
+    if isinstance(spec, (list, tuple)):  # exact names (already resolved elsewhere)
+        items = [str(x) for x in spec]
+    elif isinstance(spec, str) and spec.strip():
+        items = [part.strip() for part in spec.split(",")]
+    else:
+        raise ValueError(f"{option} must be a comma list or a glob of column names, got {spec!r}")
     chosen: list[str] = []
-    for item in (part.strip() for part in spec.split(",")):
+    for item in items:
         if not item:
             raise ValueError(f"{option} has an empty item: {spec!r}")
-        if _GLOB_CHARS.intersection(item):
+        if item in available:  # an exact name wins, even one with glob characters ("p[0]")
+            matches = [item]
+        elif isinstance(spec, str) and _GLOB_CHARS.intersection(item):
             matches = [name for name in available if fnmatch.fnmatchcase(name, item)]
             if not matches:
                 raise DataError(
                     f"{option} pattern {item!r} matches no column; the file has {_show(available)}",
                     path=path,
                 )
-        elif item in available:
-            matches = [item]
         else:
             raise DataError(
                 f"{option}: no column {item!r} in the file; it has {_show(available)}", path=path

@@ -85,7 +85,7 @@ class PredictionFile:
         other = open_predictions(
             path,
             target=self.target.column,
-            scores=",".join(s.name if isinstance(s, _Matrix) else s for s in self._sources),
+            scores=[s.name if isinstance(s, _Matrix) else s for s in self._sources],
             sample_weight=self.sample_weight,
             format=self.format,
             decoder=self.target,
@@ -188,7 +188,7 @@ def open_predictions(
     /,
     *,
     target: str,
-    scores: str,
+    scores,
     sample_weight: str | None = None,
     format: str | None = None,
     decoder: TargetDecoder | None = None,
@@ -541,7 +541,8 @@ class _MemberStreams:
         while got < len(view):
             k = f.readinto(view[got:])
             if not k:
-                raise DataError(f"array {name!r} ends early at row {start + got // max(1, m.dtype.itemsize)}",
+                row_bytes = max(1, len(view) // max(1, n))
+                raise DataError(f"array {name!r} ends early, at data row {start + got // row_bytes}",
                                 path=self.path)
             got += k
         return out
