@@ -222,3 +222,29 @@ def test_works_inside_torch_compile():
     torch.testing.assert_close(got, want)
     for a, c in zip(_grads(got, (x, w, b)), _grads(want, (x, w, b)), strict=True):
         torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_large_blocks_equal_composition(reduction):
+    """Blocks of >= 2**16 logits take the fused-softmax path (small ones do not)."""
+    from crossent.torch import _chunked
+
+    n, d, v, rows = 150, 8, 1201, 60
+    assert rows * v >= _chunked._FUSED_SOFTMAX_MIN_ELEMENTS
+    x, w, b, y = _problem(lead=(n,), dim=d, vocab=v, seed=9)
+    weight = torch.rand(v, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(linear_bias=b, weight=weight, reduction=reduction, label_smoothing=0.1,
+              z_loss=1e-3, softcap=5.0)
+    ours = cet.linear_cross_entropy(x, w, y, impl="chunked", chunk_size=rows, **kw)
+    theirs = _composition(x, w, y, **kw)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    for g_ours, g_theirs in zip(_grads(ours, (x, w, b)), _grads(theirs, (x, w, b)), strict=True):
+        torch.testing.assert_close(g_ours, g_theirs, **TOL)
+    # The same through cross_entropy on materialized logits (one block of 150 x 1201).
+    logits = F.linear(x, w, b).detach().requires_grad_()
+    ours_ce = cet.cross_entropy(logits, y, weight, reduction=reduction, label_smoothing=0.1,
+                                z_loss=1e-3, softcap=5.0, impl="chunked")
+    theirs_ce = _composition(logits, torch.eye(v, dtype=torch.float64), y, weight=weight,
+                             reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    torch.testing.assert_close(ours_ce, theirs_ce, **TOL)
+    torch.testing.assert_close(_grads(ours_ce, (logits,))[0], _grads(theirs_ce, (logits,))[0], **TOL)
