@@ -54,9 +54,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
             label_smoothing, z_loss, softcap, memory_budget, need_grad,
         )
+        # Saved as the kernels read them (unit stride along D), with autograd's version checks.
+        ctx.save_for_backward(*fwd.operands)
+        fwd.operands = None
         ctx.fwd = fwd
         ctx.options = (label_smoothing, softcap)
-        ctx.save_for_backward(inp, linear_weight, linear_bias)
         ctx.mark_non_differentiable(target)
         return fwd.loss
 

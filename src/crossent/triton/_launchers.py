@@ -313,6 +313,7 @@ class LinearForward:
     plan: LinearPlan
     target: torch.Tensor
     weight: torch.Tensor | None
+    operands: tuple | None  # (input, linear_weight, linear_bias) as the kernels read them
 
 
 def linear_forward(
@@ -351,6 +352,14 @@ def linear_forward(
         _check_device("linear_bias", linear_bias, device)
     target = _check_target(target, n_rows, n_vocab, ignore_index, device)
     weight = _check_class_weight(weight, n_vocab, device)
+    # The kernels assume unit stride along D (and along V for the bias): copy the rare layouts
+    # without it (e.g. a head stored transposed) instead of compiling slow strided loads.
+    if inp.stride(1) != 1:
+        inp = inp.contiguous()
+    if linear_weight.stride(1) != 1:
+        linear_weight = linear_weight.contiguous()
+    if linear_bias is not None:
+        linear_bias = linear_bias.contiguous()
 
     plan = plan_linear(n_rows, n_vocab, n_dim, inp.dtype, memory_budget, need_grad)
     t = plan.tiles
@@ -376,8 +385,8 @@ def linear_forward(
         )
         cap = float(softcap) if softcap is not None else 1.0
         K._lce_forward_kernel[(n_m_blocks, plan.n_splits)](
-            inp, inp.stride(0), inp.stride(1),
-            linear_weight, linear_weight.stride(0), linear_weight.stride(1),
+            inp, inp.stride(0),
+            linear_weight, linear_weight.stride(0),
             linear_bias if linear_bias is not None else dummy,
             rows, n_valid, target, weight if weight is not None else dummy,
             partial, store if store is not None else dummy, plan.n_store, plan.n_store,
@@ -400,7 +409,7 @@ def linear_forward(
         if store is not None:
             # "fast": turn the stored logits into their gradient now, in place (elementwise).
             K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(plan.n_store, t.block_v))](
-                inp, 0, 0, linear_weight, 0, 0, dummy,
+                inp, 0, linear_weight, 0, dummy,
                 rows, n_valid, target, weight if weight is not None else dummy, coef,
                 store, store.stride(0), 0, plan.n_store, n_rows, n_vocab, n_dim, cap,
                 FROM_LOGITS=True,
@@ -409,7 +418,8 @@ def linear_forward(
                 **flags, **_dot_args(inp.dtype),
             )
     loss = row_loss if reduction == "none" else row_loss.sum()
-    return LinearForward(loss, rows, n_valid, coef, store, plan, target, weight)
+    return LinearForward(loss, rows, n_valid, coef, store, plan, target, weight,
+                         (inp, linear_weight, linear_bias))
 
 
 def linear_backward(
@@ -459,8 +469,8 @@ def linear_backward(
         if buf is None:
             buf = workspace
             K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, t.block_v))](
-                inp, inp.stride(0), inp.stride(1),
-                linear_weight, linear_weight.stride(0), linear_weight.stride(1),
+                inp, inp.stride(0),
+                linear_weight, linear_weight.stride(0),
                 linear_bias if linear_bias is not None else dummy,
                 fwd.rows, fwd.n_valid, fwd.target, weight if weight is not None else dummy,
                 fwd.coef, buf, buf.stride(0), start, width, n_rows, n_vocab, n_dim, cap,
@@ -475,7 +485,7 @@ def linear_backward(
             )
         if need_input:
             K._lce_grad_input_kernel[(triton.cdiv(n_dim, t.block_d), n_m_blocks)](
-                buf, buf.stride(0), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
+                buf, buf.stride(0), linear_weight, linear_weight.stride(0),
                 fwd.rows, fwd.n_valid, g_out, g_stride,
                 acc if acc is not None else dummy, d_inp, start, width, n_dim,
                 FIRST=i == 0, LAST=i == len(chunks) - 1,
@@ -486,7 +496,7 @@ def linear_backward(
         if need_weight or need_bias:
             d_blocks = triton.cdiv(n_dim, t.block_d) if need_weight else 1
             K._lce_grad_weight_kernel[(d_blocks, triton.cdiv(width, t.block_v))](
-                buf, buf.stride(0), inp, inp.stride(0), inp.stride(1),
+                buf, buf.stride(0), inp, inp.stride(0),
                 fwd.rows, fwd.n_valid, g_out, g_stride,
                 d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
                 start, width, n_dim,

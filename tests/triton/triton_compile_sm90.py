@@ -1,0 +1,96 @@
+"""Compile crossent's Triton kernels for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not Triton's compiler, so type
+errors in loop-carried values, unsupported constructs or bad dot shapes would only show on a GPU.
+This script runs the real compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas
+bundled in the triton wheel) for a target named explicitly, which needs no device. Arguments are
+described the way the JIT describes them at run time: a unit stride is the constant 1 and
+pointers, row strides and sizes divisible by 16 carry that divisibility.
+
+Run by tests/triton/test_triton_compile_sm90.py in a subprocess without TRITON_INTERPRET; prints
+one line per kernel variant ("OK name wgmma=.. cp.async=..") and exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main():
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from crossent.triton import _kernels as K
+
+    target = GPUTarget("cuda", 90, 32)
+    failures = []
+
+    def build(name, fn, pointers, consts, floats=(), num_warps=8, num_stages=3):
+        signature, attrs = {}, {}
+        for i, arg in enumerate(fn.arg_names):
+            if arg in consts:
+                signature[arg] = "constexpr"
+            elif arg in pointers:
+                signature[arg] = pointers[arg]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif arg in floats:
+                signature[arg] = "fp32"
+            else:
+                signature[arg] = "i32"
+                if arg.startswith("stride_") or arg in ("n_dim", "n_store"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+        try:
+            src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+            out = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+        except Exception as e:  # report every failing variant, then exit non-zero
+            failures.append(name)
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            return
+        ptx = out.asm["ptx"]
+        print(f"OK {name} wgmma={ptx.count('wgmma.mma_async')} cp.async={ptx.count('cp.async')} "
+              f"ptx_local={ptx.count('ld.local') + ptx.count('st.local')} shared={out.metadata.shared}", flush=True)
+
+    for dt in ("bf16", "fp32"):
+        ce_ptrs = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "target_ptr": "*i64", "weight_ptr": "*fp32",
+                   "scales_ptr": "*fp32", "loss_ptr": "*fp32"}
+        every = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True, WRITE_GRAD=True)
+        build(f"ce_forward[{dt},single]", K._ce_forward_kernel, ce_ptrs,
+              dict(every, SINGLE_BLOCK=True, BLOCK=32768), floats=("eps", "z_loss", "cap"), num_warps=16)
+        build(f"ce_forward[{dt},streamed]", K._ce_forward_kernel, ce_ptrs,
+              dict(every, SINGLE_BLOCK=False, BLOCK=8192), floats=("eps", "z_loss", "cap"), num_warps=16)
+        build(f"scale_rows[{dt}]", K._scale_rows_kernel, {"grad_ptr": f"*{dt}", "scale_ptr": "*fp32"},
+              dict(BLOCK=8192), num_warps=16)
+
+        ptrs = {"e_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "rows_ptr": "*i64",
+                "n_valid_ptr": "*i64", "target_ptr": "*i64", "weight_ptr": "*fp32", "partial_ptr": "*fp32",
+                "store_ptr": f"*{dt}", "scales_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32",
+                "g_ptr": f"*{dt}", "gout_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dt}",
+                "dw_ptr": f"*{dt}", "db_ptr": f"*{dt}"}
+        tiles = dict(UPCAST_DOT=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                     BLOCK_K=32 if dt == "fp32" else 64)
+        opts = dict(HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)
+        build(f"lce_forward[{dt}]", K._lce_forward_kernel, ptrs,
+              dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128), floats=("cap",))
+        build(f"lce_combine[{dt}]", K._lce_combine_kernel, ptrs,
+              dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128),
+              floats=("eps", "z_loss"), num_warps=4)
+        for from_logits in (False, True):
+            build(f"lce_grad_tile[{dt},from_logits={from_logits}]", K._lce_grad_tile_kernel, ptrs,
+                  dict(**opts, **tiles, FROM_LOGITS=from_logits, BLOCK_M=128, BLOCK_V=128), floats=("cap",))
+        for first, last in ((True, False), (False, True)):
+            build(f"lce_grad_input[{dt},first={first},last={last}]", K._lce_grad_input_kernel, ptrs,
+                  dict(**tiles, FIRST=first, LAST=last, BLOCK_M=128, BLOCK_D=128))
+        for per_row in (False, True):
+            build(f"lce_grad_weight[{dt},per_row={per_row}]", K._lce_grad_weight_kernel, ptrs,
+                  dict(**tiles, PER_ROW_SCALE=per_row, HAS_WEIGHT_GRAD=True, HAS_BIAS_GRAD=True,
+                       BLOCK_V=128, BLOCK_D=128))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
