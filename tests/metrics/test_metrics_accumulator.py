@@ -309,3 +309,15 @@ def test_to_dict_has_the_documented_keys():
                 "accuracy", "expected_calibration_error", "per_class"):
         assert key in d
     assert d["classes"] == 7 and len(d["per_class"]) == 7
+
+
+def test_update_takes_a_batch_object():
+    from crossent.io import Batch
+
+    _, p, y, w = _data(n=40)
+    batch = Batch(p[10:], y[10:], w[10:], start=10, path="mem")
+    a = ScoreAccumulator(7).update(p[:10], y[:10], sample_weight=w[:10]).update(batch).compute()
+    b = ScoreAccumulator(7).update(p, y, sample_weight=w).compute()
+    np.testing.assert_allclose(a.cross_entropy_nats, b.cross_entropy_nats, rtol=1e-12)
+    with pytest.raises(TypeError, match="targets must be given"):
+        ScoreAccumulator(7).update(p)

@@ -18,8 +18,7 @@ def _score_rows(file: PredictionFile, acc: ScoreAccumulator, batch_rows: int, ro
                 progress=None) -> ScoreAccumulator:
     for batch in file.batches(batch_rows, row_group=row_group):
         try:
-            acc.update(batch.scores, batch.targets, sample_weight=batch.sample_weight,
-                       start=batch.start)
+            acc.update(batch)
         except InvalidDataError as exc:
             raise DataError(exc.args[0], path=file.path) from None
         if progress is not None:

@@ -197,12 +197,25 @@ class ScoreAccumulator:
 
     # ------------------------------------------------------------------ update
 
-    def update(self, scores, targets, /, *, sample_weight=None, start: int = 0):
+    def update(self, scores, targets=None, /, *, sample_weight=None, start: int = 0):
         """Add a batch: ``scores`` ``[n, C]``, ``targets`` ``[n]`` int, ``sample_weight`` ``[n]``.
 
-        ``start`` is the 0-based data row of ``scores[0]`` (for error messages). Returns self.
-        Nothing is added when the batch has a bad row.
+        ``start`` is the 0-based data row of ``scores[0]`` (for error messages). A single
+        ``crossent.io.Batch`` (anything with ``scores``, ``targets``, ``sample_weight`` and
+        ``start``) may be passed instead: ``acc.update(batch)``. Returns self. Nothing is added
+        when the batch has a bad row.
         """
+        if targets is None:
+            if not all(hasattr(scores, a) for a in ("scores", "targets", "sample_weight", "start")):
+                raise TypeError(
+                    "targets must be given, or scores must be a batch with scores, targets, "
+                    f"sample_weight and start; got {type(scores).__name__} alone"
+                )
+            batch = scores
+            if sample_weight is not None:
+                raise TypeError("sample_weight must not be given with a batch (it carries its own)")
+            return self.update(batch.scores, batch.targets, sample_weight=batch.sample_weight,
+                               start=batch.start)
         scores = np.asarray(scores)
         targets = np.asarray(targets)
         if scores.ndim != 2 or scores.shape[1] != self.num_classes:
