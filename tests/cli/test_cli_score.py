@@ -253,3 +253,19 @@ def test_progress_bar_only_on_a_terminal(parquet_path):
     assert b"scoring rows" in stderr
     done, stderr = _run_on_terminal(cmd + ["--quiet"])
     assert done.returncode == 0 and b"scoring rows" not in stderr
+
+
+def test_csv_of_float32_probabilities_needs_no_normalize(tmp_path, preds):
+    """Text has no dtype: rows written from float32 are held to float32's tolerance."""
+    import pyarrow as pa
+
+    _, p, y, _ = preds
+    p32 = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    off = np.abs(p32.astype(np.float64).sum(axis=1) - 1)
+    assert off.max() > np.sqrt(np.finfo(np.float64).eps)  # float64's tolerance would reject it
+    table = pa.table({**{f"p{k}": p32[:, k] for k in range(p.shape[1])}, "y": y})
+    pacsv.write_csv(table, tmp_path / "p32.csv")
+    out = run_json(tmp_path / "p32.csv", "--target", "y", "--probs", "p*")
+    # scikit-learn warns that these rows do not sum to 1: the float64 transcription is the oracle
+    expected = -np.log(p32.astype(np.float64)[np.arange(len(y)), y]).mean()
+    np.testing.assert_allclose(out["cross_entropy_nats"], expected, rtol=1e-12)
