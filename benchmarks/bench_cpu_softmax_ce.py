@@ -17,7 +17,7 @@ taken between cases of the same run.
 Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 
 * ``crossent``            ``crossent.softmax_cross_entropy`` (numba fast path)
-* ``crossent-kernel``     ``crossent.cpu.lse_and_pick`` and ``mean(lse - picked)`` only
+* ``crossent-kernel``     ``crossent.cpu.lse_and_nll`` and ``mean(nll)`` only
 * ``crossent-array-api``  ``crossent.softmax_cross_entropy`` with ``crossent.cpu.ENABLED = False``
 * ``torch``               ``torch.nn.functional.cross_entropy`` on ``torch.from_numpy`` (no copy)
 * ``scipy``               ``scipy.special.logsumexp(x, axis=1)`` minus the picked logits
@@ -62,7 +62,7 @@ CSV_FIELDS = [
 ]  # fmt: skip
 DESCRIPTION = {
     "crossent": "crossent.softmax_cross_entropy (numba fast path)",
-    "crossent-kernel": "crossent.cpu.lse_and_pick + mean(lse - picked)",
+    "crossent-kernel": "crossent.cpu.lse_and_nll + mean(nll)",
     "crossent-array-api": "crossent.softmax_cross_entropy, Array-API path (no numba)",
     "torch": "torch F.cross_entropy",
     "scipy": "scipy.special.logsumexp - picked",
@@ -101,8 +101,8 @@ def make_case(case: str, threads: int):
         if case == "crossent-kernel":
 
             def kernel(x, y):
-                lse, picked = cpu.lse_and_pick(x, y)
-                return float(np.mean(lse - picked, dtype=np.float64))
+                _, nll = cpu.lse_and_nll(x, y)
+                return float(np.mean(nll, dtype=np.float64))
 
             return kernel
         if case == "crossent-grad":
@@ -120,14 +120,13 @@ def make_case(case: str, threads: int):
                 out = grad_buffer.get(x.shape)
                 if out is None:  # the gradient buffer is the output, allocated once per shape
                     out = grad_buffer[x.shape] = np.empty_like(x)
-                lse, picked = cpu.softmax_minus_onehot(x, y, 1.0 / x.shape[0], out)
-                return float(np.mean(lse - picked, dtype=np.float64))
+                _, nll = cpu.softmax_minus_onehot(x, y, 1.0 / x.shape[0], out)
+                return float(np.mean(nll, dtype=np.float64))
 
             return kernel_grad
     if case.startswith("torch"):
-        import torch.nn.functional as F
-
         import torch
+        import torch.nn.functional as F
 
         torch.set_num_threads(threads)
         if case == "torch":

@@ -38,7 +38,7 @@ def test_gradient_equals_torch_autograd(path, dtype, shape):
     y = rng.integers(0, c, n)
     scale = rng.uniform(0.1, 2.0, n)
     out = np.empty_like(x)
-    lse, picked = cpu.softmax_minus_onehot(x, y, scale, out)
+    lse, nll = cpu.softmax_minus_onehot(x, y, scale, out)
     want = torch_grad(x, y, scale)
     assert out.dtype == dtype
     if dtype == np.float64:
@@ -46,9 +46,9 @@ def test_gradient_equals_torch_autograd(path, dtype, shape):
     else:
         # float32 output: the rounding of the float64 truth, give or take an ulp.
         np.testing.assert_allclose(out, want, rtol=2.5e-7, atol=1e-30)
-    lse_ref, picked_ref = cpu.lse_and_pick(x, y)
+    lse_ref, nll_ref = cpu.lse_and_nll(x, y)
     np.testing.assert_array_equal(lse, lse_ref)
-    np.testing.assert_array_equal(picked, picked_ref)
+    np.testing.assert_array_equal(nll, nll_ref)
 
 
 def test_scalar_scale_in_place_and_ignored_rows(path):

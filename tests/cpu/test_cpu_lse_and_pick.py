@@ -247,3 +247,45 @@ def test_concurrent_calls_from_threads(monkeypatch):
         results = list(pool.map(lambda _: cpu.lse_and_pick(x, y)[0], range(8)))
     for got in results:
         np.testing.assert_array_equal(got, want)
+
+
+def reference_nll(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """-log softmax(x)[y] in float64 via scipy: logsumexp(x - x_y) (exact shift by the label)."""
+    x = x.astype(np.float64)
+    return logsumexp(x - x[np.arange(x.shape[0]), y][:, None], axis=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nll_is_accurate_where_the_loss_is_tiny_next_to_lse(path, dtype):
+    # Confident rows at logits near 1e4: the loss (1e-9 ... 1e-30) is far below ulp(lse).
+    rng = np.random.default_rng(12)
+    n, c = 64, 129
+    x = (1e4 - rng.uniform(20, 70, (n, c))).astype(dtype)
+    y = rng.integers(0, c, n)
+    x[np.arange(n), y] = dtype(1e4)
+    x[:8] = (rng.standard_normal((8, c)) * 3).astype(dtype)  # ordinary rows too
+    x[8, 5] = x[8, y[8]]  # a tie at the maximum: log(2 + rest)
+    lse, nll = cpu.lse_and_nll(x, y)
+    want = reference_nll(x, y)
+    assert nll.dtype == dtype
+    np.testing.assert_allclose(nll, want, rtol=1e-14 if dtype == np.float64 else 2.5e-7, atol=0)
+    lse2, picked = cpu.lse_and_pick(x, y)
+    np.testing.assert_array_equal(lse, lse2)
+    naive = lse.astype(np.float64) - picked
+    if dtype == np.float32:  # what the rounding of lse costs without lse_and_nll
+        assert np.max(np.abs(naive[9:] - want[9:]) / want[9:]) >= 0.99  # the whole loss lost
+
+
+def test_nll_conventions_for_nonfinite_rows(path):
+    x = np.zeros((4, 3))
+    x[0, 0] = -np.inf  # label on a masked class: +inf
+    x[1] = -np.inf  # nothing finite: -inf - (-inf) = NaN
+    x[2, 2] = np.inf  # +inf elsewhere: +inf
+    x[3, 1] = np.nan
+    y = np.array([0, 0, 0, 1])
+    with np.errstate(invalid="ignore"):
+        lse, picked = cpu.lse_and_pick(x, y)
+        want = lse - picked
+    _, nll = cpu.lse_and_nll(x, y)
+    np.testing.assert_array_equal(nll, want)
+    assert np.isposinf(nll[0]) and np.isnan(nll[1]) and np.isposinf(nll[2]) and np.isnan(nll[3])

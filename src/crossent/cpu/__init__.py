@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["available", "lse_and_pick", "softmax_minus_onehot"]
+__all__ = ["available", "lse_and_nll", "lse_and_pick", "softmax_minus_onehot"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # numpy fallback: rows per block are chosen so that a block's temporaries stay near this size.
@@ -103,6 +103,20 @@ def _check_labels(labels: object, n: int, c: int) -> np.ndarray:
     return np.ascontiguousarray(labels, dtype=np.int64)
 
 
+def _lse_pick_nll(logits: object, labels: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    logits = _check_logits(logits)
+    n, c = logits.shape
+    labels = _check_labels(labels, n, c)
+    lse, picked, nll = (np.empty(n, dtype=logits.dtype) for _ in range(3))
+    if n == 0:
+        return lse, picked, nll
+    if available():
+        _kernel("lse_pick_nll", logits.dtype, logits.size)(logits, labels, lse, picked, nll)
+    else:
+        _lse_pick_nll_numpy(logits, labels, lse, picked, nll)
+    return lse, picked, nll
+
+
 def lse_and_pick(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray, np.ndarray]:
     r"""Row-wise log-sum-exp of the logits and the logit of each row's label.
 
@@ -112,7 +126,8 @@ def lse_and_pick(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray,
                        = m_i + \log \sum_j e^{x_{ij} - m_i},\quad m_i = \max_j x_{ij},
         \qquad \mathrm{picked}_i = x_{i, y_i},
 
-    so that :math:`\mathrm{lse}_i - \mathrm{picked}_i` is row i's softmax cross-entropy in nats.
+    so that :math:`\mathrm{lse}_i - \mathrm{picked}_i` is row i's softmax cross-entropy in nats
+    (:func:`lse_and_nll` gives that difference without the rounding of ``lse`` in between).
     The sum of exponentials is accumulated in float64. The shift :math:`m_i` is taken as 0 when
     it is not finite, as in :func:`crossent.softmax_cross_entropy`: a row whose entries are all
     ``-inf`` gives ``-inf``, a row holding ``+inf`` gives ``+inf``, and NaN anywhere in a row gives
@@ -133,18 +148,40 @@ def lse_and_pick(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray,
     >>> np.round(lse - picked, 4)  # -ln 0.8, -ln 0.2
     array([0.2231, 1.6094])
     """
-    logits = _check_logits(logits)
-    n, c = logits.shape
-    labels = _check_labels(labels, n, c)
-    lse = np.empty(n, dtype=logits.dtype)
-    picked = np.empty(n, dtype=logits.dtype)
-    if n == 0:
-        return lse, picked
-    if available():
-        _kernel("lse_and_pick", logits.dtype, logits.size)(logits, labels, lse, picked)
-    else:
-        _lse_and_pick_numpy(logits, labels, lse, picked)
+    lse, picked, _ = _lse_pick_nll(logits, labels)
     return lse, picked
+
+
+def lse_and_nll(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray, np.ndarray]:
+    r"""Row-wise log-sum-exp and softmax cross-entropy (negative log-likelihood) of the labels.
+
+    .. math::
+
+        \mathrm{nll}_i = -\log \mathrm{softmax}(x_i)_{y_i}
+                       = (m_i - x_{i, y_i}) + \log \sum_j e^{x_{ij} - m_i},
+        \qquad m_i = \max_j x_{ij},
+
+    evaluated in float64 in that order and rounded once: the first term is exact, and the log of
+    the sum is ``log1p`` of the terms below the maximum when one entry attains it. So the loss is
+    accurate relative to its own size even when it is far below ``|lse|`` (float32 logits near
+    1e4, confident rows), where ``lse - picked`` from :func:`lse_and_pick` would have lost it to
+    the rounding of ``lse``. Conventions for -inf, +inf and NaN as in :func:`lse_and_pick`
+    (``nll = lse - x_{i, y_i}`` in IEEE arithmetic there: +inf on a -inf label logit).
+
+    Args:
+      logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
+      labels: ``[N]`` integer array, every entry in ``[0, C)``.
+
+    Returns:
+      ``(lse, nll)``: two ``[N]`` arrays of the logits' dtype.
+
+    >>> x = np.array([[1e4, 1e4 - 20.0, 1e4 - 30.0]], dtype=np.float32)
+    >>> lse, nll = lse_and_nll(x, np.array([0]))
+    >>> print(f"{nll[0]:.6e} = {np.exp(-20.0) + np.exp(-30.0):.6e}")  # lse - picked would give 0
+    2.061247e-09 = 2.061247e-09
+    """
+    lse, _, nll = _lse_pick_nll(logits, labels)
+    return lse, nll
 
 
 def softmax_minus_onehot(
@@ -154,7 +191,7 @@ def softmax_minus_onehot(
     out: np.ndarray,
     /,
 ) -> tuple[np.ndarray, np.ndarray]:
-    r"""Write the scaled gradient of softmax cross-entropy into ``out``; return ``(lse, picked)``.
+    r"""Write the scaled gradient of softmax cross-entropy into ``out``; return ``(lse, nll)``.
 
     .. math::
 
@@ -164,7 +201,7 @@ def softmax_minus_onehot(
     which is :math:`s_i\, \partial \ell_i / \partial x_{ij}` for :math:`\ell_i = \mathrm{lse}_i -
     x_{i, y_i}`. Rows with :math:`s_i = 0` (ignored rows) get exact zeros whatever their logits.
     The row's log-sum-exp is computed in float64 and used unrounded; the returned ``lse`` and
-    ``picked`` equal :func:`lse_and_pick`'s, so one call gives both loss and gradient.
+    ``nll`` equal :func:`lse_and_nll`'s, so one call gives both the loss and its gradient.
 
     Args:
       logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
@@ -174,14 +211,16 @@ def softmax_minus_onehot(
       out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself (in place).
 
     Returns:
-      ``(lse, picked)``: two ``[N]`` arrays of the logits' dtype.
+      ``(lse, nll)``: two ``[N]`` arrays of the logits' dtype.
 
     >>> x = np.array([[0.0, 0.0], [0.0, np.log(3.0)]])
     >>> g = np.empty_like(x)
-    >>> lse, picked = softmax_minus_onehot(x, np.array([0, 1]), 0.5, g)
+    >>> lse, nll = softmax_minus_onehot(x, np.array([0, 1]), 0.5, g)
     >>> g
     array([[-0.25 ,  0.25 ],
            [ 0.125, -0.125]])
+    >>> np.round(nll, 4)  # ln 2, ln(4/3)
+    array([0.6931, 0.2877])
     """
     logits = _check_logits(logits)
     n, c = logits.shape
@@ -204,15 +243,15 @@ def softmax_minus_onehot(
     elif scale_rows.shape != (n,):
         raise ValueError(f"scale must be a scalar or have shape ({n},), got {scale_rows.shape}")
     lse = np.empty(n, dtype=logits.dtype)
-    picked = np.empty(n, dtype=logits.dtype)
+    nll = np.empty(n, dtype=logits.dtype)
     if n == 0:
-        return lse, picked
+        return lse, nll
     if available():
         kernel = _kernel("softmax_minus_onehot", logits.dtype, logits.size)
-        kernel(logits, labels, np.ascontiguousarray(scale_rows), out, lse, picked)
+        kernel(logits, labels, np.ascontiguousarray(scale_rows), out, lse, nll)
     else:
-        _softmax_minus_onehot_numpy(logits, labels, scale_rows, out, lse, picked)
-    return lse, picked
+        _softmax_minus_onehot_numpy(logits, labels, scale_rows, out, lse, nll)
+    return lse, nll
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,29 +262,41 @@ def _block_rows(c: int) -> int:
     return max(1, _BLOCK_BYTES // (8 * max(c, 1)))
 
 
-def _block_lse(block: np.ndarray) -> np.ndarray:
-    """float64 lse of each row of a 2-D block (C >= 1), with the kernels' conventions.
-
-    The shift is the row's maximum over non-NaN entries, or 0 when that is not finite, so an
-    all -inf row gives log(0) = -inf, a row holding +inf gives +inf, and NaN propagates.
-    """
+def _block_lse_parts(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, log_s) in float64 for each row of a 2-D block (C >= 1), as the kernels form them:
+    lse = shift + log_s, shift the row maximum over non-NaN entries; for a row whose maximum is
+    not finite, shift is that maximum (NaN if the row holds a NaN) and log_s = 0."""
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         m = np.fmax.reduce(block, axis=1).astype(np.float64)
-        m[~np.isfinite(m)] = 0.0
-        s = np.exp(block - m[:, None], dtype=np.float64).sum(axis=1)
-        return m + np.log(s)
+        finite = np.isfinite(m)
+        shift = np.where(finite, m, 0.0)
+        d = block - shift[:, None]  # float64
+        top = d >= 0.0
+        at_max = top.sum(axis=1).astype(np.float64)
+        np.exp(d, out=d)
+        d[top] = 0.0
+        rest = d.sum(axis=1)
+        log_s = np.where(at_max == 1.0, np.log1p(rest), np.log(at_max + rest))
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        shift[bad] = np.where(np.isnan(block[bad]).any(axis=1), np.nan, m[bad])
+        log_s[bad] = 0.0
+    return shift, log_s
 
 
-def _lse_and_pick_numpy(logits: np.ndarray, labels: np.ndarray, lse: np.ndarray, picked: np.ndarray) -> None:
+def _lse_pick_nll_numpy(
+    logits: np.ndarray, labels: np.ndarray, lse: np.ndarray, picked: np.ndarray, nll: np.ndarray
+) -> None:
     n, c = logits.shape
-    if c == 0:
-        lse[:] = -np.inf
-        return
     step = _block_rows(c)
     for start in range(0, n, step):
         stop = min(start + step, n)
-        lse[start:stop] = _block_lse(logits[start:stop])
-    picked[:] = logits[np.arange(n), labels]
+        shift, log_s = _block_lse_parts(logits[start:stop])
+        x_label = logits[np.arange(start, stop), labels[start:stop]].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            lse[start:stop] = shift + log_s
+            picked[start:stop] = x_label
+            nll[start:stop] = (shift - x_label) + log_s
 
 
 def _softmax_minus_onehot_numpy(
@@ -254,23 +305,23 @@ def _softmax_minus_onehot_numpy(
     scale: np.ndarray,
     out: np.ndarray,
     lse: np.ndarray,
-    picked: np.ndarray,
+    nll: np.ndarray,
 ) -> None:
     n, c = logits.shape
-    if c == 0:
-        lse[:] = -np.inf
-        return
-    picked[:] = logits[np.arange(n), labels]
     step = _block_rows(c)
     for start in range(0, n, step):
         stop = min(start + step, n)
         block = logits[start:stop]
-        block_lse = _block_lse(block)
-        lse[start:stop] = block_lse
+        block_labels = labels[start:stop]
         rows = np.arange(stop - start)
+        shift, log_s = _block_lse_parts(block)
+        x_label = block[rows, block_labels].astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):
+            block_lse = shift + log_s
+            lse[start:stop] = block_lse
+            nll[start:stop] = (shift - x_label) + log_s
             p = np.exp(block - block_lse[:, None], dtype=np.float64)
-            p[rows, labels[start:stop]] -= 1.0
+            p[rows, block_labels] -= 1.0
             p *= scale[start:stop, None]
         p[scale[start:stop] == 0.0] = 0.0
         out[start:stop] = p

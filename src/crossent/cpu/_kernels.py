@@ -138,28 +138,49 @@ def _lse_nonfinite_max(row, m):
 
 
 # ---- one row ---------------------------------------------------------------------------------
+# A row's log-sum-exp is returned as two float64 parts, lse = shift + log_s: shift is the row's
+# maximum m and log_s = log(sum_j exp(x_j - m)). Keeping them apart lets the loss be formed as
+# (m - x_label) + log_s, whose first term is exact: lse - x_label, with lse rounded to float32,
+# would lose the loss's low digits whenever the loss is much smaller than |lse|. log_s itself is
+# log1p of the sum over the entries below the maximum when exactly one entry attains it, so it is
+# accurate relative to its own size even when it is ~1e-9 (a confident row).
+# Only these row functions allow reassociation (for the vectorized sum); they are compiled as
+# functions of their own, so the flag cannot reorder (m - x_label) + log_s in the callers.
 
 
 @nb.njit(inline="always", cache=True)
-def _row_lse_f32(row):
-    m = _row_max(row)
-    if m == -np.inf or m == np.inf:
-        return _lse_nonfinite_max(row, m)
-    s = 0.0
-    for j in range(row.shape[0]):
-        s += _exp_nonpos(np.float64(row[j]) - m)
-    return m + math.log(s)
+def _finish_log_s(at_max, rest):
+    return math.log1p(rest) if at_max == 1.0 else math.log(at_max + rest)
 
 
-@nb.njit(inline="always", cache=True)
-def _row_lse_f64(row):
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def _row_lse_parts_f32(row):
     m = _row_max(row)
     if m == -np.inf or m == np.inf:
-        return _lse_nonfinite_max(row, m)
-    s = 0.0
+        return _lse_nonfinite_max(row, m), 0.0
+    rest = 0.0  # sum of exp(x_j - m) over the entries below the maximum (NaN lands here)
+    at_max = 0.0  # number of entries equal to the maximum, each contributing exp(0) = 1
     for j in range(row.shape[0]):
-        s += math.exp(row[j] - m)
-    return m + math.log(s)
+        d = np.float64(row[j]) - m
+        top = d >= 0.0
+        rest += 0.0 if top else _exp_nonpos(d)
+        at_max += 1.0 if top else 0.0
+    return m, _finish_log_s(at_max, rest)
+
+
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def _row_lse_parts_f64(row):
+    m = _row_max(row)
+    if m == -np.inf or m == np.inf:
+        return _lse_nonfinite_max(row, m), 0.0
+    rest = 0.0
+    at_max = 0.0
+    for j in range(row.shape[0]):
+        d = row[j] - m
+        top = d >= 0.0
+        rest += 0.0 if top else math.exp(d)
+        at_max += 1.0 if top else 0.0
+    return m, _finish_log_s(at_max, rest)
 
 
 @nb.njit(inline="always", cache=True)
@@ -190,75 +211,88 @@ def _row_grad_f64(row, dst, label, a, lse_i, x_label):
 # The serial versions serve small inputs (thread start-up would cost more than the work) and
 # processes forked from one that already ran the parallel ones (GNU OpenMP, numba's threading
 # layer here, cannot be used again after a fork: the child would be terminated).
+# Outputs: lse[i] = shift + log_s, picked[i] = x[i, labels[i]], nll[i] = (shift - picked) + log_s.
 
 
-@nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
-def lse_and_pick_f32(logits, labels, lse, picked):
+@nb.njit(parallel=True, cache=True)
+def lse_pick_nll_f32(logits, labels, lse, picked, nll):
     for i in prange(logits.shape[0]):
-        lse[i] = _row_lse_f32(logits[i])
-        picked[i] = logits[i, labels[i]]
-
-
-@nb.njit(cache=True, fastmath=_SUM_FLAGS)
-def lse_and_pick_f32_serial(logits, labels, lse, picked):
-    for i in range(logits.shape[0]):
-        lse[i] = _row_lse_f32(logits[i])
-        picked[i] = logits[i, labels[i]]
-
-
-@nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
-def lse_and_pick_f64(logits, labels, lse, picked):
-    for i in prange(logits.shape[0]):
-        lse[i] = _row_lse_f64(logits[i])
-        picked[i] = logits[i, labels[i]]
-
-
-@nb.njit(cache=True, fastmath=_SUM_FLAGS)
-def lse_and_pick_f64_serial(logits, labels, lse, picked):
-    for i in range(logits.shape[0]):
-        lse[i] = _row_lse_f64(logits[i])
-        picked[i] = logits[i, labels[i]]
-
-
-@nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
-def softmax_minus_onehot_f32(logits, labels, scale, out, lse, picked):
-    for i in prange(logits.shape[0]):
-        row = logits[i]
-        lse_i = _row_lse_f32(row)
-        x_label = row[labels[i]]
-        lse[i] = lse_i
+        shift, log_s = _row_lse_parts_f32(logits[i])
+        x_label = np.float64(logits[i, labels[i]])
+        lse[i] = shift + log_s
         picked[i] = x_label
-        _row_grad_f32(row, out[i], labels[i], scale[i], lse_i, x_label)
+        nll[i] = (shift - x_label) + log_s
 
 
-@nb.njit(cache=True, fastmath=_SUM_FLAGS)
-def softmax_minus_onehot_f32_serial(logits, labels, scale, out, lse, picked):
+@nb.njit(cache=True)
+def lse_pick_nll_f32_serial(logits, labels, lse, picked, nll):
     for i in range(logits.shape[0]):
-        row = logits[i]
-        lse_i = _row_lse_f32(row)
-        x_label = row[labels[i]]
-        lse[i] = lse_i
+        shift, log_s = _row_lse_parts_f32(logits[i])
+        x_label = np.float64(logits[i, labels[i]])
+        lse[i] = shift + log_s
         picked[i] = x_label
-        _row_grad_f32(row, out[i], labels[i], scale[i], lse_i, x_label)
+        nll[i] = (shift - x_label) + log_s
 
 
-@nb.njit(parallel=True, cache=True, fastmath=_SUM_FLAGS)
-def softmax_minus_onehot_f64(logits, labels, scale, out, lse, picked):
+@nb.njit(parallel=True, cache=True)
+def lse_pick_nll_f64(logits, labels, lse, picked, nll):
+    for i in prange(logits.shape[0]):
+        shift, log_s = _row_lse_parts_f64(logits[i])
+        x_label = logits[i, labels[i]]
+        lse[i] = shift + log_s
+        picked[i] = x_label
+        nll[i] = (shift - x_label) + log_s
+
+
+@nb.njit(cache=True)
+def lse_pick_nll_f64_serial(logits, labels, lse, picked, nll):
+    for i in range(logits.shape[0]):
+        shift, log_s = _row_lse_parts_f64(logits[i])
+        x_label = logits[i, labels[i]]
+        lse[i] = shift + log_s
+        picked[i] = x_label
+        nll[i] = (shift - x_label) + log_s
+
+
+@nb.njit(parallel=True, cache=True)
+def softmax_minus_onehot_f32(logits, labels, scale, out, lse, nll):
     for i in prange(logits.shape[0]):
         row = logits[i]
-        lse_i = _row_lse_f64(row)
+        shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
-        lse[i] = lse_i
-        picked[i] = x_label
-        _row_grad_f64(row, out[i], labels[i], scale[i], lse_i, x_label)
+        lse[i] = shift + log_s
+        nll[i] = (shift - x_label) + log_s
+        _row_grad_f32(row, out[i], labels[i], scale[i], shift + log_s, x_label)
 
 
-@nb.njit(cache=True, fastmath=_SUM_FLAGS)
-def softmax_minus_onehot_f64_serial(logits, labels, scale, out, lse, picked):
+@nb.njit(cache=True)
+def softmax_minus_onehot_f32_serial(logits, labels, scale, out, lse, nll):
     for i in range(logits.shape[0]):
         row = logits[i]
-        lse_i = _row_lse_f64(row)
+        shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
-        lse[i] = lse_i
-        picked[i] = x_label
-        _row_grad_f64(row, out[i], labels[i], scale[i], lse_i, x_label)
+        lse[i] = shift + log_s
+        nll[i] = (shift - x_label) + log_s
+        _row_grad_f32(row, out[i], labels[i], scale[i], shift + log_s, x_label)
+
+
+@nb.njit(parallel=True, cache=True)
+def softmax_minus_onehot_f64(logits, labels, scale, out, lse, nll):
+    for i in prange(logits.shape[0]):
+        row = logits[i]
+        shift, log_s = _row_lse_parts_f64(row)
+        x_label = row[labels[i]]
+        lse[i] = shift + log_s
+        nll[i] = (shift - x_label) + log_s
+        _row_grad_f64(row, out[i], labels[i], scale[i], shift + log_s, x_label)
+
+
+@nb.njit(cache=True)
+def softmax_minus_onehot_f64_serial(logits, labels, scale, out, lse, nll):
+    for i in range(logits.shape[0]):
+        row = logits[i]
+        shift, log_s = _row_lse_parts_f64(row)
+        x_label = row[labels[i]]
+        lse[i] = shift + log_s
+        nll[i] = (shift - x_label) + log_s
+        _row_grad_f64(row, out[i], labels[i], scale[i], shift + log_s, x_label)
