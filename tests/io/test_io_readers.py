@@ -224,3 +224,13 @@ def test_truncated_npy_names_the_row(tmp_path):
     f = open_predictions(tmp_path / "a.npy", target="y", scores="a,b")
     with pytest.raises(DataError, match="ends early, at data row 70"):
         _collect(f, 64)
+
+
+@pytest.mark.parametrize("kind", ["dictionary", "large_string"])
+def test_dictionary_and_large_string_targets(tmp_path, kind):
+    labels = pa.array(["dog", "cat", "dog"])
+    labels = labels.dictionary_encode() if kind == "dictionary" else labels.cast(pa.large_string())
+    t = pa.table({"p_cat": [0.9, 0.2, 0.5], "p_dog": [0.1, 0.8, 0.5], "y": labels})
+    pq.write_table(t, tmp_path / "a.parquet")
+    f = open_predictions(tmp_path / "a.parquet", target="y", scores="p_*")
+    assert _collect(f, 2)[1].tolist() == [1, 0, 1]
