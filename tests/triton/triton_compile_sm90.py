@@ -59,8 +59,11 @@ def main():
         ce_ptrs = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "target_ptr": "*i64", "weight_ptr": "*fp32",
                    "scales_ptr": "*fp32", "loss_ptr": "*fp32"}
         every = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True, WRITE_GRAD=True)
-        build(f"ce_forward[{dt},single]", K._ce_forward_kernel, ce_ptrs,
-              dict(every, SINGLE_BLOCK=True, BLOCK=32768), floats=("eps", "z_loss", "cap"), num_warps=16)
+        z_only = dict(every, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False)
+        build(f"ce_forward[{dt},single32k,z_loss]", K._ce_forward_kernel, ce_ptrs,
+              dict(z_only, SINGLE_BLOCK=True, BLOCK=32768), floats=("eps", "z_loss", "cap"), num_warps=16)
+        build(f"ce_forward[{dt},single8k]", K._ce_forward_kernel, ce_ptrs,
+              dict(every, SINGLE_BLOCK=True, BLOCK=8192), floats=("eps", "z_loss", "cap"), num_warps=8)
         build(f"ce_forward[{dt},streamed]", K._ce_forward_kernel, ce_ptrs,
               dict(every, SINGLE_BLOCK=False, BLOCK=8192), floats=("eps", "z_loss", "cap"), num_warps=16)
         build(f"scale_rows[{dt}]", K._scale_rows_kernel, {"grad_ptr": f"*{dt}", "scale_ptr": "*fp32"},

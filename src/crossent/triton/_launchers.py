@@ -146,17 +146,25 @@ SINGLE_BLOCK_MAX = 32768
 LOOP_BLOCK = 8192
 
 
-def _row_block(n_cols):
+def _row_block(n_cols, softcap=False, smoothing=False):
     """(BLOCK, num_warps, single_block) for one-program-per-row kernels over ``n_cols`` columns.
 
-    Rows up to SINGLE_BLOCK_MAX columns: one block holds the whole row, so the logits are read
-    once (32768 columns over 16 warps is 64 values per thread, 32 registers as packed bf16).
-    Longer rows (e.g. 128256): 8192-column steps with 16 warps; big programs keep few rows in
-    flight (about 2 per SM, 132 SMs x 2 x 256 KiB ~ the 50 MB L2 of an H100), so the second
-    pass over a row mostly hits L2 instead of HBM. Short rows use fewer warps.
+    Rows that fit one block are loaded once and kept in registers, so the logits are read once.
+    What fits without spilling depends on the options; ptxas (sm_90a, bf16, 16 warps) reports
+    for a 32768-column block 128 registers and no spill with no option or z-loss only, but
+    spills with a softcap or label smoothing, which fit at 16384 columns (99-128 registers)
+    and, both together, only as 8192-column steps. Longer rows (e.g. 128256) are streamed in
+    LOOP_BLOCK steps by 16-warp programs (58-64 registers): big programs keep few rows in flight
+    (one or two per SM, about 132 x 2 x 256 KiB, the size of an H100's 50 MB L2), so the second
+    pass over a row tends to hit L2 rather than HBM. Short rows use fewer warps.
     """
+    limit = SINGLE_BLOCK_MAX
+    if softcap and smoothing:
+        limit = min(limit, LOOP_BLOCK)
+    elif softcap or smoothing:
+        limit = min(limit, SINGLE_BLOCK_MAX // 2)
     block = triton.next_power_of_2(max(n_cols, 16))
-    if block <= SINGLE_BLOCK_MAX:
+    if block <= limit:
         warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
         return block, warps, True
     return LOOP_BLOCK, 16, False
@@ -195,7 +203,7 @@ def cross_entropy_forward(
         # No class to score: ignored rows give 0, any other target is out of range (NaN).
         row_loss = torch.where(valid, float("nan"), 0.0).to(torch.float32)
     elif n_rows > 0:
-        block, warps, single = _row_block(n_cols)
+        block, warps, single = _row_block(n_cols, softcap is not None, label_smoothing > 0.0)
         g = grad if grad is not None else x
         K._ce_forward_kernel[(n_rows,)](
             x, x.stride(0), g, g.stride(0), target,
