@@ -1,8 +1,8 @@
 """impl="chunked": pure-PyTorch cross-entropy that works on the logits block by block.
 
-The rows are processed in blocks of ``rows_per_block`` rows (default: as many rows as fit in
-``DEFAULT_BLOCK_ELEMENTS`` logits, 4 Mi elements = 16 MiB in float32), so the float32 temporaries
-stay bounded by a few blocks whatever N is. For the fused linear cross-entropy the logits block
+The rows are processed in blocks of ``rows_per_block`` rows (default: blocks of N * V / 16 logits,
+clamped to [2**16, DEFAULT_BLOCK_ELEMENTS = 4 Mi elements = 16 MiB in float32]), so the float32
+temporaries stay a few blocks whatever N is. For the fused linear cross-entropy the logits block
 ``E_b @ W.T + b`` is computed, consumed and dropped: the N x V logits never exist.
 
 Per row i with (softcapped) logits z, lse = logsumexp(z), p = softmax(z), class weights w
@@ -44,11 +44,14 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 22
 COMPACT_IGNORED_ROWS_ON_CPU = True
 
 
-def rows_per_block(num_classes: int, chunk_size: int | None) -> int:
-    """Rows per block: ``chunk_size`` if given, else DEFAULT_BLOCK_ELEMENTS // num_classes."""
+def rows_per_block(num_rows: int, num_classes: int, chunk_size: int | None) -> int:
+    """Rows per block: ``chunk_size`` if given, else blocks of about N * V / 16 logits, at least
+    2**16 and at most DEFAULT_BLOCK_ELEMENTS (so the float32 temporaries, a few blocks, stay a
+    small fraction of the N x V logits and below a few times 16 MiB)."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, DEFAULT_BLOCK_ELEMENTS // max(num_classes, 1))
+    elements = min(max((num_rows * num_classes) // 16, 1 << 16), DEFAULT_BLOCK_ELEMENTS)
+    return max(1, elements // max(num_classes, 1))
 
 
 class _Rows:
@@ -67,7 +70,7 @@ class _Rows:
         if self.soft:
             self.valid = None
             self.valid_f = torch.ones(num_rows, dtype=dt, device=device)
-            self.ce_denominator = torch.tensor(float(num_rows), dtype=dt, device=device)
+            self.ce_denominator = torch.full((), float(num_rows), dtype=dt, device=device)
             self.n_valid = self.ce_denominator
             self.safe_target = None
             self.w_target = None

@@ -75,7 +75,7 @@ def reference_cross_entropy_2d(
         wt = t if w is None else t * w
         terms = torch.where(wt == 0, torch.zeros_like(logp), -wt * logp)
         row = terms.sum(dim=-1)
-        ce_denominator = torch.tensor(float(num_rows), dtype=dt, device=z.device)
+        ce_denominator = torch.full((), float(num_rows), dtype=dt, device=z.device)
     else:
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         nll = -logp.gather(1, safe_target[:, None]).squeeze(1)

@@ -214,7 +214,7 @@ def cross_entropy(
             eps,
             z_loss,
             softcap,
-            rows_per_block(num_classes, None),
+            rows_per_block(logits2d.shape[0], num_classes, None),
             inplace_backward and logits2d.data_ptr() == input.data_ptr(),
         )
     else:
@@ -247,10 +247,10 @@ def linear_cross_entropy(
     Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` with the
     classes last (same semantics, z-loss and softcap as :func:`cross_entropy`), and follows the
     argument order of PyTorch 2.13's ``torch.nn.functional.linear_cross_entropy``. With
-    impl="chunked" the rows go through in blocks of ``chunk_size`` rows (default: 4 Mi logits per
-    block), the gradients of ``input``, ``linear_weight`` and ``linear_bias`` accumulate in float32,
-    and the N x V logits are never held: extra memory is a few blocks plus float32 gradient
-    buffers of the inputs' sizes.
+    impl="chunked" the rows go through in blocks of ``chunk_size`` rows (default: N * V / 16
+    logits per block, at most 4 Mi), the gradients of ``input``, ``linear_weight`` and
+    ``linear_bias`` accumulate in float32, and the N x V logits are never held: extra memory is a
+    few blocks plus float32 gradient buffers of the inputs' sizes.
 
     Args:
         input: hidden states, shape ``(*, D)`` (e.g. ``(N, D)`` or ``(B, T, D)``).
@@ -260,7 +260,8 @@ def linear_cross_entropy(
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap, validate: as in
             :func:`cross_entropy`.
         impl: "auto" | "triton" | "chunked" | "reference".
-        chunk_size: rows per block for impl="chunked" (None: 4 Mi logits per block).
+        chunk_size: rows per block for impl="chunked" (None: N * V / 16 logits per block,
+            clamped to [2**16, 2**22]).
 
     Returns:
         float32 loss (float64 for float64 input): a scalar, or shape ``(*)`` for "none".
@@ -368,7 +369,7 @@ def linear_cross_entropy(
             eps,
             z_loss,
             softcap,
-            rows_per_block(num_classes, chunk_size),
+            rows_per_block(x2d.shape[0], num_classes, chunk_size),
             needs,
         )
     else:
@@ -448,7 +449,7 @@ def binary_cross_entropy_with_logits(
         return loss
     if reduction == "sum":
         return loss.sum()
-    return safe_divide(loss.sum(), torch.tensor(float(loss.numel()), dtype=dt, device=x.device))
+    return safe_divide(loss.sum(), torch.full((), float(loss.numel()), dtype=dt, device=x.device))
 
 
 def kl_div(
@@ -511,4 +512,4 @@ def kl_div(
         count = input.shape[0] if input.dim() > 0 else 1
     else:
         count = loss.numel()
-    return safe_divide(total, torch.tensor(float(count), dtype=dt, device=x.device))
+    return safe_divide(total, torch.full((), float(count), dtype=dt, device=x.device))
