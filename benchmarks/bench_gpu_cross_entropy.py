@@ -25,9 +25,10 @@ import gpu_harness as H  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARK = "cross_entropy_logits_fwd_bwd"
+DEFAULT_OUT = os.path.join(HERE, "results", "gpu_cross_entropy.csv")
 
 
-def implementations(torch, F):
+def implementations(torch, F, device):
     import crossent.triton as ctr
 
     impls = {
@@ -35,8 +36,9 @@ def implementations(torch, F):
         "crossent-triton-inplace": lambda x, t: ctr.cross_entropy(x, t, inplace_backward=True),
         "torch-eager-bf16": lambda x, t: F.cross_entropy(x, t),
         "torch-eager-logits.float()": lambda x, t: F.cross_entropy(x.float(), t),
-        "torch-compile-logits.float()": torch.compile(lambda x, t: F.cross_entropy(x.float(), t)),
     }
+    if device == "cuda":  # the CPU smoke mode has no inductor toolchain to rely on
+        impls["torch-compile-logits.float()"] = torch.compile(lambda x, t: F.cross_entropy(x.float(), t))
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -50,10 +52,10 @@ def implementations(torch, F):
 def bench_shape(torch, F, impls, shape, dtype, args, common):
     """Rows for one (rows, classes) shape: the copy floor, then every implementation."""
     n_rows, n_cols = shape
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    base = (torch.randn(n_rows, n_cols, device="cuda", generator=gen) * 2.0).to(dtype)
-    target = torch.randint(0, n_cols, (n_rows,), device="cuda", generator=gen)
-    target[torch.rand(n_rows, device="cuda", generator=gen) < args.ignored] = -100
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    base = (torch.randn(n_rows, n_cols, device=args.device, generator=gen) * 2.0).to(dtype)
+    target = torch.randint(0, n_cols, (n_rows,), device=args.device, generator=gen)
+    target[torch.rand(n_rows, device=args.device, generator=gen) < args.ignored] = -100
     moved = 2 * base.numel() * base.element_size()  # read the logits once, write the grad once
 
     def bandwidth(ms):
@@ -70,7 +72,7 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
     # Floor: one device copy of the logits = read once + write once.
     dst = torch.empty_like(base)
     times, _, _, _ = H.measure(torch, tuple, lambda: dst.copy_(base), args.repeats, args.warmup,
-                               lambda inputs: [])
+                               lambda inputs: [], device=args.device)
     rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
                       "floor: copy logits (read+write once)", times, 0, bandwidth, "GB/s",
                       float("nan"), float("nan")))
@@ -87,7 +89,8 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
 
         try:
             times, extra, loss, grads = H.measure(
-                torch, make_inputs, run, args.repeats, args.warmup, lambda inputs: [inputs[0].grad]
+                torch, make_inputs, run, args.repeats, args.warmup, lambda inputs: [inputs[0].grad],
+                device=args.device,
             )
             rows.append(H.row(
                 common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
@@ -97,7 +100,7 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
         except Exception as e:  # one failing peer must not lose the others' numbers
             rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, e))
         finally:
-            torch.cuda.empty_cache()
+            H.empty_cache(torch, args.device)
     return rows
 
 
@@ -109,19 +112,23 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "gpu_cross_entropy.csv"))
+    parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
     args = parser.parse_args(argv)
     try:
         shapes = H.parse_shapes(args.shapes, 2)
     except ValueError as e:
         parser.error(str(e))
-    torch = H.require_cuda()
+    torch = H.setup_device(args.device, args.out is not None)
+    if args.out is None:
+        args.out = DEFAULT_OUT
     import torch.nn.functional as F
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
-    common = H.conditions(torch)
-    impls = implementations(torch, F)
+    common = H.conditions(torch, args.device)
+    impls = implementations(torch, F, args.device)
     if args.impls:
         wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
         unknown = sorted(set(wanted) - set(impls))
@@ -132,7 +139,7 @@ def main(argv=None):
     rows = []
     for shape in shapes:
         rows += bench_shape(torch, F, impls, shape, dtype, args, common)
-        torch.cuda.empty_cache()
+        H.empty_cache(torch, args.device)
 
     H.append_rows(args.out, rows)
     H.print_table(rows)

@@ -28,9 +28,10 @@ import gpu_harness as H  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARK = "linear_cross_entropy_fwd_bwd"
+DEFAULT_OUT = os.path.join(HERE, "results", "gpu_linear_cross_entropy.csv")
 
 
-def implementations(torch, F, fast_budget):
+def implementations(torch, F, fast_budget, device):
     import crossent.triton as ctr
 
     def eager(e, w, t):
@@ -41,8 +42,9 @@ def implementations(torch, F, fast_budget):
         f"crossent-triton-fast({fast_budget >> 20}MiB)": lambda e, w, t: ctr.linear_cross_entropy(
             e, w, t, memory_budget=fast_budget),
         "torch-eager": eager,
-        "torch-compile": torch.compile(eager),
     }
+    if device == "cuda":  # the CPU smoke mode has no inductor toolchain to rely on
+        impls["torch-compile"] = torch.compile(eager)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -63,11 +65,11 @@ def implementations(torch, F, fast_budget):
 def bench_shape(torch, F, impls, shape, dtype, args, common):
     """Rows for one (N, D, V) shape: the bare matmuls, then every implementation."""
     n, d, v = shape
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    emb = torch.randn(n, d, device="cuda", generator=gen).to(dtype)
-    head = (torch.randn(v, d, device="cuda", generator=gen) * (2.0 / math.sqrt(d))).to(dtype)
-    target = torch.randint(0, v, (n,), device="cuda", generator=gen)
-    target[torch.rand(n, device="cuda", generator=gen) < args.ignored] = -100
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    emb = torch.randn(n, d, device=args.device, generator=gen).to(dtype)
+    head = (torch.randn(v, d, device=args.device, generator=gen) * (2.0 / math.sqrt(d))).to(dtype)
+    target = torch.randint(0, v, (n,), device=args.device, generator=gen)
+    target[torch.rand(n, device=args.device, generator=gen) < args.ignored] = -100
     flops = 6.0 * n * d * v
 
     def tflops(ms):
@@ -79,23 +81,23 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
     ref_loss.backward()
     ref_de, ref_dw, ref_loss = re.grad, rw.grad, ref_loss.detach()
     del re, rw
-    torch.cuda.empty_cache()
+    H.empty_cache(torch, args.device)
 
     rows = []
     if not args.impls or "bare-matmuls" in args.impls:
-        g = (torch.randn(n, v, device="cuda", generator=gen) * 1e-4).to(dtype)
+        g = (torch.randn(n, v, device=args.device, generator=gen) * 1e-4).to(dtype)
 
         def bare():
             logits = emb @ head.T
             return logits, g @ head, g.T @ emb
 
         times, extra, _, _ = H.measure(torch, tuple, bare, args.repeats, args.warmup,
-                                       lambda inputs: [])
+                                       lambda inputs: [], device=args.device)
         rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
                           "bare-matmuls (E W^T, G W, G^T E)", times, extra, tflops, "TFLOP/s",
                           float("nan"), float("nan"), note="yardstick; extra includes logits"))
         del g, bare
-        torch.cuda.empty_cache()
+        H.empty_cache(torch, args.device)
 
     def make_inputs():
         return (emb.detach().requires_grad_(), head.detach().requires_grad_(), target)
@@ -109,7 +111,7 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
         try:
             times, extra, loss, grads = H.measure(
                 torch, make_inputs, run, args.repeats, args.warmup,
-                lambda inputs: [inputs[0].grad, inputs[1].grad],
+                lambda inputs: [inputs[0].grad, inputs[1].grad], device=args.device,
             )
             rows.append(H.row(
                 common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
@@ -120,7 +122,7 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
         except Exception as err:  # one failing peer must not lose the others' numbers
             rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, err))
         finally:
-            torch.cuda.empty_cache()
+            H.empty_cache(torch, args.device)
     return rows
 
 
@@ -134,19 +136,23 @@ def main(argv=None):
     parser.add_argument("--fast-budget-mib", type=int, default=1536,
                         help="memory_budget of crossent's fast mode, MiB")
     parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "gpu_linear_cross_entropy.csv"))
+    parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
     args = parser.parse_args(argv)
     try:
         shapes = H.parse_shapes(args.shapes, 3)
     except ValueError as e:
         parser.error(str(e))
-    torch = H.require_cuda()
+    torch = H.setup_device(args.device, args.out is not None)
+    if args.out is None:
+        args.out = DEFAULT_OUT
     import torch.nn.functional as F
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
-    common = H.conditions(torch)
-    impls = implementations(torch, F, args.fast_budget_mib << 20)
+    common = H.conditions(torch, args.device)
+    impls = implementations(torch, F, args.fast_budget_mib << 20, args.device)
     if args.impls:
         wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
         unknown = sorted(set(wanted) - set(impls) - {"bare-matmuls"})
@@ -157,7 +163,7 @@ def main(argv=None):
     rows = []
     for shape in shapes:
         rows += bench_shape(torch, F, impls, shape, dtype, args, common)
-        torch.cuda.empty_cache()
+        H.empty_cache(torch, args.device)
 
     H.append_rows(args.out, rows)
     H.print_table(rows)

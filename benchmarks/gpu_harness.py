@@ -14,7 +14,9 @@ of one benchmark runs in the same process, on the same inputs, one after the oth
 * conditions: device name, torch / triton / liger-kernel / cut-cross-entropy versions, UTC date.
 
 The pure-Python helpers (``parse_shapes``, ``summarize``, ``append_rows``) are tested on the CPU
-in tests/triton/test_triton_bench_harness.py; everything else needs a CUDA device.
+in tests/triton/test_triton_bench_harness.py. ``--device cpu`` (with TRITON_INTERPRET=1 and an
+explicit ``--out``) runs a script end to end on tiny shapes through Triton's interpreter: a smoke
+test of the script, never a measurement (its rows say so, and carry no memory figures).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 COLUMNS = [
     "date", "device", "torch", "triton", "liger_kernel", "cut_cross_entropy", "benchmark",
@@ -96,11 +99,12 @@ def package_version(name):
         return "not installed"
 
 
-def conditions(torch):
+def conditions(torch, device="cuda"):
     """The columns every row of one run shares."""
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter smoke run, not a measurement)"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": torch.cuda.get_device_name(),
+        "device": name,
         "torch": torch.__version__,
         "triton": package_version("triton"),
         "liger_kernel": package_version("liger-kernel"),
@@ -124,6 +128,29 @@ def require_cuda():
     return torch
 
 
+def setup_device(device, out_given):
+    """torch, after checking that ``device`` can run: CUDA, or the CPU smoke mode (see above)."""
+    if device == "cuda":
+        return require_cuda()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("error: --device cpu runs the Triton kernels through the interpreter: set TRITON_INTERPRET=1")
+    if not out_given:
+        sys.exit("error: --device cpu is a smoke run of the script; pass --out (never the results CSV)")
+    import torch
+
+    return torch
+
+
+def sync(torch, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache(torch, device):
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def relative_error(value, reference):
     """||value - reference|| / ||reference|| in float64 (accumulated), NaN when absent."""
     if value is None or reference is None:
@@ -132,30 +159,38 @@ def relative_error(value, reference):
     return float(diff / reference.double().norm().clamp_min(1e-300))
 
 
-def measure(torch, make_inputs, run, repeats, warmup, grads_of):
+def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda"):
     """Time ``run(*inputs)`` (forward+backward) with CUDA events.
 
     ``make_inputs()`` returns a fresh tuple of inputs for every call (outside the timed region);
     ``grads_of(inputs)`` lists the gradient tensors the call produced. Returns
-    (times_ms, extra_bytes, last_result, last_grads).
+    (times_ms, extra_bytes, last_result, last_grads); on the CPU (smoke mode) wall-clock times
+    and NaN extra memory.
     """
-    times, extra, result, grads = [], 0, None, None
+    cuda = device == "cuda"
+    times, extra, result, grads = [], 0 if cuda else float("nan"), None, None
     for i in range(warmup + repeats):
         inputs = make_inputs()
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
         result = run(*inputs)
-        stop.record()
-        torch.cuda.synchronize()
+        if cuda:
+            stop.record()
+            torch.cuda.synchronize()
+        elapsed_ms = (time.perf_counter() - t0) * 1e3
         grads = grads_of(inputs)
-        grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
-        peak = torch.cuda.max_memory_allocated()
         if i >= warmup:
-            times.append(start.elapsed_time(stop))
-            extra = max(extra, peak - before - grad_bytes)
+            if cuda:
+                grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+                extra = max(extra, torch.cuda.max_memory_allocated() - before - grad_bytes)
+                times.append(start.elapsed_time(stop))
+            else:
+                times.append(elapsed_ms)
         if i < warmup + repeats - 1:
             del inputs, result, grads
             result = grads = None

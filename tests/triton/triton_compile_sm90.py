@@ -61,20 +61,23 @@ def main():
         every = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True, WRITE_GRAD=True)
         z_only = dict(every, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False)
         build(f"ce_forward[{dt},single32k,z_loss]", K._ce_forward_kernel, ce_ptrs,
-              dict(z_only, SINGLE_BLOCK=True, BLOCK=32768), floats=("eps", "z_loss", "cap"), num_warps=16)
+              dict(z_only, SINGLE_BLOCK=True, INTERPRETER=False, BLOCK=32768), floats=("eps", "z_loss", "cap"),
+              num_warps=16)
         build(f"ce_forward[{dt},single8k]", K._ce_forward_kernel, ce_ptrs,
-              dict(every, SINGLE_BLOCK=True, BLOCK=8192), floats=("eps", "z_loss", "cap"), num_warps=8)
+              dict(every, SINGLE_BLOCK=True, INTERPRETER=False, BLOCK=8192), floats=("eps", "z_loss", "cap"),
+              num_warps=8)
         build(f"ce_forward[{dt},streamed]", K._ce_forward_kernel, ce_ptrs,
-              dict(every, SINGLE_BLOCK=False, BLOCK=8192), floats=("eps", "z_loss", "cap"), num_warps=16)
+              dict(every, SINGLE_BLOCK=False, INTERPRETER=False, BLOCK=8192), floats=("eps", "z_loss", "cap"),
+              num_warps=16)
         build(f"scale_rows[{dt}]", K._scale_rows_kernel, {"grad_ptr": f"*{dt}", "scale_ptr": "*fp32"},
-              dict(BLOCK=8192), num_warps=16)
+              dict(INTERPRETER=False, BLOCK=8192), num_warps=16)
 
         ptrs = {"e_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "rows_ptr": "*i64",
                 "n_valid_ptr": "*i64", "target_ptr": "*i64", "weight_ptr": "*fp32", "partial_ptr": "*fp32",
                 "store_ptr": f"*{dt}", "scales_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32",
                 "g_ptr": f"*{dt}", "gout_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dt}",
                 "dw_ptr": f"*{dt}", "db_ptr": f"*{dt}"}
-        tiles = dict(UPCAST_DOT=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+        tiles = dict(INTERPRETER=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                      BLOCK_K=32 if dt == "fp32" else 64)
         opts = dict(HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)
         build(f"lce_forward[{dt}]", K._lce_forward_kernel, ptrs,

@@ -38,15 +38,29 @@ Notation shared by all kernels (one row ``i`` of logits, target class ``t``):
   gradient 0; a non-ignored target outside ``[0, C)`` gives a NaN loss (the GPU path does not
   validate targets, as that would need a host sync).
 
-``UPCAST_DOT`` (constexpr) converts bf16 ``tl.dot`` operands to float32 first. It is set only under
-``TRITON_INTERPRET=1``, whose NumPy ``tl.dot`` mishandles bfloat16; the conversion is exact (every
-bf16 product is exact in float32), so the interpreter computes what the tensor cores compute.
+``INTERPRETER`` (constexpr, set only under ``TRITON_INTERPRET=1``) works around two gaps of
+Triton's NumPy interpreter so that it computes what the GPU computes: its ``tl.dot`` mishandles
+bfloat16, so bf16 operands are converted to float32 first (exact: every bf16 product is exact in
+float32); and its float32 -> bfloat16 conversion truncates, so ``_cast`` rounds to nearest even
+first, as the GPU's conversion does.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """``x.to(dtype)``; under the interpreter, float32 -> bfloat16 rounds to nearest even like the
+    GPU (add 0x7FFF plus the lowest kept bit, then drop the low 16 bits; inf and NaN stay)."""
+    if INTERPRETER:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -159,6 +173,7 @@ def _ce_forward_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Loss of one row and (optionally) its gradient, in one launch (forward writes the gradient).
@@ -264,7 +279,7 @@ def _ce_forward_kernel(
                     w = x  # unused by _ce_grad_block without smoothing
                 g = _ce_grad_block(x, th, w, cols0, target, m, log_s, a_coef, b_coef, c_coef,
                                    HAS_SMOOTHING, HAS_SOFTCAP)
-                tl.store(g_row + cols0, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_row + cols0, _cast(g, grad_ptr.dtype.element_ty, INTERPRETER), mask=mask)
             else:
                 for start in range(0, n_cols, BLOCK):
                     cols = start + cols0
@@ -275,11 +290,12 @@ def _ce_forward_kernel(
                         wb = _ce_class_weight(weight_ptr, cols, mask, HAS_WEIGHT)
                     g = _ce_grad_block(xb, th, wb, cols, target, m, log_s, a_coef, b_coef, c_coef,
                                        HAS_SMOOTHING, HAS_SOFTCAP)
-                    tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                    tl.store(g_row + cols, _cast(g, grad_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 @triton.jit
-def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, n_cols, BLOCK: tl.constexpr):
+def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, n_cols, INTERPRETER: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """In-place ``grad[row, :] *= scale[row * stride_scale]`` (stride 0: one scalar for all rows).
 
     A row whose scale is exactly 1 is skipped without touching memory: with ``loss.backward()``
@@ -296,7 +312,7 @@ def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, n_cols, B
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             g = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_row + cols, _cast(g * scale, grad_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +338,7 @@ def _logits_tile(
     cap,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -354,7 +370,7 @@ def _logits_tile(
             mask=col_mask[None, :] & k_mask[:, None],
             other=0.0,
         )
-        if UPCAST_DOT:
+        if INTERPRETER:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -429,7 +445,7 @@ def _lce_forward_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -478,13 +494,13 @@ def _lce_forward_kernel(
             x, th = _logits_tile(
                 e_ptr, stride_em, w_ptr, stride_wv, bias_ptr,
                 rows, row_mask, cols, col_mask, n_dim, cap,
-                HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+                HAS_BIAS, HAS_SOFTCAP, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
             )
             if STORE_LOGITS:
                 if tile * BLOCK_V < n_store:
                     st_ptr = store_ptr + r.to(tl.int64)[:, None] * stride_store + cols[None, :]
                     st_mask = row_mask[:, None] & (cols < n_store)[None, :]
-                    tl.store(st_ptr, x.to(store_ptr.dtype.element_ty), mask=st_mask)
+                    tl.store(st_ptr, _cast(x, store_ptr.dtype.element_ty, INTERPRETER), mask=st_mask)
             x = tl.where(col_mask[None, :], x, float("-inf"))
             x_t += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
             m_prev = m
@@ -622,7 +638,7 @@ def _lce_grad_tile_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -659,7 +675,7 @@ def _lce_grad_tile_kernel(
             x, th = _logits_tile(
                 e_ptr, stride_em, w_ptr, stride_wv, bias_ptr,
                 rows, row_mask, cols, col_mask, n_dim, cap,
-                HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+                HAS_BIAS, HAS_SOFTCAP, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
             )
         m = tl.load(coef_ptr + r, mask=row_mask, other=0.0)
         log_s = tl.load(coef_ptr + n_rows + r, mask=row_mask, other=0.0)
@@ -670,7 +686,7 @@ def _lce_grad_tile_kernel(
             x, th, cols, col_mask, target, m, log_s, a_coef, b_coef, c_coef, weight_ptr, cap,
             HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
         )
-        tl.store(tile_ptr, g.to(g_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(tile_ptr, _cast(g, g_ptr.dtype.element_ty, INTERPRETER), mask=tile_mask)
 
 
 @triton.jit
@@ -690,7 +706,7 @@ def _lce_grad_input_kernel(
     n_dim,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -734,7 +750,7 @@ def _lce_grad_input_kernel(
                 mask=k_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
-            if UPCAST_DOT:
+            if INTERPRETER:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
@@ -745,7 +761,7 @@ def _lce_grad_input_kernel(
         if not FIRST:
             acc += tl.load(acc_ptr + offs, mask=mask, other=0.0)
         if LAST:
-            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs, _cast(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
         else:
             tl.store(acc_ptr + offs, acc, mask=mask)
 
@@ -768,7 +784,7 @@ def _lce_grad_weight_kernel(
     PER_ROW_SCALE: tl.constexpr,
     HAS_WEIGHT_GRAD: tl.constexpr,
     HAS_BIAS_GRAD: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -805,7 +821,7 @@ def _lce_grad_weight_kernel(
         )
         if PER_ROW_SCALE:
             scale = tl.load(gout_ptr + rows * stride_gout, mask=row_mask, other=0.0).to(tl.float32)
-            g = (g.to(tl.float32) * scale[:, None]).to(g_ptr.dtype.element_ty)
+            g = _cast(g.to(tl.float32) * scale[:, None], g_ptr.dtype.element_ty, INTERPRETER)
         if HAS_BIAS_GRAD:
             acc_b += tl.sum(g.to(tl.float32), axis=0)
         if HAS_WEIGHT_GRAD:
@@ -814,7 +830,7 @@ def _lce_grad_weight_kernel(
                 mask=row_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
-            if UPCAST_DOT:
+            if INTERPRETER:
                 g = g.to(tl.float32)
                 e = e.to(tl.float32)
             acc = tl.dot(tl.trans(g), e, acc, input_precision=DOT_PRECISION)
@@ -826,9 +842,9 @@ def _lce_grad_weight_kernel(
     if HAS_WEIGHT_GRAD:
         tl.store(
             dw_ptr + cols[:, None] * n_dim + d[None, :],
-            acc.to(dw_ptr.dtype.element_ty),
+            _cast(acc, dw_ptr.dtype.element_ty, INTERPRETER),
             mask=j_mask[:, None] & d_mask[None, :],
         )
     if HAS_BIAS_GRAD:
         if pid_d == 0:
-            tl.store(db_ptr + cols, acc_b.to(db_ptr.dtype.element_ty), mask=j_mask)
+            tl.store(db_ptr + cols, _cast(acc_b, db_ptr.dtype.element_ty, INTERPRETER), mask=j_mask)

@@ -216,6 +216,7 @@ def cross_entropy_forward(
             HAS_SOFTCAP=softcap is not None,
             WRITE_GRAD=grad is not None,
             SINGLE_BLOCK=single,
+            INTERPRETER=interpreted(),
             BLOCK=block,
             num_warps=warps,
         )
@@ -231,7 +232,9 @@ def scale_rows_(grad, grad_output):
     g = grad_output.detach()
     stride = 0 if g.ndim == 0 else g.stride(0)
     block, warps, _ = _row_block(n_cols)
-    K._scale_rows_kernel[(n_rows,)](grad, grad.stride(0), g, stride, n_cols, BLOCK=block, num_warps=warps)
+    K._scale_rows_kernel[(n_rows,)](
+        grad, grad.stride(0), g, stride, n_cols, INTERPRETER=interpreted(), BLOCK=block, num_warps=warps
+    )
     return grad
 
 
@@ -306,7 +309,7 @@ def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
 def _dot_args(dtype):
     # tf32 would lose float32 precision: float32 inputs take the exact ("ieee") product.
     return dict(
-        UPCAST_DOT=interpreted() and dtype == torch.bfloat16,
+        INTERPRETER=interpreted(),
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
 
