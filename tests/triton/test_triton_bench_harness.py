@@ -68,3 +68,32 @@ def test_scripts_exit_clearly_without_cuda(script):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "shapes", "impls"),
+    [
+        ("bench_gpu_cross_entropy.py", "5x300", 5),  # floor + 4 impls (no liger, no compile on CPU)
+        ("bench_gpu_linear_cross_entropy.py", "40x16x300", 4),  # bare matmuls + lean, fast, eager
+    ],
+)
+def test_scripts_run_end_to_end_in_cpu_smoke_mode(tmp_path, script, shapes, impls):
+    """The whole script (inputs, reference, every implementation, errors, CSV) on a tiny shape
+    through the interpreter: catches Python errors before a GPU session is spent on them."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "smoke.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, os.path.join(BENCH, script), "--device", "cpu", "--shapes", shapes,
+           "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    if "linear" in script:
+        cmd += ["--fast-budget-mib", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == impls
+    assert all(not r["note"].startswith("failed") for r in rows), rows
+    assert all("not a measurement" in r["device"] for r in rows)
+    crossent = [r for r in rows if r["impl"].startswith("crossent")]
+    assert crossent and all(float(r["grad_rel_err"]) < 2e-2 for r in crossent)
