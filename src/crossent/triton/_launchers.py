@@ -1,8 +1,9 @@
 """Host launchers (layer 2 of 4): argument checks, grid, block sizes and warps, workspaces.
 
-Nothing here reads a device value on the host: denominators, the number of non-ignored rows and
-the compacted row order are device tensors that the kernels load themselves, so a launch never
-waits for the GPU (no ``.item()``, no data-dependent shapes).
+Nothing here reads a CUDA tensor's value on the host: denominators, the number of non-ignored rows
+and the compacted row order are device tensors that the kernels load themselves, so a launch
+never waits for the GPU (no ``.item()``, no data-dependent shapes). Only CPU tensors (the
+interpreter) get their target range and weights checked by value, where that costs no sync.
 """
 
 from __future__ import annotations
