@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _validation as v
+from ._xmath import log0, mul0
 
 
 def _prepare(name_arrays: list[tuple[str, Any]], axis: int) -> tuple[Any, list[Any], int]:
@@ -93,9 +94,8 @@ def cross_entropy(p: Any, q: Any, /, *, axis: int = -1, base: float | None = Non
       1.6094
     """
     xp, (p, q), ax = _prepare([("p", p), ("q", q)], axis)
-    zero = xp.zeros((), dtype=p.dtype)
-    log_q = xp.log(q)  # -inf where q == 0: gives +inf below when p > 0
-    terms = xp.where(p > 0, -p * log_q, zero)
+    # log q = -inf where q == 0: +inf where p > 0, and 0 log 0 = 0 where p == 0.
+    terms = -mul0(xp, p, log0(xp, q))
     return _scale(xp.sum(terms, axis=ax), base)
 
 
@@ -124,8 +124,5 @@ def kl_divergence(p: Any, q: Any, /, *, axis: int = -1, base: float | None = Non
       (0.2332, 0.2332)
     """
     xp, (p, q), ax = _prepare([("p", p), ("q", q)], axis)
-    zero = xp.zeros((), dtype=p.dtype)
-    one = xp.ones((), dtype=p.dtype)
-    safe_p = xp.where(p > 0, p, one)
-    terms = xp.where(p > 0, p * (xp.log(safe_p) - xp.log(q)), zero)
+    terms = mul0(xp, p, log0(xp, p)) - mul0(xp, p, log0(xp, q))
     return _scale(xp.sum(terms, axis=ax), base)

@@ -14,6 +14,7 @@ from array_api_compat import device
 
 from . import _validation as v
 from ._softmax import _safe_divide
+from ._xmath import log0, log1m0, mul0
 
 
 def log_loss(
@@ -100,7 +101,7 @@ def log_loss(
                 f"probs: each row must sum to 1 within {tol:.3g} (pass normalize=True to renormalize), "
                 f"got a row summing to {bad:.10g} at row {i}"
             )
-    log_q = xp.log(xp.maximum(q, xp.asarray(clip, dtype=dtype, device=dev)) if clip > 0 else q)
+    log_q = xp.log(xp.maximum(q, xp.asarray(clip, dtype=dtype, device=dev))) if clip > 0 else log0(xp, q)
 
     w = None if weight is None else v.check_class_weight(xp, weight, num_classes, dtype)
     sw = None if sample_weight is None else v.check_sample_weight(xp, sample_weight, batch_shape, dtype)
@@ -131,7 +132,7 @@ def log_loss(
         t = xp.moveaxis(targets, ax, -1) if ax != probs.ndim - 1 else targets
         t = v.as_float(xp, t, dtype, "targets")
         wt = t if w is None else w * t
-        row = -xp.sum(xp.where(wt == 0, zero, wt * log_q), axis=-1)
+        row = -xp.sum(mul0(xp, wt, log_q), axis=-1)
         keep = xp.ones(batch_shape, dtype=xp.bool, device=dev)
         target_w = one
     else:
@@ -193,9 +194,8 @@ def binary_cross_entropy(
     zero = xp.zeros((), dtype=dtype, device=dev)
     one = xp.ones((), dtype=dtype, device=dev)
     pos = t if pos_weight is None else _broadcast_weight(xp, "pos_weight", pos_weight, p.shape, dtype) * t
-    log_p = xp.log(p)
-    log_1mp = xp.log1p(-p)
-    elem = -(xp.where(pos == 0, zero, pos * log_p) + xp.where(t == 1, zero, (1.0 - t) * log_1mp))
+    # 0 log 0 = 0 where a target excludes an unclipped 0 or 1 (eps=0); derivatives kept elsewhere.
+    elem = -(mul0(xp, pos, log0(xp, p)) + mul0(xp, 1.0 - t, log1m0(xp, p)))
     if weight is not None:
         elem = _broadcast_weight(xp, "weight", weight, p.shape, dtype) * elem
     loss = _reduce_elementwise(xp, elem, reduction, zero, one)

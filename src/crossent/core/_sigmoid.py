@@ -14,6 +14,7 @@ from array_api_compat import device
 
 from . import _validation as v
 from ._probabilities import _binary_targets, _broadcast_weight, _reduce_elementwise
+from ._xmath import mul0
 
 
 def binary_cross_entropy_with_logits(
@@ -73,6 +74,10 @@ def binary_cross_entropy_with_logits_and_grad(
     which is :math:`\sigma(x) - t` without weights; divided by the number of elements for
     ``"mean"``. For ``reduction="none"`` it is the gradient of the sum of the elementwise losses.
 
+    Returns:
+      ``(loss, grad)``: the loss as :func:`binary_cross_entropy_with_logits` gives it, and
+      ``grad`` of ``logits``' shape and dtype.
+
     Example:
       >>> import numpy as np, crossent as ce
       >>> loss, grad = ce.binary_cross_entropy_with_logits_and_grad(np.zeros(2), np.array([1.0, 0.0]))
@@ -106,8 +111,8 @@ def _bce_logits(logits: Any, targets: Any, *, weight: Any, pos_weight: Any, labe
     pos = t if pw is None else pw * t
     neg = 1.0 - t
     # 0 * softplus(+-inf) must be 0, not NaN: an infinite logit on the side the target excludes.
-    elem = (xp.where(pos == 0, zero, pos * _softplus(xp, -x, zero))
-            + xp.where(neg == 0, zero, neg * _softplus(xp, x, zero)))
+    # mul0 masks only that case, so d loss / d targets stays right where t is 0 or 1.
+    elem = mul0(xp, pos, _softplus(xp, -x, zero)) + mul0(xp, neg, _softplus(xp, x, zero))
     if w is not None:
         elem = w * elem
     loss = _reduce_elementwise(xp, elem, reduction, zero, one)
