@@ -9,9 +9,15 @@ NumPy. Inputs are built in NumPy float64 and converted, so every backend sees th
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
+
+# jax compiles every primitive for every new shape (about 0.1 s each on a busy CPU), which makes
+# it by far the slowest backend here; the tests' arrays are tiny, so XLA's optimizer buys nothing.
+# Must be set before jax creates its CPU client; an explicit XLA_FLAGS from the caller wins.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 BACKENDS = ["numpy", "array_api_strict", "torch"]
 if importlib.util.find_spec("jax") is not None:

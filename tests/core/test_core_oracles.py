@@ -34,7 +34,7 @@ def rng_for(*key):
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
-def hard_problem(rng, n=7, c=5, ignore=0):
+def hard_problem(rng, n=8, c=5, ignore=0):
     logits = rng.normal(scale=3.0, size=(n, c))
     labels = rng.integers(0, c, size=n)
     labels[:ignore] = -100
@@ -94,8 +94,8 @@ def _torch_ce(logits, targets, weight, reduction, options, class_axis=1):
 @pytest.mark.parametrize("name", list(HARD_OPTIONS))
 def test_integer_labels_match_torch(xp, asxp, tonp, name, reduction):
     rng = rng_for("hard", name)
-    logits, labels = hard_problem(rng, n=9, c=6, ignore=3 if "ignore" in name else 0)
-    weight, options = _split_options(HARD_OPTIONS[name], 6, rng)
+    logits, labels = hard_problem(rng, ignore=3 if "ignore" in name else 0)
+    weight, options = _split_options(HARD_OPTIONS[name], 5, rng)
     expected = _torch_ce(logits, labels, weight, reduction, options)
     got = ce.softmax_cross_entropy(
         asxp(logits),
@@ -129,8 +129,8 @@ def test_soft_targets_match_torch(xp, asxp, tonp, name, reduction):
 def test_soft_targets_need_not_be_distributions(xp, asxp, tonp):
     """Distillation-style targets (negative, not summing to 1) are used as given, like PyTorch."""
     rng = rng_for("soft-free")
-    logits = rng.normal(size=(6, 4))
-    targets = rng.normal(size=(6, 4))
+    logits = rng.normal(size=(8, 5))
+    targets = rng.normal(size=(8, 5))
     for reduction in REDUCTIONS:
         expected = _torch_ce(logits, targets, None, reduction, {})
         close(tonp(ce.softmax_cross_entropy(asxp(logits), asxp(targets), reduction=reduction)), expected)
@@ -190,8 +190,8 @@ def test_bits_are_nats_over_ln2(xp, asxp, tonp):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_z_loss_adds_z_times_logsumexp_squared_per_valid_row(xp, asxp, tonp, reduction):
     rng = rng_for("z", reduction)
-    logits, labels = hard_problem(rng, n=10, c=6, ignore=3)
-    weight = rng.uniform(0.3, 3.0, size=6)
+    logits, labels = hard_problem(rng, ignore=3)
+    weight = rng.uniform(0.3, 3.0, size=5)
     z = 1e-2
     base = _torch_ce(logits, labels, weight, "none", {"ignore_index": -100})
     lse = scipy.special.logsumexp(logits, axis=-1)
@@ -217,7 +217,7 @@ def test_z_loss_adds_z_times_logsumexp_squared_per_valid_row(xp, asxp, tonp, red
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_softcap_applies_tanh_before_everything(xp, asxp, tonp, reduction):
     rng = rng_for("softcap", reduction)
-    logits, labels = hard_problem(rng, n=8, c=5, ignore=2)
+    logits, labels = hard_problem(rng, ignore=2)
     logits *= 10  # so that the cap matters
     cap = 15.0
     capped = cap * np.tanh(logits / cap)
@@ -256,13 +256,13 @@ def _probs(rng, n, c, zeros=False):
 @pytest.mark.parametrize("with_sample_weight", [False, True])
 def test_log_loss_matches_sklearn(xp, asxp, tonp, with_sample_weight):
     rng = rng_for("sk", with_sample_weight)
-    p = _probs(rng, 12, 4, zeros=True)
-    y = rng.integers(0, 4, size=12)
+    p = _probs(rng, 8, 5, zeros=True)
+    y = rng.integers(0, 5, size=8)
     y[1] = 2  # the true class has probability 0: clipped to eps, finite
-    sw = rng.uniform(0.1, 2.0, size=12) if with_sample_weight else None
+    sw = rng.uniform(0.1, 2.0, size=8) if with_sample_weight else None
     kwargs = {} if sw is None else {"sample_weight": sw}
-    mean = sklearn.metrics.log_loss(y, y_proba=p, labels=range(4), **kwargs)
-    total = sklearn.metrics.log_loss(y, y_proba=p, labels=range(4), normalize=False, **kwargs)
+    mean = sklearn.metrics.log_loss(y, y_proba=p, labels=range(5), **kwargs)
+    total = sklearn.metrics.log_loss(y, y_proba=p, labels=range(5), normalize=False, **kwargs)
     ours = {} if sw is None else {"sample_weight": asxp(sw)}
     close(tonp(ce.log_loss(asxp(p), asxp(y), **ours)), mean)
     close(tonp(ce.log_loss(asxp(p), asxp(y), reduction="sum", **ours)), total)
@@ -272,11 +272,11 @@ def test_log_loss_matches_sklearn(xp, asxp, tonp, with_sample_weight):
 def test_log_loss_matches_sklearn_in_float32(xp, asxp, tonp):
     """eps="auto" is finfo(float32).eps for float32 probabilities, as in scikit-learn."""
     rng = rng_for("sk32")
-    p = _probs(rng, 10, 3, zeros=True).astype(np.float32)
+    p = _probs(rng, 8, 5, zeros=True).astype(np.float32)
     p /= p.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-    y = rng.integers(0, 3, size=10)
+    y = rng.integers(0, 5, size=8)
     y[1] = 2
-    expected = sklearn.metrics.log_loss(y, y_proba=p, labels=range(3))
+    expected = sklearn.metrics.log_loss(y, y_proba=p, labels=range(5))
     close(tonp(ce.log_loss(asxp(p), asxp(y))), expected, rtol=1e-6)
 
 
@@ -284,8 +284,8 @@ def test_log_loss_matches_sklearn_in_float32(xp, asxp, tonp):
 @pytest.mark.parametrize("name", ["plain", "weight", "ignore", "weight+ignore"])
 def test_log_loss_matches_torch_nll_of_log_probs(xp, asxp, tonp, name, reduction):
     rng = rng_for("nll", name)
-    p = _probs(rng, 9, 5)
-    y = rng.integers(0, 5, size=9)
+    p = _probs(rng, 8, 5)
+    y = rng.integers(0, 5, size=8)
     if "ignore" in name:
         y[[2, 5]] = -100
     weight = rng.uniform(0.2, 2.0, size=5) if "weight" in name else None
@@ -322,7 +322,7 @@ def test_log_loss_axis_1_matches_torch(xp, asxp, tonp):
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_entropy_matches_scipy(xp, asxp, tonp, axis, base):
     rng = rng_for("H", axis)
-    p = soft_targets(rng, (6, 5), axis=axis)
+    p = soft_targets(rng, (8, 5), axis=axis)
     p = np.where(p < 0.02, 0.0, p)
     p /= p.sum(axis=axis, keepdims=True)
     expected = scipy.stats.entropy(p, axis=axis, base=base)
@@ -334,8 +334,8 @@ def test_entropy_matches_scipy(xp, asxp, tonp, axis, base):
 @pytest.mark.parametrize("base", [None, 2])
 def test_kl_divergence_matches_scipy_and_torch(xp, asxp, tonp, base):
     rng = rng_for("KL", base)
-    p = soft_targets(rng, (7, 6))
-    q = soft_targets(rng, (7, 6))
+    p = soft_targets(rng, (8, 5))
+    q = soft_targets(rng, (8, 5))
     p[0, :2] = 0.0  # 0 log 0 = 0
     p[0] /= p[0].sum()
     scale = 1.0 if base is None else np.log(base)
@@ -348,8 +348,8 @@ def test_kl_divergence_matches_scipy_and_torch(xp, asxp, tonp, base):
 
 def test_kl_divergence_axis_0_matches_scipy(xp, asxp, tonp):
     rng = rng_for("KL0")
-    p = soft_targets(rng, (5, 3), axis=0)
-    q = soft_targets(rng, (5, 3), axis=0)
+    p = soft_targets(rng, (8, 5), axis=0)
+    q = soft_targets(rng, (8, 5), axis=0)
     close(tonp(ce.kl_divergence(asxp(p), asxp(q), axis=0)), scipy.stats.entropy(p, q, axis=0))
 
 
@@ -366,8 +366,8 @@ def test_kl_divergence_is_inf_where_p_positive_and_q_zero(xp, asxp, tonp):
 @pytest.mark.parametrize("base", [None, 2])
 def test_cross_entropy_is_entropy_plus_kl_from_scipy(xp, asxp, tonp, base):
     rng = rng_for("CE", base)
-    p = soft_targets(rng, (6, 4))
-    q = soft_targets(rng, (6, 4))
+    p = soft_targets(rng, (8, 5))
+    q = soft_targets(rng, (8, 5))
     expected = scipy.stats.entropy(p, axis=-1, base=base) + scipy.stats.entropy(p, q, axis=-1, base=base)
     close(tonp(ce.cross_entropy(asxp(p), asxp(q), base=base)), expected)
 
@@ -388,13 +388,13 @@ def test_cross_entropy_of_one_hot_is_nll(xp, asxp, tonp):
 @pytest.mark.parametrize("with_weight", [False, True])
 def test_binary_cross_entropy_matches_torch(xp, asxp, tonp, with_weight, reduction):
     rng = rng_for("bce", with_weight)
-    p = rng.uniform(0.0, 1.0, size=(6, 3))
+    p = rng.uniform(0.0, 1.0, size=(8, 5))
     p[0, 0] = 1e-12  # log1p territory: log(1 - p) must keep its relative accuracy
     p[0, 1] = 1.0 - 1e-9
-    y = rng.uniform(0.0, 1.0, size=(6, 3))
+    y = rng.uniform(0.0, 1.0, size=(8, 5))
     y[0, 0] = 0.0
     y[0, 1] = 1.0
-    w = rng.uniform(0.1, 2.0, size=(6, 3)) if with_weight else None
+    w = rng.uniform(0.1, 2.0, size=(8, 5)) if with_weight else None
     expected = F.binary_cross_entropy(
         torch.from_numpy(p),
         torch.from_numpy(y),
@@ -409,11 +409,11 @@ def test_binary_cross_entropy_pos_weight_and_clipping_match_formula(xp, asxp, to
     """PyTorch's binary_cross_entropy has no pos_weight; the written-out formula is the oracle.
     Probabilities of exactly 0 and 1 are clipped to [eps, 1 - eps] (eps = finfo.eps)."""
     rng = rng_for("bce-pw")
-    p = rng.uniform(0.0, 1.0, size=(5, 4))
+    p = rng.uniform(0.0, 1.0, size=(8, 5))
     p[0, :2] = [0.0, 1.0]
-    y = (rng.random((5, 4)) < 0.5).astype(np.float64)
+    y = (rng.random((8, 5)) < 0.5).astype(np.float64)
     y[0, :2] = [1.0, 0.0]
-    pw = rng.uniform(0.5, 3.0, size=4)
+    pw = rng.uniform(0.5, 3.0, size=5)
     for reduction in REDUCTIONS:
         got = ce.binary_cross_entropy(asxp(p), asxp(y), pos_weight=asxp(pw), reduction=reduction)
         close(tonp(got), ref.bce(p, y, pos_weight=pw, reduction=reduction))
@@ -425,11 +425,11 @@ def test_binary_cross_entropy_pos_weight_and_clipping_match_formula(xp, asxp, to
 @pytest.mark.parametrize("name", ["plain", "weight", "pos_weight", "both"])
 def test_binary_cross_entropy_with_logits_matches_torch(xp, asxp, tonp, name, reduction):
     rng = rng_for("bcel", name)
-    x = rng.normal(scale=4.0, size=(5, 2, 3))
-    x[0, 0] = [40.0, -40.0, 0.0]
-    y = rng.uniform(size=(5, 2, 3))
+    x = rng.normal(scale=4.0, size=(4, 2, 5))
+    x[0, 0, :3] = [40.0, -40.0, 0.0]
+    y = rng.uniform(size=(4, 2, 5))
     w = rng.uniform(0.1, 2.0, size=(2, 1)) if name in ("weight", "both") else None
-    pw = rng.uniform(0.5, 3.0, size=3) if name in ("pos_weight", "both") else None
+    pw = rng.uniform(0.5, 3.0, size=5) if name in ("pos_weight", "both") else None
     expected = F.binary_cross_entropy_with_logits(
         torch.from_numpy(x),
         torch.from_numpy(y),
@@ -451,9 +451,9 @@ def test_binary_cross_entropy_with_logits_label_smoothing(xp, asxp, tonp):
     """label_smoothing eps moves targets to y (1 - eps) + eps / 2; PyTorch's loss on the moved
     targets is the oracle."""
     rng = rng_for("bcel-ls")
-    x = rng.normal(scale=3.0, size=(7, 4))
-    y = (rng.random((7, 4)) < 0.4).astype(np.float64)
-    pw = rng.uniform(0.5, 3.0, size=4)
+    x = rng.normal(scale=3.0, size=(8, 5))
+    y = (rng.random((8, 5)) < 0.4).astype(np.float64)
+    pw = rng.uniform(0.5, 3.0, size=5)
     eps = 0.2
     for reduction in REDUCTIONS:
         expected = F.binary_cross_entropy_with_logits(
@@ -489,8 +489,8 @@ def optax_jnp():
 def test_optax_softmax_cross_entropy(optax_jnp, xp, asxp, tonp):
     optax, jnp = optax_jnp
     rng = rng_for("optax-soft")
-    logits = rng.normal(scale=3.0, size=(6, 7))
-    t = soft_targets(rng, (6, 7))
+    logits = rng.normal(scale=3.0, size=(8, 5))
+    t = soft_targets(rng, (8, 5))
     expected = np.asarray(optax.losses.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(t)))
     close(tonp(ce.softmax_cross_entropy(asxp(logits), asxp(t), reduction="none")), expected)
 
@@ -498,7 +498,7 @@ def test_optax_softmax_cross_entropy(optax_jnp, xp, asxp, tonp):
 def test_optax_integer_labels(optax_jnp, xp, asxp, tonp):
     optax, jnp = optax_jnp
     rng = rng_for("optax-int")
-    logits, labels = hard_problem(rng, n=9, c=4)
+    logits, labels = hard_problem(rng)
     expected = np.asarray(
         optax.losses.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(labels))
     )
@@ -508,8 +508,8 @@ def test_optax_integer_labels(optax_jnp, xp, asxp, tonp):
 def test_optax_sigmoid_binary_cross_entropy(optax_jnp, xp, asxp, tonp):
     optax, jnp = optax_jnp
     rng = rng_for("optax-bce")
-    x = rng.normal(scale=5.0, size=(4, 6))
-    y = rng.uniform(size=(4, 6))
+    x = rng.normal(scale=5.0, size=(8, 5))
+    y = rng.uniform(size=(8, 5))
     expected = np.asarray(optax.losses.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y)))
     close(tonp(ce.binary_cross_entropy_with_logits(asxp(x), asxp(y), reduction="none")), expected)
 
@@ -519,10 +519,10 @@ def test_optax_safe_softmax_cross_entropy_under_minus_inf_masks(optax_jnp, xp, a
     which is crossent's documented behaviour."""
     optax, jnp = optax_jnp
     rng = rng_for("optax-safe")
-    logits = rng.normal(scale=2.0, size=(5, 6))
+    logits = rng.normal(scale=2.0, size=(8, 5))
     logits[:, 4:] = -np.inf
     logits[0, 1] = -np.inf
-    t = soft_targets(rng, (5, 6))
+    t = soft_targets(rng, (8, 5))
     t[:, 4:] = 0.0
     t[0, 1] = 0.0
     t /= t.sum(-1, keepdims=True)

@@ -10,8 +10,9 @@ from hypothesis.extra import numpy as hnp
 
 import crossent as ce
 
-# Examples per backend: jax compiles each new shape, so it gets fewer.
-EXAMPLES = {"numpy": 40, "array_api_strict": 15, "torch": 15, "jax.numpy": 6}
+# Examples per backend: jax compiles every primitive for each new shape (seconds per example), so
+# it runs a smoke check only; the properties are exercised in depth on numpy.
+EXAMPLES = {"numpy": 40, "array_api_strict": 12, "torch": 12, "jax.numpy": 1}
 
 
 def run(xp, body, *strategies):
