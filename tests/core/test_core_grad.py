@@ -237,3 +237,13 @@ def test_torch_autograd_through_core_equals_closed_form(asxp, xp, tonp):
         close(np.asarray(g), closed)
     else:
         pytest.skip(f"{name} has no autograd")
+
+
+@pytest.mark.parametrize("name", ["everything", "soft+z+softcap"])
+def test_reduction_none_gradient_is_that_of_the_sum(xp, asxp, tonp, name):
+    logits, targets, weight, options = make_case(name)
+    kwargs = {"weight": asxp(weight) if weight is not None else None, **options}
+    rows, g_none = ce.softmax_cross_entropy_and_grad(asxp(logits), asxp(targets), reduction="none", **kwargs)
+    total, g_sum = ce.softmax_cross_entropy_and_grad(asxp(logits), asxp(targets), reduction="sum", **kwargs)
+    close(tonp(rows).sum(), tonp(total))
+    close(tonp(g_none), tonp(g_sum))

@@ -184,3 +184,29 @@ def test_log_loss_zero_probability_on_true_class_is_clipped_not_inf(xp, asxp, to
     p = np.array([[0.0, 1.0], [0.5, 0.5]])
     got = tonp(ce.log_loss(asxp(p), asxp(np.array([0, 1])), reduction="none"))
     np.testing.assert_allclose(got, [-np.log(np.finfo(np.float64).eps), np.log(2)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_numpy_fast_path_keeps_float32_accuracy(monkeypatch, fast):
+    """The compiled CPU path (crossent.cpu, numba) and the Array-API path give the same accurate
+    float32 losses, also on rows where the loss is tiny next to |logsumexp| and on ignored rows
+    holding NaN or -inf."""
+    cpu = pytest.importorskip("crossent.cpu")
+    monkeypatch.setattr(cpu, "ENABLED", fast)
+    rng = np.random.default_rng(12)
+    logits = (rng.standard_normal((64, 37)) * 3).astype(np.float32)
+    logits[::3] += np.float32(1e4)
+    logits[1::5] -= np.float32(3e4)
+    labels = rng.integers(0, 37, size=64)
+    labels[::7] = np.argmax(logits[::7], axis=-1)  # confident rows: loss near 0
+    rows = ce.softmax_cross_entropy(logits, labels, reduction="none")
+    assert_as_accurate_as_float32_allows(rows, logits, labels)
+    masked = logits.copy()
+    masked[2] = np.nan
+    masked[4] = -np.inf
+    ignored = labels.copy()
+    ignored[[2, 4]] = -100
+    got = ce.softmax_cross_entropy(masked, ignored, ignore_index=-100, reduction="none")
+    assert got[2] == 0.0 and got[4] == 0.0
+    keep = ignored != -100
+    np.testing.assert_array_equal(got[keep], rows[keep])
