@@ -110,14 +110,17 @@ def _core_both_ways(monkeypatch, *args, **kwargs):
 
 def test_public_function_takes_the_fast_path(monkeypatch):
     calls = []
-    original = cpu.lse_and_pick
+    original = cpu._lse_pick_nll  # behind both lse_and_pick and lse_and_nll
 
     def spy(*args):
         calls.append(args[0].shape)
         return original(*args)
 
     monkeypatch.setattr(cpu, "ENABLED", True)
-    monkeypatch.setattr(cpu, "lse_and_pick", spy)
+    monkeypatch.setattr(cpu, "_lse_pick_nll", spy)
+    ce.softmax_cross_entropy(np.zeros((6, 5), np.float32), np.zeros(6, np.int64))
+    assert calls == [(6, 5)]
+    monkeypatch.setattr(cpu, "ENABLED", False)
     ce.softmax_cross_entropy(np.zeros((6, 5), np.float32), np.zeros(6, np.int64))
     assert calls == [(6, 5)]
 
