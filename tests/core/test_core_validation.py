@@ -261,3 +261,32 @@ def test_soft_targets_and_negative_class_weights_are_not_validated(xp, asxp, ton
     for reduction in ("mean", "sum", "none"):
         got = ce.softmax_cross_entropy(asxp(logits), asxp(t), weight=asxp(w), reduction=reduction)
         np.testing.assert_allclose(tonp(got), ref.softmax_ce(logits, t, weight=w, reduction=reduction), rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"base": 1}, "base"),
+        ({"base": -2.0}, "base"),
+        ({"base": "bits"}, "base"),
+        ({"z_loss": -1e-4}, "z_loss"),
+        ({"softcap": 0.0}, "softcap"),
+        ({"softcap": -5.0}, "softcap"),
+        ({"axis": 2}, "axis"),
+    ],
+)
+def test_bad_scalar_options_are_named(problem, kwargs, name):
+    x, y, _, _ = problem
+    for f in LOSSES:
+        with pytest.raises(BAD, match=name):
+            f(x, y, **kwargs)
+
+
+def test_log_loss_eps_outside_its_range_is_named(xp, asxp):
+    p = asxp(np.array([[0.5, 0.5], [0.3, 0.7]]))
+    y = asxp(np.array([0, 1]))
+    for eps in (0.7, -1e-3, "tiny"):
+        with pytest.raises(BAD, match="eps"):
+            ce.log_loss(p, y, eps=eps)
+        with pytest.raises(BAD, match="eps"):
+            ce.binary_cross_entropy(p, asxp(np.array([[0.0, 1.0], [1.0, 0.0]])), eps=eps)
