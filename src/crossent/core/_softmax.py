@@ -356,32 +356,10 @@ def _numpy_fast_lse_and_nll(x: Any, labels: Any) -> tuple[Any, Any] | None:
     if available is None or not getattr(cpu, "ENABLED", True) or not available():
         return None
     num_classes = x.shape[-1]
-    rows = x.reshape(-1, num_classes)
-    flat_labels = np.ascontiguousarray(labels.reshape(-1))
-    lse, picked = cpu.lse_and_pick(rows, flat_labels)
-    # Ignored rows (labels replaced by 0 by the caller) may hold inf or NaN; they are masked out
-    # afterwards, so their inf - inf must not warn.
-    with np.errstate(invalid="ignore"):
-        nll = lse - picked
-        if lse.dtype.itemsize < 8:
-            # lse came back rounded to the logits' precision: where the loss is much smaller than
-            # |lse| (float32 logits of 1e4, confident rows), lse - picked lost the loss's low
-            # digits to that rounding. Recompute those rows as (m - x_y) + log sum exp(x - m),
-            # whose terms are exact or small, as the Array-API path does.
-            suspect = np.flatnonzero(~(np.abs(lse) <= 2 * np.abs(nll)))
-            if suspect.size:
-                nll[suspect] = _exact_nll_rows(rows[suspect], flat_labels[suspect])
+    # lse_and_nll forms the loss as (m - x_y) + log sum exp(x - m) in float64 and rounds it once,
+    # so it stays accurate where the loss is far below |lse| (lse - picked would not).
+    lse, nll = cpu.lse_and_nll(
+        x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1))
+    )
     shape = x.shape[:-1]
     return lse.reshape(shape), nll.reshape(shape)
-
-
-def _exact_nll_rows(rows: Any, labels: Any) -> Any:
-    """-log softmax(rows)[labels] for a few numpy rows, computed without cancellation."""
-    import numpy as np
-
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        m = np.max(rows, axis=-1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0.0).astype(rows.dtype)
-        shifted = rows - m
-        log_s = np.log(np.sum(np.exp(shifted), axis=-1))
-        return log_s - shifted[np.arange(rows.shape[0]), labels]
