@@ -19,6 +19,15 @@ import pytest
 # Must be set before jax creates its CPU client; an explicit XLA_FLAGS from the caller wins.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
+
+def pytest_configure(config):
+    # Once the jax backend below has started (its CPU client runs threads), jax warns at every
+    # os.fork() in this process; tests elsewhere fork children that never touch jax (the CPU
+    # kernels' fork-safety test, multiprocessing workers), and under filterwarnings = error the
+    # warning would fail them depending on test order. Only this one message is silenced.
+    config.addinivalue_line("filterwarnings", r"ignore:os\.fork\(\) was called\.:RuntimeWarning")
+
+
 BACKENDS = ["numpy", "array_api_strict", "torch"]
 if importlib.util.find_spec("jax") is not None:
     BACKENDS.append("jax")
