@@ -290,3 +290,24 @@ def test_log_loss_eps_outside_its_range_is_named(xp, asxp):
             ce.log_loss(p, y, eps=eps)
         with pytest.raises(BAD, match="eps"):
             ce.binary_cross_entropy(p, asxp(np.array([[0.0, 1.0], [1.0, 0.0]])), eps=eps)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_log_loss_row_sum_tolerance_is_that_of_the_input_dtype(dtype_name):
+    """DESIGN.md: rows must sum to 1 within sqrt(finfo(dtype).eps) of the probabilities' own
+    dtype. A softmax rounded to bfloat16 is off by ~1e-3 (beyond float32's 3.5e-4) and must pass;
+    a row off by 10 sqrt(eps) of that dtype must not."""
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    rng = np.random.default_rng(4)
+    p64 = torch.softmax(torch.from_numpy(rng.normal(size=(50, 1000)) * 2), -1)
+    p = p64.to(dtype)
+    labels = torch.from_numpy(rng.integers(0, 1000, size=50))
+    got = ce.log_loss(p, labels, reduction="none")
+    expected = -torch.log(p.double()[torch.arange(50), labels])
+    np.testing.assert_allclose(got.double().numpy(), expected.numpy(), rtol=1e-6)
+    tol = np.sqrt(torch.finfo(dtype).eps)
+    off = p.clone()
+    off[3] = (p64[3] * (1 - 10 * tol)).to(dtype)
+    with pytest.raises(ValueError, match="normalize"):
+        ce.log_loss(off, labels)

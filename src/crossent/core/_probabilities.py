@@ -41,7 +41,7 @@ def log_loss(
 
     Args:
       probs: predicted probabilities, shape ``[..., num_classes]``, values in [0, 1], each row
-        summing to 1 within ``sqrt(finfo(dtype).eps)``.
+        summing to 1 within ``sqrt(finfo(probs.dtype).eps)``.
       targets: integer labels of shape ``[...]`` or probabilities of ``probs``' shape.
       axis: the class axis.
       eps: lower clip of ``probs`` before the log: ``"auto"`` is ``finfo(dtype).eps``; ``None`` or
@@ -92,7 +92,9 @@ def log_loss(
             )
         q = q / row_sums
     elif num_classes > 0:
-        tol = math.sqrt(float(xp.finfo(dtype).eps))
+        # The tolerance of the probabilities' own dtype: a bfloat16 softmax cannot sum to 1 any
+        # closer than bfloat16's precision, however precisely it is summed here.
+        tol = math.sqrt(float(xp.finfo(probs.dtype).eps))
         off = xp.abs(row_sums[..., 0] - 1.0) > tol
         if bool(xp.any(off)):
             i = v._first(xp, off)
