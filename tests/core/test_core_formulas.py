@@ -148,3 +148,19 @@ def test_information_formulas(xp, asxp, tonp, ref):
             tonp(ce.kl_divergence(asxp(p), asxp(q), base=base)), ref.kl_divergence(p, q, base=base), rtol=1e-12
         )
     assert tonp(ce.cross_entropy(asxp(p), asxp(q)))[1] == np.inf
+
+
+def test_no_clipping_with_eps_none(xp, asxp, tonp):
+    """eps=None clips nothing: a certain right answer costs 0, a certain wrong one +inf, and
+    neither raises a floating-point warning (filterwarnings = error)."""
+    p = np.array([0.0, 1.0, 0.0, 1.0, 0.25])
+    y = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    got = tonp(ce.binary_cross_entropy(asxp(p), asxp(y), eps=None, reduction="none"))
+    np.testing.assert_array_equal(got[:4], [0.0, 0.0, np.inf, np.inf])
+    np.testing.assert_allclose(got[4], np.log(4), rtol=1e-15)
+    probs = np.array([[0.0, 1.0], [1.0, 0.0], [0.25, 0.75]])
+    labels = np.array([1, 1, 1])
+    got = tonp(ce.log_loss(asxp(probs), asxp(labels), eps=None, reduction="none"))
+    np.testing.assert_allclose(got, [0.0, np.inf, -np.log(0.75)], rtol=1e-15)
+    soft = tonp(ce.log_loss(asxp(probs), asxp(np.eye(2)[labels]), eps=None, reduction="none"))
+    np.testing.assert_array_equal(soft, got)

@@ -247,3 +247,32 @@ def test_reduction_none_gradient_is_that_of_the_sum(xp, asxp, tonp, name):
     total, g_sum = ce.softmax_cross_entropy_and_grad(asxp(logits), asxp(targets), reduction="sum", **kwargs)
     close(tonp(rows).sum(), tonp(total))
     close(tonp(g_none), tonp(g_sum))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ["plain", "weight+smooth+ignore", "everything", "soft+z+softcap"])
+def test_closed_form_with_sample_weight_equals_autograd_of_the_loss(name, reduction):
+    """With per-row sample weights (which PyTorch lacks), the closed-form gradient equals
+    torch.autograd's gradient of crossent's own loss on torch tensors, and finite differences."""
+    logits, targets, weight, options = make_case(name)
+    sw = rng_for("sw", name).uniform(0.0, 2.0, size=logits.shape[0])
+    sw[2] = 0.0
+    x = torch.from_numpy(logits.copy()).requires_grad_(True)
+    kwargs = dict(options, reduction=reduction)
+    loss = ce.softmax_cross_entropy(
+        x,
+        torch.from_numpy(targets),
+        weight=None if weight is None else torch.from_numpy(weight),
+        sample_weight=torch.from_numpy(sw),
+        **kwargs,
+    )
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    closed_loss, closed = ce.softmax_cross_entropy_and_grad(logits, targets, weight=weight, sample_weight=sw, **kwargs)
+    close(closed_loss, loss.detach().numpy())
+    close(closed, g.numpy())
+    if reduction == "mean":
+
+        def f(z):
+            return float(ce.softmax_cross_entropy(z, targets, weight=weight, sample_weight=sw, **kwargs))
+
+        close(closed, central_differences(f, logits), rtol=1e-6, atol=1e-9)
