@@ -135,6 +135,14 @@ def test_half_precision_torch_inputs_accumulate_in_float32(dtype):
     assert torch.isfinite(grad).all()
     t64 = torch.from_numpy(x64).requires_grad_(True)
     (g64,) = torch.autograd.grad(F.cross_entropy(t64, labels), t64)
+    probs = torch.softmax(x.float(), -1).to(dtype)
+    for value in (
+        ce.log_loss(probs, labels),
+        ce.entropy(probs),
+        ce.binary_cross_entropy_with_logits(x[:, :5], (x[:, :5] > 0).to(dtype)),
+        ce.binary_cross_entropy(probs[:, :5], (x[:, :5] > 0).to(dtype)),
+    ):
+        assert value.dtype == torch.float32
     # The gradient comes back in the input's dtype: within rounding to that dtype.
     eps = torch.finfo(dtype).eps
     np.testing.assert_allclose(grad.double().numpy(), g64.numpy(), rtol=eps, atol=1e-7)
