@@ -12,9 +12,10 @@ Cases (same inputs, float32, 10% of targets ignored, with bias):
   crossent's chunked path uses for the shape (``chunking_method=None``), for a like-for-like
   comparison.
 
-Memory: the growth of the worker's peak resident set (ru_maxrss, a high-water mark) during the
-first full fwd+bwd, measured after the inputs and their gradient buffers exist and after a
-warm-up on a small slice ("extra" memory). Time: median (and min, max) of ``--repeats`` further
+Memory: the worker's peak resident set during the first full fwd+bwd (VmHWM, reset to the
+current RSS just before the call through /proc/self/clear_refs) minus its resident set before
+the call, measured after the inputs and their gradient buffers exist and after a warm-up on a
+small slice ("extra" memory). Time: median (and min, max) of ``--repeats`` further
 fwd+bwd calls. Each case runs in its own process so
 peaks do not mix. Results are appended to ``benchmarks/results/linear_ce_cpu.csv`` (long format,
 with CPU model, versions and date) and the table of this run is written to
@@ -87,8 +88,33 @@ def _loss_fn(case: str, n: int, v: int):
     raise ValueError(f"unknown case {case!r}")
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5); return it.
+
+    Without a reset, ru_maxrss keeps earlier peaks (imports, warm-up), which would hide a
+    smaller peak measured afterwards. Falls back to ru_maxrss where /proc is unavailable.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def worker(case: str, n: int, d: int, v: int, repeats: int, budget_s: float) -> dict:
@@ -102,12 +128,12 @@ def worker(case: str, n: int, d: int, v: int, repeats: int, budget_s: float) -> 
     small.backward()
     for t in (x, w, b):
         t.grad = torch.zeros_like(t)
-    before = _peak_rss_bytes()
+    before = reset_peak_rss()
     start = time.perf_counter()
     loss = fn(x, w, b, y)
     loss.backward()
     first = time.perf_counter() - start
-    extra = _peak_rss_bytes() - before
+    extra = peak_rss_bytes() - before
     times = []
     for _ in range(repeats if first < budget_s else 0):
         for t in (x, w, b):
@@ -217,9 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         f"({rows[0]['threads']} threads), Python {conditions['python']}, crossent "
         f"{conditions['crossent']}, {conditions['date']}. float32, bias, 10% of targets ignored; "
         f"median of {args.repeats} fwd+bwd calls after a first full call, each case in its own "
-        "process; extra = growth of peak RSS during the first full call (inputs and gradient "
-        "buffers already allocated, libraries warmed up on a small slice); logits = N x V x 4 "
-        "bytes. A shared, busy machine: compare "
+        "process; extra = peak RSS during the first full call minus RSS before it (inputs "
+        "and gradient buffers already allocated, libraries warmed up on a small slice); logits "
+        "= N x V x 4 bytes. A shared, busy machine: compare "
         "ratios within one run.",
     ]
     Path(args.markdown).write_text("\n".join(lines) + "\n")

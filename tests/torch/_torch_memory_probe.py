@@ -4,9 +4,9 @@ usage: python _torch_memory_probe.py IMPL N D V [CHUNK_SIZE]
 IMPL is an impl of cet.linear_cross_entropy ("chunked", "reference") or "composition"
 (F.cross_entropy(x @ w.T, y)) or "native" (torch.nn.functional.linear_cross_entropy, reference
 path).
-Prints one line: "<extra_bytes> <logits_bytes> <seconds>", where extra_bytes is the growth of
-the process's peak resident set (ru_maxrss) during the call, after the inputs, their gradient
-buffers and a small warm-up call exist.
+Prints one line: "<extra_bytes> <logits_bytes> <seconds>", where extra_bytes is the process's
+peak resident set during the call (VmHWM, reset just before it) minus its resident set before the
+call, after the inputs, their gradient buffers and a small warm-up call exist.
 """
 
 import resource
@@ -18,8 +18,33 @@ import torch
 import crossent.torch as cet
 
 
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5); return it.
+
+    Without a reset, ru_maxrss keeps earlier peaks (imports, warm-up), which would hide a
+    smaller peak measured afterwards. Falls back to ru_maxrss where /proc is unavailable.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def main() -> None:
@@ -42,7 +67,7 @@ def main() -> None:
     small.backward()
     x.grad.zero_()
     w.grad.zero_()
-    before = peak_rss_bytes()
+    before = reset_peak_rss()
     start = time.perf_counter()
     loss = loss_fn(x, w, y)
     loss.backward()

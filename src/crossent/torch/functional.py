@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +61,28 @@ def _triton_function(name: str):
     return fn
 
 
-@torch.compiler.disable
-def _chunked_cross_entropy(*args):
-    # A graph break under torch.compile: the row loop's length depends on data on the CPU.
-    return ChunkedCrossEntropy.apply(*args)
+def _outside_compiled_graphs(apply):
+    """Run ``apply`` eagerly, as a graph break, when torch.compile traces the caller.
+
+    The chunked functions loop over row blocks whose count depends on data (ignored rows are
+    gathered out on the CPU), so they stay out of compiled graphs. ``torch.compiler.disable``
+    imports TorchDynamo (1 s and 140 MB), so it is applied on first use, and only once Dynamo is
+    loaded: without it nothing can be compiling.
+    """
+    disabled = []
+
+    def call(*args):
+        if "torch._dynamo" not in sys.modules:
+            return apply(*args)
+        if not disabled:
+            disabled.append(torch.compiler.disable(apply))
+        return disabled[0](*args)
+
+    return call
 
 
-@torch.compiler.disable
-def _chunked_linear_cross_entropy(*args):
-    return ChunkedLinearCrossEntropy.apply(*args)
+_chunked_cross_entropy = _outside_compiled_graphs(ChunkedCrossEntropy.apply)
+_chunked_linear_cross_entropy = _outside_compiled_graphs(ChunkedLinearCrossEntropy.apply)
 
 
 def _resolve_impl(impl: str, device: torch.device, soft: bool) -> str:
