@@ -276,3 +276,30 @@ def test_closed_form_with_sample_weight_equals_autograd_of_the_loss(name, reduct
             return float(ce.softmax_cross_entropy(z, targets, weight=weight, sample_weight=sw, **kwargs))
 
         close(closed, central_differences(f, logits), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_masked_smoothed_weighted_grad_matches_finite_differences(soft):
+    """-inf masks with label smoothing (eps / K over the finite classes) and class weights: the
+    closed form equals central differences (0 on the masked classes)."""
+    rng = rng_for("fd-masked", soft)
+    logits = rng.normal(size=(4, 6))
+    labels = np.array([0, 3, 5, 2])
+    logits[0, [1, 4]] = -np.inf
+    logits[2, :3] = -np.inf
+    if soft:
+        t = rng.random((4, 6))
+        t[~np.isfinite(logits)] = 0.0
+        targets = t / t.sum(-1, keepdims=True)
+    else:
+        targets = labels
+    weight = rng.uniform(0.3, 2.0, size=6)
+    kwargs = {"weight": weight, "label_smoothing": 0.2, "z_loss": 1e-3}
+
+    def f(z):
+        return float(ce.softmax_cross_entropy(z, targets, **kwargs))
+
+    _, grad = ce.softmax_cross_entropy_and_grad(logits, targets, **kwargs)
+    finite = np.isfinite(logits)
+    assert np.all(grad[~finite] == 0.0)
+    close(grad[finite], central_differences(f, logits)[finite], rtol=1e-6, atol=1e-9)

@@ -49,7 +49,8 @@ def log_loss(
       normalize: divide each row by its sum first (otherwise rows must already sum to 1).
       weight: class weights ``[num_classes]``; sample_weight: row weights ``[...]``.
       ignore_index: a label whose rows contribute nothing.
-      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (each row's loss times its sample weight,
+        0 on ignored rows).
       base: None for nats, 2 for bits.
 
     Example (true class 2 of 3):

@@ -69,7 +69,8 @@ def softmax_cross_entropy(
       label_smoothing: :math:`\varepsilon \in [0, 1]`.
       z_loss: coefficient of :math:`\mathrm{lse}^2` (not combinable with ``base``).
       softcap: positive cap :math:`s`, or None.
-      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``[...]``).
+      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``[...]``: each row's loss times its
+        sample weight, 0 on ignored rows).
       base: None for nats, 2 for bits.
 
     Returns:
