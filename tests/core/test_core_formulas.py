@@ -164,3 +164,18 @@ def test_no_clipping_with_eps_none(xp, asxp, tonp):
     np.testing.assert_allclose(got, [0.0, np.inf, -np.log(0.75)], rtol=1e-15)
     soft = tonp(ce.log_loss(asxp(probs), asxp(np.eye(2)[labels]), eps=None, reduction="none"))
     np.testing.assert_array_equal(soft, got)
+
+
+def test_sample_weight_rows_under_reduction_none(xp, asxp, tonp, ref):
+    """reduction="none" with sample weights: each row's loss (z-loss included) times its weight,
+    0 on ignored rows; log_loss likewise."""
+    rng = rng_for("sw-none")
+    logits, labels = masked_problem(rng, soft=False)
+    sw = rng.uniform(0.0, 2.0, size=8)
+    kwargs = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "none"}
+    got = ce.softmax_cross_entropy(asxp(logits), asxp(labels), sample_weight=asxp(sw), **kwargs)
+    np.testing.assert_allclose(tonp(got), sw * ref.softmax_ce(logits, labels, **kwargs), rtol=1e-12)
+    p = rng.dirichlet(np.ones(5), size=8)
+    got = ce.log_loss(asxp(p), asxp(labels), sample_weight=asxp(sw), ignore_index=-100, reduction="none")
+    expected = sw * ref.log_loss(p, labels, ignore_index=-100, reduction="none")
+    np.testing.assert_allclose(tonp(got), expected, rtol=1e-12)
