@@ -273,3 +273,43 @@ def test_public_docstrings_give_formula_shapes_and_example(name):
 def test_textbook_numbers_are_doctested():
     docs = "\n".join(inspect.getdoc(getattr(ce, name)) or "" for name in CONTRACT)
     assert "0.2231" in docs and "1.6094" in docs
+
+
+def test_jax_jit_compiles_the_core_functions():
+    """Under jax.jit the arrays have no values, so the host-side checks cannot run; the losses
+    (and the gradient through jit) must still trace and equal the eager results."""
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(21)
+    x = jnp.asarray(rng.normal(size=(8, 5)))
+    y = jnp.asarray(np.where(np.arange(8) == 2, -100, rng.integers(0, 5, size=8)))
+    p = jax.nn.softmax(x, axis=-1)
+    t = (x > 0).astype(x.dtype)
+    calls = {
+        "softmax": lambda x, y: ce.softmax_cross_entropy(
+            x, y, ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=5.0
+        ),
+        "softmax_and_grad": lambda x, y: ce.softmax_cross_entropy_and_grad(
+            x, y, ignore_index=-100, label_smoothing=0.1
+        )[1],
+        "log_loss": lambda p, y: ce.log_loss(p, y, ignore_index=-100),
+        "bce": lambda p, t: ce.binary_cross_entropy(p, t),
+        "bce_logits": lambda x, t: ce.binary_cross_entropy_with_logits_and_grad(x, t)[1],
+        "kl": lambda p, q: ce.kl_divergence(p, q),
+    }
+    args = {
+        "softmax": (x, y),
+        "softmax_and_grad": (x, y),
+        "log_loss": (p, y),
+        "bce": (p, t),
+        "bce_logits": (x, t),
+        "kl": (p, p[::-1]),
+    }
+    for name, f in calls.items():
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(f)(*args[name])), np.asarray(f(*args[name])), rtol=1e-12, err_msg=name
+        )
+    grad = jax.jit(jax.grad(lambda x: calls["softmax"](x, y)))(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda x: calls["softmax"](x, y))(x)), rtol=1e-12)

@@ -86,7 +86,7 @@ def log_loss(
 
     row_sums = xp.sum(q, axis=-1, keepdims=True)
     if normalize:
-        if bool(xp.any(row_sums == 0)):
+        if v.host_bool(xp.any(row_sums == 0)):
             raise ValueError(
                 "probs: normalize=True needs every row to have a positive sum, got a row of zeros at "
                 f"row {v._first(xp, row_sums[..., 0] == 0)}"
@@ -97,7 +97,7 @@ def log_loss(
         # closer than bfloat16's precision, however precisely it is summed here.
         tol = math.sqrt(float(xp.finfo(probs.dtype).eps))
         off = xp.abs(row_sums[..., 0] - 1.0) > tol
-        if bool(xp.any(off)):
+        if v.host_bool(xp.any(off)):
             i = v._first(xp, off)
             bad = float(xp.reshape(row_sums, (-1,))[i])
             raise ValueError(

@@ -2,7 +2,8 @@
 
 Every check raises an exception whose message names the argument, what was allowed and what came
 (STYLE.md item 3). Checks that look at values (ranges, NaN) run on the host: core is the reference
-layer and always validates.
+layer and always validates, except inside ``jax.jit``, where arrays have no values to look at
+(:func:`host_bool`).
 """
 
 from __future__ import annotations
@@ -110,8 +111,23 @@ def as_float(xp: Any, x: Any, dtype: Any, name: str) -> Any:
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
+def host_bool(x: Any) -> bool | None:
+    """``bool(x)`` of a 0-d boolean array, or None when it has no value yet.
+
+    Inside ``jax.jit`` arrays are abstract tracers: a check that needs their values cannot run
+    there (jax raises a ConcretizationTypeError), so it is skipped and the loss still traces.
+    Everywhere else (numpy, torch, eager jax, jax.grad) the checks run as usual.
+    """
+    try:
+        return bool(x)
+    except Exception as exc:
+        if type(exc).__module__.startswith("jax"):
+            return None
+        raise
+
+
 def check_no_nan(xp: Any, name: str, x: Any) -> None:
-    if is_float_array(xp, x) and bool(xp.any(xp.isnan(x))):
+    if is_float_array(xp, x) and host_bool(xp.any(xp.isnan(x))):
         raise ValueError(f"{name} must not contain NaN, got NaN at flat index {_first(xp, xp.isnan(x))}")
 
 
@@ -119,7 +135,7 @@ def check_in_unit_interval(xp: Any, name: str, x: Any) -> None:
     """Values in [0, 1] and no NaN."""
     check_no_nan(xp, name, x)
     bad = (x < 0) | (x > 1)
-    if bool(xp.any(bad)):
+    if host_bool(xp.any(bad)):
         lo, hi = float(xp.min(x)), float(xp.max(x))
         raise ValueError(
             f"{name} must be probabilities in [0, 1], got values in [{lo:.6g}, {hi:.6g}] "
@@ -128,7 +144,7 @@ def check_in_unit_interval(xp: Any, name: str, x: Any) -> None:
 
 
 def check_finite_weights(xp: Any, name: str, w: Any) -> None:
-    if is_float_array(xp, w) and not bool(xp.all(xp.isfinite(w))):
+    if is_float_array(xp, w) and host_bool(xp.all(xp.isfinite(w))) is False:
         raise ValueError(f"{name} must be finite (no NaN or inf), got a non-finite value at flat index "
                          f"{_first(xp, ~xp.isfinite(w))}")
 
@@ -164,7 +180,7 @@ def check_labels(xp: Any, labels: Any, num_classes: int, ignore_index: int | Non
     valid = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         valid = valid | (labels == ignore_index)
-    if not bool(xp.all(valid)):
+    if host_bool(xp.all(valid)) is False:
         bad_value = int(xp.min(xp.where(valid, xp.asarray(2**62, dtype=xp.int64, device=device(labels)),
                                         labels)))
         allowed = f"[0, {num_classes})"
