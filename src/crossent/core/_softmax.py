@@ -210,6 +210,7 @@ def _softmax_ce(
     row_w = xp.where(keep, one, zero) if sw is None else xp.where(keep, sw, zero)
 
     # ---- per-row loss (and gradient) -------------------------------------------------------------
+    fast_grad = None
     if num_classes == 0:
         # No class: every row is ignored (labels were checked) or has an empty sum.
         ce_row = xp.zeros(batch_shape, dtype=dtype, device=dev)
@@ -222,14 +223,21 @@ def _softmax_ce(
             tanh = xp.tanh(x / cap)
             x = cap * tanh
         fast = None
-        if (integer_targets and eps == 0.0 and not with_grad and w is None
-                and is_numpy_namespace(xp) and x.ndim >= 1):
-            fast = _numpy_fast_lse_and_nll(x, xp.where(keep, labels, 0))
+        fast_grad = None
+        if integer_targets and eps == 0.0 and is_numpy_namespace(xp):
+            safe_labels = xp.where(keep, labels, 0)
+            if not with_grad and w is None:
+                fast = _numpy_fast_lse_and_nll(x, safe_labels)
+            elif with_grad and cap is None and z == 0:
+                target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
+                fast = _numpy_fast_grad(x, safe_labels, row_w * target_w, reduction, ln_base)
+                if fast is not None:
+                    lse, nll, fast_grad = fast
         if fast is not None:
-            lse, nll = fast
-            target_w = one
-            ce_row = nll
-            grad = None
+            lse, nll = fast[0], fast[1]
+            target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
+            ce_row = target_w * nll if w is not None else nll
+            grad = fast_grad
         else:
             if integer_targets and ignore_index is not None:
                 # An ignored row contributes 0 whatever its logits are: compute it on zeros, so
@@ -320,7 +328,9 @@ def _softmax_ce(
 
     if not with_grad:
         return loss, None
-    if num_classes > 0:
+    if fast_grad is not None:
+        pass  # the kernel wrote the finished gradient (scaled, masked, in the base's unit)
+    elif num_classes > 0:
         grad = xp.expand_dims(ce_scale, axis=-1) * grad
         if z > 0:
             grad = grad + xp.expand_dims(z_scale * 2.0 * z * lse, axis=-1) * (e / s)
@@ -364,3 +374,40 @@ def _numpy_fast_lse_and_nll(x: Any, labels: Any) -> tuple[Any, Any] | None:
     )
     shape = x.shape[:-1]
     return lse.reshape(shape), nll.reshape(shape)
+
+
+def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
+                     ln_base: float | None) -> tuple[Any, Any, Any] | None:
+    """(lse, nll, grad) from crossent.cpu's one-pass gradient kernel, or None when it does not apply.
+
+    ``row_scale`` is each row's weight in the sum (sample weight x class weight of its target, 0 on
+    ignored rows); the kernel writes ``scale_i * (softmax(x_i) - onehot(y_i))`` with
+    ``scale = row_scale / sum(row_scale)`` for "mean" (0 when that sum is 0), else ``row_scale``.
+    """
+    import numpy as np
+
+    if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous or x.size == 0:
+        return None
+    try:
+        from .. import cpu
+    except ImportError:
+        return None
+    available = getattr(cpu, "available", None)
+    if available is None or not getattr(cpu, "ENABLED", True) or not available():
+        return None
+    scale = np.asarray(row_scale, dtype=np.float64).reshape(-1)
+    if scale.size != x.size // x.shape[-1]:
+        scale = np.broadcast_to(scale, (x.size // x.shape[-1],))
+    if reduction == "mean":
+        den = float(scale.sum())
+        scale = scale / den if den != 0 else np.zeros_like(scale)
+    if ln_base is not None:
+        scale = scale / ln_base
+    num_classes = x.shape[-1]
+    grad = np.empty_like(x)
+    lse, nll = cpu.softmax_minus_onehot(
+        x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1)),
+        np.ascontiguousarray(scale), grad.reshape(-1, num_classes),
+    )
+    shape = x.shape[:-1]
+    return lse.reshape(shape), nll.reshape(shape), grad
