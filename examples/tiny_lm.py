@@ -144,7 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch intra-op threads")
-    p.add_argument("--plot", default="tiny_lm_loss.png", help="where to write the loss-curve PNG")
+    p.add_argument("--plot", default="out/tiny_lm_loss.png",
+                   help="where to write the loss-curve PNG (default: out/, git-ignored)")
     return p.parse_args(argv)
 
 
