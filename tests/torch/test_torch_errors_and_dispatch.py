@@ -117,7 +117,8 @@ class _FakeTriton(types.ModuleType):
         return cet.cross_entropy(logits, target, impl="reference", **kw)
 
     def linear_cross_entropy(self, x, w, target, **kw):
-        self.calls.append(("linear_cross_entropy", tuple(x.shape), tuple(target.shape), kw))
+        self.calls.append(("linear_cross_entropy", tuple(x.shape), tuple(target.shape), dict(kw)))
+        kw.pop("memory_budget")  # a kernel option: the reference path has no workspace to size
         return cet.linear_cross_entropy(x, w, target, impl="reference", **kw)
 
 
@@ -152,7 +153,21 @@ def test_auto_picks_chunked_on_cpu_and_triton_on_cuda(monkeypatch):
     assert fake.calls == []
     monkeypatch.setattr(cet_functional._checks, "triton_importable", lambda: True)
     cuda = torch.device("cuda")
-    assert cet_functional._resolve_impl("auto", cuda, soft=False) == "triton"
-    assert cet_functional._resolve_impl("auto", cuda, soft=True) == "chunked"
+    bf16, f64 = torch.bfloat16, torch.float64
+    assert cet_functional._resolve_impl("auto", cuda, soft=False, dtype=bf16) == "triton"
+    assert cet_functional._resolve_impl("auto", cuda, soft=True, dtype=bf16) == "chunked"
+    # The kernels take no float64: auto sends it to chunked instead of failing in the kernel.
+    assert cet_functional._resolve_impl("auto", cuda, soft=False, dtype=f64) == "chunked"
     monkeypatch.setattr(cet_functional._checks, "triton_importable", lambda: False)
-    assert cet_functional._resolve_impl("auto", cuda, soft=False) == "chunked"
+    assert cet_functional._resolve_impl("auto", cuda, soft=False, dtype=bf16) == "chunked"
+
+
+def test_memory_budget_is_passed_to_triton_and_refused_elsewhere(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fake = _FakeTriton()
+    monkeypatch.setitem(sys.modules, "crossent.triton", fake)
+    h, w, t = torch.randn(6, 4), torch.randn(7, 4), torch.randint(0, 7, (6,))
+    cet.linear_cross_entropy(h, w, t, impl="triton", memory_budget=1 << 20)
+    assert fake.calls[-1][3]["memory_budget"] == 1 << 20
+    with pytest.raises(ValueError, match="memory_budget applies to impl='triton'"):
+        cet.linear_cross_entropy(h, w, t, impl="chunked", memory_budget=1 << 20)

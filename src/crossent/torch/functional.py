@@ -85,9 +85,12 @@ _chunked_cross_entropy = _outside_compiled_graphs(ChunkedCrossEntropy.apply)
 _chunked_linear_cross_entropy = _outside_compiled_graphs(ChunkedLinearCrossEntropy.apply)
 
 
-def _resolve_impl(impl: str, device: torch.device, soft: bool) -> str:
+def _resolve_impl(impl: str, device: torch.device, soft: bool, dtype: torch.dtype) -> str:
     if impl == "auto":
-        if device.type == "cuda" and not soft and _checks.triton_importable():
+        # The kernels take float32/bfloat16/float16 logits and class indices; float64 (a test or
+        # a reference computation) and probability targets take the chunked path.
+        if (device.type == "cuda" and not soft and dtype != torch.float64
+                and _checks.triton_importable()):
             return "triton"
         return "chunked"
     if impl == "triton":
@@ -207,7 +210,7 @@ def cross_entropy(
     else:
         logits2d = input.movedim(1, -1).reshape(-1, num_classes)
         target2d = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
-    impl = _resolve_impl(impl, input.device, soft)
+    impl = _resolve_impl(impl, input.device, soft, input.dtype)
     options = dict(
         weight=weight,
         ignore_index=ignore_index,
@@ -254,6 +257,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     impl: str = "auto",
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
     validate: bool | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` without holding the logits.
@@ -276,6 +280,9 @@ def linear_cross_entropy(
         impl: "auto" | "triton" | "chunked" | "reference".
         chunk_size: rows per block for impl="chunked" (None: N * V / 16 logits per block,
             clamped to [2**16, 2**22]).
+        memory_budget: impl="triton" only: None ("lean", the default: never holds N x V logits) or
+            the bytes of workspace the kernels may use to keep logits between forward and backward
+            instead of recomputing them ("fast").
 
     Returns:
         float32 loss (float64 for float64 input): a scalar, or shape ``(*)`` for "none".
@@ -352,7 +359,12 @@ def linear_cross_entropy(
 
     x2d = input.reshape(-1, dim)
     target2d = target.reshape(-1, num_classes) if soft else target.reshape(-1)
-    impl = _resolve_impl(impl, input.device, soft)
+    impl = _resolve_impl(impl, input.device, soft, input.dtype)
+    if memory_budget is not None and impl != "triton":
+        raise ValueError(
+            f"memory_budget applies to impl='triton' (the fused GPU kernels), got memory_budget="
+            f"{memory_budget} with impl={impl!r}"
+        )
     options = dict(
         weight=weight,
         ignore_index=ignore_index,
@@ -388,7 +400,8 @@ def linear_cross_entropy(
         )
     else:
         loss = _triton_function("linear_cross_entropy")(
-            x2d.contiguous(), linear_weight, target2d, linear_bias=linear_bias, **options
+            x2d.contiguous(), linear_weight, target2d, linear_bias=linear_bias,
+            memory_budget=memory_budget, **options
         )
     if reduction == "none":
         return loss.reshape(lead)
