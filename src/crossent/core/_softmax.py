@@ -357,14 +357,8 @@ def _numpy_fast_lse_and_nll(x: Any, labels: Any) -> tuple[Any, Any] | None:
     """
     import numpy as np
 
-    if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous or x.size == 0:
-        return None
-    try:
-        from .. import cpu
-    except ImportError:
-        return None
-    available = getattr(cpu, "available", None)
-    if available is None or not getattr(cpu, "ENABLED", True) or not available():
+    cpu = _cpu_kernels_for(x)
+    if cpu is None:
         return None
     num_classes = x.shape[-1]
     # lse_and_nll forms the loss as (m - x_y) + log sum exp(x - m) in float64 and rounds it once,
@@ -386,14 +380,8 @@ def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
     """
     import numpy as np
 
-    if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous or x.size == 0:
-        return None
-    try:
-        from .. import cpu
-    except ImportError:
-        return None
-    available = getattr(cpu, "available", None)
-    if available is None or not getattr(cpu, "ENABLED", True) or not available():
+    cpu = _cpu_kernels_for(x)
+    if cpu is None:
         return None
     scale = np.asarray(row_scale, dtype=np.float64).reshape(-1)
     if scale.size != x.size // x.shape[-1]:
@@ -411,3 +399,20 @@ def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
     )
     shape = x.shape[:-1]
     return lse.reshape(shape), nll.reshape(shape), grad
+
+
+def _cpu_kernels_for(x: Any) -> Any:
+    """The crossent.cpu module when its compiled kernels can take ``x``, else None.
+
+    They need a non-empty C-contiguous float32/float64 numpy array and numba (``cpu.available()``,
+    which is also False when the path is switched off); anything else takes the Array-API path.
+    """
+    import numpy as np
+
+    if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous or x.size == 0:
+        return None
+    try:
+        from .. import cpu
+    except ImportError:
+        return None
+    return cpu if cpu.available() else None
