@@ -49,6 +49,59 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction:
     return reduction
 
 
+def _check_softmax_options(
+    reduction: str,
+    impl: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    ignore_index: int,
+) -> tuple[str, str, float, float, float | None, int]:
+    """The scalar options of the two softmax losses, checked in this order and normalized."""
+    return (
+        _checks.check_reduction(reduction),
+        _checks.check_impl(impl),
+        _checks.check_label_smoothing(label_smoothing),
+        _checks.check_z_loss(z_loss),
+        _checks.check_softcap(softcap),
+        _checks.check_ignore_index(ignore_index),
+    )
+
+
+def _check_targets(
+    target: torch.Tensor,
+    expected: tuple[int, ...],
+    context: str,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    num_classes: int,
+    ignore_index: int,
+    validate: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check class indices or probabilities of shape ``expected`` and the class weights.
+
+    ``context`` completes the shape error ("for <context>, got ..."). Returns the target (class
+    indices as int64) and the checked weight.
+    """
+    soft = target.is_floating_point()
+    if tuple(target.shape) != tuple(expected):
+        kind = "probabilities" if soft else "class indices"
+        raise ValueError(
+            f"target ({kind}) must have shape {tuple(expected)} for {context}, "
+            f"got {tuple(target.shape)}"
+        )
+    if not soft and (target.dtype == torch.bool or target.is_complex()):
+        raise TypeError(f"target must hold int64 class indices or float probabilities, got {target.dtype}")
+    check = _checks.wants_validation(validate, input, target, weight)
+    weight = _checks.check_class_weight(weight, num_classes, validate=check)
+    if soft:
+        _checks.check_prob_target(target, validate=check)
+    else:
+        target = target.long()
+        _checks.check_class_target(target, num_classes, ignore_index, validate=check)
+    return target, weight
+
+
 def _triton_function(name: str):
     try:
         module = importlib.import_module("crossent.triton")
@@ -172,12 +225,10 @@ def cross_entropy(
     >>> round(cet.cross_entropy(logits, torch.tensor([0])).item(), 4)
     2.3026
     """
-    reduction = _checks.check_reduction(_legacy_reduction(size_average, reduce, reduction))
-    impl = _checks.check_impl(impl)
-    eps = _checks.check_label_smoothing(label_smoothing)
-    z_loss = _checks.check_z_loss(z_loss)
-    softcap = _checks.check_softcap(softcap)
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    reduction, impl, eps, z_loss, softcap, ignore_index = _check_softmax_options(
+        _legacy_reduction(size_average, reduce, reduction),
+        impl, label_smoothing, z_loss, softcap, ignore_index,
+    )
     _checks.check_floating("input", input)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -187,21 +238,10 @@ def cross_entropy(
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
     expected = input.shape if soft else input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    if tuple(target.shape) != tuple(expected):
-        kind = "probabilities" if soft else "class indices"
-        raise ValueError(
-            f"target ({kind}) must have shape {tuple(expected)} for input of shape "
-            f"{tuple(input.shape)}, got {tuple(target.shape)}"
-        )
-    if not soft and (target.dtype == torch.bool or target.is_complex()):
-        raise TypeError(f"target must hold int64 class indices or float probabilities, got {target.dtype}")
-    check = _checks.wants_validation(validate, input, target, weight)
-    weight = _checks.check_class_weight(weight, num_classes, validate=check)
-    if soft:
-        _checks.check_prob_target(target, validate=check)
-    else:
-        target = target.long()
-        _checks.check_class_target(target, num_classes, ignore_index, validate=check)
+    target, weight = _check_targets(
+        target, expected, f"input of shape {tuple(input.shape)}",
+        input, weight, num_classes, ignore_index, validate,
+    )
 
     # (N, C, d1..dk) with class dim 1 -> (M, C), classes last.
     if input.dim() == 1:
@@ -297,12 +337,9 @@ def linear_cross_entropy(
     >>> round(loss.item(), 4), round(math.log(1 + 2 * math.exp(-1)), 4)
     (0.5514, 0.5514)
     """
-    reduction = _checks.check_reduction(reduction)
-    impl = _checks.check_impl(impl)
-    eps = _checks.check_label_smoothing(label_smoothing)
-    z_loss = _checks.check_z_loss(z_loss)
-    softcap = _checks.check_softcap(softcap)
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    reduction, impl, eps, z_loss, softcap, ignore_index = _check_softmax_options(
+        reduction, impl, label_smoothing, z_loss, softcap, ignore_index
+    )
     _checks.check_floating("input", input)
     _checks.check_floating("linear_weight", linear_weight)
     if not isinstance(target, torch.Tensor):
@@ -341,21 +378,10 @@ def linear_cross_entropy(
     soft = target.is_floating_point()
     lead = tuple(input.shape[:-1])
     expected = lead + (num_classes,) if soft else lead
-    if tuple(target.shape) != expected:
-        kind = "probabilities" if soft else "class indices"
-        raise ValueError(
-            f"target ({kind}) must have shape {expected} for input of shape "
-            f"{tuple(input.shape)} and {num_classes} classes, got {tuple(target.shape)}"
-        )
-    if not soft and (target.dtype == torch.bool or target.is_complex()):
-        raise TypeError(f"target must hold int64 class indices or float probabilities, got {target.dtype}")
-    check = _checks.wants_validation(validate, input, target, weight)
-    weight = _checks.check_class_weight(weight, num_classes, validate=check)
-    if soft:
-        _checks.check_prob_target(target, validate=check)
-    else:
-        target = target.long()
-        _checks.check_class_target(target, num_classes, ignore_index, validate=check)
+    target, weight = _check_targets(
+        target, expected, f"input of shape {tuple(input.shape)} and {num_classes} classes",
+        input, weight, num_classes, ignore_index, validate,
+    )
 
     x2d = input.reshape(-1, dim)
     target2d = target.reshape(-1, num_classes) if soft else target.reshape(-1)
