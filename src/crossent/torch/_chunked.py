@@ -122,6 +122,16 @@ def _take(tensor: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
     return tensor[sel] if isinstance(sel, slice) else tensor.index_select(0, sel)
 
 
+def _put(
+    dest: torch.Tensor, sel: slice | torch.Tensor, idx: torch.Tensor | None, block: torch.Tensor
+) -> None:
+    """Write a block's rows into ``dest`` at the rows ``_Rows.blocks`` yielded (sel, idx) for."""
+    if idx is None:
+        dest[sel] = block
+    else:
+        dest.index_copy_(0, idx, block.to(dest.dtype))
+
+
 def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
     if softcap is None:
         return z
@@ -278,11 +288,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             z = _zero_ignored_rows(_capped(_take(logits, sel).to(dt), softcap), rows, sel)
             t = _take(target if rows.soft else rows.safe_target, sel)
             lse, ce, _ = _block_forward(z, t, w, label_smoothing, rows.soft)
-            if idx is None:
-                lse_all[sel], ce_all[sel] = lse, ce
-            else:
-                lse_all.index_copy_(0, idx, lse)
-                ce_all.index_copy_(0, idx, ce)
+            _put(lse_all, sel, idx, lse)
+            _put(ce_all, sel, idx, ce)
         ctx.save_for_backward(logits, target, weight, lse_all)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap, block_rows)
         ctx.inplace_backward = inplace_backward
@@ -311,10 +318,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             g = _block_grad(
                 p, z, lse, t, w, eps, rows.soft, _take(a_all, sel), _take(b_all, sel), softcap
             )
-            if idx is None:
-                grad[sel] = g
-            else:
-                grad.index_copy_(0, idx, g.to(grad.dtype))
+            _put(grad, sel, idx, g)
         # One gradient per forward argument: logits; then None for target, weight, ignore_index,
         # reduction, label_smoothing, z_loss, softcap, block_rows, inplace_backward.
         return grad, None, None, None, None, None, None, None, None, None
@@ -368,11 +372,8 @@ def _linear_pass(
         t = _take(target if rows.soft else rows.safe_target, sel)
         if want_loss:
             lse, ce, p = _block_forward(z, t, w, eps, rows.soft)
-            if idx is None:
-                lse_all[sel], ce_all[sel] = lse, ce
-            else:
-                lse_all.index_copy_(0, idx, lse)
-                ce_all.index_copy_(0, idx, ce)
+            _put(lse_all, sel, idx, lse)
+            _put(ce_all, sel, idx, ce)
         else:
             lse = _take(lse_all, sel)
             p = _softmax(z)
@@ -381,11 +382,7 @@ def _linear_pass(
         a, b = (_take(c, sel) for c in coefficients)
         g = _block_grad(p, z, lse, t, w, eps, rows.soft, a, b, softcap)
         if grad_x is not None:
-            gx = _matmul_low_precision(g, lin_w)
-            if idx is None:
-                grad_x[sel] = gx
-            else:
-                grad_x.index_copy_(0, idx, gx)
+            _put(grad_x, sel, idx, _matmul_low_precision(g, lin_w))
         if grad_w is not None:
             grad_w.addmm_(g.T, xb.to(dt))
         if grad_b is not None:
