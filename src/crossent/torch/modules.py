@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import _reduction as _legacy
 
 from . import functional as _F
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+
+
+def _loss_options_repr(module: nn.Module) -> str:
+    """The loss options both modules print in ``extra_repr``."""
+    return (
+        f"reduction={module.reduction}, ignore_index={module.ignore_index}, "
+        f"label_smoothing={module.label_smoothing}, z_loss={module.z_loss}, "
+        f"softcap={module.softcap}, impl={module.impl!r}"
+    )
 
 
 class CrossEntropyLoss(nn.Module):
@@ -42,8 +50,7 @@ class CrossEntropyLoss(nn.Module):
         validate: bool | None = None,
     ) -> None:
         super().__init__()
-        if size_average is not None or reduce is not None:
-            reduction = _legacy.legacy_get_string(size_average, reduce)
+        reduction = _F._legacy_reduction(size_average, reduce, reduction)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -70,11 +77,7 @@ class CrossEntropyLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"softcap={self.softcap}, impl={self.impl!r}"
-        )
+        return _loss_options_repr(self)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -146,7 +149,5 @@ class LinearCrossEntropyLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, "
-            f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"softcap={self.softcap}, impl={self.impl!r}"
+            + _loss_options_repr(self)
         )
