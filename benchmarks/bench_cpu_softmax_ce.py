@@ -52,6 +52,8 @@ import time
 import warnings
 from pathlib import Path
 
+from _cpu import cpu_model
+
 FORWARD = ["crossent", "crossent-kernel", "crossent-array-api", "torch", "scipy", "sklearn"]
 GRADIENT = ["crossent-grad", "crossent-kernel-grad", "torch-grad"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -187,16 +189,6 @@ def worker(args) -> dict:
 
 
 # ---- conditions -------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

@@ -33,12 +33,13 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _cpu import cpu_model, peak_rss_bytes, reset_peak_rss
 
 CASES = [
     "crossent chunked",
@@ -88,35 +89,6 @@ def _loss_fn(case: str, n: int, v: int):
     raise ValueError(f"unknown case {case!r}")
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5); return it.
-
-    Without a reset, ru_maxrss keeps earlier peaks (imports, warm-up), which would hide a
-    smaller peak measured afterwards. Falls back to ru_maxrss where /proc is unavailable.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss_bytes() -> int:
-    try:
-        return _status_bytes("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def worker(case: str, n: int, d: int, v: int, repeats: int, budget_s: float) -> dict:
     import torch
 
@@ -150,16 +122,6 @@ def worker(case: str, n: int, d: int, v: int, repeats: int, budget_s: float) -> 
         extra_bytes=extra,
         threads=torch.get_num_threads(),
     )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_case(case: str, shape: tuple[int, int, int], repeats: int, slow_s: float) -> dict:
