@@ -9,45 +9,22 @@ peak resident set during the call (VmHWM, reset just before it) minus its reside
 call, after the inputs, their gradient buffers and a small warm-up call exist.
 """
 
-import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import crossent.torch as cet
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{key} not in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux: clear_refs 5); return it.
-
-    Without a reset, ru_maxrss keeps earlier peaks (imports, warm-up), which would hide a
-    smaller peak measured afterwards. Falls back to ru_maxrss where /proc is unavailable.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss_bytes() -> int:
-    try:
-        return _status_bytes("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def main() -> None:
+    # The peak-RSS reset and reading of the CPU benchmarks (benchmarks/_cpu.py), so that this test
+    # and bench_linear_ce_cpu.py measure alike; imported here, not at module level, so that
+    # pytest's doctest collection of this file leaves sys.path alone.
+    sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from _cpu import peak_rss_bytes, reset_peak_rss
+
     impl, n, d, v = sys.argv[1], *map(int, sys.argv[2:5])
     chunk_size = int(sys.argv[5]) if len(sys.argv) > 5 else None
 
