@@ -247,6 +247,20 @@ def _zero_ignored_rows(z: torch.Tensor, rows: _Rows, sel: slice | torch.Tensor) 
     return torch.where(keep[:, None], z, torch.zeros_like(z))
 
 
+def _prepare_block(
+    raw: torch.Tensor,
+    target: torch.Tensor,
+    rows: _Rows,
+    sel: slice | torch.Tensor,
+    dt: torch.dtype,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's logits as the loss sees them (``dt``, softcapped, ignored rows zeroed on the
+    all-rows path) and its targets (class indices with ignored ones replaced by 0)."""
+    z = _zero_ignored_rows(_capped(raw.to(dt), softcap), rows, sel)
+    return z, _take(target if rows.soft else rows.safe_target, sel)
+
+
 def _reduce(
     ce: torch.Tensor, lse: torch.Tensor, z_loss: float, rows: _Rows, reduction: str
 ) -> torch.Tensor:
@@ -285,8 +299,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         lse_all = torch.zeros(num_rows, dtype=dt, device=logits.device)
         ce_all = torch.zeros(num_rows, dtype=dt, device=logits.device)
         for sel, idx in rows.blocks(num_rows, block_rows):
-            z = _zero_ignored_rows(_capped(_take(logits, sel).to(dt), softcap), rows, sel)
-            t = _take(target if rows.soft else rows.safe_target, sel)
+            z, t = _prepare_block(_take(logits, sel), target, rows, sel, dt, softcap)
             lse, ce, _ = _block_forward(z, t, w, label_smoothing, rows.soft)
             _put(lse_all, sel, idx, lse)
             _put(ce_all, sel, idx, ce)
@@ -311,8 +324,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         else:
             grad = torch.zeros_like(logits)
         for sel, idx in rows.blocks(num_rows, block_rows):
-            z = _zero_ignored_rows(_capped(_take(logits, sel).to(dt), softcap), rows, sel)
-            t = _take(target if rows.soft else rows.safe_target, sel)
+            z, t = _prepare_block(_take(logits, sel), target, rows, sel, dt, softcap)
             lse = _take(lse_all, sel)
             p = _softmax(z)
             g = _block_grad(
@@ -368,8 +380,7 @@ def _linear_pass(
     )
     for sel, idx in rows.blocks(num_rows, block_rows):
         xb = _take(x, sel)
-        z = _zero_ignored_rows(_capped(F.linear(xb, lin_w, lin_b).to(dt), softcap), rows, sel)
-        t = _take(target if rows.soft else rows.safe_target, sel)
+        z, t = _prepare_block(F.linear(xb, lin_w, lin_b), target, rows, sel, dt, softcap)
         if want_loss:
             lse, ce, p = _block_forward(z, t, w, eps, rows.soft)
             _put(lse_all, sel, idx, lse)
