@@ -662,3 +662,151 @@ def check_random_splits(rank, world, cases=8):
         close(b_l.grad, b_full.grad[lo:hi], f"bias grad, {what}")
         checks += 6
     return checks
+
+
+# ------------------------------------------------------------------------------------------------
+# the Triton path of the logits version (kernels under Triton's interpreter on the CPU)
+
+
+def check_triton_logits(rank, world, sizes, special_sizes):
+    """The logits version with its local math in crossent.triton's kernels (the parent sets
+    TRITON_INTERPRET=1 and CROSSENT_VOCAB_PARALLEL_TRITON=1): every option case in float32
+    against the float64 oracle and against the PyTorch chunks, masks, zero denominators, an
+    empty slice, NaN on an ignored row, bfloat16, and the collectives of the module docstring."""
+    import crossent.distributed.vocab_parallel as vp
+    import crossent.triton as triton_ops
+    import crossent.triton._partials as partials
+    from crossent.distributed import vocab_parallel_cross_entropy
+    from crossent.distributed.vocab_parallel import _FIELDS
+
+    assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get(vp._TRITON_ENV) == "1"
+    calls = {"partials": 0, "grad": 0}
+    real_partials, real_grad = triton_ops._vocab_parallel_partials, triton_ops._vocab_parallel_grad
+
+    def counted_partials(*args, **kwargs):
+        calls["partials"] += 1
+        return real_partials(*args, **kwargs)
+
+    def counted_grad(*args, **kwargs):
+        calls["grad"] += 1
+        return real_grad(*args, **kwargs)
+
+    triton_ops._vocab_parallel_partials, triton_ops._vocab_parallel_grad = counted_partials, counted_grad
+    default_block = partials.MAX_BLOCK
+    checks = 0
+
+    def both_paths(z_local, target, grad_out, **opts):
+        """(loss, grad) through the Triton kernels, then through the PyTorch chunks."""
+        results = []
+        for switch in ("auto", "off"):
+            vp._TRITON = switch
+            leaf = z_local.clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(leaf, target, **opts)
+            (loss * grad_out).sum().backward()
+            results.append((loss, leaf.grad))
+        vp._TRITON = "auto"
+        return results
+
+    try:
+        # 1. every option case, float32 logits, uneven slices; odd cases take 16-column blocks
+        vocab = sum(sizes)
+        lo, hi = slice_bounds(sizes, rank)
+        shape = (3, 5)
+        grid = itertools.product(("mean", "sum", "none"), (None, -100, 3), (0.0, 0.2), (0.0, 0.03))
+        for case, (reduction, ignore, eps, zl) in enumerate(grid):
+            gen = torch.Generator().manual_seed(2000 + case)
+            ignore_index = -100 if ignore is None else ignore
+            target = make_targets(gen, shape, vocab, ignore)
+            grad_out = upstream(reduction, shape, gen)
+            partials.MAX_BLOCK = 16 if case % 2 else default_block
+            opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=eps, z_loss=zl)
+            what = f"triton rank {rank} sizes {sizes} {opts}"
+            z = torch.randn(*shape, vocab, generator=gen, dtype=torch.float64) * 2.0
+            z32 = z.float()
+            z_full = z32.double().requires_grad_()
+            rows = oracle_rows(z_full.reshape(-1, vocab), target.reshape(-1), ignore_index=ignore_index, eps=eps, zl=zl)
+            expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction, shape=shape)
+            (expected * grad_out).sum().backward()
+            (loss, grad), (torch_loss, torch_grad) = both_paths(z32[..., lo:hi], target, grad_out.float(), **opts)
+            close(loss, expected.detach().float(), f"loss vs float64, {what}", rtol=2e-6, atol=1e-6)
+            close(grad, z_full.grad[..., lo:hi].float(), f"grad vs float64, {what}", rtol=1e-5, atol=1e-7)
+            close(loss, torch_loss, f"loss vs torch path, {what}", rtol=1e-6, atol=1e-7)
+            close(grad, torch_grad, f"grad vs torch path, {what}", rtol=1e-5, atol=1e-8)
+            checks += 4
+        partials.MAX_BLOCK = default_block
+
+        # 2. -inf masks with smoothing (K over all ranks), an empty slice, NaN on an ignored row,
+        #    zero denominators
+        vocab = sum(special_sizes)
+        lo, hi = slice_bounds(special_sizes, rank)
+        gen = torch.Generator().manual_seed(17)
+        z = torch.randn(6, vocab, generator=gen)
+        target = torch.randint(0, vocab, (6,), generator=gen)
+        z[1, torch.rand(vocab, generator=gen) < 0.4] = -math.inf
+        z[1, target[1]] = 0.25
+        target[4] = -100
+        z[4] = math.nan
+        for reduction, eps, zl in (("none", 0.25, 0.01), ("mean", 0.25, 0.0), ("sum", 1.0, 0.02)):
+            z_full = z.double().requires_grad_()
+            expected_rows = written_out_rows(z_full, target, ignore_index=-100, eps=eps, zl=zl)
+            expected = oracle_reduce(expected_rows, target, ignore_index=-100, reduction=reduction, shape=(6,))
+            grad_out = upstream(reduction, (6,), gen)
+            (expected * grad_out).sum().backward()
+            opts = dict(reduction=reduction, label_smoothing=eps, z_loss=zl)
+            (loss, grad), (torch_loss, torch_grad) = both_paths(z[:, lo:hi], target, grad_out.float(), **opts)
+            what = f"triton masked rank {rank} sizes {special_sizes} {opts}"
+            close(loss, expected.detach().float(), f"loss, {what}", rtol=2e-6, atol=1e-6)
+            close(grad, z_full.grad[:, lo:hi].float(), f"grad, {what}", rtol=1e-5, atol=1e-7)
+            close(loss, torch_loss, f"loss vs torch path, {what}", rtol=1e-6, atol=1e-7)
+            close(grad, torch_grad, f"grad vs torch path, {what}", rtol=1e-5, atol=1e-8)
+            assert not bool(grad[4].any()) and bool((grad[torch.isinf(z[:, lo:hi])] == 0).all()), what
+            checks += 5
+        for reduction in ("mean", "sum"):
+            leaf = z[:, lo:hi].clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(leaf, torch.full((6,), -100), reduction=reduction, label_smoothing=0.1)
+            loss.backward()
+            assert loss.item() == 0.0 and not bool(leaf.grad.any()), (reduction, loss)
+            checks += 1
+
+        # 3. bfloat16: float32 loss and statistics, the gradient rounded once to bfloat16
+        vocab = sum(sizes)
+        lo, hi = slice_bounds(sizes, rank)
+        z6 = (torch.randn(9, vocab, generator=gen) * 3).to(torch.bfloat16)
+        t6 = torch.randint(0, vocab, (9,), generator=gen)
+        t6[2] = -100
+        (loss, grad), (torch_loss, torch_grad) = both_paths(
+            z6[:, lo:hi], t6, torch.tensor(1.0), label_smoothing=0.1, z_loss=0.01
+        )
+        z_ref = z6.double().requires_grad_()
+        rows6 = oracle_rows(z_ref, t6, ignore_index=-100, eps=0.1, zl=0.01)
+        expected = oracle_reduce(rows6, t6, ignore_index=-100, reduction="mean", shape=(9,))
+        expected.backward()
+        assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+        close(loss, expected.float(), "triton bf16 loss", rtol=1e-5, atol=1e-6)
+        close(grad.double(), z_ref.grad[:, lo:hi], "triton bf16 grad", rtol=1e-2, atol=1e-4)
+        close(loss, torch_loss, "triton bf16 loss vs torch path", rtol=1e-6, atol=1e-7)
+        close(grad.double(), torch_grad.double(), "triton bf16 grad vs torch path", rtol=8e-3, atol=1e-6)
+        checks += 4
+
+        # 4. the same collectives as the PyTorch chunks: the table, one MAX of N, one SUM of 2N / 4N
+        z7 = torch.randn(7, vocab, generator=gen)
+        t7 = torch.randint(0, vocab, (7,), generator=gen)
+        with CollectiveLog() as log:
+            for eps in (0.0, 0.1):
+                loss = vocab_parallel_cross_entropy(z7[:, lo:hi].clone().requires_grad_(), t7, label_smoothing=eps)
+                assert log.take() == [
+                    ("all_gather", None, len(_FIELDS), torch.int64),
+                    ("all_reduce", "MAX", 7, torch.float32),
+                    ("all_reduce", "SUM", (4 if eps else 2) * 7, torch.float32),
+                ]
+                loss.backward()
+                assert log.take() == []
+                checks += 2
+    finally:
+        triton_ops._vocab_parallel_partials, triton_ops._vocab_parallel_grad = real_partials, real_grad
+        partials.MAX_BLOCK = default_block
+        vp._TRITON = "auto"
+    # every call above went through the kernels' entry points (a rank with an empty slice too:
+    # the launcher returns the initial statistics without launching)
+    assert calls["partials"] >= 36 + 3 + 2 + 1 + 2 and calls["grad"] >= 36 + 3 + 2 + 1 + 2, calls
+    return checks + 1

@@ -40,6 +40,11 @@ So the loss costs three collectives per call, two of them O(N) and none O(N V); 
 version adds one all-reduce of the input gradient in backward (each rank's ``x`` is replicated,
 so its gradient is the sum of every slice's contribution; every rank gets that sum).
 
+Local math: in the logits version, steps 1 and 5 run in crossent.triton's kernels (one pass over
+the slice each; ``crossent.triton._partials``) for float32/bfloat16/float16 logits on CUDA when
+triton imports, and in the PyTorch chunks above otherwise (float64, CPU); see ``_TRITON``. The
+collectives and steps 2-4 are the same code on both paths.
+
 Faults: every argument check, local or across ranks (slice shapes that disagree with the input,
 rows or feature sizes or options that differ between ranks, a target differing between ranks or
 outside ``[0, V)``), goes through the table of step 0, so all ranks raise the same exception
@@ -58,6 +63,7 @@ the rest stays on the device, so the same code runs on NCCL.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +146,36 @@ class _Plan:
     target_shape: torch.Size
 
 
+#: Local math of the logits version (step 1 and step 5) through crossent.triton's kernels: "auto"
+#: uses them for float32/bfloat16/float16 logits on CUDA when triton imports; "off" never. CPU
+#: tensors take them only under Triton's interpreter (TRITON_INTERPRET=1) and when asked for, by
+#: this switch set to "interpret" or by CROSSENT_VOCAB_PARALLEL_TRITON=1 (how the tests run them).
+#: Read at every call. The collectives and the row arithmetic of steps 2-4 are the same either way.
+_TRITON = "auto"
+_TRITON_ENV = "CROSSENT_VOCAB_PARALLEL_TRITON"
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_local(logits: torch.Tensor):
+    """crossent.triton (imported lazily) when it should compute this rank's local math, else None."""
+    if _TRITON == "off" or logits.dtype not in _TRITON_DTYPES:
+        return None
+    if logits.device.type == "cpu":
+        asked = _TRITON == "interpret" or os.environ.get(_TRITON_ENV) == "1"
+        if not (asked and os.environ.get("TRITON_INTERPRET") == "1"):
+            return None
+    elif not logits.is_cuda:
+        return None
+    try:
+        import crossent.triton as triton_ops
+        from crossent.triton._launchers import interpreted
+    except ImportError:
+        return None
+    if logits.device.type == "cpu" and not interpreted():
+        return None  # triton was imported before TRITON_INTERPRET=1: its kernels target a GPU
+    return triton_ops
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -172,6 +208,12 @@ class _RowStats:
         if smoothing:
             self.finite_sum = torch.zeros(rows, dtype=dtype, device=device)
             self.finite_count = torch.zeros(rows, dtype=dtype, device=device)
+
+    def set_partials(self, m, s, t, finite_sum, finite_count) -> None:
+        """Take step 1's statistics of the whole slice at once (the Triton path)."""
+        self.m, self.s, self.t = m, s, t
+        if self.smoothing:
+            self.finite_sum, self.finite_count = finite_sum, finite_count
 
     def update(self, z: torch.Tensor, col0: int) -> None:
         """Fold the columns ``col0 : col0 + z.shape[1]`` of this slice's logits ``z`` in."""
@@ -269,12 +311,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_local = target - plan.offset
         owned = valid & (target_local >= 0) & (target_local < plan.vocab_local)
         stats = _RowStats(target_local, owned, acc, plan.label_smoothing > 0.0)
-        for col0 in range(0, plan.vocab_local, plan.chunk):
-            stats.update(logits[:, col0 : col0 + plan.chunk].to(acc), col0)
+        triton_ops = _triton_local(logits)
+        if triton_ops is not None:
+            column = torch.where(owned, target_local, torch.full_like(target_local, -1))
+            stats.set_partials(*triton_ops._vocab_parallel_partials(logits, column, smoothing=stats.smoothing))
+        else:
+            for col0 in range(0, plan.vocab_local, plan.chunk):
+                stats.update(logits[:, col0 : col0 + plan.chunk].to(acc), col0)
         lse, t, finite_sum, finite_count = stats.reduce(plan.group)
         denominator = _denominator(valid, acc)
         row = _row_losses(plan, valid, lse, t, finite_sum, finite_count)
         ctx.plan = plan
+        ctx.triton_ops = triton_ops
         ctx.save_for_backward(logits, target_local, owned, valid, lse, finite_count, denominator)
         return _reduce(plan, row, denominator)
 
@@ -285,6 +333,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits, target_local, owned, valid, lse, finite_count, denominator = ctx.saved_tensors
         acc = lse.dtype
         g = _row_coefficients(plan, grad_output.to(acc), valid, denominator)
+        if ctx.triton_ops is not None:
+            column = torch.where(owned, target_local, torch.full_like(target_local, -1))
+            grad = ctx.triton_ops._vocab_parallel_grad(
+                logits, column, valid, lse, g, finite_count,
+                label_smoothing=plan.label_smoothing, z_loss=plan.z_loss,
+            )
+            return grad, None, None  # logits; target and plan take no gradient
         saved = (target_local, owned, valid, lse, finite_count)
         grad = torch.empty_like(logits)
         for col0 in range(0, plan.vocab_local, plan.chunk):

@@ -11,6 +11,11 @@ import torch
 
 from ._functions import CrossEntropyFunction, LinearCrossEntropyFunction
 
+# Private: the local math of crossent.distributed.vocab_parallel_cross_entropy (its collectives
+# stay there); see _partials.
+from ._partials import vocab_parallel_grad as _vocab_parallel_grad  # noqa: F401
+from ._partials import vocab_parallel_partials as _vocab_parallel_partials  # noqa: F401
+
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
 
