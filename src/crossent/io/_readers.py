@@ -175,6 +175,11 @@ def expand_paths(path: str, *, suffixes=(".parquet", ".pq")) -> list[str]:
 
 
 def detect_format(path: str) -> str:
+    """The reader for ``path``, from its suffix (case-insensitive).
+
+    >>> detect_format("preds.PARQUET"), detect_format("preds.csv"), detect_format("x.npz")
+    ('parquet', 'csv', 'npz')
+    """
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _SUFFIXES:
         raise ValueError(
