@@ -13,47 +13,25 @@ one line per kernel variant ("OK name wgmma=.. cp.async=..") and exits 1 if any 
 
 from __future__ import annotations
 
-import os
 import sys
 
 
 def main():
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from _sm90 import compiler
 
     from crossent.triton import _kernels as K
 
-    target = GPUTarget("cuda", 90, 32)
-    failures = []
-
-    def build(name, fn, pointers, consts, floats=(), num_warps=8, num_stages=3):
-        signature, attrs = {}, {}
-        for i, arg in enumerate(fn.arg_names):
-            if arg in consts:
-                signature[arg] = "constexpr"
-            elif arg in pointers:
-                signature[arg] = pointers[arg]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif arg in floats:
-                signature[arg] = "fp32"
-            else:
-                signature[arg] = "i32"
-                if arg.startswith("stride_") or arg in ("n_dim", "n_store"):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        try:
-            src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-            out = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-        except Exception as e:  # report every failing variant, then exit non-zero
-            failures.append(name)
-            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-            return
+    def report(name, out):
         ptx = out.asm["ptx"]
         print(f"OK {name} wgmma={ptx.count('wgmma.mma_async')} cp.async={ptx.count('cp.async')} "
               f"ptx_local={ptx.count('ld.local') + ptx.count('st.local')} shared={out.metadata.shared}", flush=True)
+
+    compile_variant, failures = compiler(report)
+
+    def build(*args, **kwargs):
+        # Row strides and the sizes the kernels tile by are multiples of 16 in practice.
+        return compile_variant(*args, divisible=lambda arg: arg.startswith("stride_") or arg in ("n_dim", "n_store"),
+                               **kwargs)
 
     for dt in ("bf16", "fp32"):
         ce_ptrs = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "target_ptr": "*i64", "weight_ptr": "*fp32",

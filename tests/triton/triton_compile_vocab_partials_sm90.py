@@ -9,44 +9,19 @@ prints one line per variant ("OK name ...") and exits 1 if any failed.
 
 from __future__ import annotations
 
-import os
 import sys
 
 
 def main():
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from _sm90 import compiler
 
     from crossent.triton import _partials as P
 
-    target = GPUTarget("cuda", 90, 32)
-    failures = []
-
-    def build(name, fn, pointers, consts, floats=(), num_warps=8):
-        signature, attrs = {}, {}
-        for i, arg in enumerate(fn.arg_names):
-            if arg in consts:
-                signature[arg] = "constexpr"
-            elif arg in pointers:
-                signature[arg] = pointers[arg]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif arg in floats:
-                signature[arg] = "fp32"
-            else:
-                signature[arg] = "i32"
-        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        try:
-            src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-            out = triton.compile(src, target=target, options={"num_warps": num_warps})
-        except Exception as e:  # report every failing variant, then exit non-zero
-            failures.append(name)
-            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-            return
+    def report(name, out):
         ptx = out.asm["ptx"]
         print(f"OK {name} ptx_local={ptx.count('ld.local') + ptx.count('st.local')}", flush=True)
+
+    build, failures = compiler(report)
 
     for dt in ("bf16", "fp16", "fp32"):
         ptrs = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "col_ptr": "*i64", "valid_ptr": "*i8",
