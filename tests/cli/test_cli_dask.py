@@ -46,6 +46,25 @@ def _same(a, b):
     np.testing.assert_array_equal(a.loss_histogram["counts"], b.loss_histogram["counts"])
 
 
+def test_dask_progress_counts_every_row_group(cluster, folder, parquet_path):
+    """The progress callback hears each finished row group's rows once: they add up to the data."""
+    _, client = cluster
+    args = {"target": "label", "probs": "p_*", "sample_weight": "w"}
+    calls = []
+    expected, files = score_files(str(folder), engine="dask", client=client, **args)
+    from crossent.cli._engines import score_dask
+
+    groups = sum(len(f.row_groups()) for f in files)
+    assert groups > len(files)  # several row groups per file: the count below is per task
+    options = {"num_classes": files[0].num_classes, "from_logits": False, "normalize": False,
+               "tolerance": None, "class_names": files[0].class_names,
+               "column_names": files[0].score_columns, "target_name": "label", "weight_name": "w"}
+    acc = score_dask(files, options, batch_rows=100, client=client, progress=calls.append)
+    assert len(calls) == groups
+    assert sum(calls) == pq.ParquetFile(parquet_path).metadata.num_rows
+    _same(acc.compute(), expected)
+
+
 def test_dask_equals_local(cluster, folder, parquet_path):
     _, client = cluster
     args = {"target": "label", "probs": "p_*", "sample_weight": "w"}

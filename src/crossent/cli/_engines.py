@@ -42,29 +42,48 @@ def _merge(a, b):
     return a.merge(b)
 
 
-def score_dask(files, accumulator_options: dict, *, batch_rows: int, client=None):
+def _piece_rows(file, row_groups):
+    """Rows in each of ``file``'s row groups (from the starts and the file's row count)."""
+    starts = [first for _, first in row_groups]
+    ends = starts[1:] + [file.num_rows]
+    if any(end is None for end in ends):
+        return [None] * len(starts)
+    return [end - start for start, end in zip(starts, ends, strict=True)]
+
+
+def score_dask(files, accumulator_options: dict, *, batch_rows: int, client=None, progress=None):
     """Score Parquet ``files`` with Dask: one task per row group, merged in a tree.
 
     Runs on ``client`` when given; otherwise on the cluster named by Dask's
     ``scheduler-address`` setting (``DASK_SCHEDULER_ADDRESS``), else on a local cluster of
-    worker processes that lives for this call.
+    worker processes that lives for this call. ``progress(n)`` is called on the driver with each
+    finished row group's row count, as the row groups finish.
     """
-    import dask
-    from dask import delayed
-
-    parts = [
-        delayed(_score_piece, pure=True)(f, rg, batch_rows, accumulator_options)
-        for f in files
-        for rg in f.row_groups()
-    ]
-    if not parts:
-        return ScoreAccumulator(**accumulator_options)
-    while len(parts) > 1:  # pairwise tree of merges
-        merged = [delayed(_merge)(a, b) for a, b in zip(parts[0::2], parts[1::2], strict=False)]
-        parts = merged + (parts[-1:] if len(parts) % 2 else [])
-    if client is not None:
-        return client.compute(parts[0]).result()
     from distributed import Client
 
-    with Client() as own:
-        return dask.compute(parts[0], scheduler=own)[0]
+    if client is None:
+        with Client() as own:
+            return score_dask(files, accumulator_options, batch_rows=batch_rows, client=own,
+                              progress=progress)
+    from dask import delayed
+
+    leaves, rows = [], []
+    for f in files:
+        groups = f.row_groups()
+        leaves += [delayed(_score_piece, pure=True)(f, rg, batch_rows, accumulator_options) for rg in groups]
+        rows += _piece_rows(f, groups)
+    if not leaves:
+        return ScoreAccumulator(**accumulator_options)
+    parts = client.compute(leaves)  # futures: the leaves run now, the merges are sent after
+    if progress is not None:
+        from distributed import as_completed
+
+        rows_of = {fut.key: n for fut, n in zip(parts, rows, strict=True)}
+        for fut in as_completed(parts):
+            if fut.status == "error":
+                break  # the merge below raises the task's exception
+            progress(rows_of[fut.key] or 0)
+    while len(parts) > 1:  # pairwise tree of merges, run on the workers
+        merged = [client.submit(_merge, a, b, pure=False) for a, b in zip(parts[0::2], parts[1::2], strict=False)]
+        parts = merged + (parts[-1:] if len(parts) % 2 else [])
+    return parts[0].result()

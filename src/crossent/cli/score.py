@@ -81,7 +81,11 @@ def score_files(
     if engine == "dask":
         from ._engines import score_dask
 
-        acc = score_dask(files, options, batch_rows=batch_rows, client=client)
+        if progress:
+            with _progress_bar(files) as advance:
+                acc = score_dask(files, options, batch_rows=batch_rows, client=client, progress=advance)
+        else:
+            acc = score_dask(files, options, batch_rows=batch_rows, client=client)
     else:
         from ._engines import score_local
 
