@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One step of a GPU session, run on the device machine from the repository root, carrying .whl/
+# (made here first by `bash benchmarks/fetch_gpu_wheels.sh`). Each step fits one 10-minute call:
+#
+#   bash benchmarks/gpu_session.sh check    # the Triton kernel tests compiled on CUDA (TRITON_INTERPRET=0)
+#   bash benchmarks/gpu_session.sh ce       # CE on logits: crossent configs vs torch, Liger (both shapes)
+#   bash benchmarks/gpu_session.sh linear   # fused linear CE: crossent tile configs vs torch, torch.compile,
+#                                           #   Liger, Cut Cross-Entropy, three bare matmuls (both shapes)
+#
+# Results land in $OUT (the device tool brings them back): STEP.log, env.txt and the CSVs, which
+# are then appended to benchmarks/results/ here. Extra arguments after STEP go to the script.
+set -uo pipefail
+step=${1:?usage: gpu_session.sh check|ce|linear [extra args]}
+shift
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)'
+    python3 -m pip list 2>/dev/null | grep -Ei '^(liger|cut|array.api)' || true
+} > "$OUT/env.txt" 2>&1
+case $step in
+    check)
+        python3 -m pytest -q -p no:cacheprovider -x --timeout 300 \
+            --ignore tests/triton/test_triton_bench_harness.py \
+            tests/triton tests/torch/test_torch_triton_dispatch.py "$@" 2>&1 | tee "$OUT/check.log" ;;
+    ce)
+        python3 benchmarks/bench_gpu_cross_entropy.py --configs default-sweep \
+            --out "$OUT/gpu_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/ce.log" ;;
+    linear)
+        python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default-sweep \
+            --out "$OUT/gpu_linear_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/linear.log" ;;
+    *)
+        echo "unknown step $step: expected check, ce or linear" >&2; exit 2 ;;
+esac
