@@ -38,15 +38,19 @@ def main():
                    "scales_ptr": "*fp32", "loss_ptr": "*fp32"}
         every = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True, WRITE_GRAD=True)
         z_only = dict(every, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False)
+        grid = dict(PERSISTENT=False, REVERSE=True, INTERPRETER=False)
         build(f"ce_forward[{dt},single32k,z_loss]", K._ce_forward_kernel, ce_ptrs,
-              dict(z_only, SINGLE_BLOCK=True, INTERPRETER=False, BLOCK=32768), floats=("eps", "z_loss", "cap"),
+              dict(z_only, **grid, SINGLE_BLOCK=True, BLOCK=32768), floats=("eps", "z_loss", "cap"),
               num_warps=16)
         build(f"ce_forward[{dt},single8k]", K._ce_forward_kernel, ce_ptrs,
-              dict(every, SINGLE_BLOCK=True, INTERPRETER=False, BLOCK=8192), floats=("eps", "z_loss", "cap"),
+              dict(every, **grid, SINGLE_BLOCK=True, BLOCK=8192), floats=("eps", "z_loss", "cap"),
               num_warps=8)
         build(f"ce_forward[{dt},streamed]", K._ce_forward_kernel, ce_ptrs,
-              dict(every, SINGLE_BLOCK=False, INTERPRETER=False, BLOCK=8192), floats=("eps", "z_loss", "cap"),
+              dict(every, **grid, SINGLE_BLOCK=False, BLOCK=8192), floats=("eps", "z_loss", "cap"),
               num_warps=16)
+        build(f"ce_forward[{dt},streamed,persistent,forward-order]", K._ce_forward_kernel, ce_ptrs,
+              dict(every, SINGLE_BLOCK=False, PERSISTENT=True, REVERSE=False, INTERPRETER=False, BLOCK=8192),
+              floats=("eps", "z_loss", "cap"), num_warps=16)
         build(f"scale_rows[{dt}]", K._scale_rows_kernel, {"grad_ptr": f"*{dt}", "scale_ptr": "*fp32"},
               dict(INTERPRETER=False, BLOCK=8192), num_warps=16)
 
@@ -63,9 +67,11 @@ def main():
         build(f"lce_combine[{dt}]", K._lce_combine_kernel, ptrs,
               dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128),
               floats=("eps", "z_loss"), num_warps=4)
-        for from_logits in (False, True):
-            build(f"lce_grad_tile[{dt},from_logits={from_logits}]", K._lce_grad_tile_kernel, ptrs,
-                  dict(**opts, **tiles, FROM_LOGITS=from_logits, BLOCK_M=128, BLOCK_V=128), floats=("cap",))
+        for from_logits, group in ((False, 0), (True, 0), (False, 8)):
+            build(f"lce_grad_tile[{dt},from_logits={from_logits}" + (f",group_m={group}]" if group else "]"),
+                  K._lce_grad_tile_kernel, ptrs,
+                  dict(**opts, **tiles, FROM_LOGITS=from_logits, BLOCK_M=128, BLOCK_V=128, GROUP_M=group),
+                  floats=("cap",))
         for first, last in ((True, False), (False, True)):
             build(f"lce_grad_input[{dt},first={first},last={last}]", K._lce_grad_input_kernel, ptrs,
                   dict(**tiles, FIRST=first, LAST=last, BLOCK_M=128, BLOCK_D=128))

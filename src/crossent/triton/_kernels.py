@@ -162,6 +162,7 @@ def _ce_forward_kernel(
     weight_ptr,
     scales_ptr,
     loss_ptr,
+    n_rows,
     n_cols,
     ignore_index,
     eps,
@@ -173,6 +174,8 @@ def _ce_forward_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    REVERSE: tl.constexpr,
     INTERPRETER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -181,8 +184,13 @@ def _ce_forward_kernel(
     ``SINGLE_BLOCK`` (the row fits one BLOCK): the row is loaded once and kept in registers; the
     statistics and the gradient come from that copy, so the logits are read exactly once.
     Otherwise pass 1 streams the row in BLOCK steps (online max/sum-exp, and for label smoothing
-    K, S_w, S_wd) and pass 2 (``WRITE_GRAD``) streams it again; the second read hits L2 when few
-    enough rows are in flight (the launcher picks big programs for long rows).
+    K, S_w, S_wd) and pass 2 (``WRITE_GRAD``) streams it again, last block first when ``REVERSE``
+    (the blocks pass 1 read most recently are the likeliest to be in L2; each gradient element
+    depends only on its own logit and the row's statistics, so the order changes no bit); the
+    second read hits L2 when few enough rows are in flight (the launcher picks big programs for
+    long rows, or a persistent grid).
+    Grid: ``(n_rows,)``, one row per program; with ``PERSISTENT`` any number P of programs, program
+    p handling rows p, p + P, ... (each row still entirely by one program: same arithmetic).
     The gradient written is ``A p - B [j==t] - C w fin`` (times the softcap derivative) for an
     upstream gradient of 1; backward then only scales it. ``grad_ptr`` may equal ``logits_ptr``
     (in-place gradient): every element is read before the same program overwrites it.
@@ -191,11 +199,44 @@ def _ce_forward_kernel(
     stride; ``grad_ptr`` (M, C) same dtype, row stride ``stride_grad``; ``target_ptr`` (M,) int64;
     ``weight_ptr`` (C,) class weights (unused without ``HAS_WEIGHT``); ``scales_ptr`` float32
     [ce_scale, z_scale]; ``loss_ptr`` (M,) float32 output, ``loss_i`` above.
-    Scalars: ``n_cols`` = C, ``ignore_index``, ``eps`` (label smoothing), ``z_loss``, ``cap``.
+    Scalars: ``n_rows`` = M, ``n_cols`` = C, ``ignore_index``, ``eps`` (label smoothing),
+    ``z_loss``, ``cap``.
     Constexprs: the ``HAS_*`` switches compile out unused terms; ``BLOCK`` columns per step.
     Overflow: ``row`` is widened to int64 before ``row * stride``.
     """
-    row = tl.program_id(0).to(tl.int64)
+    if PERSISTENT:
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            # int64 row (``row`` may be a Python int under the interpreter: no ``.to`` there)
+            _ce_row(
+                tl.full([], 0, tl.int64) + row, logits_ptr, stride_logits, grad_ptr, stride_grad, target_ptr,
+                weight_ptr, scales_ptr, loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
+                HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, WRITE_GRAD, SINGLE_BLOCK, REVERSE,
+                INTERPRETER, BLOCK,
+            )
+    else:
+        _ce_row(
+            tl.program_id(0).to(tl.int64), logits_ptr, stride_logits, grad_ptr, stride_grad,
+            target_ptr, weight_ptr, scales_ptr, loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
+            HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, WRITE_GRAD, SINGLE_BLOCK, REVERSE,
+            INTERPRETER, BLOCK,
+        )
+
+
+@triton.jit
+def _ce_row(
+    row, logits_ptr, stride_logits, grad_ptr, stride_grad, target_ptr, weight_ptr, scales_ptr,
+    loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The work of ``_ce_forward_kernel`` for one row (``row`` int64); arguments as there."""
     x_row = logits_ptr + row * stride_logits
     g_row = grad_ptr + row * stride_grad
     target = tl.load(target_ptr + row)
@@ -281,8 +322,12 @@ def _ce_forward_kernel(
                                    HAS_SMOOTHING, HAS_SOFTCAP)
                 tl.store(g_row + cols0, _cast(g, grad_ptr.dtype.element_ty, INTERPRETER), mask=mask)
             else:
-                for start in range(0, n_cols, BLOCK):
-                    cols = start + cols0
+                n_blocks = tl.cdiv(n_cols, BLOCK)
+                for i in range(0, n_blocks):
+                    if REVERSE:
+                        cols = (n_blocks - 1 - i) * BLOCK + cols0
+                    else:
+                        cols = i * BLOCK + cols0
                     mask = cols < n_cols
                     xb, th = _ce_load_block(x_row, cols, mask, cap, HAS_SOFTCAP)
                     wb = xb
@@ -643,6 +688,7 @@ def _lce_grad_tile_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """Gradient of the logits for vocabulary columns [col_start, col_start + n_chunk).
 
@@ -652,9 +698,22 @@ def _lce_grad_tile_kernel(
     tl.dot; with it ("fast") ``g_ptr`` already holds the softcapped logits written by the
     forward kernel and is overwritten in place. Rows past ``n_valid`` are skipped (their entries
     are never read). ``coef_ptr`` float32 [5, n_rows] (m, log s, A, B, C) from the combine kernel.
+    ``GROUP_M`` > 0 renumbers the programs (launched axis 0 fastest) so that consecutive ones
+    cover GROUP_M row blocks times every column block of the chunk (an L2-sized working set of E
+    and W); 0 keeps (row block, column block) = (axis 0, axis 1). Each tile is computed the same
+    way whichever program takes it.
     """
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
+    if GROUP_M > 0:
+        n_m = tl.num_programs(0)
+        per_group = GROUP_M * tl.num_programs(1)
+        pid = pid_v * n_m + pid_m
+        first_m = (pid // per_group) * GROUP_M
+        size = tl.minimum(n_m - first_m, GROUP_M)
+        local = pid % per_group
+        pid_m = first_m + local % size
+        pid_v = local // size
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

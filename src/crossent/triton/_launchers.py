@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import triton
@@ -146,8 +147,121 @@ def _scales(target, weight, ignore_index, n_classes, reduction, device):
 SINGLE_BLOCK_MAX = 32768
 LOOP_BLOCK = 8192
 
+#: Environment variables that override the fixed kernel configurations for one call (read at
+#: every call, never cached), so a benchmark can time several configurations in one process.
+#: Unset (the default) means the fixed defaults below: results stay deterministic per config.
+CE_CONFIG_ENV = "CROSSENT_TRITON_CE_CONFIG"
+LINEAR_TILES_ENV = "CROSSENT_TRITON_LINEAR_TILES"
 
-def _row_block(n_cols, softcap=False, smoothing=False):
+
+def _is_pow2(v):
+    return v > 0 and v & (v - 1) == 0
+
+
+def _parse_config(var, text, fields, positional, checks):
+    """Parse ``text`` (the value of environment variable ``var``) into {field: int}.
+
+    Items are comma-separated: either ``len(positional)`` bare integers first (in that order),
+    or ``key=value`` items (any of ``fields``), or both. ``checks[key](v)`` returns None when
+    ``v`` is acceptable, else a description of what is expected. Errors name the variable, the
+    item, what is expected and what came.
+    """
+    items = [i.strip() for i in text.split(",") if i.strip()]
+    out = {}
+    bare = [i for i in items if "=" not in i]
+    if bare and (len(bare) != len(positional) or any("=" in i for i in items[: len(bare)])):
+        raise ValueError(
+            f"{var} must start with {len(positional)} comma-separated integers "
+            f"({','.join(positional)}) or use key=value items only (keys: {', '.join(fields)}), "
+            f"got {text!r}"
+        )
+    for key, item in zip(positional[: len(bare)], bare, strict=True):
+        out[key] = item
+    for item in items[len(bare):]:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"{var}: unknown key {key!r} in {text!r}; known keys: {', '.join(fields)}")
+        if key in out:
+            raise ValueError(f"{var}: {key} given twice in {text!r}")
+        out[key] = value.strip()
+    for key, value in out.items():
+        try:
+            v = int(value)
+        except ValueError:
+            raise ValueError(f"{var}: {key} must be an integer, got {value!r} (in {text!r})") from None
+        problem = checks[key](v)
+        if problem:
+            raise ValueError(f"{var}: {key} must be {problem}, got {v} (in {text!r})")
+        out[key] = v
+    return out
+
+
+def _pow2_in(lo, hi):
+    return lambda v: None if _is_pow2(v) and lo <= v <= hi else f"a power of two in [{lo}, {hi}]"
+
+
+def _int_in(lo, hi):
+    return lambda v: None if lo <= v <= hi else f"an integer in [{lo}, {hi}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class CEConfig:
+    """Launch configuration of the one-program-per-row cross-entropy kernel (see ``_row_block``).
+
+    Every knob changes only which program reads which block and when, never the arithmetic of a
+    row (each row's statistics are accumulated by one program in column-block order): results
+    are bit-identical across configs with the same ``loop_block``/``single_max`` choice of path,
+    and identical run to run for any config.
+    """
+
+    single_max: int = SINGLE_BLOCK_MAX  # rows up to this many columns (power of 2) stay in registers
+    loop_block: int = LOOP_BLOCK  # columns per step of a streamed (long) row
+    loop_warps: int = 16  # warps of a streamed-row program
+    single_warps: int = 0  # warps of a single-block program; 0: by block size (4 / 8 / 16)
+    # 0: one program per row. k > 0: k * (number of SMs) programs, each looping over rows
+    # pid, pid + P, ...: at most that many rows are in flight, which bounds the working set of
+    # the second pass (132 x 256 KiB = 33 MiB for 128256 bf16 columns, k = 1) below an H100's
+    # 50 MB L2; one program per row lets 2 programs of 16 warps share an SM (64 registers), i.e.
+    # 264 rows = 67 MiB in flight, more than L2 holds.
+    persistent: int = 0
+    # Streamed rows: the second pass visits the column blocks last to first, so it starts with
+    # the blocks the first pass read most recently (the likeliest still in L2). The gradient of
+    # an element does not depend on the order: results are bit-identical either way.
+    reverse: int = 1
+
+
+_CE_FIELDS = ("single_max", "loop_block", "loop_warps", "single_warps", "persistent", "reverse")
+_CE_CHECKS = dict(
+    single_max=_pow2_in(16, 65536),
+    loop_block=_pow2_in(16, 65536),
+    loop_warps=_pow2_in(1, 32),
+    single_warps=lambda v: None if v == 0 or (_is_pow2(v) and v <= 32) else "0 or a power of two <= 32",
+    persistent=_int_in(0, 64),
+    reverse=_int_in(0, 1),
+)
+
+
+def parse_ce_config(text, default=None):
+    """CEConfig from ``key=value`` items (``CROSSENT_TRITON_CE_CONFIG``), the rest from ``default``.
+
+    >>> parse_ce_config("loop_block=4096,loop_warps=8,persistent=1")
+    CEConfig(single_max=32768, loop_block=4096, loop_warps=8, single_warps=0, persistent=1, reverse=1)
+    """
+    default = default if default is not None else CEConfig()
+    values = _parse_config(CE_CONFIG_ENV, text, _CE_FIELDS, (), _CE_CHECKS)
+    return dataclasses.replace(default, **values)
+
+
+def ce_config():
+    """The CE launch configuration of this call: the defaults (``SINGLE_BLOCK_MAX``,
+    ``LOOP_BLOCK``: module globals, read now), overridden by ``CROSSENT_TRITON_CE_CONFIG``."""
+    default = CEConfig(single_max=SINGLE_BLOCK_MAX, loop_block=LOOP_BLOCK)
+    text = os.environ.get(CE_CONFIG_ENV, "")
+    return parse_ce_config(text, default) if text.strip() else default
+
+
+def _row_block(n_cols, softcap=False, smoothing=False, config=None):
     """(BLOCK, num_warps, single_block) for one-program-per-row kernels over ``n_cols`` columns.
 
     Rows that fit one block are loaded once and kept in registers, so the logits are read once.
@@ -156,19 +270,30 @@ def _row_block(n_cols, softcap=False, smoothing=False):
     spills with a softcap or label smoothing, which fit at 16384 columns (99-128 registers)
     and, both together, only as 8192-column steps. Longer rows (e.g. 128256) are streamed in
     LOOP_BLOCK steps by 16-warp programs (58-64 registers): big programs keep few rows in flight
-    (one or two per SM, about 132 x 2 x 256 KiB, the size of an H100's 50 MB L2), so the second
-    pass over a row tends to hit L2 rather than HBM. Short rows use fewer warps.
+    (two per SM by registers, 264 x 256 KiB on an H100, somewhat more than its 50 MB L2; see
+    ``CEConfig.persistent`` to bound it), so the second pass over a row (run in reverse block
+    order) tends to hit L2 rather than HBM. Short rows use fewer warps.
+    ``config`` (a CEConfig; default ``ce_config()``) overrides the block limits and warps.
     """
-    limit = SINGLE_BLOCK_MAX
+    config = config if config is not None else ce_config()
+    limit = config.single_max
     if softcap and smoothing:
-        limit = min(limit, LOOP_BLOCK)
+        limit = min(limit, config.loop_block)
     elif softcap or smoothing:
-        limit = min(limit, SINGLE_BLOCK_MAX // 2)
+        limit = min(limit, config.single_max // 2)
     block = triton.next_power_of_2(max(n_cols, 16))
     if block <= limit:
-        warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+        warps = config.single_warps or (4 if block <= 2048 else (8 if block <= 8192 else 16))
         return block, warps, True
-    return LOOP_BLOCK, 16, False
+    return config.loop_block, config.loop_warps, False
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of ``device`` (host-side property, no sync); 2 under the
+    interpreter, so that the persistent-grid path loops over several rows per program in tests."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
 
 
 @dataclasses.dataclass
@@ -204,12 +329,17 @@ def cross_entropy_forward(
         # No class to score: ignored rows give 0, any other target is out of range (NaN).
         row_loss = torch.where(valid, float("nan"), 0.0).to(torch.float32)
     elif n_rows > 0:
-        block, warps, single = _row_block(n_cols, softcap is not None, label_smoothing > 0.0)
+        config = ce_config()
+        block, warps, single = _row_block(n_cols, softcap is not None, label_smoothing > 0.0, config)
         g = grad if grad is not None else x
-        K._ce_forward_kernel[(n_rows,)](
+        # One program per row, or (persistent) a grid of k programs per SM looping over rows.
+        grid = n_rows
+        if config.persistent:
+            grid = min(n_rows, config.persistent * _sm_count(device))
+        K._ce_forward_kernel[(grid,)](
             x, x.stride(0), g, g.stride(0), target,
             weight if weight is not None else scales, scales, row_loss,
-            n_cols, ignore_index, float(label_smoothing), float(z_loss),
+            n_rows, n_cols, ignore_index, float(label_smoothing), float(z_loss),
             float(softcap) if softcap is not None else 1.0,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=label_smoothing > 0.0,
@@ -217,6 +347,8 @@ def cross_entropy_forward(
             HAS_SOFTCAP=softcap is not None,
             WRITE_GRAD=grad is not None,
             SINGLE_BLOCK=single,
+            PERSISTENT=bool(config.persistent),
+            REVERSE=bool(config.reverse),
             INTERPRETER=interpreted(),
             BLOCK=block,
             num_warps=warps,
@@ -255,6 +387,55 @@ class LinearTiles:
     num_warps: int
     num_stages: int
     programs: int  # forward programs wanted in flight: sets the number of vocabulary splits
+    # Gradient-tile kernel program order: 0 = row blocks fastest over all of them (a vocabulary
+    # tile is read by every row block in flight, E is swept once per ~(SMs / row blocks) tiles);
+    # g > 0 = groups of g row blocks sweep the whole chunk before the next group starts, so the
+    # programs in flight share g row blocks of E (g x 128 x D) and the chunk of W, an L2-sized
+    # working set. Only which program computes which tile changes: results are bit-identical.
+    group_m: int = 0
+    # "lean" vocabulary columns per backward step (multiple of block_v); 0 = the most that fits
+    # LEAN_WORKSPACE_BYTES. The dW kernel's grid is (D / block_d) x (chunk / block_v) tiles per
+    # step: at the Gemma-2 shape (N 8192, D 2304, chunk 3072) that is 18 x 24 = 432 tiles, 3.3
+    # waves of 132 SMs (the 4th wave 27% full, 82% efficiency); chunk 2816 gives 396 = 3 full
+    # waves. The chunk sets where dE's float32 partial sums are added, so it changes dE's
+    # rounding (deterministically: fixed per config).
+    chunk: int = 0
+
+
+_LINEAR_FIELDS = ("block_m", "block_v", "block_k", "block_d", "num_warps", "num_stages", "programs",
+                  "group_m", "chunk")
+_LINEAR_POSITIONAL = _LINEAR_FIELDS[:6]
+_LINEAR_CHECKS = dict(
+    block_m=_pow2_in(16, 512),
+    block_v=_pow2_in(16, 512),
+    block_k=_pow2_in(16, 256),
+    block_d=_pow2_in(16, 512),
+    num_warps=_pow2_in(1, 32),
+    num_stages=_int_in(1, 8),
+    programs=_int_in(1, 1 << 20),
+    group_m=_int_in(0, 1 << 16),
+    chunk=_int_in(0, 1 << 24),
+)
+
+
+def parse_linear_tiles(text, default):
+    """LinearTiles from ``CROSSENT_TRITON_LINEAR_TILES`` text, unspecified fields from ``default``.
+
+    Either six integers ``block_m,block_v,block_k,block_d,num_warps,num_stages`` first, or
+    ``key=value`` items (keys: the LinearTiles fields), or both:
+
+    >>> t = parse_linear_tiles("128,256,64,128,8,4,group_m=8", LinearTiles(128, 128, 64, 128, 8, 3, 1024))
+    >>> (t.block_v, t.num_stages, t.programs, t.group_m, t.chunk)
+    (256, 4, 1024, 8, 0)
+    """
+    values = _parse_config(LINEAR_TILES_ENV, text, _LINEAR_FIELDS, _LINEAR_POSITIONAL, _LINEAR_CHECKS)
+    tiles = dataclasses.replace(default, **values)
+    if tiles.chunk % tiles.block_v:
+        raise ValueError(
+            f"{LINEAR_TILES_ENV}: chunk must be 0 or a multiple of block_v={tiles.block_v}, "
+            f"got {tiles.chunk} (in {text!r})"
+        )
+    return tiles
 
 
 def linear_tiles(dtype):
@@ -265,10 +446,19 @@ def linear_tiles(dtype):
     thread and give wgmma-sized products. A single config (rather than ``triton.autotune``) keeps
     the K-loop order, hence the rounding of every sum, identical run to run and machine to
     machine: results are deterministic, which autotuning across BLOCK_K would break.
+    (``CROSSENT_TRITON_LINEAR_TILES`` overrides it per call, for benchmarking: see ``plan_linear``.)
     """
     if dtype == torch.float32:
         return LinearTiles(128, 128, 32, 128, 8, 3, 1024)
     return LinearTiles(128, 128, 64, 128, 8, 3, 1024)
+
+
+def tiles_for_call(dtype):
+    """``linear_tiles(dtype)``, overridden by ``CROSSENT_TRITON_LINEAR_TILES`` when set (read now:
+    a benchmark may change it between calls). The override applies to every dtype."""
+    tiles = linear_tiles(dtype)
+    text = os.environ.get(LINEAR_TILES_ENV, "")
+    return parse_linear_tiles(text, tiles) if text.strip() else tiles
 
 
 @dataclasses.dataclass
@@ -284,7 +474,7 @@ class LinearPlan:
 
 
 def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
-    tiles = linear_tiles(dtype)
+    tiles = tiles_for_call(dtype)
     elt = torch.empty((), dtype=dtype).element_size()
     n_m_blocks = triton.cdiv(max(n_rows, 1), tiles.block_m)
     n_v_tiles = triton.cdiv(n_vocab, tiles.block_v)
@@ -295,6 +485,8 @@ def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
     n_splits = triton.cdiv(n_v_tiles, per_split)
     row_bytes = max(n_rows, 1) * elt
     chunk = max(tiles.block_v, LEAN_WORKSPACE_BYTES // row_bytes // tiles.block_v * tiles.block_v)
+    if tiles.chunk:
+        chunk = tiles.chunk  # a benchmark override (see LinearTiles.chunk)
     chunk = min(chunk, triton.cdiv(n_vocab, tiles.block_v) * tiles.block_v)
     n_store = 0
     if need_grad and memory_budget:
@@ -425,7 +617,7 @@ def linear_forward(
                 rows, n_valid, target, weight if weight is not None else dummy, coef,
                 store, store.stride(0), 0, plan.n_store, n_rows, n_vocab, n_dim, cap,
                 FROM_LOGITS=True,
-                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=0,
                 num_warps=t.num_warps,
                 **flags, **_dot_args(inp.dtype),
             )
@@ -491,7 +683,7 @@ def linear_backward(
                 HAS_WEIGHT=weight is not None,
                 HAS_SMOOTHING=label_smoothing > 0.0,
                 HAS_SOFTCAP=softcap is not None,
-                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                 num_warps=t.num_warps, num_stages=t.num_stages,
                 **dot,
             )
