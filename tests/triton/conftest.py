@@ -1,9 +1,26 @@
-"""Triton kernels on the CPU through Triton's interpreter, checked against float64 PyTorch.
+"""Triton kernel tests against float64 PyTorch: on the CPU through Triton's interpreter, or compiled
+on a CUDA GPU. The same tests run both ways:
+
+    TRITON_INTERPRET=1 pytest tests/triton    # CPU tensors, Triton's interpreter (CI, ``make test``)
+    TRITON_INTERPRET=0 pytest tests/triton    # CUDA tensors, kernels compiled for the GPU, plus the
+                                              # GPU-only large-shape tests of test_triton_gpu.py
 
 TRITON_INTERPRET must be set before triton is imported (triton.jit reads it when the kernels are
-decorated); the CI command sets it for the whole suite and this file sets it again defensively.
-Every test here is skipped, with the reason, when triton is not importable or the kernels were
-compiled for a GPU instead of the interpreter.
+decorated). This file sets it to 1 only when the environment leaves it unset
+(``os.environ.setdefault``), so an explicit ``TRITON_INTERPRET=0`` wins; if another test module
+imported crossent.triton before this file ran, the kernels were built for whatever the environment
+said then, and the fixtures below follow what was built (``_launchers.interpreted()``).
+
+Fixtures:
+
+* ``device``: "cpu" when the kernels were built for the interpreter, "cuda" when they were
+  compiled and ``torch.cuda.is_available()``; otherwise the test is skipped with the reason
+  (torch or triton missing, or compiled kernels on a machine without CUDA). Kernel tests create
+  their tensors on it (the float64 oracle runs on the same device).
+* ``interpreter``: for the few tests that only mean something under the interpreter (value checks
+  done for CPU tensors only, doctests written with CPU tensors); skipped with the reason on CUDA.
+* ``cuda_device``: for GPU-only tests (large shapes, CUDA memory statistics); skipped under the
+  interpreter.
 
 ``reference`` is the oracle: F.cross_entropy in float64 on the softcapped logits, plus the z-loss
 written out (PyTorch has no z-loss): z * logsumexp(x)**2 per non-ignored row, summed, or divided by
@@ -21,22 +38,28 @@ import importlib.util  # noqa: E402
 import pytest  # noqa: E402
 
 # A conftest cannot skip (pytest turns that into a collection error): it records why the kernel
-# tests cannot run and marks them skipped in pytest_collection_modifyitems.
+# tests cannot run, and the fixtures below skip each test that asks for a device.
 SKIP_REASON = None
+INTERPRETED = False
 if importlib.util.find_spec("torch") is None:
     SKIP_REASON = "torch is not installed: the Triton kernel tests need it"
 elif importlib.util.find_spec("triton") is None:
     SKIP_REASON = "triton is not installed: the Triton kernel tests need it"
 else:
+    import torch
+
     from crossent.triton import _launchers
 
-    if not _launchers.interpreted():
+    INTERPRETED = _launchers.interpreted()
+    if not INTERPRETED and not torch.cuda.is_available():
         SKIP_REASON = (
-            "crossent.triton was imported before TRITON_INTERPRET=1 was set, so its kernels "
-            "target a GPU; run the suite with TRITON_INTERPRET=1 in the environment"
+            "crossent.triton's kernels were compiled for a GPU (TRITON_INTERPRET was not 1 when "
+            "triton was imported) but torch.cuda.is_available() is False: run with "
+            "TRITON_INTERPRET=1 on a CPU machine, or TRITON_INTERPRET=0 on a CUDA machine"
         )
 
-KERNEL_TESTS = ("test_triton_cross_entropy.py", "test_triton_linear_cross_entropy.py")
+INTERPRETER_ONLY = "runs only under TRITON_INTERPRET=1 (CPU tensors)"
+CUDA_ONLY = "needs the compiled kernels on a CUDA GPU (TRITON_INTERPRET=0 and torch.cuda.is_available())"
 
 
 def pytest_collection_modifyitems(items):
@@ -50,8 +73,30 @@ def pytest_collection_modifyitems(items):
         item.add_marker(
             pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
         )
-        if SKIP_REASON and os.path.basename(str(item.fspath)) in KERNEL_TESTS:
-            item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where the kernel tests put their tensors: "cpu" (interpreter) or "cuda" (compiled)."""
+    if SKIP_REASON:
+        pytest.skip(SKIP_REASON)
+    return "cpu" if INTERPRETED else "cuda"
+
+
+@pytest.fixture(scope="session")
+def interpreter(device):
+    """The CPU device, for tests that only mean something under Triton's interpreter."""
+    if device != "cpu":
+        pytest.skip(INTERPRETER_ONLY)
+    return device
+
+
+@pytest.fixture(scope="session")
+def cuda_device(device):
+    """The CUDA device, for GPU-only tests."""
+    if device != "cuda":
+        pytest.skip(CUDA_ONLY)
+    return device
 
 
 def reference(logits, target, *, weight=None, ignore_index=-100, reduction="mean",

@@ -1,7 +1,9 @@
-"""crossent.triton.cross_entropy under TRITON_INTERPRET=1 against float64 PyTorch.
+"""crossent.triton.cross_entropy against float64 PyTorch, on the ``device`` of conftest.py: CPU
+tensors under TRITON_INTERPRET=1, or CUDA tensors with the kernels compiled (TRITON_INTERPRET=0).
 
 Shapes are odd on purpose: C = 4099 (not a power of two, more than one 4096-column step per row),
-N = 1, 5, 37. Each call is one kernel launch forward and one backward.
+N = 1, 5, 37. Each call is one kernel launch forward and one backward. Inputs are drawn on the CPU
+(the same numbers on every device) and moved to the device; the oracle runs on the device.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ OPTIONS = {
 }
 
 
-def make(n, c=C, seed=0, ignore_every=4):
+def make(n, device, c=C, seed=0, ignore_every=4):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 3.0
     target = torch.randint(0, c, (n,), generator=g)
     if ignore_every:
         target[1::ignore_every] = IGNORE
     weight = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
-    return logits, target, weight
+    return logits.to(device), target.to(device), weight.to(device)
 
 
 def options(name, weight):
@@ -52,8 +54,8 @@ def upstream(loss, reduction, seed=1):
     """A non-trivial upstream gradient: random per row for "none", 1.7 for scalars."""
     if reduction == "none":
         g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        return g.to(loss.dtype)
-    return torch.tensor(1.7, dtype=loss.dtype)
+        return g.to(device=loss.device, dtype=loss.dtype)
+    return torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
 
 
 def run_triton(logits, target, **opts):
@@ -74,8 +76,8 @@ def run_reference(ref, logits, target, **opts):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_float32_matches_float64_pytorch(ref, name, reduction):
-    logits, target, weight = make(37)
+def test_float32_matches_float64_pytorch(ref, name, reduction, device):
+    logits, target, weight = make(37, device)
     opts = options(name, weight)
     loss, grad = run_triton(logits.float(), target, reduction=reduction, **{
         k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
@@ -87,12 +89,12 @@ def test_float32_matches_float64_pytorch(ref, name, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_streamed_rows(ref, monkeypatch, reduction):
+def test_streamed_rows(ref, monkeypatch, reduction, device):
     """Rows longer than one block: two passes in 1024-column steps (5 steps for C = 4099)."""
     monkeypatch.setattr(_launchers, "SINGLE_BLOCK_MAX", 512)
     monkeypatch.setattr(_launchers, "LOOP_BLOCK", 1024)
     assert _launchers._row_block(C) == (1024, 16, False)
-    logits, target, weight = make(37)
+    logits, target, weight = make(37, device)
     for name in ("plain", "all"):
         opts = options(name, weight)
         loss, grad = run_triton(logits.float(), target, reduction=reduction, **{
@@ -109,8 +111,8 @@ def test_streamed_rows(ref, monkeypatch, reduction):
 
 
 @pytest.mark.parametrize("n", [1, 5])
-def test_small_batches(ref, n):
-    logits, target, weight = make(n, ignore_every=0)
+def test_small_batches(ref, n, device):
+    logits, target, weight = make(n, device, ignore_every=0)
     opts = options("all", weight)
     loss, grad = run_triton(logits.float(), target, **opts)
     want, want_grad = run_reference(ref, logits.float(), target, **opts)
@@ -119,9 +121,9 @@ def test_small_batches(ref, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_naive_torch(ref, dtype):
+def test_low_precision_no_worse_than_naive_torch(ref, dtype, device):
     """Error against the float64 truth on the same (rounded) inputs <= naive torch's + tol."""
-    logits, target, weight = make(37)
+    logits, target, weight = make(37, device)
     opts = options("all", weight)
     low = logits.to(dtype)
     loss, grad = run_triton(low, target, reduction="none", **opts)
@@ -141,8 +143,8 @@ def test_low_precision_no_worse_than_naive_torch(ref, dtype):
     assert gerr <= naive_gerr + tol * truth_grad.abs().max()
 
 
-def test_inplace_backward_writes_gradient_into_logits(ref):
-    logits, target, _ = make(37)
+def test_inplace_backward_writes_gradient_into_logits(ref, device):
+    logits, target, _ = make(37, device)
     x = logits.float().requires_grad_()
     before = x.detach().clone()
     loss = cross_entropy(x, target, inplace_backward=True)
@@ -154,8 +156,8 @@ def test_inplace_backward_writes_gradient_into_logits(ref):
     torch.testing.assert_close(x.grad.double(), want_grad / 1.7, rtol=1e-5, atol=1e-8)
 
 
-def test_default_leaves_logits_untouched_and_no_grad_writes_nothing(ref):
-    logits, target, _ = make(5)
+def test_default_leaves_logits_untouched_and_no_grad_writes_nothing(ref, device):
+    logits, target, _ = make(5, device)
     x = logits.float().requires_grad_()
     before = x.detach().clone()
     cross_entropy(x, target).backward()
@@ -166,8 +168,8 @@ def test_default_leaves_logits_untouched_and_no_grad_writes_nothing(ref):
     torch.testing.assert_close(loss.double(), ref(before.double(), target), rtol=2e-6, atol=1e-6)
 
 
-def test_upstream_gradient_of_one_and_backward_twice():
-    logits, target, _ = make(5)
+def test_upstream_gradient_of_one_and_backward_twice(device):
+    logits, target, _ = make(5, device)
     x = logits.float().requires_grad_()
     loss = cross_entropy(x, target, reduction="sum")
     loss.backward(retain_graph=True)
@@ -178,10 +180,10 @@ def test_upstream_gradient_of_one_and_backward_twice():
         loss.backward()
 
 
-def test_strided_logits(ref):
-    logits, target, _ = make(5)
+def test_strided_logits(ref, device):
+    logits, target, _ = make(5, device)
     want, want_grad = run_reference(ref, logits.float(), target, label_smoothing=0.1)
-    wide = torch.zeros(5, C + 13, dtype=torch.float32)
+    wide = torch.zeros(5, C + 13, dtype=torch.float32, device=device)
     wide[:, 3 : 3 + C] = logits.float()
     wide.requires_grad_()
     by_rows = wide[:, 3 : 3 + C]  # row stride C + 13, used in place
@@ -189,13 +191,13 @@ def test_strided_logits(ref):
     by_cols = tall.t()  # column stride 5: copied to rows first
     for x, grad_of in ((by_rows, lambda: wide.grad[:, 3 : 3 + C]), (by_cols, lambda: tall.grad.t())):
         loss = cross_entropy(x, target, label_smoothing=0.1)
-        loss.backward(torch.tensor(1.7))
+        loss.backward(torch.tensor(1.7, device=device))
         torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(grad_of().double(), want_grad, rtol=1e-5, atol=1e-8)
 
 
-def test_custom_ignore_index_inside_class_range(ref):
-    logits, target, weight = make(37, ignore_every=0)
+def test_custom_ignore_index_inside_class_range(ref, device):
+    logits, target, weight = make(37, device, ignore_every=0)
     target[::3] = 11
     opts = dict(ignore_index=11, label_smoothing=0.1, weight=weight)
     loss, grad = run_triton(logits.float(), target, **{
@@ -206,10 +208,10 @@ def test_custom_ignore_index_inside_class_range(ref):
     assert torch.count_nonzero(grad[::3]) == 0
 
 
-def test_shift_invariance_at_large_logits(ref):
+def test_shift_invariance_at_large_logits(ref, device):
     """Logits near 1e4 in float32: the loss and gradient equal those of the unshifted logits
     (the kernels use x - max and max - x_t, both exact, never x - lse)."""
-    logits, target, weight = make(37)
+    logits, target, weight = make(37, device)
     shifted = logits.float() + 1.0e4
     opts = dict(label_smoothing=0.1)
     loss, grad = run_triton(shifted, target, reduction="none", **opts)
@@ -218,8 +220,8 @@ def test_shift_invariance_at_large_logits(ref):
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_deterministic():
-    logits, target, weight = make(37)
+def test_deterministic(device):
+    logits, target, weight = make(37, device)
     opts = options("all", weight.float())
     a = run_triton(logits.float(), target, **opts)
     b = run_triton(logits.float(), target, **opts)
@@ -230,8 +232,8 @@ def test_deterministic():
 
 
 @pytest.mark.parametrize("case", ["all_ignored", "zero_weight", "empty"])
-def test_zero_denominator_mean_is_zero_with_zero_grad(case):
-    logits, target, weight = make(5)
+def test_zero_denominator_mean_is_zero_with_zero_grad(case, device):
+    logits, target, weight = make(5, device)
     opts = {}
     if case == "all_ignored":
         target = torch.full_like(target, IGNORE)
@@ -249,9 +251,9 @@ def test_zero_denominator_mean_is_zero_with_zero_grad(case):
     assert torch.count_nonzero(x.grad) == 0
 
 
-def test_minus_inf_logits_get_no_smoothing_mass_and_zero_grad(ref):
+def test_minus_inf_logits_get_no_smoothing_mass_and_zero_grad(ref, device):
     """Classes with -inf logits drop out: same loss and gradient as slicing them away."""
-    logits, target, weight = make(37)
+    logits, target, weight = make(37, device)
     masked = 10
     target = torch.where(target == IGNORE, target, target.clamp(min=masked))
     full = logits.float().clone()
@@ -268,8 +270,8 @@ def test_minus_inf_logits_get_no_smoothing_mass_and_zero_grad(ref):
     assert torch.isfinite(x.grad).all()
 
 
-def test_inf_at_target_and_nan_propagate():
-    logits, target, _ = make(5, ignore_every=0)
+def test_inf_at_target_and_nan_propagate(device):
+    logits, target, _ = make(5, device, ignore_every=0)
     x = logits.float().clone()
     x[0, target[0]] = float("-inf")
     x[1, 17] = float("nan")
@@ -294,14 +296,15 @@ def test_inf_at_target_and_nan_propagate():
         ({"ignore_index": 1.5}, TypeError, "ignore_index"),
     ],
 )
-def test_bad_options(kwargs, error, match):
-    logits, target, _ = make(2, c=5, ignore_every=0)
+def test_bad_options(kwargs, error, match, device):
+    logits, target, _ = make(2, device, c=5, ignore_every=0)
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     with pytest.raises(error, match=match):
         cross_entropy(logits.float(), target, **kwargs)
 
 
-def test_bad_data():
-    logits, target, _ = make(3, c=5, ignore_every=0)
+def test_bad_data(device):
+    logits, target, _ = make(3, device, c=5, ignore_every=0)
     with pytest.raises(TypeError, match="logits"):
         cross_entropy(logits, target)  # float64
     with pytest.raises(ValueError, match="logits"):
@@ -312,10 +315,17 @@ def test_bad_data():
         cross_entropy(logits.float(), target.float())
     bad = target.clone()
     bad[2] = 5
-    with pytest.raises(ValueError, match=r"target\[2\] = 5"):
-        cross_entropy(logits.float(), bad)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"target\[2\] = 5"):
+            cross_entropy(logits.float(), bad)
+    else:
+        # CUDA targets are not checked by value (that would need a host sync): the row's loss
+        # is NaN instead (the _kernels module docstring), and the other rows are unaffected.
+        loss = cross_entropy(logits.float(), bad, reduction="none")
+        assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
 
 
-def test_docstring_examples_run():
+def test_docstring_examples_run(interpreter):
+    """The module's examples use CPU tensors, which only the interpreter runs."""
     failures, tried = doctest.testmod(ctr, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried >= 4 and failures == 0

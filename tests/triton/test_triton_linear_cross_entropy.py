@@ -1,4 +1,5 @@
-"""crossent.triton.linear_cross_entropy under TRITON_INTERPRET=1 against float64 PyTorch.
+"""crossent.triton.linear_cross_entropy against float64 PyTorch, on the ``device`` of conftest.py
+(CPU tensors under TRITON_INTERPRET=1, or CUDA tensors with the kernels compiled).
 
 The oracle is the loss of ``x @ W.T + b`` written out in float64 (``reference`` in conftest.py),
 differentiated by autograd. Shapes: N = 61 rows, D = 32, V = 1031 classes (odd, not multiples of
@@ -21,7 +22,7 @@ N, D, V = 61, 32, 1031
 IGNORE = -100
 
 
-def make(n=N, d=D, v=V, seed=0, ignore_every=10):
+def make(device, n=N, d=D, v=V, seed=0, ignore_every=10):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     w = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5
@@ -30,14 +31,14 @@ def make(n=N, d=D, v=V, seed=0, ignore_every=10):
     if ignore_every:
         target[3::ignore_every] = IGNORE  # 10% ignored, scattered
     cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
-    return x, w, b, target, cw
+    return tuple(t.to(device) for t in (x, w, b, target, cw))
 
 
 def upstream(loss):
     if loss.ndim:
         g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        return g.to(loss.dtype)
-    return torch.tensor(1.7, dtype=loss.dtype)
+        return g.to(device=loss.device, dtype=loss.dtype)
+    return torch.tensor(1.7, dtype=loss.dtype, device=loss.device)
 
 
 def run_triton(x, w, b, target, **opts):
@@ -90,8 +91,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(("opts", "reduction", "bias"), CASES, ids=lambda v: str(v).replace(" ", ""))
-def test_float32_matches_float64_pytorch(ref, opts, reduction, bias):
-    x, w, b, target, cw = make()
+def test_float32_matches_float64_pytorch(ref, opts, reduction, bias, device):
+    x, w, b, target, cw = make(device)
     opts = dict(opts)
     if opts.pop("weight", False):
         opts["weight"] = cw.float()
@@ -107,10 +108,10 @@ ALL = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}
 
 
 @pytest.mark.parametrize("mode", ["lean_chunks", "fast_all", "fast_part", "small_tiles"])
-def test_schedules(ref, monkeypatch, mode):
+def test_schedules(ref, monkeypatch, mode, device):
     """Every schedule gives the same answer: several lean chunks, all or part of the vocabulary
     kept by the forward ("fast"), and tiles small enough for many row blocks and splits."""
-    x, w, b, target, cw = make()
+    x, w, b, target, cw = make(device)
     opts = dict(ALL, weight=cw.float())
     elt = 4
     if mode == "lean_chunks":
@@ -132,9 +133,9 @@ def test_schedules(ref, monkeypatch, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_naive_torch(ref, dtype):
+def test_low_precision_no_worse_than_naive_torch(ref, dtype, device):
     """Errors against float64 on the same rounded inputs <= naive low-precision torch's + tol."""
-    x, w, b, target, cw = make()
+    x, w, b, target, cw = make(device)
     xl, wl, bl = x.to(dtype), w.to(dtype), b.to(dtype)
     opts = dict(ALL, weight=cw.float())
     got = run_triton(xl, wl, bl, target, **opts)
@@ -151,8 +152,8 @@ def test_low_precision_no_worse_than_naive_torch(ref, dtype):
         assert err <= naive_err + tol * true.abs().max()
 
 
-def test_three_dim_input_and_none_shape(ref):
-    x, w, b, target, _ = make()
+def test_three_dim_input_and_none_shape(ref, device):
+    x, w, b, target, _ = make(device)
     x3, t3 = x[:60].reshape(4, 15, D), target[:60].reshape(4, 15)
     got = run_triton(x3.float(), w.float(), None, t3, reduction="none", z_loss=1e-2)
     want = run_reference(ref, x3.float(), w.float(), None, t3, reduction="none", z_loss=1e-2)
@@ -160,21 +161,21 @@ def test_three_dim_input_and_none_shape(ref):
     assert_matches(got, want)
 
 
-def test_partial_requires_grad(ref):
-    x, w, b, target, _ = make()
+def test_partial_requires_grad(ref, device):
+    x, w, b, target, _ = make(device)
     want = run_reference(ref, x.float(), w.float(), b.float(), target)
     wf = w.float().requires_grad_()
-    linear_cross_entropy(x.float(), wf, target, linear_bias=b.float()).backward(torch.tensor(1.7))
+    linear_cross_entropy(x.float(), wf, target, linear_bias=b.float()).backward(torch.tensor(1.7, device=device))
     torch.testing.assert_close(wf.grad.double(), want[2], rtol=1e-5, atol=1e-6)
     xf = x.float().requires_grad_()
     bf = b.float().requires_grad_()
-    linear_cross_entropy(xf, w.float(), target, linear_bias=bf).backward(torch.tensor(1.7))
+    linear_cross_entropy(xf, w.float(), target, linear_bias=bf).backward(torch.tensor(1.7, device=device))
     torch.testing.assert_close(xf.grad.double(), want[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bf.grad.double(), want[3], rtol=1e-5, atol=1e-6)
 
 
-def test_all_ignored_mean_is_zero_with_zero_grads():
-    x, w, b, target, _ = make(n=9)
+def test_all_ignored_mean_is_zero_with_zero_grads(device):
+    x, w, b, target, _ = make(device, n=9)
     target = torch.full_like(target, IGNORE)
     loss, dx, dw, db = run_triton(x.float(), w.float(), b.float(), target, label_smoothing=0.1,
                                   z_loss=1e-2)
@@ -183,9 +184,9 @@ def test_all_ignored_mean_is_zero_with_zero_grads():
         assert torch.count_nonzero(g) == 0
 
 
-def test_ignored_rows_equal_dropping_them():
+def test_ignored_rows_equal_dropping_them(device):
     """Ignoring a row is the same as slicing it out (sum reduction), gradients included."""
-    x, w, b, target, _ = make()
+    x, w, b, target, _ = make(device)
     keep = target != IGNORE
     a = run_triton(x.float(), w.float(), b.float(), target, reduction="sum")
     s = run_triton(x.float()[keep], w.float(), b.float(), target[keep], reduction="sum")
@@ -195,8 +196,8 @@ def test_ignored_rows_equal_dropping_them():
     torch.testing.assert_close(a[2], s[2], rtol=1e-5, atol=1e-6)
 
 
-def test_deterministic():
-    x, w, b, target, cw = make()
+def test_deterministic(device):
+    x, w, b, target, cw = make(device)
     opts = dict(ALL, weight=cw.float())
     first = run_triton(x.float(), w.float(), b.float(), target, **opts)
     second = run_triton(x.float(), w.float(), b.float(), target, **opts)
@@ -204,8 +205,8 @@ def test_deterministic():
         assert torch.equal(u, v)
 
 
-def test_no_grad_mode_stores_nothing(monkeypatch):
-    x, w, b, target, _ = make()
+def test_no_grad_mode_stores_nothing(monkeypatch, device):
+    x, w, b, target, _ = make(device)
     calls = []
     real = _launchers.plan_linear
 
@@ -231,14 +232,15 @@ def test_no_grad_mode_stores_nothing(monkeypatch):
         ({"softcap": -2.0}, ValueError, "softcap"),
     ],
 )
-def test_bad_options(change, error, match):
-    x, w, _, target, _ = make(n=3, v=7, ignore_every=0)
+def test_bad_options(change, error, match, device):
+    x, w, _, target, _ = make(device, n=3, v=7, ignore_every=0)
+    change = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in change.items()}
     with pytest.raises(error, match=match):
         linear_cross_entropy(x.float(), w.float(), target, **change)
 
 
-def test_bad_data():
-    x, w, _, target, _ = make(n=3, v=7, ignore_every=0)
+def test_bad_data(device):
+    x, w, _, target, _ = make(device, n=3, v=7, ignore_every=0)
     with pytest.raises(TypeError, match="linear_weight"):
         linear_cross_entropy(x.float(), w, target)
     with pytest.raises(ValueError, match="linear_weight"):
@@ -247,21 +249,26 @@ def test_bad_data():
         linear_cross_entropy(x.float(), w.float(), target[:2])
     bad = target.clone()
     bad[0] = 7
-    with pytest.raises(ValueError, match=r"target\[0\] = 7"):
-        linear_cross_entropy(x.float(), w.float(), bad)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"target\[0\] = 7"):
+            linear_cross_entropy(x.float(), w.float(), bad)
+    else:
+        # CUDA targets are not checked by value (that would need a host sync): NaN loss instead.
+        loss = linear_cross_entropy(x.float(), w.float(), bad, reduction="none")
+        assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all()
 
 
-def test_strided_input_and_weight(ref):
+def test_strided_input_and_weight(ref, device):
     """E as a column slice of a wider buffer, W as the transpose of a (D, V) matrix (tied head)."""
-    x, w, b, target, _ = make()
+    x, w, b, target, _ = make(device)
     want = run_reference(ref, x.float(), w.float(), b.float(), target, label_smoothing=0.1)
-    wide = torch.zeros(N, D + 7)
+    wide = torch.zeros(N, D + 7, device=device)
     wide[:, 5 : 5 + D] = x.float()
     wide.requires_grad_()
     w_t = w.float().t().contiguous().requires_grad_()  # (D, V)
     bf = b.float().requires_grad_()
     loss = linear_cross_entropy(wide[:, 5 : 5 + D], w_t.t(), target, linear_bias=bf,
                                 label_smoothing=0.1)
-    loss.backward(torch.tensor(1.7))
+    loss.backward(torch.tensor(1.7, device=device))
     got = (loss.detach(), wide.grad[:, 5 : 5 + D], w_t.grad.t(), bf.grad)
     assert_matches(got, want)

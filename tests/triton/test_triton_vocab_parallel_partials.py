@@ -5,36 +5,27 @@ crossent.distributed all-reduces (row max, sum of exp relative to it, the target
 target is in the slice, the sum and count of finite logits); ``_vocab_parallel_grad`` the slice's
 gradient from the global lse. Both are checked against the same quantities written out in float64
 PyTorch, on odd shapes, with the target inside and outside the slice, -inf and NaN entries, and
-with several column blocks per row. Runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1,
-as ``make test`` sets it); skipped with the reason otherwise.
+with several column blocks per row. Runs on the ``device`` of conftest.py: CPU tensors through
+Triton's interpreter (TRITON_INTERPRET=1, as ``make test`` sets it), or CUDA tensors with the kernels
+compiled (TRITON_INTERPRET=0 on a GPU machine); skipped with the reason otherwise.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import pytest
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if importlib.util.find_spec("torch") is None or importlib.util.find_spec("triton") is None:
     pytest.skip("torch and triton are needed for the Triton kernel tests", allow_module_level=True)
 
 import torch  # noqa: E402
 
-from crossent.triton import _launchers, _vocab_parallel_grad, _vocab_parallel_partials  # noqa: E402
-
-if not _launchers.interpreted():
-    pytest.skip(
-        "crossent.triton was imported before TRITON_INTERPRET=1 was set, so its kernels target a "
-        "GPU; run the suite with TRITON_INTERPRET=1 in the environment",
-        allow_module_level=True,
-    )
+from crossent.triton import _vocab_parallel_grad, _vocab_parallel_partials  # noqa: E402
 
 
-def make_problem(rows, cols, dtype, seed):
+def make_problem(rows, cols, dtype, seed, device):
     gen = torch.Generator().manual_seed(seed)
     z = (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
     # global vocabulary of 3 * cols, this slice at offset cols: about a third of targets inside
@@ -48,7 +39,7 @@ def make_problem(rows, cols, dtype, seed):
     local = target - offset
     owned = (target != -100) & (local >= 0) & (local < cols)
     column = torch.where(owned, local, torch.full_like(local, -1))
-    return z, target, column, owned
+    return z.to(device), target.to(device), column.to(device), owned.to(device)
 
 
 def expected_partials(z, column):
@@ -72,8 +63,8 @@ def assert_close(actual, expected, what, rtol, atol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", [None, 256])  # one block per row (2048 lanes), or five steps
-def test_partials_match_torch(dtype, block):
-    z, _, column, _ = make_problem(37, 1031, dtype, seed=1)
+def test_partials_match_torch(dtype, block, device):
+    z, _, column, _ = make_problem(37, 1031, dtype, seed=1, device=device)
     z[9, 11] = math.nan
     m, s, t, fsum, fcount = _vocab_parallel_partials(z, column, smoothing=True, block=block)
     em, es, et, efsum, efcount = expected_partials(z, column)
@@ -94,16 +85,16 @@ def test_partials_match_torch(dtype, block):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eps, z_loss", [(0.0, 0.0), (0.2, 0.03)])
-def test_grad_matches_torch(dtype, eps, z_loss):
-    z, target, column, owned = make_problem(37, 1031, dtype, seed=2)
+def test_grad_matches_torch(dtype, eps, z_loss, device):
+    z, target, column, owned = make_problem(37, 1031, dtype, seed=2, device=device)
     valid = target != -100
     z[5] = math.nan  # an ignored row: gradient 0 whatever its logits
     gen = torch.Generator().manual_seed(3)
     x = z.double()
-    lse = torch.logsumexp(x, dim=1) + torch.rand(37, generator=gen, dtype=torch.float64)  # "other ranks"
-    lse[8] = torch.rand((), generator=gen, dtype=torch.float64)  # all -inf here, finite globally
+    lse = torch.logsumexp(x, dim=1) + torch.rand(37, generator=gen, dtype=torch.float64).to(device)  # other ranks
+    lse[8] = torch.rand((), generator=gen, dtype=torch.float64).item()  # all -inf here, finite globally
     count = torch.isfinite(x).sum(dim=1).double() + 2000  # K over all ranks
-    g = torch.randn(37, generator=gen, dtype=torch.float64) * valid
+    g = torch.randn(37, generator=gen, dtype=torch.float64).to(device) * valid
     grad = _vocab_parallel_grad(
         z, column, valid, lse.float(), g.float(), count.float(), label_smoothing=eps, z_loss=z_loss, block=256
     )
@@ -120,19 +111,22 @@ def test_grad_matches_torch(dtype, eps, z_loss):
     assert bool((grad[torch.isinf(z) & valid[:, None]] == 0).all()), "zero gradient on -inf logits"
 
 
-def test_empty_slice_and_no_rows():
-    column = torch.full((4,), -1)
-    m, s, t, fsum, fcount = _vocab_parallel_partials(torch.zeros(4, 0), column, smoothing=True)
+def test_empty_slice_and_no_rows(device):
+    column = torch.full((4,), -1, device=device)
+    m, s, t, fsum, fcount = _vocab_parallel_partials(torch.zeros(4, 0, device=device), column, smoothing=True)
     assert bool((m == -math.inf).all()) and not bool(s.any() or t.any() or fsum.any() or fcount.any())
+    ones = torch.ones(4, device=device)
     grad = _vocab_parallel_grad(
-        torch.zeros(4, 0), column, torch.ones(4, dtype=torch.bool), torch.zeros(4), torch.ones(4), torch.ones(4),
+        torch.zeros(4, 0, device=device), column, ones.bool(), torch.zeros(4, device=device), ones, ones,
         label_smoothing=0.1, z_loss=0.0,
     )
     assert grad.shape == (4, 0)
-    m, *_ = _vocab_parallel_partials(torch.zeros(0, 5, dtype=torch.bfloat16), column[:0], smoothing=False)
+    m, *_ = _vocab_parallel_partials(torch.zeros(0, 5, dtype=torch.bfloat16, device=device), column[:0],
+                                     smoothing=False)
     assert m.shape == (0,)
 
 
-def test_rejects_float64():
+def test_rejects_float64(device):
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        _vocab_parallel_partials(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2), smoothing=False)
+        _vocab_parallel_partials(torch.zeros(2, 3, dtype=torch.float64, device=device), torch.zeros(2, device=device),
+                                 smoothing=False)
