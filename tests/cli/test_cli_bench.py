@@ -38,7 +38,7 @@ def test_ce_json_every_case_checked_and_timed(grad):
     res = json.loads(out.output)
     assert res["all_ok"] and res["baseline"] == "torch" and res["grad"] is grad
     names = {r["impl"] for r in res["results"]}
-    assert {"crossent", "crossent-array-api", "numpy", "torch", "crossent-chunked"} <= names
+    assert {"crossent", "crossent-array-api", "numpy", "torch", "crossent-auto", "crossent-chunked"} <= names
     x = B._inputs("ce", 53, 17, None, seed=0)
     (logits,), y = x
     ref = np.mean(scipy.special.logsumexp(logits.astype(np.float32).astype(np.float64), axis=1)

@@ -14,7 +14,8 @@ Operations:
 * ``ce``: mean softmax cross-entropy of ``--rows x --classes`` logits (N(0, 3^2)) with integer
   labels. CPU: ``crossent.softmax_cross_entropy`` (NumPy input; the numba fast path when
   installed), the same with the fast path off (Array-API path), a stable NumPy log-sum-exp,
-  ``torch.nn.functional.cross_entropy`` and ``crossent.torch.cross_entropy``. CUDA: torch's
+  ``torch.nn.functional.cross_entropy`` and ``crossent.torch.cross_entropy`` (impl "auto", which
+  takes the numba kernels on the CPU, and "chunked"). CUDA: torch's
   function, ``crossent.torch.cross_entropy`` (impl "triton" and "chunked") and Liger-Kernel's
   cross-entropy when installed.
 * ``linear``: ``loss(E @ W^T, y)`` with E ``--rows x --dim`` and W ``--classes x --dim``:
@@ -209,7 +210,7 @@ def _torch_cases(op, arrays, labels, dtype_name, grad, device):
     if op == "ce":
         cases.append(Case("torch", "torch.nn.functional.cross_entropy" + suffix,
                           run(lambda x: F.cross_entropy(x, y)), baseline=True))
-        impls = ["triton", "chunked"] if device == "cuda" else ["chunked"]
+        impls = ["triton", "chunked"] if device == "cuda" else ["auto", "chunked"]
         for impl in impls:
             cases.append(Case(f"crossent-{impl}", f"crossent.torch.cross_entropy(impl={impl!r})" + suffix,
                               run(lambda x, impl=impl: cet.cross_entropy(x, y, impl=impl))))

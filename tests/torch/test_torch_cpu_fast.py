@@ -1,0 +1,146 @@
+"""impl="auto" on the CPU takes crossent.cpu's numba kernels where they apply: same results as
+impl="chunked" and F.cross_entropy, proven here; everything else falls back to "chunked"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent.cpu
+import crossent.torch as cet
+from crossent.torch import _cpu_fast
+
+pytestmark = pytest.mark.skipif(not crossent.cpu.available(), reason="numba is not installed")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls of crossent.cpu's forward and backward kernels."""
+    calls = {"forward": 0, "backward": 0}
+    fwd, bwd = crossent.cpu.lse_and_nll, crossent.cpu.softmax_minus_onehot
+
+    def counted_fwd(*args):
+        calls["forward"] += 1
+        return fwd(*args)
+
+    def counted_bwd(*args):
+        calls["backward"] += 1
+        return bwd(*args)
+
+    monkeypatch.setattr(crossent.cpu, "lse_and_nll", counted_fwd)
+    monkeypatch.setattr(crossent.cpu, "softmax_minus_onehot", counted_bwd)
+    return calls
+
+
+def _loss_and_grad(x, y, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss = cet.cross_entropy(x, y, **kw)
+    (loss.sum() if loss.ndim else loss).backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(37, 11), (5, 7, 3), (13,)])
+def test_auto_equals_chunked_and_torch_float64(kernel_calls, reduction, weighted, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    c = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    y = torch.randint(0, c, tshape, generator=g)
+    if y.ndim:
+        y.view(-1)[::4] = -100
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    loss, grad = _loss_and_grad(x, y, weight=w, reduction=reduction)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+    ref_loss, ref_grad = _loss_and_grad(x, y, weight=w, reduction=reduction, impl="chunked")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    xt = x.detach().clone().requires_grad_()
+    t_loss = F.cross_entropy(xt, y, weight=w, reduction=reduction)
+    (t_loss.sum() if t_loss.ndim else t_loss).backward()
+    torch.testing.assert_close(loss, t_loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, xt.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_matches_float64_truth(kernel_calls):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(301, 4099, generator=g) * 5
+    y = torch.randint(0, 4099, (301,), generator=g)
+    loss, grad = _loss_and_grad(x, y)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    truth, truth_grad = _loss_and_grad(x.double(), y, impl="reference")
+    ours = abs(loss.double() - truth)
+    torchs = abs(F.cross_entropy(x, y).double() - truth)
+    assert ours <= torchs + 1e-6
+    torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-4, atol=1e-9)
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 4, -100, 2, 2, 1])
+    w = torch.rand(5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: cet.cross_entropy(z, y, weight=w), (x,))
+    assert torch.autograd.gradcheck(lambda z: cet.cross_entropy(z, y, reduction="none"), (x,))
+
+
+def test_ignored_rows_add_nothing_whatever_their_logits(kernel_calls):
+    x = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 1.0], [float("-inf"), 0.0, 1.0]])
+    y = torch.tensor([2, -100, -100])
+    loss, grad = _loss_and_grad(x, y, reduction="sum")
+    assert kernel_calls["forward"] == 1
+    torch.testing.assert_close(loss, F.cross_entropy(x[:1], y[:1], reduction="sum"))
+    assert torch.equal(grad[1:], torch.zeros(2, 3))
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradient_unlike_torch(kernel_calls):
+    """Documented deviation: a mean with a zero denominator is 0 (PyTorch: NaN)."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.full((4,), -100)
+    loss, grad = _loss_and_grad(x, y)
+    assert kernel_calls["forward"] == 1
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(x))
+    assert torch.isnan(F.cross_entropy(x, y))
+
+
+def test_inplace_backward_writes_into_the_logits(kernel_calls):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 17, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 17, (9,), generator=g)
+    expected = torch.func.grad(lambda z: F.cross_entropy(z, y))(x)
+    leaf = x.clone().requires_grad_()
+    cet.cross_entropy(leaf, y, inplace_backward=True).backward()
+    assert kernel_calls["backward"] == 1
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-14)
+    assert leaf.grad.data_ptr() == leaf.data_ptr()
+
+
+@pytest.mark.parametrize("kwargs, dtype", [
+    ({"label_smoothing": 0.1}, torch.float32),
+    ({"z_loss": 1e-3}, torch.float32),
+    ({"softcap": 30.0}, torch.float32),
+    ({}, torch.bfloat16),
+    ({"impl": "chunked"}, torch.float32),
+    ({"impl": "reference"}, torch.float32),
+])  # fmt: skip
+def test_other_options_take_the_chunked_or_chosen_path(kernel_calls, kwargs, dtype):
+    x = torch.randn(8, 6).to(dtype)
+    y = torch.randint(0, 6, (8,))
+    _loss_and_grad(x, y, **kwargs)
+    assert kernel_calls == {"forward": 0, "backward": 0}
+
+
+def test_probability_targets_and_switched_off_path_fall_back(kernel_calls, monkeypatch):
+    x = torch.randn(8, 6, dtype=torch.float64)
+    _loss_and_grad(x, torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1))
+    monkeypatch.setenv("CROSSENT_CPU_FAST", "0")
+    _loss_and_grad(x, torch.randint(0, 6, (8,)))
+    assert kernel_calls == {"forward": 0, "backward": 0}
+    assert not _cpu_fast.applies(x, False, 0.0, 0.0, None)
+
+
+def test_bad_targets_still_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="target"):
+        cet.cross_entropy(torch.randn(3, 4), torch.tensor([0, 4, 1]))
