@@ -11,6 +11,19 @@ floor of the operation: a device copy of the logits (read once, write once) at t
 bandwidth. Appends one long-format row per implementation and shape to
 benchmarks/results/gpu_cross_entropy.csv (see gpu_harness.COLUMNS) and prints a table.
 Exits with status 2 and a message when no CUDA device is present.
+
+Kernel-configuration sweep (crossent only; peers and the floor run once per shape):
+
+    python benchmarks/bench_gpu_cross_entropy.py --configs default-sweep   # gpu_harness.CE_SWEEP
+    python benchmarks/bench_gpu_cross_entropy.py --configs "default;persistent=1;loop_block=4096,loop_warps=8"
+
+Each config is a CROSSENT_TRITON_CE_CONFIG value (``key=value`` items, see
+crossent.triton._launchers.CEConfig; "default" = no override); rows carry it in the ``config``
+column, and the fastest config per shape is printed with its ratio to the copy floor (target
+<= 1.5x). ``--impls crossent-triton`` skips the peers. Time on an H100 (estimate, not measured):
+each config compiles one CE kernel variant per shape (~2 s) and runs 2 x 23 calls of 2-7 ms; the
+torch.compile peer compiles once per shape (~30-60 s): the default sweep at both shapes takes
+about 3-4 minutes, most of it torch.compile and the float32 references.
 """
 
 from __future__ import annotations
@@ -26,6 +39,8 @@ import gpu_harness as H  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARK = "cross_entropy_logits_fwd_bwd"
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu_cross_entropy.csv")
+CONFIG_ENV = "CROSSENT_TRITON_CE_CONFIG"
+FLOOR = "floor: copy logits (read+write once)"
 
 
 def implementations(torch, F, device):
@@ -74,7 +89,7 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
     times, _, _, _ = H.measure(torch, tuple, lambda: dst.copy_(base), args.repeats, args.warmup,
                                lambda inputs: [], device=args.device)
     rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
-                      "floor: copy logits (read+write once)", times, 0, bandwidth, "GB/s",
+                      FLOOR, times, 0, bandwidth, "GB/s",
                       float("nan"), float("nan")))
     dst = None  # free the copy before the implementations run
 
@@ -87,20 +102,24 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
             loss.backward()
             return loss.detach()
 
-        try:
-            times, extra, loss, grads = H.measure(
-                torch, make_inputs, run, args.repeats, args.warmup, lambda inputs: [inputs[0].grad],
-                device=args.device,
-            )
-            rows.append(H.row(
-                common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
-                bandwidth, "GB/s", float((loss.float() - ref_loss).abs()),
-                H.relative_error(grads[0], ref_grad),
-            ))
-        except Exception as e:  # one failing peer must not lose the others' numbers
-            rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, e))
-        finally:
-            H.empty_cache(torch, args.device)
+        for config in (args.config_list if name.startswith("crossent") else [""]):
+            try:
+                with H.config_env(CONFIG_ENV, config or H.DEFAULT_CONFIG):
+                    times, extra, loss, grads = H.measure(
+                        torch, make_inputs, run, args.repeats, args.warmup,
+                        lambda inputs: [inputs[0].grad], device=args.device,
+                    )
+                rows.append(H.row(
+                    common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
+                    bandwidth, "GB/s", float((loss.float() - ref_loss).abs()),
+                    H.relative_error(grads[0], ref_grad), config=config,
+                ))
+            except Exception as e:  # one failing peer or config must not lose the others' numbers
+                rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, e,
+                                         config=config))
+            finally:
+                loss = grads = None
+                H.empty_cache(torch, args.device)
     return rows
 
 
@@ -112,6 +131,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
+    parser.add_argument("--configs", default="",
+                        help="';'-separated CROSSENT_TRITON_CE_CONFIG values for the crossent implementations, "
+                             "or 'default-sweep' (gpu_harness.CE_SWEEP); default: crossent's defaults only")
     parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
@@ -121,6 +143,12 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     torch = H.setup_device(args.device, args.out is not None)
+    from crossent.triton import _launchers
+
+    try:
+        args.config_list = H.parse_configs(args.configs, "--configs", H.CE_SWEEP, _launchers.parse_ce_config)
+    except ValueError as e:
+        parser.error(str(e))
     if args.out is None:
         args.out = DEFAULT_OUT
     import torch.nn.functional as F
@@ -143,6 +171,8 @@ def main(argv=None):
 
     H.append_rows(args.out, rows)
     H.print_table(rows)
+    for line in H.best_configs(rows, FLOOR, 1.5, "the copy floor"):
+        print(line)
     print(f"appended {len(rows)} rows to {args.out}")
     return 0
 

@@ -13,6 +13,27 @@ yardstick of DESIGN.md's targets. Throughput is 6NDV / time. Errors: loss, dE an
 float32 reference (relative L2). Appends long-format rows to
 benchmarks/results/gpu_linear_cross_entropy.csv and prints a table. Exits with status 2 and a
 message when no CUDA device is present.
+
+Tile sweep (crossent only; peers and the bare matmuls run once per shape):
+
+    python benchmarks/bench_gpu_linear_cross_entropy.py --tiles default-sweep   # gpu_harness.LINEAR_SWEEP
+    python benchmarks/bench_gpu_linear_cross_entropy.py --tiles "default;128,128,64,128,8,4;group_m=8"
+
+Each config is a CROSSENT_TRITON_LINEAR_TILES value (block_m,block_v,block_k,block_d,num_warps,
+num_stages, then optional key=value: programs, group_m, chunk; see
+crossent.triton._launchers.LinearTiles; "default" = no override); rows carry it in the ``config``
+column; the fastest config per shape is printed with its ratio to the bare matmuls (lean target
+<= 1.4x) and to torch.compile (fast target <= 1x). ``--impls`` picks implementations, e.g.
+``--impls crossent-triton-lean,bare-matmuls`` for a quick sweep.
+
+Time on an H100 (estimate from counts, not measured): per config, lean compiles 7 kernel variants
+(forward, combine, gradient tile, 3 dE, dW; ~2 s each: measured 1.9 s for one matmul kernel on a
+2-core CPU) and fast 3 more, once for both shapes when divisibilities match; a lean call takes
+~50-70 ms and a fast one ~40-50 ms, x (warmup + repeats) = 12 calls. So the 8-config default
+sweep costs ~8 x (20 s compile + 2 shapes x 2 impls x 12 x 0.07 s) = ~4.5 minutes, plus once per
+shape: the float32 reference (~1 s), torch eager and compile (~1 min of compile), Liger and CCE
+(12 calls of 65-160 ms each): about 7 minutes for everything at both shapes. To stay safely
+inside one 10-minute call, split by shape (--shapes) or use --repeats 5.
 """
 
 from __future__ import annotations
@@ -29,6 +50,8 @@ import gpu_harness as H  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARK = "linear_cross_entropy_fwd_bwd"
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu_linear_cross_entropy.csv")
+CONFIG_ENV = "CROSSENT_TRITON_LINEAR_TILES"
+BARE = "bare-matmuls (E W^T, G W, G^T E)"
 
 
 def implementations(torch, F, fast_budget, device):
@@ -94,7 +117,7 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
         times, extra, _, _ = H.measure(torch, tuple, bare, args.repeats, args.warmup,
                                        lambda inputs: [], device=args.device)
         rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
-                          "bare-matmuls (E W^T, G W, G^T E)", times, extra, tflops, "TFLOP/s",
+                          BARE, times, extra, tflops, "TFLOP/s",
                           float("nan"), float("nan"), note="yardstick; extra includes logits"))
         del g, bare
         H.empty_cache(torch, args.device)
@@ -108,21 +131,25 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
             loss.backward()
             return loss.detach()
 
-        try:
-            times, extra, loss, grads = H.measure(
-                torch, make_inputs, run, args.repeats, args.warmup,
-                lambda inputs: [inputs[0].grad, inputs[1].grad], device=args.device,
-            )
-            rows.append(H.row(
-                common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
-                tflops, "TFLOP/s", float((loss.float() - ref_loss).abs()),
-                H.relative_error(grads[0], ref_de), H.relative_error(grads[1], ref_dw),
-                note="grad_rel_err = dE, grad2_rel_err = dW",
-            ))
-        except Exception as err:  # one failing peer must not lose the others' numbers
-            rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, err))
-        finally:
-            H.empty_cache(torch, args.device)
+        for config in (args.config_list if name.startswith("crossent") else [""]):
+            try:
+                with H.config_env(CONFIG_ENV, config or H.DEFAULT_CONFIG):
+                    times, extra, loss, grads = H.measure(
+                        torch, make_inputs, run, args.repeats, args.warmup,
+                        lambda inputs: [inputs[0].grad, inputs[1].grad], device=args.device,
+                    )
+                rows.append(H.row(
+                    common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
+                    tflops, "TFLOP/s", float((loss.float() - ref_loss).abs()),
+                    H.relative_error(grads[0], ref_de), H.relative_error(grads[1], ref_dw),
+                    note="grad_rel_err = dE, grad2_rel_err = dW", config=config,
+                ))
+            except Exception as err:  # one failing peer or config must not lose the others' numbers
+                rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, err,
+                                         config=config))
+            finally:
+                loss = grads = None
+                H.empty_cache(torch, args.device)
     return rows
 
 
@@ -136,6 +163,9 @@ def main(argv=None):
     parser.add_argument("--fast-budget-mib", type=int, default=1536,
                         help="memory_budget of crossent's fast mode, MiB")
     parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
+    parser.add_argument("--tiles", default="",
+                        help="';'-separated CROSSENT_TRITON_LINEAR_TILES values for the crossent implementations, "
+                             "or 'default-sweep' (gpu_harness.LINEAR_SWEEP); default: crossent's defaults only")
     parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
@@ -145,6 +175,15 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     torch = H.setup_device(args.device, args.out is not None)
+    from crossent.triton import _launchers
+
+    def validate(config):
+        _launchers.parse_linear_tiles(config, _launchers.linear_tiles(getattr(torch, args.dtype)))
+
+    try:
+        args.config_list = H.parse_configs(args.tiles, "--tiles", H.LINEAR_SWEEP, validate)
+    except ValueError as e:
+        parser.error(str(e))
     if args.out is None:
         args.out = DEFAULT_OUT
     import torch.nn.functional as F
@@ -167,6 +206,12 @@ def main(argv=None):
 
     H.append_rows(args.out, rows)
     H.print_table(rows)
+    lean = [r for r in rows if not r["impl"].startswith("crossent-triton-fast")]
+    fast = [r for r in rows if not r["impl"].startswith("crossent-triton-lean")]
+    for line in H.best_configs(lean, BARE, 1.4, "the bare matmuls"):
+        print(line)
+    for line in H.best_configs(fast, "torch-compile", 1.0, "torch.compile"):
+        print(line)
     print(f"appended {len(rows)} rows to {args.out}")
     return 0
 

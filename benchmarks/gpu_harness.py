@@ -13,14 +13,23 @@ of one benchmark runs in the same process, on the same inputs, one after the oth
   the loss against a float32 reference computed once per shape;
 * conditions: device name, torch / triton / liger-kernel / cut-cross-entropy versions, UTC date.
 
-The pure-Python helpers (``parse_shapes``, ``summarize``, ``append_rows``) are tested on the CPU
-in tests/triton/test_triton_bench_harness.py. ``--device cpu`` (with TRITON_INTERPRET=1 and an
-explicit ``--out``) runs a script end to end on tiny shapes through Triton's interpreter: a smoke
-test of the script, never a measurement (its rows say so, and carry no memory figures).
+Configuration sweeps: ``--tiles`` (linear) / ``--configs`` (CE) take a ``;``-separated list of
+crossent kernel configurations, or ``default-sweep`` for the candidate lists below; every crossent
+implementation runs once per configuration (set through the ``CROSSENT_TRITON_LINEAR_TILES`` /
+``CROSSENT_TRITON_CE_CONFIG`` environment variables, read by crossent at every call), the peers
+once; each row names its configuration in the ``config`` column and the script prints the fastest
+configuration per shape with its ratio to the target.
+
+The pure-Python helpers (``parse_shapes``, ``parse_configs``, ``summarize``, ``append_rows``,
+``best_configs``) are tested on the CPU in tests/triton/test_triton_bench_harness.py.
+``--device cpu`` (with TRITON_INTERPRET=1 and an explicit ``--out``) runs a script end to end on
+tiny shapes through Triton's interpreter: a smoke test of the script, never a measurement (its
+rows say so, and carry no memory figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import importlib.metadata
@@ -32,10 +41,110 @@ import time
 
 COLUMNS = [
     "date", "device", "torch", "triton", "liger_kernel", "cut_cross_entropy", "benchmark",
-    "shape", "dtype", "ignored_fraction", "impl", "median_ms", "p10_ms", "p90_ms", "repeats",
+    "shape", "dtype", "ignored_fraction", "impl", "config", "median_ms", "p10_ms", "p90_ms", "repeats",
     "extra_mib", "throughput", "throughput_unit", "loss_abs_err", "grad_rel_err",
     "grad2_rel_err", "note",
 ]
+
+
+#: "default" in a sweep list: no override, crossent's fixed defaults.
+DEFAULT_CONFIG = "default"
+
+#: ``--tiles default-sweep``: CROSSENT_TRITON_LINEAR_TILES values
+#: (block_m,block_v,block_k,block_d,num_warps,num_stages[,key=value]). Every entry compiles for
+#: sm_90 with wgmma, a pipelined K loop, no register spill and shared memory within 228 KB in all
+#: four matmul kernels (benchmarks/sm90_config_report.py, bf16, no options), so each is a fair
+#: candidate; the reason for each is in the comment.
+LINEAR_SWEEP = [
+    DEFAULT_CONFIG,  # 128,128,64,128,8,3: the fixed default
+    "128,128,64,128,8,4",  # one more pipeline stage (128 KiB smem): hides more load latency
+    "128,128,128,128,8,3",  # half as many K steps, fewer barriers; 192 KiB smem
+    "128,128,64,128,4,3",  # one warpgroup per tile: 2x the registers per thread, 1 CTA less sync
+    "64,128,64,128,4,4",  # smaller row blocks: 2x the programs, 2 CTAs per SM
+    "128,128,64,128,8,3,group_m=8",  # grouped gradient-tile order: E rows reused from L2
+    "128,128,64,128,8,3,chunk=2816",  # dW grid 18 x 22 = 396 = 3 full waves of 132 SMs (Gemma-2)
+    "128,128,64,128,8,4,group_m=8,chunk=2816",  # both, with 4 stages
+]
+
+#: ``--configs default-sweep``: CROSSENT_TRITON_CE_CONFIG values (key=value items).
+CE_SWEEP = [
+    DEFAULT_CONFIG,  # one program per row, 8192-column steps, 16 warps, reversed second pass
+    "reverse=0",  # second pass in forward order (the old order): measures the reverse-order gain
+    "persistent=1",  # 1 program per SM looping over rows: <= 132 rows (33 MiB) in flight, L2-sized
+    "persistent=2",  # 2 per SM: more loads in flight, 66 MiB of rows (beyond L2 for 128256 cols)
+    "loop_block=16384",  # fewer, longer steps for streamed rows
+    "single_warps=32",  # 32000 columns in registers with 32 warps (1024 threads) instead of 16
+    "single_max=16384",  # 32000 columns streamed twice (8192 steps) instead of held in registers
+]
+
+
+def parse_configs(text, flag, sweep, validate=None):
+    """``"a;b"`` -> ["a", "b"]; ``"default-sweep"`` -> ``sweep``; "" -> ["default"].
+
+    ``validate(config)`` (optional) raises ValueError for a bad config; it runs on every entry
+    before any GPU time is spent, and its message is prefixed with ``flag``.
+    """
+    text = (text or "").strip()
+    if not text:
+        return [DEFAULT_CONFIG]
+    if text == "default-sweep":
+        configs = list(sweep)
+    else:
+        configs = [c.strip() for c in text.split(";") if c.strip()]
+    if not configs:
+        raise ValueError(f"{flag} must be 'default-sweep' or a ';'-separated list of configs, got {text!r}")
+    if len(set(configs)) != len(configs):
+        raise ValueError(f"{flag} lists a config twice: {text!r}")
+    for config in configs:
+        if validate is not None and config != DEFAULT_CONFIG:
+            try:
+                validate(config)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+    return configs
+
+
+@contextlib.contextmanager
+def config_env(var, config):
+    """Set environment variable ``var`` to ``config`` for the duration (unset for "default")."""
+    old = os.environ.pop(var, None)
+    if config != DEFAULT_CONFIG:
+        os.environ[var] = config
+    try:
+        yield
+    finally:
+        os.environ.pop(var, None)
+        if old is not None:
+            os.environ[var] = old
+
+
+def best_configs(rows, reference_impl, target_ratio, what):
+    """Lines naming, per shape and crossent implementation, the fastest config and its ratio to
+    the median of ``reference_impl`` (a row whose impl starts with that text) in the same shape;
+    ``target_ratio`` is the ratio the target allows, ``what`` names the reference."""
+    lines = []
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    for shape in shapes:
+        mine = [r for r in rows if r["shape"] == shape and _timed(r)]
+        ref = [r for r in mine if r["impl"].startswith(reference_impl)]
+        for impl in dict.fromkeys(r["impl"] for r in mine if r["impl"].startswith("crossent")):
+            cand = sorted((r for r in mine if r["impl"] == impl), key=lambda r: r["median_ms"])
+            best = cand[0]
+            line = f"{shape} {impl}: fastest config {best['config']!r} {best['median_ms']:.3f} ms"
+            default = [r for r in cand if r["config"] == DEFAULT_CONFIG]
+            if default and best is not default[0]:
+                line += f" (default {default[0]['median_ms']:.3f} ms)"
+            if ref:
+                ratio = best["median_ms"] / ref[0]["median_ms"]
+                verdict = "meets" if ratio <= target_ratio else "misses"
+                line += f" = {ratio:.2f}x {what} (target <= {target_ratio}x: {verdict})"
+            lines.append(line)
+    return lines
+
+
+def _timed(r):
+    v = r.get("median_ms", "")
+    return isinstance(v, float) and not math.isnan(v)
 
 
 def parse_shapes(text, dims):
@@ -75,8 +184,17 @@ def summarize(times_ms):
 
 
 def append_rows(path, rows):
-    """Append dict rows (keys from COLUMNS) to a CSV, writing the header when the file is new."""
+    """Append dict rows (keys from COLUMNS) to a CSV, writing the header when the file is new.
+
+    A file whose header is not COLUMNS (an older layout) is refused rather than misaligned."""
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:
+            raise ValueError(
+                f"{path} has columns {header}, expected {COLUMNS}: write to a new file (--out)"
+            )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
@@ -198,32 +316,32 @@ def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda"):
 
 
 def row(common, benchmark, shape, dtype, ignored, impl, times, extra_bytes, throughput, unit,
-        loss_err, grad_err, grad2_err=float("nan"), note=""):
+        loss_err, grad_err, grad2_err=float("nan"), note="", config=""):
     median, p10, p90 = summarize(times)
     return dict(
         common, benchmark=benchmark, shape="x".join(map(str, shape)), dtype=dtype,
-        ignored_fraction=ignored, impl=impl, median_ms=median, p10_ms=p10, p90_ms=p90,
+        ignored_fraction=ignored, impl=impl, config=config, median_ms=median, p10_ms=p10, p90_ms=p90,
         repeats=len(times), extra_mib=extra_bytes / 2**20, throughput=throughput(median),
         throughput_unit=unit, loss_abs_err=loss_err, grad_rel_err=grad_err,
         grad2_rel_err=grad2_err, note=note,
     )
 
 
-def failed_row(common, benchmark, shape, dtype, ignored, impl, error):
+def failed_row(common, benchmark, shape, dtype, ignored, impl, error, config=""):
     return dict(
         common, benchmark=benchmark, shape="x".join(map(str, shape)), dtype=dtype,
-        ignored_fraction=ignored, impl=impl, note=f"failed: {type(error).__name__}: {error}"[:300],
+        ignored_fraction=ignored, impl=impl, config=config, note=f"failed: {type(error).__name__}: {error}"[:300],
     )
 
 
 def print_table(rows):
     """Human-readable summary of this run's rows on stdout."""
     header = f"{'shape':>22} {'impl':>34} {'median ms':>10} {'p10':>8} {'p90':>8} {'extra MiB':>10} " \
-             f"{'throughput':>16} {'loss err':>9} {'grad err':>9} {'grad2 err':>9}"
+             f"{'throughput':>16} {'loss err':>9} {'grad err':>9} {'grad2 err':>9}  config"
     print(header)
     for r in rows:
         if r.get("note", "").startswith("failed"):
-            print(f"{r['shape']:>22} {r['impl']:>34}  {r['note']}")
+            print(f"{r['shape']:>22} {r['impl']:>34}  {r['note']}  [{r.get('config', '')}]")
             continue
 
         def num(key, spec, r=r):
@@ -234,5 +352,5 @@ def print_table(rows):
             f"{r['shape']:>22} {r['impl']:>34} {num('median_ms', '10.3f')} {num('p10_ms', '8.3f')} "
             f"{num('p90_ms', '8.3f')} {num('extra_mib', '10.1f')} "
             f"{num('throughput', '10.1f')} {r['throughput_unit']:>5} {num('loss_abs_err', '9.2e')} "
-            f"{num('grad_rel_err', '9.2e')} {num('grad2_rel_err', '9.2e')}"
+            f"{num('grad_rel_err', '9.2e')} {num('grad2_rel_err', '9.2e')}  {r.get('config', '')}"
         )

@@ -59,6 +59,71 @@ def test_append_rows_writes_header_once(tmp_path):
     assert rows[1]["median_ms"] == "" and rows[1]["note"].startswith("failed: RuntimeError")
 
 
+def test_append_rows_refuses_an_older_header(tmp_path):
+    h = load_harness()
+    path = tmp_path / "old.csv"
+    path.write_text("date,device,impl\n2026,dev,x\n")
+    with pytest.raises(ValueError, match="expected"):
+        h.append_rows(str(path), [])
+
+
+def test_parse_configs():
+    h = load_harness()
+    assert h.parse_configs("", "--tiles", ["a"]) == ["default"]
+    assert h.parse_configs("default-sweep", "--tiles", h.LINEAR_SWEEP) == h.LINEAR_SWEEP
+    assert h.parse_configs(" default ; 128,128,64,128,8,4 ;", "--tiles", []) == ["default", "128,128,64,128,8,4"]
+    with pytest.raises(ValueError, match="--tiles lists a config twice"):
+        h.parse_configs("a;a", "--tiles", [])
+    with pytest.raises(ValueError, match="--tiles must be"):
+        h.parse_configs(";;", "--tiles", [])
+
+    def validate(config):
+        if config != "ok":
+            raise ValueError(f"bad {config!r}")
+
+    with pytest.raises(ValueError, match="--configs: bad 'nope'"):
+        h.parse_configs("default;ok;nope", "--configs", [], validate)
+
+
+def test_default_sweeps_are_valid_configs():
+    """Every entry of the default sweep lists parses with crossent's own validation."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from crossent.triton import _launchers as L
+
+    h = load_harness()
+    assert h.LINEAR_SWEEP[0] == h.CE_SWEEP[0] == "default"
+    base = L.LinearTiles(128, 128, 64, 128, 8, 3, 1024)
+    tiles = [L.parse_linear_tiles(c, base) for c in h.LINEAR_SWEEP[1:]]
+    assert len(set(tiles)) == len(tiles) and base not in tiles
+    ces = [L.parse_ce_config(c) for c in h.CE_SWEEP[1:]]
+    assert len(set(ces)) == len(ces) and L.CEConfig() not in ces
+
+
+def test_config_env_sets_and_restores(monkeypatch):
+    h = load_harness()
+    monkeypatch.setenv("CROSSENT_TEST_VAR", "outer")
+    with h.config_env("CROSSENT_TEST_VAR", "a=1"):
+        assert os.environ["CROSSENT_TEST_VAR"] == "a=1"
+    with h.config_env("CROSSENT_TEST_VAR", "default"):
+        assert "CROSSENT_TEST_VAR" not in os.environ
+    assert os.environ["CROSSENT_TEST_VAR"] == "outer"
+
+
+def test_best_configs_ratio_to_reference():
+    h = load_harness()
+
+    def r(impl, config, ms, shape="4x5"):
+        return {"shape": shape, "impl": impl, "config": config, "median_ms": ms}
+
+    rows = [r("floor", "", 1.0), r("crossent-a", "default", 1.8), r("crossent-a", "x=1", 1.4),
+            r("crossent-a", "y=1", float("nan")), r("peer", "", 0.5), r("crossent-a", "default", 9.0, "6x7")]
+    lines = h.best_configs(rows, "floor", 1.5, "the floor")
+    assert lines[0] == ("4x5 crossent-a: fastest config 'x=1' 1.400 ms (default 1.800 ms) = 1.40x the floor "
+                        "(target <= 1.5x: meets)")
+    assert lines[1] == "6x7 crossent-a: fastest config 'default' 9.000 ms"
+
+
 @pytest.mark.parametrize("script", ["bench_gpu_cross_entropy.py", "bench_gpu_linear_cross_entropy.py"])
 def test_scripts_exit_clearly_without_cuda(script):
     torch = pytest.importorskip("torch")
@@ -97,3 +162,45 @@ def test_scripts_run_end_to_end_in_cpu_smoke_mode(tmp_path, script, shapes, impl
     assert all("not a measurement" in r["device"] for r in rows)
     crossent = [r for r in rows if r["impl"].startswith("crossent")]
     assert crossent and all(float(r["grad_rel_err"]) < 2e-2 for r in crossent)
+
+
+@pytest.mark.parametrize(
+    ("script", "shapes", "flag", "configs", "impls"),
+    [
+        ("bench_gpu_cross_entropy.py", "5x300", "--configs",
+         "default;persistent=1,reverse=0;single_max=64,loop_block=128,persistent=1", "crossent-triton"),
+        ("bench_gpu_linear_cross_entropy.py", "40x16x300", "--tiles",
+         "default;16,32,16,16,4,2,programs=8,group_m=2,chunk=64", "crossent-triton-lean,bare-matmuls"),
+    ],
+)
+def test_scripts_sweep_configs_in_cpu_smoke_mode(tmp_path, script, shapes, flag, configs, impls):
+    """The sweep path: one row per crossent config (named in the config column), the reference
+    row once, the fastest config printed with its ratio to the target."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "sweep.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, os.path.join(BENCH, script), "--device", "cpu", "--shapes", shapes,
+           "--repeats", "1", "--warmup", "0", "--out", str(out), flag, configs, "--impls", impls]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    crossent = [r for r in rows if r["impl"].startswith("crossent")]
+    assert [r["config"] for r in crossent] == configs.split(";")
+    assert len(rows) == len(crossent) + 1  # the floor / the bare matmuls, once
+    assert all(not r["note"].startswith("failed") for r in rows), rows
+    assert all(float(r["grad_rel_err"]) < 2e-2 for r in crossent)
+    assert "fastest config" in proc.stdout and "target <=" in proc.stdout
+
+
+def test_sweep_rejects_a_bad_config_before_running(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, os.path.join(BENCH, "bench_gpu_linear_cross_entropy.py"), "--device", "cpu",
+           "--out", str(tmp_path / "x.csv"), "--tiles", "default;128,96,64,128,8,3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "--tiles: CROSSENT_TRITON_LINEAR_TILES: block_v must be a power of two" in proc.stderr
+    assert not (tmp_path / "x.csv").exists()
