@@ -19,12 +19,15 @@ Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 * ``crossent``            ``crossent.softmax_cross_entropy`` (numba fast path)
 * ``crossent-kernel``     ``crossent.cpu.lse_and_nll`` and ``mean(nll)`` only
 * ``crossent-array-api``  ``crossent.softmax_cross_entropy`` with ``crossent.cpu.ENABLED = False``
+* ``crossent-torch``      ``crossent.torch.cross_entropy`` on the same tensors (impl="auto": the
+  numba kernels behind autograd)
 * ``torch``               ``torch.nn.functional.cross_entropy`` on ``torch.from_numpy`` (no copy)
 * ``scipy``               ``scipy.special.logsumexp(x, axis=1)`` minus the picked logits
 * ``sklearn``             ``sklearn.metrics.log_loss(y, scipy.special.softmax(x, axis=1))``
   (softmax included in the time); it clips probabilities to [eps, 1 - eps], hence its value
 * ``crossent-grad``       ``crossent.softmax_cross_entropy_and_grad`` (``--grad``)
 * ``crossent-kernel-grad`` ``crossent.cpu.softmax_minus_onehot`` into a preallocated gradient
+* ``crossent-torch-grad`` ``crossent.torch.cross_entropy(x.requires_grad_()).backward()``
 * ``torch-grad``          ``F.cross_entropy(x.requires_grad_()).backward()``
 
 Threads: torch and numba use ``--threads`` (2 by default); numpy and scipy are single-threaded.
@@ -54,8 +57,8 @@ from pathlib import Path
 
 from _cpu import cpu_model
 
-FORWARD = ["crossent", "crossent-kernel", "crossent-array-api", "torch", "scipy", "sklearn"]
-GRADIENT = ["crossent-grad", "crossent-kernel-grad", "torch-grad"]
+FORWARD = ["crossent", "crossent-kernel", "crossent-array-api", "crossent-torch", "torch", "scipy", "sklearn"]
+GRADIENT = ["crossent-grad", "crossent-kernel-grad", "crossent-torch-grad", "torch-grad"]
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_FIELDS = [
     "date_utc", "case", "what", "rows", "classes", "dtype", "sigma", "threads", "repeats",
@@ -66,11 +69,13 @@ DESCRIPTION = {
     "crossent": "crossent.softmax_cross_entropy (numba fast path)",
     "crossent-kernel": "crossent.cpu.lse_and_nll + mean(nll)",
     "crossent-array-api": "crossent.softmax_cross_entropy, Array-API path (no numba)",
+    "crossent-torch": "crossent.torch.cross_entropy (impl=auto: numba kernels)",
     "torch": "torch F.cross_entropy",
     "scipy": "scipy.special.logsumexp - picked",
     "sklearn": "sklearn log_loss(softmax(x)) (clips)",
     "crossent-grad": "crossent.softmax_cross_entropy_and_grad",
     "crossent-kernel-grad": "crossent.cpu.softmax_minus_onehot (loss + grad)",
+    "crossent-torch-grad": "crossent.torch.cross_entropy + backward",
     "torch-grad": "torch F.cross_entropy + backward",
 }
 
@@ -93,6 +98,22 @@ def make_case(case: str, threads: int):
     """The callable f(x, y) -> float (mean loss) of one case, with its imports done."""
     import numpy as np
 
+    if case.startswith("crossent-torch"):
+        import torch
+
+        import crossent.torch as cet
+
+        torch.set_num_threads(threads)
+        if case == "crossent-torch":
+            return lambda x, y: cet.cross_entropy(torch.from_numpy(x), torch.from_numpy(y)).item()
+
+        def cet_grad(x, y):
+            t = torch.from_numpy(x).requires_grad_(True)
+            loss = cet.cross_entropy(t, torch.from_numpy(y))
+            loss.backward()
+            return loss.item()
+
+        return cet_grad
     if case.startswith("crossent"):
         import crossent
         from crossent import cpu
