@@ -368,6 +368,38 @@ def check_special(rank, world, sizes):
     close(loss, expected.float(), "bf16 linear loss", rtol=1e-5, atol=1e-6)
     checks += 4
 
+    # 6b. bfloat16 gradients of the linear version, over many chunks per rank: the input gradient
+    #     sums the chunks in float32 and is rounded once, so its error against the float64 truth
+    #     is no larger than a single-process bfloat16 autograd's (one rounding of G @ W)
+    import crossent.distributed.vocab_parallel as vp
+
+    gen_b = torch.Generator().manual_seed(11)
+    xb = torch.randn(64, 16, generator=gen_b).to(torch.bfloat16)
+    wb = (torch.randn(vocab, 16, generator=gen_b) / 4).to(torch.bfloat16)
+    tb = torch.randint(0, vocab, (64,), generator=gen_b)
+
+    def grads_of(fn, x, w):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fn(x, w).backward()
+        return x.grad.double(), w.grad.double()
+
+    truth_x, truth_w = grads_of(lambda x, w: F.cross_entropy(x @ w.T, tb), xb.double(), wb.double())
+    eager_x, eager_w = grads_of(lambda x, w: F.cross_entropy((x @ w.T).float(), tb), xb, wb)
+    default_chunk = vp._CHUNK_ELEMENTS
+    vp._CHUNK_ELEMENTS = 64 * 2  # two columns per chunk
+    try:
+        ours_x, ours_w = grads_of(lambda x, w: vocab_parallel_linear_cross_entropy(x, w, tb), xb, wb[lo:hi])
+    finally:
+        vp._CHUNK_ELEMENTS = default_chunk
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(ours_x, truth_x) <= 1.05 * rel(eager_x, truth_x) + 1e-6, (rel(ours_x, truth_x), rel(eager_x, truth_x))
+    if hi > lo:
+        assert rel(ours_w, truth_w[lo:hi]) <= 1.05 * rel(eager_w[lo:hi], truth_w[lo:hi]) + 1e-6
+    checks += 2
+
     # 7. unbatched logits [V_r] with a 0-d target; int32 targets
     z7 = torch.randn(vocab, generator=gen, dtype=torch.float64)
     t7 = torch.tensor(vocab - 1, dtype=torch.int32)

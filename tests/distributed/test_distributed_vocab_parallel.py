@@ -86,8 +86,10 @@ def test_every_option_matches_single_process_float64(reports):
 
 
 def test_masked_classes_zero_denominators_nan_and_bfloat16(reports):
+    """Includes the bfloat16 input gradient of the linear version over many chunks: rounded once,
+    its error is within 1.05x of single-process bfloat16 autograd's."""
     world, ranks = reports
-    assert [report["check_special"] for report in ranks] == [37] * world
+    assert [report["check_special"] for report in ranks] == [39] * world
 
 
 def test_faults_raise_the_same_error_on_every_rank(reports):

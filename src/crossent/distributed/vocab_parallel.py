@@ -390,7 +390,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             if grad_w is not None:
                 grad_w[cols] = dz.T @ x
             if grad_x is not None:
-                grad_x += (dz @ weight[cols]).to(acc)
+                grad_x += _matmul_in(acc, dz, weight[cols])
         if grad_x is not None:
             # x is replicated on every rank: its gradient sums the contributions of all slices
             # (step 6). Every rank of the group takes this branch: input.requires_grad is checked
@@ -398,6 +398,35 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             dist.all_reduce(grad_x, op=dist.ReduceOp.SUM, group=plan.group)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_w, grad_b, None, None  # x, weight, bias; target and plan take none
+
+
+#: Whether ``torch.mm(..., out_dtype=)`` (float32 output of bfloat16/float16 products on CUDA)
+#: works here; None until first tried.
+_MM_OUT_DTYPE: bool | None = None
+
+
+def _matmul_in(acc: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` summed and returned in ``acc``, so that the input gradient, a sum over chunks,
+    is rounded once at the end rather than once per chunk.
+
+    Low-precision CUDA products take ``torch.mm(out_dtype=float32)`` (the tensor cores still
+    accumulate in float32; only the output rounding is skipped) where this PyTorch has it, else
+    the plain product rounded to the input dtype (one rounding per chunk). On the CPU the operands
+    are upcast: exact, and no slower there.
+    """
+    global _MM_OUT_DTYPE
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda:
+        if _MM_OUT_DTYPE is not False:
+            try:
+                out = torch.mm(a, b, out_dtype=acc)
+                _MM_OUT_DTYPE = True
+                return out
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE = False
+        return (a @ b).to(acc)
+    return a.to(acc) @ b.to(acc)
 
 
 def _linear_chunk(x, weight, bias, col0: int, width: int) -> torch.Tensor:
