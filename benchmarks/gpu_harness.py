@@ -53,27 +53,34 @@ DEFAULT_CONFIG = "default"
 #: ``--tiles default-sweep``: CROSSENT_TRITON_LINEAR_TILES values
 #: (block_m,block_v,block_k,block_d,num_warps,num_stages[,key=value]). Every entry compiles for
 #: sm_90 with wgmma, a pipelined K loop, no register spill and shared memory within 228 KB in all
-#: four matmul kernels (benchmarks/sm90_config_report.py, bf16, no options), so each is a fair
-#: candidate; the reason for each is in the comment.
+#: five kernel variants the benchmark runs (benchmarks/sm90_config_report.py, bf16, Triton 3.6 and
+#: 3.9). Pruned by that report: 128x256 and 256x128 output tiles (8 warps), 128x128 tiles with 4
+#: warps, block_d 256 and 64x128x128 with 4 warps all spill (4-2244 bytes) in some kernel.
 LINEAR_SWEEP = [
-    DEFAULT_CONFIG,  # 128,128,64,128,8,3: the fixed default
+    DEFAULT_CONFIG,  # 128,128,64,128,8,3: the fixed default (96 KiB smem, 1 CTA/SM, dW 2 CTAs/SM)
     "128,128,64,128,8,4",  # one more pipeline stage (128 KiB smem): hides more load latency
-    "128,128,128,128,8,3",  # half as many K steps, fewer barriers; 192 KiB smem
-    "128,128,64,128,4,3",  # one warpgroup per tile: 2x the registers per thread, 1 CTA less sync
-    "64,128,64,128,4,4",  # smaller row blocks: 2x the programs, 2 CTAs per SM
+    "128,128,128,128,8,3",  # half as many K steps and barriers; 192 KiB smem
+    "64,128,64,128,4,3",  # one warpgroup per 64-row tile: 2 CTAs/SM in every kernel
+    "128,128,64,64,8,3",  # 64-column dE/dW tiles: 128 registers, 2 CTAs/SM, 2x the dE/dW programs
     "128,128,64,128,8,3,group_m=8",  # grouped gradient-tile order: E rows reused from L2
-    "128,128,64,128,8,3,chunk=2816",  # dW grid 18 x 22 = 396 = 3 full waves of 132 SMs (Gemma-2)
-    "128,128,64,128,8,4,group_m=8,chunk=2816",  # both, with 4 stages
+    # dW grid 18 x 28 = 504 tiles = 95% of 2 waves of 264 CTA slots at Gemma-2 (default chunk
+    # 3072: 432 = 82%); at Llama-3 it goes the other way (896 = 85%, default 768 = 97%).
+    "128,128,64,128,8,3,chunk=3584",
+    "128,128,64,128,8,4,group_m=8,chunk=3584",  # the three changes together
 ]
 
-#: ``--configs default-sweep``: CROSSENT_TRITON_CE_CONFIG values (key=value items).
+#: ``--configs default-sweep``: CROSSENT_TRITON_CE_CONFIG values (key=value items). Each compiles
+#: for sm_90 without spills under Triton 3.6 and 3.9 (sm90_config_report.py), except the default
+#: itself under 3.6 at 32000 columns (one 32768-column block, 16 warps: 128 registers + 40 bytes
+#: spilled; 3.9: no spill), which is why ``single_warps=32`` is in the list. Pruned: persistent=1
+#: alone and persistent=1,single_warps=32 (3.6 spills 8 bytes at 128256 columns), loop_warps=8
+#: with persistent=1 (3.6: 4 bytes).
 CE_SWEEP = [
     DEFAULT_CONFIG,  # one program per row, 8192-column steps, 16 warps, reversed second pass
     "reverse=0",  # second pass in forward order (the old order): measures the reverse-order gain
-    "persistent=1",  # 1 program per SM looping over rows: <= 132 rows (33 MiB) in flight, L2-sized
-    "persistent=2",  # 2 per SM: more loads in flight, 66 MiB of rows (beyond L2 for 128256 cols)
-    "loop_block=16384",  # fewer, longer steps for streamed rows
-    "single_warps=32",  # 32000 columns in registers with 32 warps (1024 threads) instead of 16
+    "persistent=1,reverse=0",  # 1 program per SM looping over rows: 132 rows (32 MiB) in flight
+    "loop_block=16384",  # 16384-column steps: ~90 registers, 1 CTA/SM: also 132 rows in flight
+    "single_warps=32",  # 32000 columns in registers with 32 warps (54-62 registers, no spill)
     "single_max=16384",  # 32000 columns streamed twice (8192 steps) instead of held in registers
 ]
 

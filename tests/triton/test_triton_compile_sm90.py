@@ -37,3 +37,24 @@ def test_kernels_compile_for_sm90():
         wgmma = int(re.search(r"wgmma=(\d+)", lines[name]).group(1))
         cp_async = int(re.search(r"cp.async=(\d+)", lines[name]).group(1))
         assert wgmma > 0 and cp_async > 0, lines[name]
+
+
+REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "benchmarks", "sm90_config_report.py")
+
+
+def test_default_sweep_configs_compile_clean_for_sm90():
+    """Every non-default entry of the benchmark sweeps (gpu_harness.LINEAR_SWEEP, CE_SWEEP)
+    compiles for sm_90 with no register spill, within shared memory, and (linear) with wgmma and
+    a pipelined K loop: the GPU session spends no time on configs that cannot win."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ASTSource/GPUTarget compile API: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, REPORT], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == 8 * 5 + 6 * 2, proc.stdout  # 8 linear configs x 5 kernels, 6 CE configs x 2 shapes
+    assert "all configs OK" in proc.stdout
