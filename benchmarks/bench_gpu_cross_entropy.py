@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_harness as H  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXTRA = ()  # --impls names run outside implementations()
 BENCHMARK = "cross_entropy_logits_fwd_bwd"
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu_cross_entropy.csv")
 CONFIG_ENV = "CROSSENT_TRITON_CE_CONFIG"
@@ -64,7 +65,7 @@ def implementations(torch, F, device):
     return impls
 
 
-def bench_shape(torch, F, impls, shape, dtype, args, common):
+def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
     """Rows for one (rows, classes) shape: the copy floor, then every implementation."""
     n_rows, n_cols = shape
     gen = torch.Generator(device=args.device).manual_seed(0)
@@ -83,14 +84,12 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
     ref_grad, ref_loss = ref_x.grad, ref_loss.detach()
     del ref_x
 
-    rows = []
     # Floor: one device copy of the logits = read once + write once.
     dst = torch.empty_like(base)
     times, _, _, _ = H.measure(torch, tuple, lambda: dst.copy_(base), args.repeats, args.warmup,
                                lambda inputs: [], device=args.device)
-    rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
-                      FLOOR, times, 0, bandwidth, "GB/s",
-                      float("nan"), float("nan")))
+    rec.add(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
+                  FLOOR, times, 0, bandwidth, "GB/s", float("nan"), float("nan")))
     dst = None  # free the copy before the implementations run
 
     def make_inputs():
@@ -103,24 +102,26 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
             return loss.detach()
 
         for config in (args.config_list if name.startswith("crossent") else [""]):
+            if rec.over_budget():
+                rec.add(H.skipped_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, config))
+                continue
             try:
                 with H.config_env(CONFIG_ENV, config or H.DEFAULT_CONFIG):
                     times, extra, loss, grads = H.measure(
                         torch, make_inputs, run, args.repeats, args.warmup,
                         lambda inputs: [inputs[0].grad], device=args.device,
                     )
-                rows.append(H.row(
+                rec.add(H.row(
                     common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
                     bandwidth, "GB/s", float((loss.float() - ref_loss).abs()),
                     H.relative_error(grads[0], ref_grad), config=config,
                 ))
             except Exception as e:  # one failing peer or config must not lose the others' numbers
-                rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, e,
-                                         config=config))
+                rec.add(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, e,
+                                     config=config))
             finally:
                 loss = grads = None
                 H.empty_cache(torch, args.device)
-    return rows
 
 
 def main(argv=None):
@@ -134,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--configs", default="",
                         help="';'-separated CROSSENT_TRITON_CE_CONFIG values for the crossent implementations, "
                              "or 'default-sweep' (gpu_harness.CE_SWEEP); default: crossent's defaults only")
+    parser.add_argument("--max-minutes", type=float, default=0.0,
+                        help="skip (and record as skipped) what is left after this many minutes; 0: no limit")
     parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
@@ -157,23 +160,21 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     common = H.conditions(torch, args.device)
     impls = implementations(torch, F, args.device)
-    if args.impls:
-        wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - set(impls))
-        if unknown:
-            parser.error(f"--impls: unknown {unknown}; known: {sorted(impls)}")
-        impls = {k: v for k, v in impls.items() if k in wanted}
+    try:
+        impls = H.select_impls(impls, args.impls, EXTRA)
+    except ValueError as e:
+        parser.error(str(e))
 
-    rows = []
+    rec = H.Recorder(args.out, args.max_minutes * 60.0)
     for shape in shapes:
-        rows += bench_shape(torch, F, impls, shape, dtype, args, common)
+        bench_shape(torch, F, impls, shape, dtype, args, common, rec)
         H.empty_cache(torch, args.device)
 
-    H.append_rows(args.out, rows)
+    rows = rec.rows
     H.print_table(rows)
     for line in H.best_configs(rows, FLOOR, 1.5, "the copy floor"):
         print(line)
-    print(f"appended {len(rows)} rows to {args.out}")
+    print(f"appended {len(rows)} rows to {args.out} in {rec.elapsed():.0f} s")
     return 0
 
 

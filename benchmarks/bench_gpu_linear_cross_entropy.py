@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_harness as H  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXTRA = ("bare-matmuls",)  # --impls names run outside implementations()
 BENCHMARK = "linear_cross_entropy_fwd_bwd"
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu_linear_cross_entropy.csv")
 CONFIG_ENV = "CROSSENT_TRITON_LINEAR_TILES"
@@ -85,7 +86,7 @@ def implementations(torch, F, fast_budget, device):
     return impls
 
 
-def bench_shape(torch, F, impls, shape, dtype, args, common):
+def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
     """Rows for one (N, D, V) shape: the bare matmuls, then every implementation."""
     n, d, v = shape
     gen = torch.Generator(device=args.device).manual_seed(0)
@@ -106,7 +107,6 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
     del re, rw
     H.empty_cache(torch, args.device)
 
-    rows = []
     if not args.impls or "bare-matmuls" in args.impls:
         g = (torch.randn(n, v, device=args.device, generator=gen) * 1e-4).to(dtype)
 
@@ -116,9 +116,9 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
 
         times, extra, _, _ = H.measure(torch, tuple, bare, args.repeats, args.warmup,
                                        lambda inputs: [], device=args.device)
-        rows.append(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
-                          BARE, times, extra, tflops, "TFLOP/s",
-                          float("nan"), float("nan"), note="yardstick; extra includes logits"))
+        rec.add(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
+                      BARE, times, extra, tflops, "TFLOP/s",
+                      float("nan"), float("nan"), note="yardstick; extra includes logits"))
         del g, bare
         H.empty_cache(torch, args.device)
 
@@ -132,25 +132,27 @@ def bench_shape(torch, F, impls, shape, dtype, args, common):
             return loss.detach()
 
         for config in (args.config_list if name.startswith("crossent") else [""]):
+            if rec.over_budget():
+                rec.add(H.skipped_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, config))
+                continue
             try:
                 with H.config_env(CONFIG_ENV, config or H.DEFAULT_CONFIG):
                     times, extra, loss, grads = H.measure(
                         torch, make_inputs, run, args.repeats, args.warmup,
                         lambda inputs: [inputs[0].grad, inputs[1].grad], device=args.device,
                     )
-                rows.append(H.row(
+                rec.add(H.row(
                     common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
                     tflops, "TFLOP/s", float((loss.float() - ref_loss).abs()),
                     H.relative_error(grads[0], ref_de), H.relative_error(grads[1], ref_dw),
                     note="grad_rel_err = dE, grad2_rel_err = dW", config=config,
                 ))
             except Exception as err:  # one failing peer or config must not lose the others' numbers
-                rows.append(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, err,
-                                         config=config))
+                rec.add(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, err,
+                                     config=config))
             finally:
                 loss = grads = None
                 H.empty_cache(torch, args.device)
-    return rows
 
 
 def main(argv=None):
@@ -166,6 +168,8 @@ def main(argv=None):
     parser.add_argument("--tiles", default="",
                         help="';'-separated CROSSENT_TRITON_LINEAR_TILES values for the crossent implementations, "
                              "or 'default-sweep' (gpu_harness.LINEAR_SWEEP); default: crossent's defaults only")
+    parser.add_argument("--max-minutes", type=float, default=0.0,
+                        help="skip (and record as skipped) what is left after this many minutes; 0: no limit")
     parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
@@ -192,19 +196,17 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     common = H.conditions(torch, args.device)
     impls = implementations(torch, F, args.fast_budget_mib << 20, args.device)
-    if args.impls:
-        wanted = [s.strip() for s in args.impls.split(",") if s.strip()]
-        unknown = sorted(set(wanted) - set(impls) - {"bare-matmuls"})
-        if unknown:
-            parser.error(f"--impls: unknown {unknown}; known: {sorted(impls) + ['bare-matmuls']}")
-        impls = {k: v for k, v in impls.items() if k in wanted}
+    try:
+        impls = H.select_impls(impls, args.impls, EXTRA)
+    except ValueError as e:
+        parser.error(str(e))
 
-    rows = []
+    rec = H.Recorder(args.out, args.max_minutes * 60.0)
     for shape in shapes:
-        rows += bench_shape(torch, F, impls, shape, dtype, args, common)
+        bench_shape(torch, F, impls, shape, dtype, args, common, rec)
         H.empty_cache(torch, args.device)
 
-    H.append_rows(args.out, rows)
+    rows = rec.rows
     H.print_table(rows)
     lean = [r for r in rows if not r["impl"].startswith("crossent-triton-fast")]
     fast = [r for r in rows if not r["impl"].startswith("crossent-triton-lean")]
@@ -212,7 +214,7 @@ def main(argv=None):
         print(line)
     for line in H.best_configs(fast, "torch-compile", 1.0, "torch.compile"):
         print(line)
-    print(f"appended {len(rows)} rows to {args.out}")
+    print(f"appended {len(rows)} rows to {args.out} in {rec.elapsed():.0f} s")
     return 0
 
 

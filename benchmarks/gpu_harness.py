@@ -144,7 +144,8 @@ def best_configs(rows, reference_impl, target_ratio, what):
             if ref:
                 ratio = best["median_ms"] / ref[0]["median_ms"]
                 verdict = "meets" if ratio <= target_ratio else "misses"
-                line += f" = {ratio:.2f}x {what} (target <= {target_ratio}x: {verdict})"
+                line += (f" = {ratio:.2f}x {what} ({ref[0]['median_ms']:.3f} ms; target <= {target_ratio}x: "
+                         f"{verdict})")
             lines.append(line)
     return lines
 
@@ -152,6 +153,30 @@ def best_configs(rows, reference_impl, target_ratio, what):
 def _timed(r):
     v = r.get("median_ms", "")
     return isinstance(v, float) and not math.isnan(v)
+
+
+class Recorder:
+    """Rows of one run: each is appended to the CSV and printed as soon as it is measured, so a
+    run cut short (a device call's time limit) keeps what it measured; ``budget_s`` (> 0) makes
+    ``over_budget()`` true once that many seconds have passed since the start, so the scripts skip
+    (and record as skipped) what is left instead of being killed mid-way."""
+
+    def __init__(self, out, budget_s=0.0):
+        self.out, self.budget_s, self.rows, self.t0 = out, budget_s, [], time.perf_counter()
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+    def over_budget(self):
+        return self.budget_s > 0 and self.elapsed() > self.budget_s
+
+    def add(self, row):
+        append_rows(self.out, [row])
+        self.rows.append(row)
+        ms = row.get("median_ms", "")
+        value = f"{ms:.3f} ms" if isinstance(ms, float) else row.get("note", "")
+        print(f"[{self.elapsed():7.1f} s] {row['shape']} {row['impl']} [{row.get('config', '')}]: {value}",
+              flush=True)
 
 
 def parse_shapes(text, dims):
@@ -341,13 +366,38 @@ def failed_row(common, benchmark, shape, dtype, ignored, impl, error, config="")
     )
 
 
+def skipped_row(common, benchmark, shape, dtype, ignored, impl, config=""):
+    return dict(
+        common, benchmark=benchmark, shape="x".join(map(str, shape)), dtype=dtype,
+        ignored_fraction=ignored, impl=impl, config=config, note="skipped: --max-minutes reached",
+    )
+
+
+def select_impls(impls, text, extra=()):
+    """The implementations named in ``text`` (comma list; an entry also matches a name that
+    continues with "(", e.g. "crossent-triton-fast" matches "crossent-triton-fast(1536MiB)");
+    all of them when ``text`` is empty. ``extra`` are names handled outside ``impls``. Raises
+    ValueError naming the unknown entries and the known names."""
+    wanted = [w.strip() for w in (text or "").split(",") if w.strip()]
+    if not wanted:
+        return dict(impls)
+
+    def matches(name, w):
+        return name == w or name.startswith(w + "(")
+
+    unknown = [w for w in wanted if w not in extra and not any(matches(n, w) for n in impls)]
+    if unknown:
+        raise ValueError(f"--impls: unknown {unknown}; known: {sorted(impls) + sorted(extra)}")
+    return {n: f for n, f in impls.items() if any(matches(n, w) for w in wanted)}
+
+
 def print_table(rows):
     """Human-readable summary of this run's rows on stdout."""
     header = f"{'shape':>22} {'impl':>34} {'median ms':>10} {'p10':>8} {'p90':>8} {'extra MiB':>10} " \
              f"{'throughput':>16} {'loss err':>9} {'grad err':>9} {'grad2 err':>9}  config"
     print(header)
     for r in rows:
-        if r.get("note", "").startswith("failed"):
+        if r.get("note", "").startswith(("failed", "skipped")):
             print(f"{r['shape']:>22} {r['impl']:>34}  {r['note']}  [{r.get('config', '')}]")
             continue
 

@@ -110,6 +110,34 @@ def test_config_env_sets_and_restores(monkeypatch):
     assert os.environ["CROSSENT_TEST_VAR"] == "outer"
 
 
+def test_select_impls():
+    h = load_harness()
+    impls = {"crossent-triton-lean": 1, "crossent-triton-fast(1536MiB)": 2, "torch-eager": 3}
+    assert h.select_impls(impls, "") == impls
+    assert h.select_impls(impls, "crossent-triton-fast, torch-eager") == {
+        "crossent-triton-fast(1536MiB)": 2, "torch-eager": 3}
+    assert h.select_impls(impls, "bare-matmuls", ("bare-matmuls",)) == {}
+    with pytest.raises(ValueError, match=r"--impls: unknown \['crossent'\]; known: \["):
+        h.select_impls(impls, "crossent")
+
+
+def test_recorder_appends_each_row_at_once_and_keeps_a_budget(tmp_path):
+    h = load_harness()
+    path = str(tmp_path / "r.csv")
+    rec = h.Recorder(path, budget_s=0.0)
+    common = {"date": "d", "device": "dev", "torch": "t", "triton": "tr", "liger_kernel": "-",
+              "cut_cross_entropy": "-"}
+    rec.add(h.row(common, "b", (4, 5), "bfloat16", 0.1, "impl-a", [1.0], 0, lambda ms: 1.0, "GB/s",
+                  0.0, 0.0, config="x=1"))
+    with open(path, newline="") as f:
+        assert [r["config"] for r in csv.DictReader(f)] == ["x=1"]
+    assert not rec.over_budget()
+    rec.budget_s, rec.t0 = 1.0, rec.t0 - 2.0
+    assert rec.over_budget()
+    rec.add(h.skipped_row(common, "b", (4, 5), "bfloat16", 0.1, "impl-b", "y=1"))
+    assert [r["note"] for r in rec.rows] == ["", "skipped: --max-minutes reached"]
+
+
 def test_best_configs_ratio_to_reference():
     h = load_harness()
 
@@ -120,7 +148,7 @@ def test_best_configs_ratio_to_reference():
             r("crossent-a", "y=1", float("nan")), r("peer", "", 0.5), r("crossent-a", "default", 9.0, "6x7")]
     lines = h.best_configs(rows, "floor", 1.5, "the floor")
     assert lines[0] == ("4x5 crossent-a: fastest config 'x=1' 1.400 ms (default 1.800 ms) = 1.40x the floor "
-                        "(target <= 1.5x: meets)")
+                        "(1.000 ms; target <= 1.5x: meets)")
     assert lines[1] == "6x7 crossent-a: fastest config 'default' 9.000 ms"
 
 
@@ -204,3 +232,21 @@ def test_sweep_rejects_a_bad_config_before_running(tmp_path):
     assert proc.returncode == 2
     assert "--tiles: CROSSENT_TRITON_LINEAR_TILES: block_v must be a power of two" in proc.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_max_minutes_skips_the_rest_and_records_it(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "budget.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, os.path.join(BENCH, "bench_gpu_cross_entropy.py"), "--device", "cpu", "--shapes",
+           "5x300", "--repeats", "1", "--warmup", "0", "--out", str(out), "--configs", "default;reverse=0",
+           "--impls", "crossent-triton", "--max-minutes", "1e-9"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["impl"], r["config"], r["note"]) for r in rows[1:]] == [
+        ("crossent-triton", "default", "skipped: --max-minutes reached"),
+        ("crossent-triton", "reverse=0", "skipped: --max-minutes reached"),
+    ]
