@@ -6,8 +6,8 @@ Run on a CUDA machine, kernels compiled (``-rP`` prints the measured errors and 
 
 Under the interpreter or without CUDA every test here is skipped with the reason (``cuda_device``
 in conftest.py), except ``test_sizes_cross_2_31``, which checks the shapes below and needs nothing.
-Once their kernels are compiled each test takes seconds (a cold Triton cache adds the compile
-time) and at most about 20 GB of GPU memory.
+Once their kernels are compiled each test should take seconds (a cold Triton cache adds the
+compile time) and, by our count of its tensors, under 20 GB of GPU memory (not yet measured).
 
 (a) N * V > 2**31 for real: cross_entropy forward and backward on 8200 x 262147 bf16 logits
     (rows from 8192 on start past 2**31 elements), reductions "mean" and "none", 10% ignored,
