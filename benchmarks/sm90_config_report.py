@@ -5,8 +5,8 @@ CE_SWEEP, or those given with --tiles / --configs) this compiles, with Triton's 
 sm_90 (tests/triton/_sm90.py: TTIR -> PTX -> cubin with the ptxas bundled in the triton wheel),
 the kernels the benchmark runs (bf16, no loss options, as in the benchmarks):
 
-* linear: forward (statistics; ``+store``: fast mode's variant), gradient tile (lean, with the
-  config's group_m), dE (a middle chunk: FIRST=False, LAST=False) and dW;
+* linear: forward (statistics; ``+store``: fast mode's variant) and gradient tile (lean), both with
+  the config's group_m, dE (a middle chunk: FIRST=False, LAST=False) and dW;
 * CE: the row kernel at 128256 and 32000 columns (the DESIGN.md shapes) with the config's block,
   warps, persistence and pass order;
 
@@ -167,9 +167,11 @@ def main(argv=None):
         kern = dict(num_warps=t.num_warps, num_stages=t.num_stages, divisible=divisible)
         variants = [
             ("forward", K._lce_forward_kernel,
-             dict(**plain, **dot, STORE_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v), ("cap",)),
+             dict(**plain, **dot, STORE_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+                  GROUP_M=t.group_m), ("cap",)),
             ("forward+store", K._lce_forward_kernel,
-             dict(**plain, **dot, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v), ("cap",)),
+             dict(**plain, **dot, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+                  GROUP_M=t.group_m), ("cap",)),
             ("grad_tile", K._lce_grad_tile_kernel,
              dict(**plain, **dot, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v, GROUP_M=t.group_m),
              ("cap",)),
@@ -182,7 +184,8 @@ def main(argv=None):
         if args.all_options:
             variants += [
                 ("forward[all options]", K._lce_forward_kernel,
-                 dict(**every, **dot, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v), ("cap",)),
+                 dict(**every, **dot, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+                      GROUP_M=t.group_m), ("cap",)),
                 ("grad_tile[all options]", K._lce_grad_tile_kernel,
                  dict(**every, **dot, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
                       GROUP_M=t.group_m), ("cap",)),

@@ -62,8 +62,9 @@ def main():
         tiles = dict(INTERPRETER=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
                      BLOCK_K=32 if dt == "fp32" else 64)
         opts = dict(HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)
-        build(f"lce_forward[{dt}]", K._lce_forward_kernel, ptrs,
-              dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128), floats=("cap",))
+        for group in (0, 8):
+            build(f"lce_forward[{dt}" + (f",group_m={group}]" if group else "]"), K._lce_forward_kernel, ptrs,
+                  dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=group), floats=("cap",))
         build(f"lce_combine[{dt}]", K._lce_combine_kernel, ptrs,
               dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128),
               floats=("eps", "z_loss"), num_warps=4)

@@ -369,6 +369,32 @@ def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, n_cols, I
 
 
 @triton.jit
+def _program_tile(GROUP_M: tl.constexpr):
+    """(row block, column block) of this program on a 2-D grid (row blocks, column blocks).
+
+    ``GROUP_M`` = 0: axis 0 is the row block, axis 1 the column block. Programs are launched
+    axis 0 fastest, so those in flight then share one or two column blocks but span every row
+    block: all of E (N x D: 38 MB at N 8192, D 2304; 67 MB at D 4096, more than an H100's 50 MB L2)
+    is re-read for each column block. ``GROUP_M`` > 0 renumbers them so that consecutive programs
+    cover GROUP_M row blocks times every column block (the last group may have fewer row blocks):
+    in flight, a few row blocks of E and the columns' W tiles, an L2-sized working set. Only
+    which program computes which tile changes, never how: results are bit-identical.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if GROUP_M > 0:
+        n_m = tl.num_programs(0)
+        per_group = GROUP_M * tl.num_programs(1)
+        pid = pid_n * n_m + pid_m
+        first_m = (pid // per_group) * GROUP_M
+        size = tl.minimum(n_m - first_m, GROUP_M)
+        local = pid % per_group
+        pid_m = first_m + local % size
+        pid_n = local // size
+    return pid_m, pid_n
+
+
+@triton.jit
 def _logits_tile(
     e_ptr,
     stride_em,
@@ -495,6 +521,7 @@ def _lce_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """Per-row softmax statistics of one vocabulary split: grid (row blocks, splits).
 
@@ -513,9 +540,10 @@ def _lce_forward_kernel(
     ``rows_ptr`` (M,) int64 compacted row indices;
     ``n_valid_ptr`` int64 scalar (number of non-ignored rows); ``target_ptr`` (M,) int64;
     ``weight_ptr`` (V,) class weights. Overflow: row indices and row offsets are int64.
+    ``GROUP_M``: program order (``_program_tile``; groups of row blocks times every split), which
+    changes no result.
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_m, pid_s = _program_tile(GROUP_M)
     n_splits = tl.num_programs(1)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
@@ -698,22 +726,9 @@ def _lce_grad_tile_kernel(
     tl.dot; with it ("fast") ``g_ptr`` already holds the softcapped logits written by the
     forward kernel and is overwritten in place. Rows past ``n_valid`` are skipped (their entries
     are never read). ``coef_ptr`` float32 [5, n_rows] (m, log s, A, B, C) from the combine kernel.
-    ``GROUP_M`` > 0 renumbers the programs (launched axis 0 fastest) so that consecutive ones
-    cover GROUP_M row blocks times every column block of the chunk (an L2-sized working set of E
-    and W); 0 keeps (row block, column block) = (axis 0, axis 1). Each tile is computed the same
-    way whichever program takes it.
+    ``GROUP_M``: program order (``_program_tile``), bit-identical results for any value.
     """
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    if GROUP_M > 0:
-        n_m = tl.num_programs(0)
-        per_group = GROUP_M * tl.num_programs(1)
-        pid = pid_v * n_m + pid_m
-        first_m = (pid // per_group) * GROUP_M
-        size = tl.minimum(n_m - first_m, GROUP_M)
-        local = pid % per_group
-        pid_m = first_m + local % size
-        pid_v = local // size
+    pid_m, pid_v = _program_tile(GROUP_M)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
         r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

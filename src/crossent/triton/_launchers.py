@@ -387,11 +387,13 @@ class LinearTiles:
     num_warps: int
     num_stages: int
     programs: int  # forward programs wanted in flight: sets the number of vocabulary splits
-    # Gradient-tile kernel program order: 0 = row blocks fastest over all of them (a vocabulary
-    # tile is read by every row block in flight, E is swept once per ~(SMs / row blocks) tiles);
-    # g > 0 = groups of g row blocks sweep the whole chunk before the next group starts, so the
-    # programs in flight share g row blocks of E (g x 128 x D) and the chunk of W, an L2-sized
-    # working set. Only which program computes which tile changes: results are bit-identical.
+    # Program order of the forward and gradient-tile kernels (grids: row blocks x vocabulary
+    # splits / chunk tiles). 0 = row blocks fastest: the ~132 programs in flight span all 64 row
+    # blocks (N 8192) and 2 column blocks, so every step re-reads all of E (38 MB at D 2304, 67 MB
+    # at D 4096: more than the 50 MB L2 of an H100, i.e. from HBM). g > 0 = groups of g row blocks
+    # times every column block: in flight, g row blocks of E and the columns' W tiles (8 x 16 at
+    # g = 8 in the forward: ~24 MB per step). Only which program computes which tile changes:
+    # results are bit-identical (tested).
     group_m: int = 0
     # "lean" vocabulary columns per backward step (multiple of block_v); 0 = the most that fits
     # LEAN_WORKSPACE_BYTES. The dW kernel's grid is (D / block_d) x (chunk / block_v) tiles per
@@ -596,7 +598,7 @@ def linear_forward(
             partial, store if store is not None else dummy, plan.n_store, plan.n_store,
             n_rows, n_vocab, n_dim, plan.tiles_per_split, cap,
             STORE_LOGITS=store is not None,
-            BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+            BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
             num_warps=t.num_warps, num_stages=t.num_stages,
             **flags, **_dot_args(inp.dtype),
         )
