@@ -21,9 +21,10 @@ Each config is a CROSSENT_TRITON_CE_CONFIG value (``key=value`` items, see
 crossent.triton._launchers.CEConfig; "default" = no override); rows carry it in the ``config``
 column, and the fastest config per shape is printed with its ratio to the copy floor (target
 <= 1.5x). ``--impls crossent-triton`` skips the peers. Time on an H100 (estimate, not measured):
-each config compiles one CE kernel variant per shape (~2 s) and runs 2 x 23 calls of 2-7 ms; the
-torch.compile peer compiles once per shape (~30-60 s): the default sweep at both shapes takes
-about 3-4 minutes, most of it torch.compile and the float32 references.
+each config compiles one CE kernel variant per shape (< 1 s) and runs 2 impls x 23 calls of 2-7
+ms; torch.compile compiles once per shape (~0.5-1 min): the 6-config default sweep at both shapes
+takes about 2-4 minutes, most of it torch.compile, the float32 references and input copies.
+--max-minutes N skips (and records as skipped) what is left after N minutes.
 """
 
 from __future__ import annotations

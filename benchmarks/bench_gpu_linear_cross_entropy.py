@@ -27,13 +27,15 @@ column; the fastest config per shape is printed with its ratio to the bare matmu
 ``--impls crossent-triton-lean,bare-matmuls`` for a quick sweep.
 
 Time on an H100 (estimate from counts, not measured): per config, lean compiles 7 kernel variants
-(forward, combine, gradient tile, 3 dE, dW; ~2 s each: measured 1.9 s for one matmul kernel on a
-2-core CPU) and fast 3 more, once for both shapes when divisibilities match; a lean call takes
-~50-70 ms and a fast one ~40-50 ms, x (warmup + repeats) = 12 calls. So the 8-config default
-sweep costs ~8 x (20 s compile + 2 shapes x 2 impls x 12 x 0.07 s) = ~4.5 minutes, plus once per
-shape: the float32 reference (~1 s), torch eager and compile (~1 min of compile), Liger and CCE
-(12 calls of 65-160 ms each): about 7 minutes for everything at both shapes. To stay safely
-inside one 10-minute call, split by shape (--shapes) or use --repeats 5.
+(forward, combine, gradient tile, 3 dE, dW) and fast 3 more, once for both shapes (same
+specializations); sm90_config_report.py compiles 40 of the matmul variants (+ a ptxas rerun each)
+in 18 s with Triton 3.6 on a 2-core CPU, so ~5-10 s per config. A lean call takes ~50-90 ms and
+a fast one ~40-60 ms, x (warmup 2 + repeats 10): ~2 s per config and shape. The 8-config default
+sweep: ~1.5 min for crossent at both shapes. Once per shape: the float32 reference (~1 s, ~35 GB
+at Gemma-2), the bare matmuls, torch eager, torch.compile (~0.5-1.5 min of compile per shape),
+Liger and Cut Cross-Entropy (their Triton compiles and autotuning, then 12 calls of 50-160 ms):
+about 5-7 minutes in all. Pass --max-minutes 8.5 inside a 10-minute device call: whatever is left
+at that point is recorded as skipped and the rows so far are already in the CSV.
 """
 
 from __future__ import annotations
