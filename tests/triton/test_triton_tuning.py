@@ -80,7 +80,7 @@ def test_ce_config_parse():
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("8192", r"must start with 0 comma-separated integers|key=value items only"),
+        ("8192", r"must be comma-separated key=value items \(keys: single_max, .*got '8192'"),
         ("loop_block=3000", r"loop_block must be a power of two in \[16, 65536\], got 3000"),
         ("reverse=2", r"reverse must be an integer in \[0, 1\], got 2"),
         ("single_warps=3", r"single_warps must be 0 or a power of two <= 32, got 3"),

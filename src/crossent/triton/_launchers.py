@@ -169,6 +169,8 @@ def _parse_config(var, text, fields, positional, checks):
     items = [i.strip() for i in text.split(",") if i.strip()]
     out = {}
     bare = [i for i in items if "=" not in i]
+    if bare and not positional:
+        raise ValueError(f"{var} must be comma-separated key=value items (keys: {', '.join(fields)}), got {text!r}")
     if bare and (len(bare) != len(positional) or any("=" in i for i in items[: len(bare)])):
         raise ValueError(
             f"{var} must start with {len(positional)} comma-separated integers "
@@ -209,10 +211,11 @@ def _int_in(lo, hi):
 class CEConfig:
     """Launch configuration of the one-program-per-row cross-entropy kernel (see ``_row_block``).
 
-    Every knob changes only which program reads which block and when, never the arithmetic of a
-    row (each row's statistics are accumulated by one program in column-block order): results
-    are bit-identical across configs with the same ``loop_block``/``single_max`` choice of path,
-    and identical run to run for any config.
+    Each row is still reduced by one program in column-block order. ``persistent`` and
+    ``reverse`` change only which program takes a row and the order of the gradient stores: no
+    bit changes. The block sizes and warps change how a block's max and sum-exp are split across
+    threads, so the last bits of the loss may differ between such configs; any one config is
+    deterministic run to run.
     """
 
     single_max: int = SINGLE_BLOCK_MAX  # rows up to this many columns (power of 2) stay in registers
