@@ -2,9 +2,10 @@
 
 ``CROSSENT_TRITON_CE_CONFIG`` and ``CROSSENT_TRITON_LINEAR_TILES`` are parsed at every call; bad
 values raise errors naming the variable, what was expected and what came. A non-default config
-must give the oracle's answer (float64 PyTorch) under the interpreter, and knobs that only move
-work between programs (CE: persistent grid, reverse second pass; linear: grouped program order)
-must give bit-identical results.
+must give the oracle's answer (float64 PyTorch) on the ``device`` fixture's device (the
+interpreter on CPU, or compiled on CUDA), and knobs that only move work between programs (CE:
+persistent grid, reverse second pass; linear: grouped program order) must give bit-identical
+results.
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from crossent.triton import _launchers as L  # noqa: E402
 from crossent.triton import cross_entropy, linear_cross_entropy  # noqa: E402
-
-needs_interpreter = pytest.mark.skipif(
-    not L.interpreted(), reason="needs TRITON_INTERPRET=1 set before triton is imported"
-)
 
 DEFAULT_TILES = L.LinearTiles(128, 128, 64, 128, 8, 3, 1024)
 
@@ -108,9 +105,16 @@ def test_overrides_are_read_at_call_time(monkeypatch):
     assert L._row_block(128256) == (4096, 8, False)
     assert L._row_block(32000) == (4096, 8, False)  # 32768 > single_max: streamed
     assert L._row_block(16000) == (16384, 16, True)
+
+
+def test_a_bad_override_fails_the_call(monkeypatch, device):
     monkeypatch.setenv(L.CE_CONFIG_ENV, "loop_block=3000")
-    with pytest.raises(ValueError, match="CROSSENT_TRITON_CE_CONFIG: loop_block"):
-        cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="CROSSENT_TRITON_CE_CONFIG: loop_block must be a power of two"):
+        cross_entropy(torch.zeros(2, 3, device=device), torch.zeros(2, dtype=torch.int64, device=device))
+    monkeypatch.setenv(L.LINEAR_TILES_ENV, "128,128,64,128,8")
+    with pytest.raises(ValueError, match="CROSSENT_TRITON_LINEAR_TILES must start with 6"):
+        linear_cross_entropy(torch.zeros(2, 16, device=device), torch.zeros(5, 16, device=device),
+                             torch.zeros(2, dtype=torch.int64, device=device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,24 +125,24 @@ def test_overrides_are_read_at_call_time(monkeypatch):
 def _ce_run(logits, target, **opts):
     x = logits.clone().requires_grad_()
     loss = cross_entropy(x, target, reduction="none", **opts)
-    loss.backward(torch.linspace(0.5, 1.5, loss.numel()))
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel(), device=x.device))
     return loss.detach(), x.grad
 
 
-@needs_interpreter
-@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-def test_ce_configs_match_oracle_and_each_other(monkeypatch, ref):
+def test_ce_configs_match_oracle_and_each_other(monkeypatch, ref, device):
     """Streamed rows (C = 203 in 32-column steps: 7 blocks, the last partial) with the second pass
     forward and reversed, one program per row and a persistent grid (2 programs under the
-    interpreter, looping over 9 rows): the oracle's answer, and the same bits every time."""
+    interpreter, looping over 9 rows; k x SMs programs on CUDA, over 3 x 132 + 5 rows): the
+    oracle's answer, and the same bits every time."""
+    n = 9 if device == "cpu" else 3 * L._sm_count(torch.device(device)) + 5
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(9, 203, generator=gen) * 3
-    target = torch.randint(0, 203, (9,), generator=gen)
+    logits = (torch.randn(n, 203, generator=gen) * 3).to(device)
+    target = torch.randint(0, 203, (n,), generator=gen).to(device)
     target[4] = -100
     opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
     want_x = logits.double().requires_grad_()
     want = ref(want_x, target, reduction="none", **opts)
-    want.backward(torch.linspace(0.5, 1.5, want.numel()).double())
+    want.backward(torch.linspace(0.5, 1.5, want.numel(), device=device).double())
     results = {}
     for text in ("single_max=32,loop_block=32,reverse=0", "single_max=32,loop_block=32,reverse=1",
                  "single_max=32,loop_block=32,persistent=1", "single_max=32,loop_block=32,persistent=3,reverse=0"):
@@ -158,16 +162,15 @@ def test_ce_configs_match_oracle_and_each_other(monkeypatch, ref):
     assert torch.equal(single[0], persistent[0]) and torch.equal(single[1], persistent[1])
 
 
-@needs_interpreter
-@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-def test_linear_tiles_override_matches_oracle_and_group_order_is_bitwise(monkeypatch):
+def test_linear_tiles_override_matches_oracle_and_group_order_is_bitwise(monkeypatch, device):
     """Small tiles with several row blocks, splits and lean chunks; grouped program order (2 row
-    blocks per group, the last group partial) gives the same bits as the plain order."""
+    blocks per group, the last group partial, in the forward and the gradient tile) gives the
+    same bits as the plain order."""
     gen = torch.Generator().manual_seed(5)
     n, d, v = 37, 24, 150
-    x = torch.randn(n, d, generator=gen)
-    w = torch.randn(v, d, generator=gen) * 0.5
-    target = torch.randint(0, v, (n,), generator=gen)
+    x = torch.randn(n, d, generator=gen).to(device)
+    w = (torch.randn(v, d, generator=gen) * 0.5).to(device)
+    target = torch.randint(0, v, (n,), generator=gen).to(device)
     target[::7] = -100
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     want = F.cross_entropy(xr @ wr.T, target)
