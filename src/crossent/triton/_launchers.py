@@ -400,10 +400,12 @@ class LinearTiles:
     group_m: int = 0
     # "lean" vocabulary columns per backward step (multiple of block_v); 0 = the most that fits
     # LEAN_WORKSPACE_BYTES. The dW kernel's grid is (D / block_d) x (chunk / block_v) tiles per
-    # step: at the Gemma-2 shape (N 8192, D 2304, chunk 3072) that is 18 x 24 = 432 tiles, 3.3
-    # waves of 132 SMs (the 4th wave 27% full, 82% efficiency); chunk 2816 gives 396 = 3 full
-    # waves. The chunk sets where dE's float32 partial sums are added, so it changes dE's
-    # rounding (deterministically: fixed per config).
+    # step, and (ptxas, sm_90) 2 of its CTAs fit an SM: 264 slots on an H100. At the Gemma-2 shape
+    # (N 8192, D 2304, chunk 3072) that is 18 x 24 = 432 tiles, 1.6 waves (82% efficiency), at
+    # every one of the 84 steps; chunk 3584 gives 504 = 95% (but Llama-3's D 4096: 768 = 97% at
+    # 3072, 896 = 85% at 3584: the best chunk depends on D). Bigger chunks also mean fewer
+    # read-modify-write passes over the float32 dE accumulator. The chunk sets where dE's float32
+    # partial sums are added, so it changes dE's rounding (deterministically: fixed per config).
     chunk: int = 0
 
 
