@@ -28,14 +28,14 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 } > "$OUT/env.txt" 2>&1
 case $step in
     check)
-        python3 -m pytest -q -p no:cacheprovider -x --timeout 300 \
+        python3 -m pytest -q -p no:cacheprovider -rfEs --maxfail 10 --timeout 300 \
             --ignore tests/triton/test_triton_bench_harness.py \
             tests/triton tests/torch/test_torch_triton_dispatch.py "$@" 2>&1 | tee "$OUT/check.log" ;;
     ce)
-        python3 benchmarks/bench_gpu_cross_entropy.py --configs default-sweep \
+        python3 benchmarks/bench_gpu_cross_entropy.py --configs default-sweep --max-minutes 8.5 \
             --out "$OUT/gpu_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/ce.log" ;;
     linear)
-        python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default-sweep \
+        python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default-sweep --max-minutes 8.5 \
             --out "$OUT/gpu_linear_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/linear.log" ;;
     *)
         echo "unknown step $step: expected check, ce or linear" >&2; exit 2 ;;
