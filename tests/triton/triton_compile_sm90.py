@@ -68,6 +68,16 @@ def main():
         build(f"lce_combine[{dt}]", K._lce_combine_kernel, ptrs,
               dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128),
               floats=("eps", "z_loss"), num_warps=4)
+        # The JIT turns an integer argument equal to 1 into a compile-time constant, so integer
+        # parameters must not be used as tensors: `n_splits.to(tl.int64)` failed to compile this
+        # way on an H100 (few vocabulary tiles: one split).
+        ones = dict(n_splits=1, n_rows=1)
+        build(f"lce_forward[{dt},n_rows=1]", K._lce_forward_kernel, ptrs,
+              dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=8, n_rows=1),
+              floats=("cap",))
+        build(f"lce_combine[{dt},n_splits=1,n_rows=1]", K._lce_combine_kernel, ptrs,
+              dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128, **ones),
+              floats=("eps", "z_loss"), num_warps=4)
         for from_logits, group in ((False, 0), (True, 0), (False, 8)):
             build(f"lce_grad_tile[{dt},from_logits={from_logits}" + (f",group_m={group}]" if group else "]"),
                   K._lce_grad_tile_kernel, ptrs,

@@ -589,7 +589,7 @@ def _lce_forward_kernel(
                 sum_wd += tl.sum(tl.where(fin, w[None, :] * (x - m_safe[:, None]), 0.0), axis=1)
                 sum_w += tl.sum(tl.where(fin, w[None, :], 0.0), axis=1)
         base = partial_ptr + pid_s.to(tl.int64) * n_rows + r
-        plane = n_splits.to(tl.int64) * n_rows
+        plane = tl.cast(n_splits, tl.int64) * n_rows  # tl.cast: n_splits == 1 arrives as a constant
         tl.store(base, m, mask=row_mask)
         tl.store(base + plane, s, mask=row_mask)
         tl.store(base + 2 * plane, x_t, mask=row_mask)
@@ -638,7 +638,7 @@ def _lce_combine_kernel(
         n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_wd = tl.zeros([BLOCK_M], dtype=tl.float32)
-        plane = n_splits.to(tl.int64) * n_rows
+        plane = tl.cast(n_splits, tl.int64) * n_rows  # tl.cast: n_splits == 1 arrives as a constant
         for split in range(0, n_splits):
             base = partial_ptr + split * n_rows + r
             m_k = tl.load(base, mask=row_mask, other=float("-inf"))
