@@ -57,16 +57,15 @@ DEFAULT_CONFIG = "default"
 #: 3.9). Pruned by that report: 128x256 and 256x128 output tiles (8 warps), 128x128 tiles with 4
 #: warps, block_d 256 and 64x128x128 with 4 warps all spill (4-2244 bytes) in some kernel.
 LINEAR_SWEEP = [
-    DEFAULT_CONFIG,  # 128,128,64,128,8,3: the fixed default (96 KiB smem, 1 CTA/SM, dW 2 CTAs/SM)
-    "128,128,64,128,8,4",  # one more pipeline stage (128 KiB smem): hides more load latency
-    "128,128,128,128,8,3",  # half as many K steps and barriers; 192 KiB smem
-    "64,128,64,128,4,3",  # one warpgroup per 64-row tile: 2 CTAs/SM in every kernel
-    "128,128,64,64,8,3",  # 64-column dE/dW tiles: 128 registers, 2 CTAs/SM, 2x the dE/dW programs
-    "128,128,64,128,8,3,group_m=8",  # grouped gradient-tile order: E rows reused from L2
-    # dW grid 18 x 28 = 504 tiles = 95% of 2 waves of 264 CTA slots at Gemma-2 (default chunk
-    # 3072: 432 = 82%); at Llama-3 it goes the other way (896 = 85%, default 768 = 97%).
-    "128,128,64,128,8,3,chunk=3584",
-    "128,128,64,128,8,4,group_m=8,chunk=3584",  # the three changes together
+    # Entries override fields of the default (CROSSENT_TRITON_LINEAR_TILES keeps what it does not
+    # name). Measured on an H100 (benchmarks/results/gpu_linear_cross_entropy.csv, lean, ms at
+    # 8192x2304x256000 / 8192x4096x128256):
+    DEFAULT_CONFIG,  # 128,128,64,128,8,4,group_m=8, 3584-column chunks at N 8192: 80.9 / 73.2
+    "group_m=0,num_stages=3,chunk=3072",  # the first default: 94.3 / 81.5
+    "group_m=16",  # 80.4 (fast mode 74.0) / 73.0
+    "group_m=4",  # 80.1 / 74.1
+    "num_stages=5",  # 160 KiB smem: - / 72.8
+    "num_stages=3",  # 96 KiB smem, the grouped order and chunks kept
 ]
 
 #: ``--configs default-sweep``: CROSSENT_TRITON_CE_CONFIG values (key=value items). Each compiles
@@ -76,12 +75,15 @@ LINEAR_SWEEP = [
 #: alone and persistent=1,single_warps=32 (3.6 spills 8 bytes at 128256 columns), loop_warps=8
 #: with persistent=1 (3.6: 4 bytes).
 CE_SWEEP = [
-    DEFAULT_CONFIG,  # one program per row, 8192-column steps, 16 warps, reversed second pass
-    "reverse=0",  # second pass in forward order (the old order): measures the reverse-order gain
-    "persistent=1,reverse=0",  # 1 program per SM looping over rows: 132 rows (32 MiB) in flight
-    "loop_block=16384",  # 16384-column steps: ~90 registers, 1 CTA/SM: also 132 rows in flight
-    "single_warps=32",  # 32000 columns in registers with 32 warps (54-62 registers, no spill)
-    "single_max=16384",  # 32000 columns streamed twice (8192 steps) instead of held in registers
+    # Measured on an H100 (benchmarks/results/gpu_cross_entropy.csv, ms at 8192x128256 /
+    # 32768x32000, copy floors 1.40 / 1.62):
+    DEFAULT_CONFIG,  # rows > 16384 columns streamed in 8192-column steps, reversed 2nd pass: 2.27 / 2.02
+    # (the first default, single_max=32768, held 32000 columns in registers with 16 warps: 2.28 /
+    # 2.66; left out: Triton 3.6 spills 40 bytes there. With 32 warps it does not spill:)
+    "single_max=32768,single_warps=32",  # - / 2.23
+    "loop_block=16384",  # 2.36 / 2.61 (with single_max=32768)
+    "reverse=0",  # second pass in forward order: 2.37 / 2.67 (with single_max=32768)
+    "loop_block=4096",  # smaller steps, more programs in flight
 ]
 
 

@@ -93,7 +93,9 @@ def test_default_sweeps_are_valid_configs():
 
     h = load_harness()
     assert h.LINEAR_SWEEP[0] == h.CE_SWEEP[0] == "default"
-    base = L.LinearTiles(128, 128, 64, 128, 8, 3, 1024)
+    import torch
+
+    base = L.linear_tiles(torch.bfloat16)  # sweep entries override fields of the default
     tiles = [L.parse_linear_tiles(c, base) for c in h.LINEAR_SWEEP[1:]]
     assert len(set(tiles)) == len(tiles) and base not in tiles
     ces = [L.parse_ce_config(c) for c in h.CE_SWEEP[1:]]

@@ -21,9 +21,11 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
 
 #: Workspace of the "lean" linear cross-entropy: one (rows x chunk) gradient tile per vocabulary
-#: chunk. 48 MiB keeps the lean mode's extra memory under N*D*4 B (the float32 dE accumulator)
-#: + 64 MiB; bigger chunks mean fewer read-modify-write passes over the dE accumulator.
-LEAN_WORKSPACE_BYTES = 48 * 2**20
+#: chunk. 56 MiB keeps the lean mode's extra memory under N*D*4 B (the float32 dE accumulator)
+#: + 64 MiB (measured on an H100 with 3584-column chunks: 129.2 MiB extra at N 8192, D 2304,
+#: limit 136; 184.2 MiB at D 4096, limit 192); bigger chunks mean fewer read-modify-write passes
+#: over the dE accumulator.
+LEAN_WORKSPACE_BYTES = 56 * 2**20
 
 
 def interpreted() -> bool:
@@ -143,8 +145,11 @@ def _scales(target, weight, ignore_index, n_classes, reduction, device):
 
 
 #: Rows of at most this many columns are held in registers by one program (read once);
-#: longer rows are streamed twice in LOOP_BLOCK-column steps.
-SINGLE_BLOCK_MAX = 32768
+#: longer rows are streamed twice in LOOP_BLOCK-column steps. Measured on an H100 (Triton 3.6,
+#: bf16, fwd+bwd, benchmarks/results/gpu_cross_entropy.csv): at 32768 x 32000 the register-held
+#: row (32768 lanes, 16 warps, 40 bytes spilled) took 2.656 ms, streaming it (limit 16384)
+#: 2.205 ms; rows of 128256 columns stream either way.
+SINGLE_BLOCK_MAX = 16384
 LOOP_BLOCK = 8192
 
 #: Environment variables that override the fixed kernel configurations for one call (read at
@@ -457,7 +462,12 @@ def linear_tiles(dtype):
     """
     if dtype == torch.float32:
         return LinearTiles(128, 128, 32, 128, 8, 3, 1024)
-    return LinearTiles(128, 128, 64, 128, 8, 3, 1024)
+    # Measured on an H100 (Triton 3.6, bf16, fwd+bwd, 10% ignored; the 8-config sweep in
+    # benchmarks/results/gpu_linear_cross_entropy.csv): 4 stages, grouped program order (8 row
+    # blocks) and 3584-column backward chunks were the fastest at both DESIGN shapes, lean and
+    # fast: 81.3 ms vs 94.3 ms for (128,128,64,128,8,3) at 8192x2304x256000, 73.8 vs 81.5 ms at
+    # 8192x4096x128256. The chunk comes from LEAN_WORKSPACE_BYTES (56 MiB: 3584 at N = 8192).
+    return LinearTiles(128, 128, 64, 128, 8, 4, 1024, group_m=8)
 
 
 def tiles_for_call(dtype):
