@@ -154,6 +154,8 @@ def test_inplace_backward_writes_gradient_into_logits(ref, device):
     loss.backward()
     torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), want_grad / 1.7, rtol=1e-5, atol=1e-8)
+    # ... and x.grad is that memory, not a copy of it (no N x C buffer, even for a leaf)
+    assert x.grad.data_ptr() == x.data_ptr()
 
 
 def test_default_leaves_logits_untouched_and_no_grad_writes_nothing(ref, device):
