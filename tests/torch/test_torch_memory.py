@@ -36,3 +36,18 @@ def test_chunked_memory_is_a_small_fraction_of_the_logits():
 def test_issue_shape_grows_peak_memory_by_less_than_a_quarter_of_the_logits():
     # N=4096, D=64, V=100000 float32: the logits would take 1.64 GB; default block size.
     assert _extra_fraction("chunked", 4096, 64, 100000) < 0.25
+
+
+def test_block_rows_are_bigger_on_accelerators():
+    """N * V / 16 logits per block, capped at 4 Mi elements on the CPU and 32 Mi elsewhere (each
+    block costs a few dozen kernel launches on a GPU); an explicit chunk_size wins."""
+    import torch
+
+    from crossent.torch._chunked import rows_per_block
+
+    assert rows_per_block(8192, 32000, None, torch.device("cpu")) == (1 << 22) // 32000
+    assert rows_per_block(8192, 32000, None) == (1 << 22) // 32000
+    assert rows_per_block(8192, 32000, None, torch.device("cuda")) == 8192 * 32000 // 16 // 32000
+    assert rows_per_block(65536, 128256, None, torch.device("cuda")) == (1 << 25) // 128256
+    assert rows_per_block(10, 7, None, torch.device("cuda")) == (1 << 16) // 7
+    assert rows_per_block(8192, 32000, 5, torch.device("cuda")) == 5

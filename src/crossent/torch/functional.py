@@ -277,7 +277,7 @@ def cross_entropy(
             eps,
             z_loss,
             softcap,
-            rows_per_block(logits2d.shape[0], num_classes, None),
+            rows_per_block(logits2d.shape[0], num_classes, None, logits2d.device),
             inplace_backward and logits2d.data_ptr() == input.data_ptr(),
         )
     elif impl == "cpu-fast":
@@ -432,7 +432,7 @@ def linear_cross_entropy(
             eps,
             z_loss,
             softcap,
-            rows_per_block(x2d.shape[0], num_classes, chunk_size),
+            rows_per_block(x2d.shape[0], num_classes, chunk_size, x2d.device),
             needs,
         )
     else:
