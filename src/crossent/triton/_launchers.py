@@ -254,7 +254,7 @@ def parse_ce_config(text, default=None):
     """CEConfig from ``key=value`` items (``CROSSENT_TRITON_CE_CONFIG``), the rest from ``default``.
 
     >>> parse_ce_config("loop_block=4096,loop_warps=8,persistent=1")
-    CEConfig(single_max=32768, loop_block=4096, loop_warps=8, single_warps=0, persistent=1, reverse=1)
+    CEConfig(single_max=16384, loop_block=4096, loop_warps=8, single_warps=0, persistent=1, reverse=1)
     """
     default = default if default is not None else CEConfig()
     values = _parse_config(CE_CONFIG_ENV, text, _CE_FIELDS, (), _CE_CHECKS)
