@@ -98,22 +98,24 @@ def make_case(case: str, threads: int):
     """The callable f(x, y) -> float (mean loss) of one case, with its imports done."""
     import numpy as np
 
-    if case.startswith("crossent-torch"):
+    if case.startswith(("torch", "crossent-torch")):
         import torch
+        import torch.nn.functional as F
 
         import crossent.torch as cet
 
         torch.set_num_threads(threads)
-        if case == "crossent-torch":
-            return lambda x, y: cet.cross_entropy(torch.from_numpy(x), torch.from_numpy(y)).item()
+        loss_fn = cet.cross_entropy if case.startswith("crossent") else F.cross_entropy
+        if not case.endswith("grad"):
+            return lambda x, y: loss_fn(torch.from_numpy(x), torch.from_numpy(y)).item()
 
-        def cet_grad(x, y):
+        def torch_grad(x, y):
             t = torch.from_numpy(x).requires_grad_(True)
-            loss = cet.cross_entropy(t, torch.from_numpy(y))
+            loss = loss_fn(t, torch.from_numpy(y))
             loss.backward()
             return loss.item()
 
-        return cet_grad
+        return torch_grad
     if case.startswith("crossent"):
         import crossent
         from crossent import cpu
@@ -147,21 +149,6 @@ def make_case(case: str, threads: int):
                 return float(np.mean(nll, dtype=np.float64))
 
             return kernel_grad
-    if case.startswith("torch"):
-        import torch
-        import torch.nn.functional as F
-
-        torch.set_num_threads(threads)
-        if case == "torch":
-            return lambda x, y: F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y)).item()
-
-        def torch_grad(x, y):
-            t = torch.from_numpy(x).requires_grad_(True)
-            loss = F.cross_entropy(t, torch.from_numpy(y))
-            loss.backward()
-            return loss.item()
-
-        return torch_grad
     if case == "scipy":
         from scipy.special import logsumexp
 

@@ -2,8 +2,9 @@
 
 The rows are processed in blocks of ``rows_per_block`` rows (default: blocks of N * V / 16 logits,
 clamped to [2**16, DEFAULT_BLOCK_ELEMENTS = 4 Mi elements = 16 MiB in float32], 32 Mi on GPUs where
-launch overhead dominates small blocks), so the float32 temporaries stay a few blocks whatever N is. For the fused linear cross-entropy the logits block
-``E_b @ W.T + b`` is computed, consumed and dropped: the N x V logits never exist.
+launch overhead dominates small blocks), so the float32 temporaries stay a few blocks whatever N
+is. For the fused linear cross-entropy the logits block ``E_b @ W.T + b`` is computed, consumed
+and dropped: the N x V logits never exist.
 
 Per row i with (softcapped) logits z, lse = logsumexp(z), p = softmax(z), class weights w
 (all ones when absent), smoothing eps and K = number of finite logits in the row:
