@@ -96,34 +96,12 @@ def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
     def make_inputs():
         return (base.clone().requires_grad_(), target)
 
-    for name, fn in impls.items():
-        def run(x, t, fn=fn):
-            loss = fn(x, t)
-            loss.backward()
-            return loss.detach()
+    def measured(loss, grads):
+        loss_err = float((loss.float() - ref_loss).abs())
+        return bandwidth, "GB/s", loss_err, H.relative_error(grads[0], ref_grad), float("nan"), ""
 
-        for config in (args.config_list if name.startswith("crossent") else [""]):
-            if rec.over_budget():
-                rec.add(H.skipped_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, config))
-                continue
-            try:
-                with H.config_env(CONFIG_ENV, config or H.DEFAULT_CONFIG):
-                    times, extra, loss, grads = H.measure(
-                        torch, make_inputs, run, args.repeats, args.warmup,
-                        lambda inputs: [inputs[0].grad], device=args.device,
-                    )
-                rec.add(H.row(
-                    common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
-                    bandwidth, "GB/s", float((loss.float() - ref_loss).abs()),
-                    H.relative_error(grads[0], ref_grad), config=config,
-                ))
-            except Exception as e:  # one failing peer or config must not lose the others' numbers
-                rec.add(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, e,
-                                     config=config))
-            finally:
-                loss = grads = None
-                H.empty_cache(torch, args.device)
-
+    H.run_impls(torch, impls, args, rec, common, BENCHMARK, shape, CONFIG_ENV, make_inputs,
+                lambda inputs: [inputs[0].grad], measured)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

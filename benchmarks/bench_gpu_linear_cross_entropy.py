@@ -127,35 +127,13 @@ def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
     def make_inputs():
         return (emb.detach().requires_grad_(), head.detach().requires_grad_(), target)
 
-    for name, fn in impls.items():
-        def run(e, w, t, fn=fn):
-            loss = fn(e, w, t)
-            loss.backward()
-            return loss.detach()
+    def measured(loss, grads):
+        loss_err = float((loss.float() - ref_loss).abs())
+        return (tflops, "TFLOP/s", loss_err, H.relative_error(grads[0], ref_de),
+                H.relative_error(grads[1], ref_dw), "grad_rel_err = dE, grad2_rel_err = dW")
 
-        for config in (args.config_list if name.startswith("crossent") else [""]):
-            if rec.over_budget():
-                rec.add(H.skipped_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, config))
-                continue
-            try:
-                with H.config_env(CONFIG_ENV, config or H.DEFAULT_CONFIG):
-                    times, extra, loss, grads = H.measure(
-                        torch, make_inputs, run, args.repeats, args.warmup,
-                        lambda inputs: [inputs[0].grad, inputs[1].grad], device=args.device,
-                    )
-                rec.add(H.row(
-                    common, BENCHMARK, shape, args.dtype, args.ignored, name, times, extra,
-                    tflops, "TFLOP/s", float((loss.float() - ref_loss).abs()),
-                    H.relative_error(grads[0], ref_de), H.relative_error(grads[1], ref_dw),
-                    note="grad_rel_err = dE, grad2_rel_err = dW", config=config,
-                ))
-            except Exception as err:  # one failing peer or config must not lose the others' numbers
-                rec.add(H.failed_row(common, BENCHMARK, shape, args.dtype, args.ignored, name, err,
-                                     config=config))
-            finally:
-                loss = grads = None
-                H.empty_cache(torch, args.device)
-
+    H.run_impls(torch, impls, args, rec, common, BENCHMARK, shape, CONFIG_ENV, make_inputs,
+                lambda inputs: [inputs[0].grad, inputs[1].grad], measured)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -375,6 +375,40 @@ def skipped_row(common, benchmark, shape, dtype, ignored, impl, config=""):
     )
 
 
+def run_impls(torch, impls, args, rec, common, benchmark, shape, config_var, make_inputs, grads_of, measured):
+    """Time every implementation of ``impls`` (``name -> fn(*inputs) -> loss``) forward+backward
+    on ``make_inputs()``, crossent's once per config of ``args.config_list`` (set in environment
+    variable ``config_var``), the peers once; add one row per run to ``rec``.
+
+    ``measured(loss, grads)`` returns the row's ``(throughput, unit, loss_err, grad_err,
+    grad2_err, note)``. A failing implementation or config gets a "failed" row and the others
+    still run; past ``rec``'s time budget the rest get "skipped" rows.
+    """
+    for name, fn in impls.items():
+        def run(*inputs, fn=fn):
+            loss = fn(*inputs)
+            loss.backward()
+            return loss.detach()
+
+        for config in (args.config_list if name.startswith("crossent") else [""]):
+            if rec.over_budget():
+                rec.add(skipped_row(common, benchmark, shape, args.dtype, args.ignored, name, config))
+                continue
+            loss = grads = None
+            try:
+                with config_env(config_var, config or DEFAULT_CONFIG):
+                    times, extra, loss, grads = measure(torch, make_inputs, run, args.repeats, args.warmup,
+                                                        grads_of, device=args.device)
+                throughput, unit, loss_err, grad_err, grad2_err, note = measured(loss, grads)
+                rec.add(row(common, benchmark, shape, args.dtype, args.ignored, name, times, extra,
+                            throughput, unit, loss_err, grad_err, grad2_err, note=note, config=config))
+            except Exception as e:  # one failing peer or config must not lose the others' numbers
+                rec.add(failed_row(common, benchmark, shape, args.dtype, args.ignored, name, e, config=config))
+            finally:
+                loss = grads = None
+                empty_cache(torch, args.device)
+
+
 def select_impls(impls, text, extra=()):
     """The implementations named in ``text`` (comma list; an entry also matches a name that
     continues with "(", e.g. "crossent-triton-fast" matches "crossent-triton-fast(1536MiB)");
