@@ -127,3 +127,27 @@ def reference(logits, target, *, weight=None, ignore_index=-100, reduction="mean
 @pytest.fixture(scope="session")
 def ref():
     return reference
+
+
+@pytest.fixture(scope="session")
+def sm90_script():
+    """``run(path, timeout)``: run one of the sm_90 compile scripts in a subprocess without
+    TRITON_INTERPRET (this process's kernels may be interpreter objects) and return its stdout,
+    failing with its output when it exits non-zero. Skips when this triton has no ASTSource /
+    GPUTarget compile API. Needs no GPU: the target is named, the triton wheel bundles ptxas."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ASTSource/GPUTarget compile API: {e}")
+
+    def run(path, timeout):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+        return proc.stdout
+
+    return run

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -20,17 +18,10 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile_sm90.py")
 
 
-def test_kernels_compile_for_sm90():
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this triton has no ASTSource/GPUTarget compile API: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, HELPER], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    lines = {m.group(1): m.group(0) for m in re.finditer(r"^OK (\S+) .*$", proc.stdout, re.M)}
-    assert len(lines) == 34, proc.stdout
+def test_kernels_compile_for_sm90(sm90_script):
+    out = sm90_script(HELPER, timeout=600)
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"^OK (\S+) .*$", out, re.M)}
+    assert len(lines) == 34, out
     for name in ("lce_forward[bf16]", "lce_forward[bf16,group_m=8]", "lce_grad_tile[bf16,from_logits=False]",
                  "lce_grad_tile[bf16,from_logits=False,group_m=8]",
                  "lce_grad_input[bf16,first=False,last=True]", "lce_grad_weight[bf16,per_row=False]"):
@@ -43,18 +34,11 @@ REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
                       "benchmarks", "sm90_config_report.py")
 
 
-def test_default_sweep_configs_compile_clean_for_sm90():
+def test_default_sweep_configs_compile_clean_for_sm90(sm90_script):
     """Every non-default entry of the benchmark sweeps (gpu_harness.LINEAR_SWEEP, CE_SWEEP)
     compiles for sm_90 with no register spill, within shared memory, and (linear) with wgmma and
     a pipelined K loop: the GPU session spends no time on configs that cannot win."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this triton has no ASTSource/GPUTarget compile API: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, REPORT], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
-    assert len(rows) == 6 * 5 + 5 * 2, proc.stdout  # 6 linear configs x 5 kernels, 5 CE configs x 2 shapes
-    assert "all configs OK" in proc.stdout
+    out = sm90_script(REPORT, timeout=900)
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 6 * 5 + 5 * 2, out  # 6 linear configs x 5 kernels, 5 CE configs x 2 shapes
+    assert "all configs OK" in out
