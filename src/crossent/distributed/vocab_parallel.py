@@ -424,7 +424,8 @@ def _matmul_in(acc: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
                 out = torch.mm(a, b, out_dtype=acc)
                 _MM_OUT_DTYPE = True
                 return out
-            except (TypeError, RuntimeError, NotImplementedError):
+            except (TypeError, NotImplementedError):  # no out_dtype argument / no kernel for it
+                # (not RuntimeError: an out-of-memory error must surface, not switch paths)
                 _MM_OUT_DTYPE = False
         return (a @ b).to(acc)
     return a.to(acc) @ b.to(acc)
