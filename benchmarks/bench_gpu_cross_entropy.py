@@ -105,20 +105,11 @@ def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="8192x128256,32768x32000", help="ROWSxCLASSES,...")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--ignored", type=float, default=0.1, help="fraction of ignored targets")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
+    H.add_common_args(parser, "8192x128256,32768x32000", "ROWSxCLASSES,...", repeats=20, warmup=3,
+                      default_out=DEFAULT_OUT)
     parser.add_argument("--configs", default="",
                         help="';'-separated CROSSENT_TRITON_CE_CONFIG values for the crossent implementations, "
                              "or 'default-sweep' (gpu_harness.CE_SWEEP); default: crossent's defaults only")
-    parser.add_argument("--max-minutes", type=float, default=0.0,
-                        help="skip (and record as skipped) what is left after this many minutes; 0: no limit")
-    parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
     args = parser.parse_args(argv)
     try:
         shapes = H.parse_shapes(args.shapes, 2)

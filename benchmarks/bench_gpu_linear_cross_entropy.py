@@ -137,22 +137,13 @@ def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="8192x2304x256000,8192x4096x128256", help="NxDxV,...")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--ignored", type=float, default=0.1, help="fraction of ignored targets")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    H.add_common_args(parser, "8192x2304x256000,8192x4096x128256", "NxDxV,...", repeats=10, warmup=2,
+                      default_out=DEFAULT_OUT)
     parser.add_argument("--fast-budget-mib", type=int, default=1536,
                         help="memory_budget of crossent's fast mode, MiB")
-    parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
     parser.add_argument("--tiles", default="",
                         help="';'-separated CROSSENT_TRITON_LINEAR_TILES values for the crossent implementations, "
                              "or 'default-sweep' (gpu_harness.LINEAR_SWEEP); default: crossent's defaults only")
-    parser.add_argument("--max-minutes", type=float, default=0.0,
-                        help="skip (and record as skipped) what is left after this many minutes; 0: no limit")
-    parser.add_argument("--out", default=None, help=f"CSV to append to (default {DEFAULT_OUT})")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
     args = parser.parse_args(argv)
     try:
         shapes = H.parse_shapes(args.shapes, 3)

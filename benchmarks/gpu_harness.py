@@ -409,6 +409,21 @@ def run_impls(torch, impls, args, rec, common, benchmark, shape, config_var, mak
                 empty_cache(torch, args.device)
 
 
+def add_common_args(parser, shapes, shapes_help, repeats, warmup, default_out):
+    """The options both GPU benchmark scripts take (each adds its own config flag)."""
+    parser.add_argument("--shapes", default=shapes, help=shapes_help)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ignored", type=float, default=0.1, help="fraction of ignored targets")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--impls", default="", help="comma list of implementations (default all)")
+    parser.add_argument("--max-minutes", type=float, default=0.0,
+                        help="skip (and record as skipped) what is left after this many minutes; 0: no limit")
+    parser.add_argument("--out", default=None, help=f"CSV to append to (default {default_out})")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
+
+
 def select_impls(impls, text, extra=()):
     """The implementations named in ``text`` (comma list; an entry also matches a name that
     continues with "(", e.g. "crossent-triton-fast" matches "crossent-triton-fast(1536MiB)");
