@@ -3,9 +3,13 @@
 Where the time of ``crossent.triton.linear_cross_entropy`` (lean, default tiles) and of
 ``crossent.triton.cross_entropy`` goes, kernel by kernel, at the DESIGN.md shapes (bf16, 10% of
 targets ignored): the table a kernel change is judged by before the end-to-end benchmark.
+Also, per call, the host time (Python, checks, launches: measured with the GPU kept busy by a
+sleep kernel, so the host never waits for it) and, for cross-entropy, the host functions that
+take it (cProfile, by own time): what a synced timing adds to the kernels' time.
+``--fast-budget-mib`` profiles the "fast" linear mode too (memory_budget).
 
     python benchmarks/profile_gpu_kernels.py [--linear-shapes NxDxV,...] [--ce-shapes NxV,...]
-        [--steps 3] [--out FILE]
+        [--fast-budget-mib M] [--steps 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,11 +45,51 @@ def _profile(torch, step, steps, label, lines):
     print("\n".join(lines[-(min(len(rows), 14) + 2):]), flush=True)
 
 
+def _host_time(torch, step, steps, lines):
+    """Median host time of ``step()`` (ms) while the GPU is busy with a sleep kernel queued first."""
+    import time
+
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s at 2 GHz: longer than any host call here
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    times.sort()
+    lines.append(f"host time per call: {times[len(times) // 2]:.3f} ms (median of {steps}, GPU kept busy)")
+    print(lines[-1], flush=True)
+
+
+def _host_profile(torch, step, steps, lines):
+    """Host functions by own time over ``steps`` calls (GPU kept busy, as in ``_host_time``)."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+    text = "\n".join(line for line in buf.getvalue().splitlines() if line.strip())
+    lines.append(f"host profile ({steps} calls):\n{text}")
+    print(lines[-1], flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--linear-shapes", default="8192x2304x256000,8192x4096x128256")
     parser.add_argument("--ce-shapes", default="8192x128256,32768x32000")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fast-budget-mib", type=int, default=0,
+                        help="also profile the fast linear mode with this memory_budget (MiB)")
     parser.add_argument("--ignored", type=float, default=0.1)
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
@@ -70,6 +114,17 @@ def main(argv=None):
             ctr.linear_cross_entropy(ee, ww, t).backward()
 
         _profile(torch, linear_step, args.steps, f"linear_cross_entropy lean {shape}", lines)
+        _host_time(torch, linear_step, args.steps, lines)
+        if args.fast_budget_mib:
+            budget = args.fast_budget_mib << 20
+
+            def fast_step(e=e, w=w, t=t, budget=budget):
+                ee, ww = e.detach().requires_grad_(), w.detach().requires_grad_()
+                ctr.linear_cross_entropy(ee, ww, t, memory_budget=budget).backward()
+
+            _profile(torch, fast_step, args.steps, f"linear_cross_entropy fast {args.fast_budget_mib} MiB {shape}",
+                     lines)
+            _host_time(torch, fast_step, args.steps, lines)
         del e, w
     for shape in filter(None, args.ce_shapes.split(",")):
         n, v = (int(x) for x in shape.split("x"))
@@ -81,6 +136,8 @@ def main(argv=None):
             ctr.cross_entropy(x.detach().requires_grad_(), t).backward()
 
         _profile(torch, ce_step, args.steps, f"cross_entropy {shape}", lines)
+        _host_time(torch, ce_step, max(args.steps, 20), lines)
+        _host_profile(torch, ce_step, 50, lines)
         del x
     if args.out:
         with open(args.out, "w") as f:

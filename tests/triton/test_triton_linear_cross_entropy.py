@@ -272,3 +272,167 @@ def test_strided_input_and_weight(ref, device):
     loss.backward(torch.tensor(1.7, device=device))
     got = (loss.detach(), wide.grad[:, 5 : 5 + D], w_t.grad.t(), bf.grad)
     assert_matches(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# The "fast" row schedule (a memory_budget holding whole rows of logits): cuBLAS products around
+# the CE kernel. ROW_SCHEDULE_MIN_ROWS is lowered so that a budget of 16 rows gives 4 chunks
+# (16, 15, 15, 15): every cross-chunk sum (dW, the bias gradient, the loss) is exercised.
+# ------------------------------------------------------------------------------------------------
+
+ROWS = 16  # rows per chunk in these tests: 4 chunks of N = 61
+
+
+@pytest.fixture
+def chunked(monkeypatch):
+    """Row schedule on, ROWS rows per chunk (float32); records every planned chunk size."""
+    monkeypatch.setattr(_launchers, "ROW_SCHEDULE_MIN_ROWS", 8)
+    planned = []
+    real = _launchers.plan_rows
+
+    def spy(*args):
+        planned.append(real(*args))
+        return planned[-1]
+
+    monkeypatch.setattr(_launchers, "plan_rows", spy)
+    return planned
+
+
+def budget(rows, elt=4):
+    return rows * V * elt
+
+
+@pytest.mark.parametrize(("opts", "reduction", "bias"), [c for c in CASES if c[1] != "none"],
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_row_schedule_matches_float64(ref, chunked, opts, reduction, bias, device):
+    x, w, b, target, cw = make(device)
+    opts = dict(opts, memory_budget=budget(ROWS))
+    if opts.pop("weight", False):
+        opts["weight"] = cw.float()
+    b = b.float() if bias else None
+    got = run_triton(x.float(), w.float(), b, target, reduction=reduction, **opts)
+    want = run_reference(ref, x.float(), w.float(), b, target, reduction=reduction, **opts)
+    assert chunked == [16]  # 61 rows in 4 chunks of at most 16
+    assert_matches(got, want)
+
+
+def test_rows_unit_upstream_and_three_dim_input(ref, chunked, device):
+    """loss.backward() (upstream 1: the gradients are handed on unscaled) on (B, T, D) input."""
+    x, w, b, target, _ = make(device)
+    x3, t3 = x[:60].reshape(4, 15, D).float(), target[:60].reshape(4, 15)
+    xg, wg = x3.clone().requires_grad_(), w.float().clone().requires_grad_()
+    loss = linear_cross_entropy(xg, wg, t3, z_loss=1e-2, memory_budget=budget(ROWS))
+    loss.backward()
+    xr, wr = x3.double().requires_grad_(), w.double().requires_grad_()
+    want = ref((xr @ wr.T).reshape(-1, V), t3.reshape(-1), z_loss=1e-2)
+    want.backward()
+    assert chunked == [15]  # 60 rows, at most 16 a chunk: 4 chunks of 15
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_reduction_none_keeps_the_triton_schedule(chunked, device):
+    """A per-row upstream gradient arrives after dW has summed the rows: "none" stores columns."""
+    x, w, b, target, _ = make(device)
+    run_triton(x.float(), w.float(), None, target, reduction="none", memory_budget=budget(ROWS))
+    assert chunked == [0]
+
+
+def test_rows_partial_requires_grad(ref, chunked, device):
+    x, w, b, target, _ = make(device)
+    want = run_reference(ref, x.float(), w.float(), b.float(), target)
+    up = torch.tensor(1.7, device=device)
+    wf = w.float().requires_grad_()
+    linear_cross_entropy(x.float(), wf, target, linear_bias=b.float(), memory_budget=budget(ROWS)).backward(up)
+    torch.testing.assert_close(wf.grad.double(), want[2], rtol=1e-5, atol=1e-6)
+    xf, bf = x.float().requires_grad_(), b.float().requires_grad_()
+    linear_cross_entropy(xf, w.float(), target, linear_bias=bf, memory_budget=budget(ROWS)).backward(up)
+    torch.testing.assert_close(xf.grad.double(), want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bf.grad.double(), want[3], rtol=1e-5, atol=1e-6)
+
+
+def test_rows_gradients_are_handed_on_without_a_copy(monkeypatch, chunked, device):
+    """The leaves' .grad are the very buffers the forward filled (no N x D or V x D copy)."""
+    seen = []
+    real = _launchers.scale_grads_
+
+    def spy(grads, grad_output):
+        out = real(grads, grad_output)
+        seen.append([g.data_ptr() for g in out if g is not None])
+        return out
+
+    monkeypatch.setattr(_launchers, "scale_grads_", spy)
+    x, w, _, target, _ = make(device)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    linear_cross_entropy(xf, wf, target, memory_budget=budget(ROWS)).backward()
+    assert seen == [[xf.grad.data_ptr(), wf.grad.data_ptr()]]
+
+
+def test_rows_ignored_rows_get_zero_gradient_and_all_ignored_is_zero(chunked, device):
+    x, w, b, target, _ = make(device)
+    _, dx, _, _ = run_triton(x.float(), w.float(), b.float(), target, memory_budget=budget(ROWS))
+    assert torch.count_nonzero(dx[target == IGNORE]) == 0
+    loss, dx, dw, db = run_triton(x.float(), w.float(), b.float(), torch.full_like(target, IGNORE),
+                                  label_smoothing=0.1, z_loss=1e-2, memory_budget=budget(ROWS))
+    assert loss.item() == 0.0
+    for g in (dx, dw, db):
+        assert torch.count_nonzero(g) == 0
+
+
+def test_rows_backward_twice_is_refused(chunked, device):
+    x, w, _, target, _ = make(device)
+    wf = w.float().requires_grad_()
+    loss = linear_cross_entropy(x.float(), wf, target, memory_budget=budget(ROWS))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_rows_deterministic(chunked, device):
+    x, w, b, target, cw = make(device)
+    opts = dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, weight=cw.float(), memory_budget=budget(ROWS))
+    first = run_triton(x.float(), w.float(), b.float(), target, **opts)
+    second = run_triton(x.float(), w.float(), b.float(), target, **opts)
+    for u, v in zip(first, second, strict=True):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_low_precision_no_worse_than_naive_torch(ref, chunked, dtype, device):
+    """4 chunks round dW 4 times in ``dtype``: errors against float64 on the same rounded
+    inputs stay within the naive low-precision torch error + the tolerance of the Triton path."""
+    x, w, b, target, cw = make(device)
+    xl, wl, bl = x.to(dtype), w.to(dtype), b.to(dtype)
+    opts = dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, weight=cw.float())
+    got = run_triton(xl, wl, bl, target, memory_budget=budget(ROWS, elt=2), **opts)
+    assert chunked == [16]
+    truth = run_reference(ref, xl, wl, bl, target, **opts)
+    xn, wn, bn = (t.detach().clone().requires_grad_() for t in (xl, wl, bl))
+    naive = ref(xn @ wn.T + bn, target, **{**opts, "weight": cw.to(dtype)})
+    naive.backward(torch.tensor(1.7, dtype=dtype, device=device))
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for ours, mine_naive, true in zip(got, (naive.detach(), xn.grad, wn.grad, bn.grad), truth, strict=True):
+        err = (ours.double() - true).abs().max()
+        naive_err = (mine_naive.double() - true).abs().max()
+        assert err <= naive_err + tol * true.abs().max()
+
+
+def test_plan_rows():
+    f32 = torch.float32
+    row = V * 4
+    # Even chunks: 3 rows fit, 8 rows -> 3 chunks of at most 3.
+    assert _launchers.plan_rows(8192, V, f32, 3000 * row, "mean", True) == 2731
+    assert _launchers.plan_rows(N, V, f32, N * row, "sum", True) == N  # every row at once
+    assert _launchers.plan_rows(N, V, f32, 10 * N * row, "mean", True) == N
+    # Not applicable: no budget, no gradient, "none", fewer rows than ROW_SCHEDULE_MIN_ROWS.
+    assert _launchers.plan_rows(N, V, f32, None, "mean", True) == 0
+    assert _launchers.plan_rows(N, V, f32, N * row, "mean", False) == 0
+    assert _launchers.plan_rows(N, V, f32, N * row, "none", True) == 0
+    assert _launchers.plan_rows(8192, V, f32, 255 * row, "mean", True) == 0
+    assert _launchers.plan_rows(8192, V, f32, 256 * row, "mean", True) == 256
+    # bfloat16 rows are half the bytes.
+    assert _launchers.plan_rows(N, V, torch.bfloat16, 30 * V * 2, "mean", True) == 0
+    assert _launchers.plan_rows(100, V, torch.bfloat16, 50 * V * 2, "mean", True) == 0
+    assert _launchers.plan_rows(300, V, torch.bfloat16, 256 * V * 2, "mean", True) == 150

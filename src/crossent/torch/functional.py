@@ -332,8 +332,10 @@ def linear_cross_entropy(
         chunk_size: rows per block for impl="chunked" (None: N * V / 16 logits per block,
             clamped to [2**16, 2**22]).
         memory_budget: impl="triton" only: None ("lean", the default: never holds N x V logits) or
-            the bytes of workspace the kernels may use to keep logits between forward and backward
-            instead of recomputing them ("fast").
+            the bytes of workspace allowed for logits ("fast"). With a "mean" or "sum" reduction
+            and room for at least 256 rows of logits, the forward computes the loss and both
+            gradients a chunk of rows at a time (cuBLAS products, the CE kernel in between);
+            otherwise the kernels keep the gradient of as many vocabulary columns as fit.
 
     Returns:
         float32 loss (float64 for float64 input): a scalar, or shape ``(*)`` for "none".

@@ -100,9 +100,15 @@ def linear_cross_entropy(
     vocabulary chunk by chunk, in a fixed order (deterministic, no atomics).
 
     Memory: by default ("lean") nothing of size M x V is held beyond a workspace of at most
-    ``LEAN_WORKSPACE_BYTES`` (48 MiB) plus a float32 (M, D) accumulator. ``memory_budget``
-    (bytes, "fast") lets the forward keep the logits' gradient of as many vocabulary columns as
-    fit (all of them when ``M * V * itemsize <= memory_budget``), which are then not recomputed.
+    ``LEAN_WORKSPACE_BYTES`` (56 MiB) plus a float32 (M, D) accumulator. ``memory_budget``
+    (bytes, "fast") trades memory for speed. With a "mean" or "sum" reduction and room for at
+    least ``ROW_SCHEDULE_MIN_ROWS`` (256) rows of logits, the row schedule runs: the forward
+    computes, a chunk of rows at a time, the logits with cuBLAS, their gradient in place with the
+    CE kernel, and both gradient products with cuBLAS (three products in all, none recomputed;
+    backward only scales; dW is summed over the chunks in the weights' dtype, one rounding per
+    chunk; ignored rows go through the products). Otherwise (``"none"``, smaller budgets) the
+    forward keeps the logits' gradient of as many vocabulary columns as fit, which are then not
+    recomputed.
 
     Args:
         input: (..., D) float32, bfloat16 or float16.

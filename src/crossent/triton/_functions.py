@@ -49,22 +49,45 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, memory_budget, grad_enabled):
         needs = ctx.needs_input_grad
-        need_grad = bool(grad_enabled and (needs[0] or needs[1] or needs[3]))
-        fwd = L.linear_forward(
+        wanted = (bool(grad_enabled and needs[0]), bool(grad_enabled and needs[1]),
+                  bool(grad_enabled and needs[3] and linear_bias is not None))
+        need_grad = any(wanted)
+        ctx.mark_non_differentiable(target)
+        ctx.rows = None
+        args = L.check_linear(
             inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-            label_smoothing, z_loss, softcap, memory_budget, need_grad,
+            label_smoothing, z_loss, softcap, memory_budget,
         )
+        rows = L.plan_rows(inp.shape[0], linear_weight.shape[0], inp.dtype, memory_budget, reduction, need_grad)
+        if rows:
+            # "fast" row schedule: the gradients are computed now; backward only scales them.
+            out = L.linear_rows_forward(*args, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                        rows, wanted)
+            ctx.rows = out
+            return out.loss
+        fwd = L.linear_forward(*args, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                               memory_budget, need_grad)
         # Saved as the kernels read them (unit stride along D), with autograd's version checks.
         ctx.save_for_backward(*fwd.operands)
         fwd.operands = None
         ctx.fwd = fwd
         ctx.options = (label_smoothing, softcap)
-        ctx.mark_non_differentiable(target)
         return fwd.loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
+        if ctx.rows is not None:
+            if ctx.rows.grads is None:
+                raise RuntimeError(
+                    "crossent.triton.linear_cross_entropy (memory_budget, row schedule) scales its "
+                    "stored gradients in place: backward through the same graph twice "
+                    "(retain_graph=True) is not supported; recompute the loss"
+                )
+            # Handed on without another reference kept here, so autograd can take them as they are.
+            grads, ctx.rows.grads = ctx.rows.grads, None
+            d_inp, d_w, d_b = L.scale_grads_(grads, grad_output)
+            return d_inp, d_w, None, d_b, None, None, None, None, None, None, None, None
         inp, linear_weight, linear_bias = ctx.saved_tensors
         label_smoothing, softcap = ctx.options
         needs = ctx.needs_input_grad

@@ -339,33 +339,44 @@ def cross_entropy_forward(
     if n_cols == 0:
         # No class to score: ignored rows give 0, any other target is out of range (NaN).
         row_loss = torch.where(valid, float("nan"), 0.0).to(torch.float32)
-    elif n_rows > 0:
-        config = ce_config()
-        block, warps, single = _row_block(n_cols, softcap is not None, label_smoothing > 0.0, config)
-        g = grad if grad is not None else x
-        # One program per row, or (persistent) a grid of k programs per SM looping over rows.
-        grid = n_rows
-        if config.persistent:
-            grid = min(n_rows, config.persistent * _sm_count(device))
-        K._ce_forward_kernel[(grid,)](
-            x, x.stride(0), g, g.stride(0), target,
-            weight if weight is not None else scales, scales, row_loss,
-            n_rows, n_cols, ignore_index, float(label_smoothing), float(z_loss),
-            float(softcap) if softcap is not None else 1.0,
-            HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0.0,
-            HAS_Z_LOSS=z_loss > 0.0,
-            HAS_SOFTCAP=softcap is not None,
-            WRITE_GRAD=grad is not None,
-            SINGLE_BLOCK=single,
-            PERSISTENT=bool(config.persistent),
-            REVERSE=bool(config.reverse),
-            INTERPRETER=interpreted(),
-            BLOCK=block,
-            num_warps=warps,
-        )
+    else:
+        _launch_ce(x, grad, target, weight, scales, row_loss, ignore_index, label_smoothing, z_loss, softcap)
     loss = row_loss if reduction == "none" else row_loss.sum()
     return CEForward(loss, grad)
+
+
+def _launch_ce(x, grad, target, weight, scales, row_loss, ignore_index, label_smoothing, z_loss, softcap):
+    """``_ce_forward_kernel`` over the rows of ``x`` (M, C), unit column stride: per-row losses
+    into ``row_loss`` (M,) and, unless ``grad`` is None, the gradient (upstream 1) into ``grad``
+    (may be ``x`` itself). ``scales`` ([ce_scale, z_scale] on the device) may come from more rows
+    than ``x`` has (a chunk of a larger batch: see ``linear_rows_forward``)."""
+    n_rows, n_cols = x.shape
+    if n_rows == 0:
+        return
+    config = ce_config()
+    block, warps, single = _row_block(n_cols, softcap is not None, label_smoothing > 0.0, config)
+    g = grad if grad is not None else x
+    # One program per row, or (persistent) a grid of k programs per SM looping over rows.
+    grid = n_rows
+    if config.persistent:
+        grid = min(n_rows, config.persistent * _sm_count(x.device))
+    K._ce_forward_kernel[(grid,)](
+        x, x.stride(0), g, g.stride(0), target,
+        weight if weight is not None else scales, scales, row_loss,
+        n_rows, n_cols, ignore_index, float(label_smoothing), float(z_loss),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_Z_LOSS=z_loss > 0.0,
+        HAS_SOFTCAP=softcap is not None,
+        WRITE_GRAD=grad is not None,
+        SINGLE_BLOCK=single,
+        PERSISTENT=bool(config.persistent),
+        REVERSE=bool(config.reverse),
+        INTERPRETER=interpreted(),
+        BLOCK=block,
+        num_warps=warps,
+    )
 
 
 def scale_rows_(grad, grad_output):
@@ -540,11 +551,12 @@ class LinearForward:
     operands: tuple | None  # (input, linear_weight, linear_bias) as the kernels read them
 
 
-def linear_forward(
+def check_linear(
     inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-    label_smoothing, z_loss, softcap, memory_budget, need_grad,
+    label_smoothing, z_loss, softcap, memory_budget,
 ):
-    """Check arguments; forward kernels (split statistics, combine); "fast": store gradients."""
+    """Checked ``(input, linear_weight, target, linear_bias, weight)`` of a linear CE call (the
+    call's order), with unit stride along D (and along V for the bias)."""
     _check_float("input", inp)
     _check_float("linear_weight", linear_weight)
     if inp.ndim != 2:
@@ -584,6 +596,18 @@ def linear_forward(
         linear_weight = linear_weight.contiguous()
     if linear_bias is not None:
         linear_bias = linear_bias.contiguous()
+    return inp, linear_weight, target, linear_bias, weight
+
+
+def linear_forward(
+    inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+    label_smoothing, z_loss, softcap, memory_budget, need_grad,
+):
+    """Forward kernels (split statistics, combine) on ``check_linear``'s arguments; "fast": the
+    gradients of as many vocabulary columns as the budget holds, stored."""
+    device = inp.device
+    n_rows, n_dim = inp.shape
+    n_vocab = linear_weight.shape[0]
 
     plan = plan_linear(n_rows, n_vocab, n_dim, inp.dtype, memory_budget, need_grad)
     t = plan.tiles
@@ -644,6 +668,103 @@ def linear_forward(
     loss = row_loss if reduction == "none" else row_loss.sum()
     return LinearForward(loss, rows, n_valid, coef, store, plan, target, weight,
                          (inp, linear_weight, linear_bias))
+
+
+# ------------------------------------------------------------------------------------------------
+# "fast" row schedule: cuBLAS for the three products, the CE kernel in place between them.
+# ------------------------------------------------------------------------------------------------
+
+#: "fast" (a memory_budget) takes the row schedule when the budget holds the logits of at least
+#: this many rows (of every row when there are fewer); smaller budgets keep the Triton schedule,
+#: which stores some vocabulary columns' gradients instead (``plan_linear``).
+ROW_SCHEDULE_MIN_ROWS = 256
+
+
+def plan_rows(n_rows, n_vocab, dtype, memory_budget, reduction, need_grad):
+    """Rows per chunk of the "fast" row schedule (``linear_rows_forward``), or 0 where it does not
+    apply: no budget, no gradient wanted, ``reduction="none"`` (its per-row upstream gradient
+    comes after dW has summed the rows), or a budget below ``ROW_SCHEDULE_MIN_ROWS`` rows of
+    logits. Chunks are as even as the budget allows (8192 rows, 3 fit -> 2731, 2731, 2730)."""
+    if not (memory_budget and need_grad) or reduction == "none" or n_rows == 0:
+        return 0
+    elt = torch.empty((), dtype=dtype).element_size()
+    fit = memory_budget // (n_vocab * elt)
+    if fit < min(ROW_SCHEDULE_MIN_ROWS, n_rows):
+        return 0
+    return triton.cdiv(n_rows, triton.cdiv(n_rows, fit))
+
+
+@dataclasses.dataclass
+class LinearRows:
+    """Forward of the row schedule: the loss, and the gradients for an upstream gradient of 1."""
+
+    loss: torch.Tensor
+    grads: tuple  # (d_input, d_linear_weight, d_linear_bias), None where not wanted
+
+
+def linear_rows_forward(
+    inp, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+    label_smoothing, z_loss, softcap, rows, needs,
+):
+    """Loss and gradients of the checked arguments, ``rows`` rows at a time (``plan_rows``).
+
+    Per chunk of rows r: X_r = E_r W^T (+ b) by cuBLAS into a (rows, V) buffer, the CE kernel
+    turns X_r into G_r = dL/dX_r in place (the scales of the whole batch), then dE_r = G_r W
+    (one product: float32 accumulation, rounded once) and dW (+)= G_r^T E_r; three products in
+    all (2NDV flops each), as eager PyTorch, with (rows x V) logits instead of (N x V).
+    dW is summed over the chunks in the weight's dtype (cuBLAS adds in float32 and rounds once per
+    chunk: k chunks round k times; a float32 (V, D) accumulator would cost V*D*4 bytes, more
+    than the budgets this schedule is for). Ignored rows go through the products (their G rows are
+    0): skipping them would need their count on the host, a sync. ``reduction`` is "mean" or
+    "sum"; backward multiplies the gradients by the upstream scalar (``scale_rows_``).
+    """
+    need_input, need_weight, need_bias = needs
+    device = inp.device
+    n_rows, _ = inp.shape
+    n_vocab = linear_weight.shape[0]
+    scales, _ = _scales(target, weight, ignore_index, n_vocab, reduction, device)
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    d_inp = torch.empty_like(inp, memory_format=torch.contiguous_format) if need_input else None
+    d_w = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight else None
+    d_b = torch.zeros(n_vocab, dtype=torch.float32, device=device) if need_bias else None
+    # cuBLAS adds the bias in the operands' dtype (as torch.nn.functional.linear requires).
+    bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
+    buf = torch.empty(rows, n_vocab, dtype=inp.dtype, device=device)
+    w_t = linear_weight.T
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        e = inp[start:stop]
+        x = buf[: stop - start]
+        if bias is None:
+            torch.mm(e, w_t, out=x)
+        else:
+            torch.addmm(bias, e, w_t, out=x)
+        _launch_ce(x, x, target[start:stop], weight, scales, row_loss[start:stop], ignore_index,
+                   label_smoothing, z_loss, softcap)
+        if d_inp is not None:
+            torch.mm(x, linear_weight, out=d_inp[start:stop])
+        if d_w is not None:
+            if start == 0:
+                torch.mm(x.T, e, out=d_w)
+            else:
+                d_w.addmm_(x.T, e)
+        if d_b is not None:
+            d_b += x.sum(0, dtype=torch.float32)
+    if d_b is not None:
+        d_b = d_b.to(linear_bias.dtype)
+    return LinearRows(row_loss.sum(), (d_inp, d_w, d_b))
+
+
+def scale_grads_(grads, grad_output):
+    """``g *= grad_output`` (a scalar on the device) for each gradient of ``grads`` that is not
+    None; no memory is touched when it is 1 (``scale_rows_``)."""
+    out = []
+    for g in grads:
+        if g is not None and g.numel():
+            flat = g.view(-1, g.shape[-1]) if g.ndim > 1 else g.view(1, -1)
+            scale_rows_(flat, grad_output)
+        out.append(g)
+    return tuple(out)
 
 
 def linear_backward(
