@@ -8,7 +8,9 @@ Runs, in one process and on the same inputs: crossent.triton.cross_entropy (grad
 buffer, and in place), torch F.cross_entropy on the bf16 logits, on logits.float(), the latter
 under torch.compile, and Liger's LigerCrossEntropyLoss when liger-kernel is installed; plus the
 floor of the operation: a device copy of the logits (read once, write once) at the measured copy
-bandwidth. Appends one long-format row per implementation and shape to
+bandwidth. Each is timed twice per repeat (gpu_harness.measure): synced (from an idle GPU: host
+launch time and GPU waits for the host included) and queued (GPU time alone, as when the host runs
+ahead of the GPU). Appends one long-format row per implementation and shape to
 benchmarks/results/gpu_cross_entropy.csv (see gpu_harness.COLUMNS) and prints a table.
 Exits with status 2 and a message when no CUDA device is present.
 
@@ -20,10 +22,12 @@ Kernel-configuration sweep (crossent only; peers and the floor run once per shap
 Each config is a CROSSENT_TRITON_CE_CONFIG value (``key=value`` items, see
 crossent.triton._launchers.CEConfig; "default" = no override); rows carry it in the ``config``
 column, and the fastest config per shape is printed with its ratio to the copy floor (target
-<= 1.5x). ``--impls crossent-triton`` skips the peers. Time on an H100 (estimate, not measured):
-each config compiles one CE kernel variant per shape (< 1 s) and runs 2 impls x 23 calls of 2-7
-ms; torch.compile compiles once per shape (~0.5-1 min): the 6-config default sweep at both shapes
-takes about 2-4 minutes, most of it torch.compile, the float32 references and input copies.
+<= 1.5x) in each time metric. ``--impls crossent-triton`` skips the peers. Time on an H100
+(estimate, not measured): each config compiles one CE kernel variant per shape (< 1 s) and runs
+2 impls x 43 calls of 2-7 ms (3 warmup, 20 synced, 20 queued behind a sleep of >= 1 ms;
+--no-queued: 23 calls); torch.compile compiles once per shape (~0.5-1 min): the 5-config default
+sweep at both shapes takes about 2-4 minutes, most of it torch.compile, the float32 references
+and input copies.
 --max-minutes N skips (and records as skipped) what is left after N minutes.
 """
 
@@ -87,10 +91,10 @@ def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
 
     # Floor: one device copy of the logits = read once + write once.
     dst = torch.empty_like(base)
-    times, _, _, _ = H.measure(torch, tuple, lambda: dst.copy_(base), args.repeats, args.warmup,
-                               lambda inputs: [], device=args.device)
-    rec.add(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
-                  FLOOR, times, 0, bandwidth, "GB/s", float("nan"), float("nan")))
+    m = H.measure(torch, tuple, lambda: dst.copy_(base), args.repeats, args.warmup, lambda inputs: [],
+                  device=args.device, queued=args.queued)
+    rec.add(H.row(common, BENCHMARK, shape, args.dtype, args.ignored, FLOOR, m.times_ms, 0, bandwidth,
+                  "GB/s", float("nan"), float("nan"), note=m.note, gpu_times=m.gpu_times_ms))
     dst = None  # free the copy before the implementations run
 
     def make_inputs():

@@ -9,8 +9,10 @@ targets): crossent.triton.linear_cross_entropy "lean" (default) and "fast" (--fa
 torch eager (logits.float() then F.cross_entropy), the same under torch.compile, Liger's
 LigerFusedLinearCrossEntropyLoss and Cut Cross-Entropy (default filtering, and filter_eps=None)
 when installed, and the three bare matmuls of the head (E W^T, G W, G^T E: 6NDV flops), the
-yardstick of DESIGN.md's targets. Throughput is 6NDV / time. Errors: loss, dE and dW against a
-float32 reference (relative L2). Appends long-format rows to
+yardstick of DESIGN.md's targets. Each is timed twice per repeat (gpu_harness.measure): synced
+(from an idle GPU: host launch time and GPU waits for the host included) and queued (GPU time
+alone, as when the host runs ahead of the GPU). Throughput is 6NDV / synced time. Errors: loss,
+dE and dW against a float32 reference (relative L2). Appends long-format rows to
 benchmarks/results/gpu_linear_cross_entropy.csv and prints a table. Exits with status 2 and a
 message when no CUDA device is present.
 
@@ -23,18 +25,20 @@ Each config is a CROSSENT_TRITON_LINEAR_TILES value (block_m,block_v,block_k,blo
 num_stages, then optional key=value: programs, group_m, chunk; see
 crossent.triton._launchers.LinearTiles; "default" = no override); rows carry it in the ``config``
 column; the fastest config per shape is printed with its ratio to the bare matmuls (lean target
-<= 1.4x) and to torch.compile (fast target <= 1x). ``--impls`` picks implementations, e.g.
+<= 1.4x) and to torch.compile (fast target <= 1x), in each time metric. ``--impls`` picks
+implementations, e.g.
 ``--impls crossent-triton-lean,bare-matmuls`` for a quick sweep.
 
 Time on an H100 (estimate from counts, not measured): per config, lean compiles 7 kernel variants
 (forward, combine, gradient tile, 3 dE, dW) and fast 3 more, once for both shapes (same
 specializations); sm90_config_report.py compiles 40 of the matmul variants (+ a ptxas rerun each)
 in 18 s with Triton 3.6 on a 2-core CPU, so ~5-10 s per config. A lean call takes ~50-90 ms and
-a fast one ~40-60 ms, x (warmup 2 + repeats 10): ~2 s per config and shape. The 8-config default
-sweep: ~1.5 min for crossent at both shapes. Once per shape: the float32 reference (~1 s, ~35 GB
-at Gemma-2), the bare matmuls, torch eager, torch.compile (~0.5-1.5 min of compile per shape),
-Liger and Cut Cross-Entropy (their Triton compiles and autotuning, then 12 calls of 50-160 ms):
-about 5-7 minutes in all. Pass --max-minutes 8.5 inside a 10-minute device call: whatever is left
+a fast one ~40-60 ms, x (warmup 2 + repeats 10 synced + 10 queued, each queued call behind a
+sleep of 3x its host enqueue time, >= 1 ms): ~2-3 s per config and shape (--no-queued: ~1-2 s).
+The 6-config default sweep: ~2 min for crossent at both shapes. Once per shape: the float32
+reference (~1 s, ~35 GB at Gemma-2), the bare matmuls, torch eager, torch.compile (~0.5-1.5 min
+of compile per shape), Liger and Cut Cross-Entropy (their Triton compiles and autotuning, then 22
+calls of 50-160 ms): about 6-8 minutes in all. Pass --max-minutes 8.5 inside a 10-minute device call: whatever is left
 at that point is recorded as skipped and the rows so far are already in the CSV.
 """
 
@@ -116,11 +120,12 @@ def bench_shape(torch, F, impls, shape, dtype, args, common, rec):
             logits = emb @ head.T
             return logits, g @ head, g.T @ emb
 
-        times, extra, _, _ = H.measure(torch, tuple, bare, args.repeats, args.warmup,
-                                       lambda inputs: [], device=args.device)
-        rec.add(H.row(common, BENCHMARK, shape, args.dtype, args.ignored,
-                      BARE, times, extra, tflops, "TFLOP/s",
-                      float("nan"), float("nan"), note="yardstick; extra includes logits"))
+        m = H.measure(torch, tuple, bare, args.repeats, args.warmup, lambda inputs: [],
+                      device=args.device, queued=args.queued)
+        rec.add(H.row(common, BENCHMARK, shape, args.dtype, args.ignored, BARE, m.times_ms, m.extra_bytes,
+                      tflops, "TFLOP/s", float("nan"), float("nan"),
+                      note=H.join_notes("yardstick; extra includes logits", m.note), gpu_times=m.gpu_times_ms))
+        m = None
         del g, bare
         H.empty_cache(torch, args.device)
 

@@ -3,9 +3,20 @@
 Used by bench_gpu_cross_entropy.py and bench_gpu_linear_cross_entropy.py. Every implementation
 of one benchmark runs in the same process, on the same inputs, one after the other:
 
-* time: CUDA events around one forward+backward call, ``repeats`` times after ``warmup`` calls;
-  median, p10 and p90 in milliseconds (inputs are re-created outside the timed region when an
-  implementation overwrites them, e.g. an in-place gradient);
+* time, two metrics, each as median, p10 and p90 in milliseconds over ``repeats`` samples taken
+  after ``warmup`` calls (every call gets fresh inputs, made outside the timed region):
+
+  - synced (``median_ms``): CUDA events around one forward+backward call started on an idle GPU.
+    It includes the host's Python and launch time before the first kernel reaches the GPU and
+    any gap in which the GPU waits for the host: what a caller who synchronizes after each call
+    sees.
+  - queued (``gpu_median_ms``): the same events, but behind a GPU busy-wait
+    (``torch.cuda._sleep``) that lasts until the host has enqueued the whole call, checked on
+    every sample; start..stop then holds the call's GPU work only, as in a training loop whose
+    host runs ahead of the GPU. A call that makes the host wait for the GPU (a host sync inside)
+    cannot be timed this way: its queued columns are empty and the note says why.
+
+  ``throughput`` is computed from the synced median;
 * extra memory: ``torch.cuda.max_memory_allocated()`` during the call minus what was allocated
   before it, minus the gradient buffers the call leaves behind (``.grad`` of the inputs): what the
   implementation needs beyond its inputs and outputs;
@@ -18,13 +29,13 @@ crossent kernel configurations, or ``default-sweep`` for the candidate lists bel
 implementation runs once per configuration (set through the ``CROSSENT_TRITON_LINEAR_TILES`` /
 ``CROSSENT_TRITON_CE_CONFIG`` environment variables, read by crossent at every call), the peers
 once; each row names its configuration in the ``config`` column and the script prints the fastest
-configuration per shape with its ratio to the target.
+configuration per shape with its ratio to the target, for each of the two time metrics.
 
 The pure-Python helpers (``parse_shapes``, ``parse_configs``, ``summarize``, ``append_rows``,
 ``best_configs``) are tested on the CPU in tests/triton/test_triton_bench_harness.py.
 ``--device cpu`` (with TRITON_INTERPRET=1 and an explicit ``--out``) runs a script end to end on
 tiny shapes through Triton's interpreter: a smoke test of the script, never a measurement (its
-rows say so, and carry no memory figures).
+rows say so, and carry no memory figures and no queued GPU time).
 """
 
 from __future__ import annotations
@@ -38,13 +49,33 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 COLUMNS = [
     "date", "device", "torch", "triton", "liger_kernel", "cut_cross_entropy", "benchmark",
-    "shape", "dtype", "ignored_fraction", "impl", "config", "median_ms", "p10_ms", "p90_ms", "repeats",
+    "shape", "dtype", "ignored_fraction", "impl", "config", "median_ms", "p10_ms", "p90_ms",
+    "gpu_median_ms", "gpu_p10_ms", "gpu_p90_ms", "repeats",
     "extra_mib", "throughput", "throughput_unit", "loss_abs_err", "grad_rel_err",
     "grad2_rel_err", "note",
 ]
+
+#: Columns a CSV must have for ``append_rows`` to add rows to it (under the union of its columns
+#: and COLUMNS): without them it is not a file of these benchmarks.
+KEY_COLUMNS = ("date", "benchmark", "shape", "impl", "median_ms")
+
+#: The two time metrics: median column, label in printed summaries.
+METRICS = (("median_ms", "ms (synced)"), ("gpu_median_ms", "GPU ms (queued)"))
+
+#: Queued timing (see ``measure``): the busy-wait's length in cycles is computed from a host time
+#: at this assumed GPU clock (2 GHz, about an H100's boost clock); only the first guess depends on
+#: it, since every sample checks that its sleep lasted long enough.
+SLEEP_HZ = 2e9
+#: The sleep lasts ``SLEEP_FACTOR`` times the host time of the previous call, at least
+#: ``MIN_SLEEP_S``; a sample whose sleep ended too early is redone with twice the cycles, at most
+#: ``SLEEP_DOUBLINGS`` times, then recorded as not measured.
+SLEEP_FACTOR = 3.0
+MIN_SLEEP_S = 1e-3
+SLEEP_DOUBLINGS = 6
 
 
 #: "default" in a sweep list: no override, crossent's fixed defaults.
@@ -128,32 +159,38 @@ def config_env(var, config):
 
 
 def best_configs(rows, reference_impl, target_ratio, what):
-    """Lines naming, per shape and crossent implementation, the fastest config and its ratio to
-    the median of ``reference_impl`` (a row whose impl starts with that text) in the same shape;
-    ``target_ratio`` is the ratio the target allows, ``what`` names the reference."""
+    """Lines naming, per shape, crossent implementation and time metric (``METRICS``: synced, then
+    queued), the fastest config and its ratio to the same metric's median of ``reference_impl``
+    (a row whose impl starts with that text) in the same shape; ``target_ratio`` is the ratio the
+    target allows, ``what`` names the reference. A metric no row of an implementation has (the
+    queued one in the CPU smoke mode) gives no line."""
     lines = []
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     for shape in shapes:
-        mine = [r for r in rows if r["shape"] == shape and _timed(r)]
-        ref = [r for r in mine if r["impl"].startswith(reference_impl)]
-        for impl in dict.fromkeys(r["impl"] for r in mine if r["impl"].startswith("crossent")):
-            cand = sorted((r for r in mine if r["impl"] == impl), key=lambda r: r["median_ms"])
-            best = cand[0]
-            line = f"{shape} {impl}: fastest config {best['config']!r} {best['median_ms']:.3f} ms"
-            default = [r for r in cand if r["config"] == DEFAULT_CONFIG]
-            if default and best is not default[0]:
-                line += f" (default {default[0]['median_ms']:.3f} ms)"
-            if ref:
-                ratio = best["median_ms"] / ref[0]["median_ms"]
-                verdict = "meets" if ratio <= target_ratio else "misses"
-                line += (f" = {ratio:.2f}x {what} ({ref[0]['median_ms']:.3f} ms; target <= {target_ratio}x: "
-                         f"{verdict})")
-            lines.append(line)
+        here = [r for r in rows if r["shape"] == shape]
+        for impl in dict.fromkeys(r["impl"] for r in here if r["impl"].startswith("crossent")):
+            for key, label in METRICS:
+                mine = [r for r in here if _timed(r, key)]
+                ref = [r for r in mine if r["impl"].startswith(reference_impl)]
+                cand = sorted((r for r in mine if r["impl"] == impl), key=lambda r, key=key: r[key])
+                if not cand:
+                    continue
+                best = cand[0]
+                line = f"{shape} {impl}, {label}: fastest config {best['config']!r} {best[key]:.3f} ms"
+                default = [r for r in cand if r["config"] == DEFAULT_CONFIG]
+                if default and best is not default[0]:
+                    line += f" (default {default[0][key]:.3f} ms)"
+                if ref:
+                    ratio = best[key] / ref[0][key]
+                    verdict = "meets" if ratio <= target_ratio else "misses"
+                    line += (f" = {ratio:.2f}x {what} ({ref[0][key]:.3f} ms; target <= {target_ratio}x: "
+                             f"{verdict})")
+                lines.append(line)
     return lines
 
 
-def _timed(r):
-    v = r.get("median_ms", "")
+def _timed(r, key="median_ms"):
+    v = r.get(key, "")
     return isinstance(v, float) and not math.isnan(v)
 
 
@@ -175,8 +212,11 @@ class Recorder:
     def add(self, row):
         append_rows(self.out, [row])
         self.rows.append(row)
-        ms = row.get("median_ms", "")
-        value = f"{ms:.3f} ms" if isinstance(ms, float) else row.get("note", "")
+        if _timed(row):
+            value = f"{row['median_ms']:.3f} ms synced"
+            value += f", {row['gpu_median_ms']:.3f} ms GPU queued" if _timed(row, "gpu_median_ms") else ""
+        else:
+            value = row.get("note", "")
         print(f"[{self.elapsed():7.1f} s] {row['shape']} {row['impl']} [{row.get('config', '')}]: {value}",
               flush=True)
 
@@ -217,25 +257,53 @@ def summarize(times_ms):
     return statistics.median(values), _percentile(values, 0.1), _percentile(values, 0.9)
 
 
+def summarize_measured(times_ms):
+    """``summarize`` of the times that are not NaN (samples not measured); NaNs when none is."""
+    valid = [t for t in times_ms if not math.isnan(t)]
+    return summarize(valid) if valid else (float("nan"),) * 3
+
+
 def append_rows(path, rows):
     """Append dict rows (keys from COLUMNS) to a CSV, writing the header when the file is new.
 
-    A file whose header is not COLUMNS (an older layout) is refused rather than misaligned."""
+    A file written under an older layout (a header without some of COLUMNS, e.g. before the
+    queued-time columns) is first rewritten under the union of its columns and COLUMNS: its rows
+    keep every value under the same column name and get empty cells in the columns they lack. A
+    file without ``KEY_COLUMNS`` is not a file of these benchmarks and is refused."""
+    fields = COLUMNS
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if header != COLUMNS:
+        missing = [c for c in KEY_COLUMNS if c not in header]
+        if missing:
             raise ValueError(
-                f"{path} has columns {header}, expected {COLUMNS}: write to a new file (--out)"
+                f"{path} has columns {header}, without {missing}: not a GPU benchmark CSV, "
+                "write to a new file (--out)"
             )
+        fields = COLUMNS + [c for c in header if c not in COLUMNS]
+        if header != fields:
+            _rewrite_with_columns(path, fields)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="raise")
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
+            writer.writerow({k: _fmt(row.get(k, "")) for k in fields})
+
+
+def _rewrite_with_columns(path, fields):
+    """Rewrite the CSV at ``path`` under header ``fields`` (its old columns among them), through a
+    temporary file renamed over it, so that an interrupted rewrite leaves the old file whole."""
+    with open(path, newline="") as f:
+        old = list(csv.DictReader(f))
+    tmp = f"{path}.rewrite-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="raise")
+        writer.writeheader()
+        writer.writerows(old)
+    os.replace(tmp, path)
 
 
 def _fmt(value):
@@ -311,17 +379,47 @@ def relative_error(value, reference):
     return float(diff / reference.double().norm().clamp_min(1e-300))
 
 
-def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda"):
-    """Time ``run(*inputs)`` (forward+backward) with CUDA events.
+class Measurement(NamedTuple):
+    """What ``measure`` returns."""
+
+    times_ms: list  # synced time of each timed repeat
+    gpu_times_ms: list  # queued GPU time of each timed repeat; NaN where not measured
+    extra_bytes: float  # peak extra memory over the synced repeats; NaN on the CPU
+    result: object  # run()'s return value of the last call
+    grads: list  # grads_of(inputs) of the last call
+    note: str  # why queued samples are missing on CUDA, else ""
+
+
+def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda", queued=True):
+    """Time ``run(*inputs)`` (forward+backward) with CUDA events, synced and queued.
 
     ``make_inputs()`` returns a fresh tuple of inputs for every call (outside the timed region);
-    ``grads_of(inputs)`` lists the gradient tensors the call produced. Returns
-    (times_ms, extra_bytes, last_result, last_grads); on the CPU (smoke mode) wall-clock times
+    ``grads_of(inputs)`` lists the gradient tensors the call produced. ``warmup`` untimed calls,
+    then per repeat two calls on fresh inputs:
+
+    * synced: synchronize, then events around the call. The time includes the host's work
+      before the first kernel reaches the idle GPU and every GPU wait for the host. The extra
+      memory is measured on these calls.
+    * queued (``queued=True`` on CUDA): synchronize, enqueue a GPU busy-wait
+      (``torch.cuda._sleep``), an event ``after_sleep``, then events around the call; before
+      synchronizing, ``after_sleep.query()`` must be False: the GPU was still asleep when the
+      host had enqueued all of the call's work, so start..stop is GPU time alone. The sleep
+      lasts ``SLEEP_FACTOR`` times the previous call's host time (at least ``MIN_SLEEP_S``, at
+      ``SLEEP_HZ``); a sample whose sleep ended too early is redone with twice the cycles,
+      ``SLEEP_DOUBLINGS`` times at most, and the later samples keep the doubled factor. When
+      that fails, or the host waited as long as the sleep twice in a row (a call that
+      synchronizes inside, which no sleep covers), the sample and the repeats after it are NaN
+      and ``note`` says why.
+
+    Returns a ``Measurement``; on the CPU (smoke mode) wall-clock synced times, NaN queued times
     and NaN extra memory.
     """
     cuda = device == "cuda"
-    times, extra, result, grads = [], 0 if cuda else float("nan"), None, None
+    queued = queued and cuda
+    times, gpu_times, extra = [], [], 0 if cuda else float("nan")
+    inputs = result = grads = timer = None
     for i in range(warmup + repeats):
+        inputs = result = grads = None  # free the previous call's buffers before making new ones
         inputs = make_inputs()
         if cuda:
             torch.cuda.synchronize()
@@ -331,30 +429,93 @@ def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda"):
             start.record()
         t0 = time.perf_counter()
         result = run(*inputs)
+        host_s = time.perf_counter() - t0  # on CUDA: the host's enqueue time (idle GPU at start)
         if cuda:
             stop.record()
             torch.cuda.synchronize()
         elapsed_ms = (time.perf_counter() - t0) * 1e3
         grads = grads_of(inputs)
-        if i >= warmup:
-            if cuda:
-                grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
-                extra = max(extra, torch.cuda.max_memory_allocated() - before - grad_bytes)
-                times.append(start.elapsed_time(stop))
-            else:
-                times.append(elapsed_ms)
-        if i < warmup + repeats - 1:
-            del inputs, result, grads
-            result = grads = None
-    return times, extra, result, grads
+        if i < warmup:
+            continue
+        if cuda:
+            grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+            extra = max(extra, torch.cuda.max_memory_allocated() - before - grad_bytes)
+            times.append(start.elapsed_time(stop))
+        else:
+            times.append(elapsed_ms)
+        if not queued:
+            gpu_times.append(float("nan"))
+            continue
+        if timer is None:
+            timer = _QueuedTimer(torch, host_s)
+        if timer.reason:  # it failed on an earlier sample and would fail the same way
+            gpu_times.append(float("nan"))
+            continue
+        inputs = result = grads = None
+        gpu_ms, result, grads = timer.sample(make_inputs, run, grads_of)
+        gpu_times.append(gpu_ms)
+    note = ""
+    if timer is not None and timer.reason:
+        missing = sum(math.isnan(t) for t in gpu_times)
+        note = f"queued GPU time: {missing} of {len(gpu_times)} samples not measured: {timer.reason}"
+    return Measurement(times, gpu_times, extra, result, grads, note)
+
+
+class _QueuedTimer:
+    """Queued samples of one ``run`` (see ``measure``). Keeps the sleep's length factor from
+    sample to sample (doubled for good when a sleep was too short), and ``reason`` once a sample
+    could not be measured."""
+
+    def __init__(self, torch, host_s):
+        self.torch, self.host_s, self.factor, self.reason = torch, host_s, SLEEP_FACTOR, ""
+
+    def sample(self, make_inputs, run, grads_of):
+        """``(ms, result, grads)`` of one queued sample; ms is NaN when none could be measured."""
+        cuda = self.torch.cuda
+        cycles = int(max(MIN_SLEEP_S, self.factor * self.host_s) * SLEEP_HZ)
+        host_waited = False
+        for attempt in range(SLEEP_DOUBLINGS + 1):
+            if attempt:
+                cycles, self.factor = 2 * cycles, 2 * self.factor
+            inputs = result = grads = None
+            inputs = make_inputs()
+            cuda.synchronize()
+            after_sleep = cuda.Event()
+            start, stop = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+            cuda._sleep(cycles)
+            after_sleep.record()
+            start.record()
+            t0 = time.perf_counter()
+            result = run(*inputs)
+            host_s = time.perf_counter() - t0
+            stop.record()
+            covered = not after_sleep.query()  # still asleep: all of run() is queued behind it
+            cuda.synchronize()
+            grads = grads_of(inputs)
+            if covered:
+                self.host_s = host_s
+                return start.elapsed_time(stop), result, grads
+            sleep_s = cycles / SLEEP_HZ
+            if host_s >= sleep_s and host_waited:
+                self.reason = (f"run() kept the host busy as long as the sleep twice in a row ({sleep_s * 1e3:.1f} "
+                               "ms nominal): it waits for the GPU (a host sync inside, or a full launch queue)")
+                return float("nan"), result, grads
+            host_waited = host_s >= sleep_s
+        self.reason = (f"the sleep was over before run() had been enqueued even at {cycles:.3g} cycles "
+                       f"({cycles / SLEEP_HZ * 1e3:.1f} ms nominal)")
+        return float("nan"), result, grads
 
 
 def row(common, benchmark, shape, dtype, ignored, impl, times, extra_bytes, throughput, unit,
-        loss_err, grad_err, grad2_err=float("nan"), note="", config=""):
+        loss_err, grad_err, grad2_err=float("nan"), note="", config="", gpu_times=()):
+    """One CSV row: the synced ``times`` and queued ``gpu_times`` (ms; NaN or absent where not
+    measured) summarized, throughput from the synced median."""
     median, p10, p90 = summarize(times)
+    gpu_median, gpu_p10, gpu_p90 = summarize_measured(gpu_times)
     return dict(
         common, benchmark=benchmark, shape="x".join(map(str, shape)), dtype=dtype,
         ignored_fraction=ignored, impl=impl, config=config, median_ms=median, p10_ms=p10, p90_ms=p90,
+        gpu_median_ms=gpu_median, gpu_p10_ms=gpu_p10, gpu_p90_ms=gpu_p90,
         repeats=len(times), extra_mib=extra_bytes / 2**20, throughput=throughput(median),
         throughput_unit=unit, loss_abs_err=loss_err, grad_rel_err=grad_err,
         grad2_rel_err=grad2_err, note=note,
@@ -397,16 +558,23 @@ def run_impls(torch, impls, args, rec, common, benchmark, shape, config_var, mak
             loss = grads = None
             try:
                 with config_env(config_var, config or DEFAULT_CONFIG):
-                    times, extra, loss, grads = measure(torch, make_inputs, run, args.repeats, args.warmup,
-                                                        grads_of, device=args.device)
+                    m = measure(torch, make_inputs, run, args.repeats, args.warmup, grads_of,
+                                device=args.device, queued=args.queued)
+                loss, grads = m.result, m.grads
                 throughput, unit, loss_err, grad_err, grad2_err, note = measured(loss, grads)
-                rec.add(row(common, benchmark, shape, args.dtype, args.ignored, name, times, extra,
-                            throughput, unit, loss_err, grad_err, grad2_err, note=note, config=config))
+                rec.add(row(common, benchmark, shape, args.dtype, args.ignored, name, m.times_ms, m.extra_bytes,
+                            throughput, unit, loss_err, grad_err, grad2_err, note=join_notes(note, m.note),
+                            config=config, gpu_times=m.gpu_times_ms))
             except Exception as e:  # one failing peer or config must not lose the others' numbers
                 rec.add(failed_row(common, benchmark, shape, args.dtype, args.ignored, name, e, config=config))
             finally:
-                loss = grads = None
+                m = loss = grads = None
                 empty_cache(torch, args.device)
+
+
+def join_notes(*notes):
+    """The non-empty notes joined with "; "."""
+    return "; ".join(n for n in notes if n)
 
 
 def add_common_args(parser, shapes, shapes_help, repeats, warmup, default_out):
@@ -420,6 +588,8 @@ def add_common_args(parser, shapes, shapes_help, repeats, warmup, default_out):
     parser.add_argument("--max-minutes", type=float, default=0.0,
                         help="skip (and record as skipped) what is left after this many minutes; 0: no limit")
     parser.add_argument("--out", default=None, help=f"CSV to append to (default {default_out})")
+    parser.add_argument("--no-queued", dest="queued", action="store_false",
+                        help="time the synced calls only (no queued GPU time: half the timed calls)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: smoke run through TRITON_INTERPRET=1, needs --out (not a measurement)")
 
@@ -443,9 +613,10 @@ def select_impls(impls, text, extra=()):
 
 
 def print_table(rows):
-    """Human-readable summary of this run's rows on stdout."""
-    header = f"{'shape':>22} {'impl':>34} {'median ms':>10} {'p10':>8} {'p90':>8} {'extra MiB':>10} " \
-             f"{'throughput':>16} {'loss err':>9} {'grad err':>9} {'grad2 err':>9}  config"
+    """Human-readable summary of this run's rows on stdout: both time metrics (median, p10, p90)."""
+    header = f"{'shape':>22} {'impl':>34} {'ms (synced)':>11} {'p10':>8} {'p90':>8} {'GPU ms (queued)':>15} " \
+             f"{'p10':>8} {'p90':>8} {'extra MiB':>10} {'throughput':>16} {'loss err':>9} {'grad err':>9} " \
+             f"{'grad2 err':>9}  config"
     print(header)
     for r in rows:
         if r.get("note", "").startswith(("failed", "skipped")):
@@ -454,11 +625,12 @@ def print_table(rows):
 
         def num(key, spec, r=r):
             v = r.get(key, "")
-            return format(v, spec) if isinstance(v, float) and not math.isnan(v) else "-"
+            return format(v, spec) if isinstance(v, float) and not math.isnan(v) else "-".rjust(int(spec.split(".")[0]))
 
         print(
-            f"{r['shape']:>22} {r['impl']:>34} {num('median_ms', '10.3f')} {num('p10_ms', '8.3f')} "
-            f"{num('p90_ms', '8.3f')} {num('extra_mib', '10.1f')} "
+            f"{r['shape']:>22} {r['impl']:>34} {num('median_ms', '11.3f')} {num('p10_ms', '8.3f')} "
+            f"{num('p90_ms', '8.3f')} {num('gpu_median_ms', '15.3f')} {num('gpu_p10_ms', '8.3f')} "
+            f"{num('gpu_p90_ms', '8.3f')} {num('extra_mib', '10.1f')} "
             f"{num('throughput', '10.1f')} {r['throughput_unit']:>5} {num('loss_abs_err', '9.2e')} "
             f"{num('grad_rel_err', '9.2e')} {num('grad2_rel_err', '9.2e')}  {r.get('config', '')}"
         )

@@ -40,6 +40,133 @@ def test_summarize_matches_numpy_percentiles():
     assert p90 == pytest.approx(np.percentile(times, 90))
 
 
+def test_measure_on_the_cpu_has_no_queued_time(tmp_path):
+    """CPU smoke mode: wall-clock synced times, NaN queued times and memory; the row's queued
+    columns are NaN and the CSV's cells empty."""
+    torch = pytest.importorskip("torch")
+    h = load_harness()
+    made = []
+
+    def make_inputs():
+        made.append(torch.ones(3, requires_grad=True))
+        return (made[-1],)
+
+    def run(x):
+        loss = (x * x).sum()
+        loss.backward()
+        return loss.detach()
+
+    m = h.measure(torch, make_inputs, run, 3, 1, lambda inputs: [inputs[0].grad], device="cpu")
+    assert len(made) == 4  # warmup + repeats: no queued calls on the CPU
+    assert len(m.times_ms) == 3 and all(t > 0 for t in m.times_ms)
+    assert len(m.gpu_times_ms) == 3 and all(np.isnan(m.gpu_times_ms))
+    assert np.isnan(m.extra_bytes) and m.note == ""
+    assert float(m.result) == 3.0 and m.grads[0].tolist() == [2.0, 2.0, 2.0]
+    r = h.row({}, "b", (3,), "float32", 0.0, "impl", m.times_ms, m.extra_bytes, lambda ms: 1.0, "GB/s", 0.0, 0.0,
+              gpu_times=m.gpu_times_ms)
+    assert all(np.isnan(r[c]) for c in ("gpu_median_ms", "gpu_p10_ms", "gpu_p90_ms"))
+    assert r["median_ms"] == np.median(m.times_ms)
+    path = tmp_path / "cpu.csv"
+    h.append_rows(str(path), [r])
+    with open(path, newline="") as f:
+        (written,) = csv.DictReader(f)
+    assert written["gpu_median_ms"] == written["gpu_p90_ms"] == "" and float(written["median_ms"]) > 0
+
+
+class FakeGPU:
+    """A stand-in for torch.cuda and time.perf_counter: a sleep of ``cover`` cycles or more is
+    still running when run() returns (unless run() waits for the GPU, ``syncs``); the events give
+    2.0 ms synced and 1.5 ms behind a sleep; run() takes ``host_s`` of host time."""
+
+    def __init__(self, cover, host_s=5e-4, syncs=False):
+        self.cover, self.host_s, self.syncs = cover, host_s, syncs
+        self.slept, self.pending, self.now = [], False, 0.0
+        self.cuda = self  # the fake torch is its own .cuda
+        self.calls = 0
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self):
+        self.calls += 1
+        self.now += self.host_s + (self.slept[-1] / 2e9 if self.syncs and self.pending else 0.0)
+        return self.calls
+
+    def synchronize(self):
+        self.pending = False
+
+    def _sleep(self, cycles):
+        self.slept.append(cycles)
+        self.pending = True
+
+    def memory_allocated(self):
+        return 0
+
+    max_memory_allocated = memory_allocated
+
+    def reset_peak_memory_stats(self):
+        pass
+
+    def Event(self, enable_timing=False):  # noqa: N802 (torch.cuda's name)
+        gpu = self
+
+        class Event:
+            def record(self):
+                self.queued = gpu.pending
+
+            def query(self):  # the sleep (recorded just before) is over
+                return gpu.syncs or gpu.slept[-1] < gpu.cover
+
+            def elapsed_time(self, stop):
+                return 1.5 if self.queued else 2.0
+
+        return Event()
+
+
+def fake_measure(monkeypatch, gpu, repeats=3, warmup=1, queued=True):
+    h = load_harness()
+    monkeypatch.setattr(h, "time", gpu)
+    return h, h.measure(gpu, tuple, gpu.run, repeats, warmup, lambda inputs: [], queued=queued)
+
+
+def test_measure_queued_doubles_a_short_sleep_and_keeps_the_longer_one(monkeypatch):
+    # Host time 0.5 ms: the first sleep is max(1 ms, 3 x 0.5 ms) = 1.5 ms = 3e6 cycles at 2 GHz.
+    gpu = FakeGPU(cover=10_000_000)
+    h, m = fake_measure(monkeypatch, gpu)
+    assert gpu.slept == [3_000_000, 6_000_000, 12_000_000, 12_000_000, 12_000_000]
+    assert gpu.calls == 1 + 3 + 5  # warmup, synced repeats, queued attempts (fresh inputs each)
+    assert m.times_ms == [2.0] * 3 and m.gpu_times_ms == [1.5] * 3 and m.note == ""
+    assert m.result == gpu.calls  # the last call's result
+    r = h.row({}, "b", (1,), "bf16", 0.0, "i", m.times_ms, 0, lambda ms: 1.0, "GB/s", 0.0, 0.0,
+              gpu_times=m.gpu_times_ms)
+    assert (r["median_ms"], r["gpu_median_ms"], r["gpu_p10_ms"], r["gpu_p90_ms"]) == (2.0, 1.5, 1.5, 1.5)
+
+
+def test_measure_queued_gives_up_after_the_doublings(monkeypatch):
+    gpu = FakeGPU(cover=float("inf"))
+    h, m = fake_measure(monkeypatch, gpu)
+    assert gpu.slept == [3_000_000 * 2**k for k in range(h.SLEEP_DOUBLINGS + 1)]  # then no more tries
+    assert m.times_ms == [2.0] * 3 and all(np.isnan(m.gpu_times_ms))
+    assert m.note.startswith("queued GPU time: 3 of 3 samples not measured: the sleep was over before run() "
+                             "had been enqueued even at 1.92e+08 cycles (96.0 ms nominal)")
+
+
+def test_measure_queued_detects_a_call_that_waits_for_the_gpu(monkeypatch):
+    gpu = FakeGPU(cover=0, syncs=True)
+    h, m = fake_measure(monkeypatch, gpu, repeats=2)
+    assert gpu.slept == [3_000_000, 6_000_000]  # the host waited out both sleeps: no more doublings
+    assert all(np.isnan(m.gpu_times_ms)) and m.times_ms == [2.0, 2.0]
+    assert m.note.startswith("queued GPU time: 2 of 2 samples not measured: run() kept the host busy as long as "
+                             "the sleep twice in a row (3.0 ms nominal): it waits for the GPU")
+
+
+def test_measure_queued_off_runs_the_synced_calls_only(monkeypatch):
+    gpu = FakeGPU(cover=0)
+    h, m = fake_measure(monkeypatch, gpu, queued=False)
+    assert gpu.slept == [] and gpu.calls == 4
+    assert m.times_ms == [2.0] * 3 and all(np.isnan(m.gpu_times_ms)) and m.note == ""
+
+
 def test_append_rows_writes_header_once(tmp_path):
     h = load_harness()
     path = tmp_path / "results" / "gpu_test.csv"
@@ -59,12 +186,44 @@ def test_append_rows_writes_header_once(tmp_path):
     assert rows[1]["median_ms"] == "" and rows[1]["note"].startswith("failed: RuntimeError")
 
 
-def test_append_rows_refuses_an_older_header(tmp_path):
+def test_append_rows_refuses_a_csv_of_another_benchmark(tmp_path):
     h = load_harness()
-    path = tmp_path / "old.csv"
+    path = tmp_path / "other.csv"
     path.write_text("date,device,impl\n2026,dev,x\n")
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match=r"without \['benchmark', 'shape', 'median_ms'\]: not a GPU benchmark"):
         h.append_rows(str(path), [])
+    assert path.read_text() == "date,device,impl\n2026,dev,x\n"
+
+
+def test_append_rows_rewrites_an_older_header_under_the_union(tmp_path):
+    """A results CSV from before the queued-time columns (and with a column COLUMNS no longer
+    has) gets the union of columns; its rows keep their values, with empty new cells."""
+    h = load_harness()
+    new_cols = ["gpu_median_ms", "gpu_p10_ms", "gpu_p90_ms"]
+    old_cols = [c for c in h.COLUMNS if c not in new_cols] + ["retired"]
+    path = tmp_path / "gpu_old.csv"
+    old_row = {c: f"{c}-value" for c in old_cols}
+    old_row.update(impl="bare-matmuls (E W^T, G W, G^T E)", median_ms="39.6105", note='a "quoted", note')
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_cols)
+        writer.writeheader()
+        writer.writerow(old_row)
+    common = {"date": "d", "device": "dev", "torch": "t", "triton": "tr", "liger_kernel": "-",
+              "cut_cross_entropy": "-"}
+    fresh = h.row(common, "bench", (4, 5), "bfloat16", 0.1, "impl-a", [2.0], 0, lambda ms: 1.0, "GB/s",
+                  0.0, 0.0, gpu_times=[1.5])
+    h.append_rows(str(path), [fresh])
+    h.append_rows(str(path), [fresh])  # the header is the union now: appended, not rewritten
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == h.COLUMNS + ["retired"]
+    assert len(rows) == 3
+    assert {c: rows[0][c] for c in old_cols} == old_row
+    assert all(rows[0][c] == "" for c in new_cols)
+    for r in rows[1:]:
+        assert r["retired"] == "" and float(r["median_ms"]) == 2.0 and float(r["gpu_median_ms"]) == 1.5
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "gpu_old.csv"]  # no temporary left
 
 
 def test_parse_configs():
@@ -149,9 +308,27 @@ def test_best_configs_ratio_to_reference():
     rows = [r("floor", "", 1.0), r("crossent-a", "default", 1.8), r("crossent-a", "x=1", 1.4),
             r("crossent-a", "y=1", float("nan")), r("peer", "", 0.5), r("crossent-a", "default", 9.0, "6x7")]
     lines = h.best_configs(rows, "floor", 1.5, "the floor")
-    assert lines[0] == ("4x5 crossent-a: fastest config 'x=1' 1.400 ms (default 1.800 ms) = 1.40x the floor "
-                        "(1.000 ms; target <= 1.5x: meets)")
-    assert lines[1] == "6x7 crossent-a: fastest config 'default' 9.000 ms"
+    assert lines == [
+        "4x5 crossent-a, ms (synced): fastest config 'x=1' 1.400 ms (default 1.800 ms) = 1.40x the floor "
+        "(1.000 ms; target <= 1.5x: meets)",
+        "6x7 crossent-a, ms (synced): fastest config 'default' 9.000 ms",
+    ]
+
+
+def test_best_configs_gives_each_time_metric_its_own_fastest_config_and_ratio():
+    h = load_harness()
+
+    def r(impl, config, ms, gpu_ms):
+        return {"shape": "4x5", "impl": impl, "config": config, "median_ms": ms, "gpu_median_ms": gpu_ms}
+
+    rows = [r("floor", "", 1.0, 0.8), r("crossent-a", "default", 1.4, 1.1), r("crossent-a", "x=1", 1.5, 1.0),
+            r("crossent-a", "y=1", 1.6, float("nan"))]
+    assert h.best_configs(rows, "floor", 1.3, "the floor") == [
+        "4x5 crossent-a, ms (synced): fastest config 'default' 1.400 ms = 1.40x the floor (1.000 ms; "
+        "target <= 1.3x: misses)",
+        "4x5 crossent-a, GPU ms (queued): fastest config 'x=1' 1.000 ms (default 1.100 ms) = 1.25x the floor "
+        "(0.800 ms; target <= 1.3x: meets)",
+    ]
 
 
 @pytest.mark.parametrize("script", ["bench_gpu_cross_entropy.py", "bench_gpu_linear_cross_entropy.py"])
@@ -190,8 +367,11 @@ def test_scripts_run_end_to_end_in_cpu_smoke_mode(tmp_path, script, shapes, impl
     assert len(rows) == impls
     assert all(not r["note"].startswith("failed") for r in rows), rows
     assert all("not a measurement" in r["device"] for r in rows)
+    assert all(float(r["median_ms"]) > 0 for r in rows)  # synced: wall-clock time on the CPU
+    assert all(r[c] == "" for r in rows for c in ("gpu_median_ms", "gpu_p10_ms", "gpu_p90_ms"))  # no GPU
     crossent = [r for r in rows if r["impl"].startswith("crossent")]
     assert crossent and all(float(r["grad_rel_err"]) < 2e-2 for r in crossent)
+    assert "ms (synced)" in proc.stdout and "GPU ms (queued)" in proc.stdout
 
 
 @pytest.mark.parametrize(
