@@ -144,7 +144,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     H.add_common_args(parser, "8192x2304x256000,8192x4096x128256", "NxDxV,...", repeats=10, warmup=2,
                       default_out=DEFAULT_OUT)
-    parser.add_argument("--fast-budget-mib", type=int, default=1536,
+    parser.add_argument("--fast-budget-mib", type=int, default=1000,
                         help="memory_budget of crossent's fast mode, MiB")
     parser.add_argument("--tiles", default="",
                         help="';'-separated CROSSENT_TRITON_LINEAR_TILES values for the crossent implementations, "

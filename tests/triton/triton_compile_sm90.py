@@ -78,10 +78,12 @@ def main():
         build(f"lce_combine[{dt},n_splits=1,n_rows=1]", K._lce_combine_kernel, ptrs,
               dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128, **ones),
               floats=("eps", "z_loss"), num_warps=4)
-        for from_logits, group in ((False, 0), (True, 0), (False, 8)):
-            build(f"lce_grad_tile[{dt},from_logits={from_logits}" + (f",group_m={group}]" if group else "]"),
+        for from_logits, group, raw in ((False, 0, False), (True, 0, False), (False, 8, False), (True, 0, True)):
+            build(f"lce_grad_tile[{dt},from_logits={from_logits}" + (f",group_m={group}" if group else "")
+                  + (",raw_logits=True]" if raw else "]"),
                   K._lce_grad_tile_kernel, ptrs,
-                  dict(**opts, **tiles, FROM_LOGITS=from_logits, BLOCK_M=128, BLOCK_V=128, GROUP_M=group),
+                  dict(**opts, **tiles, FROM_LOGITS=from_logits, BLOCK_M=128, BLOCK_V=128, GROUP_M=group,
+                       RAW_LOGITS=raw),
                   floats=("cap",))
         for first, last in ((True, False), (False, True)):
             build(f"lce_grad_input[{dt},first={first},last={last}]", K._lce_grad_input_kernel, ptrs,

@@ -717,6 +717,7 @@ def _lce_grad_tile_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    RAW_LOGITS: tl.constexpr = False,
 ):
     """Gradient of the logits for vocabulary columns [col_start, col_start + n_chunk).
 
@@ -727,6 +728,8 @@ def _lce_grad_tile_kernel(
     forward kernel and is overwritten in place. Rows past ``n_valid`` are skipped (their entries
     are never read). ``coef_ptr`` float32 [5, n_rows] (m, log s, A, B, C) from the combine kernel.
     ``GROUP_M``: program order (``_program_tile``), bit-identical results for any value.
+    ``RAW_LOGITS`` (with ``FROM_LOGITS``): ``g_ptr`` holds the logits before the softcap (a
+    cuBLAS product, see ``_launchers.linear_backward_products``), which is applied here.
     """
     pid_m, pid_v = _program_tile(GROUP_M)
     n_valid = tl.load(n_valid_ptr)
@@ -744,7 +747,11 @@ def _lce_grad_tile_kernel(
             x = tl.load(tile_ptr, mask=tile_mask, other=0.0).to(tl.float32)
             th = x
             if HAS_SOFTCAP:
-                th = x / cap
+                if RAW_LOGITS:
+                    th = _tanh(x / cap)
+                    x = cap * th
+                else:
+                    th = x / cap
         else:
             x, th = _logits_tile(
                 e_ptr, stride_em, w_ptr, stride_wv, bias_ptr,

@@ -426,10 +426,15 @@ class LinearTiles:
     # read-modify-write passes over the float32 dE accumulator. The chunk sets where dE's float32
     # partial sums are added, so it changes dE's rounding (deterministically: fixed per config).
     chunk: int = 0
+    # "lean" backward: 1 = per chunk, the three products (recomputed logits, dE, dW) by cuBLAS
+    # (torch.mm) and one Triton kernel for the gradient tile in between
+    # (``linear_backward_products``); 0 = three Triton kernels (recompute fused with the gradient
+    # tile, dE, dW). The forward is Triton either way.
+    products: int = 1
 
 
 _LINEAR_FIELDS = ("block_m", "block_v", "block_k", "block_d", "num_warps", "num_stages", "programs",
-                  "group_m", "chunk")
+                  "group_m", "chunk", "products")
 _LINEAR_POSITIONAL = _LINEAR_FIELDS[:6]
 _LINEAR_CHECKS = dict(
     block_m=_pow2_in(16, 512),
@@ -441,6 +446,7 @@ _LINEAR_CHECKS = dict(
     programs=_int_in(1, 1 << 20),
     group_m=_int_in(0, 1 << 16),
     chunk=_int_in(0, 1 << 24),
+    products=_int_in(0, 1),
 )
 
 
@@ -780,6 +786,11 @@ def linear_backward(
     plan, t = fwd.plan, fwd.plan.tiles
     n_rows, n_vocab, n_dim = plan.n_rows, plan.n_vocab, plan.n_dim
     device = inp.device
+    if t.products and fwd.store is None and n_rows and (need_input or need_weight or need_bias):
+        return linear_backward_products(
+            fwd, grad_output, inp, linear_weight, linear_bias, label_smoothing, softcap,
+            need_input, need_weight, need_bias,
+        )
     d_inp = torch.zeros_like(inp, memory_format=torch.contiguous_format) if need_input else None
     d_w = None
     if need_weight:
@@ -852,4 +863,91 @@ def linear_backward(
                 num_warps=t.num_warps, num_stages=t.num_stages,
                 **dot,
             )
+    return d_inp, d_w, d_b
+
+
+def _addmm_float32_(acc, a, b):
+    """``acc += a @ b`` with ``acc`` float32 and ``a``, ``b`` in a lower precision: the product
+    is summed in float32 and added without rounding to the operands' dtype (cuBLAS with a
+    float32 output, ``torch.addmm(out_dtype=)``, PyTorch >= 2.8 on CUDA); elsewhere (the CPU
+    interpreter tests) the operands are upcast, which is exact."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def linear_backward_products(
+    fwd, grad_output, inp, linear_weight, linear_bias, label_smoothing, softcap,
+    need_input, need_weight, need_bias,
+):
+    """The "lean" backward with cuBLAS products (``LinearTiles.products``); as ``linear_backward``.
+
+    Per vocabulary chunk c (``plan.chunk`` columns, the same bounded workspace): X_c = E W_c^T
+    (+ b_c) by cuBLAS into the workspace, all rows in their own order (rounded to the input
+    dtype, as eager PyTorch's logits); ``_lce_grad_tile_kernel`` (``FROM_LOGITS``,
+    ``RAW_LOGITS``) turns it into G_c in place from the forward's row statistics, ``scale_rows_``
+    applies the upstream gradient (nothing when it is 1), then by cuBLAS dE += G_c W_c into a
+    float32 accumulator (``_addmm_float32_``), dW_c = G_c^T E (one rounding) and db_c = the
+    column sums of G_c. Ignored rows get G = 0 (statistics m = +inf, A = B = C = 0) but go through
+    the products: skipping them would need their count on the host.
+    """
+    plan, t = fwd.plan, fwd.plan.tiles
+    n_rows, n_vocab, n_dim = plan.n_rows, plan.n_vocab, plan.n_dim
+    device, dtype = inp.device, inp.dtype
+    # Row statistics moved from the compacted order to the rows' own order.
+    compact = fwd.coef.clone()
+    compact[0].masked_fill_(torch.arange(n_rows, device=device) >= fwd.n_valid, float("inf"))
+    coef = torch.empty_like(compact).index_copy_(1, fwd.rows, compact)
+    every_row = torch.arange(n_rows, device=device)
+    n_all = torch.full((), n_rows, dtype=torch.int64, device=device)
+    starts = list(range(0, n_vocab, plan.chunk))
+    d_inp = torch.empty_like(inp, memory_format=torch.contiguous_format) if need_input else None
+    acc = torch.zeros(n_rows, n_dim, dtype=torch.float32, device=device) if need_input and len(starts) > 1 else None
+    d_w = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight else None
+    d_b = torch.empty(n_vocab, dtype=torch.float32, device=device) if need_bias else None
+    bias = linear_bias.to(dtype) if linear_bias is not None else None
+    workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=dtype, device=device)
+    g_out = grad_output.detach()
+    weight = fwd.weight
+    n_m_blocks = triton.cdiv(n_rows, t.block_m)
+    for start in starts:
+        width = min(plan.chunk, n_vocab - start)
+        w_c = linear_weight[start : start + width]
+        x = workspace[: n_rows * width].view(n_rows, width)
+        if bias is None:
+            torch.mm(inp, w_c.T, out=x)
+        else:
+            torch.addmm(bias[start : start + width], inp, w_c.T, out=x)
+        K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, t.block_v))](
+            inp, 0, linear_weight, 0, coef,
+            every_row, n_all, fwd.target, weight if weight is not None else coef, coef,
+            x, x.stride(0), start, width, n_rows, n_vocab, n_dim,
+            float(softcap) if softcap is not None else 1.0,
+            FROM_LOGITS=True,
+            HAS_BIAS=False,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            HAS_SOFTCAP=softcap is not None,
+            BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=0,
+            RAW_LOGITS=True,
+            num_warps=t.num_warps,
+            **_dot_args(dtype),
+        )
+        scale_rows_(x, g_out)
+        if need_input:
+            if acc is None:
+                torch.mm(x, w_c, out=d_inp)
+            else:
+                _addmm_float32_(acc, x, w_c)
+        if need_weight:
+            torch.mm(x.T, inp, out=d_w[start : start + width])
+        if need_bias:
+            torch.sum(x, 0, dtype=torch.float32, out=d_b[start : start + width])
+    if acc is not None:
+        d_inp.copy_(acc)
+    if d_b is not None:
+        d_b = d_b.to(linear_bias.dtype)
     return d_inp, d_w, d_b
