@@ -85,6 +85,11 @@ def main():
                   dict(**opts, **tiles, FROM_LOGITS=from_logits, BLOCK_M=128, BLOCK_V=128, GROUP_M=group,
                        RAW_LOGITS=raw),
                   floats=("cap",))
+        for first in (True, False):
+            build(f"lce_stats[{dt},first={first}]", K._lce_stats_kernel,
+                  dict(ptrs, x_ptr=f"*{dt}", stats_ptr="*fp32"),
+                  dict(FIRST=first, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, BLOCK_M=16, BLOCK_V=512),
+                  floats=("cap",), num_warps=4)
         for first, last in ((True, False), (False, True)):
             build(f"lce_grad_input[{dt},first={first},last={last}]", K._lce_grad_input_kernel, ptrs,
                   dict(**tiles, FIRST=first, LAST=last, BLOCK_M=128, BLOCK_D=128))

@@ -574,20 +574,10 @@ def _lce_forward_kernel(
                     st_ptr = store_ptr + r.to(tl.int64)[:, None] * stride_store + cols[None, :]
                     st_mask = row_mask[:, None] & (cols < n_store)[None, :]
                     tl.store(st_ptr, _cast(x, store_ptr.dtype.element_ty, INTERPRETER), mask=st_mask)
-            x = tl.where(col_mask[None, :], x, float("-inf"))
-            x_t += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
-            m_prev = m
-            m, s = _online_update(m, s, x, 1)
-            if HAS_SMOOTHING:
-                fin = x != float("-inf")
-                w = tl.where(col_mask, 1.0, 0.0)
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                m_safe = tl.where(m == float("-inf"), 0.0, m)
-                n_fin += tl.sum(fin.to(tl.float32), axis=1)
-                sum_wd = _rebase(sum_w, sum_wd, m_prev, m)
-                sum_wd += tl.sum(tl.where(fin, w[None, :] * (x - m_safe[:, None]), 0.0), axis=1)
-                sum_w += tl.sum(tl.where(fin, w[None, :], 0.0), axis=1)
+            m, s, x_t, n_fin, sum_w, sum_wd = _fold_tile(
+                x, cols, col_mask, target, m, s, x_t, n_fin, sum_w, sum_wd, weight_ptr,
+                HAS_WEIGHT, HAS_SMOOTHING,
+            )
         base = partial_ptr + pid_s.to(tl.int64) * n_rows + r
         plane = tl.cast(n_splits, tl.int64) * n_rows  # tl.cast: n_splits == 1 arrives as a constant
         tl.store(base, m, mask=row_mask)
@@ -596,6 +586,107 @@ def _lce_forward_kernel(
         tl.store(base + 3 * plane, n_fin, mask=row_mask)
         tl.store(base + 4 * plane, sum_w, mask=row_mask)
         tl.store(base + 5 * plane, sum_wd, mask=row_mask)
+
+
+@triton.jit
+def _fold_tile(x, cols, col_mask, target, m, s, x_t, n_fin, sum_w, sum_wd, weight_ptr,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Fold a float32 tile ``x`` (BM, BV) of softcapped logits (columns ``cols``, valid where
+    ``col_mask``) into the per-row statistics: running max ``m`` and sum-exp ``s`` (online
+    softmax), the target logit ``x_t``, and for label smoothing the number of finite logits
+    ``n_fin``, ``sum_w = sum_j w_j`` and ``sum_wd = sum_j w_j (x_j - m)`` (see ``_rebase``)."""
+    x = tl.where(col_mask[None, :], x, float("-inf"))
+    x_t += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
+    m_prev = m
+    m, s = _online_update(m, s, x, 1)
+    if HAS_SMOOTHING:
+        fin = x != float("-inf")
+        w = tl.where(col_mask, 1.0, 0.0)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        n_fin += tl.sum(fin.to(tl.float32), axis=1)
+        sum_wd = _rebase(sum_w, sum_wd, m_prev, m)
+        sum_wd += tl.sum(tl.where(fin, w[None, :] * (x - m_safe[:, None]), 0.0), axis=1)
+        sum_w += tl.sum(tl.where(fin, w[None, :], 0.0), axis=1)
+    return m, s, x_t, n_fin, sum_w, sum_wd
+
+
+@triton.jit
+def _lce_stats_kernel(
+    x_ptr,
+    stride_x,
+    rows_ptr,
+    n_valid_ptr,
+    target_ptr,
+    weight_ptr,
+    stats_ptr,
+    col_start,
+    n_chunk,
+    n_rows,
+    n_vocab,
+    cap,
+    FIRST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Fold one vocabulary chunk of materialized logits into the running per-row statistics.
+
+    The forward of the "lean" schedule with cuBLAS products (``_launchers.linear_forward``):
+    ``x_ptr`` (n_rows, >= n_chunk) holds ``E W_c^T + b_c`` for vocabulary columns
+    [col_start, col_start + n_chunk), rows in their own order, row stride ``stride_x``, before the
+    softcap (applied here). Grid (compacted row blocks,): program p takes compacted rows
+    ``p*BLOCK_M + [0, BLOCK_M)`` (row ``rows[r]`` of ``x``), skips those past ``n_valid``, loads
+    their statistics from ``stats_ptr`` float32 [6, n_rows] (compacted order, the layout of a
+    single split of ``_lce_forward_kernel``'s partials; not with ``FIRST``), folds the chunk in
+    BLOCK_V-column steps (``_fold_tile``) and stores them back. Called chunk after chunk in
+    column order, this is the forward kernel's column loop with the logits read, not computed:
+    ``_lce_combine_kernel`` with one split turns the result into the loss and coefficients.
+    Overflow: row offsets are int64.
+    """
+    pid_m = tl.program_id(0)
+    n_valid = tl.load(n_valid_ptr)
+    if pid_m * BLOCK_M < n_valid:
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = r < n_valid
+        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+        if FIRST:
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_M], dtype=tl.float32)
+            x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+            n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
+            sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
+            sum_wd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        else:
+            m = tl.load(stats_ptr + r, mask=row_mask, other=float("-inf"))
+            s = tl.load(stats_ptr + n_rows + r, mask=row_mask, other=0.0)
+            x_t = tl.load(stats_ptr + 2 * n_rows + r, mask=row_mask, other=0.0)
+            n_fin = tl.load(stats_ptr + 3 * n_rows + r, mask=row_mask, other=0.0)
+            sum_w = tl.load(stats_ptr + 4 * n_rows + r, mask=row_mask, other=0.0)
+            sum_wd = tl.load(stats_ptr + 5 * n_rows + r, mask=row_mask, other=0.0)
+        for j0 in range(0, n_chunk, BLOCK_V):
+            j = j0 + tl.arange(0, BLOCK_V)
+            col_mask = (j < n_chunk) & (col_start + j < n_vocab)
+            # Lanes past the chunk get column -1, so that no target of a later chunk matches them.
+            cols = tl.where(col_mask, col_start + j, -1)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + j[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = cap * _tanh(x / cap)
+            m, s, x_t, n_fin, sum_w, sum_wd = _fold_tile(
+                x, cols, col_mask, target, m, s, x_t, n_fin, sum_w, sum_wd, weight_ptr,
+                HAS_WEIGHT, HAS_SMOOTHING,
+            )
+        tl.store(stats_ptr + r, m, mask=row_mask)
+        tl.store(stats_ptr + n_rows + r, s, mask=row_mask)
+        tl.store(stats_ptr + 2 * n_rows + r, x_t, mask=row_mask)
+        tl.store(stats_ptr + 3 * n_rows + r, n_fin, mask=row_mask)
+        tl.store(stats_ptr + 4 * n_rows + r, sum_w, mask=row_mask)
+        tl.store(stats_ptr + 5 * n_rows + r, sum_wd, mask=row_mask)
 
 
 @triton.jit

@@ -628,7 +628,6 @@ def linear_forward(
     if plan.n_store:
         store = torch.empty(n_rows, plan.n_store, dtype=inp.dtype, device=device)
     if n_rows:
-        partial = torch.empty(6, plan.n_splits, n_rows, dtype=torch.float32, device=device)
         dummy = scales
         n_m_blocks = triton.cdiv(n_rows, t.block_m)
         flags = dict(
@@ -638,21 +637,29 @@ def linear_forward(
             HAS_SOFTCAP=softcap is not None,
         )
         cap = float(softcap) if softcap is not None else 1.0
-        K._lce_forward_kernel[(n_m_blocks, plan.n_splits)](
-            inp, inp.stride(0),
-            linear_weight, linear_weight.stride(0),
-            linear_bias if linear_bias is not None else dummy,
-            rows, n_valid, target, weight if weight is not None else dummy,
-            partial, store if store is not None else dummy, plan.n_store, plan.n_store,
-            n_rows, n_vocab, n_dim, plan.tiles_per_split, cap,
-            STORE_LOGITS=store is not None,
-            BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-            num_warps=t.num_warps, num_stages=t.num_stages,
-            **flags, **_dot_args(inp.dtype),
-        )
+        n_splits = plan.n_splits
+        if t.products and store is None:
+            # Lean with cuBLAS products: the logits chunk by chunk, folded into one split.
+            n_splits = 1
+            partial = _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight,
+                                           plan, softcap, label_smoothing)
+        else:
+            partial = torch.empty(6, n_splits, n_rows, dtype=torch.float32, device=device)
+            K._lce_forward_kernel[(n_m_blocks, n_splits)](
+                inp, inp.stride(0),
+                linear_weight, linear_weight.stride(0),
+                linear_bias if linear_bias is not None else dummy,
+                rows, n_valid, target, weight if weight is not None else dummy,
+                partial, store if store is not None else dummy, plan.n_store, plan.n_store,
+                n_rows, n_vocab, n_dim, plan.tiles_per_split, cap,
+                STORE_LOGITS=store is not None,
+                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+                **flags, **_dot_args(inp.dtype),
+            )
         K._lce_combine_kernel[(n_m_blocks,)](
             partial, rows, n_valid, target, weight if weight is not None else dummy,
-            scales, row_loss, coef, n_rows, plan.n_splits, n_vocab,
+            scales, row_loss, coef, n_rows, n_splits, n_vocab,
             float(label_smoothing), float(z_loss),
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=label_smoothing > 0.0,
@@ -771,6 +778,49 @@ def scale_grads_(grads, grad_output):
             scale_rows_(flat, grad_output)
         out.append(g)
     return tuple(out)
+
+
+#: Tile (compacted rows, columns, warps) of ``_lce_stats_kernel``: each program reads its rows'
+#: chunk in 1 KiB (bf16) pieces per row.
+STATS_TILE = (16, 512, 4)
+
+
+def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight, plan, softcap,
+                         label_smoothing):
+    """Forward statistics of the lean schedule with cuBLAS products (``LinearTiles.products``):
+    per vocabulary chunk (``plan.chunk`` columns, the backward's workspace), X_c = E W_c^T (+ b_c)
+    by cuBLAS (every row, in the input dtype, as eager PyTorch's logits), folded by
+    ``_lce_stats_kernel`` into float32 [6, 1, n_rows] statistics (one split, compacted order) for
+    ``_lce_combine_kernel``."""
+    n_rows, n_vocab = inp.shape[0], linear_weight.shape[0]
+    stats = torch.empty(6, 1, n_rows, dtype=torch.float32, device=inp.device)
+    workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=inp.dtype, device=inp.device)
+    bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
+    block_m, block_v, warps = STATS_TILE
+    for start in range(0, n_vocab, plan.chunk):
+        width = min(plan.chunk, n_vocab - start)
+        x = _chunk_logits(workspace, inp, linear_weight, bias, start, width)
+        K._lce_stats_kernel[(triton.cdiv(n_rows, block_m),)](
+            x, x.stride(0), rows, n_valid, target, weight if weight is not None else stats, stats,
+            start, width, n_rows, n_vocab, float(softcap) if softcap is not None else 1.0,
+            FIRST=start == 0,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            HAS_SOFTCAP=softcap is not None,
+            BLOCK_M=block_m, BLOCK_V=block_v,
+            num_warps=warps,
+        )
+    return stats
+
+
+def _chunk_logits(workspace, inp, linear_weight, bias, start, width):
+    """``inp @ linear_weight[start:start+width].T (+ bias[...])`` by cuBLAS into the first
+    ``n_rows * width`` elements of ``workspace``, as a contiguous (n_rows, width) view."""
+    x = workspace[: inp.shape[0] * width].view(inp.shape[0], width)
+    w_t = linear_weight[start : start + width].T
+    if bias is None:
+        return torch.mm(inp, w_t, out=x)
+    return torch.addmm(bias[start : start + width], inp, w_t, out=x)
 
 
 def linear_backward(
@@ -916,11 +966,7 @@ def linear_backward_products(
     for start in starts:
         width = min(plan.chunk, n_vocab - start)
         w_c = linear_weight[start : start + width]
-        x = workspace[: n_rows * width].view(n_rows, width)
-        if bias is None:
-            torch.mm(inp, w_c.T, out=x)
-        else:
-            torch.addmm(bias[start : start + width], inp, w_c.T, out=x)
+        x = _chunk_logits(workspace, inp, linear_weight, bias, start, width)
         K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, t.block_v))](
             inp, 0, linear_weight, 0, coef,
             every_row, n_all, fwd.target, weight if weight is not None else coef, coef,
