@@ -5,7 +5,8 @@ Where the time of ``crossent.triton.linear_cross_entropy`` (lean, default tiles)
 targets ignored): the table a kernel change is judged by before the end-to-end benchmark.
 Also, per call, the host time (Python, checks, launches: measured with the GPU kept busy by a
 sleep kernel, so the host never waits for it) and, for cross-entropy, the host functions that
-take it (cProfile, by own time): what a synced timing adds to the kernels' time.
+take it (cProfile, by own time), and the GPU's idle time within one synced call (time to the
+first kernel, gaps between kernels): what a synced timing adds to the kernels' time.
 ``--fast-budget-mib`` profiles the "fast" linear mode too (memory_budget).
 
     python benchmarks/profile_gpu_kernels.py [--linear-shapes NxDxV,...] [--ce-shapes NxV,...]
@@ -83,6 +84,39 @@ def _host_profile(torch, step, steps, lines):
     print(lines[-1], flush=True)
 
 
+def _gaps(torch, step, lines, label):
+    """Where the GPU waits during one synced call: the time from the call's start to its first
+    kernel, and the idle gaps between kernels (from one torch.profiler trace, CPU + CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    gpu = sorted((ev for ev in events if ev.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda ev: ev.time_range.start)
+    cpu = [ev for ev in events if ev.device_type != torch.autograd.DeviceType.CUDA]
+    if not gpu or not cpu:
+        return
+    t0 = min(ev.time_range.start for ev in cpu)
+    first = gpu[0].time_range.start - t0
+    gaps, end = [], gpu[0].time_range.end
+    for prev, ev in zip(gpu, gpu[1:], strict=False):
+        gap = ev.time_range.start - end
+        if gap > 20:
+            gaps.append((gap, prev.name[:60], ev.name[:60]))
+        end = max(end, ev.time_range.end)
+    busy = end - gpu[0].time_range.start
+    lines.append(f"{label}, one synced call under the profiler: first kernel {first / 1e3:.3f} ms after the call "
+                 f"starts; {len(gaps)} idle gaps > 20 us, {sum(g for g, _, _ in gaps) / 1e3:.3f} ms of "
+                 f"{busy / 1e3:.3f} ms from first to last kernel")
+    for gap, before, after in sorted(gaps, reverse=True)[:5]:
+        lines.append(f"  {gap / 1e3:.3f} ms idle between {before} and {after}")
+    print("\n".join(lines[-(min(len(gaps), 5) + 1):]), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--linear-shapes", default="8192x2304x256000,8192x4096x128256")
@@ -115,6 +149,7 @@ def main(argv=None):
 
         _profile(torch, linear_step, args.steps, f"linear_cross_entropy lean {shape}", lines)
         _host_time(torch, linear_step, args.steps, lines)
+        _gaps(torch, linear_step, lines, f"linear_cross_entropy lean {shape}")
         if args.fast_budget_mib:
             budget = args.fast_budget_mib << 20
 
@@ -125,6 +160,7 @@ def main(argv=None):
             _profile(torch, fast_step, args.steps, f"linear_cross_entropy fast {args.fast_budget_mib} MiB {shape}",
                      lines)
             _host_time(torch, fast_step, args.steps, lines)
+            _gaps(torch, fast_step, lines, f"linear_cross_entropy fast {args.fast_budget_mib} MiB {shape}")
         del e, w
     for shape in filter(None, args.ce_shapes.split(",")):
         n, v = (int(x) for x in shape.split("x"))
@@ -138,6 +174,7 @@ def main(argv=None):
         _profile(torch, ce_step, args.steps, f"cross_entropy {shape}", lines)
         _host_time(torch, ce_step, max(args.steps, 20), lines)
         _host_profile(torch, ce_step, 50, lines)
+        _gaps(torch, ce_step, lines, f"cross_entropy {shape}")
         del x
     if args.out:
         with open(args.out, "w") as f:

@@ -938,8 +938,8 @@ def linear_backward_products(
     Per vocabulary chunk c (``plan.chunk`` columns, the same bounded workspace): X_c = E W_c^T
     (+ b_c) by cuBLAS into the workspace, all rows in their own order (rounded to the input
     dtype, as eager PyTorch's logits); ``_lce_grad_tile_kernel`` (``FROM_LOGITS``,
-    ``RAW_LOGITS``) turns it into G_c in place from the forward's row statistics, ``scale_rows_``
-    applies the upstream gradient (nothing when it is 1), then by cuBLAS dE += G_c W_c into a
+    ``RAW_LOGITS``) turns it into G_c in place from the forward's row statistics (their
+    coefficients times the upstream gradient), then by cuBLAS dE += G_c W_c into a
     float32 accumulator (``_addmm_float32_``), dW_c = G_c^T E (one rounding) and db_c = the
     column sums of G_c. Ignored rows get G = 0 (statistics m = +inf, A = B = C = 0) but go through
     the products: skipping them would need their count on the host.
@@ -947,10 +947,13 @@ def linear_backward_products(
     plan, t = fwd.plan, fwd.plan.tiles
     n_rows, n_vocab, n_dim = plan.n_rows, plan.n_vocab, plan.n_dim
     device, dtype = inp.device, inp.dtype
-    # Row statistics moved from the compacted order to the rows' own order.
+    # Row statistics moved from the compacted order to the rows' own order. G = A p - B [j == t]
+    # - C w (times the softcap's derivative) is linear in (A, B, C): scaling them by the upstream
+    # gradient (a scalar, or per row for "none") scales G without another pass over it.
     compact = fwd.coef.clone()
     compact[0].masked_fill_(torch.arange(n_rows, device=device) >= fwd.n_valid, float("inf"))
     coef = torch.empty_like(compact).index_copy_(1, fwd.rows, compact)
+    coef[2:] *= grad_output.detach().to(torch.float32)
     every_row = torch.arange(n_rows, device=device)
     n_all = torch.full((), n_rows, dtype=torch.int64, device=device)
     starts = list(range(0, n_vocab, plan.chunk))
@@ -960,7 +963,6 @@ def linear_backward_products(
     d_b = torch.empty(n_vocab, dtype=torch.float32, device=device) if need_bias else None
     bias = linear_bias.to(dtype) if linear_bias is not None else None
     workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=dtype, device=device)
-    g_out = grad_output.detach()
     weight = fwd.weight
     n_m_blocks = triton.cdiv(n_rows, t.block_m)
     for start in starts:
@@ -982,7 +984,6 @@ def linear_backward_products(
             num_warps=t.num_warps,
             **_dot_args(dtype),
         )
-        scale_rows_(x, g_out)
         if need_input:
             if acc is None:
                 torch.mm(x, w_c, out=d_inp)
