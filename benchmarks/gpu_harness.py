@@ -596,7 +596,7 @@ def add_common_args(parser, shapes, shapes_help, repeats, warmup, default_out):
 
 def select_impls(impls, text, extra=()):
     """The implementations named in ``text`` (comma list; an entry also matches a name that
-    continues with "(", e.g. "crossent-triton-fast" matches "crossent-triton-fast(1536MiB)");
+    continues with "(", e.g. "crossent-triton-fast" matches "crossent-triton-fast(1000MiB)");
     all of them when ``text`` is empty. ``extra`` are names handled outside ``impls``. Raises
     ValueError naming the unknown entries and the known names."""
     wanted = [w.strip() for w in (text or "").split(",") if w.strip()]
