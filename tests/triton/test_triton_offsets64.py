@@ -41,6 +41,7 @@ GPU memory (the resident-memory check is for the CPU only).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -220,18 +221,33 @@ def linear_oracle(e, w, target, up):
     return loss.detach(), e64.grad, w64.grad
 
 
-def assert_linear_close(got, want):
+def assert_linear_close(got, want, loss_tol=1e-4):
     loss, de, dw = got
     want_loss, want_de, want_dw = want
-    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=loss_tol, atol=loss_tol)
     # float16 gradients; dW sums float16-stored gradient tiles times E (lean and fast modes)
     for name, a, b in (("dE", de, want_de), ("dW", dw, want_dw)):
         err = float((a.cpu().double() - b).abs().max())
         assert err <= 4e-3 * float(b.abs().max()), f"{name}: max error {err}"
 
 
-@pytest.mark.parametrize("mode", ["lean", "fast"])
-def test_linear_input_rows_past_2_31(device, storage, assert_resident_small, mode):
+#: Linear modes: "lean" with the Triton products (``products=0``: the kernels whose int64 row
+#: offsets these tests guard), "lean_cublas" (the default, ``products=1``: torch/cuBLAS products on
+#: the strided views, float16 logits as in eager PyTorch, hence the loss tolerance of float16
+#: logits) and "fast" (``reduction="none"``: the Triton schedule that stores columns).
+LINEAR_MODES = ["lean", "lean_cublas", "fast"]
+
+
+def linear_mode(monkeypatch, mode):
+    """(memory_budget, loss tolerance) of ``mode``; sets the Triton products where it runs them."""
+    if mode != "lean_cublas":
+        real = _launchers.linear_tiles
+        monkeypatch.setattr(_launchers, "linear_tiles", lambda dtype: dataclasses.replace(real(dtype), products=0))
+    return (1 << 20 if mode == "fast" else None), (4e-3 if mode == "lean_cublas" else 1e-4)
+
+
+@pytest.mark.parametrize("mode", LINEAR_MODES)
+def test_linear_input_rows_past_2_31(device, storage, assert_resident_small, monkeypatch, mode):
     g = torch.Generator().manual_seed(2)
     e_values = torch.randn(3, D, generator=g).half()
     w = (torch.randn(V, D, generator=g) * 0.5).half()
@@ -240,17 +256,17 @@ def test_linear_input_rows_past_2_31(device, storage, assert_resident_small, mod
     e = rows.view.requires_grad_()
     wd = w.to(device).requires_grad_()
     up = random_upstream(3, device)
-    budget = 1 << 20 if mode == "fast" else None
+    budget, loss_tol = linear_mode(monkeypatch, mode)
     loss = linear_cross_entropy(e, wd, target.to(device), reduction="none", memory_budget=budget)
     loss.backward(up.float())
-    assert_linear_close((loss.detach(), e.grad, wd.grad), linear_oracle(e_values, w, target, up))
+    assert_linear_close((loss.detach(), e.grad, wd.grad), linear_oracle(e_values, w, target, up), loss_tol)
     assert torch.equal(rows.view.detach().cpu(), e_values), "the input was modified"
     rows.assert_intact()
     assert_resident_small()
 
 
-@pytest.mark.parametrize("mode", ["lean", "fast"])
-def test_linear_weight_rows_past_2_31(device, storage, assert_resident_small, mode):
+@pytest.mark.parametrize("mode", LINEAR_MODES)
+def test_linear_weight_rows_past_2_31(device, storage, assert_resident_small, monkeypatch, mode):
     g = torch.Generator().manual_seed(3)
     e = torch.randn(7, D, generator=g).half()
     w_values = (torch.randn(5, D, generator=g) * 0.5).half()
@@ -259,10 +275,10 @@ def test_linear_weight_rows_past_2_31(device, storage, assert_resident_small, mo
     w = rows.view.requires_grad_()
     ed = e.to(device).requires_grad_()
     up = random_upstream(7, device)
-    budget = 1 << 20 if mode == "fast" else None
+    budget, loss_tol = linear_mode(monkeypatch, mode)
     loss = linear_cross_entropy(ed, w, target.to(device), reduction="none", memory_budget=budget)
     loss.backward(up.float())
-    assert_linear_close((loss.detach(), ed.grad, w.grad), linear_oracle(e, w_values, target, up))
+    assert_linear_close((loss.detach(), ed.grad, w.grad), linear_oracle(e, w_values, target, up), loss_tol)
     assert torch.equal(rows.view.detach().cpu(), w_values), "the weight was modified"
     rows.assert_intact()
     assert_resident_small()
