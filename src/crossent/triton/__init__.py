@@ -102,7 +102,8 @@ def linear_cross_entropy(
     kernels for the statistics and for G in between; every row goes through the products (ignored
     ones give G = 0). ``products=0`` in ``CROSSENT_TRITON_LINEAR_TILES`` runs the products as
     Triton kernels instead (``tl.dot``), which keep the logits in float32 registers and skip the
-    ignored rows (compacted on the device) before any product; about 1.2x slower on an H100.
+    ignored rows (compacted on the device) before any product: 1.21x / 1.28x the time on an H100
+    (bf16, 8192 x 2304 x 256000 / 8192 x 4096 x 128256).
 
     Memory: by default ("lean") nothing of size M x V is held beyond a workspace of at most
     ``LEAN_WORKSPACE_BYTES`` (56 MiB) plus a float32 (M, D) accumulator. ``memory_budget``
