@@ -51,6 +51,35 @@ def test_ce_json_every_case_checked_and_timed(grad):
     assert next(r for r in res["results"] if r["impl"] == "torch")["ratio_to_baseline"] == 1.0
 
 
+def test_soft_reference_is_scipy_log_softmax_and_targets_are_distributions():
+    (x,), p = B._inputs("soft", 37, 11, None, seed=3)
+    assert p.shape == (37, 11) and (p > 0).all() and np.allclose(p.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    expected = -np.mean(np.sum(p * scipy.special.log_softmax(x, axis=1), axis=1))
+    assert B._reference_loss("soft", (x,), p, "float64") == pytest.approx(expected, rel=1e-12)
+    # float32: the reference scores the logits and the targets as rounded to float32
+    x32, p32 = x.astype(np.float32).astype(np.float64), p.astype(np.float32).astype(np.float64)
+    expected32 = -np.mean(np.sum(p32 * scipy.special.log_softmax(x32, axis=1), axis=1))
+    assert B._reference_loss("soft", (x,), p, "float32") == pytest.approx(expected32, rel=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_soft_json_every_case_checked_and_timed(grad):
+    out = _invoke("soft", "--rows", "41", "--classes", "13", "--repeats", "2", "--format", "json",
+                  *(["--grad"] if grad else []))
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    assert res["op"] == "soft" and res["all_ok"] and res["baseline"] == "torch"
+    names = {r["impl"] for r in res["results"]}
+    assert names == {"crossent", "crossent-array-api", "numpy", "torch", "crossent-auto", "crossent-chunked"}
+    for r in res["results"]:
+        assert abs(r["loss"] - res["reference_loss"]) <= 1e-4 * max(1, res["reference_loss"])
+
+
+def test_soft_in_low_precision_is_refused():
+    with pytest.raises(ValueError, match="op 'soft' runs in float32 or float64"):
+        B.run_bench("soft", rows=4, classes=3, dtype="bfloat16")
+
+
 def test_linear_bfloat16_table():
     out = _invoke("linear", "--rows", "29", "--classes", "41", "--dim", "7", "--dtype", "bfloat16",
                   "--grad", "--repeats", "1")
@@ -98,7 +127,7 @@ def test_cuda_without_a_gpu_is_a_usage_error():
 
 
 def test_run_bench_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="op must be 'ce' or 'linear', got 'mse'"):
+    with pytest.raises(ValueError, match="op must be 'ce', 'soft' or 'linear', got 'mse'"):
         B.run_bench("mse")
     with pytest.raises(ValueError, match="warmup must be an integer >= 0, got -1"):
         B.run_bench(warmup=-1)

@@ -18,6 +18,10 @@ Operations:
   takes the numba kernels on the CPU, and "chunked"). CUDA: torch's
   function, ``crossent.torch.cross_entropy`` (impl "triton" and "chunked") and Liger-Kernel's
   cross-entropy when installed.
+* ``soft``: mean softmax cross-entropy with soft targets (each row a probability vector, the
+  softmax of N(0, 1) scores), float32 or float64: ``crossent.softmax_cross_entropy`` (NumPy; fast
+  path on and off), a stable NumPy ``sum p (lse - x)``, ``torch.nn.functional.cross_entropy``
+  with probability targets and ``crossent.torch.cross_entropy`` (impl "auto" and "chunked").
 * ``linear``: ``loss(E @ W^T, y)`` with E ``--rows x --dim`` and W ``--classes x --dim``:
   ``crossent.torch.linear_cross_entropy`` (impl "auto": chunked on the CPU, Triton on CUDA), the
   plain composition and torch's own ``linear_cross_entropy`` where it exists.
@@ -97,6 +101,11 @@ def _inputs(op, rows, classes, dim, seed):
     labels = rng.integers(0, classes, size=rows)
     if op == "ce":
         return (rng.standard_normal((rows, classes)) * 3.0,), labels
+    if op == "soft":
+        logits = rng.standard_normal((rows, classes)) * 3.0
+        scores = rng.standard_normal((rows, classes))
+        probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return (logits,), probs / probs.sum(axis=1, keepdims=True)
     e = rng.standard_normal((rows, dim))
     w = rng.standard_normal((classes, dim)) / math.sqrt(dim) * 3.0
     return (e, w), labels
@@ -107,6 +116,12 @@ def _reference_loss(op, arrays, labels, dtype_name):
     import crossent as ce
 
     rounded = [_round_to(a, dtype_name) for a in arrays]
+    if op == "soft":
+        # Written out (not crossent's own function): sum_j p_j (lse - x_j) per row, stable.
+        x, p = rounded[0], _round_to(labels, dtype_name)
+        m = x.max(axis=1, keepdims=True)
+        lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+        return float((p * (lse - x)).sum() / len(p))
     n_classes = rounded[0].shape[1] if op == "ce" else rounded[1].shape[0]
     total, block = 0.0, max(1, 2**22 // n_classes)  # about 32 MiB of float64 logits at a time
     for start in range(0, len(labels), block):
@@ -145,9 +160,11 @@ def _cpu_fast_path(enabled):
 def _numpy_cases(op, arrays, labels, dtype_name, grad):
     import crossent as ce
 
-    if op != "ce" or dtype_name not in ("float32", "float64"):
+    if op not in ("ce", "soft") or dtype_name not in ("float32", "float64"):
         return []
     x = arrays[0].astype(dtype_name)
+    if op == "soft":
+        return _numpy_soft_cases(x, labels.astype(dtype_name), grad)
     y = labels
     rows = np.arange(len(y))
 
@@ -186,6 +203,45 @@ def _numpy_cases(op, arrays, labels, dtype_name, grad):
     ]
 
 
+def _numpy_soft_cases(x, p, grad):
+    import crossent as ce
+
+    def plain_loss():
+        m = x.max(axis=1, keepdims=True)
+        e = np.exp(x - m)
+        s = e.sum(axis=1, keepdims=True)
+        return e, s, np.sum(p * (np.log(s) + m - x)) / len(p)
+
+    if grad:
+        def ours():
+            return ce.softmax_cross_entropy_and_grad(x, p)[0]
+
+        def array_api():
+            with _cpu_fast_path(False):
+                return ce.softmax_cross_entropy_and_grad(x, p)[0]
+
+        def plain():
+            e, s, loss = plain_loss()
+            _ = (e / s - p) / len(p)
+            return loss
+    else:
+        def ours():
+            return ce.softmax_cross_entropy(x, p)
+
+        def array_api():
+            with _cpu_fast_path(False):
+                return ce.softmax_cross_entropy(x, p)
+
+        def plain():
+            return plain_loss()[2]
+
+    return [
+        Case("crossent", "crossent.softmax_cross_entropy" + ("_and_grad" if grad else "") + " (NumPy, soft)", ours),
+        Case("crossent-array-api", "the same, numba fast path off", array_api),
+        Case("numpy", "stable NumPy sum p (lse - x)" + (" + softmax - p" if grad else ""), plain),
+    ]
+
+
 def _torch_cases(op, arrays, labels, dtype_name, grad, device):
     import torch
     import torch.nn.functional as F
@@ -194,6 +250,8 @@ def _torch_cases(op, arrays, labels, dtype_name, grad, device):
 
     dtype = getattr(torch, dtype_name)
     y = torch.from_numpy(labels).to(device)
+    if op == "soft":
+        y = y.to(dtype)
     leaves = [torch.from_numpy(a).to(device=device, dtype=dtype) for a in arrays]
 
     def run(loss_of):
@@ -207,7 +265,13 @@ def _torch_cases(op, arrays, labels, dtype_name, grad, device):
 
     suffix = " + backward" if grad else ""
     cases = []
-    if op == "ce":
+    if op == "soft":
+        cases.append(Case("torch", "torch.nn.functional.cross_entropy, probability targets" + suffix,
+                          run(lambda x: F.cross_entropy(x, y)), baseline=True))
+        for impl in ("auto", "chunked"):
+            cases.append(Case(f"crossent-{impl}", f"crossent.torch.cross_entropy(impl={impl!r}), soft" + suffix,
+                              run(lambda x, impl=impl: cet.cross_entropy(x, y, impl=impl))))
+    elif op == "ce":
         cases.append(Case("torch", "torch.nn.functional.cross_entropy" + suffix,
                           run(lambda x: F.cross_entropy(x, y)), baseline=True))
         impls = ["triton", "chunked"] if device == "cuda" else ["auto", "chunked"]
@@ -286,15 +350,16 @@ def run_bench(op="ce", *, rows=20000, classes=1000, dim=256, dtype="float32", de
 
     A case is right when :math:`|\ell - \ell_{64}| \le \mathrm{tol}_{dtype} \max(1, |\ell_{64}|)`,
     :math:`\ell_{64}` the mean loss in float64 of the inputs rounded to ``dtype``; ``rows x
-    classes`` logits (``ce``) or ``rows x dim`` inputs and a ``classes x dim`` head (``linear``).
+    classes`` logits with class labels (``ce``) or probability targets (``soft``), or ``rows x
+    dim`` inputs and a ``classes x dim`` head (``linear``).
     ``impls``: names to keep (default all available). Raises ValueError for bad arguments.
 
     >>> result = run_bench("ce", rows=8, classes=3, repeats=1, impls=["numpy"])
     >>> [(r.impl, r.ok) for r in result.results], result.all_ok
     ([('numpy', True)], True)
     """
-    if op not in ("ce", "linear"):
-        raise ValueError(f"op must be 'ce' or 'linear', got {op!r}")
+    if op not in ("ce", "soft", "linear"):
+        raise ValueError(f"op must be 'ce', 'soft' or 'linear', got {op!r}")
     for name, value in (("rows", rows), ("classes", classes), ("dim", dim), ("repeats", repeats)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -312,6 +377,9 @@ def run_bench(op="ce", *, rows=20000, classes=1000, dim=256, dtype="float32", de
         raise ValueError("device 'cuda' needs PyTorch with a visible CUDA GPU, and none is available here")
     if torch is None and (op == "linear" or dtype in ("bfloat16", "float16")):
         raise ValueError(f"op {op!r} with dtype {dtype!r} needs PyTorch: pip install 'crossent[torch]'")
+    if op == "soft" and dtype not in ("float32", "float64"):
+        raise ValueError(f"op 'soft' runs in float32 or float64 (probability targets in the logits' dtype), "
+                         f"got dtype {dtype!r}")
 
     arrays, labels = _inputs(op, rows, classes, dim if op == "linear" else None, seed)
     cases = _numpy_cases(op, arrays, labels, dtype, grad) if device == "cpu" else []
@@ -371,7 +439,7 @@ def _print_table(result: BenchResult) -> None:
 
 
 @click.command(name="bench")
-@click.argument("op", type=click.Choice(["ce", "linear"]), default="ce")
+@click.argument("op", type=click.Choice(["ce", "soft", "linear"]), default="ce")
 @click.option("--rows", type=click.IntRange(min=1), default=20000, show_default=True, help="Rows (tokens).")
 @click.option("--classes", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Classes (vocabulary size).")
