@@ -224,7 +224,15 @@ def _softmax_ce(
             x = cap * tanh
         fast = None
         fast_grad = None
-        if integer_targets and eps == 0.0 and is_numpy_namespace(xp):
+        soft_fast = None
+        if (not integer_targets and eps == 0.0 and w is None and is_numpy_namespace(xp)
+                and (not with_grad or (cap is None and z == 0))):
+            soft_fast = _numpy_fast_soft(x, t, row_w if with_grad else None, reduction, ln_base)
+        if soft_fast is not None:
+            lse, ce_row, fast_grad = soft_fast
+            target_w = one
+            grad = fast_grad
+        elif integer_targets and eps == 0.0 and is_numpy_namespace(xp):
             safe_labels = xp.where(keep, labels, 0)
             if not with_grad and w is None:
                 fast = _numpy_fast_lse_and_nll(x, safe_labels)
@@ -233,7 +241,9 @@ def _softmax_ce(
                 fast = _numpy_fast_grad(x, safe_labels, row_w * target_w, reduction, ln_base)
                 if fast is not None:
                     lse, nll, fast_grad = fast
-        if fast is not None:
+        if soft_fast is not None:
+            pass  # lse, ce_row and (with_grad) the finished gradient come from the kernel
+        elif fast is not None:
             lse, nll = fast[0], fast[1]
             target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
             ce_row = target_w * nll if w is not None else nll
@@ -399,6 +409,34 @@ def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
     )
     shape = x.shape[:-1]
     return lse.reshape(shape), nll.reshape(shape), grad
+
+
+def _numpy_fast_soft(x: Any, t: Any, row_scale: Any, reduction: str,
+                     ln_base: float | None) -> tuple[Any, Any, Any] | None:
+    """(lse, ce, grad or None) for probability targets from crossent.cpu's soft-target kernels, or
+    None when they do not apply. ``row_scale`` (None: loss only) is each row's weight in the sum;
+    the gradient is written finished, as in ``_numpy_fast_grad`` (scaled, in the base's unit)."""
+    import numpy as np
+
+    cpu = _cpu_kernels_for(x)
+    if cpu is None:
+        return None
+    num_classes = x.shape[-1]
+    x2 = x.reshape(-1, num_classes)
+    t2 = np.ascontiguousarray(t, dtype=x.dtype).reshape(-1, num_classes)
+    shape = x.shape[:-1]
+    if row_scale is None:
+        lse, ce_row = cpu.soft_cross_entropy(x2, t2)
+        return lse.reshape(shape), ce_row.reshape(shape), None
+    scale = np.broadcast_to(np.asarray(row_scale, dtype=np.float64).reshape(-1), (x2.shape[0],))
+    if reduction == "mean":
+        den = float(scale.sum())
+        scale = scale / den if den != 0 else np.zeros_like(scale)
+    if ln_base is not None:
+        scale = scale / ln_base
+    grad = np.empty_like(x)
+    lse, ce_row = cpu.softmax_minus_targets(x2, t2, np.ascontiguousarray(scale), grad.reshape(-1, num_classes))
+    return lse.reshape(shape), ce_row.reshape(shape), grad
 
 
 def _cpu_kernels_for(x: Any) -> Any:

@@ -1,7 +1,8 @@
 """Fast path for numpy arrays on the CPU: row-wise log-sum-exp, the picked logit and the gradient.
 
 :func:`crossent.softmax_cross_entropy` calls into this module for numpy logits with integer
-labels; the loss of row i is ``lse[i] - picked[i]``. With numba installed (the ``crossent[fast]``
+labels (the loss of row i is ``lse[i] - picked[i]``) and with probability targets
+(:func:`soft_cross_entropy`, :func:`softmax_minus_targets`). With numba installed (the ``crossent[fast]``
 extra) the work is done by compiled kernels that run over the rows in parallel, read each row
 from memory once and allocate nothing of the logits' size. Without numba, the same functions run
 blocked numpy code (slower, about as much extra memory as one block of rows).
@@ -20,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["available", "lse_and_nll", "lse_and_pick", "softmax_minus_onehot"]
+__all__ = ["available", "lse_and_nll", "lse_and_pick", "soft_cross_entropy", "softmax_minus_onehot",
+           "softmax_minus_targets"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # numpy fallback: rows per block are chosen so that a block's temporaries stay near this size.
@@ -225,6 +227,116 @@ def softmax_minus_onehot(
     logits = _check_logits(logits)
     n, c = logits.shape
     labels = _check_labels(labels, n, c)
+    _check_out(out, logits)
+    scale_rows = _scale_rows(scale, n)
+    lse = np.empty(n, dtype=logits.dtype)
+    nll = np.empty(n, dtype=logits.dtype)
+    if n == 0:
+        return lse, nll
+    if available():
+        kernel = _kernel("softmax_minus_onehot", logits.dtype, logits.size)
+        kernel(logits, labels, np.ascontiguousarray(scale_rows), out, lse, nll)
+    else:
+        _softmax_minus_onehot_numpy(logits, labels, scale_rows, out, lse, nll)
+    return lse, nll
+
+
+def _check_targets(targets: object, logits: np.ndarray) -> np.ndarray:
+    if not isinstance(targets, np.ndarray):
+        raise TypeError(f"targets must be a numpy.ndarray, got {type(targets).__name__}")
+    if targets.dtype.kind != "f":
+        raise TypeError(f"targets must be floating-point weights (probabilities), got dtype {targets.dtype}")
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets must have the shape of logits {logits.shape}, got {targets.shape}")
+    return np.ascontiguousarray(targets, dtype=logits.dtype)
+
+
+def soft_cross_entropy(logits: np.ndarray, targets: np.ndarray, /) -> tuple[np.ndarray, np.ndarray]:
+    r"""Row-wise log-sum-exp and cross-entropy against soft targets (e.g. probabilities).
+
+    .. math::
+
+        \mathrm{ce}_i = -\sum_j t_{ij} \log \mathrm{softmax}(x_i)_j
+                      = \sum_j t_{ij} (m_i - x_{ij}) + \log\Big(\sum_j e^{x_{ij} - m_i}\Big)
+                        \sum_j t_{ij},
+
+    accumulated in float64 and rounded once; a zero target contributes nothing, also on a
+    ``-inf`` logit (0 log 0 = 0), and the targets are used as given (not renormalized). A row
+    whose maximum is not finite follows :func:`crossent.softmax_cross_entropy`'s arithmetic
+    (shift 0): an all ``-inf`` row gives 0 against zero targets and NaN against positive ones.
+
+    Args:
+      logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
+      targets: ``[N, C]`` floating array (converted to the logits' dtype).
+
+    Returns:
+      ``(lse, ce)``: two ``[N]`` arrays of the logits' dtype.
+
+    >>> x = np.log(np.array([[0.25, 0.25, 0.5]]))
+    >>> lse, ce = soft_cross_entropy(x, np.array([[0.0, 0.5, 0.5]]))
+    >>> np.round(ce, 4)  # 0.5 ln 4 + 0.5 ln 2
+    array([1.0397])
+    """
+    logits = _check_logits(logits)
+    targets = _check_targets(targets, logits)
+    n = logits.shape[0]
+    lse = np.empty(n, dtype=logits.dtype)
+    ce = np.empty(n, dtype=logits.dtype)
+    if n == 0:
+        return lse, ce
+    if available():
+        _kernel("soft_ce", logits.dtype, logits.size)(logits, targets, lse, ce)
+    else:
+        _soft_numpy(logits, targets, None, None, lse, ce)
+    return lse, ce
+
+
+def softmax_minus_targets(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    scale: float | np.ndarray,
+    out: np.ndarray,
+    /,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Write the scaled gradient of soft-target cross-entropy into ``out``; return ``(lse, ce)``.
+
+    .. math::
+
+        \mathrm{out}_{ij} = s_i \Big(\mathrm{softmax}(x_i)_j \sum_k t_{ik} - t_{ij}\Big),
+
+    :math:`s_i\, \partial \mathrm{ce}_i / \partial x_{ij}` (``softmax - t`` for a distribution).
+    Rows with :math:`s_i = 0` get exact zeros. ``(lse, ce)`` equal :func:`soft_cross_entropy`'s.
+
+    Args:
+      logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
+      targets: ``[N, C]`` floating array (converted to the logits' dtype).
+      scale: a real number or an ``[N]`` array of per-row factors.
+      out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself.
+
+    >>> x = np.zeros((1, 2))
+    >>> g = np.empty_like(x)
+    >>> _ = softmax_minus_targets(x, np.array([[0.75, 0.25]]), 2.0, g)
+    >>> g
+    array([[-0.5,  0.5]])
+    """
+    logits = _check_logits(logits)
+    targets = _check_targets(targets, logits)
+    n = logits.shape[0]
+    _check_out(out, logits)
+    scale_rows = _scale_rows(scale, n)
+    lse = np.empty(n, dtype=logits.dtype)
+    ce = np.empty(n, dtype=logits.dtype)
+    if n == 0:
+        return lse, ce
+    if available():
+        kernel = _kernel("softmax_minus_targets", logits.dtype, logits.size)
+        kernel(logits, targets, np.ascontiguousarray(scale_rows), out, lse, ce)
+    else:
+        _soft_numpy(logits, targets, scale_rows, out, lse, ce)
+    return lse, ce
+
+
+def _check_out(out: object, logits: np.ndarray) -> None:
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != logits.shape or out.dtype != logits.dtype or not out.flags.c_contiguous:
@@ -237,21 +349,15 @@ def softmax_minus_onehot(
         raise ValueError("out must be writeable, got a read-only array")
     if out is not logits and np.shares_memory(out, logits):
         raise ValueError("out must be logits itself or not overlap it, got a partial overlap")
+
+
+def _scale_rows(scale: float | np.ndarray, n: int) -> np.ndarray:
     scale_rows = np.asarray(scale, dtype=np.float64)
     if scale_rows.ndim == 0:
-        scale_rows = np.full(n, scale_rows, dtype=np.float64)
-    elif scale_rows.shape != (n,):
+        return np.full(n, scale_rows, dtype=np.float64)
+    if scale_rows.shape != (n,):
         raise ValueError(f"scale must be a scalar or have shape ({n},), got {scale_rows.shape}")
-    lse = np.empty(n, dtype=logits.dtype)
-    nll = np.empty(n, dtype=logits.dtype)
-    if n == 0:
-        return lse, nll
-    if available():
-        kernel = _kernel("softmax_minus_onehot", logits.dtype, logits.size)
-        kernel(logits, labels, np.ascontiguousarray(scale_rows), out, lse, nll)
-    else:
-        _softmax_minus_onehot_numpy(logits, labels, scale_rows, out, lse, nll)
-    return lse, nll
+    return scale_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,3 +431,35 @@ def _softmax_minus_onehot_numpy(
             p *= scale[start:stop, None]
         p[scale[start:stop] == 0.0] = 0.0
         out[start:stop] = p
+
+
+def _soft_numpy(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    scale: np.ndarray | None,
+    out: np.ndarray | None,
+    lse: np.ndarray,
+    ce: np.ndarray,
+) -> None:
+    """:func:`soft_cross_entropy` (``out`` None) or :func:`softmax_minus_targets` in blocked numpy,
+    with the kernels' conventions (shift 0 for a row whose maximum is not finite)."""
+    n, c = logits.shape
+    step = _block_rows(c)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        x = logits[start:stop].astype(np.float64)
+        t = targets[start:stop].astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            m = np.max(x, axis=1, keepdims=True)
+            shift = np.where(np.isfinite(m), m, 0.0)
+            e = np.exp(x - shift)
+            s = e.sum(axis=1, keepdims=True)
+            log_s = np.log(s)
+            keep = (t != 0.0) | np.isfinite(x)
+            ce[start:stop] = -np.sum(np.where(keep, t * ((x - shift) - log_s), 0.0), axis=1)
+            lse[start:stop] = (shift + log_s)[:, 0]
+            if out is not None:
+                g = t.sum(axis=1, keepdims=True) * (e / s) - t
+                g *= scale[start:stop, None]
+                g[scale[start:stop] == 0.0] = 0.0
+                out[start:stop] = g

@@ -298,3 +298,127 @@ def softmax_minus_onehot_f64_serial(logits, labels, scale, out, lse, nll):
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
         _row_grad_f64(row, out[i], labels[i], scale[i], shift + log_s, x_label)
+
+
+# ---- soft (probability) targets ----------------------------------------------------------------
+# Row i with target weights t (a distribution in the usual case; any real numbers are taken as
+# they are):
+#   ce_i = sum_j t_j (lse_i - x_j) = sum_j t_j (shift - x_j) + log_s * sum_j t_j,
+# in float64, an entry with t_j = 0 adding nothing (0 log 0 = 0 where x_j = -inf); gradient
+#   out_j = a_i (T_i softmax(x_i)_j - t_j),  T_i = sum_j t_j   (exact zeros where a_i = 0).
+# A row whose maximum is not finite (all -inf, or a +inf entry) takes crossent's Array-API
+# arithmetic instead (shift 0: ``_row_soft_nonfinite``), so both paths agree on such rows too.
+
+
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def _row_soft_sums(row, t, shift):
+    """(sum_j t_j (shift - x_j) over the t_j != 0, sum_j t_j) in float64."""
+    acc = 0.0
+    total = 0.0
+    for j in range(row.shape[0]):
+        tj = np.float64(t[j])
+        term = tj * (shift - np.float64(row[j]))
+        acc += term if tj != 0.0 else 0.0
+        total += tj
+    return acc, total
+
+
+@nb.njit(cache=True, error_model="numpy")  # exp(x) / 0 is inf or NaN, as in numpy: no exception
+def _row_soft_nonfinite(row, t, dst, a, want_grad):
+    """lse and ce of a row whose maximum is not finite, as the Array-API path forms them: shift 0,
+    s = sum_j exp(x_j), log q_j = x_j - log s, ce = -sum_j t_j log q_j without the entries where
+    t_j = 0 and x_j is not finite; with ``want_grad`` dst_j = a (T exp(x_j) / s - t_j)."""
+    c = row.shape[0]
+    s = 0.0
+    total = 0.0
+    for j in range(c):
+        s += math.exp(np.float64(row[j]))
+        total += np.float64(t[j])
+    log_s = np.log(s)
+    ce = 0.0
+    for j in range(c):
+        x = np.float64(row[j])
+        tj = np.float64(t[j])
+        if tj != 0.0 or math.isfinite(x):
+            ce -= tj * (x - log_s)
+    if want_grad:
+        for j in range(c):
+            dst[j] = 0.0 if a == 0.0 else a * (total * (math.exp(np.float64(row[j])) / s) - np.float64(t[j]))
+    return log_s, ce
+
+
+@nb.njit(inline="always", cache=True)
+def _soft_row_f32(row, t, dst, a, want_grad):
+    shift, log_s = _row_lse_parts_f32(row)
+    if not math.isfinite(shift):
+        return _row_soft_nonfinite(row, t, dst, a, want_grad)
+    acc, total = _row_soft_sums(row, t, shift)
+    lse_i = shift + log_s
+    if want_grad:
+        for j in range(row.shape[0]):
+            dst[j] = 0.0 if a == 0.0 else a * (total * _exp_nonpos(np.float64(row[j]) - lse_i) - np.float64(t[j]))
+    return lse_i, acc + log_s * total
+
+
+@nb.njit(inline="always", cache=True)
+def _soft_row_f64(row, t, dst, a, want_grad):
+    shift, log_s = _row_lse_parts_f64(row)
+    if not math.isfinite(shift):
+        return _row_soft_nonfinite(row, t, dst, a, want_grad)
+    acc, total = _row_soft_sums(row, t, shift)
+    lse_i = shift + log_s
+    if want_grad:
+        for j in range(row.shape[0]):
+            dst[j] = 0.0 if a == 0.0 else a * (total * math.exp(row[j] - lse_i) - t[j])
+    return lse_i, acc + log_s * total
+
+
+# Entry points: lse[i], ce[i] for every row; the gradient ones also write out (may be logits).
+
+
+@nb.njit(parallel=True, cache=True)
+def soft_ce_f32(logits, targets, lse, ce):
+    for i in prange(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], logits[i], 0.0, False)
+
+
+@nb.njit(cache=True)
+def soft_ce_f32_serial(logits, targets, lse, ce):
+    for i in range(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], logits[i], 0.0, False)
+
+
+@nb.njit(parallel=True, cache=True)
+def soft_ce_f64(logits, targets, lse, ce):
+    for i in prange(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], logits[i], 0.0, False)
+
+
+@nb.njit(cache=True)
+def soft_ce_f64_serial(logits, targets, lse, ce):
+    for i in range(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], logits[i], 0.0, False)
+
+
+@nb.njit(parallel=True, cache=True)
+def softmax_minus_targets_f32(logits, targets, scale, out, lse, ce):
+    for i in prange(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], out[i], scale[i], True)
+
+
+@nb.njit(cache=True)
+def softmax_minus_targets_f32_serial(logits, targets, scale, out, lse, ce):
+    for i in range(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], out[i], scale[i], True)
+
+
+@nb.njit(parallel=True, cache=True)
+def softmax_minus_targets_f64(logits, targets, scale, out, lse, ce):
+    for i in prange(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], out[i], scale[i], True)
+
+
+@nb.njit(cache=True)
+def softmax_minus_targets_f64_serial(logits, targets, scale, out, lse, ce):
+    for i in range(logits.shape[0]):
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], out[i], scale[i], True)
