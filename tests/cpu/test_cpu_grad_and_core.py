@@ -16,12 +16,6 @@ pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(params=["numba", "numpy"])
-def path(request, monkeypatch):
-    monkeypatch.setattr(cpu, "ENABLED", request.param == "numba")
-    return request.param
-
-
 def torch_grad(x: np.ndarray, y: np.ndarray, scale: np.ndarray) -> np.ndarray:
     t = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
     rows = torch.nn.functional.cross_entropy(t, torch.from_numpy(y), reduction="none")

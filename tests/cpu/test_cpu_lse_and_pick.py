@@ -22,14 +22,6 @@ from crossent import cpu
 pytest.importorskip("numba")
 
 
-@pytest.fixture(params=["numba", "numpy"])
-def path(request, monkeypatch):
-    """Which implementation runs: the compiled kernels or the numpy fallback."""
-    monkeypatch.setattr(cpu, "ENABLED", request.param == "numba")
-    assert cpu.available() is (request.param == "numba")
-    return request.param
-
-
 def reference_lse(x: np.ndarray) -> np.ndarray:
     """float64 max + log(sum(exp(x - max))), the shift taken as 0 where the max is not finite."""
     x = x.astype(np.float64)

@@ -18,12 +18,6 @@ pytest.importorskip("numba")
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(params=["numba", "numpy"])
-def path(request, monkeypatch):
-    monkeypatch.setattr(cpu, "ENABLED", request.param == "numba")
-    return request.param
-
-
 def distributions(rng, shape, dtype):
     s = rng.standard_normal(shape)
     p = np.exp(s - s.max(axis=1, keepdims=True))

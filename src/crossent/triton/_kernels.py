@@ -552,12 +552,7 @@ def _lce_forward_kernel(
         rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
 
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_M], dtype=tl.float32)
-        x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_wd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m, s, x_t, n_fin, sum_w, sum_wd = _empty_stats(BLOCK_M)
         n_tiles = tl.cdiv(n_vocab, BLOCK_V)
         tile_lo = pid_s * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
@@ -586,6 +581,14 @@ def _lce_forward_kernel(
         tl.store(base + 3 * plane, n_fin, mask=row_mask)
         tl.store(base + 4 * plane, sum_w, mask=row_mask)
         tl.store(base + 5 * plane, sum_wd, mask=row_mask)
+
+
+@triton.jit
+def _empty_stats(BLOCK_M: tl.constexpr):
+    """The per-row statistics of ``_fold_tile`` before any column: (m, s, x_t, n_fin, sum_w,
+    sum_wd) = (-inf, 0, 0, 0, 0, 0), float32 (BLOCK_M,) each."""
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return tl.full([BLOCK_M], float("-inf"), tl.float32), zero, zero, zero, zero, zero
 
 
 @triton.jit
@@ -655,12 +658,7 @@ def _lce_stats_kernel(
         rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
         if FIRST:
-            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            s = tl.zeros([BLOCK_M], dtype=tl.float32)
-            x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-            n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
-            sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-            sum_wd = tl.zeros([BLOCK_M], dtype=tl.float32)
+            m, s, x_t, n_fin, sum_w, sum_wd = _empty_stats(BLOCK_M)
         else:
             m = tl.load(stats_ptr + r, mask=row_mask, other=float("-inf"))
             s = tl.load(stats_ptr + n_rows + r, mask=row_mask, other=0.0)
@@ -723,12 +721,7 @@ def _lce_combine_kernel(
         row_mask = r < n_valid
         rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
         target = tl.load(target_ptr + rows, mask=row_mask, other=0)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_M], dtype=tl.float32)
-        x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        n_fin = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_w = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_wd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m, s, x_t, n_fin, sum_w, sum_wd = _empty_stats(BLOCK_M)
         plane = tl.cast(n_splits, tl.int64) * n_rows  # tl.cast: n_splits == 1 arrives as a constant
         for split in range(0, n_splits):
             base = partial_ptr + split * n_rows + r
