@@ -132,7 +132,8 @@ def test_other_options_take_the_chunked_or_chosen_path(kernel_calls, kwargs, dty
     assert kernel_calls == {"forward": 0, "backward": 0}
 
 
-def test_probability_targets_and_switched_off_path_fall_back(kernel_calls, monkeypatch):
+def test_probability_targets_skip_and_switched_off_path_falls_back(kernel_calls, monkeypatch):
+    """Probability targets never reach the class-index kernels; CROSSENT_CPU_FAST=0 turns all off."""
     x = torch.randn(8, 6, dtype=torch.float64)
     _loss_and_grad(x, torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1))
     monkeypatch.setenv("CROSSENT_CPU_FAST", "0")
@@ -144,3 +145,126 @@ def test_probability_targets_and_switched_off_path_fall_back(kernel_calls, monke
 def test_bad_targets_still_raise_naming_the_argument():
     with pytest.raises(ValueError, match="target"):
         cet.cross_entropy(torch.randn(3, 4), torch.tensor([0, 4, 1]))
+
+
+# -- probability targets: crossent.cpu's soft-target kernels ------------------------------------------
+
+
+@pytest.fixture
+def soft_calls(monkeypatch):
+    """Counts the calls of crossent.cpu's soft-target forward and backward kernels."""
+    calls = {"forward": 0, "backward": 0}
+    fwd, bwd = crossent.cpu.soft_cross_entropy, crossent.cpu.softmax_minus_targets
+
+    def counted_fwd(*args):
+        calls["forward"] += 1
+        return fwd(*args)
+
+    def counted_bwd(*args):
+        calls["backward"] += 1
+        return bwd(*args)
+
+    monkeypatch.setattr(crossent.cpu, "soft_cross_entropy", counted_fwd)
+    monkeypatch.setattr(crossent.cpu, "softmax_minus_targets", counted_bwd)
+    return calls
+
+
+def _soft_loss_and_grad(x, t, upstream, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss = cet.cross_entropy(x, t, **kw)
+    loss.backward(upstream if loss.ndim else upstream.sum())
+    return loss.detach(), x.grad
+
+
+def _probabilities(shape, class_dim, g, dtype):
+    return torch.softmax(torch.randn(shape, generator=g, dtype=dtype), class_dim)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(37, 11), (5, 7, 3), (13,)])
+def test_soft_auto_equals_chunked_and_torch_float64(soft_calls, reduction, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    class_dim = 0 if len(shape) == 1 else 1
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    t = _probabilities(shape, class_dim, g, torch.float64)
+    up = torch.rand(shape[:class_dim] + shape[class_dim + 1:], generator=g, dtype=torch.float64)
+    loss, grad = _soft_loss_and_grad(x, t, up, reduction=reduction)
+    assert soft_calls == {"forward": 1, "backward": 1}
+    ref_loss, ref_grad = _soft_loss_and_grad(x, t, up, reduction=reduction, impl="chunked")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    torch_loss, torch_grad = _soft_loss_and_grad(x, t, up, reduction=reduction, impl="reference")
+    torch.testing.assert_close(F.cross_entropy(x, t, reduction=reduction), torch_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, torch_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_soft_float32_matches_float64_truth_and_masked_classes(soft_calls):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 301, generator=g, dtype=torch.float64) * 4
+    t = _probabilities((64, 301), 1, g, torch.float64)
+    x[:, ::7] = float("-inf")  # masked classes under zero targets: finite losses, kernels used
+    t[:, ::7] = 0.0
+    t = t / t.sum(dim=1, keepdim=True)
+    up = torch.ones(())
+    loss32, grad32 = _soft_loss_and_grad(x.float(), t.float(), up, reduction="sum")
+    truth, truth_grad = _soft_loss_and_grad(x, t.float().double(), up.double(), reduction="sum", impl="reference")
+    assert soft_calls == {"forward": 1, "backward": 1}
+    assert loss32.dtype == torch.float32 and torch.isfinite(loss32)
+    torch.testing.assert_close(loss32.double(), truth, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad32.double(), truth_grad, rtol=1e-5, atol=1e-7)
+    assert (grad32[:, ::7] == 0).all()
+
+
+def test_soft_inplace_backward_writes_into_the_logits(soft_calls):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    t = _probabilities((9, 5), 1, g, torch.float64)
+    want = _soft_loss_and_grad(x, t, torch.ones(()), impl="chunked")[1]
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, whose memory the in-place gradient may take
+    cet.cross_entropy(logits, t, inplace_backward=True).backward()
+    torch.testing.assert_close(leaf.grad, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logits.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_soft_nonfinite_rows_take_the_chunked_path(soft_calls):
+    """A row whose loss is not finite sends the whole call to impl="chunked" (its conventions)."""
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    t = torch.full((4, 3), 1.0 / 3, dtype=torch.float64)
+    x[0, 1] = float("-inf")  # a positive target on a masked class: +inf
+    x[2] = float("-inf")
+    t[2] = 0.0  # an all -inf row under zero targets
+    x[3, 2] = float("inf")
+    up = torch.ones(4, dtype=torch.float64)
+    loss, grad = _soft_loss_and_grad(x, t, up, reduction="none")
+    assert soft_calls == {"forward": 1, "backward": 0}
+    ref_loss, ref_grad = _soft_loss_and_grad(x, t, up, reduction="none", impl="chunked")
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True)
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"weight": "classes"}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 30.0}, {"impl": "chunked"},
+])  # fmt: skip
+def test_soft_other_options_take_the_chunked_path(soft_calls, kwargs):
+    x = torch.randn(8, 6, dtype=torch.float64)
+    t = torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1)
+    if kwargs.get("weight") == "classes":
+        kwargs = {"weight": torch.rand(6, dtype=torch.float64) + 0.5}
+    _soft_loss_and_grad(x, t, torch.ones(()), **kwargs)
+    assert soft_calls == {"forward": 0, "backward": 0}
+
+
+def test_soft_targets_requiring_grad_take_the_chunked_path(soft_calls):
+    """Targets that require a gradient keep the chunked path's handling of them, whatever it is."""
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for impl in ("auto", "chunked"):
+        t = torch.softmax(torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), 1)
+        t.requires_grad_()
+        cet.cross_entropy(x, t, impl=impl).backward()
+        grads.append(t.grad)
+    assert soft_calls == {"forward": 0, "backward": 0}
+    assert (grads[0] is None) == (grads[1] is None)
+    if grads[0] is not None:
+        torch.testing.assert_close(grads[0], grads[1])

@@ -14,12 +14,21 @@ own memory (``Tensor.numpy()`` shares it, nothing is copied):
   whatever their logits, and ``inplace_backward=True`` writes into the logits' memory.
 
 The results equal impl="chunked" (tested to 1e-12 in float64); only the speed differs: two passes
-over the logits in all, where the chunked path makes several through temporaries. Anything else
-(bf16/fp16, probability targets, smoothing, z-loss, softcap, no numba) takes impl="chunked".
+over the logits in all, where the chunked path makes several through temporaries.
+
+Probability targets (no class weights, smoothing, z-loss or softcap; targets that do not require a
+gradient) take :func:`crossent.cpu.soft_cross_entropy` in the forward and
+:func:`crossent.cpu.softmax_minus_targets` in the backward: :math:`\ell_i = -\sum_j t_{ij}
+\log \mathrm{softmax}(z_i)_j` (a zero target adds nothing), "mean" divides by the number of rows,
+and the gradient is :math:`s_i (\mathrm{softmax}(z_i) \sum_j t_{ij} - t_i)`. When a row's loss is
+not finite (a -inf or NaN logit under a positive target, an all -inf row, a +inf logit) the call
+goes to impl="chunked" instead, whose conventions for such rows are this layer's. Anything else
+(bf16/fp16, smoothing, z-loss, softcap, no numba) takes impl="chunked".
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._reference import safe_divide
@@ -30,6 +39,18 @@ def applies(logits2d: torch.Tensor, soft: bool, label_smoothing: float, z_loss: 
     """Whether ``cross_entropy``'s impl="auto" can take this CPU call to the numba kernels."""
     if soft or label_smoothing or z_loss or softcap is not None:
         return False
+    return _kernels_take(logits2d)
+
+
+def applies_soft(logits2d: torch.Tensor, target2d: torch.Tensor, weight: torch.Tensor | None,
+                 label_smoothing: float, z_loss: float, softcap: float | None) -> bool:  # fmt: skip
+    """Whether impl="auto" can try the soft-target kernels (``soft_cross_entropy``) on this call."""
+    if weight is not None or label_smoothing or z_loss or softcap is not None or target2d.requires_grad:
+        return False
+    return _kernels_take(logits2d)
+
+
+def _kernels_take(logits2d: torch.Tensor) -> bool:
     if logits2d.device.type != "cpu" or logits2d.dtype not in (torch.float32, torch.float64):
         return False
     if not logits2d.is_contiguous() or logits2d.numel() == 0:
@@ -84,3 +105,54 @@ class CpuFastCrossEntropy(torch.autograd.Function):
         cpu.softmax_minus_onehot(x_np, safe.numpy(), scale.contiguous().numpy(), out)
         # Gradients for (logits, target, weight, ignore_index, reduction, inplace_backward).
         return grad, None, None, None, None, None
+
+
+def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, reduction: str,
+                       inplace_backward: bool) -> torch.Tensor | None:  # fmt: skip
+    """The loss of (M, C) logits against (M, C) probability targets by the soft-target kernels, or
+    None when a row's loss is not finite (the caller then takes impl="chunked")."""
+    from crossent import cpu
+
+    t = target2d.detach().to(logits2d.dtype).contiguous()
+    _, row_loss = cpu.soft_cross_entropy(logits2d.detach().numpy(), t.numpy())
+    if not np.isfinite(row_loss).all():
+        return None
+    return CpuFastSoftCrossEntropy.apply(logits2d, t, torch.from_numpy(row_loss), reduction, inplace_backward)
+
+
+class CpuFastSoftCrossEntropy(torch.autograd.Function):
+    """(M, C) logits, (M, C) targets and the kernels' (M,) row losses -> the loss; the backward
+    writes the gradient with crossent.cpu.softmax_minus_targets."""
+
+    @staticmethod
+    def forward(ctx, logits, target, row_loss, reduction, inplace_backward):  # type: ignore[override]
+        per_row = row_loss.to(torch.float64)
+        rows = torch.tensor(float(logits.shape[0]), dtype=torch.float64)
+        if reduction == "none":
+            loss = per_row
+        elif reduction == "sum":
+            loss = per_row.sum()
+        else:
+            loss = safe_divide(per_row.sum(), rows)
+        ctx.save_for_backward(logits, target, rows)
+        ctx.reduction = reduction
+        ctx.inplace_backward = inplace_backward
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        from crossent import cpu
+
+        logits, target, rows = ctx.saved_tensors
+        g = grad_output.to(torch.float64)
+        if ctx.reduction == "none":
+            scale = g
+        else:
+            scale = (g if ctx.reduction == "sum" else safe_divide(g, rows)).expand(logits.shape[0])
+        x = logits.detach()
+        grad = x if ctx.inplace_backward else torch.empty_like(x)
+        x_np = x.numpy()
+        out = x_np if ctx.inplace_backward else grad.numpy()  # the same array object: in place
+        cpu.softmax_minus_targets(x_np, target.numpy(), scale.contiguous().numpy(), out)
+        # Gradients for (logits, target, row_loss, reduction, inplace_backward).
+        return grad, None, None, None, None

@@ -8,9 +8,10 @@
 - "triton": the GPU kernels of ``crossent.triton`` (CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1``); integer targets only;
 - "auto": "triton" for CUDA tensors with integer targets when ``import triton`` works; on the
-  CPU, for ``cross_entropy`` with float32/float64 logits, class indices and no smoothing, z-loss or
-  softcap, the numba kernels of ``crossent.cpu`` when numba is installed (``_cpu_fast``: same
-  results as "chunked", fewer passes); else "chunked".
+  CPU, for ``cross_entropy`` with float32/float64 logits, no smoothing, z-loss or softcap, and
+  class indices, or probability targets without class weights (every row's loss finite), the
+  numba kernels of ``crossent.cpu`` when numba is installed (``_cpu_fast``: same results as
+  "chunked", fewer passes); else "chunked".
 
 Semantics follow DESIGN.md: PyTorch's where PyTorch defines them, plus the documented deviations
 (zero-denominator means are 0 with zero gradient; label smoothing over the finite logits of a row;
@@ -139,6 +140,7 @@ def _outside_compiled_graphs(apply):
 _chunked_cross_entropy = _outside_compiled_graphs(ChunkedCrossEntropy.apply)
 _chunked_linear_cross_entropy = _outside_compiled_graphs(ChunkedLinearCrossEntropy.apply)
 _cpu_fast_cross_entropy = _outside_compiled_graphs(_cpu_fast.CpuFastCrossEntropy.apply)
+_cpu_fast_soft_cross_entropy = _outside_compiled_graphs(_cpu_fast.soft_cross_entropy)
 
 
 def _resolve_impl(impl: str, device: torch.device, soft: bool, dtype: torch.dtype) -> str:
@@ -257,6 +259,12 @@ def cross_entropy(
     impl = _resolve_impl(impl, input.device, soft, input.dtype)
     if auto and impl == "chunked" and _cpu_fast.applies(logits2d, soft, eps, z_loss, softcap):
         impl = "cpu-fast"
+    loss = None
+    if auto and impl == "chunked" and soft and _cpu_fast.applies_soft(logits2d, target2d, weight, eps, z_loss, softcap):
+        # None when a row's loss is not finite: the chunked path then handles the call.
+        loss = _cpu_fast_soft_cross_entropy(
+            logits2d, target2d, reduction, inplace_backward and logits2d.data_ptr() == input.data_ptr()
+        )
     options = dict(
         weight=weight,
         ignore_index=ignore_index,
@@ -265,7 +273,9 @@ def cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
     )
-    if impl == "reference":
+    if loss is not None:
+        pass
+    elif impl == "reference":
         loss = reference_cross_entropy_2d(logits2d, target2d, **options)
     elif impl == "chunked":
         loss = _chunked_cross_entropy(
