@@ -255,16 +255,17 @@ def test_soft_other_options_take_the_chunked_path(soft_calls, kwargs):
     assert soft_calls == {"forward": 0, "backward": 0}
 
 
-def test_soft_targets_requiring_grad_take_the_chunked_path(soft_calls):
-    """Targets that require a gradient keep the chunked path's handling of them, whatever it is."""
+def test_soft_targets_requiring_grad_are_differentiated_or_refused(soft_calls):
+    """impl="auto" differentiates probability targets that require grad (through the reference
+    composition: d mean / d t = -log softmax(x) / N); "chunked", which cannot, refuses them."""
     x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
-    grads = []
-    for impl in ("auto", "chunked"):
-        t = torch.softmax(torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), 1)
-        t.requires_grad_()
-        cet.cross_entropy(x, t, impl=impl).backward()
-        grads.append(t.grad)
+    t = torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1).requires_grad_()
+    cet.cross_entropy(x, t).backward()
     assert soft_calls == {"forward": 0, "backward": 0}
-    assert (grads[0] is None) == (grads[1] is None)
-    if grads[0] is not None:
-        torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(t.grad, -torch.log_softmax(x.detach(), 1) / 8, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(x.grad, (torch.softmax(x.detach(), 1) - t.detach()) / 8, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="impl='chunked' does not differentiate probability targets"):
+        cet.cross_entropy(x, t, impl="chunked")
+    with torch.no_grad():  # nothing to differentiate: any impl
+        cet.cross_entropy(x, t, impl="chunked")
+    cet.cross_entropy(x, t.detach(), impl="chunked")

@@ -11,7 +11,8 @@
   CPU, for ``cross_entropy`` with float32/float64 logits, no smoothing, z-loss or softcap, and
   class indices, or probability targets without class weights (every row's loss finite), the
   numba kernels of ``crossent.cpu`` when numba is installed (``_cpu_fast``: same results as
-  "chunked", fewer passes); else "chunked".
+  "chunked", fewer passes); "reference" for probability targets that require grad (the only
+  implementation that differentiates the targets; the others refuse them); else "chunked".
 
 Semantics follow DESIGN.md: PyTorch's where PyTorch defines them, plus the documented deviations
 (zero-denominator means are 0 with zero gradient; label smoothing over the finite logits of a row;
@@ -255,6 +256,15 @@ def cross_entropy(
     else:
         logits2d = input.movedim(1, -1).reshape(-1, num_classes)
         target2d = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
+    if soft and target.requires_grad and torch.is_grad_enabled():
+        # Only the plain composition of torch ops differentiates the targets (d loss / d t).
+        if impl == "auto":
+            impl = "reference"
+        elif impl != "reference":
+            raise ValueError(
+                f"impl={impl!r} does not differentiate probability targets, and target requires grad; "
+                "use impl='auto' or impl='reference', or pass target.detach()"
+            )
     auto = impl == "auto"
     impl = _resolve_impl(impl, input.device, soft, input.dtype)
     if auto and impl == "chunked" and _cpu_fast.applies(logits2d, soft, eps, z_loss, softcap):
