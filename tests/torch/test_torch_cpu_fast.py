@@ -14,23 +14,24 @@ from crossent.torch import _cpu_fast
 pytestmark = pytest.mark.skipif(not crossent.cpu.available(), reason="numba is not installed")
 
 
+def _count_calls(monkeypatch, forward, backward):
+    """Counts the calls of crossent.cpu's functions ``forward`` and ``backward`` (names)."""
+    calls = {"forward": 0, "backward": 0}
+    for key, name in (("forward", forward), ("backward", backward)):
+        real = getattr(crossent.cpu, name)
+
+        def counted(*args, key=key, real=real):
+            calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(crossent.cpu, name, counted)
+    return calls
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the calls of crossent.cpu's forward and backward kernels."""
-    calls = {"forward": 0, "backward": 0}
-    fwd, bwd = crossent.cpu.lse_and_nll, crossent.cpu.softmax_minus_onehot
-
-    def counted_fwd(*args):
-        calls["forward"] += 1
-        return fwd(*args)
-
-    def counted_bwd(*args):
-        calls["backward"] += 1
-        return bwd(*args)
-
-    monkeypatch.setattr(crossent.cpu, "lse_and_nll", counted_fwd)
-    monkeypatch.setattr(crossent.cpu, "softmax_minus_onehot", counted_bwd)
-    return calls
+    """Counts the calls of crossent.cpu's class-index forward and backward kernels."""
+    return _count_calls(monkeypatch, "lse_and_nll", "softmax_minus_onehot")
 
 
 def _loss_and_grad(x, y, **kw):
@@ -153,20 +154,7 @@ def test_bad_targets_still_raise_naming_the_argument():
 @pytest.fixture
 def soft_calls(monkeypatch):
     """Counts the calls of crossent.cpu's soft-target forward and backward kernels."""
-    calls = {"forward": 0, "backward": 0}
-    fwd, bwd = crossent.cpu.soft_cross_entropy, crossent.cpu.softmax_minus_targets
-
-    def counted_fwd(*args):
-        calls["forward"] += 1
-        return fwd(*args)
-
-    def counted_bwd(*args):
-        calls["backward"] += 1
-        return bwd(*args)
-
-    monkeypatch.setattr(crossent.cpu, "soft_cross_entropy", counted_fwd)
-    monkeypatch.setattr(crossent.cpu, "softmax_minus_targets", counted_bwd)
-    return calls
+    return _count_calls(monkeypatch, "soft_cross_entropy", "softmax_minus_targets")
 
 
 def _soft_loss_and_grad(x, t, upstream, **kw):
