@@ -183,3 +183,28 @@ def test_bad_targets_are_named(targets, error, match):
         cpu.soft_cross_entropy(np.zeros((3, 4)), targets)
     with pytest.raises(error, match=match):
         cpu.softmax_minus_targets(np.zeros((3, 4)), targets, 1.0, np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize(("out", "scale", "error", "match"), [
+    (np.zeros((3, 4), np.float32), 1.0, ValueError, "out must be a C-contiguous float64 array of shape"),
+    (np.zeros((4, 3)).T, 1.0, ValueError, "got a non-contiguous"),
+    ("out", 1.0, TypeError, "out must be a numpy.ndarray"),
+    (None, np.ones(2), ValueError, r"scale must be a scalar or have shape \(3,\)"),
+])  # fmt: skip
+def test_bad_out_and_scale_are_named(out, scale, error, match):
+    x = np.zeros((3, 4))
+    t = np.full((3, 4), 0.25)
+    with pytest.raises(error, match=match):
+        cpu.softmax_minus_targets(x, t, scale, np.zeros((3, 4)) if out is None else out)
+
+
+def test_out_overlapping_logits_or_read_only_is_refused():
+    x = np.zeros((3, 4))
+    t = np.full((3, 4), 0.25)
+    buf = np.zeros(16)
+    with pytest.raises(ValueError, match="partial overlap"):
+        cpu.softmax_minus_targets(buf[:12].reshape(3, 4), t, 1.0, buf[4:].reshape(3, 4))
+    ro = np.zeros((3, 4))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        cpu.softmax_minus_targets(x, t, 1.0, ro)

@@ -313,6 +313,9 @@ def softmax_minus_targets(
       scale: a real number or an ``[N]`` array of per-row factors.
       out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself.
 
+    Returns:
+      ``(lse, ce)``: two ``[N]`` arrays of the logits' dtype.
+
     >>> x = np.zeros((1, 2))
     >>> g = np.empty_like(x)
     >>> _ = softmax_minus_targets(x, np.array([[0.75, 0.25]]), 2.0, g)

@@ -62,6 +62,31 @@ def _kernels_take(logits2d: torch.Tensor) -> bool:
     return cpu.available()
 
 
+def _reduce(per_row: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The float64 loss of the per-row losses: as is, their sum, or their sum / denominator."""
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return safe_divide(per_row.sum(), denominator)
+
+
+def _gradient(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
+    """The logits' gradient: row factors s_i = w_i g_i ("none"), w_i g ("sum") or w_i g / den
+    ("mean"; 0 when den is 0), from ``ctx.saved_tensors`` = (logits, target, w_row, den);
+    ``write(x, target, s, out)`` (numpy arrays) writes it into ``out``, the logits' own memory
+    with ``ctx.inplace_backward``."""
+    logits, target, w_row, denominator = ctx.saved_tensors
+    g = grad_output.to(torch.float64)
+    scale = w_row * g if ctx.reduction != "mean" else w_row * safe_divide(g, denominator)
+    x = logits.detach()
+    grad = x if ctx.inplace_backward else torch.empty_like(x)
+    x_np = x.numpy()
+    out = x_np if ctx.inplace_backward else grad.numpy()  # the same array object: in place
+    write(x_np, target.numpy(), scale.contiguous().numpy(), out)
+    return grad
+
+
 class CpuFastCrossEntropy(torch.autograd.Function):
     """(M, C) logits and (M,) class indices -> the loss, by crossent.cpu's kernels."""
 
@@ -80,29 +105,16 @@ class CpuFastCrossEntropy(torch.autograd.Function):
         # where, not a product: an ignored row adds 0 even when its logits are NaN or -inf
         per_row = torch.where(valid, torch.from_numpy(nll).to(torch.float64) * w_row, 0.0)
         denominator = w_row.sum()
-        if reduction == "none":
-            loss = per_row
-        elif reduction == "sum":
-            loss = per_row.sum()
-        else:
-            loss = safe_divide(per_row.sum(), denominator)
         ctx.save_for_backward(logits, safe, w_row, denominator)
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
-        return loss.to(logits.dtype)
+        return _reduce(per_row, denominator, reduction).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         from crossent import cpu
 
-        logits, safe, w_row, denominator = ctx.saved_tensors
-        g = grad_output.to(torch.float64)
-        scale = w_row * g if ctx.reduction != "mean" else w_row * safe_divide(g, denominator)
-        x = logits.detach()
-        grad = x if ctx.inplace_backward else torch.empty_like(x)
-        x_np = x.numpy()
-        out = x_np if ctx.inplace_backward else grad.numpy()  # the same array object: in place
-        cpu.softmax_minus_onehot(x_np, safe.numpy(), scale.contiguous().numpy(), out)
+        grad = _gradient(ctx, grad_output, cpu.softmax_minus_onehot)
         # Gradients for (logits, target, weight, ignore_index, reduction, inplace_backward).
         return grad, None, None, None, None, None
 
@@ -121,38 +133,22 @@ def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, reduction
 
 
 class CpuFastSoftCrossEntropy(torch.autograd.Function):
-    """(M, C) logits, (M, C) targets and the kernels' (M,) row losses -> the loss; the backward
-    writes the gradient with crossent.cpu.softmax_minus_targets."""
+    """(M, C) logits, (M, C) targets and the kernels' (M,) row losses -> the loss ("mean" over
+    the M rows); the backward writes the gradient with crossent.cpu.softmax_minus_targets."""
 
     @staticmethod
     def forward(ctx, logits, target, row_loss, reduction, inplace_backward):  # type: ignore[override]
-        per_row = row_loss.to(torch.float64)
-        rows = torch.tensor(float(logits.shape[0]), dtype=torch.float64)
-        if reduction == "none":
-            loss = per_row
-        elif reduction == "sum":
-            loss = per_row.sum()
-        else:
-            loss = safe_divide(per_row.sum(), rows)
-        ctx.save_for_backward(logits, target, rows)
+        w_row = torch.ones(logits.shape[0], dtype=torch.float64)
+        denominator = w_row.sum()
+        ctx.save_for_backward(logits, target, w_row, denominator)
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
-        return loss.to(logits.dtype)
+        return _reduce(row_loss.to(torch.float64), denominator, reduction).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         from crossent import cpu
 
-        logits, target, rows = ctx.saved_tensors
-        g = grad_output.to(torch.float64)
-        if ctx.reduction == "none":
-            scale = g
-        else:
-            scale = (g if ctx.reduction == "sum" else safe_divide(g, rows)).expand(logits.shape[0])
-        x = logits.detach()
-        grad = x if ctx.inplace_backward else torch.empty_like(x)
-        x_np = x.numpy()
-        out = x_np if ctx.inplace_backward else grad.numpy()  # the same array object: in place
-        cpu.softmax_minus_targets(x_np, target.numpy(), scale.contiguous().numpy(), out)
+        grad = _gradient(ctx, grad_output, cpu.softmax_minus_targets)
         # Gradients for (logits, target, row_loss, reduction, inplace_backward).
         return grad, None, None, None, None
