@@ -231,11 +231,11 @@ def main(argv=None):
              "(MiB of logits) | ok |")
         emit("|---|---|---|---|---|---|---|---|---|---|---|")
     ce_ptrs = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "target_ptr": "*i64", "weight_ptr": "*fp32",
-               "scales_ptr": "*fp32", "loss_ptr": "*fp32"}
+               "n_valid_ptr": "*i64", "total_weight_ptr": "*fp32", "loss_ptr": "*fp32"}
     for label, c in ces:
         for shape, n_cols in CE_COLUMNS.items():
             block, warps, single = L._row_block(n_cols, config=c)
-            consts = dict(HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False,
+            consts = dict(MEAN=True, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False,
                           WRITE_GRAD=True, SINGLE_BLOCK=single, PERSISTENT=bool(c.persistent),
                           REVERSE=bool(c.reverse), INTERPRETER=False, BLOCK=block)
             name = f"{label}:{shape}"

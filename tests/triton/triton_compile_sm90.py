@@ -35,8 +35,9 @@ def main():
 
     for dt in ("bf16", "fp32"):
         ce_ptrs = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "target_ptr": "*i64", "weight_ptr": "*fp32",
-                   "scales_ptr": "*fp32", "loss_ptr": "*fp32"}
-        every = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True, WRITE_GRAD=True)
+                   "n_valid_ptr": "*i64", "total_weight_ptr": "*fp32", "loss_ptr": "*fp32"}
+        every = dict(MEAN=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True,
+                     WRITE_GRAD=True)
         z_only = dict(every, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False)
         grid = dict(PERSISTENT=False, REVERSE=True, INTERPRETER=False)
         build(f"ce_forward[{dt},single32k,z_loss]", K._ce_forward_kernel, ce_ptrs,
@@ -56,7 +57,7 @@ def main():
 
         ptrs = {"e_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "rows_ptr": "*i64",
                 "n_valid_ptr": "*i64", "target_ptr": "*i64", "weight_ptr": "*fp32", "partial_ptr": "*fp32",
-                "store_ptr": f"*{dt}", "scales_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32",
+                "store_ptr": f"*{dt}", "total_weight_ptr": "*fp32", "loss_ptr": "*fp32", "coef_ptr": "*fp32",
                 "g_ptr": f"*{dt}", "gout_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dt}",
                 "dw_ptr": f"*{dt}", "db_ptr": f"*{dt}"}
         tiles = dict(INTERPRETER=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
@@ -66,7 +67,7 @@ def main():
             build(f"lce_forward[{dt}" + (f",group_m={group}]" if group else "]"), K._lce_forward_kernel, ptrs,
                   dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=group), floats=("cap",))
         build(f"lce_combine[{dt}]", K._lce_combine_kernel, ptrs,
-              dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128),
+              dict(MEAN=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128),
               floats=("eps", "z_loss"), num_warps=4)
         # The JIT turns an integer argument equal to 1 into a compile-time constant, so integer
         # parameters must not be used as tensors: `n_splits.to(tl.int64)` failed to compile this
@@ -76,7 +77,7 @@ def main():
               dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=8, n_rows=1),
               floats=("cap",))
         build(f"lce_combine[{dt},n_splits=1,n_rows=1]", K._lce_combine_kernel, ptrs,
-              dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128, **ones),
+              dict(MEAN=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128, **ones),
               floats=("eps", "z_loss"), num_warps=4)
         for from_logits, group, raw in ((False, 0, False), (True, 0, False), (False, 8, False), (True, 0, True)):
             build(f"lce_grad_tile[{dt},from_logits={from_logits}" + (f",group_m={group}" if group else "")

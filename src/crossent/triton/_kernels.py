@@ -24,8 +24,9 @@ Notation shared by all kernels (one row ``i`` of logits, target class ``t``):
       loss_i = ce_scale * CE_i + z_scale * Z_i
 
   where ``ce_scale``/``z_scale`` are 1 for "sum"/"none" and ``1 / sum_i w_{t_i}`` /
-  ``1 / #non-ignored rows`` for "mean" (0 when that denominator is 0), computed on the device
-  before the kernels run, so no kernel ever waits for the host;
+  ``1 / #non-ignored rows`` for "mean" (0 when that denominator is 0): the kernels take the
+  reciprocals of the two sums (``_mean_scales``), which the launcher leaves on the device, so
+  no kernel ever waits for the host;
 * its gradient with respect to ``x_j`` (``p_j = exp(x_j - lse)``, evaluated as
   ``exp((x_j - m) - log s)`` so that no rounding of ``lse`` enters; likewise
   ``lse - x_t = (m - x_t) + log s``)::
@@ -153,6 +154,26 @@ def _ce_grad_block(x, th, w, cols, target, m, log_s, a_coef, b_coef, c_coef,
 
 
 @triton.jit
+def _mean_scales(n_valid_ptr, total_weight_ptr, MEAN: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """(ce_scale, z_scale), float32 scalars. "mean" (``MEAN``): 1 / sum_i w_{t_i} (loaded from
+    ``total_weight_ptr``; with no class weights it is the row count) and 1 / #non-ignored rows
+    (``n_valid_ptr``, any numeric dtype), each correctly rounded, and 0 for a zero denominator
+    (every row ignored, or zero weights: no term to scale). Otherwise ("sum", "none") 1 and 1,
+    and neither pointer is read."""
+    ce_scale = tl.full([], 1.0, tl.float32)
+    z_scale = tl.full([], 1.0, tl.float32)
+    if MEAN:
+        n = tl.load(n_valid_ptr).to(tl.float32)
+        z_scale = tl.where(n != 0.0, tl.math.div_rn(ce_scale, tl.where(n != 0.0, n, 1.0)), 0.0)
+        if HAS_WEIGHT:
+            d = tl.load(total_weight_ptr).to(tl.float32)
+            ce_scale = tl.where(d != 0.0, tl.math.div_rn(ce_scale, tl.where(d != 0.0, d, 1.0)), 0.0)
+        else:
+            ce_scale = z_scale
+    return ce_scale, z_scale
+
+
+@triton.jit
 def _ce_forward_kernel(
     logits_ptr,
     stride_logits,
@@ -160,7 +181,8 @@ def _ce_forward_kernel(
     stride_grad,
     target_ptr,
     weight_ptr,
-    scales_ptr,
+    n_valid_ptr,
+    total_weight_ptr,
     loss_ptr,
     n_rows,
     n_cols,
@@ -168,6 +190,7 @@ def _ce_forward_kernel(
     eps,
     z_loss,
     cap,
+    MEAN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
@@ -197,8 +220,9 @@ def _ce_forward_kernel(
 
     Pointers: ``logits_ptr`` (M, C) any float dtype, row stride ``stride_logits``, unit column
     stride; ``grad_ptr`` (M, C) same dtype, row stride ``stride_grad``; ``target_ptr`` (M,) int64;
-    ``weight_ptr`` (C,) class weights (unused without ``HAS_WEIGHT``); ``scales_ptr`` float32
-    [ce_scale, z_scale]; ``loss_ptr`` (M,) float32 output, ``loss_i`` above.
+    ``weight_ptr`` (C,) class weights (unused without ``HAS_WEIGHT``); ``n_valid_ptr`` and
+    ``total_weight_ptr`` the denominators of "mean" (``MEAN``; see ``_mean_scales``);
+    ``loss_ptr`` (M,) float32 output, ``loss_i`` above.
     Scalars: ``n_rows`` = M, ``n_cols`` = C, ``ignore_index``, ``eps`` (label smoothing),
     ``z_loss``, ``cap``.
     Constexprs: the ``HAS_*`` switches compile out unused terms; ``BLOCK`` columns per step.
@@ -209,23 +233,24 @@ def _ce_forward_kernel(
             # int64 row (``row`` may be a Python int under the interpreter: no ``.to`` there)
             _ce_row(
                 tl.full([], 0, tl.int64) + row, logits_ptr, stride_logits, grad_ptr, stride_grad, target_ptr,
-                weight_ptr, scales_ptr, loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
-                HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, WRITE_GRAD, SINGLE_BLOCK, REVERSE,
+                weight_ptr, n_valid_ptr, total_weight_ptr, loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
+                MEAN, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, WRITE_GRAD, SINGLE_BLOCK, REVERSE,
                 INTERPRETER, BLOCK,
             )
     else:
         _ce_row(
             tl.program_id(0).to(tl.int64), logits_ptr, stride_logits, grad_ptr, stride_grad,
-            target_ptr, weight_ptr, scales_ptr, loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
-            HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, WRITE_GRAD, SINGLE_BLOCK, REVERSE,
+            target_ptr, weight_ptr, n_valid_ptr, total_weight_ptr, loss_ptr, n_cols, ignore_index, eps, z_loss,
+            cap, MEAN, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, WRITE_GRAD, SINGLE_BLOCK, REVERSE,
             INTERPRETER, BLOCK,
         )
 
 
 @triton.jit
 def _ce_row(
-    row, logits_ptr, stride_logits, grad_ptr, stride_grad, target_ptr, weight_ptr, scales_ptr,
-    loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
+    row, logits_ptr, stride_logits, grad_ptr, stride_grad, target_ptr, weight_ptr, n_valid_ptr,
+    total_weight_ptr, loss_ptr, n_cols, ignore_index, eps, z_loss, cap,
+    MEAN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
@@ -249,8 +274,7 @@ def _ce_row(
                 cols = start + cols0
                 tl.store(g_row + cols, zero, mask=cols < n_cols)
     else:
-        ce_scale = tl.load(scales_ptr)
-        z_scale = tl.load(scales_ptr + 1)
+        ce_scale, z_scale = _mean_scales(n_valid_ptr, total_weight_ptr, MEAN, HAS_WEIGHT)
         target_ok = (target >= 0) & (target < n_cols)
         t_safe = tl.where(target_ok, target, 0)
         x_t = tl.load(x_row + t_safe).to(tl.float32)
@@ -694,7 +718,7 @@ def _lce_combine_kernel(
     n_valid_ptr,
     target_ptr,
     weight_ptr,
-    scales_ptr,
+    total_weight_ptr,
     loss_ptr,
     coef_ptr,
     n_rows,
@@ -702,6 +726,7 @@ def _lce_combine_kernel(
     n_vocab,
     eps,
     z_loss,
+    MEAN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
@@ -711,8 +736,8 @@ def _lce_combine_kernel(
 
     Grid (row blocks,). Writes ``loss_ptr[rows[r]]`` (original row order; the caller zeroes the
     buffer so ignored rows read 0) and ``coef_ptr`` float32 [5, n_rows] = (m, log s, A, B, C) in
-    compacted order r. Pointers as in ``_lce_forward_kernel``; ``scales_ptr`` float32
-    [ce_scale, z_scale].
+    compacted order r. Pointers as in ``_lce_forward_kernel``; for "mean" (``MEAN``) the
+    denominators are ``n_valid_ptr`` and ``total_weight_ptr`` (``_mean_scales``).
     """
     pid_m = tl.program_id(0)
     n_valid = tl.load(n_valid_ptr)
@@ -740,8 +765,7 @@ def _lce_combine_kernel(
             m = m_new
         log_s = tl.log(tl.where(row_mask, s, 1.0))  # masked lanes: no log(0)
         lse = m + log_s
-        ce_scale = tl.load(scales_ptr)
-        z_scale = tl.load(scales_ptr + 1)
+        ce_scale, z_scale = _mean_scales(n_valid_ptr, total_weight_ptr, MEAN, HAS_WEIGHT)
         target_ok = (target >= 0) & (target < n_vocab)
         w_t = tl.full([BLOCK_M], 1.0, tl.float32)
         if HAS_WEIGHT:

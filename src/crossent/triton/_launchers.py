@@ -9,6 +9,7 @@ interpreter) get their target range and weights checked by value, where that cos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -120,23 +121,43 @@ def _check_float(name, tensor):
 
 
 # ------------------------------------------------------------------------------------------------
-# Device-side scales: ce_scale = 1/sum_i w_{t_i}, z_scale = 1/#valid for "mean" (0 if empty).
+# Denominators of "mean" on the device: the kernels scale by their reciprocals (_mean_scales).
 # ------------------------------------------------------------------------------------------------
 
 
-def _scales(target, weight, ignore_index, n_classes, reduction, device):
-    """float32 [ce_scale, z_scale] on the device, and the valid-row mask (no host sync)."""
-    valid = target != ignore_index
+@dataclasses.dataclass
+class Denominators:
+    """What "mean" divides by, as device tensors the kernels load (no host sync): ``n_valid``
+    (int64, the non-ignored rows: the z-loss's denominator) and ``total_weight`` (float32
+    sum_i w_{t_i} over them, or ``n_valid`` itself without class weights). None for "sum" and
+    "none", whose kernels scale by 1 and read neither. Two torch ops without class weights,
+    none for "sum"/"none": the launch of a call on few rows is mostly host time."""
+
+    n_valid: torch.Tensor | None
+    total_weight: torch.Tensor | None
+
+    @property
+    def mean(self):
+        return self.n_valid is not None
+
+    def pointers(self, dummy):
+        """The two kernel arguments (``dummy``, any tensor, for those not read)."""
+        if self.n_valid is None:
+            return dummy, dummy
+        return self.n_valid, self.total_weight
+
+
+def _denominators(target, weight, ignore_index, n_classes, reduction, valid=None):
+    """``Denominators`` of ``target`` (and class ``weight``) for ``reduction``; ``valid`` is
+    ``target != ignore_index`` when the caller has it already."""
     if reduction != "mean":
-        return torch.ones(2, dtype=torch.float32, device=device), valid
-    n_valid = valid.sum(dtype=torch.float32)
+        return Denominators(None, None)
+    valid = valid if valid is not None else target != ignore_index
+    n_valid = valid.sum()
     if weight is None:
-        total_weight = n_valid
-    else:
-        safe = target.clamp(0, max(n_classes - 1, 0))
-        total_weight = torch.where(valid, weight[safe], 0.0).sum()
-    inv = torch.stack([total_weight, n_valid])
-    return torch.where(inv != 0, 1.0 / inv, torch.zeros_like(inv)), valid
+        return Denominators(n_valid, n_valid)
+    safe = target.clamp(0, max(n_classes - 1, 0))
+    return Denominators(n_valid, torch.where(valid, weight[safe], 0.0).sum())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,9 +285,20 @@ def parse_ce_config(text, default=None):
 def ce_config():
     """The CE launch configuration of this call: the defaults (``SINGLE_BLOCK_MAX``,
     ``LOOP_BLOCK``: module globals, read now), overridden by ``CROSSENT_TRITON_CE_CONFIG``."""
-    default = CEConfig(single_max=SINGLE_BLOCK_MAX, loop_block=LOOP_BLOCK)
-    text = os.environ.get(CE_CONFIG_ENV, "")
+    return _ce_config(os.environ.get(CE_CONFIG_ENV, ""), SINGLE_BLOCK_MAX, LOOP_BLOCK)
+
+
+@functools.lru_cache(maxsize=64)
+def _ce_config(text, single_max, loop_block):
+    # Cached (CEConfig is frozen): a launch on few rows is mostly host time.
+    default = CEConfig(single_max=single_max, loop_block=loop_block)
     return parse_ce_config(text, default) if text.strip() else default
+
+
+def next_pow2(n):
+    """The least power of two >= ``n`` (>= 1), in plain Python: ``triton.next_power_of_2`` is a
+    constexpr function whose call costs several microseconds of host time per launch."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _row_block(n_cols, softcap=False, smoothing=False, config=None):
@@ -289,7 +321,7 @@ def _row_block(n_cols, softcap=False, smoothing=False, config=None):
         limit = min(limit, config.loop_block)
     elif softcap or smoothing:
         limit = min(limit, config.single_max // 2)
-    block = triton.next_power_of_2(max(n_cols, 16))
+    block = next_pow2(max(n_cols, 16))
     if block <= limit:
         warps = config.single_warps or (4 if block <= 2048 else (8 if block <= 8192 else 16))
         return block, warps, True
@@ -334,22 +366,22 @@ def cross_entropy_forward(
         # memory), so that autograd can hand it on as is; returning the input tensor itself made
         # AccumulateGrad copy it for a leaf (an N x C copy: 3.7 vs 2.3 ms at 8192 x 128256 on H100).
         grad = x.detach() if inplace_backward else torch.empty_like(x, memory_format=torch.contiguous_format)
-    scales, valid = _scales(target, weight, ignore_index, n_cols, reduction, device)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     if n_cols == 0:
         # No class to score: ignored rows give 0, any other target is out of range (NaN).
-        row_loss = torch.where(valid, float("nan"), 0.0).to(torch.float32)
+        row_loss = torch.where(target != ignore_index, float("nan"), 0.0).to(torch.float32)
     else:
-        _launch_ce(x, grad, target, weight, scales, row_loss, ignore_index, label_smoothing, z_loss, softcap)
+        den = _denominators(target, weight, ignore_index, n_cols, reduction)
+        _launch_ce(x, grad, target, weight, den, row_loss, ignore_index, label_smoothing, z_loss, softcap)
     loss = row_loss if reduction == "none" else row_loss.sum()
     return CEForward(loss, grad)
 
 
-def _launch_ce(x, grad, target, weight, scales, row_loss, ignore_index, label_smoothing, z_loss, softcap):
+def _launch_ce(x, grad, target, weight, den, row_loss, ignore_index, label_smoothing, z_loss, softcap):
     """``_ce_forward_kernel`` over the rows of ``x`` (M, C), unit column stride: per-row losses
     into ``row_loss`` (M,) and, unless ``grad`` is None, the gradient (upstream 1) into ``grad``
-    (may be ``x`` itself). ``scales`` ([ce_scale, z_scale] on the device) may come from more rows
-    than ``x`` has (a chunk of a larger batch: see ``linear_rows_forward``)."""
+    (may be ``x`` itself). ``den`` (``Denominators``) may come from more rows than ``x`` has (a
+    chunk of a larger batch: see ``linear_rows_forward``)."""
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return
@@ -362,9 +394,10 @@ def _launch_ce(x, grad, target, weight, scales, row_loss, ignore_index, label_sm
         grid = min(n_rows, config.persistent * _sm_count(x.device))
     K._ce_forward_kernel[(grid,)](
         x, x.stride(0), g, g.stride(0), target,
-        weight if weight is not None else scales, scales, row_loss,
+        weight if weight is not None else row_loss, *den.pointers(row_loss), row_loss,
         n_rows, n_cols, ignore_index, float(label_smoothing), float(z_loss),
         float(softcap) if softcap is not None else 1.0,
+        MEAN=den.mean,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_Z_LOSS=z_loss > 0.0,
@@ -617,18 +650,19 @@ def linear_forward(
 
     plan = plan_linear(n_rows, n_vocab, n_dim, inp.dtype, memory_budget, need_grad)
     t = plan.tiles
-    scales, valid = _scales(target, weight, ignore_index, n_vocab, reduction, device)
+    valid = target != ignore_index
+    den = _denominators(target, weight, ignore_index, n_vocab, reduction, valid)
     # Compaction without a host sync: a stable sort puts the valid rows first, in order; the
     # kernels read n_valid from the device and skip every row block past it.
     rows = torch.argsort((~valid).to(torch.int8), stable=True)
-    n_valid = valid.sum()
+    n_valid = den.n_valid if den.mean else valid.sum()
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
     coef = torch.zeros(5, n_rows, dtype=torch.float32, device=device)
     store = None
     if plan.n_store:
         store = torch.empty(n_rows, plan.n_store, dtype=inp.dtype, device=device)
     if n_rows:
-        dummy = scales
+        dummy = row_loss
         n_m_blocks = triton.cdiv(n_rows, t.block_m)
         flags = dict(
             HAS_BIAS=linear_bias is not None,
@@ -659,8 +693,9 @@ def linear_forward(
             )
         K._lce_combine_kernel[(n_m_blocks,)](
             partial, rows, n_valid, target, weight if weight is not None else dummy,
-            scales, row_loss, coef, n_rows, n_splits, n_vocab,
+            den.pointers(dummy)[1], row_loss, coef, n_rows, n_splits, n_vocab,
             float(label_smoothing), float(z_loss),
+            MEAN=den.mean,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=label_smoothing > 0.0,
             HAS_Z_LOSS=z_loss > 0.0,
@@ -735,7 +770,7 @@ def linear_rows_forward(
     device = inp.device
     n_rows, _ = inp.shape
     n_vocab = linear_weight.shape[0]
-    scales, _ = _scales(target, weight, ignore_index, n_vocab, reduction, device)
+    den = _denominators(target, weight, ignore_index, n_vocab, reduction)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     d_inp = torch.empty_like(inp, memory_format=torch.contiguous_format) if need_input else None
     d_w = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight else None
@@ -752,7 +787,7 @@ def linear_rows_forward(
             torch.mm(e, w_t, out=x)
         else:
             torch.addmm(bias, e, w_t, out=x)
-        _launch_ce(x, x, target[start:stop], weight, scales, row_loss[start:stop], ignore_index,
+        _launch_ce(x, x, target[start:stop], weight, den, row_loss[start:stop], ignore_index,
                    label_smoothing, z_loss, softcap)
         if d_inp is not None:
             torch.mm(x, linear_weight, out=d_inp[start:stop])

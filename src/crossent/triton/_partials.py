@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._kernels import _cast, _online_update
-from ._launchers import _check_runnable, interpreted
+from ._launchers import _check_runnable, interpreted, next_pow2
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -157,7 +157,7 @@ def _vp_grad_kernel(
 def _block(n_cols: int, block: int | None) -> tuple[int, int]:
     """(BLOCK, num_warps): the whole row when it fits MAX_BLOCK, else MAX_BLOCK-column steps."""
     if block is None:
-        block = min(triton.next_power_of_2(max(n_cols, 16)), MAX_BLOCK)
+        block = min(next_pow2(max(n_cols, 16)), MAX_BLOCK)
     return block, 4 if block <= 1024 else 8
 
 
