@@ -345,7 +345,7 @@ def test_scripts_exit_clearly_without_cuda(script):
 @pytest.mark.parametrize(
     ("script", "shapes", "impls"),
     [
-        ("bench_gpu_cross_entropy.py", "5x300", 5),  # floor + 4 impls (no liger, no compile on CPU)
+        ("bench_gpu_cross_entropy.py", "5x300", 6),  # floor + 5 impls (no liger, no compile on CPU)
         ("bench_gpu_linear_cross_entropy.py", "40x16x300", 4),  # bare matmuls + lean, fast, eager
     ],
 )
