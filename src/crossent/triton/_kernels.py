@@ -571,9 +571,7 @@ def _lce_forward_kernel(
     n_splits = tl.num_programs(1)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
-        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = r < n_valid
-        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        r, row_mask, rows = _compacted_rows(pid_m * BLOCK_M, n_valid, rows_ptr, BLOCK_M)
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
 
         m, s, x_t, n_fin, sum_w, sum_wd = _empty_stats(BLOCK_M)
@@ -605,6 +603,17 @@ def _lce_forward_kernel(
         tl.store(base + 3 * plane, n_fin, mask=row_mask)
         tl.store(base + 4 * plane, sum_w, mask=row_mask)
         tl.store(base + 5 * plane, sum_wd, mask=row_mask)
+
+
+@triton.jit
+def _compacted_rows(start, n_valid, rows_ptr, BLOCK: tl.constexpr):
+    """Compacted positions ``r = start .. start + BLOCK - 1`` (valid rows first: see the
+    launcher's stable sort), ``row_mask = r < n_valid``, and each position's original row
+    ``rows[r]`` as int64 (0 where masked)."""
+    r = start + tl.arange(0, BLOCK)
+    row_mask = r < n_valid
+    rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+    return r, row_mask, rows
 
 
 @triton.jit
@@ -677,9 +686,7 @@ def _lce_stats_kernel(
     pid_m = tl.program_id(0)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
-        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = r < n_valid
-        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        r, row_mask, rows = _compacted_rows(pid_m * BLOCK_M, n_valid, rows_ptr, BLOCK_M)
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
         if FIRST:
             m, s, x_t, n_fin, sum_w, sum_wd = _empty_stats(BLOCK_M)
@@ -742,9 +749,7 @@ def _lce_combine_kernel(
     pid_m = tl.program_id(0)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
-        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = r < n_valid
-        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        r, row_mask, rows = _compacted_rows(pid_m * BLOCK_M, n_valid, rows_ptr, BLOCK_M)
         target = tl.load(target_ptr + rows, mask=row_mask, other=0)
         m, s, x_t, n_fin, sum_w, sum_wd = _empty_stats(BLOCK_M)
         plane = tl.cast(n_splits, tl.int64) * n_rows  # tl.cast: n_splits == 1 arrives as a constant
@@ -842,9 +847,7 @@ def _lce_grad_tile_kernel(
     pid_m, pid_v = _program_tile(GROUP_M)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
-        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = r < n_valid
-        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        r, row_mask, rows = _compacted_rows(pid_m * BLOCK_M, n_valid, rows_ptr, BLOCK_M)
         target = tl.load(target_ptr + rows, mask=row_mask, other=-1)
         j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         cols = col_start + j
@@ -919,9 +922,7 @@ def _lce_grad_input_kernel(
     pid_m = tl.program_id(1)
     n_valid = tl.load(n_valid_ptr)
     if pid_m * BLOCK_M < n_valid:
-        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = r < n_valid
-        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        r, row_mask, rows = _compacted_rows(pid_m * BLOCK_M, n_valid, rows_ptr, BLOCK_M)
         d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < n_dim
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -1000,9 +1001,7 @@ def _lce_grad_weight_kernel(
     acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_V], dtype=tl.float32)
     for r0 in range(0, n_valid, BLOCK_K):
-        r = r0 + tl.arange(0, BLOCK_K)
-        row_mask = r < n_valid
-        rows = tl.load(rows_ptr + r, mask=row_mask, other=0).to(tl.int64)
+        r, row_mask, rows = _compacted_rows(r0, n_valid, rows_ptr, BLOCK_K)
         g = tl.load(
             g_ptr + r.to(tl.int64)[:, None] * stride_g + j[None, :],
             mask=row_mask[:, None] & j_mask[None, :],
