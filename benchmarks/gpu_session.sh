@@ -6,11 +6,13 @@
 #   bash benchmarks/gpu_session.sh ce       # CE on logits: crossent configs vs torch, Liger (both shapes)
 #   bash benchmarks/gpu_session.sh linear   # fused linear CE: crossent tile configs vs torch, torch.compile,
 #                                           #   Liger, Cut Cross-Entropy, three bare matmuls (both shapes)
+#   bash benchmarks/gpu_session.sh profile  # kernel-by-kernel time, host time and idle gaps per call
+#                                           #   (lean, fast 1000 MiB, CE; benchmarks/profile_gpu_kernels.py)
 #
 # Results land in $OUT (the device tool brings them back): STEP.log, env.txt and the CSVs, which
 # are then appended to benchmarks/results/ here. Extra arguments after STEP go to the script.
 set -uo pipefail
-step=${1:?usage: gpu_session.sh check|ce|linear [extra args]}
+step=${1:?usage: gpu_session.sh check|ce|linear|profile [extra args]}
 shift
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -37,6 +39,9 @@ case $step in
     linear)
         python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default-sweep --max-minutes 8.5 \
             --out "$OUT/gpu_linear_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/linear.log" ;;
+    profile)
+        python3 benchmarks/profile_gpu_kernels.py --fast-budget-mib 1000 \
+            --out "$OUT/gpu_profile_kernels.txt" "$@" 2>&1 | tee "$OUT/profile.log" ;;
     *)
-        echo "unknown step $step: expected check, ce or linear" >&2; exit 2 ;;
+        echo "unknown step $step: expected check, ce, linear or profile" >&2; exit 2 ;;
 esac

@@ -85,14 +85,18 @@ def _check_target(target, n_rows, n_classes, ignore_index, device):
     _check_device("target", target, device)
     if target.device.type == "cpu" and target.numel():
         # CPU tensors cost no sync to check (DESIGN.md: validation always on for CPU tensors).
-        bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"target must be in [0, {n_classes}) or ignore_index={ignore_index}; "
-                f"target[{i}] = {int(target[i])}"
-            )
+        _check_target_values(target, n_classes, ignore_index)
     return target.to(torch.int64).contiguous()
+
+
+def _check_target_values(target, n_classes, ignore_index):
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target must be in [0, {n_classes}) or ignore_index={ignore_index}; "
+            f"target[{i}] = {int(target[i])}"
+        )
 
 
 def _check_class_weight(weight, n_classes, device):
@@ -105,9 +109,14 @@ def _check_class_weight(weight, n_classes, device):
     if weight.ndim != 1 or weight.shape[0] != n_classes:
         raise ValueError(f"weight must have shape ({n_classes},), got {tuple(weight.shape)}")
     _check_device("weight", weight, device)
-    if weight.device.type == "cpu" and not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight must be finite, got NaN or inf")
+    if weight.device.type == "cpu":
+        _check_weight_values(weight)
     return weight.detach().to(torch.float32).contiguous()
+
+
+def _check_weight_values(weight):
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite, got NaN or inf")
 
 
 def _check_float(name, tensor):

@@ -1,0 +1,78 @@
+"""What the host does around the CE kernel: which torch ops a call launches besides it.
+
+A synced timing of one call on a GPU includes every small kernel the host launches before the
+cross-entropy kernel (each one also costs the host a launch). These tests pin that list, with the
+Triton kernels replaced by launch recorders (benchmarks/bench_host_overhead.py, which also times
+the host path) and the CPU-only value checks left out, as on CUDA: "mean" without class weights
+needs its two denominators' ops (``ne``, ``sum``), "sum" and "none" none, then one ``sum`` of the
+row losses (not for "none"). ``ones_like`` is autograd's upstream gradient of ``backward()``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernel tests need it")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+import bench_host_overhead as B  # noqa: E402
+
+import crossent.torch as cet  # noqa: E402
+import crossent.triton as ctr  # noqa: E402
+
+
+def _ops(call, reduction="mean", **kwargs):
+    x = torch.randn(7, 33, requires_grad=True)
+    t = torch.tensor([0, 5, -100, 32, 1, -100, 9])
+    with B.stubbed_ce_kernels() as launches, B.KernelOps() as ops:
+        loss = call(x, t, reduction=reduction, **kwargs)
+        loss.backward(torch.ones_like(loss))
+    return ops.names, len(launches)
+
+
+@pytest.mark.parametrize(("reduction", "expected"), [
+    ("mean", ["ne", "sum", "sum", "ones_like"]),
+    ("sum", ["sum", "ones_like"]),
+    ("none", ["ones_like"]),
+])
+def test_ce_launches_only_the_denominators_and_the_loss_sum(reduction, expected):
+    names, launches = _ops(ctr.cross_entropy, reduction)
+    assert names == expected
+    assert launches == 2  # the forward kernel, then backward's row scaling
+
+
+def test_in_place_and_public_entry_launch_the_same_ops():
+    assert _ops(ctr.cross_entropy, inplace_backward=True) == (["ne", "sum", "sum", "ones_like"], 2)
+    assert _ops(cet.cross_entropy, impl="triton", validate=False) == (["ne", "sum", "sum", "ones_like"], 2)
+
+
+def test_class_weights_add_the_weighted_denominator_only():
+    names, _ = _ops(ctr.cross_entropy, weight=torch.rand(33) + 0.5)
+    assert names[:2] == ["ne", "sum"] and names[-2:] == ["sum", "ones_like"]
+    assert set(names[2:-2]) <= {"clamp", "index", "scalar_tensor", "where", "sum"}
+
+
+def test_stubs_are_removed_and_values_still_checked_after():
+    with pytest.raises(ValueError, match=r"target must be in \[0, 33\)"):
+        with B.stubbed_ce_kernels():
+            pass
+        ctr.cross_entropy(torch.randn(2, 33), torch.tensor([0, 40]))
+
+
+def test_kernel_ops_counts_no_allocation_or_views():
+    with B.KernelOps() as ops:
+        a = torch.empty(3, 4)
+        a.view(12).detach()
+        a.fill_(1.0)
+    assert ops.names == ["fill_"]
+
+
+def test_benchmark_script_runs(capsys):
+    assert B.main(["--calls", "3", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| crossent.triton, mean | " in out and "4: ne, sum, sum, ones_like | 2 |" in out
