@@ -148,6 +148,14 @@ def measure(torch, call, calls, rounds):
     return statistics.median(times), ops.names, len(launches)
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -183,7 +191,7 @@ def main(argv=None):
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         rev = "?"
-    cond = (f"Conditions: {platform.processor() or platform.machine()}, 1 torch thread, Python "
+    cond = (f"Conditions: {_cpu_name()}, 1 torch thread, Python "
             f"{platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
             f"crossent {rev}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; median of "
             f"{args.rounds} rounds of {args.calls} calls on (64, 1000) float32 CPU tensors, 10% ignored. "
