@@ -253,6 +253,8 @@ def cross_entropy(
     if input.dim() == 1:
         logits2d = input[None]
         target2d = target[None]
+    elif input.dim() == 2:  # already (M, C): no view ops (a launch on few rows is mostly host time)
+        logits2d, target2d = input, target
     else:
         logits2d = input.movedim(1, -1).reshape(-1, num_classes)
         target2d = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
