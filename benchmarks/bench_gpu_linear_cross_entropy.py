@@ -5,7 +5,8 @@ One command on a GPU machine (from the repository root, crossent installed):
     python benchmarks/bench_gpu_linear_cross_entropy.py     # Gemma-2 and Llama-3 shapes, bf16
 
 Runs, in one process and on the same inputs (N x D hidden states E, V x D head W, 10% ignored
-targets): crossent.triton.linear_cross_entropy "lean" (default) and "fast" (--fast-budget-mib),
+targets): crossent.triton.linear_cross_entropy "lean" (default) and "fast" (one row per budget of
+--fast-budget-mib, default 1000 and 1536 MiB),
 torch eager (logits.float() then F.cross_entropy), the same under torch.compile, Liger's
 LigerFusedLinearCrossEntropyLoss and Cut Cross-Entropy (default filtering, and filter_eps=None)
 when installed, and the three bare matmuls of the head (E W^T, G W, G^T E: 6NDV flops), the
@@ -61,18 +62,17 @@ CONFIG_ENV = "CROSSENT_TRITON_LINEAR_TILES"
 BARE = "bare-matmuls (E W^T, G W, G^T E)"
 
 
-def implementations(torch, F, fast_budget, device):
+def implementations(torch, F, fast_budgets, device):
     import crossent.triton as ctr
 
     def eager(e, w, t):
         return F.cross_entropy((e @ w.T).float(), t)
 
-    impls = {
-        "crossent-triton-lean": lambda e, w, t: ctr.linear_cross_entropy(e, w, t),
-        f"crossent-triton-fast({fast_budget >> 20}MiB)": lambda e, w, t: ctr.linear_cross_entropy(
-            e, w, t, memory_budget=fast_budget),
-        "torch-eager": eager,
-    }
+    impls = {"crossent-triton-lean": lambda e, w, t: ctr.linear_cross_entropy(e, w, t)}
+    for budget in fast_budgets:
+        impls[f"crossent-triton-fast({budget >> 20}MiB)"] = (
+            lambda e, w, t, budget=budget: ctr.linear_cross_entropy(e, w, t, memory_budget=budget))
+    impls["torch-eager"] = eager
     if device == "cuda":  # the CPU smoke mode has no inductor toolchain to rely on
         impls["torch-compile"] = torch.compile(eager)
     try:
@@ -144,8 +144,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     H.add_common_args(parser, "8192x2304x256000,8192x4096x128256", "NxDxV,...", repeats=10, warmup=2,
                       default_out=DEFAULT_OUT)
-    parser.add_argument("--fast-budget-mib", type=int, default=1000,
-                        help="memory_budget of crossent's fast mode, MiB")
+    parser.add_argument("--fast-budget-mib", default="1000,1536",
+                        help="comma-separated memory_budget values of crossent's fast mode, MiB (one row "
+                             "each: the target allows half of torch.compile's extra memory, about 2000 MiB "
+                             "at the Gemma-2 shape and 1000 MiB at the Llama-3 shape)")
     parser.add_argument("--tiles", default="",
                         help="';'-separated CROSSENT_TRITON_LINEAR_TILES values for the crossent implementations, "
                              "or 'default-sweep' (gpu_harness.LINEAR_SWEEP); default: crossent's defaults only")
@@ -154,6 +156,12 @@ def main(argv=None):
         shapes = H.parse_shapes(args.shapes, 3)
     except ValueError as e:
         parser.error(str(e))
+    try:
+        budgets = [int(b) for b in args.fast_budget_mib.split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        parser.error(f"--fast-budget-mib must be comma-separated integers >= 1, got {args.fast_budget_mib!r}")
     torch = H.setup_device(args.device, args.out is not None)
     from crossent.triton import _launchers
 
@@ -171,7 +179,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
     common = H.conditions(torch, args.device)
-    impls = implementations(torch, F, args.fast_budget_mib << 20, args.device)
+    impls = implementations(torch, F, [b << 20 for b in budgets], args.device)
     try:
         impls = H.select_impls(impls, args.impls, EXTRA)
     except ValueError as e:

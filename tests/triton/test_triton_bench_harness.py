@@ -346,7 +346,7 @@ def test_scripts_exit_clearly_without_cuda(script):
     ("script", "shapes", "impls"),
     [
         ("bench_gpu_cross_entropy.py", "5x300", 6),  # floor + 5 impls (no liger, no compile on CPU)
-        ("bench_gpu_linear_cross_entropy.py", "40x16x300", 4),  # bare matmuls + lean, fast, eager
+        ("bench_gpu_linear_cross_entropy.py", "40x16x300", 5),  # bare matmuls + lean, 2 fast, eager
     ],
 )
 def test_scripts_run_end_to_end_in_cpu_smoke_mode(tmp_path, script, shapes, impls):
@@ -359,7 +359,7 @@ def test_scripts_run_end_to_end_in_cpu_smoke_mode(tmp_path, script, shapes, impl
     cmd = [sys.executable, os.path.join(BENCH, script), "--device", "cpu", "--shapes", shapes,
            "--repeats", "1", "--warmup", "0", "--out", str(out)]
     if "linear" in script:
-        cmd += ["--fast-budget-mib", "1"]
+        cmd += ["--fast-budget-mib", "1,2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out, newline="") as f:
