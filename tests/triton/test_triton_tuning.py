@@ -59,6 +59,10 @@ def dataclass_replace(obj, **kw):
         ("block_m=abc", r"block_m must be an integer, got 'abc'"),
         ("warps=8", r"unknown key 'warps'.*known keys: block_m"),
         ("group_m=2,group_m=4", r"group_m given twice"),
+        ("stats_m=3", r"stats_m must be a power of two in \[2, 256\], got 3"),
+        ("stats_v=8", r"stats_v must be a power of two in \[16, 8192\], got 8"),
+        ("grad_v=8", r"grad_v must be 0 or a power of two in \[16, 8192\], got 8"),
+        ("grad_warps=3", r"grad_warps must be 0 or a power of two <= 32, got 3"),
     ],
 )
 def test_linear_tiles_errors_name_the_variable(text, match):
@@ -188,4 +192,32 @@ def test_linear_tiles_override_matches_oracle_and_group_order_is_bitwise(monkeyp
         torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
     for a, b in zip(got[0], got[2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_elementwise_tiles_of_the_products_path(monkeypatch, device):
+    """The tiles of the kernels between the cuBLAS products (``products=1``): a gradient tile of
+    its own size gives the same bits as the default (elementwise work); other stats tiles (rows,
+    columns per step, warps: the split of a step's sum-exp may change) give the oracle's answer."""
+    gen = torch.Generator().manual_seed(6)
+    n, d, v = 37, 24, 150
+    x = torch.randn(n, d, generator=gen).to(device)
+    w = (torch.randn(v, d, generator=gen) * 0.5).to(device)
+    target = torch.randint(0, v, (n,), generator=gen).to(device)
+    target[::7] = -100
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    want = F.cross_entropy(xr @ wr.T, target, label_smoothing=0.1)
+    want.backward()
+    got = {}
+    base = "16,32,16,16,4,2,chunk=64,products=1"
+    for extra in ("", ",grad_m=8,grad_v=64,grad_warps=2", ",stats_m=4", ",stats_v=16,stats_warps=2"):
+        monkeypatch.setenv(L.LINEAR_TILES_ENV, base + extra)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = linear_cross_entropy(xg, wg, target, label_smoothing=0.1)
+        loss.backward()
+        got[extra] = (loss.detach(), xg.grad, wg.grad)
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
+    for a, b in zip(got[""], got[",grad_m=8,grad_v=64,grad_warps=2"], strict=True):
         assert torch.equal(a, b)

@@ -91,6 +91,14 @@ def main():
                   dict(ptrs, x_ptr=f"*{dt}", stats_ptr="*fp32"),
                   dict(FIRST=first, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, BLOCK_M=16, BLOCK_V=512),
                   floats=("cap",), num_warps=4)
+        # Sweep knobs of the elementwise kernels between cuBLAS products (LinearTiles.stats_*,
+        # grad_*): other tiles than the defaults still compile.
+        build(f"lce_stats[{dt},32x256,8 warps]", K._lce_stats_kernel, dict(ptrs, x_ptr=f"*{dt}", stats_ptr="*fp32"),
+              dict(FIRST=False, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True, BLOCK_M=32, BLOCK_V=256),
+              floats=("cap",), num_warps=8)
+        build(f"lce_grad_tile[{dt},raw_logits=True,64x256,4 warps]", K._lce_grad_tile_kernel, ptrs,
+              dict(**opts, **tiles, FROM_LOGITS=True, BLOCK_M=64, BLOCK_V=256, GROUP_M=0, RAW_LOGITS=True),
+              floats=("cap",), num_warps=4)
         for first, last in ((True, False), (False, True)):
             build(f"lce_grad_input[{dt},first={first},last={last}]", K._lce_grad_input_kernel, ptrs,
                   dict(**tiles, FIRST=first, LAST=last, BLOCK_M=128, BLOCK_D=128))

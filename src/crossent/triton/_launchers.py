@@ -473,10 +473,26 @@ class LinearTiles:
     # (``linear_backward_products``); 0 = three Triton kernels (recompute fused with the gradient
     # tile, dE, dW). The forward is Triton either way.
     products: int = 1
+    # The elementwise kernels between the cuBLAS products (``products=1``): the forward's
+    # ``_lce_stats_kernel`` (stats_m rows x stats_v columns per step, stats_warps warps; a grid of
+    # N / stats_m programs per chunk) and the backward's gradient tile (grad_m x grad_v, grad_warps;
+    # 0 = block_m, block_v, num_warps). Profiled on an H100 at the Gemma-2 shape they move the
+    # N x V logits at 1.35 TB/s (stats) and 1.55 TB/s (gradient) of the ~3 TB/s the copy reaches
+    # (benchmarks/results/gpu_profile_kernels.txt): the tiles are knobs for a sweep. The
+    # gradient tile is elementwise: its size changes no bit (tested). The stats tile sets how a
+    # step's sum-exp is split across threads, so the last bits may differ between stats tiles
+    # (each one deterministic).
+    stats_m: int = 16
+    stats_v: int = 512
+    stats_warps: int = 4
+    grad_m: int = 0
+    grad_v: int = 0
+    grad_warps: int = 0
 
 
 _LINEAR_FIELDS = ("block_m", "block_v", "block_k", "block_d", "num_warps", "num_stages", "programs",
-                  "group_m", "chunk", "products")
+                  "group_m", "chunk", "products", "stats_m", "stats_v", "stats_warps", "grad_m", "grad_v",
+                  "grad_warps")
 _LINEAR_POSITIONAL = _LINEAR_FIELDS[:6]
 _LINEAR_CHECKS = dict(
     block_m=_pow2_in(16, 512),
@@ -489,6 +505,12 @@ _LINEAR_CHECKS = dict(
     group_m=_int_in(0, 1 << 16),
     chunk=_int_in(0, 1 << 24),
     products=_int_in(0, 1),
+    stats_m=_pow2_in(2, 256),
+    stats_v=_pow2_in(16, 8192),
+    stats_warps=_pow2_in(1, 32),
+    grad_m=lambda v: None if v == 0 or (_is_pow2(v) and 2 <= v <= 512) else "0 or a power of two in [2, 512]",
+    grad_v=lambda v: None if v == 0 or (_is_pow2(v) and 16 <= v <= 8192) else "0 or a power of two in [16, 8192]",
+    grad_warps=lambda v: None if v == 0 or (_is_pow2(v) and v <= 32) else "0 or a power of two <= 32",
 )
 
 
@@ -824,11 +846,6 @@ def scale_grads_(grads, grad_output):
     return tuple(out)
 
 
-#: Tile (compacted rows, columns, warps) of ``_lce_stats_kernel``: each program reads its rows'
-#: chunk in 1 KiB (bf16) pieces per row.
-STATS_TILE = (16, 512, 4)
-
-
 def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight, plan, softcap,
                          label_smoothing):
     """Forward statistics of the lean schedule with cuBLAS products (``LinearTiles.products``):
@@ -840,7 +857,8 @@ def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target,
     stats = torch.empty(6, 1, n_rows, dtype=torch.float32, device=inp.device)
     workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=inp.dtype, device=inp.device)
     bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
-    block_m, block_v, warps = STATS_TILE
+    t = plan.tiles
+    block_m, block_v, warps = t.stats_m, t.stats_v, t.stats_warps
     for start in range(0, n_vocab, plan.chunk):
         width = min(plan.chunk, n_vocab - start)
         x = _chunk_logits(workspace, inp, linear_weight, bias, start, width)
@@ -1008,12 +1026,13 @@ def linear_backward_products(
     bias = linear_bias.to(dtype) if linear_bias is not None else None
     workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=dtype, device=device)
     weight = fwd.weight
-    n_m_blocks = triton.cdiv(n_rows, t.block_m)
+    grad_m, grad_v, grad_warps = t.grad_m or t.block_m, t.grad_v or t.block_v, t.grad_warps or t.num_warps
+    n_m_blocks = triton.cdiv(n_rows, grad_m)
     for start in starts:
         width = min(plan.chunk, n_vocab - start)
         w_c = linear_weight[start : start + width]
         x = _chunk_logits(workspace, inp, linear_weight, bias, start, width)
-        K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, t.block_v))](
+        K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, grad_v))](
             inp, 0, linear_weight, 0, coef,
             every_row, n_all, fwd.target, weight if weight is not None else coef, coef,
             x, x.stride(0), start, width, n_rows, n_vocab, n_dim,
@@ -1023,9 +1042,9 @@ def linear_backward_products(
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=label_smoothing > 0.0,
             HAS_SOFTCAP=softcap is not None,
-            BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=0,
+            BLOCK_M=grad_m, BLOCK_V=grad_v, BLOCK_K=t.block_k, GROUP_M=0,
             RAW_LOGITS=True,
-            num_warps=t.num_warps,
+            num_warps=grad_warps,
             **_dot_args(dtype),
         )
         if need_input:
