@@ -432,3 +432,12 @@ def test_max_minutes_skips_the_rest_and_records_it(tmp_path):
         ("crossent-triton", "default", "skipped: --max-minutes reached"),
         ("crossent-triton", "reverse=0", "skipped: --max-minutes reached"),
     ]
+
+
+@pytest.mark.parametrize("value", ["0", "1000,x", ","])
+def test_linear_script_refuses_a_bad_fast_budget_list(value):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_gpu_linear_cross_entropy.py"),
+                           "--fast-budget-mib", value], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"--fast-budget-mib must be comma-separated integers >= 1, got {value!r}" in proc.stderr
