@@ -51,6 +51,7 @@ def _host_time(torch, step, steps, lines):
     import time
 
     times = []
+    before = torch.cuda.memory_stats()
     for _ in range(steps):
         torch.cuda.synchronize()
         torch.cuda._sleep(200_000_000)  # ~0.1 s at 2 GHz: longer than any host call here
@@ -58,8 +59,14 @@ def _host_time(torch, step, steps, lines):
         step()
         times.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
     times.sort()
-    lines.append(f"host time per call: {times[len(times) // 2]:.3f} ms (median of {steps}, GPU kept busy)")
+    # cudaMalloc / cudaFree calls of the caching allocator during the calls (cudaFree waits for
+    # the device): a call that keeps making them pays host time a training loop may not.
+    churn = ", ".join(f"{k} {after.get(k, 0) - before.get(k, 0)}"
+                      for k in ("num_device_alloc", "num_device_free", "num_alloc_retries"))
+    lines.append(f"host time per call: {times[len(times) // 2]:.3f} ms (median of {steps}, GPU kept busy); "
+                 f"allocator over the {steps} calls: {churn}")
     print(lines[-1], flush=True)
 
 
