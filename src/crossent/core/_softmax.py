@@ -351,7 +351,7 @@ def _softmax_ce(
             grad = grad / ln_base
     if ax != logits.ndim - 1:
         grad = xp.moveaxis(grad, -1, ax)
-    return loss, xp.astype(grad, logits.dtype)
+    return loss, xp.astype(grad, logits.dtype, copy=False)
 
 
 def _safe_divide(xp: Any, num: Any, den: Any, zero: Any, one: Any) -> Any:
