@@ -129,7 +129,7 @@ def _bce_logits(logits: Any, targets: Any, *, weight: Any, pos_weight: Any, labe
         grad = grad / n
     if ln_base is not None:
         grad = grad / ln_base
-    return loss, xp.astype(grad, logits.dtype)
+    return loss, xp.astype(grad, logits.dtype, copy=False)
 
 
 def _softplus(xp: Any, x: Any, zero: Any) -> Any:
