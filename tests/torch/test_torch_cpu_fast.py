@@ -14,10 +14,11 @@ from crossent.torch import _cpu_fast
 pytestmark = pytest.mark.skipif(not crossent.cpu.available(), reason="numba is not installed")
 
 
-def _count_calls(monkeypatch, forward, backward):
-    """Counts the calls of crossent.cpu's functions ``forward`` and ``backward`` (names)."""
-    calls = {"forward": 0, "backward": 0}
-    for key, name in (("forward", forward), ("backward", backward)):
+def _count_calls(monkeypatch, loss_kernel, grad_kernel):
+    """Counts the calls of crossent.cpu's functions named ``loss_kernel`` (the loss alone) and
+    ``grad_kernel`` (the loss and the gradient in one pass)."""
+    calls = {"loss_kernel": 0, "grad_kernel": 0}
+    for key, name in (("loss_kernel", loss_kernel), ("grad_kernel", grad_kernel)):
         real = getattr(crossent.cpu, name)
 
         def counted(*args, key=key, real=real):
@@ -30,7 +31,7 @@ def _count_calls(monkeypatch, forward, backward):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the calls of crossent.cpu's class-index forward and backward kernels."""
+    """Counts the calls of crossent.cpu's class-index kernels (loss alone; loss and gradient)."""
     return _count_calls(monkeypatch, "lse_and_nll", "softmax_minus_onehot")
 
 
@@ -54,7 +55,7 @@ def test_auto_equals_chunked_and_torch_float64(kernel_calls, reduction, weighted
         y.view(-1)[::4] = -100
     w = torch.rand(c, generator=g, dtype=torch.float64) + 0.1 if weighted else None
     loss, grad = _loss_and_grad(x, y, weight=w, reduction=reduction)
-    assert kernel_calls == {"forward": 1, "backward": 1}
+    assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 1}  # one pass: the gradient in forward
     ref_loss, ref_grad = _loss_and_grad(x, y, weight=w, reduction=reduction, impl="chunked")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
@@ -91,7 +92,7 @@ def test_ignored_rows_add_nothing_whatever_their_logits(kernel_calls):
     x = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 1.0], [float("-inf"), 0.0, 1.0]])
     y = torch.tensor([2, -100, -100])
     loss, grad = _loss_and_grad(x, y, reduction="sum")
-    assert kernel_calls["forward"] == 1
+    assert kernel_calls["grad_kernel"] == 1
     torch.testing.assert_close(loss, F.cross_entropy(x[:1], y[:1], reduction="sum"))
     assert torch.equal(grad[1:], torch.zeros(2, 3))
 
@@ -101,7 +102,7 @@ def test_all_ignored_mean_is_zero_with_zero_gradient_unlike_torch(kernel_calls):
     x = torch.randn(4, 3, dtype=torch.float64)
     y = torch.full((4,), -100)
     loss, grad = _loss_and_grad(x, y)
-    assert kernel_calls["forward"] == 1
+    assert kernel_calls["grad_kernel"] == 1
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(x))
     assert torch.isnan(F.cross_entropy(x, y))
 
@@ -113,9 +114,53 @@ def test_inplace_backward_writes_into_the_logits(kernel_calls):
     expected = torch.func.grad(lambda z: F.cross_entropy(z, y))(x)
     leaf = x.clone().requires_grad_()
     cet.cross_entropy(leaf, y, inplace_backward=True).backward()
-    assert kernel_calls["backward"] == 1
+    assert kernel_calls == {"loss_kernel": 1, "grad_kernel": 1}  # the gradient written in backward
     torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-14)
     assert leaf.grad.data_ptr() == leaf.data_ptr()
+
+
+def test_loss_alone_when_no_gradient_is_wanted(kernel_calls):
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        cet.cross_entropy(x, y)
+    cet.cross_entropy(x.detach(), y)
+    assert kernel_calls == {"loss_kernel": 2, "grad_kernel": 0}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upstream_gradient_scales_the_forward_gradient(kernel_calls, reduction):
+    """The gradient written in forward is for an upstream gradient of 1; backward multiplies it
+    by any other (a scalar, or per row for "none"), as the chunked path's gradient."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (11,), generator=g)
+    y[::3] = -100
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
+    up = torch.randn(11 if reduction == "none" else (), generator=g, dtype=torch.float64)
+    grads = []
+    for impl in ("auto", "chunked"):
+        leaf = x.clone().requires_grad_()
+        cet.cross_entropy(leaf, y, weight=w, reduction=reduction, impl=impl).backward(up)
+        grads.append(leaf.grad)
+    assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 1}
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+def test_retained_graph_backward_twice_accumulates_the_same_gradient(kernel_calls):
+    """The forward's gradient is handed on once; a second backward through a retained graph
+    writes it again from the saved logits (the first one's tensor may be the leaf's .grad)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 6, (9,), generator=g)
+    loss = cet.cross_entropy(x, y)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 2}
+    torch.testing.assert_close(x.grad, 2 * once, rtol=1e-12, atol=0)
+    torch.testing.assert_close(once, torch.func.grad(lambda z: F.cross_entropy(z, y))(x.detach()),
+                               rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("kwargs, dtype", [
@@ -130,7 +175,7 @@ def test_other_options_take_the_chunked_or_chosen_path(kernel_calls, kwargs, dty
     x = torch.randn(8, 6).to(dtype)
     y = torch.randint(0, 6, (8,))
     _loss_and_grad(x, y, **kwargs)
-    assert kernel_calls == {"forward": 0, "backward": 0}
+    assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 0}
 
 
 def test_probability_targets_skip_and_switched_off_path_falls_back(kernel_calls, monkeypatch):
@@ -139,7 +184,7 @@ def test_probability_targets_skip_and_switched_off_path_falls_back(kernel_calls,
     _loss_and_grad(x, torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1))
     monkeypatch.setenv("CROSSENT_CPU_FAST", "0")
     _loss_and_grad(x, torch.randint(0, 6, (8,)))
-    assert kernel_calls == {"forward": 0, "backward": 0}
+    assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 0}
     assert not _cpu_fast.applies(x, False, 0.0, 0.0, None)
 
 
@@ -177,7 +222,7 @@ def test_soft_auto_equals_chunked_and_torch_float64(soft_calls, reduction, shape
     t = _probabilities(shape, class_dim, g, torch.float64)
     up = torch.rand(shape[:class_dim] + shape[class_dim + 1:], generator=g, dtype=torch.float64)
     loss, grad = _soft_loss_and_grad(x, t, up, reduction=reduction)
-    assert soft_calls == {"forward": 1, "backward": 1}
+    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 1}
     ref_loss, ref_grad = _soft_loss_and_grad(x, t, up, reduction=reduction, impl="chunked")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
@@ -196,7 +241,7 @@ def test_soft_float32_matches_float64_truth_and_masked_classes(soft_calls):
     up = torch.ones(())
     loss32, grad32 = _soft_loss_and_grad(x.float(), t.float(), up, reduction="sum")
     truth, truth_grad = _soft_loss_and_grad(x, t.float().double(), up.double(), reduction="sum", impl="reference")
-    assert soft_calls == {"forward": 1, "backward": 1}
+    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 1}
     assert loss32.dtype == torch.float32 and torch.isfinite(loss32)
     torch.testing.assert_close(loss32.double(), truth, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad32.double(), truth_grad, rtol=1e-5, atol=1e-7)
@@ -225,7 +270,7 @@ def test_soft_nonfinite_rows_take_the_chunked_path(soft_calls):
     x[3, 2] = float("inf")
     up = torch.ones(4, dtype=torch.float64)
     loss, grad = _soft_loss_and_grad(x, t, up, reduction="none")
-    assert soft_calls == {"forward": 1, "backward": 0}
+    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 0}
     ref_loss, ref_grad = _soft_loss_and_grad(x, t, up, reduction="none", impl="chunked")
     torch.testing.assert_close(loss, ref_loss, equal_nan=True)
     torch.testing.assert_close(grad, ref_grad, equal_nan=True)
@@ -240,7 +285,7 @@ def test_soft_other_options_take_the_chunked_path(soft_calls, kwargs):
     if kwargs.get("weight") == "classes":
         kwargs = {"weight": torch.rand(6, dtype=torch.float64) + 0.5}
     _soft_loss_and_grad(x, t, torch.ones(()), **kwargs)
-    assert soft_calls == {"forward": 0, "backward": 0}
+    assert soft_calls == {"loss_kernel": 0, "grad_kernel": 0}
 
 
 def test_soft_targets_requiring_grad_are_differentiated_or_refused(soft_calls):
@@ -249,7 +294,7 @@ def test_soft_targets_requiring_grad_are_differentiated_or_refused(soft_calls):
     x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
     t = torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1).requires_grad_()
     cet.cross_entropy(x, t).backward()
-    assert soft_calls == {"forward": 0, "backward": 0}
+    assert soft_calls == {"loss_kernel": 0, "grad_kernel": 0}
     torch.testing.assert_close(t.grad, -torch.log_softmax(x.detach(), 1) / 8, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(x.grad, (torch.softmax(x.detach(), 1) - t.detach()) / 8, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="impl='chunked' does not differentiate probability targets"):

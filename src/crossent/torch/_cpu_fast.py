@@ -4,17 +4,24 @@ For float32/float64 CPU logits with class-index targets and no label smoothing, 
 softcap (the common case), ``crossent.torch.cross_entropy`` runs numba kernels on the tensors'
 own memory (``Tensor.numpy()`` shares it, nothing is copied):
 
-- forward: :func:`crossent.cpu.lse_and_nll`, one pass over each row (online log-sum-exp in
-  float64, the loss ``(m - z_y) + log sum exp(z - m)`` rounded once), then
-  :math:`\ell_i = w_{y_i} \mathrm{nll}_i` on the non-ignored rows, summed in float64;
-- backward: :func:`crossent.cpu.softmax_minus_onehot` writes
-  :math:`s_i (\mathrm{softmax}(z_i) - \mathrm{onehot}(y_i))` in one more pass, with
-  :math:`s_i = w_{y_i} g_i` ("none"), :math:`w_{y_i} g` ("sum") or :math:`w_{y_i} g / \sum w`
-  ("mean"; 0 when the denominator is 0, the documented deviation). Ignored rows get exact zeros
-  whatever their logits, and ``inplace_backward=True`` writes into the logits' memory.
+- forward without a gradient wanted: :func:`crossent.cpu.lse_and_nll`, one pass over each row
+  (online log-sum-exp in float64, the loss ``(m - z_y) + log sum exp(z - m)`` rounded once),
+  then :math:`\ell_i = w_{y_i} \mathrm{nll}_i` on the non-ignored rows, summed in float64;
+- forward when the logits' gradient is wanted (grad mode on, logits requiring grad, not
+  ``inplace_backward``): :func:`crossent.cpu.softmax_minus_onehot` returns the same losses and
+  writes the gradient for an upstream gradient of 1 in the same pass,
+  :math:`s_i (\mathrm{softmax}(z_i) - \mathrm{onehot}(y_i))` with :math:`s_i = w_{y_i}` ("none",
+  "sum") or :math:`w_{y_i} / \sum w` ("mean"; 0 when the denominator is 0, the documented
+  deviation); backward hands it on, multiplied by the upstream gradient unless that is 1 (one
+  pass over the logits in all, as the Triton kernels do; the gradient is held from forward to
+  backward, as torch holds its log-softmax);
+- otherwise (``inplace_backward=True``, or a second backward through a retained graph) the
+  backward writes :math:`s_i g_i (\ldots)` by the same kernel in one more pass, into the
+  logits' own memory for ``inplace_backward``.
 
-The results equal impl="chunked" (tested to 1e-12 in float64); only the speed differs: two passes
-over the logits in all, where the chunked path makes several through temporaries.
+Ignored rows get exact zeros whatever their logits. The results equal impl="chunked" (tested to
+1e-12 in float64); only the speed differs: one or two passes over the logits, where the chunked
+path makes several through temporaries.
 
 Probability targets (no class weights, smoothing, z-loss or softcap; targets that do not require a
 gradient) take :func:`crossent.cpu.soft_cross_entropy` in the forward and
@@ -92,19 +99,30 @@ class CpuFastCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits, target, weight, ignore_index, reduction, inplace_backward
+        ctx, logits, target, weight, ignore_index, reduction, inplace_backward, grad_enabled
     ):
         from crossent import cpu
 
         valid = target != ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
-        _, nll = cpu.lse_and_nll(logits.detach().numpy(), safe.numpy())
         w_row = valid.to(torch.float64)
         if weight is not None:
             w_row = weight.to(torch.float64)[safe] * w_row
+        denominator = w_row.sum()
+        x = logits.detach()
+        # needs_input_grad ignores torch.no_grad(); grad_enabled is taken outside forward.
+        ctx.grad = None
+        if grad_enabled and ctx.needs_input_grad[0] and not inplace_backward:
+            # The gradient for an upstream gradient of 1, written in the loss's own pass.
+            one = torch.ones((), dtype=torch.float64)
+            scale = w_row if reduction != "mean" else w_row * safe_divide(one, denominator)
+            ctx.grad = torch.empty_like(x)
+            _, nll = cpu.softmax_minus_onehot(x.numpy(), safe.numpy(), scale.contiguous().numpy(),
+                                              ctx.grad.numpy())
+        else:
+            _, nll = cpu.lse_and_nll(x.numpy(), safe.numpy())
         # where, not a product: an ignored row adds 0 even when its logits are NaN or -inf
         per_row = torch.where(valid, torch.from_numpy(nll).to(torch.float64) * w_row, 0.0)
-        denominator = w_row.sum()
         ctx.save_for_backward(logits, safe, w_row, denominator)
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
@@ -114,9 +132,15 @@ class CpuFastCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):  # type: ignore[override]
         from crossent import cpu
 
-        grad = _gradient(ctx, grad_output, cpu.softmax_minus_onehot)
-        # Gradients for (logits, target, weight, ignore_index, reduction, inplace_backward).
-        return grad, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None  # handed on, no reference kept: autograd may take it as is
+        if grad is None:
+            grad = _gradient(ctx, grad_output, cpu.softmax_minus_onehot)
+        elif not bool((grad_output == 1).all()):  # a CPU tensor: no sync to read it
+            g = grad_output.to(grad.dtype)
+            grad.mul_(g[:, None] if g.ndim else g)
+        # Gradients for (logits, target, weight, ignore_index, reduction, inplace_backward,
+        # grad_enabled).
+        return grad, None, None, None, None, None, None
 
 
 def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, reduction: str,

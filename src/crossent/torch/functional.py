@@ -305,7 +305,7 @@ def cross_entropy(
     elif impl == "cpu-fast":
         loss = _cpu_fast_cross_entropy(
             logits2d, target2d, weight, ignore_index, reduction,
-            inplace_backward and logits2d.data_ptr() == input.data_ptr(),
+            inplace_backward and logits2d.data_ptr() == input.data_ptr(), torch.is_grad_enabled(),
         )
     else:
         loss = _triton_function("cross_entropy")(
