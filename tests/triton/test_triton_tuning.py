@@ -166,32 +166,45 @@ def test_ce_configs_match_oracle_and_each_other(monkeypatch, ref, device):
     assert torch.equal(single[0], persistent[0]) and torch.equal(single[1], persistent[1])
 
 
-def test_linear_tiles_override_matches_oracle_and_group_order_is_bitwise(monkeypatch, device):
-    """Small tiles with several row blocks, splits and lean chunks; grouped program order (2 row
-    blocks per group, the last group partial, in the forward and the gradient tile) gives the
-    same bits as the plain order."""
-    gen = torch.Generator().manual_seed(5)
+def _linear_runs(monkeypatch, device, seed, configs, check_plan=None, **kwargs):
+    """Loss and gradients of ``linear_cross_entropy`` (37 x 24 inputs, 150 classes, every 7th row
+    ignored, ``kwargs`` as options) under each CROSSENT_TRITON_LINEAR_TILES value of ``configs``,
+    each checked against float64 PyTorch; ``check_plan(config, plan)`` may check the plan."""
+    gen = torch.Generator().manual_seed(seed)
     n, d, v = 37, 24, 150
     x = torch.randn(n, d, generator=gen).to(device)
     w = (torch.randn(v, d, generator=gen) * 0.5).to(device)
     target = torch.randint(0, v, (n,), generator=gen).to(device)
     target[::7] = -100
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
-    want = F.cross_entropy(xr @ wr.T, target)
+    want = F.cross_entropy(xr @ wr.T, target, **kwargs)
     want.backward()
     got = {}
-    for group in (0, 2):
-        monkeypatch.setenv(L.LINEAR_TILES_ENV, f"16,32,16,16,4,2,programs=8,chunk=64,group_m={group}")
-        plan = L.plan_linear(n, v, d, torch.float32, None, True)
-        assert (plan.chunk, plan.n_splits, plan.tiles.group_m) == (64, 3, group)
+    for config in configs:
+        monkeypatch.setenv(L.LINEAR_TILES_ENV, config)
+        if check_plan is not None:
+            check_plan(config, L.plan_linear(n, v, d, torch.float32, None, True))
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = linear_cross_entropy(xg, wg, target)
+        loss = linear_cross_entropy(xg, wg, target, **kwargs)
         loss.backward()
-        got[group] = (loss.detach(), xg.grad, wg.grad)
+        got[config] = (loss.detach(), xg.grad, wg.grad)
         torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
-    for a, b in zip(got[0], got[2], strict=True):
+    return got
+
+
+def test_linear_tiles_override_matches_oracle_and_group_order_is_bitwise(monkeypatch, device):
+    """Small tiles with several row blocks, splits and lean chunks; grouped program order (2 row
+    blocks per group, the last group partial, in the forward and the gradient tile) gives the
+    same bits as the plain order."""
+    configs = [f"16,32,16,16,4,2,programs=8,chunk=64,group_m={group}" for group in (0, 2)]
+
+    def check_plan(config, plan):
+        assert (plan.chunk, plan.n_splits, plan.tiles.group_m) == (64, 3, int(config[-1]))
+
+    got = _linear_runs(monkeypatch, device, 5, configs, check_plan)
+    for a, b in zip(got[configs[0]], got[configs[1]], strict=True):
         assert torch.equal(a, b)
 
 
@@ -199,25 +212,9 @@ def test_elementwise_tiles_of_the_products_path(monkeypatch, device):
     """The tiles of the kernels between the cuBLAS products (``products=1``): a gradient tile of
     its own size gives the same bits as the default (elementwise work); other stats tiles (rows,
     columns per step, warps: the split of a step's sum-exp may change) give the oracle's answer."""
-    gen = torch.Generator().manual_seed(6)
-    n, d, v = 37, 24, 150
-    x = torch.randn(n, d, generator=gen).to(device)
-    w = (torch.randn(v, d, generator=gen) * 0.5).to(device)
-    target = torch.randint(0, v, (n,), generator=gen).to(device)
-    target[::7] = -100
-    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
-    want = F.cross_entropy(xr @ wr.T, target, label_smoothing=0.1)
-    want.backward()
-    got = {}
     base = "16,32,16,16,4,2,chunk=64,products=1"
-    for extra in ("", ",grad_m=8,grad_v=64,grad_warps=2", ",stats_m=4", ",stats_v=16,stats_warps=2"):
-        monkeypatch.setenv(L.LINEAR_TILES_ENV, base + extra)
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = linear_cross_entropy(xg, wg, target, label_smoothing=0.1)
-        loss.backward()
-        got[extra] = (loss.detach(), xg.grad, wg.grad)
-        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(wg.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
-    for a, b in zip(got[""], got[",grad_m=8,grad_v=64,grad_warps=2"], strict=True):
+    configs = [base + extra for extra in ("", ",grad_m=8,grad_v=64,grad_warps=2", ",stats_m=4",
+                                          ",stats_v=16,stats_warps=2")]
+    got = _linear_runs(monkeypatch, device, 6, configs, label_smoothing=0.1)
+    for a, b in zip(got[configs[0]], got[configs[1]], strict=True):
         assert torch.equal(a, b)
