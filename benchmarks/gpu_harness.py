@@ -117,6 +117,26 @@ CE_SWEEP = [
     "loop_block=4096",  # smaller steps, more programs in flight
 ]
 
+#: CROSSENT_TRITON_LINEAR_TILES values for the elementwise kernels of the lean default (cuBLAS
+#: products): the stats kernel (stats_m x stats_v steps, stats_warps) and the gradient tile
+#: (grad_m x grad_v, grad_warps). On the H100 profile at Gemma-2 they moved the logits at 1.35 and
+#: 1.55 TB/s of the ~3 TB/s the copy reaches (8.5 of 60.9 ms). sm90_config_report.py (ptxas,
+#: sm_90) shows why the defaults may be slow: both are memory-bound, yet hold 64 elements per
+#: thread, so the stats kernel needs 236 registers under Triton 3.6 (244 under 3.9: 2 CTAs of 4
+#: warps, 8 warps per SM) and the gradient tile 230 (177: 1 CTA of 8 warps). The entries below
+#: keep fewer elements per thread for more warps per SM (none spills; register counts below are
+#: Triton 3.9's, benchmarks/sm90_config_report.md has both). Not measured on a GPU yet: run them
+#: with --tiles.
+ELEMENTWISE_SWEEP = [
+    DEFAULT_CONFIG,  # stats 16x512, 4 warps: 244 regs, 8 warps/SM; gradient 128x128, 8 warps: 177 regs, 8 warps/SM
+    "stats_m=8,stats_warps=8",  # 8x512: 78 regs, 3 CTAs = 24 warps/SM, 1024 programs per chunk
+    "stats_m=4",  # 4x512, 4 warps: 78 regs, 6 CTAs = 24 warps/SM, 2048 programs
+    "stats_v=256",  # 16x256, 4 warps: 128 regs, 4 CTAs = 16 warps/SM
+    "grad_m=32,grad_v=128,grad_warps=4",  # 84 regs, 5 CTAs = 20 warps/SM, 7168 programs per chunk
+    "grad_m=64,grad_v=128",  # 8 warps: 112 regs, 2 CTAs = 16 warps/SM
+    "stats_m=8,stats_warps=8,grad_m=32,grad_v=128,grad_warps=4",  # both
+]
+
 
 def parse_configs(text, flag, sweep, validate=None):
     """``"a;b"`` -> ["a", "b"]; ``"default-sweep"`` -> ``sweep``; "" -> ["default"].

@@ -9,6 +9,9 @@ the kernels the benchmark runs (bf16, no loss options, as in the benchmarks):
   the config's group_m, dE (a middle chunk: FIRST=False, LAST=False) and dW;
 * CE: the row kernel at 128256 and 32000 columns (the DESIGN.md shapes) with the config's block,
   warps, persistence and pass order;
+* elementwise (gpu_harness.ELEMENTWISE_SWEEP, or --elementwise): the two kernels between the
+  cuBLAS products of the lean default, the stats kernel and the gradient tile (raw logits), with
+  the config's stats_* and grad_* tiles, and their grids per vocabulary chunk at N 8192;
 
 and reports per kernel: registers per thread and spill stores (``ptxas -v`` on the PTX), shared
 memory (Triton's dynamic allocation), whether wgmma is used, whether the K loop is
@@ -109,12 +112,56 @@ def _ce_launch(L, config, n_cols):
     return block, warps, single, config.persistent, single or config.reverse
 
 
+def _elementwise_report(configs, K, build, compiled, ptrs, emit):
+    """Rows for the lean default's elementwise kernels under each (label, LinearTiles) of
+    ``configs``; True when every config but "default" compiles without spills."""
+    emit()
+    emit("## Lean default's elementwise kernels, bf16, sm_90 (between the cuBLAS products)")
+    emit()
+    emit("| config | kernel | tile | warps | regs | spill | CTAs/SM | programs per chunk (N 8192, 3584 columns; "
+         "wave eff.) | ok |")
+    emit("|---|---|---|---|---|---|---|---|---|")
+    n_rows, chunk = SHAPES["gemma2"][0], 3584
+    ok_all = True
+    for label, t in configs:
+        grad_m, grad_v, grad_warps = t.grad_m or t.block_m, t.grad_v or t.block_v, t.grad_warps or t.num_warps
+        variants = [
+            ("stats", K._lce_stats_kernel, dict(ptrs, x_ptr="*bf16", stats_ptr="*fp32"),
+             dict(FIRST=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
+                  BLOCK_M=t.stats_m, BLOCK_V=t.stats_v),
+             t.stats_warps, (t.stats_m, t.stats_v), math.ceil(n_rows / t.stats_m)),
+            ("grad_tile(raw logits)", K._lce_grad_tile_kernel, ptrs,
+             dict(HAS_BIAS=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False, INTERPRETER=False,
+                  DOT_PRECISION="tf32", BLOCK_K=t.block_k, FROM_LOGITS=True, RAW_LOGITS=True,
+                  BLOCK_M=grad_m, BLOCK_V=grad_v, GROUP_M=0),
+             grad_warps, (grad_m, grad_v), math.ceil(n_rows / grad_m) * math.ceil(chunk / grad_v)),
+        ]
+        for kname, fn, kptrs, consts, warps, tile, programs in variants:
+            name = f"elementwise:{label}:{kname}"
+            build(name, fn, kptrs, consts, floats=("cap",), num_warps=warps,
+                  divisible=lambda a: a.startswith("stride_"))
+            if name not in compiled:
+                emit(f"| `{label}` | {kname} | {tile[0]}x{tile[1]} | {warps} | compile failed | | | | no |")
+                ok_all = ok_all and label == H.DEFAULT_CONFIG
+                continue
+            u = describe(compiled.pop(name), warps)
+            ok = u["spill"] == 0 and u["ctas"] > 0
+            ok_all = ok_all and (ok or label == H.DEFAULT_CONFIG)
+            eff = wave_efficiency(programs, SMS * u["ctas"])
+            emit(f"| `{label}` | {kname} | {tile[0]}x{tile[1]} | {warps} | {u['regs']} | {u['spill']} | "
+                 f"{u['ctas']} | {programs} ({eff:.0%}) | {'yes' if ok else 'NO'} |")
+    return ok_all
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", default="default-sweep",
                         help="';'-separated CROSSENT_TRITON_LINEAR_TILES values, 'default-sweep', or '' for none")
     parser.add_argument("--configs", default="default-sweep",
                         help="';'-separated CROSSENT_TRITON_CE_CONFIG values, 'default-sweep', or '' for none")
+    parser.add_argument("--elementwise", default="default-sweep",
+                        help="';'-separated CROSSENT_TRITON_LINEAR_TILES values for the lean default's "
+                             "elementwise kernels, 'default-sweep' (gpu_harness.ELEMENTWISE_SWEEP), or '' for none")
     parser.add_argument("--all-options", action="store_true",
                         help="also compile the linear forward and gradient tile with every loss option on")
     parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
@@ -132,6 +179,11 @@ def main(argv=None):
         for c in H.parse_configs(args.tiles, "--tiles", H.LINEAR_SWEEP,
                                  lambda c: L.parse_linear_tiles(c, base)):
             tiles.append((c, base if c == H.DEFAULT_CONFIG else L.parse_linear_tiles(c, base)))
+    elementwise = []
+    if args.elementwise.strip():
+        for c in H.parse_configs(args.elementwise, "--elementwise", H.ELEMENTWISE_SWEEP,
+                                 lambda c: L.parse_linear_tiles(c, base)):
+            elementwise.append((c, base if c == H.DEFAULT_CONFIG else L.parse_linear_tiles(c, base)))
     ces = []
     if args.configs.strip():
         for c in H.parse_configs(args.configs, "--configs", H.CE_SWEEP, L.parse_ce_config):
@@ -256,6 +308,8 @@ def main(argv=None):
                  f"{u['regs']} | {u['spill']} | {u['smem']} | {u['ctas']} | "
                  f"{flight} ({flight * n_cols * 2 / 2**20:.0f}) | {'yes' if ok else 'NO'}"
                  f"{' (= default here)' if same else ''} |")
+    if elementwise:
+        ok_all = _elementwise_report(elementwise, K, build, compiled, ptrs, emit) and ok_all
     emit()
     emit("all configs OK (default aside)" if ok_all else "some configs are NOT OK (see the ok column)")
     if args.out:

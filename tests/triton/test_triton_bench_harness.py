@@ -257,6 +257,9 @@ def test_default_sweeps_are_valid_configs():
     base = L.linear_tiles(torch.bfloat16)  # sweep entries override fields of the default
     tiles = [L.parse_linear_tiles(c, base) for c in h.LINEAR_SWEEP[1:]]
     assert len(set(tiles)) == len(tiles) and base not in tiles
+    assert h.ELEMENTWISE_SWEEP[0] == "default"
+    elementwise = [L.parse_linear_tiles(c, base) for c in h.ELEMENTWISE_SWEEP[1:]]
+    assert len(set(elementwise)) == len(elementwise) and base not in elementwise
     ces = [L.parse_ce_config(c) for c in h.CE_SWEEP[1:]]
     assert len(set(ces)) == len(ces) and L.CEConfig() not in ces
 

@@ -35,10 +35,12 @@ REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 
 
 def test_default_sweep_configs_compile_clean_for_sm90(sm90_script):
-    """Every non-default entry of the benchmark sweeps (gpu_harness.LINEAR_SWEEP, CE_SWEEP)
-    compiles for sm_90 with no register spill, within shared memory, and (linear) with wgmma and
-    a pipelined K loop: the GPU session spends no time on configs that cannot win."""
+    """Every non-default entry of the benchmark sweeps (gpu_harness.LINEAR_SWEEP, CE_SWEEP,
+    ELEMENTWISE_SWEEP) compiles for sm_90 with no register spill, within shared memory, and
+    (linear) with wgmma and a pipelined K loop: the GPU session spends no time on configs that
+    cannot win."""
     out = sm90_script(REPORT, timeout=900)
     rows = [line for line in out.splitlines() if line.startswith("| `")]
-    assert len(rows) == 6 * 5 + 5 * 2, out  # 6 linear configs x 5 kernels, 5 CE configs x 2 shapes
+    # 6 linear configs x 5 kernels, 5 CE configs x 2 shapes, 7 elementwise configs x 2 kernels
+    assert len(rows) == 6 * 5 + 5 * 2 + 7 * 2, out
     assert "all configs OK" in out
