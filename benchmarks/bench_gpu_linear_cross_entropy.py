@@ -20,6 +20,8 @@ message when no CUDA device is present.
 Tile sweep (crossent only; peers and the bare matmuls run once per shape):
 
     python benchmarks/bench_gpu_linear_cross_entropy.py --tiles default-sweep   # gpu_harness.LINEAR_SWEEP
+    python benchmarks/bench_gpu_linear_cross_entropy.py --tiles elementwise-sweep \
+        --impls crossent-triton-lean,bare-matmuls                              # gpu_harness.ELEMENTWISE_SWEEP
     python benchmarks/bench_gpu_linear_cross_entropy.py --tiles "default;128,128,64,128,8,4;group_m=8"
 
 Each config is a CROSSENT_TRITON_LINEAR_TILES value (block_m,block_v,block_k,block_d,num_warps,
@@ -150,7 +152,8 @@ def main(argv=None):
                              "at the Gemma-2 shape and 1000 MiB at the Llama-3 shape)")
     parser.add_argument("--tiles", default="",
                         help="';'-separated CROSSENT_TRITON_LINEAR_TILES values for the crossent implementations, "
-                             "or 'default-sweep' (gpu_harness.LINEAR_SWEEP); default: crossent's defaults only")
+                             "'default-sweep' (gpu_harness.LINEAR_SWEEP) or 'elementwise-sweep' "
+                             "(gpu_harness.ELEMENTWISE_SWEEP); default: crossent's defaults only")
     args = parser.parse_args(argv)
     try:
         shapes = H.parse_shapes(args.shapes, 3)
@@ -169,7 +172,9 @@ def main(argv=None):
         _launchers.parse_linear_tiles(config, _launchers.linear_tiles(getattr(torch, args.dtype)))
 
     try:
-        args.config_list = H.parse_configs(args.tiles, "--tiles", H.LINEAR_SWEEP, validate)
+        elementwise = args.tiles.strip() == "elementwise-sweep"
+        args.config_list = H.parse_configs("default-sweep" if elementwise else args.tiles, "--tiles",
+                                           H.ELEMENTWISE_SWEEP if elementwise else H.LINEAR_SWEEP, validate)
     except ValueError as e:
         parser.error(str(e))
     if args.out is None:

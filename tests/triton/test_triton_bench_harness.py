@@ -407,6 +407,23 @@ def test_scripts_sweep_configs_in_cpu_smoke_mode(tmp_path, script, shapes, flag,
     assert "fastest config" in proc.stdout and "target <=" in proc.stdout
 
 
+def test_linear_script_runs_the_elementwise_sweep_in_cpu_smoke_mode(tmp_path):
+    """``--tiles elementwise-sweep``: one lean row per gpu_harness.ELEMENTWISE_SWEEP entry."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "sweep.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, os.path.join(BENCH, "bench_gpu_linear_cross_entropy.py"), "--device", "cpu",
+           "--shapes", "40x16x300", "--repeats", "1", "--warmup", "0", "--out", str(out),
+           "--tiles", "elementwise-sweep", "--impls", "crossent-triton-lean"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == load_harness().ELEMENTWISE_SWEEP
+    assert all(float(r["grad_rel_err"]) < 2e-2 for r in rows)
+
+
 def test_sweep_rejects_a_bad_config_before_running(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("triton")
