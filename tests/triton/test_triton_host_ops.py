@@ -46,8 +46,11 @@ def test_ce_launches_only_the_denominators_and_the_loss_sum(reduction, expected)
     assert launches == 2  # the forward kernel, then backward's row scaling
 
 
-def test_in_place_and_public_entry_launch_the_same_ops():
+def test_in_place_and_public_entry_launch_the_same_ops(monkeypatch):
     assert _ops(ctr.cross_entropy, inplace_backward=True) == (["ne", "sum", "sum", "ones_like"], 2)
+    # crossent.torch takes impl="triton" on CPU tensors only under the interpreter's flag (set
+    # here also on a GPU machine's compiled run; the kernels are stubbed either way).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _ops(cet.cross_entropy, impl="triton", validate=False) == (["ne", "sum", "sum", "ones_like"], 2)
 
 
@@ -57,7 +60,7 @@ def test_class_weights_add_the_weighted_denominator_only():
     assert set(names[2:-2]) <= {"clamp", "index", "scalar_tensor", "where", "sum"}
 
 
-def test_stubs_are_removed_and_values_still_checked_after():
+def test_stubs_are_removed_and_values_still_checked_after(interpreter):
     with pytest.raises(ValueError, match=r"target must be in \[0, 33\)"):
         with B.stubbed_ce_kernels():
             pass
@@ -76,3 +79,16 @@ def test_benchmark_script_runs(capsys):
     assert B.main(["--calls", "3", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| crossent.triton, mean | " in out and "4: ne, sum, sum, ones_like | 2 |" in out
+
+
+def test_on_cuda_the_same_ops_surround_the_compiled_kernels(cuda_device):
+    """On a GPU (compiled kernels, no stubs): the CE call launches the same torch ops, i.e.
+    nothing but the denominators' ``ne``, ``sum`` and the loss's ``sum`` besides its kernels."""
+    x = torch.randn(7, 33, device=cuda_device, requires_grad=True)
+    t = torch.tensor([0, 5, -100, 32, 1, -100, 9], device=cuda_device)
+    ctr.cross_entropy(x, t).backward()  # compiles the kernels first
+    x.grad = None
+    with B.KernelOps() as ops:
+        loss = ctr.cross_entropy(x, t)
+        loss.backward(torch.ones_like(loss))
+    assert ops.names == ["ne", "sum", "sum", "ones_like"]
