@@ -213,9 +213,11 @@ def cross_entropy(
         z_loss: coefficient of the PaLM z-loss :math:`\mathrm{lse}^2`, >= 0.
         softcap: None or s > 0, Gemma 2's logit soft-capping.
         impl: "auto" | "triton" | "chunked" | "reference" (see the module docstring).
-        inplace_backward: write the gradient into ``input``'s memory during backward instead of a
-            new tensor (saves one N x C buffer; ``input`` is overwritten). Meant for the Triton
-            kernels; "chunked" honours it too, "reference" ignores it.
+        inplace_backward: write the gradient into ``input``'s memory instead of a new tensor
+            (saves one N x C buffer; ``input`` is overwritten, so nothing else may read it
+            afterwards). The Triton kernels write it during the forward pass (``input``'s values
+            are gone once the loss is returned); "chunked" and the CPU kernels during backward;
+            "reference" ignores it.
         validate: check target values (range, NaN) and class weights. None: on for CPU tensors,
             off for accelerator tensors (the check needs a device-to-host sync).
 
