@@ -222,7 +222,7 @@ def test_soft_auto_equals_chunked_and_torch_float64(soft_calls, reduction, shape
     t = _probabilities(shape, class_dim, g, torch.float64)
     up = torch.rand(shape[:class_dim] + shape[class_dim + 1:], generator=g, dtype=torch.float64)
     loss, grad = _soft_loss_and_grad(x, t, up, reduction=reduction)
-    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 1}
+    assert soft_calls == {"loss_kernel": 0, "grad_kernel": 1}  # one pass: the gradient in forward
     ref_loss, ref_grad = _soft_loss_and_grad(x, t, up, reduction=reduction, impl="chunked")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
@@ -241,7 +241,7 @@ def test_soft_float32_matches_float64_truth_and_masked_classes(soft_calls):
     up = torch.ones(())
     loss32, grad32 = _soft_loss_and_grad(x.float(), t.float(), up, reduction="sum")
     truth, truth_grad = _soft_loss_and_grad(x, t.float().double(), up.double(), reduction="sum", impl="reference")
-    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 1}
+    assert soft_calls == {"loss_kernel": 0, "grad_kernel": 1}  # one pass: the gradient in forward
     assert loss32.dtype == torch.float32 and torch.isfinite(loss32)
     torch.testing.assert_close(loss32.double(), truth, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad32.double(), truth_grad, rtol=1e-5, atol=1e-7)
@@ -256,8 +256,34 @@ def test_soft_inplace_backward_writes_into_the_logits(soft_calls):
     leaf = x.clone().requires_grad_()
     logits = leaf * 1.0  # a non-leaf, whose memory the in-place gradient may take
     cet.cross_entropy(logits, t, inplace_backward=True).backward()
+    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 1}  # the gradient written in backward
     torch.testing.assert_close(leaf.grad, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(logits.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_upstream_gradient_and_retained_graph(soft_calls, reduction):
+    """The soft forward's gradient (upstream 1) times any upstream gradient equals impl
+    "chunked"'s; a second backward through a retained graph writes it again; without a gradient
+    wanted only the loss kernel runs."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    t = _probabilities((10, 6), 1, g, torch.float64)
+    up = torch.randn(10 if reduction == "none" else (), generator=g, dtype=torch.float64)
+    grads = []
+    for impl in ("auto", "chunked"):
+        leaf = x.clone().requires_grad_()
+        loss = cet.cross_entropy(leaf, t, reduction=reduction, impl=impl)
+        loss.backward(up, retain_graph=True)
+        once = leaf.grad.clone()
+        loss.backward(up)
+        torch.testing.assert_close(leaf.grad, 2 * once, rtol=1e-12, atol=1e-14)
+        grads.append(once)
+    assert soft_calls == {"loss_kernel": 0, "grad_kernel": 2}
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        cet.cross_entropy(x.clone().requires_grad_(), t)
+    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 2}
 
 
 def test_soft_nonfinite_rows_take_the_chunked_path(soft_calls):
@@ -270,7 +296,8 @@ def test_soft_nonfinite_rows_take_the_chunked_path(soft_calls):
     x[3, 2] = float("inf")
     up = torch.ones(4, dtype=torch.float64)
     loss, grad = _soft_loss_and_grad(x, t, up, reduction="none")
-    assert soft_calls == {"loss_kernel": 1, "grad_kernel": 0}
+    # the forward wrote the gradient with the losses, found a loss not finite and handed over
+    assert soft_calls == {"loss_kernel": 0, "grad_kernel": 1}
     ref_loss, ref_grad = _soft_loss_and_grad(x, t, up, reduction="none", impl="chunked")
     torch.testing.assert_close(loss, ref_loss, equal_nan=True)
     torch.testing.assert_close(grad, ref_grad, equal_nan=True)

@@ -24,8 +24,9 @@ Ignored rows get exact zeros whatever their logits. The results equal impl="chun
 path makes several through temporaries.
 
 Probability targets (no class weights, smoothing, z-loss or softcap; targets that do not require a
-gradient) take :func:`crossent.cpu.soft_cross_entropy` in the forward and
-:func:`crossent.cpu.softmax_minus_targets` in the backward: :math:`\ell_i = -\sum_j t_{ij}
+gradient) take :func:`crossent.cpu.soft_cross_entropy` in the forward, or, when the logits'
+gradient is wanted (not ``inplace_backward``), :func:`crossent.cpu.softmax_minus_targets`, which
+writes it in the same pass (otherwise the backward does): :math:`\ell_i = -\sum_j t_{ij}
 \log \mathrm{softmax}(z_i)_j` (a zero target adds nothing), "mean" divides by the number of rows,
 and the gradient is :math:`s_i (\mathrm{softmax}(z_i) \sum_j t_{ij} - t_i)`. When a row's loss is
 not finite (a -inf or NaN logit under a positive target, an all -inf row, a +inf logit) the call
@@ -94,6 +95,27 @@ def _gradient(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
     return grad
 
 
+def _unit_scale(w_row: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The row factors s_i of ``_gradient`` for an upstream gradient of 1 (float64)."""
+    if reduction != "mean":
+        return w_row
+    return w_row * safe_divide(torch.ones((), dtype=torch.float64), denominator)
+
+
+def _backward(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
+    """The gradient the forward wrote for an upstream gradient of 1 (``ctx.grad``), handed on
+    without a reference kept (autograd may take it as is) and multiplied by ``grad_output``
+    unless that is 1 (a CPU tensor: no sync to read it); without one (``inplace_backward``, or a
+    second backward through a retained graph), written now by ``_gradient``."""
+    grad, ctx.grad = ctx.grad, None
+    if grad is None:
+        return _gradient(ctx, grad_output, write)
+    if not bool((grad_output == 1).all()):
+        g = grad_output.to(grad.dtype)
+        grad.mul_(g[:, None] if g.ndim else g)
+    return grad
+
+
 class CpuFastCrossEntropy(torch.autograd.Function):
     """(M, C) logits and (M,) class indices -> the loss, by crossent.cpu's kernels."""
 
@@ -114,8 +136,7 @@ class CpuFastCrossEntropy(torch.autograd.Function):
         ctx.grad = None
         if grad_enabled and ctx.needs_input_grad[0] and not inplace_backward:
             # The gradient for an upstream gradient of 1, written in the loss's own pass.
-            one = torch.ones((), dtype=torch.float64)
-            scale = w_row if reduction != "mean" else w_row * safe_divide(one, denominator)
+            scale = _unit_scale(w_row, denominator, reduction)
             ctx.grad = torch.empty_like(x)
             _, nll = cpu.softmax_minus_onehot(x.numpy(), safe.numpy(), scale.contiguous().numpy(),
                                               ctx.grad.numpy())
@@ -132,12 +153,7 @@ class CpuFastCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):  # type: ignore[override]
         from crossent import cpu
 
-        grad, ctx.grad = ctx.grad, None  # handed on, no reference kept: autograd may take it as is
-        if grad is None:
-            grad = _gradient(ctx, grad_output, cpu.softmax_minus_onehot)
-        elif not bool((grad_output == 1).all()):  # a CPU tensor: no sync to read it
-            g = grad_output.to(grad.dtype)
-            grad.mul_(g[:, None] if g.ndim else g)
+        grad = _backward(ctx, grad_output, cpu.softmax_minus_onehot)
         # Gradients for (logits, target, weight, ignore_index, reduction, inplace_backward,
         # grad_enabled).
         return grad, None, None, None, None, None, None
@@ -150,29 +166,42 @@ def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, reduction
     from crossent import cpu
 
     t = target2d.detach().to(logits2d.dtype).contiguous()
-    _, row_loss = cpu.soft_cross_entropy(logits2d.detach().numpy(), t.numpy())
+    x = logits2d.detach()
+    grad = None
+    if torch.is_grad_enabled() and logits2d.requires_grad and not inplace_backward:
+        # The gradient for an upstream gradient of 1, written in the loss's own pass (wasted only
+        # when a row's loss is not finite and the chunked path takes over).
+        w_row = torch.ones(x.shape[0], dtype=torch.float64)
+        grad = torch.empty_like(x)
+        _, row_loss = cpu.softmax_minus_targets(
+            x.numpy(), t.numpy(), _unit_scale(w_row, w_row.sum(), reduction).numpy(), grad.numpy())
+    else:
+        _, row_loss = cpu.soft_cross_entropy(x.numpy(), t.numpy())
     if not np.isfinite(row_loss).all():
         return None
-    return CpuFastSoftCrossEntropy.apply(logits2d, t, torch.from_numpy(row_loss), reduction, inplace_backward)
+    return CpuFastSoftCrossEntropy.apply(logits2d, t, torch.from_numpy(row_loss), reduction, inplace_backward,
+                                         grad)
 
 
 class CpuFastSoftCrossEntropy(torch.autograd.Function):
     """(M, C) logits, (M, C) targets and the kernels' (M,) row losses -> the loss ("mean" over
-    the M rows); the backward writes the gradient with crossent.cpu.softmax_minus_targets."""
+    the M rows). ``grad``: the gradient ``soft_cross_entropy`` wrote with the losses (upstream
+    gradient 1), or None: then backward writes it with crossent.cpu.softmax_minus_targets."""
 
     @staticmethod
-    def forward(ctx, logits, target, row_loss, reduction, inplace_backward):  # type: ignore[override]
+    def forward(ctx, logits, target, row_loss, reduction, inplace_backward, grad):  # type: ignore[override]
         w_row = torch.ones(logits.shape[0], dtype=torch.float64)
         denominator = w_row.sum()
         ctx.save_for_backward(logits, target, w_row, denominator)
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
+        ctx.grad = grad
         return _reduce(row_loss.to(torch.float64), denominator, reduction).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         from crossent import cpu
 
-        grad = _gradient(ctx, grad_output, cpu.softmax_minus_targets)
-        # Gradients for (logits, target, row_loss, reduction, inplace_backward).
-        return grad, None, None, None, None
+        grad = _backward(ctx, grad_output, cpu.softmax_minus_targets)
+        # Gradients for (logits, target, row_loss, reduction, inplace_backward, grad).
+        return grad, None, None, None, None, None
