@@ -135,6 +135,10 @@ ELEMENTWISE_SWEEP = [
     "grad_m=32,grad_v=128,grad_warps=4",  # 84 regs, 5 CTAs = 20 warps/SM, 7168 programs per chunk
     "grad_m=64,grad_v=128",  # 8 warps: 112 regs, 2 CTAs = 16 warps/SM
     "stats_m=8,stats_warps=8,grad_m=32,grad_v=128,grad_warps=4",  # both
+    # Not elementwise: the fused Triton forward (logits tiles reduced in registers, ignored row
+    # blocks skipped on the device) before the same cuBLAS backward, against cuBLAS logits + the
+    # stats kernel (15.7 ms of the last Gemma-2 profile; the fused kernel took 16.8 ms on every row).
+    "products=2",
 ]
 
 

@@ -17,6 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernel tests need it")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from crossent.triton import _launchers, linear_cross_entropy  # noqa: E402
 
@@ -120,14 +121,16 @@ def test_float32_matches_float64_pytorch(ref, opts, reduction, bias, device):
 ALL = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}
 
 
-def triton_products(monkeypatch):
-    """The lean backward's products by the Triton kernels (``LinearTiles.products=0``)."""
+def triton_products(monkeypatch, products=0):
+    """The lean schedule's products by the Triton kernels (``LinearTiles.products=0``), or
+    (``products=2``) the forward only."""
     real = _launchers.linear_tiles
-    monkeypatch.setattr(_launchers, "linear_tiles", lambda dtype: dataclasses.replace(real(dtype), products=0))
+    monkeypatch.setattr(_launchers, "linear_tiles",
+                        lambda dtype: dataclasses.replace(real(dtype), products=products))
 
 
-@pytest.mark.parametrize("mode", ["lean_chunks", "lean_chunks_triton", "fast_all", "fast_part", "small_tiles",
-                                  "small_tiles_triton"])
+@pytest.mark.parametrize("mode", ["lean_chunks", "lean_chunks_triton", "lean_chunks_triton_forward", "fast_all",
+                                  "fast_part", "small_tiles", "small_tiles_triton"])
 def test_schedules(ref, monkeypatch, mode, device):
     """Every schedule gives the same answer: several lean chunks (backward products by cuBLAS, or
     by the Triton kernels), all or part of the vocabulary kept by the forward ("fast"), and tiles
@@ -147,8 +150,10 @@ def test_schedules(ref, monkeypatch, mode, device):
         monkeypatch.setattr(_launchers, "linear_tiles", lambda dtype: small)
     if mode.endswith("_triton"):
         triton_products(monkeypatch)
+    elif mode.endswith("_triton_forward"):
+        triton_products(monkeypatch, 2)
     plan = _launchers.plan_linear(N, V, D, torch.float32, opts.get("memory_budget"), True)
-    assert plan.tiles.products == (0 if mode.endswith("_triton") else 1)
+    assert plan.tiles.products == (0 if mode.endswith("_triton") else 2 if mode.endswith("forward") else 1)
     expected_store = {"fast_all": V, "fast_part": 256}.get(mode, 0)
     assert plan.n_store == expected_store
     got = run_triton(x.float(), w.float(), b.float(), target, reduction="none", **opts)
@@ -227,6 +232,98 @@ def test_ignored_rows_equal_dropping_them(device):
     assert torch.count_nonzero(a[1][~keep]) == 0
     torch.testing.assert_close(a[1][keep], s[1], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(a[2], s[2], rtol=1e-5, atol=1e-6)
+
+
+class ProductShapes:
+    """``with ProductShapes() as seen: ...``: the operand shapes of every matrix product run
+    inside (aten mm/addmm/bmm and their variants), as ``seen.shapes`` [(a.shape, b.shape), ...]."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        shapes = self.shapes = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if "mm" in name:
+                    mats = [a for a in args if isinstance(a, torch.Tensor) and a.ndim == 2]
+                    shapes.append(tuple(tuple(a.shape) for a in mats[-2:]))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def no_host_count(monkeypatch):
+    """The forward hands the backward no row count, as under CUDA graph capture."""
+    monkeypatch.setattr(_launchers.HostCount, "start", classmethod(lambda cls, n: None))
+
+
+@pytest.mark.parametrize("count", ["host", "capture", "env"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_products_take_only_the_non_ignored_rows(ref, monkeypatch, count, reduction, device):
+    """The lean default's backward runs its cuBLAS products (X = E' W_c^T, dE' += G W_c,
+    dW_c = G^T E') on the non-ignored rows E' only; the forward's take every row. Without a
+    count on the host (CUDA graph capture, or CROSSENT_TRITON_LINEAR_HOST_COUNT=0) every row goes
+    through: the same answer."""
+    x, w, b, target, cw = make(device)
+    n_valid = int((target != IGNORE).sum())
+    assert n_valid == 55  # rows 3, 13, ..., 53 ignored
+    if count == "capture":
+        no_host_count(monkeypatch)
+    elif count == "env":
+        monkeypatch.setenv(_launchers.HOST_COUNT_ENV, "0")
+    opts = dict(ALL, weight=cw.float(), reduction=reduction)
+    xf, wf, bf = (t.float().requires_grad_() for t in (x, w, b))
+    with ProductShapes() as forward:
+        loss = linear_cross_entropy(xf, wf, target, linear_bias=bf, **opts)
+    with ProductShapes() as backward:
+        loss.backward(upstream(loss))
+    assert forward.shapes and all(a[0] == N for a, _ in forward.shapes)
+    rows = n_valid if count == "host" else N
+    assert len(backward.shapes) == 3  # one chunk: logits, dE, dW
+    for a, bm in backward.shapes:
+        assert rows in a and (N not in a + bm or rows == N)
+    got = (loss.detach(), xf.grad, wf.grad, bf.grad)
+    assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))
+    assert torch.count_nonzero(xf.grad[target == IGNORE]) == 0
+
+
+@pytest.mark.parametrize("need", ["input", "weight", "bias"])
+def test_backward_compacted_rows_partial_grads(ref, monkeypatch, need, device):
+    """One gradient wanted at a time through the compacted backward (five 256-column chunks):
+    without dE the gathered rows get a buffer of their own."""
+    monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 256 * 4)
+    x, w, b, target, _ = make(device)
+    want = run_reference(ref, x.float(), w.float(), b.float(), target, reduction="sum")
+    xf, wf, bf = x.float(), w.float(), b.float()
+    leaf = {"input": xf, "weight": wf, "bias": bf}[need].requires_grad_()
+    loss = linear_cross_entropy(xf, wf, target, linear_bias=bf, reduction="sum")
+    loss.backward(upstream(loss))
+    expected = {"input": want[1], "weight": want[2], "bias": want[3]}[need]
+    torch.testing.assert_close(leaf.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_rows_kernel(dtype, device):
+    """``out[rows[i]] = src[i]`` for i < n_src, 0 for the other rows of the permutation."""
+    g = torch.Generator().manual_seed(5)
+    n_rows, n_cols, n_src = 37, 133, 29
+    rows = torch.randperm(n_rows, generator=g).to(device)
+    src = torch.randn(n_src, n_cols, generator=g).to(device)
+    out = torch.full((n_rows, n_cols), 7.0, dtype=dtype, device=device)
+    _launchers.K._scatter_rows_kernel[(triton.cdiv(n_rows, 16), triton.cdiv(n_cols, 64))](
+        src, rows, n_src, out, n_rows, n_cols,
+        INTERPRETER=_launchers.interpreted(), BLOCK_M=16, BLOCK_D=64,
+    )
+    want = torch.zeros(n_rows, n_cols, dtype=dtype, device=device)
+    want[rows[:n_src]] = src.to(dtype)
+    assert torch.equal(out, want)
 
 
 def test_deterministic(device):

@@ -54,6 +54,9 @@ def main():
               floats=("eps", "z_loss", "cap"), num_warps=16)
         build(f"scale_rows[{dt}]", K._scale_rows_kernel, {"grad_ptr": f"*{dt}", "scale_ptr": "*fp32"},
               dict(INTERPRETER=False, BLOCK=8192), num_warps=16)
+        build(f"scatter_rows[{dt}]", K._scatter_rows_kernel,
+              {"src_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": f"*{dt}"},
+              dict(INTERPRETER=False, BLOCK_M=32, BLOCK_D=128), num_warps=4)
 
         ptrs = {"e_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "rows_ptr": "*i64",
                 "n_valid_ptr": "*i64", "target_ptr": "*i64", "weight_ptr": "*fp32", "partial_ptr": "*fp32",

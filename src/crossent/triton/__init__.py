@@ -96,11 +96,17 @@ def linear_cross_entropy(
     statistics (max, sum-exp, target logit, smoothing sums) of the logits; the backward
     recomputes them, forms :math:`G = \partial L/\partial X` and accumulates
     :math:`\partial L/\partial E = G W` in float32 and :math:`\partial L/\partial W = G^\top E`.
-    Both go vocabulary chunk by chunk, in a fixed order (deterministic, no atomics, no host sync).
+    Both go vocabulary chunk by chunk, in a fixed order (deterministic, no atomics).
     By default (``LinearTiles.products=1``) every product is a cuBLAS call on a chunk of logits
     held in the workspace, rounded to the input dtype as eager PyTorch's logits are, with Triton
-    kernels for the statistics and for G in between; every row goes through the products (ignored
-    ones give G = 0). ``products=0`` in ``CROSSENT_TRITON_LINEAR_TILES`` runs the products as
+    kernels for the statistics and for G in between. The forward's products take every row; the
+    backward's three take only the non-ignored ones, whose number reaches the host without a
+    sync that drains the GPU: the forward queues its copy into pinned memory behind an event, and
+    the backward waits on that event, which the GPU has passed by then or passes while the rest
+    of the forward is still queued (``_launchers.HostCount``; under CUDA graph capture there is no
+    wait and every row goes through, ignored ones with G = 0). ``products=2`` keeps that backward
+    after the fused Triton forward, whose logits tiles never leave registers and which skips the
+    ignored rows on the device. ``products=0`` in ``CROSSENT_TRITON_LINEAR_TILES`` runs the products as
     Triton kernels instead (``tl.dot``), which keep the logits in float32 registers and skip the
     ignored rows (compacted on the device) before any product: 1.21x / 1.28x the time on an H100
     (bf16, 8192 x 2304 x 256000 / 8192 x 4096 x 128256).

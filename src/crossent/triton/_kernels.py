@@ -384,6 +384,28 @@ def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, n_cols, I
             tl.store(g_row + cols, _cast(g * scale, grad_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
+@triton.jit
+def _scatter_rows_kernel(src_ptr, rows_ptr, n_src, out_ptr, n_rows, n_cols, INTERPRETER: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[rows[i], :] = src[i, :]`` (cast to ``out``'s dtype) for ``i < n_src``, and
+    ``out[rows[i], :] = 0`` for ``n_src <= i < n_rows``.
+
+    ``rows`` (n_rows,) int64 is a permutation of the rows of ``out`` (the linear launcher's
+    compaction: non-ignored rows first), so every row of ``out`` is written exactly once, with no
+    temporary. Grid (row blocks, column blocks). ``src_ptr`` float32 (n_src, n_cols) contiguous;
+    ``out_ptr`` (n_rows, n_cols) contiguous, any float dtype. Overflow: offsets int64.
+    """
+    i = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < n_cols
+    row_mask = i < n_rows
+    dest = tl.load(rows_ptr + i, mask=row_mask, other=0).to(tl.int64)
+    x = tl.load(src_ptr + i[:, None] * n_cols + d[None, :], mask=(i < n_src)[:, None] & d_mask[None, :],
+                other=0.0)
+    tl.store(out_ptr + dest[:, None] * n_cols + d[None, :], _cast(x, out_ptr.dtype.element_ty, INTERPRETER),
+             mask=row_mask[:, None] & d_mask[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Fused linear cross-entropy: logits tiles x = E W^T + b computed with tl.dot, never stored
 # in full. Rows are visited through ``rows_ptr``: the indices of the non-ignored rows first (in

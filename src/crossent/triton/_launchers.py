@@ -187,6 +187,9 @@ LOOP_BLOCK = 8192
 #: Unset (the default) means the fixed defaults below: results stay deterministic per config.
 CE_CONFIG_ENV = "CROSSENT_TRITON_CE_CONFIG"
 LINEAR_TILES_ENV = "CROSSENT_TRITON_LINEAR_TILES"
+#: "0" turns off the lean backward's row skipping (``HostCount``): every row goes through its
+#: products and the backward never waits for the GPU. Read by each forward call.
+HOST_COUNT_ENV = "CROSSENT_TRITON_LINEAR_HOST_COUNT"
 
 
 def _is_pow2(v):
@@ -468,10 +471,13 @@ class LinearTiles:
     # read-modify-write passes over the float32 dE accumulator. The chunk sets where dE's float32
     # partial sums are added, so it changes dE's rounding (deterministically: fixed per config).
     chunk: int = 0
-    # "lean" backward: 1 = per chunk, the three products (recomputed logits, dE, dW) by cuBLAS
-    # (torch.mm) and one Triton kernel for the gradient tile in between
-    # (``linear_backward_products``); 0 = three Triton kernels (recompute fused with the gradient
-    # tile, dE, dW). The forward is Triton either way.
+    # "lean" schedule. 1: forward and backward per vocabulary chunk with cuBLAS products (torch.mm)
+    # and Triton kernels for the elementwise work between them (``_stats_from_products``,
+    # ``linear_backward_products``); the backward's products take the non-ignored rows only
+    # (``HostCount``). 2: the backward of 1 after the fused Triton forward (``_lce_forward_kernel``:
+    # logits tiles reduced to row statistics in registers, never stored; ignored row blocks skipped
+    # on the device), for a GPU to compare. 0: Triton kernels throughout (backward: recompute
+    # fused with the gradient tile, dE, dW).
     products: int = 1
     # The elementwise kernels between the cuBLAS products (``products=1``): the forward's
     # ``_lce_stats_kernel`` (stats_m rows x stats_v columns per step, stats_warps warps; a grid of
@@ -504,7 +510,7 @@ _LINEAR_CHECKS = dict(
     programs=_int_in(1, 1 << 20),
     group_m=_int_in(0, 1 << 16),
     chunk=_int_in(0, 1 << 24),
-    products=_int_in(0, 1),
+    products=_int_in(0, 2),
     stats_m=_pow2_in(2, 256),
     stats_v=_pow2_in(16, 8192),
     stats_warps=_pow2_in(1, 32),
@@ -609,12 +615,51 @@ def _dot_args(dtype):
 
 
 @dataclasses.dataclass
+class HostCount:
+    """A device int64 scalar (the number of non-ignored rows) on its way to the host.
+
+    cuBLAS takes a product's row count from the host, so the lean backward's products can skip the
+    ignored rows only if it knows how many are left. ``start`` (in the forward) queues the copy into
+    pinned memory and records an event right behind it, without waiting; ``get`` (in the backward)
+    waits on that event. By then the GPU has usually passed it: it was queued before the forward's
+    products, which run tens of ms at the DESIGN shapes. Even when the host is further ahead, the
+    wait returns while the GPU still has the rest of the forward queued, so the GPU never runs dry
+    (unlike ``.item()`` before a launch, which drains the queue). Under CUDA graph capture neither
+    copy nor wait is allowed: ``start`` returns None and ``get`` None, and the products take every
+    row (ignored rows then have G = 0); the same with ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0``."""
+
+    value: torch.Tensor
+    event: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, n):
+        if n.device.type != "cuda":
+            return cls(n.detach().clone(), None)  # on the host already: nothing to wait for
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        host = torch.empty((), dtype=n.dtype, pin_memory=True)
+        host.copy_(n, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event)
+
+    def get(self):
+        """The count as an int, or None under CUDA graph capture."""
+        if self.event is not None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            self.event.synchronize()
+        return int(self.value)
+
+
+@dataclasses.dataclass
 class LinearForward:
     loss: torch.Tensor
     rows: torch.Tensor  # (M,) int64: non-ignored rows first, original order kept (stable)
     n_valid: torch.Tensor  # int64 scalar on the device
     coef: torch.Tensor  # float32 (5, M): max, log sum-exp shift, A, B, C; compacted row order
     store: torch.Tensor | None  # (M, n_store) gradient of the stored logits ("fast"), or None
+    count: HostCount | None  # n_valid on its way to the host, for the backward's cuBLAS products
     plan: LinearPlan
     target: torch.Tensor
     weight: torch.Tensor | None
@@ -687,6 +732,9 @@ def linear_forward(
     # kernels read n_valid from the device and skip every row block past it.
     rows = torch.argsort((~valid).to(torch.int8), stable=True)
     n_valid = den.n_valid if den.mean else valid.sum()
+    cublas_backward = bool(need_grad and t.products and plan.n_store == 0 and n_rows)
+    skip = os.environ.get(HOST_COUNT_ENV, "1").strip() != "0"
+    count = HostCount.start(n_valid) if cublas_backward and skip else None
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
     coef = torch.zeros(5, n_rows, dtype=torch.float32, device=device)
     store = None
@@ -703,7 +751,7 @@ def linear_forward(
         )
         cap = float(softcap) if softcap is not None else 1.0
         n_splits = plan.n_splits
-        if t.products and store is None:
+        if t.products == 1 and store is None:
             # Lean with cuBLAS products: the logits chunk by chunk, folded into one split.
             n_splits = 1
             partial = _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight,
@@ -745,7 +793,7 @@ def linear_forward(
                 **flags, **_dot_args(inp.dtype),
             )
     loss = row_loss if reduction == "none" else row_loss.sum()
-    return LinearForward(loss, rows, n_valid, coef, store, plan, target, weight,
+    return LinearForward(loss, rows, n_valid, coef, store, count, plan, target, weight,
                          (inp, linear_weight, linear_bias))
 
 
@@ -997,45 +1045,70 @@ def linear_backward_products(
 ):
     """The "lean" backward with cuBLAS products (``LinearTiles.products``); as ``linear_backward``.
 
-    Per vocabulary chunk c (``plan.chunk`` columns, the same bounded workspace): X_c = E W_c^T
-    (+ b_c) by cuBLAS into the workspace, all rows in their own order (rounded to the input
-    dtype, as eager PyTorch's logits); ``_lce_grad_tile_kernel`` (``FROM_LOGITS``,
-    ``RAW_LOGITS``) turns it into G_c in place from the forward's row statistics (their
-    coefficients times the upstream gradient), then by cuBLAS dE += G_c W_c into a
-    float32 accumulator (``_addmm_float32_``), dW_c = G_c^T E (one rounding) and db_c = the
-    column sums of G_c. Ignored rows get G = 0 (statistics m = +inf, A = B = C = 0) but go through
-    the products: skipping them would need their count on the host.
+    The products take the M' non-ignored rows only, their count read on the host through
+    ``fwd.count`` (``HostCount``): E' = E[rows[:M']] gathered into the first M' rows of the dE
+    output buffer (so it costs no memory beyond the outputs). Per vocabulary chunk c
+    (``plan.chunk`` columns, the same bounded workspace): X_c = E' W_c^T (+ b_c) by cuBLAS into the
+    workspace (rounded to the input dtype, as eager PyTorch's logits); ``_lce_grad_tile_kernel``
+    (``FROM_LOGITS``, ``RAW_LOGITS``) turns it into G_c in place from the forward's row statistics
+    (their coefficients times the upstream gradient), then by cuBLAS dE' += G_c W_c into a float32
+    accumulator (``_addmm_float32_``), dW_c = G_c^T E' (one rounding) and db_c = the column sums of
+    G_c. ``_scatter_rows_kernel`` puts dE' back in the rows' order with zeros on the ignored rows.
+    Without a count (CUDA graph capture) M' = M: every row in its own order, ignored rows with
+    G = 0 (statistics m = +inf, A = B = C = 0).
     """
     plan, t = fwd.plan, fwd.plan.tiles
     n_rows, n_vocab, n_dim = plan.n_rows, plan.n_vocab, plan.n_dim
     device, dtype = inp.device, inp.dtype
-    # Row statistics moved from the compacted order to the rows' own order. G = A p - B [j == t]
-    # - C w (times the softcap's derivative) is linear in (A, B, C): scaling them by the upstream
-    # gradient (a scalar, or per row for "none") scales G without another pass over it.
-    compact = fwd.coef.clone()
-    compact[0].masked_fill_(torch.arange(n_rows, device=device) >= fwd.n_valid, float("inf"))
-    coef = torch.empty_like(compact).index_copy_(1, fwd.rows, compact)
-    coef[2:] *= grad_output.detach().to(torch.float32)
-    every_row = torch.arange(n_rows, device=device)
-    n_all = torch.full((), n_rows, dtype=torch.int64, device=device)
-    starts = list(range(0, n_vocab, plan.chunk))
+    n_valid = fwd.count.get() if fwd.count is not None else None
+    compact = n_valid is not None and n_valid < n_rows
+    m = n_valid if compact else n_rows
     d_inp = torch.empty_like(inp, memory_format=torch.contiguous_format) if need_input else None
-    acc = torch.zeros(n_rows, n_dim, dtype=torch.float32, device=device) if need_input and len(starts) > 1 else None
     d_w = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight else None
     d_b = torch.empty(n_vocab, dtype=torch.float32, device=device) if need_bias else None
+    if m == 0:
+        for g in (d_inp, d_w, d_b):
+            if g is not None:
+                g.zero_()
+        return d_inp, d_w, None if d_b is None else d_b.to(linear_bias.dtype)
+    # G = A p - B [j == t] - C w (times the softcap's derivative) is linear in (A, B, C): scaling
+    # them by the upstream gradient (a scalar, or per row for "none") scales G without another
+    # pass over it. The forward's statistics are in the compacted order.
+    g_out = grad_output.detach().to(torch.float32)
+    if compact:
+        sel = fwd.rows[:m]
+        coef = fwd.coef[:, :m].clone()
+        coef[2:] *= g_out[sel] if g_out.ndim else g_out
+        target = fwd.target[sel]
+        # E' in the first m rows of the dE buffer: dE' is accumulated in float32 apart from it.
+        e = d_inp[:m] if d_inp is not None else torch.empty(m, n_dim, dtype=dtype, device=device)
+        torch.index_select(inp, 0, sel, out=e)
+    else:
+        # Row statistics moved from the compacted order to the rows' own order.
+        compacted = fwd.coef.clone()
+        compacted[0].masked_fill_(torch.arange(n_rows, device=device) >= fwd.n_valid, float("inf"))
+        coef = torch.empty_like(compacted).index_copy_(1, fwd.rows, compacted)
+        coef[2:] *= g_out
+        target, e = fwd.target, inp
+    every_row = torch.arange(m, device=device)
+    n_all = torch.full((), m, dtype=torch.int64, device=device)
+    starts = list(range(0, n_vocab, plan.chunk))
+    acc = None
+    if need_input and (compact or len(starts) > 1):
+        acc = torch.zeros(m, n_dim, dtype=torch.float32, device=device)
     bias = linear_bias.to(dtype) if linear_bias is not None else None
-    workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=dtype, device=device)
+    workspace = torch.empty(m * min(plan.chunk, n_vocab), dtype=dtype, device=device)
     weight = fwd.weight
     grad_m, grad_v, grad_warps = t.grad_m or t.block_m, t.grad_v or t.block_v, t.grad_warps or t.num_warps
-    n_m_blocks = triton.cdiv(n_rows, grad_m)
+    n_m_blocks = triton.cdiv(m, grad_m)
     for start in starts:
         width = min(plan.chunk, n_vocab - start)
         w_c = linear_weight[start : start + width]
-        x = _chunk_logits(workspace, inp, linear_weight, bias, start, width)
+        x = _chunk_logits(workspace, e, linear_weight, bias, start, width)
         K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, grad_v))](
             inp, 0, linear_weight, 0, coef,
-            every_row, n_all, fwd.target, weight if weight is not None else coef, coef,
-            x, x.stride(0), start, width, n_rows, n_vocab, n_dim,
+            every_row, n_all, target, weight if weight is not None else coef, coef,
+            x, x.stride(0), start, width, m, n_vocab, n_dim,
             float(softcap) if softcap is not None else 1.0,
             FROM_LOGITS=True,
             HAS_BIAS=False,
@@ -1053,10 +1126,17 @@ def linear_backward_products(
             else:
                 _addmm_float32_(acc, x, w_c)
         if need_weight:
-            torch.mm(x.T, inp, out=d_w[start : start + width])
+            torch.mm(x.T, e, out=d_w[start : start + width])
         if need_bias:
             torch.sum(x, 0, dtype=torch.float32, out=d_b[start : start + width])
-    if acc is not None:
+    del workspace
+    if compact and d_inp is not None:
+        block_m, block_d = 32, 128
+        K._scatter_rows_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_dim, block_d))](
+            acc, fwd.rows, m, d_inp, n_rows, n_dim,
+            INTERPRETER=interpreted(), BLOCK_M=block_m, BLOCK_D=block_d,
+        )
+    elif acc is not None:
         d_inp.copy_(acc)
     if d_b is not None:
         d_b = d_b.to(linear_bias.dtype)
