@@ -5,10 +5,11 @@ One command on a GPU machine (from the repository root, crossent installed):
     python benchmarks/bench_gpu_linear_cross_entropy.py     # Gemma-2 and Llama-3 shapes, bf16
 
 Runs, in one process and on the same inputs (N x D hidden states E, V x D head W, 10% ignored
-targets): crossent.triton.linear_cross_entropy "lean" (default; its backward waits for the row
-count its forward sent to the host, so it has no queued time, see ``HostCount``), lean with every
-row through the backward (CROSSENT_TRITON_LINEAR_HOST_COUNT=0: no wait) and "fast" (one row per
-budget of --fast-budget-mib, default 1000 and 1536 MiB),
+targets): crossent.triton.linear_cross_entropy "lean" (default) and "fast" (one row per budget of
+--fast-budget-mib, default 1000 and 1536 MiB), both of which skip the ignored rows in most of
+their products after waiting for the row count their forward sent to the host (``HostCount``), so
+they have no queued time; and both again with every row through the products
+(CROSSENT_TRITON_LINEAR_HOST_COUNT=0, no wait; fast at the first budget only),
 torch eager (logits.float() then F.cross_entropy), the same under torch.compile, Liger's
 LigerFusedLinearCrossEntropyLoss and Cut Cross-Entropy (default filtering, and filter_eps=None)
 when installed, and the three bare matmuls of the head (E W^T, G W, G^T E: 6NDV flops), the
@@ -73,21 +74,24 @@ def implementations(torch, F, fast_budgets, device):
     def eager(e, w, t):
         return F.cross_entropy((e @ w.T).float(), t)
 
-    def lean_every_row(e, w, t):
-        # The backward's products on every row, with no wait for the row count (HostCount): the
-        # lean default's queued GPU time cannot be measured (it waits for its own forward), this
-        # row's can, and the synced pair shows what skipping the ignored rows gains.
+    def every_row(e, w, t, budget=None):
+        # Ignored rows through the products, no wait for the row count (HostCount): the default's
+        # queued GPU time cannot be measured (the host waits for its own forward's count), this
+        # one's can, and the synced pair shows what skipping the ignored rows gains.
         os.environ[HOST_COUNT_ENV] = "0"
         try:
-            return ctr.linear_cross_entropy(e, w, t)
+            return ctr.linear_cross_entropy(e, w, t, memory_budget=budget)
         finally:
             del os.environ[HOST_COUNT_ENV]
 
     impls = {"crossent-triton-lean": lambda e, w, t: ctr.linear_cross_entropy(e, w, t),
-             "crossent-triton-lean-every-row": lean_every_row}
+             "crossent-triton-lean-every-row": every_row}
     for budget in fast_budgets:
         impls[f"crossent-triton-fast({budget >> 20}MiB)"] = (
             lambda e, w, t, budget=budget: ctr.linear_cross_entropy(e, w, t, memory_budget=budget))
+    if fast_budgets:
+        impls[f"crossent-triton-fast-every-row({fast_budgets[0] >> 20}MiB)"] = (
+            lambda e, w, t, budget=fast_budgets[0]: every_row(e, w, t, budget))
     impls["torch-eager"] = eager
     if device == "cuda":  # the CPU smoke mode has no inductor toolchain to rely on
         impls["torch-compile"] = torch.compile(eager)

@@ -557,3 +557,30 @@ def test_plan_rows():
     assert _launchers.plan_rows(N, V, torch.bfloat16, 30 * V * 2, "mean", True) == 0
     assert _launchers.plan_rows(100, V, torch.bfloat16, 50 * V * 2, "mean", True) == 0
     assert _launchers.plan_rows(300, V, torch.bfloat16, 256 * V * 2, "mean", True) == 150
+
+
+@pytest.mark.parametrize("count", ["host", "capture", "env"])
+@pytest.mark.parametrize("valid_rows", [55, 6])
+def test_rows_products_stop_at_the_last_non_ignored_row(ref, chunked, monkeypatch, count, valid_rows, device):
+    """With the row count on the host, the chunks run over the non-ignored rows first and stop
+    after the last (the first chunk is queued before the count is read, so it is whole); without
+    it (CUDA graph capture, CROSSENT_TRITON_LINEAR_HOST_COUNT=0) every row goes through. The
+    same answer either way, ignored rows with a zero gradient."""
+    x, w, b, target, cw = make(device)
+    if valid_rows == 6:
+        target[torch.arange(N, device=device) % 12 != 0] = IGNORE  # rows 0, 12, 24, 36, 48, 60
+    assert int((target != IGNORE).sum()) == valid_rows
+    if count == "capture":
+        no_host_count(monkeypatch)
+    elif count == "env":
+        monkeypatch.setenv(_launchers.HOST_COUNT_ENV, "0")
+    opts = dict(ALL, weight=cw.float(), memory_budget=budget(ROWS))
+    with ProductShapes() as seen:
+        got = run_triton(x.float(), w.float(), b.float(), target, **opts)
+    logits_rows = [a[0] for a, bm in seen.shapes if bm == (D, V)]  # E_r W^T (+ b) per chunk
+    if count == "host":
+        assert logits_rows == ([16, 16, 16, 7] if valid_rows == 55 else [16])
+    else:
+        assert logits_rows == [16, 16, 16, 13]
+    assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))
+    assert torch.count_nonzero(got[1][target == IGNORE]) == 0

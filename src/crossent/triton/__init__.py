@@ -118,9 +118,13 @@ def linear_cross_entropy(
     computes, a chunk of rows at a time, the logits with cuBLAS, their gradient in place with the
     CE kernel, and both gradient products with cuBLAS (three products in all, none recomputed;
     backward only scales; dW is summed over the chunks in the weights' dtype, one rounding per
-    chunk; ignored rows go through the products). Otherwise (``"none"``, smaller budgets) the
-    forward keeps the logits' gradient of as many vocabulary columns as fit, which are then not
-    recomputed.
+    chunk). With more than one chunk of rows the non-ignored rows go first (gathered: N x D
+    elements beyond the budget) and, once the first chunk is queued, the host waits for their
+    count as the lean backward does, so that the chunks stop at the last of them. Otherwise
+    (``"none"``, smaller budgets) the forward keeps the logits' gradient of as many vocabulary
+    columns as fit, which are then not recomputed, and its Triton kernels skip the ignored rows
+    on the device. ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0`` turns the waits off: ignored rows then
+    go through the cuBLAS products with G = 0.
 
     Args:
         input: (..., D) float32, bfloat16 or float16.

@@ -652,6 +652,24 @@ class HostCount:
         return int(self.value)
 
 
+def _host_count(n_valid):
+    """``HostCount.start(n_valid)``, or None with ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0``."""
+    if os.environ.get(HOST_COUNT_ENV, "1").strip() == "0":
+        return None
+    return HostCount.start(n_valid)
+
+
+def _scatter_rows(src, rows, n_src, out):
+    """``out[rows[i]] = src[i]`` for ``i < n_src``, 0 on the other rows (``_scatter_rows_kernel``;
+    ``src`` and ``out`` contiguous, ``rows`` a permutation of out's rows)."""
+    n_rows, n_dim = out.shape
+    block_m, block_d = 32, 128
+    K._scatter_rows_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_dim, block_d))](
+        src, rows, n_src, out, n_rows, n_dim,
+        INTERPRETER=interpreted(), BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+
+
 @dataclasses.dataclass
 class LinearForward:
     loss: torch.Tensor
@@ -733,8 +751,7 @@ def linear_forward(
     rows = torch.argsort((~valid).to(torch.int8), stable=True)
     n_valid = den.n_valid if den.mean else valid.sum()
     cublas_backward = bool(need_grad and t.products and plan.n_store == 0 and n_rows)
-    skip = os.environ.get(HOST_COUNT_ENV, "1").strip() != "0"
-    count = HostCount.start(n_valid) if cublas_backward and skip else None
+    count = _host_count(n_valid) if cublas_backward else None
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
     coef = torch.zeros(5, n_rows, dtype=torch.float32, device=device)
     store = None
@@ -836,40 +853,56 @@ def linear_rows_forward(
     """Loss and gradients of the checked arguments, ``rows`` rows at a time (``plan_rows``).
 
     Per chunk of rows r: X_r = E_r W^T (+ b) by cuBLAS into a (rows, V) buffer, the CE kernel
-    turns X_r into G_r = dL/dX_r in place (the scales of the whole batch), then dE_r = G_r W
-    (one product: float32 accumulation, rounded once) and dW (+)= G_r^T E_r; three products in
-    all (2NDV flops each), as eager PyTorch, with (rows x V) logits instead of (N x V).
+    turns X_r into G_r = dL/dX_r in place (the scales of the whole batch), then dW (+)= G_r^T E_r
+    and dE_r = G_r W (one product: float32 accumulation, rounded once); three products in all
+    (2NDV flops each), as eager PyTorch, with (rows x V) logits instead of (N x V).
     dW is summed over the chunks in the weight's dtype (cuBLAS adds in float32 and rounds once per
     chunk: k chunks round k times; a float32 (V, D) accumulator would cost V*D*4 bytes, more
-    than the budgets this schedule is for). Ignored rows go through the products (their G rows are
-    0): skipping them would need their count on the host, a sync. ``reduction`` is "mean" or
-    "sum"; backward multiplies the gradients by the upstream scalar (``scale_rows_``).
+    than the budgets this schedule is for). ``reduction`` is "mean" or "sum"; backward multiplies
+    the gradients by the upstream scalar (``scale_rows_``).
+
+    Ignored rows: with more than one chunk, the rows are taken in the compacted order (the
+    non-ignored first, gathered into an (N, D) buffer: N*D elements beyond the budget) and the
+    number of non-ignored rows is sent to the host when the forward starts (``HostCount``). The
+    first chunk is queued without it; before the second, the host waits for that count, which the
+    GPU passed before the first chunk's products (still queued or running, so the GPU never runs
+    dry), and the chunks stop at the last non-ignored row. dE is written over each chunk's
+    gathered rows once they are used, then scattered back to the rows' order with zeros on the
+    ignored rows (``_scatter_rows_kernel``). One chunk only (the budget holds every row), under
+    CUDA graph capture or with ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0``, ignored rows go through the
+    products in their own order, with G = 0.
     """
     need_input, need_weight, need_bias = needs
     device = inp.device
-    n_rows, _ = inp.shape
+    n_rows, n_dim = inp.shape
     n_vocab = linear_weight.shape[0]
-    den = _denominators(target, weight, ignore_index, n_vocab, reduction)
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    valid = target != ignore_index
+    den = _denominators(target, weight, ignore_index, n_vocab, reduction, valid)
+    count = _host_count(den.n_valid if den.mean else valid.sum()) if rows < n_rows else None
+    row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
     d_inp = torch.empty_like(inp, memory_format=torch.contiguous_format) if need_input else None
     d_w = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight else None
     d_b = torch.zeros(n_vocab, dtype=torch.float32, device=device) if need_bias else None
     # cuBLAS adds the bias in the operands' dtype (as torch.nn.functional.linear requires).
     bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
+    if count is not None:
+        order = torch.argsort((~valid).to(torch.int8), stable=True)
+        e_all, t_all = inp.index_select(0, order), target[order]
+    else:
+        e_all, t_all = inp, target
     buf = torch.empty(rows, n_vocab, dtype=inp.dtype, device=device)
     w_t = linear_weight.T
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        e = inp[start:stop]
+    start, end = 0, n_rows
+    while start < end:
+        stop = min(start + rows, end)
+        e = e_all[start:stop]
         x = buf[: stop - start]
         if bias is None:
             torch.mm(e, w_t, out=x)
         else:
             torch.addmm(bias, e, w_t, out=x)
-        _launch_ce(x, x, target[start:stop], weight, den, row_loss[start:stop], ignore_index,
+        _launch_ce(x, x, t_all[start:stop], weight, den, row_loss[start:stop], ignore_index,
                    label_smoothing, z_loss, softcap)
-        if d_inp is not None:
-            torch.mm(x, linear_weight, out=d_inp[start:stop])
         if d_w is not None:
             if start == 0:
                 torch.mm(x.T, e, out=d_w)
@@ -877,6 +910,15 @@ def linear_rows_forward(
                 d_w.addmm_(x.T, e)
         if d_b is not None:
             d_b += x.sum(0, dtype=torch.float32)
+        if d_inp is not None:
+            # Compacted: over the gathered rows just used (the products above are queued first).
+            torch.mm(x, linear_weight, out=e if count is not None else d_inp[start:stop])
+        if start == 0 and count is not None:
+            n_valid = count.get()
+            end = n_rows if n_valid is None else max(n_valid, stop)
+        start = stop
+    if count is not None and d_inp is not None:
+        _scatter_rows(e_all, order, n_rows if n_valid is None else n_valid, d_inp)
     if d_b is not None:
         d_b = d_b.to(linear_bias.dtype)
     return LinearRows(row_loss.sum(), (d_inp, d_w, d_b))
@@ -1131,11 +1173,7 @@ def linear_backward_products(
             torch.sum(x, 0, dtype=torch.float32, out=d_b[start : start + width])
     del workspace
     if compact and d_inp is not None:
-        block_m, block_d = 32, 128
-        K._scatter_rows_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_dim, block_d))](
-            acc, fwd.rows, m, d_inp, n_rows, n_dim,
-            INTERPRETER=interpreted(), BLOCK_M=block_m, BLOCK_D=block_d,
-        )
+        _scatter_rows(acc, fwd.rows, m, d_inp)
     elif acc is not None:
         d_inp.copy_(acc)
     if d_b is not None:
