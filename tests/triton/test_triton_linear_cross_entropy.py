@@ -584,3 +584,33 @@ def test_rows_products_stop_at_the_last_non_ignored_row(ref, chunked, monkeypatc
         assert logits_rows == [16, 16, 16, 13]
     assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))
     assert torch.count_nonzero(got[1][target == IGNORE]) == 0
+
+
+@pytest.mark.parametrize("count", ["host", "env"])
+@pytest.mark.parametrize("valid_rows", [55, 0])
+def test_lean_forward_chunks_after_the_count_take_the_non_ignored_rows(ref, monkeypatch, count, valid_rows, device):
+    """Five 256-column chunks, the count read after two (FORWARD_CHUNKS_BEFORE_COUNT): the other
+    three chunks' products take the non-ignored rows only (none at all when every row is
+    ignored); without a count every chunk takes every row. The same answer either way."""
+    monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 256 * 4)
+    monkeypatch.setattr(_launchers, "FORWARD_CHUNKS_BEFORE_COUNT", 2)
+    if count == "env":
+        monkeypatch.setenv(_launchers.HOST_COUNT_ENV, "0")
+    x, w, b, target, cw = make(device)
+    if valid_rows == 0:
+        target = torch.full_like(target, IGNORE)
+    opts = dict(ALL, weight=cw.float())
+    xf, wf, bf = (t.float().requires_grad_() for t in (x, w, b))
+    with ProductShapes() as forward:
+        loss = linear_cross_entropy(xf, wf, target, linear_bias=bf, **opts)
+    rows = [a[0] for a, _ in forward.shapes]
+    if count == "env":
+        assert rows == [N] * 5
+    else:
+        assert rows == [N, N] + [valid_rows] * 3 if valid_rows else rows == [N, N]
+    loss.backward(upstream(loss))
+    got = (loss.detach(), xf.grad, wf.grad, bf.grad)
+    if valid_rows == 0:  # the documented deviation: a mean over no row is 0 (PyTorch: NaN)
+        assert loss.item() == 0.0 and all(torch.count_nonzero(g) == 0 for g in got[1:])
+    else:
+        assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))

@@ -750,8 +750,10 @@ def linear_forward(
     # kernels read n_valid from the device and skip every row block past it.
     rows = torch.argsort((~valid).to(torch.int8), stable=True)
     n_valid = den.n_valid if den.mean else valid.sum()
-    cublas_backward = bool(need_grad and t.products and plan.n_store == 0 and n_rows)
-    count = _host_count(n_valid) if cublas_backward else None
+    # The row count on its way to the host, for the cuBLAS products of the lean forward (after its
+    # first chunks) and backward.
+    cublas = bool(t.products and plan.n_store == 0 and n_rows)
+    count = _host_count(n_valid) if cublas and (need_grad or t.products == 1) else None
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
     coef = torch.zeros(5, n_rows, dtype=torch.float32, device=device)
     store = None
@@ -772,7 +774,7 @@ def linear_forward(
             # Lean with cuBLAS products: the logits chunk by chunk, folded into one split.
             n_splits = 1
             partial = _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight,
-                                           plan, softcap, label_smoothing)
+                                           plan, softcap, label_smoothing, count)
         else:
             partial = torch.empty(6, n_splits, n_rows, dtype=torch.float32, device=device)
             K._lce_forward_kernel[(n_m_blocks, n_splits)](
@@ -936,24 +938,42 @@ def scale_grads_(grads, grad_output):
     return tuple(out)
 
 
+#: The lean forward with cuBLAS products queues this many vocabulary chunks over every row before
+#: it waits for the number of non-ignored rows (``HostCount``); the other chunks take those rows
+#: only. The queued chunks are work the GPU still has when the wait returns (about 1 ms at the
+#: DESIGN shapes), so that it does not run dry while the host gathers the rows and goes on.
+FORWARD_CHUNKS_BEFORE_COUNT = 4
+
+
 def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight, plan, softcap,
-                         label_smoothing):
+                         label_smoothing, count):
     """Forward statistics of the lean schedule with cuBLAS products (``LinearTiles.products``):
     per vocabulary chunk (``plan.chunk`` columns, the backward's workspace), X_c = E W_c^T (+ b_c)
-    by cuBLAS (every row, in the input dtype, as eager PyTorch's logits), folded by
-    ``_lce_stats_kernel`` into float32 [6, 1, n_rows] statistics (one split, compacted order) for
-    ``_lce_combine_kernel``."""
+    by cuBLAS (in the input dtype, as eager PyTorch's logits), folded by ``_lce_stats_kernel``
+    into float32 [6, 1, n_rows] statistics (one split, compacted order) for
+    ``_lce_combine_kernel``. The first ``FORWARD_CHUNKS_BEFORE_COUNT`` chunks take every row;
+    then, given the host ``count`` of non-ignored rows, the others take those rows only, gathered
+    in the compacted order (an (M', D) buffer, freed on return)."""
     n_rows, n_vocab = inp.shape[0], linear_weight.shape[0]
     stats = torch.empty(6, 1, n_rows, dtype=torch.float32, device=inp.device)
     workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=inp.dtype, device=inp.device)
     bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
     t = plan.tiles
     block_m, block_v, warps = t.stats_m, t.stats_v, t.stats_warps
-    for start in range(0, n_vocab, plan.chunk):
+    e, x_rows, x_target = inp, rows, target
+    for i, start in enumerate(range(0, n_vocab, plan.chunk)):
+        if i == FORWARD_CHUNKS_BEFORE_COUNT and count is not None:
+            n = count.get()
+            if n == 0:
+                break  # no row left to fold: the combine kernel makes every loss 0
+            if n is not None and n < n_rows:
+                # Compacted from here on: row r of X is compacted row r, read as itself.
+                e, x_target = inp.index_select(0, rows[:n]), target[rows[:n]]
+                x_rows = torch.arange(n, device=inp.device)
         width = min(plan.chunk, n_vocab - start)
-        x = _chunk_logits(workspace, inp, linear_weight, bias, start, width)
-        K._lce_stats_kernel[(triton.cdiv(n_rows, block_m),)](
-            x, x.stride(0), rows, n_valid, target, weight if weight is not None else stats, stats,
+        x = _chunk_logits(workspace, e, linear_weight, bias, start, width)
+        K._lce_stats_kernel[(triton.cdiv(e.shape[0], block_m),)](
+            x, x.stride(0), x_rows, n_valid, x_target, weight if weight is not None else stats, stats,
             start, width, n_rows, n_vocab, float(softcap) if softcap is not None else 1.0,
             FIRST=start == 0,
             HAS_WEIGHT=weight is not None,
