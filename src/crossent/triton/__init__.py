@@ -99,12 +99,12 @@ def linear_cross_entropy(
     Both go vocabulary chunk by chunk, in a fixed order (deterministic, no atomics).
     By default (``LinearTiles.products=1``) every product is a cuBLAS call on a chunk of logits
     held in the workspace, rounded to the input dtype as eager PyTorch's logits are, with Triton
-    kernels for the statistics and for G in between. The forward's products take every row; the
-    backward's three take only the non-ignored ones, whose number reaches the host without a
-    sync that drains the GPU: the forward queues its copy into pinned memory behind an event, and
-    the backward waits on that event, which the GPU has passed by then or passes while the rest
-    of the forward is still queued (``_launchers.HostCount``; under CUDA graph capture there is no
-    wait and every row goes through, ignored ones with G = 0). ``products=2`` keeps that backward
+    kernels for the statistics and for G in between. The products take only the non-ignored
+    rows, except the forward's first ``FORWARD_CHUNKS_BEFORE_COUNT`` (4) chunks: their number
+    reaches the host without a sync that drains the GPU. The forward queues its copy into pinned
+    memory behind an event, queues those chunks over every row, then waits on that event, which
+    the GPU passes before them, so it still has them to run (``_launchers.HostCount``; under
+    CUDA graph capture there is no wait and every row goes through, ignored ones with G = 0). ``products=2`` keeps that backward
     after the fused Triton forward, whose logits tiles never leave registers and which skips the
     ignored rows on the device. ``products=0`` in ``CROSSENT_TRITON_LINEAR_TILES`` runs the products as
     Triton kernels instead (``tl.dot``), which keep the logits in float32 registers and skip the
