@@ -618,13 +618,14 @@ def _dot_args(dtype):
 class HostCount:
     """A device int64 scalar (the number of non-ignored rows) on its way to the host.
 
-    cuBLAS takes a product's row count from the host, so the lean backward's products can skip the
-    ignored rows only if it knows how many are left. ``start`` (in the forward) queues the copy into
-    pinned memory and records an event right behind it, without waiting; ``get`` (in the backward)
-    waits on that event. By then the GPU has usually passed it: it was queued before the forward's
-    products, which run tens of ms at the DESIGN shapes. Even when the host is further ahead, the
-    wait returns while the GPU still has the rest of the forward queued, so the GPU never runs dry
-    (unlike ``.item()`` before a launch, which drains the queue). Under CUDA graph capture neither
+    cuBLAS takes a product's row count from the host, so the cuBLAS products can skip the ignored
+    rows only if the host knows how many are left. ``start`` (at the start of the forward) queues
+    the copy into pinned memory and records an event right behind it, without waiting; ``get``
+    waits on that event: in the lean forward after its first ``FORWARD_CHUNKS_BEFORE_COUNT``
+    vocabulary chunks are queued, in the fast row schedule after its first chunk of rows, in the
+    lean backward (passed long before). Whenever the wait returns, the GPU still has the work queued
+    after the event (those chunks), so it never runs dry, unlike with ``.item()`` before the first
+    product, which drains the queue. Under CUDA graph capture neither
     copy nor wait is allowed: ``start`` returns None and ``get`` None, and the products take every
     row (ignored rows then have G = 0); the same with ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0``."""
 
