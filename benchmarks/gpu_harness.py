@@ -139,6 +139,9 @@ ELEMENTWISE_SWEEP = [
     # blocks skipped on the device) before the same cuBLAS backward, against cuBLAS logits + the
     # stats kernel (15.7 ms of the last Gemma-2 profile; the fused kernel took 16.8 ms on every row).
     "products=2",
+    # ... and the backward's logits recomputed by the Triton gradient-tile kernel, G formed in its
+    # registers (no elementwise pass over the logits), dE and dW by cuBLAS.
+    "products=3",
 ]
 
 

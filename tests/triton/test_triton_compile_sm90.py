@@ -41,7 +41,8 @@ def test_default_sweep_configs_compile_clean_for_sm90(sm90_script):
     cannot win."""
     out = sm90_script(REPORT, timeout=900)
     rows = [line for line in out.splitlines() if line.startswith("| `")]
-    # 6 linear configs x 5 kernels, 5 CE configs x 2 shapes, 8 elementwise configs x 2 kernels (the
-    # last, products=2, changes the schedule, not the tiles: its fused forward is the linear rows')
-    assert len(rows) == 6 * 5 + 5 * 2 + 8 * 2, out
+    # 6 linear configs x 5 kernels, 5 CE configs x 2 shapes, 9 elementwise configs x 2 kernels (the
+    # last two, products=2 and 3, change the schedule, not the tiles: their fused forward and
+    # recompute kernels are in the linear rows)
+    assert len(rows) == 6 * 5 + 5 * 2 + 9 * 2, out
     assert "all configs OK" in out

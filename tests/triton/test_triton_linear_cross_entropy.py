@@ -122,15 +122,16 @@ ALL = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}
 
 
 def triton_products(monkeypatch, products=0):
-    """The lean schedule's products by the Triton kernels (``LinearTiles.products=0``), or
-    (``products=2``) the forward only."""
+    """The lean schedule's products by the Triton kernels (``LinearTiles.products=0``), or the
+    forward only (2), or the forward and the backward's recompute (3)."""
     real = _launchers.linear_tiles
     monkeypatch.setattr(_launchers, "linear_tiles",
                         lambda dtype: dataclasses.replace(real(dtype), products=products))
 
 
-@pytest.mark.parametrize("mode", ["lean_chunks", "lean_chunks_triton", "lean_chunks_triton_forward", "fast_all",
-                                  "fast_part", "small_tiles", "small_tiles_triton"])
+@pytest.mark.parametrize("mode", ["lean_chunks", "lean_chunks_triton", "lean_chunks_triton_forward",
+                                  "lean_chunks_triton_recompute", "fast_all", "fast_part", "small_tiles",
+                                  "small_tiles_triton"])
 def test_schedules(ref, monkeypatch, mode, device):
     """Every schedule gives the same answer: several lean chunks (backward products by cuBLAS, or
     by the Triton kernels), all or part of the vocabulary kept by the forward ("fast"), and tiles
@@ -152,8 +153,11 @@ def test_schedules(ref, monkeypatch, mode, device):
         triton_products(monkeypatch)
     elif mode.endswith("_triton_forward"):
         triton_products(monkeypatch, 2)
+    elif mode.endswith("_triton_recompute"):
+        triton_products(monkeypatch, 3)
     plan = _launchers.plan_linear(N, V, D, torch.float32, opts.get("memory_budget"), True)
-    assert plan.tiles.products == (0 if mode.endswith("_triton") else 2 if mode.endswith("forward") else 1)
+    expected = {"triton": 0, "forward": 2, "recompute": 3}.get(mode.rsplit("_", 1)[-1], 1)
+    assert plan.tiles.products == expected
     expected_store = {"fast_all": V, "fast_part": 256}.get(mode, 0)
     assert plan.n_store == expected_store
     got = run_triton(x.float(), w.float(), b.float(), target, reduction="none", **opts)
@@ -161,12 +165,12 @@ def test_schedules(ref, monkeypatch, mode, device):
     assert_matches(got, want)
 
 
-@pytest.mark.parametrize("products", ["cublas", "triton"])
+@pytest.mark.parametrize("products", ["cublas", "triton", "triton_recompute"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_no_worse_than_naive_torch(ref, monkeypatch, dtype, products, device):
     """Errors against float64 on the same rounded inputs <= naive low-precision torch's + tol."""
-    if products == "triton":
-        triton_products(monkeypatch)
+    if products != "cublas":
+        triton_products(monkeypatch, 0 if products == "triton" else 3)
     x, w, b, target, cw = make(device)
     xl, wl, bl = x.to(dtype), w.to(dtype), b.to(dtype)
     opts = dict(ALL, weight=cw.float())
@@ -614,3 +618,27 @@ def test_lean_forward_chunks_after_the_count_take_the_non_ignored_rows(ref, monk
         assert loss.item() == 0.0 and all(torch.count_nonzero(g) == 0 for g in got[1:])
     else:
         assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))
+
+
+@pytest.mark.parametrize("count", ["host", "capture"])
+@pytest.mark.parametrize("ignore_every", [10, 0])
+def test_triton_recompute_backward(ref, monkeypatch, count, ignore_every, device):
+    """``products=3``: G from the Triton kernel that recomputes the logits, dE and dW by cuBLAS on
+    the non-ignored rows (product shapes checked); without the count (capture) it is the default
+    backward (cuBLAS logits); with no ignored row the compacted order is the rows' own."""
+    triton_products(monkeypatch, 3)
+    monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 512 * 4)  # 3 chunks
+    if count == "capture":
+        no_host_count(monkeypatch)
+    x, w, b, target, cw = make(device, ignore_every=ignore_every)
+    rows = int((target != IGNORE).sum()) if count == "host" else N
+    opts = dict(ALL, weight=cw.float(), reduction="none")
+    xf, wf, bf = (t.float().requires_grad_() for t in (x, w, b))
+    loss = linear_cross_entropy(xf, wf, target, linear_bias=bf, **opts)
+    with ProductShapes() as backward:
+        loss.backward(upstream(loss))
+    logits = [a for a, bm in backward.shapes if bm[0] == D]  # E' W_c^T: only when not fused
+    assert len(logits) == (0 if count == "host" else 3)
+    assert all(rows in a for a, _ in backward.shapes)
+    got = (loss.detach(), xf.grad, wf.grad, bf.grad)
+    assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))

@@ -104,12 +104,14 @@ def linear_cross_entropy(
     reaches the host without a sync that drains the GPU. The forward queues its copy into pinned
     memory behind an event, queues those chunks over every row, then waits on that event, which
     the GPU passes before them, so it still has them to run (``_launchers.HostCount``; under
-    CUDA graph capture there is no wait and every row goes through, ignored ones with G = 0). ``products=2`` keeps that backward
-    after the fused Triton forward, whose logits tiles never leave registers and which skips the
-    ignored rows on the device. ``products=0`` in ``CROSSENT_TRITON_LINEAR_TILES`` runs the products as
-    Triton kernels instead (``tl.dot``), which keep the logits in float32 registers and skip the
-    ignored rows (compacted on the device) before any product: 1.21x / 1.28x the time on an H100
-    (bf16, 8192 x 2304 x 256000 / 8192 x 4096 x 128256).
+    CUDA graph capture there is no wait and every row goes through, ignored ones with G = 0).
+    Other schedules, set by ``products=`` in ``CROSSENT_TRITON_LINEAR_TILES`` (see
+    ``_launchers.LinearTiles``): 2 keeps that backward after the fused Triton forward, whose
+    logits tiles never leave registers and which skips the ignored rows on the device; 3 also
+    recomputes the backward's logits in the Triton gradient-tile kernel before cuBLAS dE and dW;
+    0 runs every product as a Triton kernel (``tl.dot``), logits in float32 registers, ignored
+    rows skipped on the device: 1.21x / 1.28x the default's time on an H100 before the default
+    skipped ignored rows (bf16, 8192 x 2304 x 256000 / 8192 x 4096 x 128256).
 
     Memory: by default ("lean") nothing of size M x V is held beyond a workspace of at most
     ``LEAN_WORKSPACE_BYTES`` (56 MiB) plus a float32 (M, D) accumulator. ``memory_budget``

@@ -476,8 +476,10 @@ class LinearTiles:
     # ``linear_backward_products``); the backward's products take the non-ignored rows only
     # (``HostCount``). 2: the backward of 1 after the fused Triton forward (``_lce_forward_kernel``:
     # logits tiles reduced to row statistics in registers, never stored; ignored row blocks skipped
-    # on the device), for a GPU to compare. 0: Triton kernels throughout (backward: recompute
-    # fused with the gradient tile, dE, dW).
+    # on the device), for a GPU to compare. 3: as 2, and in the backward the logits recomputed by
+    # the Triton gradient-tile kernel (tl.dot, G formed in registers: no elementwise pass), dE
+    # and dW by cuBLAS on the non-ignored rows (without the row count on the host, as 1). 0:
+    # Triton kernels throughout (backward: recompute fused with the gradient tile, dE, dW).
     products: int = 1
     # The elementwise kernels between the cuBLAS products (``products=1``): the forward's
     # ``_lce_stats_kernel`` (stats_m rows x stats_v columns per step, stats_warps warps; a grid of
@@ -510,7 +512,7 @@ _LINEAR_CHECKS = dict(
     programs=_int_in(1, 1 << 20),
     group_m=_int_in(0, 1 << 16),
     chunk=_int_in(0, 1 << 24),
-    products=_int_in(0, 2),
+    products=_int_in(0, 3),
     stats_m=_pow2_in(2, 256),
     stats_v=_pow2_in(16, 8192),
     stats_warps=_pow2_in(1, 32),
@@ -772,7 +774,8 @@ def linear_forward(
         cap = float(softcap) if softcap is not None else 1.0
         n_splits = plan.n_splits
         if t.products == 1 and store is None:
-            # Lean with cuBLAS products: the logits chunk by chunk, folded into one split.
+            # Lean with cuBLAS products: the logits chunk by chunk, folded into one split
+            # (products 2 and 3: the fused Triton forward below).
             n_splits = 1
             partial = _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight,
                                            plan, softcap, label_smoothing, count)
@@ -1164,25 +1167,45 @@ def linear_backward_products(
     weight = fwd.weight
     grad_m, grad_v, grad_warps = t.grad_m or t.block_m, t.grad_v or t.block_v, t.grad_warps or t.num_warps
     n_m_blocks = triton.cdiv(m, grad_m)
+    # products=3: G by the Triton kernel that recomputes the logits (compacted rows: fwd.rows,
+    # fwd.n_valid; all of them are written only when the count is known on the host).
+    fused = t.products == 3 and n_valid is not None
+    cap = float(softcap) if softcap is not None else 1.0
     for start in starts:
         width = min(plan.chunk, n_vocab - start)
         w_c = linear_weight[start : start + width]
-        x = _chunk_logits(workspace, e, linear_weight, bias, start, width)
-        K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, grad_v))](
-            inp, 0, linear_weight, 0, coef,
-            every_row, n_all, target, weight if weight is not None else coef, coef,
-            x, x.stride(0), start, width, m, n_vocab, n_dim,
-            float(softcap) if softcap is not None else 1.0,
-            FROM_LOGITS=True,
-            HAS_BIAS=False,
-            HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0.0,
-            HAS_SOFTCAP=softcap is not None,
-            BLOCK_M=grad_m, BLOCK_V=grad_v, BLOCK_K=t.block_k, GROUP_M=0,
-            RAW_LOGITS=True,
-            num_warps=grad_warps,
-            **_dot_args(dtype),
-        )
+        if fused:
+            x = workspace[: m * width].view(m, width)
+            K._lce_grad_tile_kernel[(triton.cdiv(m, t.block_m), triton.cdiv(width, t.block_v))](
+                inp, inp.stride(0), linear_weight, linear_weight.stride(0),
+                linear_bias if linear_bias is not None else coef,
+                fwd.rows, fwd.n_valid, fwd.target, weight if weight is not None else coef, coef,
+                x, x.stride(0), start, width, coef.shape[1], n_vocab, n_dim, cap,
+                FROM_LOGITS=False,
+                HAS_BIAS=linear_bias is not None,
+                HAS_WEIGHT=weight is not None,
+                HAS_SMOOTHING=label_smoothing > 0.0,
+                HAS_SOFTCAP=softcap is not None,
+                BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+                **_dot_args(dtype),
+            )
+        else:
+            x = _chunk_logits(workspace, e, linear_weight, bias, start, width)
+            K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, grad_v))](
+                inp, 0, linear_weight, 0, coef,
+                every_row, n_all, target, weight if weight is not None else coef, coef,
+                x, x.stride(0), start, width, m, n_vocab, n_dim, cap,
+                FROM_LOGITS=True,
+                HAS_BIAS=False,
+                HAS_WEIGHT=weight is not None,
+                HAS_SMOOTHING=label_smoothing > 0.0,
+                HAS_SOFTCAP=softcap is not None,
+                BLOCK_M=grad_m, BLOCK_V=grad_v, BLOCK_K=t.block_k, GROUP_M=0,
+                RAW_LOGITS=True,
+                num_warps=grad_warps,
+                **_dot_args(dtype),
+            )
         if need_input:
             if acc is None:
                 torch.mm(x, w_c, out=d_inp)
