@@ -417,7 +417,7 @@ class Measurement(NamedTuple):
     note: str  # why queued samples are missing on CUDA, else ""
 
 
-def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda", queued=True):
+def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda", queued=True, queued_run=None):
     """Time ``run(*inputs)`` (forward+backward) with CUDA events, synced and queued.
 
     ``make_inputs()`` returns a fresh tuple of inputs for every call (outside the timed region);
@@ -436,7 +436,9 @@ def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda", q
       ``SLEEP_DOUBLINGS`` times at most, and the later samples keep the doubled factor. When
       that fails, or the host waited as long as the sleep twice in a row (a call that
       synchronizes inside, which no sleep covers), the sample and the repeats after it are NaN
-      and ``note`` says why.
+      and ``note`` says why. ``queued_run`` (default ``run``) is what the queued samples call:
+      the same GPU work without a host wait that no sleep can cover (see
+      bench_gpu_linear_cross_entropy.py).
 
     Returns a ``Measurement``; on the CPU (smoke mode) wall-clock synced times, NaN queued times
     and NaN extra memory.
@@ -479,7 +481,7 @@ def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda", q
             gpu_times.append(float("nan"))
             continue
         inputs = result = grads = None
-        gpu_ms, result, grads = timer.sample(make_inputs, run, grads_of)
+        gpu_ms, result, grads = timer.sample(make_inputs, queued_run or run, grads_of)
         gpu_times.append(gpu_ms)
     note = ""
     if timer is not None and timer.reason:
@@ -563,20 +565,32 @@ def skipped_row(common, benchmark, shape, dtype, ignored, impl, config=""):
     )
 
 
-def run_impls(torch, impls, args, rec, common, benchmark, shape, config_var, make_inputs, grads_of, measured):
+def run_impls(torch, impls, args, rec, common, benchmark, shape, config_var, make_inputs, grads_of, measured,
+              queued_contexts=None):
     """Time every implementation of ``impls`` (``name -> fn(*inputs) -> loss``) forward+backward
     on ``make_inputs()``, crossent's once per config of ``args.config_list`` (set in environment
     variable ``config_var``), the peers once; add one row per run to ``rec``.
 
     ``measured(loss, grads)`` returns the row's ``(throughput, unit, loss_err, grad_err,
     grad2_err, note)``. A failing implementation or config gets a "failed" row and the others
-    still run; past ``rec``'s time budget the rest get "skipped" rows.
+    still run; past ``rec``'s time budget the rest get "skipped" rows. ``queued_contexts``: name ->
+    (context manager factory, note): the queued samples of that implementation run inside it
+    (``measure``'s ``queued_run``) and its rows carry the note.
     """
+    queued_contexts = queued_contexts or {}
     for name, fn in impls.items():
         def run(*inputs, fn=fn):
             loss = fn(*inputs)
             loss.backward()
             return loss.detach()
+
+        queued_run, queued_note = None, ""
+        if name in queued_contexts:
+            context, queued_note = queued_contexts[name]
+
+            def queued_run(*inputs, run=run, context=context):
+                with context():
+                    return run(*inputs)
 
         for config in (args.config_list if name.startswith("crossent") else [""]):
             if rec.over_budget():
@@ -586,9 +600,11 @@ def run_impls(torch, impls, args, rec, common, benchmark, shape, config_var, mak
             try:
                 with config_env(config_var, config or DEFAULT_CONFIG):
                     m = measure(torch, make_inputs, run, args.repeats, args.warmup, grads_of,
-                                device=args.device, queued=args.queued)
+                                device=args.device, queued=args.queued, queued_run=queued_run)
                 loss, grads = m.result, m.grads
                 throughput, unit, loss_err, grad_err, grad2_err, note = measured(loss, grads)
+                if queued_note and any(not math.isnan(t) for t in m.gpu_times_ms):
+                    note = join_notes(note, queued_note)
                 rec.add(row(common, benchmark, shape, args.dtype, args.ignored, name, m.times_ms, m.extra_bytes,
                             throughput, unit, loss_err, grad_err, grad2_err, note=join_notes(note, m.note),
                             config=config, gpu_times=m.gpu_times_ms))

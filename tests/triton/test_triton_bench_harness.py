@@ -461,3 +461,55 @@ def test_linear_script_refuses_a_bad_fast_budget_list(value):
                            "--fast-budget-mib", value], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"--fast-budget-mib must be comma-separated integers >= 1, got {value!r}" in proc.stderr
+
+
+def test_linear_script_row_count_given_replaces_the_host_count(monkeypatch):
+    """The queued samples of crossent's default linear calls get the row count ahead: inside
+    ``row_count_given`` a call's HostCount holds the given count and has no event to wait on;
+    with the waits turned off it gives none, as the library would; outside, the library's own."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from crossent.triton import _launchers
+
+    monkeypatch.syspath_prepend(BENCH)
+    spec = importlib.util.spec_from_file_location(
+        "bench_linear", os.path.join(BENCH, "bench_gpu_linear_cross_entropy.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = _launchers._host_count
+    with bench.row_count_given(55):
+        count = _launchers._host_count(torch.tensor(7))
+        assert count.event is None and count.get() == 55
+        monkeypatch.setenv(_launchers.HOST_COUNT_ENV, "0")
+        assert _launchers._host_count(torch.tensor(7)) is None
+    assert _launchers._host_count is real
+
+
+def test_measure_queued_run_is_what_queued_samples_call():
+    """``measure(queued_run=...)``: synced samples call ``run``, queued ones ``queued_run`` (a
+    stand-in for torch.cuda whose sleep always covers the call)."""
+    import time
+    import types
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def query(self):
+            return False  # still asleep: the whole call was queued behind the sleep
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    cuda = types.SimpleNamespace(synchronize=lambda: None, Event=Event, _sleep=lambda cycles: None,
+                                 memory_allocated=lambda: 0, reset_peak_memory_stats=lambda: None,
+                                 max_memory_allocated=lambda: 0)
+    h = load_harness()
+    calls = []
+    m = h.measure(types.SimpleNamespace(cuda=cuda), tuple, lambda: calls.append("run") or 1.0, 2, 1,
+                  lambda inputs: [], device="cuda", queued_run=lambda: calls.append("queued") or 1.0)
+    assert calls == ["run", "run", "queued", "run", "queued"]
+    assert len(m.gpu_times_ms) == 2 and all(t >= 0 for t in m.gpu_times_ms) and not m.note
