@@ -426,3 +426,35 @@ def test_linear_lean_under_cuda_graph_capture(cuda_device):
     # are the same, dW's may be summed in another order by cuBLAS, dE is compared to bf16 rounding.
     torch.testing.assert_close(e.grad, want_grad, rtol=1e-2, atol=1e-3)
     assert torch.count_nonzero(e.grad[target == IGNORE]) == 0
+
+
+@pytest.mark.parametrize("kind", ["ce", "linear_lean", "linear_fast"])
+def test_inside_torch_compile(cuda_device, kind):
+    """Called from torch.compile'd code (aot_eager: no codegen to rely on), each entry gives
+    eager's loss and gradient: dynamo either traces the Triton kernels or breaks the graph around
+    the call; the row-count waits (``HostCount``) read a host value, which needs the break."""
+    import warnings
+
+    n, d, v = 2048, 128, 4099
+    e, w = make_linear(n, d, v, cuda_device, seed=10)
+    target = make_target(n, v, cuda_device, seed=10)
+    budget = n // 4 * v * 2 if kind == "linear_fast" else None  # 4 chunks of 512 rows (row schedule)
+    assert budget is None or _launchers.plan_rows(n, v, torch.bfloat16, budget, "mean", True) == n // 4
+
+    def step(e, w):
+        if kind == "ce":
+            return cross_entropy(torch.tanh(e @ w.T), target) * 2
+        return linear_cross_entropy(torch.tanh(e), w, target, memory_budget=budget) * 2
+
+    compiled = torch.compile(step, backend="aot_eager")
+    ec, wc = e.clone().requires_grad_(), w.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # graph-break notices
+        got = compiled(ec, wc)
+        got.backward()
+    ee, we = e.clone().requires_grad_(), w.clone().requires_grad_()
+    want = step(ee, we)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ec.grad, ee.grad, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(wc.grad, we.grad, rtol=1e-2, atol=1e-3)
