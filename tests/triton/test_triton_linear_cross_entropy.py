@@ -642,3 +642,19 @@ def test_triton_recompute_backward(ref, monkeypatch, count, ignore_every, device
     assert all(rows in a for a, _ in backward.shapes)
     got = (loss.detach(), xf.grad, wf.grad, bf.grad)
     assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))
+
+
+def test_compacted_backward_takes_wider_chunks(ref, monkeypatch, device):
+    """The backward's workspace holds the same bytes for the 55 non-ignored rows as the forward's
+    for all 61: 384-column chunks (3 steps over V = 1031) instead of 256 (5 steps)."""
+    monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", 55 * 384 * 4)
+    assert _launchers.plan_linear(N, V, D, torch.float32, None, True).chunk == 256
+    x, w, b, target, cw = make(device)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    opts = dict(ALL, weight=cw.float(), reduction="sum")
+    loss = linear_cross_entropy(xf, wf, target, **opts)
+    with ProductShapes() as backward:
+        loss.backward(upstream(loss))
+    assert [bm[1] for a, bm in backward.shapes if bm[0] == D] == [384, 384, 263]  # E' W_c^T per chunk
+    got = (loss.detach(), xf.grad, wf.grad, None)
+    assert_matches(got, run_reference(ref, x.float(), w.float(), None, target, **opts))

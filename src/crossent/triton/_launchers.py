@@ -582,6 +582,16 @@ class LinearPlan:
     n_store: int  # vocabulary columns whose logits the forward keeps ("fast"); 0 in lean mode
 
 
+def lean_chunk(n_rows, n_vocab, elt, tiles):
+    """Vocabulary columns per "lean" step for ``n_rows`` rows of ``elt``-byte logits: the most
+    that fit ``LEAN_WORKSPACE_BYTES``, a multiple of ``tiles.block_v`` (or ``tiles.chunk``, a
+    benchmark override), no more than the vocabulary needs."""
+    chunk = max(tiles.block_v, LEAN_WORKSPACE_BYTES // (max(n_rows, 1) * elt) // tiles.block_v * tiles.block_v)
+    if tiles.chunk:
+        chunk = tiles.chunk  # a benchmark override (see LinearTiles.chunk)
+    return min(chunk, triton.cdiv(n_vocab, tiles.block_v) * tiles.block_v)
+
+
 def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
     tiles = tiles_for_call(dtype)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -593,10 +603,7 @@ def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
     per_split = triton.cdiv(n_v_tiles, n_splits)
     n_splits = triton.cdiv(n_v_tiles, per_split)
     row_bytes = max(n_rows, 1) * elt
-    chunk = max(tiles.block_v, LEAN_WORKSPACE_BYTES // row_bytes // tiles.block_v * tiles.block_v)
-    if tiles.chunk:
-        chunk = tiles.chunk  # a benchmark override (see LinearTiles.chunk)
-    chunk = min(chunk, triton.cdiv(n_vocab, tiles.block_v) * tiles.block_v)
+    chunk = lean_chunk(n_rows, n_vocab, elt, tiles)
     n_store = 0
     if need_grad and memory_budget:
         if n_vocab * row_bytes <= memory_budget:
@@ -1114,8 +1121,9 @@ def linear_backward_products(
     The products take the M' non-ignored rows only, their count read on the host through
     ``fwd.count`` (``HostCount``): E' = E[rows[:M']] gathered into the first M' rows of the dE
     output buffer (so it costs no memory beyond the outputs). Per vocabulary chunk c
-    (``plan.chunk`` columns, the same bounded workspace): X_c = E' W_c^T (+ b_c) by cuBLAS into the
-    workspace (rounded to the input dtype, as eager PyTorch's logits); ``_lce_grad_tile_kernel``
+    (``lean_chunk`` columns for M' rows: the same bounded workspace, so fewer rows give wider
+    chunks): X_c = E' W_c^T (+ b_c) by cuBLAS into the workspace (rounded to the input dtype,
+    as eager PyTorch's logits); ``_lce_grad_tile_kernel``
     (``FROM_LOGITS``, ``RAW_LOGITS``) turns it into G_c in place from the forward's row statistics
     (their coefficients times the upstream gradient), then by cuBLAS dE' += G_c W_c into a float32
     accumulator (``_addmm_float32_``), dW_c = G_c^T E' (one rounding) and db_c = the column sums of
@@ -1158,12 +1166,14 @@ def linear_backward_products(
         target, e = fwd.target, inp
     every_row = torch.arange(m, device=device)
     n_all = torch.full((), m, dtype=torch.int64, device=device)
-    starts = list(range(0, n_vocab, plan.chunk))
+    # Fewer rows, wider chunks in the same workspace: fewer passes over the dE accumulator.
+    chunk = lean_chunk(m, n_vocab, inp.element_size(), t) if compact else plan.chunk
+    starts = list(range(0, n_vocab, chunk))
     acc = None
     if need_input and (compact or len(starts) > 1):
         acc = torch.zeros(m, n_dim, dtype=torch.float32, device=device)
     bias = linear_bias.to(dtype) if linear_bias is not None else None
-    workspace = torch.empty(m * min(plan.chunk, n_vocab), dtype=dtype, device=device)
+    workspace = torch.empty(m * min(chunk, n_vocab), dtype=dtype, device=device)
     weight = fwd.weight
     grad_m, grad_v, grad_warps = t.grad_m or t.block_m, t.grad_v or t.block_v, t.grad_warps or t.num_warps
     n_m_blocks = triton.cdiv(m, grad_m)
@@ -1172,7 +1182,7 @@ def linear_backward_products(
     fused = t.products == 3 and n_valid is not None
     cap = float(softcap) if softcap is not None else 1.0
     for start in starts:
-        width = min(plan.chunk, n_vocab - start)
+        width = min(chunk, n_vocab - start)
         w_c = linear_weight[start : start + width]
         if fused:
             x = workspace[: m * width].view(m, width)
