@@ -97,6 +97,7 @@ LINEAR_SWEEP = [
     "group_m=4",  # 80.1 / 74.1
     "num_stages=5",  # 160 KiB smem: - / 72.8
     "num_stages=3",  # 96 KiB smem, the grouped order and chunks kept
+    "tma=1",  # E and W through TMA descriptors in the forward kernel (not measured)
 ]
 
 #: ``--configs default-sweep``: CROSSENT_TRITON_CE_CONFIG values (key=value items). Each compiles
@@ -142,6 +143,10 @@ ELEMENTWISE_SWEEP = [
     # ... and the backward's logits recomputed by the Triton gradient-tile kernel, G formed in its
     # registers (no elementwise pass over the logits), dE and dW by cuBLAS.
     "products=3",
+    # The same two with the fused forward reading E and W through TMA descriptors (E gathered in
+    # the compacted order first): sm_90 compiles it with wgmma and bulk tensor copies.
+    "products=2,tma=1",
+    "products=3,tma=1",
 ]
 
 

@@ -217,12 +217,13 @@ def main(argv=None):
         every = dict(HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)
         dot = dict(INTERPRETER=False, DOT_PRECISION="tf32", BLOCK_K=t.block_k)
         kern = dict(num_warps=t.num_warps, num_stages=t.num_stages, divisible=divisible)
+        tma = dict(TMA=bool(t.tma))
         variants = [
             ("forward", K._lce_forward_kernel,
-             dict(**plain, **dot, STORE_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+             dict(**plain, **dot, **tma, STORE_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
                   GROUP_M=t.group_m), ("cap",)),
             ("forward+store", K._lce_forward_kernel,
-             dict(**plain, **dot, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+             dict(**plain, **dot, **tma, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
                   GROUP_M=t.group_m), ("cap",)),
             ("grad_tile", K._lce_grad_tile_kernel,
              dict(**plain, **dot, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v, GROUP_M=t.group_m),
@@ -236,7 +237,7 @@ def main(argv=None):
         if args.all_options:
             variants += [
                 ("forward[all options]", K._lce_forward_kernel,
-                 dict(**every, **dot, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+                 dict(**every, **dot, **tma, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
                       GROUP_M=t.group_m), ("cap",)),
                 ("grad_tile[all options]", K._lce_grad_tile_kernel,
                  dict(**every, **dot, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
@@ -246,9 +247,12 @@ def main(argv=None):
         plans = {k: L.plan_linear(n, v, d, torch.bfloat16, None, True) for k, (n, d, v) in SHAPES.items()}
         os.environ.pop(L.LINEAR_TILES_ENV, None)
         config_ok = True
+        # With tma=1 the forward kernel takes tensor descriptors of E and W (block rows x BLOCK_K).
+        desc = dict(ptrs, e_ptr=f"tensordesc<bf16[{t.block_m}, {t.block_k}]>",
+                    w_ptr=f"tensordesc<bf16[{t.block_v}, {t.block_k}]>")
         for kname, fn, consts, floats in variants:
             name = f"{label}:{kname}"
-            build(name, fn, ptrs, consts, floats=floats, **kern)
+            build(name, fn, desc if consts.get("TMA") else ptrs, consts, floats=floats, **kern)
             if name not in compiled:
                 emit(f"| `{label}` | {kname} | compile failed | | | | | | | | no |")
                 config_ok = False

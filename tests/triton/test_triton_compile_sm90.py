@@ -21,13 +21,14 @@ HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compil
 def test_kernels_compile_for_sm90(sm90_script):
     out = sm90_script(HELPER, timeout=600)
     lines = {m.group(1): m.group(0) for m in re.finditer(r"^OK (\S+) .*$", out, re.M)}
-    assert len(lines) == 46, out
+    assert len(lines) == 48, out
     for name in ("lce_forward[bf16]", "lce_forward[bf16,group_m=8]", "lce_grad_tile[bf16,from_logits=False]",
                  "lce_grad_tile[bf16,from_logits=False,group_m=8]",
                  "lce_grad_input[bf16,first=False,last=True]", "lce_grad_weight[bf16,per_row=False]"):
         wgmma = int(re.search(r"wgmma=(\d+)", lines[name]).group(1))
         cp_async = int(re.search(r"cp.async=(\d+)", lines[name]).group(1))
         assert wgmma > 0 and cp_async > 0, lines[name]
+    assert int(re.search(r"tma=(\d+)", lines["lce_forward[bf16,tma]"]).group(1)) > 0, lines["lce_forward[bf16,tma]"]
 
 
 REPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -41,8 +42,8 @@ def test_default_sweep_configs_compile_clean_for_sm90(sm90_script):
     cannot win."""
     out = sm90_script(REPORT, timeout=900)
     rows = [line for line in out.splitlines() if line.startswith("| `")]
-    # 6 linear configs x 5 kernels, 5 CE configs x 2 shapes, 9 elementwise configs x 2 kernels (the
-    # last two, products=2 and 3, change the schedule, not the tiles: their fused forward and
-    # recompute kernels are in the linear rows)
-    assert len(rows) == 6 * 5 + 5 * 2 + 9 * 2, out
+    # 7 linear configs x 5 kernels, 5 CE configs x 2 shapes, 11 elementwise configs x 2 kernels (the
+    # last four, products=2 and 3 with and without tma, change the schedule, not the tiles: their
+    # fused forward and recompute kernels are in the linear rows)
+    assert len(rows) == 7 * 5 + 5 * 2 + 11 * 2, out
     assert "all configs OK" in out

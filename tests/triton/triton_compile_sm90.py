@@ -24,6 +24,7 @@ def main():
     def report(name, out):
         ptx = out.asm["ptx"]
         print(f"OK {name} wgmma={ptx.count('wgmma.mma_async')} cp.async={ptx.count('cp.async')} "
+              f"tma={ptx.count('cp.async.bulk.tensor')} "
               f"ptx_local={ptx.count('ld.local') + ptx.count('st.local')} shared={out.metadata.shared}", flush=True)
 
     compile_variant, failures = compiler(report)
@@ -68,7 +69,14 @@ def main():
         opts = dict(HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True)
         for group in (0, 8):
             build(f"lce_forward[{dt}" + (f",group_m={group}]" if group else "]"), K._lce_forward_kernel, ptrs,
-                  dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=group), floats=("cap",))
+                  dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=group, TMA=False),
+                  floats=("cap",))
+        # LinearTiles.tma: E and W through tensor descriptors (TMA bulk copies).
+        bk = tiles["BLOCK_K"]
+        build(f"lce_forward[{dt},tma]", K._lce_forward_kernel,
+              dict(ptrs, e_ptr=f"tensordesc<{dt}[128, {bk}]>", w_ptr=f"tensordesc<{dt}[128, {bk}]>"),
+              dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=8, TMA=True),
+              floats=("cap",))
         build(f"lce_combine[{dt}]", K._lce_combine_kernel, ptrs,
               dict(MEAN=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128),
               floats=("eps", "z_loss"), num_warps=4)
@@ -77,7 +85,7 @@ def main():
         # way on an H100 (few vocabulary tiles: one split).
         ones = dict(n_splits=1, n_rows=1)
         build(f"lce_forward[{dt},n_rows=1]", K._lce_forward_kernel, ptrs,
-              dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=8, n_rows=1),
+              dict(**opts, **tiles, STORE_LOGITS=True, BLOCK_M=128, BLOCK_V=128, GROUP_M=8, TMA=False, n_rows=1),
               floats=("cap",))
         build(f"lce_combine[{dt},n_splits=1,n_rows=1]", K._lce_combine_kernel, ptrs,
               dict(MEAN=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128, **ones),

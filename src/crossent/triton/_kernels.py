@@ -491,6 +491,49 @@ def _logits_tile(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return _bias_softcap(acc, bias_ptr, cols, col_mask, cap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def _logits_tile_tma(
+    e_desc,
+    w_desc,
+    bias_ptr,
+    row0,
+    col0,
+    cols,
+    col_mask,
+    n_dim,
+    cap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``_logits_tile`` for rows ``row0 .. row0 + BLOCK_M - 1`` of a contiguous E (the launcher's
+    compacted copy) and columns ``cols`` (``col0`` = ``cols[0]``), both operands read through
+    tensor descriptors (Hopper's TMA: one bulk copy per operand tile and K step into shared
+    memory, no per-thread address arithmetic). Rows and columns past the tensors' ends, and D past
+    ``n_dim``, are filled with zeros by the copy itself. ``e_desc`` (M', D) with block
+    (BLOCK_M, BLOCK_K); ``w_desc`` (V, D) with block (BLOCK_V, BLOCK_K)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, n_dim, BLOCK_K):
+        a = e_desc.load([row0, k0])
+        b = w_desc.load([col0, k0])
+        if INTERPRETER:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return _bias_softcap(acc, bias_ptr, cols, col_mask, cap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def _bias_softcap(acc, bias_ptr, cols, col_mask, cap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``(x, th)`` of a float32 product tile: ``x = softcap(acc + b[cols])``, ``th`` its tanh (the
+    softcap's derivative needs it), equal to ``x`` without a softcap."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     th = acc
@@ -568,6 +611,7 @@ def _lce_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """Per-row softmax statistics of one vocabulary split: grid (row blocks, splits).
 
@@ -587,7 +631,8 @@ def _lce_forward_kernel(
     ``n_valid_ptr`` int64 scalar (number of non-ignored rows); ``target_ptr`` (M,) int64;
     ``weight_ptr`` (V,) class weights. Overflow: row indices and row offsets are int64.
     ``GROUP_M``: program order (``_program_tile``; groups of row blocks times every split), which
-    changes no result.
+    changes no result. ``TMA``: ``e_ptr`` and ``w_ptr`` are tensor descriptors instead
+    (``_logits_tile_tma``), ``e_ptr`` of the compacted rows (row r is compacted row r).
     """
     pid_m, pid_s = _program_tile(GROUP_M)
     n_splits = tl.num_programs(1)
@@ -603,11 +648,17 @@ def _lce_forward_kernel(
         for tile in range(tile_lo, tile_hi):
             cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = cols < n_vocab
-            x, th = _logits_tile(
-                e_ptr, stride_em, w_ptr, stride_wv, bias_ptr,
-                rows, row_mask, cols, col_mask, n_dim, cap,
-                HAS_BIAS, HAS_SOFTCAP, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
-            )
+            if TMA:
+                x, th = _logits_tile_tma(
+                    e_ptr, w_ptr, bias_ptr, pid_m * BLOCK_M, tile * BLOCK_V, cols, col_mask, n_dim, cap,
+                    HAS_BIAS, HAS_SOFTCAP, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+                )
+            else:
+                x, th = _logits_tile(
+                    e_ptr, stride_em, w_ptr, stride_wv, bias_ptr,
+                    rows, row_mask, cols, col_mask, n_dim, cap,
+                    HAS_BIAS, HAS_SOFTCAP, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+                )
             if STORE_LOGITS:
                 if tile * BLOCK_V < n_store:
                     st_ptr = store_ptr + r.to(tl.int64)[:, None] * stride_store + cols[None, :]

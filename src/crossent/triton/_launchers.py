@@ -496,11 +496,16 @@ class LinearTiles:
     grad_m: int = 0
     grad_v: int = 0
     grad_warps: int = 0
+    # 1: the fused Triton forward kernel (products 0, 2, 3 and the "fast" Triton schedule) reads
+    # E and W through tensor descriptors (Hopper's TMA bulk copies) instead of per-thread loads;
+    # E is first gathered in the compacted row order (an (M, D) copy in the forward), since TMA
+    # cannot gather rows. Needs 16-byte aligned rows (D * itemsize % 16 == 0); otherwise ignored.
+    tma: int = 0
 
 
 _LINEAR_FIELDS = ("block_m", "block_v", "block_k", "block_d", "num_warps", "num_stages", "programs",
                   "group_m", "chunk", "products", "stats_m", "stats_v", "stats_warps", "grad_m", "grad_v",
-                  "grad_warps")
+                  "grad_warps", "tma")
 _LINEAR_POSITIONAL = _LINEAR_FIELDS[:6]
 _LINEAR_CHECKS = dict(
     block_m=_pow2_in(16, 512),
@@ -513,6 +518,7 @@ _LINEAR_CHECKS = dict(
     group_m=_int_in(0, 1 << 16),
     chunk=_int_in(0, 1 << 24),
     products=_int_in(0, 3),
+    tma=_int_in(0, 1),
     stats_m=_pow2_in(2, 256),
     stats_v=_pow2_in(16, 8192),
     stats_warps=_pow2_in(1, 32),
@@ -613,6 +619,22 @@ def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
             n_store = max(0, (memory_budget - chunk * row_bytes) // row_bytes) // chunk * chunk
             n_store = min(n_store, n_vocab)
     return LinearPlan(n_rows, n_vocab, n_dim, tiles, n_splits, per_split, chunk, n_store)
+
+
+def _tma_operands(inp, linear_weight, rows, tiles):
+    """The forward kernel's E and W arguments: ``(inp, linear_weight)``, or with ``tiles.tma``
+    tensor descriptors of E gathered in the compacted order ``rows`` and of W (their rows must be
+    16-byte aligned, as TMA requires; otherwise the plain pointers)."""
+    elt = inp.element_size()
+    aligned = (inp.shape[1] * elt) % 16 == 0 and (linear_weight.stride(0) * elt) % 16 == 0 \
+        and linear_weight.data_ptr() % 16 == 0
+    if not (tiles.tma and aligned):
+        return inp, linear_weight
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    e_compact = inp.index_select(0, rows)
+    return (TensorDescriptor.from_tensor(e_compact, [tiles.block_m, tiles.block_k]),
+            TensorDescriptor.from_tensor(linear_weight, [tiles.block_v, tiles.block_k]))
 
 
 def _dot_args(dtype):
@@ -788,15 +810,17 @@ def linear_forward(
                                            plan, softcap, label_smoothing, count)
         else:
             partial = torch.empty(6, n_splits, n_rows, dtype=torch.float32, device=device)
+            e_arg, w_arg = _tma_operands(inp, linear_weight, rows, t)
             K._lce_forward_kernel[(n_m_blocks, n_splits)](
-                inp, inp.stride(0),
-                linear_weight, linear_weight.stride(0),
+                e_arg, inp.stride(0),
+                w_arg, linear_weight.stride(0),
                 linear_bias if linear_bias is not None else dummy,
                 rows, n_valid, target, weight if weight is not None else dummy,
                 partial, store if store is not None else dummy, plan.n_store, plan.n_store,
                 n_rows, n_vocab, n_dim, plan.tiles_per_split, cap,
                 STORE_LOGITS=store is not None,
                 BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+                TMA=e_arg is not inp,
                 num_warps=t.num_warps, num_stages=t.num_stages,
                 **flags, **_dot_args(inp.dtype),
             )
