@@ -132,7 +132,7 @@ def _elementwise_report(configs, K, build, compiled, ptrs, emit):
              t.stats_warps, (t.stats_m, t.stats_v), math.ceil(n_rows / t.stats_m)),
             ("grad_tile(raw logits)", K._lce_grad_tile_kernel, ptrs,
              dict(HAS_BIAS=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False, INTERPRETER=False,
-                  DOT_PRECISION="tf32", BLOCK_K=t.block_k, FROM_LOGITS=True, RAW_LOGITS=True,
+                  DOT_PRECISION="tf32", BLOCK_K=t.block_k, FROM_LOGITS=True, RAW_LOGITS=True, TMA=False,
                   BLOCK_M=grad_m, BLOCK_V=grad_v, GROUP_M=0),
              grad_warps, (grad_m, grad_v), math.ceil(n_rows / grad_m) * math.ceil(chunk / grad_v)),
         ]
@@ -226,8 +226,8 @@ def main(argv=None):
              dict(**plain, **dot, **tma, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
                   GROUP_M=t.group_m), ("cap",)),
             ("grad_tile", K._lce_grad_tile_kernel,
-             dict(**plain, **dot, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v, GROUP_M=t.group_m),
-             ("cap",)),
+             dict(**plain, **dot, **tma, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+                  GROUP_M=t.group_m), ("cap",)),
             ("dE", K._lce_grad_input_kernel,
              dict(**dot, FIRST=False, LAST=False, BLOCK_M=t.block_m, BLOCK_D=t.block_d), ()),
             ("dW", K._lce_grad_weight_kernel,
@@ -240,7 +240,7 @@ def main(argv=None):
                  dict(**every, **dot, **tma, STORE_LOGITS=True, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
                       GROUP_M=t.group_m), ("cap",)),
                 ("grad_tile[all options]", K._lce_grad_tile_kernel,
-                 dict(**every, **dot, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
+                 dict(**every, **dot, **tma, FROM_LOGITS=False, BLOCK_M=t.block_m, BLOCK_V=t.block_v,
                       GROUP_M=t.group_m), ("cap",)),
             ]
         os.environ[L.LINEAR_TILES_ENV] = label if label != H.DEFAULT_CONFIG else ""

@@ -660,15 +660,15 @@ def test_compacted_backward_takes_wider_chunks(ref, monkeypatch, device):
     assert_matches(got, run_reference(ref, x.float(), w.float(), None, target, **opts))
 
 
-@pytest.mark.parametrize("mode", ["lean_products0", "lean_products2", "fast_part"])
+@pytest.mark.parametrize("mode", ["lean_products0", "lean_products2", "lean_products3", "fast_part"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tma_forward(ref, monkeypatch, mode, dtype, device):
-    """``LinearTiles.tma``: the fused forward kernel reads E (gathered in the compacted order)
-    and W through tensor descriptors; the same answer as float64 (bf16: no worse than naive
-    bf16 torch). Rows of D = 32 are 16-byte aligned; D = 36 in bf16 (72 bytes) is not, and falls
-    back to the pointers."""
+def test_tma(ref, monkeypatch, mode, dtype, device):
+    """``LinearTiles.tma``: the fused forward kernel (and with ``products=3`` the backward's
+    recompute) reads E (in the compacted order) and W through tensor descriptors; the same answer
+    as float64 (bf16: no worse than naive bf16 torch). Rows of D = 32 are 16-byte aligned; D = 36
+    in bf16 (72 bytes) is not, and falls back to the pointers."""
     real = _launchers.linear_tiles
-    products = 0 if mode == "lean_products0" else 2
+    products = {"lean_products0": 0, "lean_products3": 3}.get(mode, 2)
     monkeypatch.setattr(_launchers, "linear_tiles",
                         lambda dt: dataclasses.replace(real(dt), products=products, tma=1))
     seen = []
@@ -694,4 +694,5 @@ def test_tma_forward(ref, monkeypatch, mode, dtype, device):
         else:
             naive_opts = {k: v for k, v in opts.items() if k != "memory_budget"}
             assert_no_worse_than_naive(ref, got, xl, wl, bl, target, cw, naive_opts)
-    assert seen == [True, dtype == torch.float32]  # 36 * 4 bytes are aligned, 36 * 2 are not
+    aligned36 = dtype == torch.float32  # 36 * 4 bytes are aligned, 36 * 2 are not
+    assert seen == ([True, True, aligned36, aligned36] if products == 3 else [True, aligned36])  # forward, backward

@@ -90,12 +90,16 @@ def main():
         build(f"lce_combine[{dt},n_splits=1,n_rows=1]", K._lce_combine_kernel, ptrs,
               dict(MEAN=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, BLOCK_M=128, **ones),
               floats=("eps", "z_loss"), num_warps=4)
+        build(f"lce_grad_tile[{dt},tma]", K._lce_grad_tile_kernel,
+              dict(ptrs, e_ptr=f"tensordesc<{dt}[128, {bk}]>", w_ptr=f"tensordesc<{dt}[128, {bk}]>"),
+              dict(**opts, **tiles, FROM_LOGITS=False, BLOCK_M=128, BLOCK_V=128, GROUP_M=8, TMA=True),
+              floats=("cap",))
         for from_logits, group, raw in ((False, 0, False), (True, 0, False), (False, 8, False), (True, 0, True)):
             build(f"lce_grad_tile[{dt},from_logits={from_logits}" + (f",group_m={group}" if group else "")
                   + (",raw_logits=True]" if raw else "]"),
                   K._lce_grad_tile_kernel, ptrs,
                   dict(**opts, **tiles, FROM_LOGITS=from_logits, BLOCK_M=128, BLOCK_V=128, GROUP_M=group,
-                       RAW_LOGITS=raw),
+                       RAW_LOGITS=raw, TMA=False),
                   floats=("cap",))
         for first in (True, False):
             build(f"lce_stats[{dt},first={first}]", K._lce_stats_kernel,

@@ -904,6 +904,7 @@ def _lce_grad_tile_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     RAW_LOGITS: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """Gradient of the logits for vocabulary columns [col_start, col_start + n_chunk).
 
@@ -916,6 +917,8 @@ def _lce_grad_tile_kernel(
     ``GROUP_M``: program order (``_program_tile``), bit-identical results for any value.
     ``RAW_LOGITS`` (with ``FROM_LOGITS``): ``g_ptr`` holds the logits before the softcap (a
     cuBLAS product, see ``_launchers.linear_backward_products``), which is applied here.
+    ``TMA`` (without ``FROM_LOGITS``): ``e_ptr`` and ``w_ptr`` are tensor descriptors, ``e_ptr``
+    of the compacted rows (``_logits_tile_tma``).
     """
     pid_m, pid_v = _program_tile(GROUP_M)
     n_valid = tl.load(n_valid_ptr)
@@ -936,6 +939,11 @@ def _lce_grad_tile_kernel(
                     x = cap * th
                 else:
                     th = x / cap
+        elif TMA:
+            x, th = _logits_tile_tma(
+                e_ptr, w_ptr, bias_ptr, pid_m * BLOCK_M, col_start + pid_v * BLOCK_V, cols, col_mask, n_dim, cap,
+                HAS_BIAS, HAS_SOFTCAP, INTERPRETER, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+            )
         else:
             x, th = _logits_tile(
                 e_ptr, stride_em, w_ptr, stride_wv, bias_ptr,

@@ -622,17 +622,18 @@ def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
 
 
 def _tma_operands(inp, linear_weight, rows, tiles):
-    """The forward kernel's E and W arguments: ``(inp, linear_weight)``, or with ``tiles.tma``
-    tensor descriptors of E gathered in the compacted order ``rows`` and of W (their rows must be
-    16-byte aligned, as TMA requires; otherwise the plain pointers)."""
+    """The E and W arguments of the kernels that compute logits tiles: ``(inp, linear_weight)``,
+    or with ``tiles.tma`` tensor descriptors of E in the compacted order (gathered by ``rows``;
+    None: ``inp`` is in that order already) and of W. TMA needs 16-byte aligned rows (and base
+    addresses); otherwise the plain pointers."""
     elt = inp.element_size()
-    aligned = (inp.shape[1] * elt) % 16 == 0 and (linear_weight.stride(0) * elt) % 16 == 0 \
-        and linear_weight.data_ptr() % 16 == 0
+    aligned = all((t.stride(0) * elt) % 16 == 0 and t.data_ptr() % 16 == 0 and t.stride(1) == 1
+                  for t in (inp, linear_weight)) and (inp.shape[1] * elt) % 16 == 0
     if not (tiles.tma and aligned):
         return inp, linear_weight
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    e_compact = inp.index_select(0, rows)
+    e_compact = inp.index_select(0, rows) if rows is not None else inp
     return (TensorDescriptor.from_tensor(e_compact, [tiles.block_m, tiles.block_k]),
             TensorDescriptor.from_tensor(linear_weight, [tiles.block_v, tiles.block_k]))
 
@@ -1205,13 +1206,17 @@ def linear_backward_products(
     # fwd.n_valid; all of them are written only when the count is known on the host).
     fused = t.products == 3 and n_valid is not None
     cap = float(softcap) if softcap is not None else 1.0
+    if fused:
+        # E' (gathered above, or every row in order when none is ignored) as the kernel reads it.
+        e_arg, w_arg = _tma_operands(e, linear_weight, None, t)
+        e_arg = inp if e_arg is e else e_arg
     for start in starts:
         width = min(chunk, n_vocab - start)
         w_c = linear_weight[start : start + width]
         if fused:
             x = workspace[: m * width].view(m, width)
             K._lce_grad_tile_kernel[(triton.cdiv(m, t.block_m), triton.cdiv(width, t.block_v))](
-                inp, inp.stride(0), linear_weight, linear_weight.stride(0),
+                e_arg, inp.stride(0), w_arg, linear_weight.stride(0),
                 linear_bias if linear_bias is not None else coef,
                 fwd.rows, fwd.n_valid, fwd.target, weight if weight is not None else coef, coef,
                 x, x.stride(0), start, width, coef.shape[1], n_vocab, n_dim, cap,
@@ -1221,6 +1226,7 @@ def linear_backward_products(
                 HAS_SMOOTHING=label_smoothing > 0.0,
                 HAS_SOFTCAP=softcap is not None,
                 BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
+                TMA=e_arg is not inp,
                 num_warps=t.num_warps, num_stages=t.num_stages,
                 **_dot_args(dtype),
             )
