@@ -4,8 +4,13 @@
 #
 #   bash benchmarks/gpu_session.sh check    # the Triton kernel tests compiled on CUDA (TRITON_INTERPRET=0)
 #   bash benchmarks/gpu_session.sh ce       # CE on logits: crossent configs vs torch, Liger (both shapes)
-#   bash benchmarks/gpu_session.sh linear   # fused linear CE: crossent tile configs vs torch, torch.compile,
-#                                           #   Liger, Cut Cross-Entropy, three bare matmuls (both shapes)
+#   bash benchmarks/gpu_session.sh linear   # fused linear CE: crossent's defaults (lean, fast, and both
+#                                           #   with every row through the products) vs torch,
+#                                           #   torch.compile, Liger, Cut Cross-Entropy, three bare
+#                                           #   matmuls (both shapes); sweeps: --tiles elementwise-sweep
+#                                           #   --impls crossent-triton-lean,bare-matmuls (schedules and
+#                                           #   tiles of the lean default), --tiles default-sweep (tiles of
+#                                           #   the Triton matmul kernels: products=0 and fast's Triton schedule)
 #   bash benchmarks/gpu_session.sh profile  # kernel-by-kernel time, host time and idle gaps per call
 #                                           #   (lean, fast 1000 MiB, CE; benchmarks/profile_gpu_kernels.py)
 #
@@ -37,7 +42,7 @@ case $step in
         python3 benchmarks/bench_gpu_cross_entropy.py --configs default-sweep --max-minutes 8.5 \
             --out "$OUT/gpu_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/ce.log" ;;
     linear)
-        python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default-sweep --max-minutes 8.5 \
+        python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default --max-minutes 8.5 \
             --out "$OUT/gpu_linear_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/linear.log" ;;
     profile)
         python3 benchmarks/profile_gpu_kernels.py --fast-budget-mib 1000 \
