@@ -638,6 +638,16 @@ def _tma_operands(inp, linear_weight, rows, tiles):
             TensorDescriptor.from_tensor(linear_weight, [tiles.block_v, tiles.block_k]))
 
 
+def _option_flags(linear_bias, weight, label_smoothing, softcap):
+    """The loss-option constexprs of the linear kernels."""
+    return dict(
+        HAS_BIAS=linear_bias is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap is not None,
+    )
+
+
 def _dot_args(dtype):
     # tf32 would lose float32 precision: float32 inputs take the exact ("ieee") product.
     return dict(
@@ -795,12 +805,7 @@ def linear_forward(
     if n_rows:
         dummy = row_loss
         n_m_blocks = triton.cdiv(n_rows, t.block_m)
-        flags = dict(
-            HAS_BIAS=linear_bias is not None,
-            HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0.0,
-            HAS_SOFTCAP=softcap is not None,
-        )
+        flags = _option_flags(linear_bias, weight, label_smoothing, softcap)
         cap = float(softcap) if softcap is not None else 1.0
         n_splits = plan.n_splits
         if t.products == 1 and store is None:
@@ -1089,10 +1094,7 @@ def linear_backward(
                 fwd.rows, fwd.n_valid, fwd.target, weight if weight is not None else dummy,
                 fwd.coef, buf, buf.stride(0), start, width, n_rows, n_vocab, n_dim, cap,
                 FROM_LOGITS=False,
-                HAS_BIAS=linear_bias is not None,
-                HAS_WEIGHT=weight is not None,
-                HAS_SMOOTHING=label_smoothing > 0.0,
-                HAS_SOFTCAP=softcap is not None,
+                **_option_flags(linear_bias, weight, label_smoothing, softcap),
                 BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                 num_warps=t.num_warps, num_stages=t.num_stages,
                 **dot,
@@ -1221,10 +1223,7 @@ def linear_backward_products(
                 fwd.rows, fwd.n_valid, fwd.target, weight if weight is not None else coef, coef,
                 x, x.stride(0), start, width, coef.shape[1], n_vocab, n_dim, cap,
                 FROM_LOGITS=False,
-                HAS_BIAS=linear_bias is not None,
-                HAS_WEIGHT=weight is not None,
-                HAS_SMOOTHING=label_smoothing > 0.0,
-                HAS_SOFTCAP=softcap is not None,
+                **_option_flags(linear_bias, weight, label_smoothing, softcap),
                 BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
                 TMA=e_arg is not inp,
                 num_warps=t.num_warps, num_stages=t.num_stages,
@@ -1237,10 +1236,7 @@ def linear_backward_products(
                 every_row, n_all, target, weight if weight is not None else coef, coef,
                 x, x.stride(0), start, width, m, n_vocab, n_dim, cap,
                 FROM_LOGITS=True,
-                HAS_BIAS=False,
-                HAS_WEIGHT=weight is not None,
-                HAS_SMOOTHING=label_smoothing > 0.0,
-                HAS_SOFTCAP=softcap is not None,
+                **_option_flags(None, weight, label_smoothing, softcap),  # the bias is in X already
                 BLOCK_M=grad_m, BLOCK_V=grad_v, BLOCK_K=t.block_k, GROUP_M=0,
                 RAW_LOGITS=True,
                 num_warps=grad_warps,
