@@ -1155,8 +1155,10 @@ def linear_backward_products(
     (their coefficients times the upstream gradient), then by cuBLAS dE' += G_c W_c into a float32
     accumulator (``_addmm_float32_``), dW_c = G_c^T E' (one rounding) and db_c = the column sums of
     G_c. ``_scatter_rows_kernel`` puts dE' back in the rows' order with zeros on the ignored rows.
-    Without a count (CUDA graph capture) M' = M: every row in its own order, ignored rows with
-    G = 0 (statistics m = +inf, A = B = C = 0).
+    ``products=3``: G_c straight from ``_lce_grad_tile_kernel`` recomputing the logits itself
+    (tl.dot in float32; with ``tma`` through descriptors of E' and W), no cuBLAS X_c and no
+    elementwise pass. Without a count (CUDA graph capture) M' = M: every row in its own order,
+    ignored rows with G = 0 (statistics m = +inf, A = B = C = 0), X_c by cuBLAS in any case.
     """
     plan, t = fwd.plan, fwd.plan.tiles
     n_rows, n_vocab, n_dim = plan.n_rows, plan.n_vocab, plan.n_dim
