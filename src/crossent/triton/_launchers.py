@@ -678,12 +678,15 @@ class HostCount:
     def start(cls, n):
         if n.device.type != "cuda":
             return cls(n.detach().clone(), None)  # on the host already: nothing to wait for
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        host = torch.empty((), dtype=n.dtype, pin_memory=True)
-        host.copy_(n, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        # The copy runs on the current stream of n's device: the event goes right behind it there,
+        # whichever device is current.
+        with torch.cuda.device(n.device):
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            host = torch.empty((), dtype=n.dtype, pin_memory=True)
+            host.copy_(n, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         return cls(host, event)
 
     def get(self):
