@@ -696,3 +696,10 @@ def test_tma(ref, monkeypatch, mode, dtype, device):
             assert_no_worse_than_naive(ref, got, xl, wl, bl, target, cw, naive_opts)
     aligned36 = dtype == torch.float32  # 36 * 4 bytes are aligned, 36 * 2 are not
     assert seen == ([True, True, aligned36, aligned36] if products == 3 else [True, aligned36])  # forward, backward
+
+
+def test_host_count_variable_is_checked(monkeypatch, device):
+    x, w, _, target, _ = make(device, n=5, v=7)
+    monkeypatch.setenv(_launchers.HOST_COUNT_ENV, "off")
+    with pytest.raises(ValueError, match="CROSSENT_TRITON_LINEAR_HOST_COUNT must be 0 .* got 'off'"):
+        linear_cross_entropy(x.float(), w.float().requires_grad_(), target)

@@ -700,9 +700,11 @@ class HostCount:
 
 def _host_count(n_valid):
     """``HostCount.start(n_valid)``, or None with ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0``."""
-    if os.environ.get(HOST_COUNT_ENV, "1").strip() == "0":
-        return None
-    return HostCount.start(n_valid)
+    value = os.environ.get(HOST_COUNT_ENV, "1").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{HOST_COUNT_ENV} must be 0 (every row through the products) or 1 (the "
+                         f"default), got {value!r}")
+    return None if value == "0" else HostCount.start(n_valid)
 
 
 def _scatter_rows(src, rows, n_src, out):
