@@ -392,8 +392,9 @@ def _scatter_rows_kernel(src_ptr, rows_ptr, n_src, out_ptr, n_rows, n_cols, INTE
 
     ``rows`` (n_rows,) int64 is a permutation of the rows of ``out`` (the linear launcher's
     compaction: non-ignored rows first), so every row of ``out`` is written exactly once, with no
-    temporary. Grid (row blocks, column blocks). ``src_ptr`` float32 (n_src, n_cols) contiguous;
-    ``out_ptr`` (n_rows, n_cols) contiguous, any float dtype. Overflow: offsets int64.
+    temporary. Grid (row blocks, column blocks). ``src_ptr`` (n_src, n_cols) and ``out_ptr``
+    (n_rows, n_cols) contiguous, any float dtypes (the lean backward's float32 dE' accumulator,
+    the fast schedule's dE' in the input dtype). Overflow: offsets int64.
     """
     i = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -187,8 +187,10 @@ LOOP_BLOCK = 8192
 #: Unset (the default) means the fixed defaults below: results stay deterministic per config.
 CE_CONFIG_ENV = "CROSSENT_TRITON_CE_CONFIG"
 LINEAR_TILES_ENV = "CROSSENT_TRITON_LINEAR_TILES"
-#: "0" turns off the lean backward's row skipping (``HostCount``): every row goes through its
-#: products and the backward never waits for the GPU. Read by each forward call.
+#: "0" turns off the skipping of ignored rows in the cuBLAS products (lean forward and backward,
+#: the fast row schedule; ``HostCount``): every row goes through them and the host never waits
+#: for the row count. "1" (or unset) is the default; anything else is refused. Read by each
+#: forward call.
 HOST_COUNT_ENV = "CROSSENT_TRITON_LINEAR_HOST_COUNT"
 
 
@@ -496,10 +498,11 @@ class LinearTiles:
     grad_m: int = 0
     grad_v: int = 0
     grad_warps: int = 0
-    # 1: the fused Triton forward kernel (products 0, 2, 3 and the "fast" Triton schedule) reads
-    # E and W through tensor descriptors (Hopper's TMA bulk copies) instead of per-thread loads;
-    # E is first gathered in the compacted row order (an (M, D) copy in the forward), since TMA
-    # cannot gather rows. Needs 16-byte aligned rows (D * itemsize % 16 == 0); otherwise ignored.
+    # 1: the fused Triton forward kernel (products 0, 2, 3 and the "fast" Triton schedule) and the
+    # products=3 backward's recompute kernel read E and W through tensor descriptors (Hopper's TMA
+    # bulk copies) instead of per-thread loads; E is read in the compacted row order (the forward
+    # gathers an (M, D) copy; the backward reads its gathered E'), since TMA cannot gather rows.
+    # Needs 16-byte aligned rows (D * itemsize % 16 == 0); otherwise ignored.
     tma: int = 0
 
 
@@ -698,6 +701,12 @@ class HostCount:
         return int(self.value)
 
 
+def _valid_first(valid):
+    """Row indices (int64), the non-ignored rows first and each group in its own order: a stable
+    sort on the device, no host sync (the compacted order every linear path uses)."""
+    return torch.argsort((~valid).to(torch.int8), stable=True)
+
+
 def _host_count(n_valid):
     """``HostCount.start(n_valid)``, or None with ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0``."""
     value = os.environ.get(HOST_COUNT_ENV, "1").strip()
@@ -796,7 +805,7 @@ def linear_forward(
     den = _denominators(target, weight, ignore_index, n_vocab, reduction, valid)
     # Compaction without a host sync: a stable sort puts the valid rows first, in order; the
     # kernels read n_valid from the device and skip every row block past it.
-    rows = torch.argsort((~valid).to(torch.int8), stable=True)
+    rows = _valid_first(valid)
     n_valid = den.n_valid if den.mean else valid.sum()
     # The row count on its way to the host, for the cuBLAS products of the lean forward (after its
     # first chunks) and backward.
@@ -934,7 +943,7 @@ def linear_rows_forward(
     # cuBLAS adds the bias in the operands' dtype (as torch.nn.functional.linear requires).
     bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
     if count is not None:
-        order = torch.argsort((~valid).to(torch.int8), stable=True)
+        order = _valid_first(valid)
         e_all, t_all = inp.index_select(0, order), target[order]
     else:
         e_all, t_all = inp, target
@@ -1216,9 +1225,11 @@ def linear_backward_products(
     fused = t.products == 3 and n_valid is not None
     cap = float(softcap) if softcap is not None else 1.0
     if fused:
-        # E' (gathered above, or every row in order when none is ignored) as the kernel reads it.
-        e_arg, w_arg = _tma_operands(e, linear_weight, None, t)
-        e_arg = inp if e_arg is e else e_arg
+        # With tma: descriptors of E' (gathered above, or every row in order when none is
+        # ignored) and W; otherwise the kernel gathers E's rows through fwd.rows itself.
+        e_desc, w_desc = _tma_operands(e, linear_weight, None, t)
+        tma = e_desc is not e
+        e_arg, w_arg = (e_desc, w_desc) if tma else (inp, linear_weight)
     for start in starts:
         width = min(chunk, n_vocab - start)
         w_c = linear_weight[start : start + width]
@@ -1232,7 +1243,7 @@ def linear_backward_products(
                 FROM_LOGITS=False,
                 **_option_flags(linear_bias, weight, label_smoothing, softcap),
                 BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-                TMA=e_arg is not inp,
+                TMA=tma,
                 num_warps=t.num_warps, num_stages=t.num_stages,
                 **_dot_args(dtype),
             )
