@@ -43,8 +43,8 @@ def test_default_sweep_configs_compile_clean_for_sm90(sm90_script):
     cannot win."""
     out = sm90_script(REPORT, timeout=900)
     rows = [line for line in out.splitlines() if line.startswith("| `")]
-    # 7 linear configs x 5 kernels, 5 CE configs x 2 shapes, 11 elementwise configs x 2 kernels (the
-    # last four, products=2 and 3 with and without tma, change the schedule, not the tiles: their
-    # fused forward and recompute kernels are in the linear rows)
-    assert len(rows) == 7 * 5 + 5 * 2 + 11 * 2, out
+    # 7 linear configs x 5 kernels, 5 CE configs x 2 shapes, 14 elementwise configs x 2 kernels (the
+    # last seven, products=2 and 3 with and without tma and where the chunks live, change the
+    # schedule, not the tiles: their fused forward and recompute kernels are in the linear rows)
+    assert len(rows) == 7 * 5 + 5 * 2 + 14 * 2, out
     assert "all configs OK" in out

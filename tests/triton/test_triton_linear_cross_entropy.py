@@ -77,6 +77,9 @@ def assert_matches(got, want, rtol=1e-5, atol=1e-6):
     assert loss.dtype == torch.float32 and loss.shape == loss_w.shape
 
     def close(value, reference):
+        if reference is None:  # a gradient not asked for (want passes None): none may come
+            assert value is None
+            return
         tol = atol
         if value.is_cuda and reference.numel():
             tol = max(atol, 1e-5 * float(reference.abs().max()))
@@ -85,8 +88,7 @@ def assert_matches(got, want, rtol=1e-5, atol=1e-6):
     close(loss, loss_w)
     close(dx, dx_w)
     close(dw, dw_w)
-    if db_w is not None:
-        close(db, db_w)
+    close(db, db_w)
 
 
 CASES = [
@@ -658,6 +660,110 @@ def test_compacted_backward_takes_wider_chunks(ref, monkeypatch, device):
     assert [bm[1] for a, bm in backward.shapes if bm[0] == D] == [384, 384, 263]  # E' W_c^T per chunk
     got = (loss.detach(), xf.grad, wf.grad, None)
     assert_matches(got, run_reference(ref, x.float(), w.float(), None, target, **opts))
+
+
+def with_tiles(monkeypatch, **fields):
+    """The default tiles with ``fields`` replaced, for every dtype."""
+    real = _launchers.linear_tiles
+    monkeypatch.setattr(_launchers, "linear_tiles", lambda dtype: dataclasses.replace(real(dtype), **fields))
+
+
+@pytest.mark.parametrize("m, v, d, elt", [(7373, 256000, 2304, 2), (7373, 128256, 4096, 2), (8192, 128256, 4096, 4),
+                                          (55, 1031, 32, 4), (1, 1000, 64, 2), (5000, 50000, 16, 2),
+                                          (3, 7, 5, 4)])
+def test_lean_backward_chunks_plan(m, v, d, elt):
+    """The backward's steps cover the vocabulary in column order; those kept in dW come first,
+    are multiples of block_v no narrower than the workspace's steps, and read a buffer inside
+    dW's storage, 16-byte aligned and past the rows they write; the others are the workspace's
+    ``lean_chunk`` columns. Without the scratch (dW not wanted, or scratch_dw=0): workspace steps
+    only. The step counts at the DESIGN shapes are the ones LinearTiles.scratch_dw states."""
+    t = _launchers.linear_tiles(torch.bfloat16 if elt == 2 else torch.float32)
+    dtype = torch.bfloat16 if elt == 2 else torch.float32
+    regular = _launchers.lean_chunk(m, v, elt, t)
+    chunks = _launchers.lean_backward_chunks(m, v, d, elt, t, True)
+    assert chunks[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
+    assert chunks[-1][0] + chunks[-1][1] == v
+    assert [c[2] for c in chunks] == sorted((c[2] for c in chunks), reverse=True)
+    d_w = torch.empty(v, d, dtype=dtype, device="meta")
+    for start, width, in_dw in chunks:
+        if in_dw:
+            assert width % t.block_v == 0 and width >= regular
+            buf = _launchers._dw_scratch(d_w, m, width)
+            offset = buf.storage_offset()
+            assert buf.numel() == m * width and offset + m * width <= v * d
+            assert offset * elt % 16 == 0 and offset >= (start + width) * d
+        else:
+            assert width == min(regular, v - start)
+    plain = _launchers.lean_backward_chunks(m, v, d, elt, t, False)
+    assert plain == [(s, min(regular, v - s), False) for s in range(0, v, regular)]
+    design = {(7373, 256000, 2304, 2): (15, 65), (7373, 128256, 4096, 2): (9, 33)}
+    if (m, v, d, elt) in design:
+        assert (len(chunks), len(plain)) == design[(m, v, d, elt)]
+
+
+@pytest.mark.parametrize("case", ["host", "capture", "recompute", "weight_frozen", "scratch_off"])
+def test_backward_steps_in_the_weight_gradient(ref, monkeypatch, case, device):
+    """Workspace steps of 128 columns (LEAN_WORKSPACE_BYTES = N*128*4): the first four backward
+    steps keep their logits chunk in the unwritten part of the dW output (256, 256, 128, 128
+    columns), the last three take the workspace (128, 128, 7): every option, against float64.
+    The same with every row (no count, as under capture) and with the Triton recompute
+    (products=3). Without dW (the weight frozen), or with scratch_dw=0: nine workspace steps."""
+    monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 128 * 4)
+    if case == "capture":
+        no_host_count(monkeypatch)
+    elif case == "recompute":
+        triton_products(monkeypatch, 3)
+    elif case == "scratch_off":
+        with_tiles(monkeypatch, scratch_dw=0)
+    x, w, b, target, cw = make(device)
+    rows = N if case == "capture" else int((target != IGNORE).sum())
+    opts = dict(ALL, weight=cw.float(), reduction="none")
+    xf, wf, bf = (t.float().requires_grad_(case != "weight_frozen" or t is not w) for t in (x, w, b))
+    loss = linear_cross_entropy(xf, wf, target, linear_bias=bf, **opts)
+    with ProductShapes() as backward:
+        loss.backward(upstream(loss))
+    widths = [a[1] for a, bm in backward.shapes if a[0] == rows and bm == (a[1], D)]  # dE' += G_c W_c
+    if case in ("weight_frozen", "scratch_off"):
+        assert widths == [128] * 8 + [7]
+    else:
+        assert widths == [256, 256, 128, 128, 128, 128, 7]
+    tiles = _launchers.linear_tiles(torch.float32)
+    scratch = case not in ("weight_frozen", "scratch_off")
+    assert widths == [c[1] for c in _launchers.lean_backward_chunks(rows, V, D, 4, tiles, scratch)]
+    want = run_reference(ref, x.float(), w.float(), b.float(), target, **opts)
+    if case == "weight_frozen":
+        want = (*want[:2], None, want[3])
+    assert_matches((loss.detach(), xf.grad, wf.grad, bf.grad), want)
+
+
+@pytest.mark.parametrize("wide", [1, 0])
+def test_lean_forward_takes_the_accumulators_bytes(ref, monkeypatch, wide, device):
+    """bf16, D = 128, LEAN_WORKSPACE_BYTES = N*256*2 (256 columns of N rows). With wide_forward
+    the forward adds N*D*(4 - 2) bytes (the float32 dE accumulator's, less the gathered rows'):
+    384-column chunks, for all rows and then (the count read after one chunk) for the 55
+    non-ignored rows; without it 256-column chunks. float32 gets no more (4 - 4 = 0). Both no
+    worse than naive bf16 torch."""
+    d = 128
+    monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 256 * 2)
+    monkeypatch.setattr(_launchers, "FORWARD_CHUNKS_BEFORE_COUNT", 1)
+    with_tiles(monkeypatch, wide_forward=wide)
+    t = _launchers.linear_tiles(torch.bfloat16)
+    assert _launchers.lean_forward_bytes(N, d, 4, t) == N * 256 * 2
+    assert _launchers.lean_forward_bytes(N, d, 2, t) == N * (256 + wide * d) * 2
+    x, w, b, target, cw = make(device, d=d)
+    xl, wl, bl = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    opts = dict(ALL, weight=cw.float())
+    xg, wg, bg = (t.detach().clone().requires_grad_() for t in (xl, wl, bl))
+    with ProductShapes() as forward:
+        loss = linear_cross_entropy(xg, wg, target, linear_bias=bg, **opts)
+    fwd = [(a[0], bm[1]) for a, bm in forward.shapes]  # E W_c^T (+ b_c) per chunk
+    if wide:
+        assert fwd == [(N, 384), (55, 384), (55, 263)]
+    else:
+        assert fwd == [(N, 256), (55, 256), (55, 256), (55, 256), (55, 7)]
+    loss.backward(upstream(loss))
+    got = (loss.detach(), xg.grad, wg.grad, bg.grad)
+    assert_no_worse_than_naive(ref, got, xl, wl, bl, target, cw, opts)
 
 
 @pytest.mark.parametrize("mode", ["lean_products0", "lean_products2", "lean_products3", "fast_part"])

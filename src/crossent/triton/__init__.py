@@ -114,7 +114,10 @@ def linear_cross_entropy(
     skipped ignored rows (bf16, 8192 x 2304 x 256000 / 8192 x 4096 x 128256).
 
     Memory: by default ("lean") nothing of size M x V is held beyond a workspace of at most
-    ``LEAN_WORKSPACE_BYTES`` (56 MiB) plus a float32 (M, D) accumulator. ``memory_budget``
+    ``LEAN_WORKSPACE_BYTES`` (56 MiB) plus a float32 (M, D) accumulator: the forward's chunks
+    take the accumulator's bytes too (it does not exist yet), and the backward's first chunks
+    live in the part of the dW output not written yet (``LinearTiles.wide_forward``,
+    ``scratch_dw``; ``_launchers.lean_backward_chunks``). ``memory_budget``
     (bytes, "fast") trades memory for speed. With a "mean" or "sum" reduction and room for at
     least ``ROW_SCHEDULE_MIN_ROWS`` (256) rows of logits, the row schedule runs: the forward
     computes, a chunk of rows at a time, the logits with cuBLAS, their gradient in place with the

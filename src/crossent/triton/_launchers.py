@@ -464,9 +464,11 @@ class LinearTiles:
     # g = 8 in the forward: ~24 MB per step). Only which program computes which tile changes:
     # results are bit-identical (tested).
     group_m: int = 0
-    # "lean" vocabulary columns per backward step (multiple of block_v); 0 = the most that fits
-    # LEAN_WORKSPACE_BYTES. The dW kernel's grid is (D / block_d) x (chunk / block_v) tiles per
-    # step, and (ptxas, sm_90) 2 of its CTAs fit an SM: 264 slots on an H100. At the Gemma-2 shape
+    # "lean" vocabulary columns per workspace step (multiple of block_v; forward and backward, the
+    # backward's steps in dW being wider: ``scratch_dw``); 0 = the most that fits the workspace
+    # (LEAN_WORKSPACE_BYTES; the forward's: ``lean_forward_bytes``). The dW kernel's grid is
+    # (D / block_d) x (chunk / block_v) tiles per step, and (ptxas, sm_90) 2 of its CTAs fit an
+    # SM: 264 slots on an H100. At the Gemma-2 shape
     # (N 8192, D 2304, chunk 3072) that is 18 x 24 = 432 tiles, 1.6 waves (82% efficiency), at
     # every one of the 84 steps; chunk 3584 gives 504 = 95% (but Llama-3's D 4096: 768 = 97% at
     # 3072, 896 = 85% at 3584: the best chunk depends on D). Bigger chunks also mean fewer
@@ -504,11 +506,26 @@ class LinearTiles:
     # gathers an (M, D) copy; the backward reads its gathered E'), since TMA cannot gather rows.
     # Needs 16-byte aligned rows (D * itemsize % 16 == 0); otherwise ignored.
     tma: int = 0
+    # "lean" with cuBLAS products (products 1 to 3): where the logits chunks live.
+    # wide_forward=1: the forward's chunks (products=1) take the workspace plus the bytes the
+    # backward's float32 dE accumulator will take, less those of the gathered E' (at most N*D*elt;
+    # ``lean_forward_bytes``): the lean bound N*D*4 B + 64 MiB still holds, with 5888 instead of
+    # 3584 columns per chunk at N 8192 (bf16): 40 forward chunks instead of 72 at V 256000.
+    # scratch_dw=1: the backward's chunks live in the part of the dW output not yet written
+    # (``lean_backward_chunks``): a chunk of w columns over M' rows fits behind dW's first w
+    # unwritten rows while w (M' + D) <= D times the columns left, so the first chunks are wide
+    # (60928 columns at M' 7373, D 2304) and shrink as dW fills up; the last ones take the
+    # workspace. At the Gemma-2 shape (10% ignored) 15 steps instead of 65 (Llama-3: 9, not 33):
+    # fewer read-modify-write passes over the float32 dE accumulator (~6.8 GB less traffic at
+    # Gemma-2) and fewer launches. Both change where float32 partial sums are added (the rounding
+    # of dE and of the loss; deterministic). 0 for both: the schedule measured until 2026-11-22.
+    wide_forward: int = 1
+    scratch_dw: int = 1
 
 
 _LINEAR_FIELDS = ("block_m", "block_v", "block_k", "block_d", "num_warps", "num_stages", "programs",
                   "group_m", "chunk", "products", "stats_m", "stats_v", "stats_warps", "grad_m", "grad_v",
-                  "grad_warps", "tma")
+                  "grad_warps", "tma", "wide_forward", "scratch_dw")
 _LINEAR_POSITIONAL = _LINEAR_FIELDS[:6]
 _LINEAR_CHECKS = dict(
     block_m=_pow2_in(16, 512),
@@ -522,6 +539,8 @@ _LINEAR_CHECKS = dict(
     chunk=_int_in(0, 1 << 24),
     products=_int_in(0, 3),
     tma=_int_in(0, 1),
+    wide_forward=_int_in(0, 1),
+    scratch_dw=_int_in(0, 1),
     stats_m=_pow2_in(2, 256),
     stats_v=_pow2_in(16, 8192),
     stats_warps=_pow2_in(1, 32),
@@ -591,14 +610,60 @@ class LinearPlan:
     n_store: int  # vocabulary columns whose logits the forward keeps ("fast"); 0 in lean mode
 
 
-def lean_chunk(n_rows, n_vocab, elt, tiles):
+def lean_chunk(n_rows, n_vocab, elt, tiles, workspace_bytes=None):
     """Vocabulary columns per "lean" step for ``n_rows`` rows of ``elt``-byte logits: the most
-    that fit ``LEAN_WORKSPACE_BYTES``, a multiple of ``tiles.block_v`` (or ``tiles.chunk``, a
-    benchmark override), no more than the vocabulary needs."""
-    chunk = max(tiles.block_v, LEAN_WORKSPACE_BYTES // (max(n_rows, 1) * elt) // tiles.block_v * tiles.block_v)
+    that fit ``workspace_bytes`` (default ``LEAN_WORKSPACE_BYTES``), a multiple of
+    ``tiles.block_v`` (or ``tiles.chunk``, a benchmark override), no more than the vocabulary
+    needs."""
+    nbytes = LEAN_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    chunk = max(tiles.block_v, nbytes // (max(n_rows, 1) * elt) // tiles.block_v * tiles.block_v)
     if tiles.chunk:
         chunk = tiles.chunk  # a benchmark override (see LinearTiles.chunk)
     return min(chunk, triton.cdiv(n_vocab, tiles.block_v) * tiles.block_v)
+
+
+def lean_forward_bytes(n_rows, n_dim, elt, tiles):
+    """Workspace bytes of the lean forward with cuBLAS products: ``LEAN_WORKSPACE_BYTES``, and
+    with ``tiles.wide_forward`` the bytes of the backward's float32 (N, D) dE accumulator (not
+    allocated yet) less the most the gathered non-ignored rows E' take (N*D*elt): the forward's
+    peak stays within the lean bound N*D*4 B + 64 MiB."""
+    extra = n_rows * n_dim * (4 - elt) if tiles.wide_forward else 0
+    return LEAN_WORKSPACE_BYTES + extra
+
+
+def lean_backward_chunks(m, n_vocab, n_dim, elt, tiles, scratch):
+    """The lean backward's vocabulary steps over ``m`` rows: ``[(start, width, in_dw), ...]`` in
+    column order.
+
+    With ``scratch`` (dW wanted and ``tiles.scratch_dw``) the first steps keep their logits /
+    gradient chunk in the unwritten part of the (V, D) dW output: step [s, s + w) writes
+    dW[s : s + w] (its first w*D elements past s*D) and reads its chunk from the last m*w elements
+    of dW's storage (start rounded down to 16 bytes), apart from it while
+    w (m + D) <= (V - s) D - 16/elt. Each step takes the widest such multiple of ``block_v``, as
+    long as it is no narrower than the workspace's chunk (``lean_chunk``); the columns left after
+    that go through the workspace, ``lean_chunk`` at a time."""
+    regular = lean_chunk(m, n_vocab, elt, tiles)
+    align = max(1, 16 // elt)
+    chunks, start = [], 0
+    while scratch and start < n_vocab:
+        width = ((n_vocab - start) * n_dim - align) // (m + n_dim) // tiles.block_v * tiles.block_v
+        if width < regular or width <= 0:
+            break
+        chunks.append((start, width, True))
+        start += width
+    while start < n_vocab:
+        width = min(regular, n_vocab - start)
+        chunks.append((start, width, False))
+        start += width
+    return chunks
+
+
+def _dw_scratch(d_w, m, width):
+    """The (m, width) chunk buffer of a ``lean_backward_chunks`` step that lives in dW: the last
+    m*width elements of its storage, the start rounded down to 16 bytes."""
+    align = max(1, 16 // d_w.element_size())
+    offset = (d_w.numel() - m * width) // align * align
+    return d_w.view(-1)[offset : offset + m * width]
 
 
 def plan_linear(n_rows, n_vocab, n_dim, dtype, memory_budget, need_grad):
@@ -1003,29 +1068,36 @@ FORWARD_CHUNKS_BEFORE_COUNT = 4
 def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight, plan, softcap,
                          label_smoothing, count):
     """Forward statistics of the lean schedule with cuBLAS products (``LinearTiles.products``):
-    per vocabulary chunk (``plan.chunk`` columns, the backward's workspace), X_c = E W_c^T (+ b_c)
+    per vocabulary chunk (``lean_chunk`` columns in ``lean_forward_bytes``), X_c = E W_c^T (+ b_c)
     by cuBLAS (in the input dtype, as eager PyTorch's logits), folded by ``_lce_stats_kernel``
     into float32 [6, 1, n_rows] statistics (one split, compacted order) for
     ``_lce_combine_kernel``. The first ``FORWARD_CHUNKS_BEFORE_COUNT`` chunks take every row;
     then, given the host ``count`` of non-ignored rows, the others take those rows only, gathered
-    in the compacted order (an (M', D) buffer, freed on return)."""
+    in the compacted order (an (M', D) buffer, freed on return), in wider chunks."""
     n_rows, n_vocab = inp.shape[0], linear_weight.shape[0]
-    stats = torch.empty(6, 1, n_rows, dtype=torch.float32, device=inp.device)
-    workspace = torch.empty(n_rows * min(plan.chunk, n_vocab), dtype=inp.dtype, device=inp.device)
-    bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
     t = plan.tiles
+    elt = inp.element_size()
+    nbytes = lean_forward_bytes(n_rows, inp.shape[1], elt, t)
+    chunk = lean_chunk(n_rows, n_vocab, elt, t, nbytes)
+    stats = torch.empty(6, 1, n_rows, dtype=torch.float32, device=inp.device)
+    workspace = torch.empty(n_rows * min(chunk, n_vocab), dtype=inp.dtype, device=inp.device)
+    bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
     block_m, block_v, warps = t.stats_m, t.stats_v, t.stats_warps
     e, x_rows, x_target = inp, rows, target
-    for i, start in enumerate(range(0, n_vocab, plan.chunk)):
+    start, i = 0, 0
+    while start < n_vocab:
         if i == FORWARD_CHUNKS_BEFORE_COUNT and count is not None:
             n = count.get()
             if n == 0:
                 break  # no row left to fold: the combine kernel makes every loss 0
             if n is not None and n < n_rows:
-                # Compacted from here on: row r of X is compacted row r, read as itself.
+                # Compacted from here on: row r of X is compacted row r, read as itself; fewer
+                # rows, wider chunks in the same workspace.
                 e, x_target = inp.index_select(0, rows[:n]), target[rows[:n]]
                 x_rows = torch.arange(n, device=inp.device)
-        width = min(plan.chunk, n_vocab - start)
+                fits = workspace.numel() // n // t.block_v * t.block_v
+                chunk = max(chunk, min(lean_chunk(n, n_vocab, elt, t, nbytes), fits))
+        width = min(chunk, n_vocab - start)
         x = _chunk_logits(workspace, e, linear_weight, bias, start, width)
         K._lce_stats_kernel[(triton.cdiv(e.shape[0], block_m),)](
             x, x.stride(0), x_rows, n_valid, x_target, weight if weight is not None else stats, stats,
@@ -1037,6 +1109,7 @@ def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target,
             BLOCK_M=block_m, BLOCK_V=block_v,
             num_warps=warps,
         )
+        start, i = start + width, i + 1
     return stats
 
 
@@ -1162,8 +1235,9 @@ def linear_backward_products(
     The products take the M' non-ignored rows only, their count read on the host through
     ``fwd.count`` (``HostCount``): E' = E[rows[:M']] gathered into the first M' rows of the dE
     output buffer (so it costs no memory beyond the outputs). Per vocabulary chunk c
-    (``lean_chunk`` columns for M' rows: the same bounded workspace, so fewer rows give wider
-    chunks): X_c = E' W_c^T (+ b_c) by cuBLAS into the workspace (rounded to the input dtype,
+    (``lean_backward_chunks``: the first in the unwritten part of the dW output, the rest
+    ``lean_chunk`` columns for M' rows in the bounded workspace, so fewer rows give wider
+    chunks): X_c = E' W_c^T (+ b_c) by cuBLAS into the chunk's buffer (rounded to the input dtype,
     as eager PyTorch's logits); ``_lce_grad_tile_kernel``
     (``FROM_LOGITS``, ``RAW_LOGITS``) turns it into G_c in place from the forward's row statistics
     (their coefficients times the upstream gradient), then by cuBLAS dE' += G_c W_c into a float32
@@ -1209,14 +1283,14 @@ def linear_backward_products(
         target, e = fwd.target, inp
     every_row = torch.arange(m, device=device)
     n_all = torch.full((), m, dtype=torch.int64, device=device)
-    # Fewer rows, wider chunks in the same workspace: fewer passes over the dE accumulator.
-    chunk = lean_chunk(m, n_vocab, inp.element_size(), t) if compact else plan.chunk
-    starts = list(range(0, n_vocab, chunk))
+    # Fewer rows, wider chunks in the same workspace: fewer passes over the dE accumulator; the
+    # first chunks in the unwritten part of dW, wider still.
+    chunks = lean_backward_chunks(m, n_vocab, n_dim, inp.element_size(), t, need_weight and t.scratch_dw)
     acc = None
-    if need_input and (compact or len(starts) > 1):
+    if need_input and (compact or len(chunks) > 1):
         acc = torch.zeros(m, n_dim, dtype=torch.float32, device=device)
     bias = linear_bias.to(dtype) if linear_bias is not None else None
-    workspace = torch.empty(m * min(chunk, n_vocab), dtype=dtype, device=device)
+    workspace = None  # allocated for the first step that is not in dW
     weight = fwd.weight
     grad_m, grad_v, grad_warps = t.grad_m or t.block_m, t.grad_v or t.block_v, t.grad_warps or t.num_warps
     n_m_blocks = triton.cdiv(m, grad_m)
@@ -1230,11 +1304,16 @@ def linear_backward_products(
         e_desc, w_desc = _tma_operands(e, linear_weight, None, t)
         tma = e_desc is not e
         e_arg, w_arg = (e_desc, w_desc) if tma else (inp, linear_weight)
-    for start in starts:
-        width = min(chunk, n_vocab - start)
+    for start, width, in_dw in chunks:
+        if in_dw:
+            buf = _dw_scratch(d_w, m, width)
+        else:
+            if workspace is None:
+                workspace = torch.empty(m * max(w for _, w, d in chunks if not d), dtype=dtype, device=device)
+            buf = workspace
         w_c = linear_weight[start : start + width]
         if fused:
-            x = workspace[: m * width].view(m, width)
+            x = buf[: m * width].view(m, width)
             K._lce_grad_tile_kernel[(triton.cdiv(m, t.block_m), triton.cdiv(width, t.block_v))](
                 e_arg, inp.stride(0), w_arg, linear_weight.stride(0),
                 linear_bias if linear_bias is not None else coef,
@@ -1248,7 +1327,7 @@ def linear_backward_products(
                 **_dot_args(dtype),
             )
         else:
-            x = _chunk_logits(workspace, e, linear_weight, bias, start, width)
+            x = _chunk_logits(buf, e, linear_weight, bias, start, width)
             K._lce_grad_tile_kernel[(n_m_blocks, triton.cdiv(width, grad_v))](
                 inp, 0, linear_weight, 0, coef,
                 every_row, n_all, target, weight if weight is not None else coef, coef,
@@ -1269,7 +1348,7 @@ def linear_backward_products(
             torch.mm(x.T, e, out=d_w[start : start + width])
         if need_bias:
             torch.sum(x, 0, dtype=torch.float32, out=d_b[start : start + width])
-    del workspace
+    del workspace, buf, x
     if compact and d_inp is not None:
         _scatter_rows(acc, fwd.rows, m, d_inp)
     elif acc is not None:
