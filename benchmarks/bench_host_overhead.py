@@ -11,6 +11,11 @@ their launch, so it runs on any machine:
   detach excluded), counted with a TorchDispatchMode;
 * ``triton launches``: the Triton kernel launches per call.
 
+``--linear``: instead, what one lean linear cross-entropy call (forward+backward, bf16, 10%
+ignored) launches at the DESIGN.md shapes under each schedule: the torch ops (the matrix products
+among them, recorded but not computed) and the Triton launches (stubbed). Counts only: the call's
+other ops run for real on the CPU at full size, so its wall time says nothing about a GPU host's.
+
 CUDA conditions are emulated where the CPU path differs: the value checks of the targets and class
 weights, which only CPU tensors get (on CUDA they would sync), are left out; crossent.torch is
 called with ``validate=False``, its default for CUDA tensors. Absolute
@@ -18,6 +23,7 @@ times are the CPU's Python and dispatch costs, not a GPU host's (whose torch op 
 more); compare rows within one run.
 
     python benchmarks/bench_host_overhead.py [--calls 2000] [--rounds 5] [--out FILE]
+    python benchmarks/bench_host_overhead.py --linear [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,14 +46,20 @@ NO_KERNEL = frozenset({
 })
 
 
+#: aten matrix products (``KernelOps(skip_products=True)`` records them without computing).
+PRODUCTS = frozenset({"mm", "addmm", "addmm_"})
+
+
 class KernelOps:
     """TorchDispatchMode-based counter of the aten ops that would launch a device kernel.
 
     ``with KernelOps() as ops: ...`` then ``ops.names`` lists them in call order (the overload
-    dropped: ``ne``, ``sum``).
+    dropped: ``ne``, ``sum``). ``skip_products=True``: the matrix products (``PRODUCTS``) are
+    recorded but not computed (their output is left as it is, or allocated empty).
     """
 
-    def __init__(self):
+    def __init__(self, skip_products=False):
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         names = self.names = []
@@ -55,9 +67,17 @@ class KernelOps:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func.overloadpacket.__name__
+                kwargs = kwargs or {}
                 if name not in NO_KERNEL:
                     names.append(name)
-                return func(*args, **(kwargs or {}))
+                if skip_products and name in PRODUCTS:
+                    if "out" in kwargs:
+                        return kwargs["out"]
+                    if name.endswith("_"):
+                        return args[0]
+                    a, b = [t for t in args if isinstance(t, torch.Tensor) and t.ndim == 2][-2:]
+                    return torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+                return func(*args, **kwargs)
 
         self._mode = _Mode()
 
@@ -103,6 +123,81 @@ def stubbed_ce_kernels():
         K._ce_forward_kernel, K._scale_rows_kernel = saved[:2]
         for name, value in zip(names, saved[2:], strict=True):
             setattr(L, name, value)
+
+
+#: The Triton kernels of the linear paths, stubbed by ``stubbed_linear_kernels``.
+LINEAR_KERNELS = ("_lce_stats_kernel", "_lce_combine_kernel", "_lce_grad_tile_kernel", "_scatter_rows_kernel",
+                  "_lce_forward_kernel", "_lce_grad_input_kernel", "_lce_grad_weight_kernel",
+                  "_ce_forward_kernel", "_scale_rows_kernel")
+
+
+@contextlib.contextmanager
+def stubbed_linear_kernels():
+    """``stubbed_ce_kernels`` for the linear paths: every Triton kernel they launch records its
+    launch (yields the list), and the float32 accumulation of dE (``_addmm_float32_``: one
+    ``addmm`` with a float32 output on CUDA) is one in-place ``addmm_``, as on CUDA (use it under
+    ``KernelOps(skip_products=True)``)."""
+    from crossent.triton import _kernels as K
+    from crossent.triton import _launchers as L
+
+    with stubbed_ce_kernels() as launches:
+        saved = {name: getattr(K, name) for name in LINEAR_KERNELS}
+        saved_addmm = L._addmm_float32_
+        for name in LINEAR_KERNELS:
+            setattr(K, name, _Recorder(launches))
+        L._addmm_float32_ = lambda acc, a, b: acc.addmm_(a, b)
+        try:
+            yield launches
+        finally:
+            for name, kernel in saved.items():
+                setattr(K, name, kernel)
+            L._addmm_float32_ = saved_addmm
+
+
+#: ``--linear``: the DESIGN.md shapes (N x D x V) and the lean schedules compared
+#: (CROSSENT_TRITON_LINEAR_TILES values; "" = the default).
+LINEAR_SHAPES = ((8192, 2304, 256000), (8192, 4096, 128256))
+LINEAR_SCHEDULES = (
+    ("lean default", ""),
+    ("lean, schedule before 2026-11-22 late (wide_forward=0,scratch_dw=0)", "wide_forward=0,scratch_dw=0"),
+    ("lean, products=3", "products=3"),
+)
+
+
+def linear_launches(torch, shape, tiles, ignored=0.1, seed=0):
+    """(torch ops, of which matrix products, Triton launches) of one lean fwd+bwd call (bf16,
+    ``ignored`` of the targets ignored) with ``CROSSENT_TRITON_LINEAR_TILES=tiles``."""
+    import crossent.triton as ctr
+
+    n, d, v = shape
+    g = torch.Generator().manual_seed(seed)
+    e = torch.zeros(n, d, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.zeros(v, d, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignored] = -100
+    saved = os.environ.get("CROSSENT_TRITON_LINEAR_TILES")
+    os.environ["CROSSENT_TRITON_LINEAR_TILES"] = tiles
+    try:
+        with stubbed_linear_kernels() as launches, KernelOps(skip_products=True) as ops:
+            ctr.linear_cross_entropy(e, w, t).backward()
+    finally:
+        if saved is None:
+            del os.environ["CROSSENT_TRITON_LINEAR_TILES"]
+        else:
+            os.environ["CROSSENT_TRITON_LINEAR_TILES"] = saved
+    return len(ops.names), sum(name in PRODUCTS for name in ops.names), len(launches)
+
+
+def linear_table(torch):
+    lines = ["| shape (N x D x V) | schedule | torch ops | of which products | triton launches | all |",
+             "|---|---|---|---|---|---|"]
+    for shape in LINEAR_SHAPES:
+        for name, tiles in LINEAR_SCHEDULES:
+            n_ops, n_products, n_triton = linear_launches(torch, shape, tiles)
+            lines.append(f"| {'x'.join(map(str, shape))} | {name} | {n_ops} | {n_products} | {n_triton} | "
+                         f"{n_ops + n_triton} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def cases(torch):
@@ -161,6 +256,8 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the markdown table here too")
+    parser.add_argument("--linear", action="store_true",
+                        help="count what a lean linear call launches at the DESIGN shapes instead")
     args = parser.parse_args(argv)
     if args.calls < 1 or args.rounds < 1:
         parser.error(f"--calls and --rounds must be >= 1, got {args.calls} and {args.rounds}")
@@ -174,12 +271,15 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lines = ["| case (fwd+bwd, kernels stubbed) | host us/call | torch ops (kernel-launching) | "
-                 "triton launches |", "|---|---|---|---|"]
-        for name, call in cases(torch).items():
-            us, names, launches = measure(torch, call, args.calls, args.rounds)
-            lines.append(f"| {name} | {us:.1f} | {len(names)}: {', '.join(names)} | {launches} |")
-            print(lines[-1], flush=True)
+        if args.linear:
+            lines = linear_table(torch)
+        else:
+            lines = ["| case (fwd+bwd, kernels stubbed) | host us/call | torch ops (kernel-launching) | "
+                     "triton launches |", "|---|---|---|---|"]
+            for name, call in cases(torch).items():
+                us, names, launches = measure(torch, call, args.calls, args.rounds)
+                lines.append(f"| {name} | {us:.1f} | {len(names)}: {', '.join(names)} | {launches} |")
+                print(lines[-1], flush=True)
     finally:
         torch.set_num_threads(threads)
         if interpret is None:
@@ -193,9 +293,14 @@ def main(argv=None):
         rev = "?"
     cond = (f"Conditions: {_cpu_name()}, 1 torch thread, Python "
             f"{platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"crossent {rev}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; median of "
-            f"{args.rounds} rounds of {args.calls} calls on (64, 1000) float32 CPU tensors, 10% ignored. "
-            f"The torch ops listed include autograd's ones_like for the upstream gradient.")
+            f"crossent {rev}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; ")
+    if args.linear:
+        cond += ("one forward+backward call per row, bf16 CPU tensors, 10% of the targets ignored, Triton kernels "
+                 "stubbed, matrix products recorded but not computed; torch ops exclude allocation and views "
+                 "and include autograd's ones_like.")
+    else:
+        cond += (f"median of {args.rounds} rounds of {args.calls} calls on (64, 1000) float32 CPU tensors, 10% "
+                 f"ignored. The torch ops listed include autograd's ones_like for the upstream gradient.")
     lines += ["", cond]
     print(cond)
     if args.out:

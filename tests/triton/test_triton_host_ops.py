@@ -81,6 +81,38 @@ def test_benchmark_script_runs(capsys):
     assert "| crossent.triton, mean | " in out and "4: ne, sum, sum, ones_like | 2 |" in out
 
 
+@pytest.mark.parametrize("tiles", ["", "wide_forward=0,scratch_dw=0", "products=3"])
+def test_linear_launch_count(monkeypatch, tiles):
+    """``--linear``'s counter on a small lean call (61 x 32 x 1031, 10% ignored, 128-column
+    workspace steps): one product per forward step (the Triton forward for products=3: none), three
+    per backward step (logits, dE, dW; two with products=3, whose logits are the Triton gradient
+    tile's), the steps being those of ``lean_backward_chunks``; Triton launches: a statistics
+    kernel per forward step, then the combine kernel, a gradient tile per backward step and the
+    scatter of dE; products=3: its forward kernel instead of the statistics kernels."""
+    from crossent.triton import _launchers as L
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    n, d, v = 61, 32, 1031
+    monkeypatch.setattr(L, "LEAN_WORKSPACE_BYTES", n * 128 * 4)
+    t = L.parse_linear_tiles(tiles, L.linear_tiles(torch.bfloat16)) if tiles else L.linear_tiles(torch.bfloat16)
+    ops, products, triton_launches = B.linear_launches(torch, (n, d, v), tiles, ignored=0.1, seed=3)
+    g = torch.Generator().manual_seed(3)
+    torch.randint(0, v, (n,), generator=g)
+    m = int((torch.rand(n, generator=g) >= 0.1).sum())  # the targets linear_launches ignores
+    backward = len(L.lean_backward_chunks(m, v, d, 2, t, bool(t.scratch_dw)))
+    if t.products == 3:
+        assert (products, triton_launches) == (2 * backward, 1 + 1 + backward + 1)
+        return
+    nbytes = L.lean_forward_bytes(n, d, 2, t)
+    first = L.lean_chunk(n, v, 2, t, nbytes)
+    before = min(L.FORWARD_CHUNKS_BEFORE_COUNT * first, v)
+    rest = max(first, min(L.lean_chunk(m, v, 2, t, nbytes), n * min(first, v) // m // t.block_v * t.block_v))
+    forward = -(-before // first) + -(-(v - before) // rest)
+    assert products == forward + 3 * backward
+    assert triton_launches == forward + 1 + backward + 1
+    assert ops > products
+
+
 def test_on_cuda_the_same_ops_surround_the_compiled_kernels(cuda_device):
     """On a GPU (compiled kernels, no stubs): the CE call launches the same torch ops, i.e.
     nothing but the denominators' ``ne``, ``sum`` and the loss's ``sum`` besides its kernels."""
