@@ -25,7 +25,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 #: chunk. 56 MiB keeps the lean mode's extra memory under N*D*4 B (the float32 dE accumulator)
 #: + 64 MiB (measured on an H100 with 3584-column chunks: 129.2 MiB extra at N 8192, D 2304,
 #: limit 136; 184.2 MiB at D 4096, limit 192); bigger chunks mean fewer read-modify-write passes
-#: over the dE accumulator.
+#: over the dE accumulator. The forward's workspace adds the accumulator's bytes less the gathered
+#: rows' (``lean_forward_bytes``), and the backward's first chunks live in the dW output
+#: (``lean_backward_chunks``): neither raises that peak.
 LEAN_WORKSPACE_BYTES = 56 * 2**20
 
 
