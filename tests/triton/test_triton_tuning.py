@@ -36,6 +36,9 @@ def test_linear_tiles_positional_and_keyed():
     t = L.parse_linear_tiles("64,128,32,64,4,2,programs=512,group_m=4", DEFAULT_TILES)
     assert (t.block_m, t.block_v, t.block_k, t.block_d, t.num_warps, t.num_stages) == (64, 128, 32, 64, 4, 2)
     assert (t.programs, t.group_m, t.chunk) == (512, 4, 0)
+    t = L.parse_linear_tiles("wide_forward=0,scratch_dw=0", DEFAULT_TILES)
+    assert t == dataclass_replace(DEFAULT_TILES, wide_forward=0, scratch_dw=0)
+    assert (DEFAULT_TILES.wide_forward, DEFAULT_TILES.scratch_dw) == (1, 1)  # the defaults
 
 
 def dataclass_replace(obj, **kw):
@@ -63,6 +66,9 @@ def dataclass_replace(obj, **kw):
         ("stats_v=8", r"stats_v must be a power of two in \[16, 8192\], got 8"),
         ("grad_v=8", r"grad_v must be 0 or a power of two in \[16, 8192\], got 8"),
         ("grad_warps=3", r"grad_warps must be 0 or a power of two <= 32, got 3"),
+        ("tma=2", r"tma must be an integer in \[0, 1\], got 2"),
+        ("wide_forward=2", r"wide_forward must be an integer in \[0, 1\], got 2"),
+        ("scratch_dw=-1", r"scratch_dw must be an integer in \[0, 1\], got -1"),
     ],
 )
 def test_linear_tiles_errors_name_the_variable(text, match):
