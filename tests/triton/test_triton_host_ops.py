@@ -83,34 +83,68 @@ def test_benchmark_script_runs(capsys):
 
 @pytest.mark.parametrize("tiles", ["", "wide_forward=0,scratch_dw=0", "products=3"])
 def test_linear_launch_count(monkeypatch, tiles):
-    """``--linear``'s counter on a small lean call (61 x 32 x 1031, 10% ignored, 128-column
-    workspace steps): one product per forward step (the Triton forward for products=3: none), three
-    per backward step (logits, dE, dW; two with products=3, whose logits are the Triton gradient
-    tile's), the steps being those of ``lean_backward_chunks``; Triton launches: a statistics
-    kernel per forward step, then the combine kernel, a gradient tile per backward step and the
-    scatter of dE; products=3: its forward kernel instead of the statistics kernels."""
+    """``--linear``'s counter on a small lean call (61 x 32 x 1031 bf16, 10% ignored, 128-column
+    workspace steps: block_v, the least there is): one product per forward step (the Triton
+    forward for products=3: none), three per backward step (logits, dE, dW; two with products=3,
+    whose logits are the Triton gradient tile's), the steps being those of
+    ``lean_backward_chunks``; Triton launches: a statistics kernel per forward step, then the
+    combine kernel, a gradient tile per backward step and the scatter of dE; products=3: its
+    forward kernel instead of the statistics kernels."""
     from crossent.triton import _launchers as L
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    n, d, v = 61, 32, 1031
-    monkeypatch.setattr(L, "LEAN_WORKSPACE_BYTES", n * 128 * 4)
-    t = L.parse_linear_tiles(tiles, L.linear_tiles(torch.bfloat16)) if tiles else L.linear_tiles(torch.bfloat16)
-    ops, products, triton_launches = B.linear_launches(torch, (n, d, v), tiles, ignored=0.1, seed=3)
+    monkeypatch.setattr(L, "LEAN_WORKSPACE_BYTES", N_LIN * 64 * 2)
+    ops, products, triton_launches = B.linear_launches(torch, (N_LIN, D_LIN, V_LIN), tiles, ignored=0.1, seed=3)
     g = torch.Generator().manual_seed(3)
-    torch.randint(0, v, (n,), generator=g)
-    m = int((torch.rand(n, generator=g) >= 0.1).sum())  # the targets linear_launches ignores
-    backward = len(L.lean_backward_chunks(m, v, d, 2, t, bool(t.scratch_dw)))
-    if t.products == 3:
+    torch.randint(0, V_LIN, (N_LIN,), generator=g)
+    m = int((torch.rand(N_LIN, generator=g) >= 0.1).sum())  # the targets linear_launches ignores
+    forward, backward, products3 = _lean_steps(L, tiles, m)
+    if products3:
         assert (products, triton_launches) == (2 * backward, 1 + 1 + backward + 1)
         return
+    assert products == forward + 3 * backward
+    assert triton_launches == forward + 1 + backward + 1
+    assert ops > products
+
+
+N_LIN, D_LIN, V_LIN = 61, 32, 1031
+
+
+def _lean_steps(L, tiles, m):
+    """(forward steps, backward steps, products=3?) of a lean bf16 call on N_LIN x D_LIN x V_LIN
+    with ``m`` non-ignored rows under ``CROSSENT_TRITON_LINEAR_TILES=tiles``."""
+    n, d, v = N_LIN, D_LIN, V_LIN
+    t = L.parse_linear_tiles(tiles, L.linear_tiles(torch.bfloat16)) if tiles else L.linear_tiles(torch.bfloat16)
+    backward = len(L.lean_backward_chunks(m, v, d, 2, t, bool(t.scratch_dw)))
     nbytes = L.lean_forward_bytes(n, d, 2, t)
     first = L.lean_chunk(n, v, 2, t, nbytes)
     before = min(L.FORWARD_CHUNKS_BEFORE_COUNT * first, v)
     rest = max(first, min(L.lean_chunk(m, v, 2, t, nbytes), n * min(first, v) // m // t.block_v * t.block_v))
     forward = -(-before // first) + -(-(v - before) // rest)
-    assert products == forward + 3 * backward
-    assert triton_launches == forward + 1 + backward + 1
-    assert ops > products
+    return forward, backward, t.products == 3
+
+
+@pytest.mark.parametrize("tiles", ["", "wide_forward=0,scratch_dw=0"])
+def test_on_cuda_the_lean_products_are_the_planned_steps(cuda_device, monkeypatch, tiles):
+    """On a GPU (compiled kernels, cuBLAS): the lean call runs one matrix product per forward step
+    and three per backward step (the float32 dE accumulation being one ``addmm``), the steps of
+    the CPU plan: the schedule counted on the CPU is the one the GPU runs."""
+    from crossent.triton import _launchers as L
+
+    monkeypatch.setattr(L, "LEAN_WORKSPACE_BYTES", N_LIN * 64 * 2)
+    monkeypatch.setenv("CROSSENT_TRITON_LINEAR_TILES", tiles)
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(N_LIN, D_LIN, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    w = torch.randn(V_LIN, D_LIN, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V_LIN, (N_LIN,), generator=g)
+    t[::10] = -100
+    ctr.linear_cross_entropy(e, w, t.to(cuda_device)).backward()  # compiles the kernels first
+    e.grad = w.grad = None
+    with B.KernelOps() as ops:
+        ctr.linear_cross_entropy(e, w, t.to(cuda_device)).backward()
+    forward, backward, _ = _lean_steps(L, tiles, int((t != -100).sum()))
+    assert (forward, backward) == ((9, 7) if tiles == "" else (9, 9))  # 4 of the 7 in dW
+    assert sum(name in B.PRODUCTS for name in ops.names) == forward + 3 * backward
 
 
 def test_on_cuda_the_same_ops_surround_the_compiled_kernels(cuda_device):
