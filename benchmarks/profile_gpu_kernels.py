@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +102,41 @@ def _host_profile(torch, step, steps, lines):
     print(lines[-1], flush=True)
 
 
+#: The host calls that put one operation on the GPU's stream (CUDA runtime and driver API names
+#: as the profiler records them): kernel launches, memsets, copies.
+LAUNCH_CALL = re.compile(r"^cu(da)?(LaunchKernel|LaunchCooperativeKernel|Memset|Memcpy)")
+
+
+def host_waits(gpu, calls, slack_us=10.0):
+    """How much of the GPU's idle time was spent waiting for the host to launch the next op.
+
+    ``gpu``: (start, end) us of the GPU ops of one stream in start order; ``calls``: (start, end)
+    us of the host calls that launched them (``LAUNCH_CALL``), in the same order, one per op. The
+    idle time before op i (its start minus the latest end before it) counts as a wait for the host
+    when op i started within ``slack_us`` of its launch call's end: the GPU was ready first.
+    Returns (idle us waiting for the host, ops started so, other idle us), or None when the calls
+    and ops do not pair up one to one (an op without its call in the trace, or the reverse).
+
+    >>> host_waits([(0, 10), (30, 40), (41, 50)], [(0, 1), (25, 28), (26, 29)])
+    (20, 1, 1)
+    """
+    if len(gpu) != len(calls) or not gpu:
+        return None
+    waited = others = 0
+    n_waited = 0
+    end = gpu[0][1]
+    for (start, stop), (_, call_end) in zip(gpu[1:], calls[1:], strict=True):
+        idle = start - end
+        if idle > 0:
+            if start - call_end <= slack_us:
+                waited += idle
+                n_waited += 1
+            else:
+                others += idle
+        end = max(end, stop)
+    return waited, n_waited, others
+
+
 def _gaps(torch, step, lines, label, context=contextlib.nullcontext):
     """Where the GPU waits during one call, synced and queued (from torch.profiler traces, CPU +
     CUDA): the time from the call's start to its first kernel, and the idle time between kernels
@@ -128,6 +164,11 @@ def _gaps(torch, step, lines, label, context=contextlib.nullcontext):
         cpu = [ev for ev in events if ev.device_type != torch.autograd.DeviceType.CUDA]
         if not gpu or not cpu:
             continue
+        calls = sorted((ev for ev in cpu if LAUNCH_CALL.match(ev.name)), key=lambda ev: ev.time_range.start)
+        if mode == "queued":
+            calls = calls[1:]  # the sleep kernel's launch
+        waits = host_waits([(ev.time_range.start, ev.time_range.end) for ev in gpu],
+                           [(ev.time_range.start, ev.time_range.end) for ev in calls])
         t0 = min(ev.time_range.start for ev in cpu)
         first = gpu[0].time_range.start - t0
         small = large = 0.0
@@ -145,9 +186,14 @@ def _gaps(torch, step, lines, label, context=contextlib.nullcontext):
                      f"call starts{' (behind the sleep)' if mode == 'queued' else ''}; {busy / 1e3:.3f} ms from "
                      f"first to last kernel: idle {small / 1e3:.3f} ms in gaps <= 20 us, {large / 1e3:.3f} ms in "
                      f"{len(gaps)} gaps > 20 us; {len(gpu)} kernels")
+        if waits is None:
+            lines.append(f"  waits for the host: not paired ({len(calls)} launch calls, {len(gpu)} GPU ops)")
+        else:
+            lines.append(f"  waits for the host: {waits[0] / 1e3:.3f} ms idle before {waits[1]} ops that started "
+                         f"within 10 us of their launch call's end; {waits[2] / 1e3:.3f} ms idle otherwise")
         for gap, before, after in sorted(gaps, reverse=True)[:5]:
             lines.append(f"  {gap / 1e3:.3f} ms idle between {before} and {after}")
-        print("\n".join(lines[-(min(len(gaps), 5) + 1):]), flush=True)
+        print("\n".join(lines[-(min(len(gaps), 5) + 2):]), flush=True)
 
 
 def main(argv=None):

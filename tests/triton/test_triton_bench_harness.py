@@ -513,3 +513,28 @@ def test_measure_queued_run_is_what_queued_samples_call():
                   lambda inputs: [], device="cuda", queued_run=lambda: calls.append("queued") or 1.0)
     assert calls == ["run", "run", "queued", "run", "queued"]
     assert len(m.gpu_times_ms) == 2 and all(t >= 0 for t in m.gpu_times_ms) and not m.note
+
+
+def test_profile_host_waits():
+    """profile_gpu_kernels.host_waits: idle time before an op that started right after its launch
+    call ended counts as a wait for the host, other idle time not; overlapping ops are no idle
+    time; calls and ops that do not pair up one to one give None (its doctest included)."""
+    import doctest
+
+    sys.path.insert(0, BENCH)
+    try:
+        import profile_gpu_kernels as P
+    finally:
+        sys.path.remove(BENCH)
+    failures, tried = doctest.testmod(P, verbose=False, report=False)
+    assert failures == 0 and tried >= 1
+    gpu = [(0, 100), (105, 200), (150, 260), (300, 400), (400, 450)]
+    calls = [(0, 1), (2, 3), (4, 5), (290, 295), (296, 297)]
+    # 5 us idle before op 1 (its call ended 102 us earlier: the GPU's own gap); op 2 overlaps;
+    # 40 us idle before op 3, launched 5 us before it started: a wait; op 4 follows op 3 at once.
+    assert P.host_waits(gpu, calls) == (40, 1, 5)
+    assert P.host_waits(gpu, calls, slack_us=1.0) == (0, 0, 45)
+    assert P.host_waits(gpu, calls[:-1]) is None and P.host_waits([], []) is None
+    assert P.LAUNCH_CALL.match("cudaLaunchKernel") and P.LAUNCH_CALL.match("cuLaunchKernelEx")
+    assert P.LAUNCH_CALL.match("cudaMemsetAsync") and P.LAUNCH_CALL.match("cudaMemcpyAsync")
+    assert not P.LAUNCH_CALL.match("cudaEventRecord") and not P.LAUNCH_CALL.match("aten::mm")
