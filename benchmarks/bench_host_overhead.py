@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 #: aten ops that launch no device kernel: allocation, views, aliasing.
 NO_KERNEL = frozenset({
@@ -175,16 +176,9 @@ def linear_launches(torch, shape, tiles, ignored=0.1, seed=0):
     w = torch.zeros(v, d, dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, v, (n,), generator=g)
     t[torch.rand(n, generator=g) < ignored] = -100
-    saved = os.environ.get("CROSSENT_TRITON_LINEAR_TILES")
-    os.environ["CROSSENT_TRITON_LINEAR_TILES"] = tiles
-    try:
-        with stubbed_linear_kernels() as launches, KernelOps(skip_products=True) as ops:
-            ctr.linear_cross_entropy(e, w, t).backward()
-    finally:
-        if saved is None:
-            del os.environ["CROSSENT_TRITON_LINEAR_TILES"]
-        else:
-            os.environ["CROSSENT_TRITON_LINEAR_TILES"] = saved
+    with mock.patch.dict(os.environ, {"CROSSENT_TRITON_LINEAR_TILES": tiles}), stubbed_linear_kernels() as launches, \
+            KernelOps(skip_products=True) as ops:
+        ctr.linear_cross_entropy(e, w, t).backward()
     return len(ops.names), sum(name in PRODUCTS for name in ops.names), len(launches)
 
 

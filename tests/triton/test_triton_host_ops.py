@@ -116,10 +116,8 @@ def _lean_steps(L, tiles, m):
     n, d, v = N_LIN, D_LIN, V_LIN
     t = L.parse_linear_tiles(tiles, L.linear_tiles(torch.bfloat16)) if tiles else L.linear_tiles(torch.bfloat16)
     backward = len(L.lean_backward_chunks(m, v, d, 2, t, bool(t.scratch_dw)))
-    nbytes = L.lean_forward_bytes(n, d, 2, t)
-    first = L.lean_chunk(n, v, 2, t, nbytes)
+    first, rest = L.lean_forward_chunks(n, m, v, d, 2, t)
     before = min(L.FORWARD_CHUNKS_BEFORE_COUNT * first, v)
-    rest = max(first, min(L.lean_chunk(m, v, 2, t, nbytes), n * min(first, v) // m // t.block_v * t.block_v))
     forward = -(-before // first) + -(-(v - before) // rest)
     return forward, backward, t.products == 3
 

@@ -640,6 +640,21 @@ def lean_forward_bytes(n_rows, n_dim, elt, tiles):
     return LEAN_WORKSPACE_BYTES + extra
 
 
+def lean_forward_chunks(n_rows, n_valid, n_vocab, n_dim, elt, tiles):
+    """Columns per step of the lean forward (cuBLAS products): ``(all_rows, valid_rows)``, the
+    chunk over every row (the first ``FORWARD_CHUNKS_BEFORE_COUNT`` steps, whose (N, chunk)
+    workspace is allocated first) and the chunk over the ``n_valid`` non-ignored rows after the
+    count (no narrower, within that workspace): both ``lean_chunk`` in ``lean_forward_bytes``.
+
+    >>> lean_forward_chunks(8192, 7373, 256000, 2304, 2, linear_tiles(torch.bfloat16))
+    (5888, 6528)
+    """
+    nbytes = lean_forward_bytes(n_rows, n_dim, elt, tiles)
+    first = lean_chunk(n_rows, n_vocab, elt, tiles, nbytes)
+    fits = n_rows * min(first, n_vocab) // max(n_valid, 1) // tiles.block_v * tiles.block_v
+    return first, max(first, min(lean_chunk(n_valid, n_vocab, elt, tiles, nbytes), fits))
+
+
 def lean_backward_chunks(m, n_vocab, n_dim, elt, tiles, scratch):
     """The lean backward's vocabulary steps over ``m`` rows: ``[(start, width, in_dw), ...]`` in
     column order.
@@ -1083,7 +1098,7 @@ FORWARD_CHUNKS_BEFORE_COUNT = 4
 def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target, weight, plan, softcap,
                          label_smoothing, count):
     """Forward statistics of the lean schedule with cuBLAS products (``LinearTiles.products``):
-    per vocabulary chunk (``lean_chunk`` columns in ``lean_forward_bytes``), X_c = E W_c^T (+ b_c)
+    per vocabulary chunk (``lean_forward_chunks``), X_c = E W_c^T (+ b_c)
     by cuBLAS (in the input dtype, as eager PyTorch's logits), folded by ``_lce_stats_kernel``
     into float32 [6, 1, n_rows] statistics (one split, compacted order) for
     ``_lce_combine_kernel``. The first ``FORWARD_CHUNKS_BEFORE_COUNT`` chunks take every row;
@@ -1092,8 +1107,7 @@ def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target,
     n_rows, n_vocab = inp.shape[0], linear_weight.shape[0]
     t = plan.tiles
     elt = inp.element_size()
-    nbytes = lean_forward_bytes(n_rows, inp.shape[1], elt, t)
-    chunk = lean_chunk(n_rows, n_vocab, elt, t, nbytes)
+    chunk, _ = lean_forward_chunks(n_rows, n_rows, n_vocab, inp.shape[1], elt, t)
     stats = torch.empty(6, 1, n_rows, dtype=torch.float32, device=inp.device)
     workspace = torch.empty(n_rows * min(chunk, n_vocab), dtype=inp.dtype, device=inp.device)
     bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
@@ -1110,8 +1124,7 @@ def _stats_from_products(inp, linear_weight, linear_bias, rows, n_valid, target,
                 # rows, wider chunks in the same workspace.
                 e, x_target = inp.index_select(0, rows[:n]), target[rows[:n]]
                 x_rows = torch.arange(n, device=inp.device)
-                fits = workspace.numel() // n // t.block_v * t.block_v
-                chunk = max(chunk, min(lean_chunk(n, n_vocab, elt, t, nbytes), fits))
+                _, chunk = lean_forward_chunks(n_rows, n, n_vocab, inp.shape[1], elt, t)
         width = min(chunk, n_vocab - start)
         x = _chunk_logits(workspace, e, linear_weight, bias, start, width)
         K._lce_stats_kernel[(triton.cdiv(e.shape[0], block_m),)](
