@@ -208,7 +208,7 @@ def test_console_script_exit_codes(parquet_path):
     bad = subprocess.run(cmd + ["--target", "w", "--probs", "p_*"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
-    assert "column 'w', data row 0: class label" in bad.stderr
+    assert "column 'w', data row 0: label " in bad.stderr and "is not an integer" in bad.stderr
     usage = subprocess.run(cmd + ["--probs", "p_*"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "Missing option '--target'" in usage.stderr
 

@@ -155,7 +155,7 @@ def test_target_names_and_full_column_names(tmp_path):
 def test_csv_integer_labels_are_indices(tmp_path):
     (tmp_path / "a.csv").write_text("a,b,y\n0.5,0.5,1\n0.25,0.75,0\n")
     f = open_predictions(tmp_path / "a.csv", target="y", scores="a,b")
-    assert f.target.mode == "index"
+    assert f.target.mode == "auto"  # names a, b are not integers: integer labels are indices
     assert _collect(f, 10)[1].tolist() == [1, 0]
 
 
@@ -165,7 +165,7 @@ def test_csv_integer_labels_are_indices(tmp_path):
         (["cat", "dog", "cow"], r"column 'y', data row 2: label 'cow' is not among the classes"),
         (["cat", None, "dog"], r"column 'y', data row 1: missing class label"),
         ([0, 1, 2], r"column 'y', data row 2: label 2 is not a class index in \[0, 2\)"),
-        ([0.0, 1.0, 0.5], r"column 'y', data row 2: class label 0.5 is not a whole number"),
+        ([0.0, 1.0, 0.5], r"column 'y', data row 2: label 0.5 is not an integer"),
         ([0, None, 1], r"column 'y', data row 1: missing class label"),
     ],
 )

@@ -110,7 +110,8 @@ def test_absent_class_is_none():
     p = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
     r = ScoreAccumulator(3).update(p, np.array([0, 1])).compute()
     assert r.per_class[2] == {"class": 2, "name": "2", "rows": 0, "weight": 0.0,
-                              "cross_entropy_nats": None, "accuracy": None}
+                              "cross_entropy_nats": None, "accuracy": None,
+                              "infinite_loss_rows": 0}
 
 
 @pytest.mark.parametrize("from_logits", [False, True])

@@ -1,8 +1,11 @@
 """The HTML report and PNG plots of ``crossent score --report/--plots`` (matplotlib, Agg).
 
 Figures are drawn with ``matplotlib.figure.Figure`` (no pyplot global state) and embedded in
-the page as base64 PNG data URIs, so the page is one self-contained file. Every file is
-written atomically: a temporary file in the destination directory, then ``os.replace``.
+the page as base64 PNG data URIs, so the page is one self-contained file. Files are written
+all or nothing (``write_all``): each to a temporary file in its destination directory, and
+only when every one is written are they moved into place with ``os.replace``. A new file gets
+the mode a plain ``open()`` would give it (0o666 less the umask); a replaced file keeps its
+mode.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import html
 import io
 import math
 import os
+import stat
 import tempfile
 
 import numpy as np
 
-__all__ = ["render_pngs", "write_atomic", "write_html_report", "write_pngs"]
+__all__ = ["render_html", "render_pngs", "write_all", "write_atomic", "write_html_report",
+           "write_pngs"]
 
 PLOTS = {
     "per_class_loss.png": "Cross-entropy per true class",
@@ -27,18 +32,87 @@ PLOTS = {
 _MAX_BARS = 40
 
 
-def write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and os.replace."""
-    path = os.fspath(path)
+def _umask() -> int:
+    """The process umask (read without changing it where /proc tells it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _stage(path: str, data: bytes) -> str:
+    """Write ``data`` to a new temporary file beside ``path``; returns the temporary's path."""
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # replacing a file keeps its mode
+    except OSError:
+        mode = 0o666 & ~_umask()  # what open(path, "w") would give a new file
     fd, tmp = tempfile.mkstemp(prefix=".crossent-", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp
+
+
+def write_all(outputs, /, *, folders=()) -> None:
+    """Write each ``(path, bytes)`` of ``outputs``, all or nothing.
+
+    ``folders`` are created first if missing (and removed again on failure). Every file is
+    written to a temporary beside its destination; only when all are written are they moved
+    into place. An ``OSError`` names the destination (``filename``), never a temporary.
+    """
+    created, staged = [], []
+    try:
+        for folder in folders:
+            missing, parent = [], os.path.abspath(folder)
+            while not os.path.exists(parent):
+                missing.append(parent)
+                parent = os.path.dirname(parent)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, os.fspath(folder)) from None
+            created += reversed(missing)
+        for path, data in outputs:
+            path = os.fspath(path)
+            try:
+                staged.append((_stage(path, data), path))
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, path) from None
+        while staged:
+            tmp, path = staged[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, path) from None
+            staged.pop(0)
+    except BaseException:
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        for folder in reversed(created):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        raise
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and os.replace."""
+    write_all([(path, data)])
 
 
 def _figure(width=6.4, height=3.8):
@@ -141,10 +215,9 @@ def render_pngs(result, *, from_logits: bool = False) -> dict[str, bytes]:
 
 
 def write_pngs(folder, pngs: dict[str, bytes]) -> None:
-    """Write the PNGs into ``folder`` (created if missing), each atomically."""
-    os.makedirs(folder, exist_ok=True)
-    for name, data in pngs.items():
-        write_atomic(os.path.join(folder, name), data)
+    """Write the PNGs into ``folder`` (created if missing), all or nothing."""
+    write_all([(os.path.join(folder, name), data) for name, data in pngs.items()],
+              folders=[folder])
 
 
 def _fmt(x, digits=6) -> str:
@@ -182,6 +255,9 @@ def render_html(result, pngs: dict[str, bytes], meta: dict) -> str:
         summary.insert(1, ("total sample weight", result.weight))
     if result.infinite_loss_rows:
         summary.append(("rows with infinite loss", result.infinite_loss_rows))
+    if result.clipped_rows:
+        summary.append(("rows clipped to eps (probability of the true class below eps)",
+                        result.clipped_rows))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

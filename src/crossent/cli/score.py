@@ -17,13 +17,13 @@ import click
 import numpy as np
 
 from crossent.io import DataError, expand_paths, open_predictions
+from crossent.io._readers import SUFFIXES
 
 __all__ = ["score", "score_files"]
 
 # Default batch: 2^18 scores (1 MiB of float32), 16384 rows of 16 classes. Measured on 4M x 16
 # float32 Parquet rows: peak RSS 134 MiB at 16384 rows per batch, 156 MiB at 65536.
 BATCH_SCORES = 1 << 18
-_ALL_SUFFIXES = (".parquet", ".pq", ".csv", ".npy", ".npz")
 
 
 class BadData(click.ClickException):
@@ -41,6 +41,7 @@ def score_files(
     logits: str | None = None,
     sample_weight: str | None = None,
     normalize: bool = False,
+    labels: str = "auto",
     engine: str = "local",
     batch_rows: int | None = None,
     client=None,
@@ -48,31 +49,34 @@ def score_files(
 ):
     """Score the prediction file(s) at ``path``; returns ``(ScoreResult, [PredictionFile])``.
 
-    ``path`` is a file, a directory or a glob (``--engine dask`` reads Parquet files only).
-    ``batch_rows=None`` reads about ``BATCH_SCORES`` scores per batch (16384 rows of 16 classes).
+    ``path`` is a file, a directory or a glob (``--engine dask`` reads Parquet files only);
+    each file is read by its own suffix. ``labels`` ("auto", "index", "name") says how the
+    target is decoded (``crossent.io.TargetDecoder``). ``batch_rows=None`` reads about
+    ``BATCH_SCORES`` scores per batch (16384 rows of 16 classes).
     Raises ``crossent.io.DataError`` for bad data, ``ValueError`` for bad arguments.
     """
     if (probs is None) == (logits is None):
         raise ValueError("pass exactly one of probs= (--probs) and logits= (--logits)")
     if engine not in ("local", "dask"):
         raise ValueError(f"engine must be 'local' or 'dask', got {engine!r}")
-    suffixes = (".parquet", ".pq") if engine == "dask" else _ALL_SUFFIXES
+    suffixes = (".parquet", ".pq") if engine == "dask" else SUFFIXES
     paths = expand_paths(path, suffixes=suffixes)
     first = open_predictions(
-        paths[0], target=target, scores=probs or logits, sample_weight=sample_weight
+        paths[0], target=target, scores=probs or logits, sample_weight=sample_weight,
+        labels=labels,
     )
-    if engine == "dask" and first.format != "parquet":
-        raise ValueError(f"--engine dask reads Parquet files, got {paths[0]!r}")
     files = [first] + [first.with_path(p) for p in paths[1:]]
+    for f in files:
+        if engine == "dask" and f.format != "parquet":
+            raise ValueError(f"--engine dask reads Parquet files, got {f.path!r}")
     if batch_rows is None:
         batch_rows = max(1, BATCH_SCORES // first.num_classes)
     options = {
         "num_classes": first.num_classes,
         "from_logits": logits is not None,
         "normalize": normalize,
-        # text carries no dtype: CSV rows written from float32 arrays sum to 1 within float32's
-        # tolerance, so text is held to that tolerance (binary files to their own dtype's)
-        "tolerance": math.sqrt(np.finfo(np.float32).eps) if first.text else None,
+        # row-sum tolerance: each batch brings its own (text: float32's; binary files: their
+        # own dtype's), see crossent.io.Batch
         "class_names": first.class_names,
         "column_names": first.score_columns,
         "target_name": target,
@@ -171,6 +175,10 @@ def _format_table(result, source: str) -> str:
     ]
     if result.weight != result.rows:
         rows.insert(1, ("total sample weight", f"{result.weight:.6g}"))
+    if result.infinite_loss_rows:
+        rows.append(("rows with infinite loss", f"{result.infinite_loss_rows:,}"))
+    if result.clipped_rows:
+        rows.append(("rows clipped to eps", f"{result.clipped_rows:,}"))
     for name, value in rows:
         summary.add_row(name, value)
     per_class = Table(title="per class")
@@ -198,6 +206,13 @@ def _format_table(result, source: str) -> str:
 @click.option("--target", required=True, metavar="COLUMN",
               help="Column of class indices, or class names matching the score columns "
                    "(p_cat -> cat).")
+@click.option("--labels", type=click.Choice(["auto", "index", "name"]), default="auto",
+              show_default=True,
+              help="How --target is read. index: 0-based class indices (the k-th score "
+                   "column). name: class names (p_1 -> '1'). auto: text labels are names, "
+                   "integer labels are indices, except when the classes are named by integers "
+                   "that are not their positions (p_1..p_5): then integer labels are an error "
+                   "that asks for index or name. The same in every file format.")
 @click.option("--probs", metavar="COLUMNS",
               help="Probability columns, one per class: a comma list or a glob ('p_*').")
 @click.option("--logits", metavar="COLUMNS",
@@ -219,13 +234,19 @@ def _format_table(result, source: str) -> str:
               help="Rows per batch: peak memory follows this, not the file size "
                    "[default: 262144 / number of classes, 16384 rows of 16 classes].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score(path, target, probs, logits, output_format, sample_weight, normalize, report, plots,
-          engine, batch_rows, quiet):
+def score(path, target, labels, probs, logits, output_format, sample_weight, normalize, report,
+          plots, engine, batch_rows, quiet):
     """Cross-entropy, accuracy and calibration of the predictions in PATH.
 
-    PATH is a Parquet, CSV, .npy or .npz file (or a directory or glob of them). The class
-    axis is given by --probs or --logits: class k is the k-th selected column (a glob keeps the
-    file's column order). An .npz file may hold a 2-D array of scores: name it as the columns.
+    PATH is a Parquet, CSV (also .csv.gz, .csv.bz2, .csv.zst, .csv.lz4), .npy or .npz file,
+    or a directory or glob of them (each read by its own suffix). The class axis is given by
+    --probs or --logits: class k is the k-th selected column (a glob keeps the file's column
+    order). An .npz file may hold a 2-D array of scores: name it as the columns.
+
+    Probabilities of the true class below eps are clipped to eps (counted as clipped_rows):
+    eps is finfo(dtype).eps of the file's float16, float32 or float64 columns; CSV text is
+    parsed as float64 (eps 2.2e-16) and its rows must sum to 1 within float32's tolerance
+    (3.45e-4). Logits are never clipped.
 
     Exit status: 0 success, 1 bad data (the message names the column and the 0-based data
     row), 2 usage error.
@@ -241,10 +262,13 @@ def score(path, target, probs, logits, output_format, sample_weight, normalize, 
     try:
         result, files = score_files(
             path, target=target, probs=probs, logits=logits, sample_weight=sample_weight,
-            normalize=normalize, engine=engine, batch_rows=batch_rows, progress=show_progress,
+            normalize=normalize, labels=labels, engine=engine, batch_rows=batch_rows,
+            progress=show_progress,
         )
     except DataError as exc:
         raise BadData(str(exc)) from None
+    except UnicodeError as exc:  # a ValueError, but bad data, not usage (readers name the file)
+        raise BadData(f"{path}: not UTF-8 text ({exc})") from None
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint="PATH") from None
     except ValueError as exc:
@@ -252,7 +276,7 @@ def score(path, target, probs, logits, output_format, sample_weight, normalize, 
     if result.rows == 0:
         raise BadData(f"{path}: no data rows to score")
     if report or plots:
-        from ._report import render_pngs, write_html_report, write_pngs
+        from ._report import render_html, render_pngs, write_all
 
         pngs = render_pngs(result, from_logits=logits is not None)
         meta = {
@@ -262,11 +286,13 @@ def score(path, target, probs, logits, output_format, sample_weight, normalize, 
             "target": target,
             "files": len(files),
         }
+        outputs = []
+        if report:  # all files are written, or none (see _report.write_all)
+            outputs.append((report, render_html(result, pngs, meta).encode("utf-8")))
+        if plots:
+            outputs += [(os.path.join(plots, name), data) for name, data in pngs.items()]
         try:
-            if plots:
-                write_pngs(plots, pngs)
-            if report:
-                write_html_report(report, result, pngs, meta)
+            write_all(outputs, folders=[plots] if plots else [])
         except OSError as exc:
             raise click.FileError(exc.filename or report or plots, hint=exc.strerror) from None
     if output_format == "json":

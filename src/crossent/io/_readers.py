@@ -3,19 +3,30 @@
 Peak memory follows the batch size, not the file size:
 - Parquet: ``ParquetFile(path, pre_buffer=False).iter_batches(...)`` reads one row group's
   selected columns at a time (with pre-buffering pyarrow would read the whole file up front);
-- CSV: ``pyarrow.csv.open_csv`` parses block by block, only the selected columns;
+- CSV: ``pyarrow.csv.open_csv`` parses block by block, only the selected columns; a
+  ``.csv.gz`` / ``.csv.bz2`` / ``.csv.zst`` / ``.csv.lz4`` file is decompressed as a stream.
+  Text is UTF-8 (a byte-order mark is skipped); numbers in it are parsed as float64;
 - .npy / .npz: the array header is parsed with ``numpy.lib.format`` and rows are read from
   the file (or the zip member) sequentially into a batch buffer; no memory map, whose pages
-  would stay resident and count against the process.
+  would stay resident and count against the process. A Fortran-ordered (column-major) 2-D
+  array stores each column whole, one after the other: each batch reads its rows of every
+  column with one positioned read per column (``os.pread``), from the file itself for an
+  ``.npy`` file or a stored (``np.savez``) member, and from a temporary file that the member is
+  first decompressed into, chunk by chunk, for a compressed (``np.savez_compressed``) member.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import dataclasses
 import glob
+import io
+import math
 import os
 import re
+import shutil
+import struct
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,21 +35,29 @@ import numpy as np
 import pyarrow as pa
 
 from ._columns import DataError, class_names_from_columns, resolve_columns
-from ._targets import TargetDecoder, first_true, numeric_view
+from ._targets import LABEL_MODES, TargetDecoder, first_true, numeric_view
 
 __all__ = ["Batch", "PredictionFile", "expand_paths", "open_predictions"]
 
 FORMATS = ("parquet", "csv", "npy", "npz")
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "npy", ".npz": "npz"}
+# compressed CSV: suffix -> pyarrow codec (decompressed as a stream, in bounded memory)
+_CSV_CODECS = {".csv.gz": "gzip", ".csv.bz2": "bz2", ".csv.zst": "zstd", ".csv.lz4": "lz4"}
+SUFFIXES = tuple(_SUFFIXES) + tuple(_CSV_CODECS)
+# CSV text carries no dtype: rows written from float32 arrays sum to 1 within float32's
+# tolerance, so text is held to that tolerance (its numbers are parsed as float64)
+TEXT_TOLERANCE = math.sqrt(float(np.finfo(np.float32).eps))
 
 
 @dataclass(frozen=True)
 class Batch:
     """Rows ``start .. start + n - 1`` (0-based data rows of ``path``) of a prediction file.
 
-    ``scores``: ``[n, C]`` probabilities or logits, column-major (float32, or float64 when the
-    file holds float64, integers or text); ``targets``: ``[n]`` int64 class indices in ``[0, C)``;
-    ``sample_weight``: ``[n]`` float64 or None.
+    ``scores``: ``[n, C]`` probabilities or logits, column-major, in the file's precision
+    (float16 or float32 when every score column has it, else float64: float64, integer and text
+    columns); ``targets``: ``[n]`` int64 class indices in ``[0, C)``; ``sample_weight``: ``[n]``
+    float64 or None; ``tolerance``: the row-sum tolerance of probabilities read from text
+    (``TEXT_TOLERANCE``), None for binary files (held to their own dtype's).
     """
 
     scores: np.ndarray
@@ -46,6 +65,7 @@ class Batch:
     sample_weight: np.ndarray | None
     start: int
     path: str
+    tolerance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,14 +101,17 @@ class PredictionFile:
         return len(self.score_columns)
 
     def with_path(self, path: str) -> PredictionFile:
-        """The same column selection applied to another file of the same layout."""
+        """The same column selection applied to another file of the same layout.
+
+        The file is read by its own suffix (a directory may mix formats) and its labels are
+        decoded as this file's.
+        """
         other = open_predictions(
             path,
             target=self.target.column,
             scores=[s.name if isinstance(s, _Matrix) else s for s in self._sources],
             sample_weight=self.sample_weight,
-            format=self.format,
-            decoder=self.target,
+            labels=self.target.mode,
         )
         if other.score_columns != self.score_columns:
             raise DataError(
@@ -143,7 +166,8 @@ class PredictionFile:
         if self.sample_weight is not None:
             weight = self._numbers(data[self.sample_weight], self.sample_weight, start)
             weight = weight.astype(np.float64, copy=False)
-        return Batch(scores, targets, weight, start, self.path)
+        return Batch(scores, targets, weight, start, self.path,
+                     TEXT_TOLERANCE if self.text else None)
 
     def _numbers(self, values, name: str, start: int) -> np.ndarray:
         if isinstance(values, pa.Array):
@@ -177,15 +201,21 @@ def expand_paths(path: str, *, suffixes=(".parquet", ".pq")) -> list[str]:
 def detect_format(path: str) -> str:
     """The reader for ``path``, from its suffix (case-insensitive).
 
-    >>> detect_format("preds.PARQUET"), detect_format("preds.csv"), detect_format("x.npz")
+    >>> detect_format("preds.PARQUET"), detect_format("preds.csv.gz"), detect_format("x.npz")
     ('parquet', 'csv', 'npz')
     """
-    suffix = os.path.splitext(path)[1].lower()
+    lower = os.fspath(path).lower()
+    if lower.endswith(tuple(_CSV_CODECS)):
+        return "csv"
+    suffix = os.path.splitext(lower)[1]
     if suffix not in _SUFFIXES:
-        raise ValueError(
-            f"PATH must end in one of {sorted(_SUFFIXES)} (or pass a format), got {path!r}"
-        )
+        raise ValueError(f"PATH must end in one of {list(SUFFIXES)}, got {os.fspath(path)!r}")
     return _SUFFIXES[suffix]
+
+
+def _csv_codec(path) -> str | None:
+    lower = os.fspath(path).lower()
+    return next((c for s, c in _CSV_CODECS.items() if lower.endswith(s)), None)
 
 
 def open_predictions(
@@ -196,14 +226,15 @@ def open_predictions(
     scores,
     sample_weight: str | None = None,
     format: str | None = None,
-    decoder: TargetDecoder | None = None,
+    labels: str = "auto",
 ) -> PredictionFile:
-    """Open a prediction file: resolve the columns and decide how the target is decoded.
+    """Open a prediction file: resolve the columns and how the target is decoded.
 
     ``scores`` is a comma list or glob of columns, one per class (``"p_*"``); ``target`` names
     the column of class indices or class names (matched to the score column names,
     ``p_cat -> cat``); ``sample_weight`` optionally names a column of row weights.
-    Nothing is read beyond the header and, for a text target column, its first batch.
+    ``labels`` is ``"auto"``, ``"index"`` or ``"name"`` (see ``TargetDecoder``): one rule for
+    every format, decided by each label's value. Nothing is read beyond the header.
 
     >>> import numpy as np, os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "pred.npz")
@@ -217,11 +248,18 @@ def open_predictions(
     format = detect_format(path) if format is None else format
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     available, kinds, num_rows = _SCHEMA[format](path)
     sources = resolve_columns(scores, available, option="score columns", path=path)
     score_columns, dtypes = [], []
     for name in sources:
         kind = kinds[name]
+        if isinstance(kind, _Shaped):
+            raise DataError(
+                f"score columns: array {name!r} has shape {kind.shape}; scores are a 2-D "
+                "[rows, classes] array or 1-D columns", path=path,
+            )
         if isinstance(kind, tuple):  # a matrix: (dtype, width)
             score_columns += [f"{name}[{k}]" for k in range(kind[1])]
             dtypes.append(np.dtype(kind[0]))
@@ -231,8 +269,15 @@ def open_predictions(
     for option, name in (("target", target), ("sample weight", sample_weight)):
         if name is None:
             continue
-        if name not in available or isinstance(kinds[name], tuple):
+        if name not in available:
             raise DataError(f"{option}: no column {name!r} in the file", path=path)
+        kind = kinds[name]
+        if isinstance(kind, (tuple, _Shaped)):
+            shape = kind.shape if isinstance(kind, _Shaped) else (num_rows, kind[1])
+            raise DataError(
+                f"{option}: array {name!r} has shape {shape}, expected a 1-D array of "
+                f"{num_rows} values (save {name}.ravel())", path=path,
+            )
         if name in sources:
             raise ValueError(f"{option} column {name!r} is also selected as a score column")
     if len(score_columns) < 2:
@@ -251,32 +296,26 @@ def open_predictions(
         format,
         tuple(score_columns),
         tuple(names),
-        decoder or TargetDecoder(target, tuple(names), tuple(score_columns)),
+        TargetDecoder(target, tuple(names), tuple(score_columns), labels),
         sample_weight,
         score_dtype,
         num_rows,
         text,
         sources,
     )
-    numeric_target = format != "csv" and isinstance(kinds[target], np.dtype) and (
-        kinds[target].kind in "iuf"
-    )
-    if decoder is None and not numeric_target:  # text: indices or names? look at a batch
-        first = next(_READERS[format](opened, [target], 65536, None), None)
-        if first is not None:
-            picked = TargetDecoder.for_first_batch(
-                target, names, score_columns, first[1][target]
-            )
-            opened = dataclasses.replace(opened, target=picked)
     return opened
 
 
 def _score_dtype(dtypes, path, sources) -> np.dtype:
+    """The batch dtype: the file's own float16 or float32 (whose eps and tolerance apply to
+    its probabilities), float64 for float64, integer or mixed columns."""
     for name, dt in zip(sources, dtypes, strict=True):
         if not isinstance(dt, np.dtype) or dt.kind not in "iuf":
             raise DataError(f"holds {dt}, expected numbers", path=path, column=name)
+    if all(np.dtype(dt) == np.float16 for dt in dtypes):
+        return np.dtype(np.float16)
     if all(np.dtype(dt).kind == "f" and np.dtype(dt).itemsize <= 4 for dt in dtypes):
-        return np.dtype(np.float32)  # float16 and float32 files give float32 scores
+        return np.dtype(np.float32)
     return np.dtype(np.float64)
 
 
@@ -329,15 +368,90 @@ def _parquet_batches(opened, columns, batch_rows, row_group):
 
 # ---------------------------------------------------------------- CSV
 
+# first bytes of files that are not CSV text, for a clear message when one is named .csv
+_MAGIC = {
+    b"PAR1": "a Parquet file (name it .parquet)",
+    b"PK\x03\x04": "a zip archive (an .npz file? name it .npz)",
+    b"\x93NUMPY": "an .npy array (name it .npy)",
+    b"\x1f\x8b": "gzip-compressed (name it .csv.gz)",
+    b"BZh": "bzip2-compressed (name it .csv.bz2)",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed (name it .csv.zst)",
+    b"\x04\x22\x4d\x18": "lz4-compressed (name it .csv.lz4)",
+}
+_HEAD_BYTES = 1 << 22  # at most 4 MiB of lines after the header, to estimate the row size
+
+
+def _csv_stream(path):
+    """The file's bytes, decompressed when its suffix names a codec (``.csv.gz``)."""
+    codec = _csv_codec(path)
+    try:
+        if codec is None:
+            return open(path, "rb")
+        return pa.input_stream(os.fspath(path), compression=codec)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot open the CSV file ({exc})", path=path) from None
+
+
+def _csv_text(path, errors="strict"):
+    """The file as text: UTF-8 with an optional byte-order mark, rows split as csv does."""
+    return io.TextIOWrapper(_readable(_csv_stream(path)), encoding="utf-8-sig", errors=errors,
+                            newline="")
+
+
+def _readable(f):
+    return f if isinstance(f, io.IOBase) else io.BufferedReader(_ArrowRaw(f))
+
+
+class _ArrowRaw(io.RawIOBase):
+    """A pyarrow input stream as a Python raw stream (for io.TextIOWrapper)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self):
+        self.stream.close()
+        super().close()
+
 
 def _csv_header(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        sample = f.readline()
-        lines = [f.readline() for _ in range(64)]
-    header = next(csv.reader([sample]), [])
+    try:
+        with _csv_stream(path) as f:
+            data = bytearray()
+            while b"\n" not in data:  # the header line, however long
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+            data += f.read(_HEAD_BYTES)
+    except (pa.ArrowException, OSError, EOFError) as exc:  # e.g. a corrupt .gz
+        raise DataError(f"cannot read the CSV file ({exc})", path=path) from None
+    data = bytes(data)
+    for magic, what in _MAGIC.items():
+        if data.startswith(magic):
+            raise DataError(f"not CSV text: the file is {what}", path=path)
+    header_line, _, body = data.partition(b"\n")
+    if header_line.startswith(codecs.BOM_UTF8):
+        header_line = header_line[len(codecs.BOM_UTF8):]
+    try:
+        text = header_line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"line 1 (the header) is not UTF-8 text: byte {header_line[exc.start]:#04x} at "
+            f"column {exc.start + 1}", path=path,
+        ) from None
+    header = next(csv.reader([text]), [])
     if not header:
         raise DataError("empty CSV file (no header line)", path=path)
-    row_bytes = max(1.0, sum(len(line) for line in lines) / max(1, sum(1 for x in lines if x)))
+    lines = body.split(b"\n")[:64]
+    row_bytes = max(1.0, sum(len(x) + 1 for x in lines) / max(1, sum(1 for x in lines if x)))
     return header, row_bytes
 
 
@@ -352,11 +466,13 @@ def _csv_batches(opened, columns, batch_rows, row_group):
     header, row_bytes = _csv_header(opened.path)
     names = list(dict.fromkeys(columns))
     types = {name: pa.float64() for name in names}
-    types[opened.target.column] = pa.string()
+    types[opened.target.column] = pa.string()  # decoded by value (see TargetDecoder)
     block = int(min(max(batch_rows * row_bytes, 1 << 16), 1 << 28))
+    codec = _csv_codec(opened.path)
+    source = opened.path if codec is None else pa.input_stream(opened.path, compression=codec)
     try:
         reader = pcsv.open_csv(
-            opened.path,
+            source,
             read_options=pcsv.ReadOptions(block_size=block, use_threads=False),
             convert_options=pcsv.ConvertOptions(include_columns=names, column_types=types),
         )
@@ -377,25 +493,70 @@ def _csv_batches(opened, columns, batch_rows, row_group):
 
 
 _CSV_CONVERSION = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'")
+_CSV_UTF8 = re.compile(r"invalid UTF8", re.IGNORECASE)
+_CSV_RAGGED = re.compile(r"Expected (\d+) columns, got (\d+)")
 
 
 def _csv_error(exc, path, header) -> DataError:
     """A CSV parse error, with the column and 0-based data row found by rescanning the file.
 
-    (Arrow names the column by position and counts rows in its own way; the scan runs only on
-    this error path.)
+    (Arrow names the column by position and counts rows in its own way, or not at all; the
+    scan runs only on this error path. Data rows are counted as Arrow does: blank lines are
+    skipped.)
     """
-    match = _CSV_CONVERSION.search(str(exc))
+    message = str(exc)
+    match = _CSV_CONVERSION.search(message)
+    if _CSV_UTF8.search(message):
+        return _utf8_error(path)
     if match and int(match.group(1)) < len(header):
         k, value = int(match.group(1)), match.group(2)
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = csv.reader(f)
-            next(rows, None)
-            for row_number, row in enumerate(rows):
-                if k < len(row) and row[k] == value:
-                    return DataError(f"{value!r} is not a number", path=path, column=header[k],
-                                     row=row_number)
-    return DataError(f"cannot parse the CSV file: {str(exc).strip()}", path=path)
+        for row_number, row in _csv_rows(path):
+            if k < len(row) and row[k] == value:
+                return DataError(f"{value!r} is not a number", path=path, column=header[k],
+                                 row=row_number)
+    ragged = _CSV_RAGGED.search(message)
+    if ragged:
+        for row_number, row in _csv_rows(path):
+            if len(row) != len(header):
+                return DataError(
+                    f"has {len(row)} fields, expected {len(header)} (one per header column)",
+                    path=path, row=row_number,
+                )
+    return DataError(f"cannot parse the CSV file: {message.strip()}", path=path)
+
+
+def _csv_rows(path):
+    """(0-based data row, fields) of each non-blank row after the header."""
+    with _csv_text(path, errors="replace") as f:
+        rows = csv.reader(f)
+        next(rows, None)
+        number = 0
+        for row in rows:
+            if not row:
+                continue
+            yield number, row
+            number += 1
+
+
+def _utf8_error(path) -> DataError:
+    """The first line that is not UTF-8 text, as a data row."""
+    with _readable(_csv_stream(path)) as f:
+        number = -1
+        for line in f:
+            if number == -1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            if number >= 0 and not line.strip(b"\r\n"):
+                continue
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                what = (f"not UTF-8 text: byte {line[exc.start]:#04x} at character "
+                        f"{exc.start + 1} of the line")
+                if number < 0:
+                    return DataError(f"line 1 (the header) is {what}", path=path)
+                return DataError(what, path=path, row=number)
+            number += 1
+    return DataError("the CSV file is not UTF-8 text", path=path)
 
 
 # ---------------------------------------------------------------- .npy / .npz
@@ -407,6 +568,13 @@ class _ArrayMember:
     shape: tuple
     dtype: np.dtype
     fortran: bool
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    """An array (or record field) whose shape cannot be a column or a [rows, classes] matrix."""
+
+    shape: tuple
 
 
 def _read_header(f, path, name):
@@ -447,15 +615,21 @@ def _npy_columns(members, path):
         if not m.shape:
             continue
         rows.add(m.shape[0])
-        if m.dtype.names:  # records: each field is a column (a subarray field is a matrix)
+        if m.dtype.names and len(m.shape) == 1:
+            # records: each field is a column (a subarray field is a matrix)
             for fname in m.dtype.names:
                 sub = m.dtype.fields[fname][0]
-                if sub.shape and len(sub.shape) == 1:
+                if len(sub.shape) == 1:
                     kinds[fname] = (sub.base, sub.shape[0])
+                elif sub.shape:
+                    kinds[fname] = _Shaped((m.shape[0], *sub.shape))
                 else:
                     kinds[fname] = sub
                 names.append(fname)
                 where[fname] = (m, fname)
+        elif m.dtype.names or m.dtype.subdtype is not None:
+            raise DataError(f"array {m.name or 'of the .npy file'!r} has shape {m.shape} and "
+                            f"dtype {m.dtype}; records are read from 1-D arrays", path=path)
         elif len(m.shape) == 1:
             names.append(m.name)
             kinds[m.name] = m.dtype
@@ -469,6 +643,13 @@ def _npy_columns(members, path):
                 names.append(str(k))
                 kinds[str(k)] = m.dtype
                 where[str(k)] = (m, k)
+        elif m.name:  # 3-D or more: named, so that selecting it gives a clear shape error
+            names.append(m.name)
+            kinds[m.name] = _Shaped(m.shape)
+            where[m.name] = (m, None)
+        else:
+            raise DataError(f"the .npy array has shape {m.shape}; expected a 1-D record "
+                            "array or a 2-D [rows, columns] array", path=path)
     if len(rows) > 1:
         raise DataError(f"arrays have different numbers of rows {sorted(rows)}", path=path)
     return names, kinds, where, (rows.pop() if rows else 0)
@@ -509,35 +690,33 @@ def _npy_batches(opened, columns, batch_rows, row_group):
 
 
 class _MemberStreams:
-    """Sequential row readers over the arrays of an .npy or .npz file."""
+    """Row readers over the arrays of an .npy or .npz file: sequential for C-ordered arrays,
+    one positioned read per column and batch for Fortran-ordered 2-D arrays (``_Columns``)."""
 
     def __init__(self, path, fmt, members):
         self.path, self.fmt, self.members = path, fmt, {m.name: m for m in members}
         self.files, self.zip = {}, None
 
     def __enter__(self):
-        if self.fmt == "npz":
-            self.zip = zipfile.ZipFile(self.path)
-        for m in self.members.values():
-            if m.fortran and len(m.shape) > 1:
-                # column-major rows are not contiguous: read the member whole (documented)
-                self.files[m.name] = self._load_whole(m)
-                continue
-            f = self.zip.open(m.name + ".npy") if self.zip else open(self.path, "rb")
-            _read_header(f, self.path, m.name)
-            self.files[m.name] = f
+        try:
+            if self.fmt == "npz":
+                self.zip = zipfile.ZipFile(self.path)
+            for m in self.members.values():
+                if m.fortran and len(m.shape) > 1:
+                    self.files[m.name] = _Columns(self.path, self.zip, m)
+                    continue
+                f = self.zip.open(m.name + ".npy") if self.zip else open(self.path, "rb")
+                self.files[m.name] = f
+                _read_header(f, self.path, m.name)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
-
-    def _load_whole(self, m):
-        if self.zip:
-            with self.zip.open(m.name + ".npy") as f:
-                return np.lib.format.read_array(f, allow_pickle=False)
-        return np.load(self.path, mmap_mode="r", allow_pickle=False)
 
     def read(self, name, start, n):
         m, f = self.members[name], self.files[name]
-        if isinstance(f, np.ndarray):
-            return np.ascontiguousarray(f[start : start + n])
+        if isinstance(f, _Columns):
+            return f.read(start, n)
         row_shape = m.shape[1:]
         count = n * int(np.prod(row_shape, dtype=np.int64))
         out = np.empty((n, *row_shape), dtype=m.dtype)
@@ -554,10 +733,87 @@ class _MemberStreams:
 
     def __exit__(self, *exc):
         for f in self.files.values():
-            if not isinstance(f, np.ndarray):
-                f.close()
+            f.close()
+        self.files = {}
         if self.zip:
             self.zip.close()
+
+
+class _Columns:
+    """Rows of a Fortran-ordered ``[N, C]`` array, read column by column.
+
+    Column k of rows ``start .. start + n - 1`` is the ``n * itemsize`` bytes at
+    ``data + (k * N + start) * itemsize``: each batch reads them with one ``os.pread`` per
+    column into a column-major ``[n, C]`` buffer, so memory follows the batch. The bytes are
+    read from the file itself (an .npy file, or a stored .npz member, whose data start is
+    found from its zip local header), or from an anonymous temporary file that a compressed
+    member is first decompressed into, 1 MiB at a time.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, path, zf, member):
+        self.path, self.member = path, member
+        self.rows, self.width = member.shape[0], int(np.prod(member.shape[1:], dtype=np.int64))
+        self.file = None
+        if zf is None:
+            self.file = open(path, "rb")
+            _read_header(self.file, path, member.name)
+            self.offset = self.file.tell()
+            return
+        info = zf.getinfo(member.name + ".npy")
+        with zf.open(info) as f:
+            _read_header(f, path, member.name)
+            header = f.tell()
+            if info.compress_type == zipfile.ZIP_STORED:
+                self.file = open(path, "rb")
+                local = os.pread(self.file.fileno(), 30, info.header_offset)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise DataError(f"array {member.name!r}: bad zip local header", path=path)
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                self.offset = info.header_offset + 30 + name_len + extra_len + header
+                return
+            self.file = tempfile.TemporaryFile()
+            try:
+                shutil.copyfileobj(f, self.file, self._CHUNK)
+                self.file.flush()
+            except BaseException:
+                self.file.close()
+                raise
+            self.offset = 0
+
+    def read(self, start, n):
+        m, itemsize = self.member, self.member.dtype.itemsize
+        out = np.empty((self.width, n), dtype=m.dtype)  # row k: column k of the batch
+        fd = self.file.fileno()
+        for k in range(self.width):
+            want = memoryview(out[k].view(np.uint8))
+            got = _pread_into(fd, want, self.offset + (k * self.rows + start) * itemsize)
+            if got < want.nbytes:
+                raise DataError(f"array {m.name!r} ends early, at data row {start + got // itemsize}"
+                                f" of column {k}", path=self.path)
+        return out.T  # [n, C], column-major
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _pread_into(fd, view, at) -> int:
+    """Read ``len(view)`` bytes at offset ``at`` into ``view``; returns the count (short at EOF)."""
+    got = 0
+    while got < view.nbytes:
+        if hasattr(os, "preadv"):
+            k = os.preadv(fd, [view[got:]], at + got)
+        else:  # no preadv (some platforms): read, then copy
+            data = os.pread(fd, view.nbytes - got, at + got)
+            view[got : got + len(data)] = data
+            k = len(data)
+        if not k:
+            break
+        got += k
+    return got
 
 
 _SCHEMA = {

@@ -1,12 +1,14 @@
 """Turn a target column (class indices or class names) into int64 class indices.
 
 No ``pyarrow.array(...)`` and no ``Array.to_numpy()`` here: both import pandas, which
-``crossent score`` must not load. Arrow text is matched with ``pyarrow.compute`` against a
-value set built from raw buffers; numpy text (from .npy/.npz files) with ``numpy.unique``.
+``crossent score`` must not load. Text is decoded one distinct value at a time (arrow text
+through ``pyarrow.compute.dictionary_encode``, numpy text through ``numpy.unique``); numbers
+are decoded vectorized.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -15,141 +17,225 @@ import pyarrow as pa
 
 from ._columns import DataError
 
-__all__ = ["TargetDecoder", "first_true", "numeric_view"]
+__all__ = ["LABEL_MODES", "TargetDecoder", "first_true", "numeric_view"]
 
-_INTEGER_TEXT = r"^\s*[+-]?[0-9]+\s*$"
-_INTEGER = re.compile(_INTEGER_TEXT)
+_INTEGER = re.compile(r"^\s*[+-]?[0-9]+\s*$")
+
+LABEL_MODES = ("auto", "index", "name")
+
+# per-row codes below 0: why a label cannot be decoded (see TargetDecoder._fail)
+_MISSING, _NOT_INTEGER, _AMBIGUOUS, _UNKNOWN_NAME, _OUT_OF_RANGE, _NOT_INDEX = range(-1, -7, -1)
 
 
 @dataclass(frozen=True)
 class TargetDecoder:
     """Decodes a target column into class indices in ``[0, len(class_names))``.
 
-    A numeric column holds class indices (floats must be whole numbers). A text column holds
-    class names, matched to ``class_names`` (``p_cat -> cat``) or to the full score column
-    names (``column_names``). A text column whose first batch holds only integers that are not
-    class names (a CSV file of indices) holds indices: ``mode`` records that decision, made
-    once per file set so that every batch and every Dask task decodes alike.
+    One rule for every file format, decided by each label's value, never by the container
+    (CSV text, Parquet, .npz) nor by the first rows of the file:
+
+    - a missing label (null, empty text, NaN) is an error, and so is a number that is not an
+      integer (``0.5``, ``inf``); whole-number floats (``1.0``, as pandas writes an integer
+      column with missing values) are integers;
+    - ``mode="index"``: every label is a 0-based class index (the position of its score column);
+    - ``mode="name"``: every label is a class name (``p_cat -> cat``) or a full score column
+      name; an integer label is matched by its text (``1 -> '1'``);
+    - ``mode="auto"``: a label that is not a number is a class name; an integer label is a
+      class index, unless some class is named by an integer that differs from its position
+      (columns ``p_1..p_5`` name the classes 1..5 at positions 0..4): then an integer label is
+      ambiguous and an error that asks for ``mode="index"`` or ``mode="name"``
+      (``--labels index|name``).
     """
 
     column: str
     class_names: tuple[str, ...]
     column_names: tuple[str, ...]
-    mode: str = "auto"  # "auto" (numeric: indices; text: names) or "index"
+    mode: str = "auto"
 
-    @classmethod
-    def for_first_batch(cls, column, class_names, column_names, values) -> TargetDecoder:
-        """Pick the decoding of a text column from its first batch of values."""
-        decoder = cls(column, tuple(class_names), tuple(column_names))
-        values = _normalize(values)
-        if isinstance(values, pa.Array):
-            if not _is_text(values.type):
-                return decoder
-            import pyarrow.compute as pc  # text only: a numeric target never loads it (12 MiB)
+    def __post_init__(self):
+        if self.mode not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.mode!r}")
 
-            seen = pc.unique(values.drop_null()).to_pylist()
-        elif values.dtype.kind in "USO":
-            seen = [str(v) for v in np.unique(values.astype(str))]
-        else:
-            return decoder
-        known = set(decoder._lookup_names())
-        if all(v in known for v in seen):
-            return decoder
-        if seen and all(_INTEGER.match(v) for v in seen):
-            return cls(column, decoder.class_names, decoder.column_names, "index")
-        return decoder
+    @property
+    def integer_names_differ(self) -> bool:
+        """True when some class (or column) name is an integer other than its position."""
+        for names in (self.class_names, self.column_names):
+            for k, name in enumerate(names):
+                if _INTEGER.match(name) and int(name) != k:
+                    return True
+        return False
 
-    def _lookup_names(self) -> list[str]:
-        return list(dict.fromkeys(self.class_names + self.column_names))
-
-    def _lookup_classes(self) -> np.ndarray:
+    def _lookup(self) -> dict[str, int]:
+        """Class position of each class name and full column name (class names win)."""
         position = {name: k for k, name in enumerate(self.column_names)}
         position.update({name: k for k, name in enumerate(self.class_names)})
-        return np.array([position[name] for name in self._lookup_names()], dtype=np.int64)
+        return position
 
     def decode(self, values, /, *, start: int = 0, path=None) -> np.ndarray:
         """Class indices (int64) for ``values`` (a pyarrow or numpy 1-D array).
 
         Raises DataError naming the column and the 0-based data row (``start`` + position) of
-        the first missing value, unknown class name or index outside ``[0, C)``.
+        the first label that is missing, not an integer, ambiguous, an unknown class name or an
+        index outside ``[0, C)``.
         """
         values = _normalize(values)
-
-        def fail(row, message):
-            raise DataError(message, path=path, column=self.column, row=start + int(row))
-
         if isinstance(values, pa.Array):
-            if values.null_count:
-                fail(first_true(values.is_null()), "missing class label")
             if _is_text(values.type):
-                return self._decode_arrow_text(values, fail)
-            if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+                return self._decode_text_arrow(values, start, path)
+            if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
+                    or pa.types.is_null(values.type)):
                 raise DataError(
                     f"holds {values.type}, expected class indices (integers) or class names "
                     "(text)", path=path, column=self.column,
                 )
+            if pa.types.is_null(values.type):
+                codes = np.full(len(values), _MISSING, np.int64)
+                return self._finish(codes, lambda r: None, start, path)
             numbers = numeric_view(values)
-        elif values.dtype.kind in "USO":
-            return self._decode_numpy_text(values.astype(str), fail)
-        elif values.dtype.kind in "iuf":
-            numbers = values
-        else:
-            raise DataError(
-                f"holds {values.dtype}, expected class indices (integers) or class names (text)",
-                path=path, column=self.column,
-            )
-        return self._check_indices(numbers, fail)
+            missing = None
+            if values.null_count:
+                missing = numeric_view(values.is_null().cast(pa.int8())).astype(bool)
+            return self._decode_numbers(numbers, missing, start, path)
+        if values.dtype.kind in "USO":
+            return self._decode_text_numpy(values.astype(str), start, path)
+        if values.dtype.kind in "iuf":
+            return self._decode_numbers(values, None, start, path)
+        raise DataError(
+            f"holds {values.dtype}, expected class indices (integers) or class names (text)",
+            path=path, column=self.column,
+        )
 
-    def _check_indices(self, numbers, fail) -> np.ndarray:
+    # ------------------------------------------------------------ numbers
+
+    def _decode_numbers(self, numbers, missing, start, path) -> np.ndarray:
+        n = len(numbers)
+        codes = np.empty(n, np.int64)
         if numbers.dtype.kind == "f":
-            whole = np.floor(numbers) == numbers  # False for NaN and inf
-            if not whole.all():
-                row = int(np.argmin(whole))
-                fail(row, f"class label {float(numbers[row])!r} is not a whole number")
-        num_classes = len(self.class_names)
-        bad = (numbers < 0) | (numbers >= num_classes)
-        if bad.any():
-            row = int(np.argmax(bad))
-            value = numbers[row]
-            value = int(value) if float(value).is_integer() else float(value)
-            fail(row, f"label {value} is not a class index in [0, {num_classes})")
-        return numbers.astype(np.int64, copy=False)
+            with np.errstate(invalid="ignore"):
+                nan = np.isnan(numbers)
+                whole = np.isfinite(numbers) & (np.floor(numbers) == numbers)
+                # beyond int64 a whole float is out of every range; keep the cast defined
+                big = np.abs(np.where(whole, numbers, 0)) >= 2.0**62
+            ints = np.where(whole & ~big, numbers, -1).astype(np.int64)
+            ints[big] = np.iinfo(np.int64).max
+        else:
+            nan = whole = None
+            if numbers.dtype.kind == "u":
+                ints = np.minimum(numbers, np.iinfo(np.int64).max).astype(np.int64)
+            else:
+                ints = numbers.astype(np.int64, copy=False)
+        codes[:] = self._resolve_integers(ints)
+        if whole is not None:
+            codes[~whole] = _NOT_INTEGER
+            codes[nan] = _MISSING
+        if missing is not None:
+            codes[missing] = _MISSING
 
-    def _decode_arrow_text(self, values, fail) -> np.ndarray:
+        def value(r):
+            v = numbers[r]
+            return int(v) if numbers.dtype.kind in "iu" or float(v).is_integer() else float(v)
+
+        return self._finish(codes, value, start, path)
+
+    def _resolve_integers(self, ints) -> np.ndarray:
+        """Codes of integer labels: class positions, or negative error codes."""
+        C = len(self.class_names)
+        if self.mode == "name":
+            lookup = {int(name): k for name, k in self._lookup().items()
+                      if _INTEGER.match(name) and str(int(name)) == name}
+            if not lookup:
+                return np.full(len(ints), _UNKNOWN_NAME, np.int64)
+            keys = np.array(sorted(lookup), dtype=np.int64)
+            positions = np.array([lookup[k] for k in keys.tolist()], dtype=np.int64)
+            at = np.minimum(np.searchsorted(keys, ints), len(keys) - 1)
+            return np.where(keys[at] == ints, positions[at], _UNKNOWN_NAME)
+        if self.mode == "auto" and self.integer_names_differ:
+            return np.full(len(ints), _AMBIGUOUS, np.int64)
+        return np.where((ints >= 0) & (ints < C), ints, _OUT_OF_RANGE)
+
+    # ------------------------------------------------------------ text
+
+    def _classify(self, text: str, lookup: dict[str, int]) -> tuple[int, object]:
+        """(code, value shown in errors) of one distinct text label."""
+        t = text.strip()
+        if not t:
+            return _MISSING, None
+        if self.mode != "index" and (text in lookup or t in lookup):
+            if self.mode == "name" or not _INTEGER.match(t):
+                return lookup.get(text, lookup.get(t)), text
+        number = None
+        if _INTEGER.match(t):
+            number = int(t)
+        else:
+            try:
+                f = float(t)
+            except ValueError:
+                return (_NOT_INDEX if self.mode == "index" else _UNKNOWN_NAME), text
+            if math.isnan(f):
+                return _MISSING, None
+            if not (math.isfinite(f) and f.is_integer()):
+                return _NOT_INTEGER, f
+            number = int(f)
+        code = int(self._resolve_integers(np.array([min(max(number, -(2**62)), 2**62)]))[0])
+        return code, number
+
+    def _decode_distinct(self, distinct, inverse, start, path) -> np.ndarray:
+        lookup = self._lookup()
+        classified = [self._classify(str(s), lookup) for s in distinct]
+        codes = np.array([c for c, _ in classified], dtype=np.int64)[inverse]
+        shown = [v for _, v in classified]
+        return self._finish(codes, lambda r: shown[int(inverse[r])], start, path)
+
+    def _decode_text_arrow(self, values, start, path) -> np.ndarray:
         import pyarrow.compute as pc  # only text targets load it (12 MiB)
 
-        if self.mode == "index":
-            ok = pc.match_substring_regex(values, _INTEGER_TEXT)
-            if not pc.all(ok).as_py():
-                row = first_true(pc.invert(ok))
-                fail(row, f"label {values[row].as_py()!r} is neither a class index nor one of "
-                          f"the classes {_show(self.class_names)}")
-            return self._check_indices(
-                numeric_view(pc.cast(pc.utf8_trim_whitespace(values), pa.int64())), fail
-            )
-        index = pc.index_in(values, value_set=string_array(self._lookup_names()))
-        if index.null_count:
-            row = first_true(index.is_null())
-            fail(row, f"label {values[row].as_py()!r} is not among the classes "
-                      f"{_show(self.class_names)}")
-        return self._lookup_classes()[numeric_view(index)]
+        encoded = pc.dictionary_encode(values, null_encoding="encode")
+        distinct = encoded.dictionary.to_pylist()
+        inverse = numeric_view(encoded.indices.cast(pa.int64()))
+        if None in distinct:  # a null: missing, like an empty field
+            distinct = ["" if s is None else s for s in distinct]
+        return self._decode_distinct(distinct, inverse, start, path)
 
-    def _decode_numpy_text(self, values, fail) -> np.ndarray:
-        unique, inverse = np.unique(values, return_inverse=True)
-        if self.mode == "index":
-            codes = np.array([int(u) if _INTEGER.match(u) else -1 for u in unique], np.int64)
-            what = "is neither a class index nor one of the classes"
-        else:
-            lookup = dict(zip(self._lookup_names(), self._lookup_classes(), strict=True))
-            codes = np.array([lookup.get(str(u), -1) for u in unique], np.int64)
-            what = "is not among the classes"
-        out = codes[inverse.reshape(-1)]
-        if (out < 0).any():
-            row = int(np.argmax(out < 0))
-            if self.mode == "index" and _INTEGER.match(values[row]):
-                return self._check_indices(out, fail)  # an integer out of range
-            fail(row, f"label {str(values[row])!r} {what} {_show(self.class_names)}")
-        return self._check_indices(out, fail) if self.mode == "index" else out
+    def _decode_text_numpy(self, values, start, path) -> np.ndarray:
+        distinct, inverse = np.unique(values, return_inverse=True)
+        return self._decode_distinct(distinct.tolist(), inverse.reshape(-1), start, path)
+
+    # ------------------------------------------------------------ errors
+
+    def _finish(self, codes, value, start, path) -> np.ndarray:
+        bad = codes < 0
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(self._message(int(codes[row]), value(row)), path=path,
+                            column=self.column, row=start + row)
+        return codes
+
+    def _message(self, code: int, value) -> str:
+        C = len(self.class_names)
+        shown = repr(value) if isinstance(value, str) else f"{value}"
+        if code == _MISSING:
+            return "missing class label"
+        if code == _NOT_INTEGER:
+            return f"label {shown} is not an integer"
+        if code == _OUT_OF_RANGE:
+            return f"label {shown} is not a class index in [0, {C})"
+        if code == _NOT_INDEX:
+            return (f"label {shown} is not a class index (an integer in [0, {C})), as --labels "
+                    "index reads every label")
+        if code == _UNKNOWN_NAME:
+            return f"label {shown} is not among the classes {_show(self.class_names)}"
+        # _AMBIGUOUS
+        lookup = self._lookup()
+        as_index = (f"class index {value} is column {self.column_names[value]!r}"
+                    if 0 <= value < C else f"class index {value} is out of range [0, {C})")
+        as_name = (f"class name '{value}' is column {self.column_names[lookup[str(value)]]!r}"
+                   if str(value) in lookup else f"no class is named '{value}'")
+        return (
+            f"label {value} is ambiguous: the classes are named by integers that are not their "
+            f"positions ({_show(self.class_names)} at 0..{C - 1}), and an integer label may be "
+            f"a class index or a class name ({as_index}; {as_name}); pass --labels index or "
+            "--labels name (labels='index' or 'name' in Python)"
+        )
 
 
 def numeric_view(values: pa.Array) -> np.ndarray:
@@ -165,16 +251,6 @@ def numeric_view(values: pa.Array) -> np.ndarray:
     if data is None or len(values) == 0:
         return np.empty(0, dtype)
     return np.frombuffer(data, dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)
-
-
-def string_array(strings) -> pa.Array:
-    """An arrow string array built from raw buffers."""
-    encoded = [s.encode("utf-8") for s in strings]
-    offsets = np.zeros(len(encoded) + 1, np.int32)
-    offsets[1:] = np.cumsum([len(e) for e in encoded])
-    return pa.StringArray.from_buffers(
-        len(encoded), pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(encoded))
-    )
 
 
 def first_true(mask) -> int:

@@ -55,7 +55,9 @@ class ScoreResult:
 
     Means divide by the total sample weight (the number of rows without weights); a mean whose
     denominator is zero is 0, as everywhere in crossent. Per-class entries of a class with no
-    rows are None.
+    rows are None; ``infinite_loss_rows`` (overall and per class) counts the rows whose loss is
+    +inf (a true class masked by a -inf logit), which make that mean inf. ``clipped_rows``
+    counts the rows whose probability of the true class was below eps and was clipped to it.
     """
 
     rows: int
@@ -68,6 +70,7 @@ class ScoreResult:
     calibration: tuple[dict, ...]
     loss_histogram: dict
     infinite_loss_rows: int
+    clipped_rows: int = 0
 
     @property
     def classes(self) -> int:
@@ -97,6 +100,7 @@ class ScoreResult:
             "expected_calibration_error": self.expected_calibration_error,
             "calibration_bins": len(self.calibration),
             "infinite_loss_rows": self.infinite_loss_rows,
+            "clipped_rows": self.clipped_rows,
             "per_class": [dict(entry) for entry in self.per_class],
             "calibration": [dict(entry) for entry in self.calibration],
         }
@@ -120,11 +124,14 @@ class ScoreAccumulator:
     :math:`= \sum_i w_i [\arg\max_k q_{ik} = y_i] / \sum_i w_i`; with the top-label confidence
     :math:`c_i = \max_k q_{ik}` put in ``n_bins`` equal-width bins :math:`(b/B, (b+1)/B]`,
     expected calibration error :math:`= \sum_b |\mathrm{acc}_b - \mathrm{conf}_b| n_b / n`
-    (:math:`n_b` the weight in bin b). :math:`\epsilon` is ``finfo(scores.dtype).eps``, the same
-    clipping as ``crossent.log_loss(eps="auto")``; logits are never clipped.
+    (:math:`n_b` the weight in bin b). :math:`\epsilon` is ``finfo(scores.dtype).eps`` of the
+    scores as given (float16 included, although they are computed in float32), the same
+    clipping as ``crossent.log_loss(eps="auto")``; ``clipped_rows`` counts the rows it changed.
+    Logits are never clipped.
 
     Validation is per row and vectorized: probabilities must lie in [0, 1] and sum to 1 within
-    ``tolerance`` (default ``sqrt(finfo(dtype).eps)``, as ``crossent.log_loss``) unless
+    ``tolerance`` (default ``sqrt(finfo(dtype).eps)`` of the scores as given, as
+    ``crossent.log_loss``; a batch may bring its own default, as text does) unless
     ``normalize=True``; logits must not be NaN or +inf and a row needs a finite logit (-inf masks
     a class); weights must be finite and >= 0. A bad row raises ``InvalidDataError`` naming the
     column (``column_names``) and the 0-based data row (``start`` + position in the batch).
@@ -184,6 +191,8 @@ class ScoreAccumulator:
         self.loss_sum = 0.0
         self.correct = 0.0
         self.infinite_loss_rows = 0
+        self.clipped_rows = 0
+        self.class_infinite = np.zeros(C, np.int64)
         self.class_rows = np.zeros(C, np.int64)
         self.class_weight = np.zeros(C)
         self.class_loss = np.zeros(C)
@@ -197,13 +206,16 @@ class ScoreAccumulator:
 
     # ------------------------------------------------------------------ update
 
-    def update(self, scores, targets=None, /, *, sample_weight=None, start: int = 0):
+    def update(self, scores, targets=None, /, *, sample_weight=None, start: int = 0,
+               tolerance: float | None = None):
         """Add a batch: ``scores`` ``[n, C]``, ``targets`` ``[n]`` int, ``sample_weight`` ``[n]``.
 
-        ``start`` is the 0-based data row of ``scores[0]`` (for error messages). A single
-        ``crossent.io.Batch`` (anything with ``scores``, ``targets``, ``sample_weight`` and
-        ``start``) may be passed instead: ``acc.update(batch)``. Returns self. Nothing is added
-        when the batch has a bad row.
+        ``start`` is the 0-based data row of ``scores[0]`` (for error messages). ``tolerance``
+        is this batch's row-sum tolerance when the accumulator has none of its own (default:
+        ``sqrt(finfo(scores.dtype).eps)``). A single ``crossent.io.Batch`` (anything with
+        ``scores``, ``targets``, ``sample_weight`` and ``start``, and optionally ``tolerance``)
+        may be passed instead: ``acc.update(batch)``. Returns self. Nothing is added when the
+        batch has a bad row.
         """
         if targets is None:
             if not all(hasattr(scores, a) for a in ("scores", "targets", "sample_weight", "start")):
@@ -215,7 +227,7 @@ class ScoreAccumulator:
             if sample_weight is not None:
                 raise TypeError("sample_weight must not be given with a batch (it carries its own)")
             return self.update(batch.scores, batch.targets, sample_weight=batch.sample_weight,
-                               start=batch.start)
+                               start=batch.start, tolerance=getattr(batch, "tolerance", None))
         scores = np.asarray(scores)
         targets = np.asarray(targets)
         if scores.ndim != 2 or scores.shape[1] != self.num_classes:
@@ -224,6 +236,8 @@ class ScoreAccumulator:
             )
         if scores.dtype.kind not in "iuf":
             raise TypeError(f"scores must hold real numbers, got dtype {scores.dtype}")
+        # eps and the default tolerance follow the dtype as given (float16's, not float32's)
+        given = scores.dtype if scores.dtype.kind == "f" else np.dtype(np.float64)
         # column-major: reductions over a short class axis run ~20x faster than over C-order rows
         if scores.dtype.kind != "f":
             scores = scores.astype(np.float64, order="F")
@@ -263,14 +277,21 @@ class ScoreAccumulator:
         if self.from_logits:
             loss, predicted, confidence = self._from_logits(scores, targets, start)
         else:
-            loss, predicted, confidence = self._from_probs(scores, targets, start)
+            if self.tolerance is not None:
+                tolerance = self.tolerance
+            elif tolerance is None:
+                tolerance = math.sqrt(float(np.finfo(given).eps))
+            loss, predicted, confidence, clipped = self._from_probs(
+                scores, targets, start, tolerance=tolerance, eps=float(np.finfo(given).eps)
+            )
+            self.clipped_rows += clipped
         self._add(loss, predicted, confidence, targets, weight)
         return self
 
     def _column(self, k: int) -> str:
         return self.column_names[k] if self.column_names else f"scores[:, {k}]"
 
-    def _from_probs(self, p, t, start):
+    def _from_probs(self, p, t, start, *, tolerance, eps):
         rows = np.arange(p.shape[0])
         hi = p.max(axis=1)
         lo = p.min(axis=1)
@@ -292,9 +313,7 @@ class ScoreAccumulator:
                     row=start + r,
                 )
         else:
-            tol = self.tolerance
-            if tol is None:
-                tol = math.sqrt(np.finfo(p.dtype).eps)
+            tol = tolerance
             if not (total.min() >= 1.0 - tol and total.max() <= 1.0 + tol):
                 r = int(np.argmax(np.abs(total - 1.0) > tol))
                 raise InvalidDataError(
@@ -303,7 +322,6 @@ class ScoreAccumulator:
                     column=self._columns_span(),
                     row=start + r,
                 )
-        eps = float(np.finfo(p.dtype).eps)
         q = p[rows, t]
         correct = _is_first_max(p, q, hi, t)
         loss = q.astype(np.float64)
@@ -311,10 +329,11 @@ class ScoreAccumulator:
         if self.normalize:
             loss /= total
             confidence /= total
+        clipped = int(np.count_nonzero(loss < eps))
         np.maximum(loss, eps, out=loss)
         np.log(loss, out=loss)
         np.negative(loss, out=loss)
-        return loss, correct, confidence
+        return loss, correct, confidence, clipped
 
     def _from_logits(self, z, t, start):
         rows = np.arange(z.shape[0])
@@ -369,6 +388,8 @@ class ScoreAccumulator:
         self.loss_sum += float(wl.sum())
         self.correct += float(wc.sum())
         self.infinite_loss_rows += n_inf
+        if n_inf:
+            self.class_infinite += np.bincount(t[~finite], minlength=C)
         self.class_rows += np.bincount(t, minlength=C)
         self.class_loss += np.bincount(t, weights=wl, minlength=C)
         self.class_correct += np.bincount(t, weights=wc, minlength=C)
@@ -403,9 +424,10 @@ class ScoreAccumulator:
                 "other must have the same num_classes, from_logits, normalize, n_bins and "
                 f"histogram bins: got {other._config()}, this one has {self._config()}"
             )
-        for name in ("rows", "weight", "loss_sum", "correct", "infinite_loss_rows"):
+        for name in ("rows", "weight", "loss_sum", "correct", "infinite_loss_rows",
+                     "clipped_rows"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("class_rows", "class_weight", "class_loss", "class_correct", "bin_weight",
+        for name in ("class_rows", "class_infinite", "class_weight", "class_loss", "class_correct", "bin_weight",
                      "bin_confidence", "bin_correct", "loss_hist"):
             getattr(self, name).__iadd__(getattr(other, name))
         self.loss_min = min(self.loss_min, other.loss_min)
@@ -429,6 +451,7 @@ class ScoreAccumulator:
                 "weight": w,
                 "cross_entropy_nats": mean(self.class_loss[k], w) if present else None,
                 "accuracy": mean(self.class_correct[k], w) if present else None,
+                "infinite_loss_rows": int(self.class_infinite[k]),
             })
         calibration = []
         for b in range(self.n_bins):
@@ -458,4 +481,5 @@ class ScoreAccumulator:
             calibration=tuple(calibration),
             loss_histogram=histogram,
             infinite_loss_rows=self.infinite_loss_rows,
+            clipped_rows=self.clipped_rows,
         )
