@@ -506,7 +506,7 @@ def _csv_error(exc, path, header) -> DataError:
     """
     message = str(exc)
     match = _CSV_CONVERSION.search(message)
-    if _CSV_UTF8.search(message):
+    if _CSV_UTF8.search(message) or (match and "\ufffd" in match.group(2)):
         return _utf8_error(path)
     if match and int(match.group(1)) < len(header):
         k, value = int(match.group(1)), match.group(2)
@@ -747,10 +747,10 @@ class _Columns:
     column into a column-major ``[n, C]`` buffer, so memory follows the batch. The bytes are
     read from the file itself (an .npy file, or a stored .npz member, whose data start is
     found from its zip local header), or from an anonymous temporary file that a compressed
-    member is first decompressed into, 1 MiB at a time.
+    member is first decompressed into, 256 KiB at a time.
     """
 
-    _CHUNK = 1 << 20
+    _CHUNK = 1 << 18  # 1 MiB chunks peaked at 4 MiB (zlib buffers); 256 KiB at 1 MiB
 
     def __init__(self, path, zf, member):
         self.path, self.member = path, member

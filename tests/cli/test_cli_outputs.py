@@ -1,0 +1,83 @@
+"""--report and --plots (review F8, F9): all files or none, errors name the user's path, and
+files get the mode a plain open() would give them."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from crossent.cli import _report
+from crossent.cli.main import main
+
+_PNGS = list(_report.PLOTS)  # in the order they are written, after the report
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["score", *map(str, args), "--quiet"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs an unwritable /proc/sys")
+def test_failed_report_leaves_no_plots_and_names_the_report(parquet_path, tmp_path):
+    plots = tmp_path / "plots"
+    result = run(parquet_path, "--target", "y", "--probs", "p_*", "--plots", plots,
+                 "--report", "/proc/sys/x.html")
+    assert result.exit_code == 1
+    assert "/proc/sys/x.html" in result.stderr and ".tmp" not in result.stderr
+    assert not plots.exists()
+    assert result.stdout == ""
+
+
+def test_a_failing_plot_leaves_nothing_written(parquet_path, tmp_path, monkeypatch):
+    report, plots = tmp_path / "r.html", tmp_path / "out" / "plots"
+    report.write_text("old report")
+    real = _report._stage
+    staged = []
+
+    def stage(path, data):
+        if path.endswith(_PNGS[-1]):
+            raise OSError(28, "No space left on device")
+        staged.append(real(path, data))
+        return staged[-1]
+
+    monkeypatch.setattr(_report, "_stage", stage)
+    result = run(parquet_path, "--target", "y", "--probs", "p_*", "--plots", plots,
+                 "--report", report)
+    assert result.exit_code == 1
+    assert os.path.join(str(plots), _PNGS[-1]) in result.stderr
+    assert "No space left on device" in result.stderr
+    assert report.read_text() == "old report"  # not replaced
+    assert len(staged) == 3 and not any(os.path.exists(t) for t in staged)  # temps removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]  # out/plots removed
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="POSIX modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_files_get_the_umask_mode(parquet_path, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        result = run(parquet_path, "--target", "y", "--probs", "p_*", "--plots",
+                     tmp_path / "plots", "--report", tmp_path / "r.html")
+        with open(tmp_path / "touched", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    expected = stat.S_IMODE(os.stat(tmp_path / "touched").st_mode)
+    assert expected == 0o666 & ~umask
+    for path in [tmp_path / "r.html"] + [tmp_path / "plots" / name for name in _PNGS]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == expected, path
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="POSIX modes")
+def test_replaced_report_keeps_its_mode(parquet_path, tmp_path):
+    report = tmp_path / "r.html"
+    report.write_text("old")
+    os.chmod(report, 0o640)
+    result = run(parquet_path, "--target", "y", "--probs", "p_*", "--report", report)
+    assert result.exit_code == 0
+    assert stat.S_IMODE(os.stat(report).st_mode) == 0o640
+    assert report.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
