@@ -331,3 +331,64 @@ def test_docstring_examples_run(interpreter):
     """The module's examples use CPU tensors, which only the interpreter runs."""
     failures, tried = doctest.testmod(ctr, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried >= 4 and failures == 0
+
+
+def test_inplace_backward_on_a_saved_output_raises_autograds_inplace_error(device):
+    """exp saves its output; the kernel overwrites it with the gradient in the forward. The
+    logits' version is bumped, so exp's backward raises instead of reading the gradient (it gave
+    a gradient off by up to 1.96 before); a producer that saves nothing (x * 2) still gets
+    torch's gradient."""
+    logits, target, _ = make(6, device, c=5)
+    h = (logits.float() / 3.0).requires_grad_()
+    loss = cross_entropy(h.exp(), target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    x = logits.float().requires_grad_()
+    cross_entropy(x * 2.0, target, inplace_backward=True).backward()
+    y = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(y * 2.0, target).backward()
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_inplace_backward_through_crossent_torch_bumps_the_version(device):
+    """The same through crossent.torch's impl="triton" (the path the functional takes)."""
+    import crossent.torch as cet
+
+    logits, target, _ = make(6, device, c=5)
+    h = (logits.float() / 3.0).requires_grad_()
+    loss = cet.cross_entropy(h.exp(), target, impl="triton", inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_double_backward_raises_instead_of_dropping_the_hessian(device):
+    """create_graph=True, then a second backward through the gradient: a RuntimeError naming the
+    function (torch's once_differentiable let it through when the upstream gradient is a
+    constant); the first-order gradient is still torch's."""
+    logits, target, _ = make(6, device, c=5)
+    x = logits.float().requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(x, target), x, create_graph=True)
+    y = logits.clone().requires_grad_()
+    (gy,) = torch.autograd.grad(torch.nn.functional.cross_entropy(y, target), y)
+    torch.testing.assert_close(g.detach().double(), gy, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="crossent.triton.cross_entropy cannot be differentiated twice"):
+        (100 * g.pow(2).sum() + x.sum()).backward()
+
+    gen = torch.Generator().manual_seed(3)
+    e = torch.randn(6, 4, generator=gen).to(device).requires_grad_()
+    w = torch.randn(5, 4, generator=gen).to(device).requires_grad_()
+    (ge,) = torch.autograd.grad(ctr.linear_cross_entropy(e, w, target), e, create_graph=True)
+    msg = "crossent.triton.linear_cross_entropy cannot be differentiated twice"
+    with pytest.raises(RuntimeError, match=msg):
+        ge.pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match=msg):  # the error node hangs off the saved inputs
+        torch.autograd.grad(ge.pow(2).sum(), w)
+
+
+def test_class_weight_requiring_grad_is_refused_by_impl_triton(device):
+    import crossent.torch as cet
+
+    logits, target, weight = make(6, device, c=5)
+    message = "impl='triton' does not differentiate class weights, and weight requires grad"
+    with pytest.raises(ValueError, match=message):
+        cet.cross_entropy(logits.float(), target, weight=weight[:5].float().requires_grad_(), impl="triton")

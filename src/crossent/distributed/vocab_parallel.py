@@ -63,14 +63,18 @@ the rest stays on the device, so the same code runs on NCCL.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
+
+from crossent.torch._autograd import first_order_only
 
 from .partition import vocab_offsets
 
@@ -303,6 +307,13 @@ def _denominator(valid: torch.Tensor, dtype) -> torch.Tensor:
     return valid.sum().clamp(min=1).to(dtype)
 
 
+# What gives second-order gradients, for the error a double backward raises.
+_SECOND_ORDER = (
+    "gather the logits and use crossent.torch.cross_entropy(..., impl='reference') for gradient "
+    "penalties, Hessian-vector products and the like"
+)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, plan: _Plan):  # logits [N, V_r], target [N]
@@ -327,7 +338,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return _reduce(plan, row, denominator)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("vocab_parallel_cross_entropy", _SECOND_ORDER)
     def backward(ctx, grad_output):
         plan: _Plan = ctx.plan
         logits, target_local, owned, valid, lse, finite_count, denominator = ctx.saved_tensors
@@ -367,7 +378,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         return _reduce(plan, row, denominator)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("vocab_parallel_linear_cross_entropy", _SECOND_ORDER)
     def backward(ctx, grad_output):
         plan: _Plan = ctx.plan
         x, weight, bias, target_local, owned, valid, lse, finite_count, denominator = ctx.saved_tensors
@@ -458,25 +469,63 @@ def _group_of(group, fn: str):
     return group
 
 
-def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, problems) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+def _real_option(value):
+    """A real scalar option as a float (Python/NumPy numbers and 0-d tensors, as PyTorch takes
+    them), or None when it is not one (bool included)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+            return float(value.item())
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _index_option(value):
+    """An integer option as an int (Python/NumPy ints and 0-d integer tensors), or None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            return int(value.item())
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, problems):
+    """Check the scalar options into ``problems``; return (ignore_index, label_smoothing, z_loss,
+    softcap) as Python int/floats (the values given, where a check failed)."""
+    index = _index_option(ignore_index)
+    if index is None:
         problems.append((TypeError, f"ignore_index must be an int, got {ignore_index!r}"))
+    else:
+        ignore_index = index
     if reduction not in _REDUCTIONS:
         problems.append((ValueError, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}"))
+    checked = []
     for name, value, low, high in (
         ("label_smoothing", label_smoothing, 0.0, 1.0),
         ("z_loss", z_loss, 0.0, math.inf),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        real = _real_option(value)
+        if real is None:
             problems.append((TypeError, f"{name} must be a float, got {type(value).__name__}"))
-        elif not (low <= value <= high and math.isfinite(value)):
+        elif not (low <= real <= high and math.isfinite(real)):
             bounds = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"finite and >= {low:g}"
-            problems.append((ValueError, f"{name} must be {bounds}, got {value}"))
+            problems.append((ValueError, f"{name} must be {bounds}, got {real}"))
+        checked.append(value if real is None else real)
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        real = _real_option(softcap)
+        if real is None:
             problems.append((TypeError, f"softcap must be None or a float, got {type(softcap).__name__}"))
-        elif not (math.isfinite(softcap) and softcap > 0):
-            problems.append((ValueError, f"softcap must be None or a finite float > 0, got {softcap}"))
+        elif not (math.isfinite(real) and real > 0):
+            problems.append((ValueError, f"softcap must be None or a finite float > 0, got {real}"))
+        else:
+            softcap = real
+    return ignore_index, checked[0], checked[1], softcap
 
 
 def _check_tensor(value, name: str, problems, *, floating: bool) -> bool:
@@ -656,6 +705,9 @@ def vocab_parallel_cross_entropy(
         ValueError, TypeError: on every rank of the group together, for a bad argument on any rank,
             a target outside ``[0, V)`` other than ``ignore_index``, or shapes, targets or options
             that differ across ranks.
+        RuntimeError: on a second backward through a gradient taken with ``create_graph=True``
+            (the backward is computed outside autograd: no second-order gradients). ``torch.func``
+            transforms (``grad``, ``vmap``) are not supported either.
 
     Example (a group of one process; with ``torchrun`` each rank passes its own slice):
 
@@ -676,7 +728,9 @@ def vocab_parallel_cross_entropy(
     fn = "vocab_parallel_cross_entropy"
     group = _group_of(group, fn)
     problems: list[tuple[type, str]] = []
-    _check_options(ignore_index, reduction, label_smoothing, z_loss, None, problems)
+    ignore_index, label_smoothing, z_loss, _ = _check_options(
+        ignore_index, reduction, label_smoothing, z_loss, None, problems
+    )
     fields = _base_fields(ignore_index, reduction, label_smoothing, z_loss, None, problems)
     summary = None
     ok = _check_tensor(local_logits, "local_logits", problems, floating=True)
@@ -763,6 +817,8 @@ def vocab_parallel_linear_cross_entropy(
         ValueError, TypeError: on every rank together, as :func:`vocab_parallel_cross_entropy`,
             also when ``local_weight``/``local_bias`` disagree with ``input`` or with each other,
             or ``input.requires_grad`` differs across ranks (its backward all-reduce needs all).
+        RuntimeError: on a second backward through a gradient taken with ``create_graph=True``,
+            as :func:`vocab_parallel_cross_entropy` (no ``torch.func`` transforms either).
 
     >>> import os, tempfile, torch, torch.distributed as dist
     >>> store = os.path.join(tempfile.mkdtemp(), "store")
@@ -778,7 +834,9 @@ def vocab_parallel_linear_cross_entropy(
     fn = "vocab_parallel_linear_cross_entropy"
     group = _group_of(group, fn)
     problems: list[tuple[type, str]] = []
-    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, problems)
+    ignore_index, label_smoothing, z_loss, softcap = _check_options(
+        ignore_index, reduction, label_smoothing, z_loss, softcap, problems
+    )
     fields = _base_fields(ignore_index, reduction, label_smoothing, z_loss, softcap, problems)
     summary = None
     ok = _check_tensor(input, "input", problems, floating=True)

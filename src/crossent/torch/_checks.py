@@ -9,8 +9,11 @@ the data on the host; they are always on for CPU tensors (no device sync) and op
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 
+import numpy as np
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -29,39 +32,56 @@ def check_impl(impl: object) -> str:
     return impl
 
 
+def _real_scalar(name: str, value: object, expected: str) -> float:
+    """A real scalar option as a Python float: a Python or NumPy int/float (``numbers.Real``)
+    or a 0-d integer/floating tensor, as PyTorch accepts; bool is refused (it is almost always a
+    slip for another argument), and so is anything else, by name."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+            return float(value.item())
+    elif not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{name} must be {expected}, got {value!r}")
+
+
 def check_label_smoothing(label_smoothing: object) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    value = float(label_smoothing)
+    value = _real_scalar("label_smoothing", label_smoothing, "a float in [0, 1]")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value}")
     return value
 
 
 def check_z_loss(z_loss: object) -> float:
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
-        raise TypeError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
-    value = float(z_loss)
+    value = _real_scalar("z_loss", z_loss, "a finite float >= 0")
     if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss}")
+        raise ValueError(f"z_loss must be a finite float >= 0, got {value}")
     return value
 
 
 def check_softcap(softcap: object) -> float | None:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    value = float(softcap)
+    value = _real_scalar("softcap", softcap, "None or a finite float > 0")
     if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
+        raise ValueError(f"softcap must be None or a finite float > 0, got {value}")
     return value
 
 
 def check_ignore_index(ignore_index: object) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    return ignore_index
+    """An integer as PyTorch takes one: a Python or NumPy int, or a 0-d integer tensor
+    (``operator.index``); bool and floats are refused."""
+    if not isinstance(ignore_index, (bool, np.bool_)):
+        if isinstance(ignore_index, torch.Tensor):
+            if ignore_index.dim() == 0 and not ignore_index.is_floating_point() and not (
+                ignore_index.is_complex() or ignore_index.dtype == torch.bool
+            ):
+                return int(ignore_index.item())
+        else:
+            try:
+                return operator.index(ignore_index)
+            except TypeError:
+                pass
+    raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
 def check_floating(name: str, tensor: object) -> torch.Tensor:
@@ -76,7 +96,8 @@ def wants_validation(validate: bool | None, *tensors: torch.Tensor | None) -> bo
     """``validate=None`` means: check values when every tensor lives on the CPU (no sync)."""
     if validate is not None:
         return bool(validate)
-    return all(t is None or t.device.type == "cpu" for t in tensors)
+    # Non-tensors are left to the type checks that follow (they name the argument).
+    return all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in tensors)
 
 
 def check_class_weight(
@@ -84,6 +105,8 @@ def check_class_weight(
 ) -> torch.Tensor | None:
     if weight is None:
         return None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be None or a 1-D floating-point torch.Tensor, got {type(weight).__name__}")
     check_floating("weight", weight)
     if weight.dim() != 1 or weight.shape[0] != num_classes:
         raise ValueError(

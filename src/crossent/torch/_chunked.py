@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autograd import USE_REFERENCE, first_order_only
 from ._reference import acc_dtype, safe_divide
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
@@ -321,6 +322,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return _reduce(ce_all, lse_all, z_loss, rows, reduction)
 
     @staticmethod
+    @first_order_only("cross_entropy (impl='chunked' or 'auto')", USE_REFERENCE)
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         logits, target, weight, lse_all = ctx.saved_tensors
         ignore_index, reduction, eps, z_loss, softcap, block_rows = ctx.options
@@ -456,6 +458,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return _reduce(ce, lse, z_loss, rows, reduction)
 
     @staticmethod
+    @first_order_only("linear_cross_entropy (impl='chunked' or 'auto')", USE_REFERENCE)
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         if ctx.precompute:
             grads = ctx.saved_tensors

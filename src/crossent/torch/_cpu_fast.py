@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._autograd import USE_REFERENCE, first_order_only
 from ._reference import safe_divide
 
 
@@ -92,6 +93,11 @@ def _gradient(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
     x_np = x.numpy()
     out = x_np if ctx.inplace_backward else grad.numpy()  # the same array object: in place
     write(x_np, target.numpy(), scale.contiguous().numpy(), out)
+    if ctx.inplace_backward:
+        # The kernel wrote through numpy, behind autograd's back: bump the logits' version so
+        # that an op which saved them (exp, sigmoid, ...) raises autograd's in-place error
+        # instead of reading the gradient as its output, as the chunked path's torch ops do.
+        torch.autograd.graph.increment_version(logits)
     return grad
 
 
@@ -150,6 +156,7 @@ class CpuFastCrossEntropy(torch.autograd.Function):
         return _reduce(per_row, denominator, reduction).to(logits.dtype)
 
     @staticmethod
+    @first_order_only("cross_entropy (impl='auto', CPU kernels)", USE_REFERENCE)
     def backward(ctx, grad_output):  # type: ignore[override]
         from crossent import cpu
 
@@ -199,6 +206,7 @@ class CpuFastSoftCrossEntropy(torch.autograd.Function):
         return _reduce(row_loss.to(torch.float64), denominator, reduction).to(logits.dtype)
 
     @staticmethod
+    @first_order_only("cross_entropy (impl='auto', CPU kernels)", USE_REFERENCE)
     def backward(ctx, grad_output):  # type: ignore[override]
         from crossent import cpu
 

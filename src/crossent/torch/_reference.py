@@ -78,8 +78,15 @@ def reference_cross_entropy_2d(
         ce_denominator = torch.full((), float(num_rows), dtype=dt, device=z.device)
     else:
         safe_target = torch.where(valid, target, torch.zeros_like(target))
-        nll = -logp.gather(1, safe_target[:, None]).squeeze(1)
-        w_target = torch.ones_like(nll) if w is None else w[safe_target]
+        if num_classes == 0:
+            # No class to gather: every row is ignored, or its target is out of range (NaN, as
+            # the Triton kernels give when values are not validated).
+            # (logp's empty row sums keep the loss in the graph, with its empty gradient.)
+            nll = logp.sum(dim=-1) + float("nan")
+            w_target = torch.ones_like(nll)
+        else:
+            nll = -logp.gather(1, safe_target[:, None]).squeeze(1)
+            w_target = torch.ones_like(nll) if w is None else w[safe_target]
         row = (1.0 - eps) * w_target * nll
         if eps > 0.0:
             wc = torch.ones_like(logp) if w is None else w.expand_as(logp)

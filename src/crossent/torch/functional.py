@@ -1,4 +1,4 @@
-"""Functional PyTorch losses: drop-ins for ``torch.nn.functional`` plus the fused linear head.
+r"""Functional PyTorch losses: drop-ins for ``torch.nn.functional`` plus the fused linear head.
 
 ``impl`` picks the implementation of the two softmax losses:
 
@@ -11,8 +11,21 @@
   CPU, for ``cross_entropy`` with float32/float64 logits, no smoothing, z-loss or softcap, and
   class indices, or probability targets without class weights (every row's loss finite), the
   numba kernels of ``crossent.cpu`` when numba is installed (``_cpu_fast``: same results as
-  "chunked", fewer passes); "reference" for probability targets that require grad (the only
-  implementation that differentiates the targets; the others refuse them); else "chunked".
+  "chunked", fewer passes); "reference" for probability targets or class weights that require
+  grad (the only implementation that differentiates them; "chunked" and "triton" refuse them with
+  a ValueError naming the argument); else "chunked".
+
+Autograd: every implementation gives first-order gradients. Second-order gradients (a backward
+with ``create_graph=True`` followed by another backward through the gradient: gradient
+penalties, Hessian-vector products) need impl="reference"; the other implementations compute
+their gradient outside autograd and raise a RuntimeError on the second backward instead of
+returning a gradient without the loss's curvature. ``torch.func`` transforms (``grad``,
+``vmap``, ``jacrev``, ...) likewise work with impl="reference" only (its CPU value checks are
+data-dependent control flow, so ``vmap`` over batched targets also needs ``validate=False``);
+the other implementations are ``autograd.Function``\ s without ``setup_context`` and torch
+refuses them under a transform. Class weights that require grad get a gradient (impl
+"reference") for probability targets, as in PyTorch, and also for class indices, where
+PyTorch refuses to differentiate them.
 
 Semantics follow DESIGN.md: PyTorch's where PyTorch defines them, plus the documented deviations
 (zero-denominator means are 0 with zero gradient; label smoothing over the finite logits of a row;
@@ -166,6 +179,32 @@ def _resolve_impl(impl: str, device: torch.device, soft: bool, dtype: torch.dtyp
     return impl
 
 
+def _route_differentiable_options(
+    impl: str, soft: bool, target: torch.Tensor, weight: torch.Tensor | None
+) -> str:
+    """impl="reference" when probability targets or class weights require grad (autograd on).
+
+    Only the plain composition of torch ops differentiates them (d loss / d t, d loss / d w):
+    "auto" switches to it, "chunked" and "triton" refuse, naming the argument, rather than
+    return no gradient for it.
+    """
+    if not torch.is_grad_enabled():
+        return impl
+    for name, needs_grad, what in (
+        ("target", soft and target.requires_grad, "probability targets"),
+        ("weight", weight is not None and weight.requires_grad, "class weights"),
+    ):
+        if not needs_grad or impl == "reference":
+            continue
+        if impl == "auto":
+            return "reference"
+        raise ValueError(
+            f"impl={impl!r} does not differentiate {what}, and {name} requires grad; use "
+            f"impl='auto' or impl='reference', or pass {name}.detach()"
+        )
+    return impl
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -205,19 +244,25 @@ def cross_entropy(
         input: logits, shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; class dim 1.
         target: int class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``, or float
             probabilities of the input's shape.
-        weight: optional class weights, shape ``(C,)``.
+        weight: optional class weights, shape ``(C,)`` (a tensor). If it requires grad, impl
+            "auto" takes "reference", which differentiates it (see the module docstring).
         size_average, reduce: deprecated, mapped to ``reduction`` as PyTorch does.
-        ignore_index: target value whose rows contribute nothing (integer targets).
+        ignore_index: target value whose rows contribute nothing (integer targets); an int,
+            NumPy integer or 0-d integer tensor, as PyTorch takes.
         reduction: "mean" | "sum" | "none" ("none" returns the target's shape).
-        label_smoothing: epsilon in [0, 1].
+        label_smoothing: epsilon in [0, 1] (like ``z_loss`` and ``softcap``: a Python or NumPy
+            real, or a 0-d tensor).
         z_loss: coefficient of the PaLM z-loss :math:`\mathrm{lse}^2`, >= 0.
         softcap: None or s > 0, Gemma 2's logit soft-capping.
-        impl: "auto" | "triton" | "chunked" | "reference" (see the module docstring).
+        impl: "auto" | "triton" | "chunked" | "reference" (see the module docstring; only
+            "reference" supports double backward and ``torch.func`` transforms).
         inplace_backward: write the gradient into ``input``'s memory instead of a new tensor
             (saves one N x C buffer; ``input`` is overwritten, so nothing else may read it
             afterwards). The Triton kernels write it during the forward pass (``input``'s values
             are gone once the loss is returned); "chunked" and the CPU kernels during backward;
-            "reference" ignores it.
+            "reference" ignores it. Each write bumps ``input``'s autograd version, so if the op
+            that produced ``input`` saved it for its own backward (``exp``, ``sigmoid``, ...),
+            autograd raises its in-place error rather than reading the gradient as that output.
         validate: check target values (range, NaN) and class weights. None: on for CPU tensors,
             off for accelerator tensors (the check needs a device-to-host sync).
 
@@ -258,17 +303,13 @@ def cross_entropy(
     elif input.dim() == 2:  # already (M, C): no view ops (a launch on few rows is mostly host time)
         logits2d, target2d = input, target
     else:
-        logits2d = input.movedim(1, -1).reshape(-1, num_classes)
-        target2d = target.movedim(1, -1).reshape(-1, num_classes) if soft else target.reshape(-1)
-    if soft and target.requires_grad and torch.is_grad_enabled():
-        # Only the plain composition of torch ops differentiates the targets (d loss / d t).
-        if impl == "auto":
-            impl = "reference"
-        elif impl != "reference":
-            raise ValueError(
-                f"impl={impl!r} does not differentiate probability targets, and target requires grad; "
-                "use impl='auto' or impl='reference', or pass target.detach()"
-            )
+        # Explicit row counts: reshape(-1, 0) is ambiguous when C = 0.
+        num_rows = input.shape[0] * math.prod(input.shape[2:])
+        logits2d = input.movedim(1, -1).reshape(num_rows, num_classes)
+        target2d = target.movedim(1, -1).reshape(num_rows, num_classes) if soft else target.reshape(-1)
+    impl = _route_differentiable_options(impl, soft, target, weight)
+    if soft and num_classes == 0 and impl in ("auto", "chunked"):
+        impl = "reference"  # no class: nothing to chunk (the row-block softmax needs one)
     auto = impl == "auto"
     impl = _resolve_impl(impl, input.device, soft, input.dtype)
     if auto and impl == "chunked" and _cpu_fast.applies(logits2d, soft, eps, z_loss, softcap):
@@ -325,7 +366,7 @@ def linear_cross_entropy(
     *,
     linear_bias: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -351,8 +392,12 @@ def linear_cross_entropy(
         target: int class indices of shape ``(*)``, or float probabilities of shape ``(*, V)``.
         linear_bias: optional ``(V,)``.
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap, validate: as in
-            :func:`cross_entropy`.
-        impl: "auto" | "triton" | "chunked" | "reference".
+            :func:`cross_entropy`; ``ignore_index=None`` (PyTorch 2.13's default here) means
+            -100, as in PyTorch.
+        impl: "auto" | "triton" | "chunked" | "reference". Probability targets or class weights
+            that require grad take "reference" under "auto" (the others refuse them); only
+            "reference" supports double backward and ``torch.func`` transforms (see the module
+            docstring).
         chunk_size: rows per block for impl="chunked" (None: N * V / 16 logits per block,
             clamped to [2**16, 2**22]).
         memory_budget: impl="triton" only: None ("lean", the default: never holds N x V logits) or
@@ -374,6 +419,8 @@ def linear_cross_entropy(
     >>> round(loss.item(), 4), round(math.log(1 + 2 * math.exp(-1)), 4)
     (0.5514, 0.5514)
     """
+    if ignore_index is None:  # torch 2.13's default, which it maps to -100
+        ignore_index = -100
     reduction, impl, eps, z_loss, softcap, ignore_index = _check_softmax_options(
         reduction, impl, label_smoothing, z_loss, softcap, ignore_index
     )
@@ -420,8 +467,13 @@ def linear_cross_entropy(
         input, weight, num_classes, ignore_index, validate,
     )
 
-    x2d = input.reshape(-1, dim)
-    target2d = target.reshape(-1, num_classes) if soft else target.reshape(-1)
+    # Explicit row counts: reshape(-1, 0) is ambiguous when D = 0 or V = 0.
+    num_rows = math.prod(lead)
+    x2d = input.reshape(num_rows, dim)
+    target2d = target.reshape(num_rows, num_classes) if soft else target.reshape(num_rows)
+    impl = _route_differentiable_options(impl, soft, target, weight)
+    if soft and num_classes == 0 and impl in ("auto", "chunked"):
+        impl = "reference"  # no class: nothing to chunk (the row-block softmax needs one)
     impl = _resolve_impl(impl, input.device, soft, input.dtype)
     if memory_budget is not None and impl != "triton":
         raise ValueError(

@@ -83,10 +83,26 @@ class CrossEntropyLoss(nn.Module):
 class LinearCrossEntropyLoss(nn.Module):
     """Output projection plus cross-entropy, never holding the logits.
 
-    Mirrors ``torch.nn.LinearCrossEntropyLoss`` (PyTorch 2.13): it owns ``self.linear``, an
-    ``nn.Linear(in_features, num_classes, bias=bias)``, and ``forward(input, target)`` returns
-    :func:`crossent.torch.linear_cross_entropy` of ``input`` through that layer. The class weight
-    is a buffer named ``weight``; ``ignore_index`` defaults to -100 as in ``F.cross_entropy``.
+    It owns ``self.linear``, an ``nn.Linear(in_features, num_classes, bias=bias)``, and
+    ``forward(input, target)`` returns :func:`crossent.torch.linear_cross_entropy` of ``input``
+    through that layer. The class weight is a buffer named ``weight``.
+
+    Compared with ``torch.nn.LinearCrossEntropyLoss`` of PyTorch 2.13 (checked against its
+    signature): the same positional ``in_features, num_classes`` and keyword ``bias, device,
+    dtype, reduction, weight, ignore_index, label_smoothing``, the same ``state_dict`` keys
+    (``linear.weight``, ``linear.bias``, ``weight``); ``ignore_index`` defaults to -100, and
+    ``None`` (torch's default) means -100 as in torch. It differs in that:
+
+    - there is no ``out_features=`` (torch's K-dimensional output) and no ``options=``
+      (``LinearCrossEntropyOptions``, torch's chunking switch): passing them is a TypeError;
+    - it adds ``z_loss``, ``softcap``, ``impl``, ``chunk_size`` (rows per block for
+      impl="chunked") and ``validate``; the fused GPU path's ``memory_budget`` is an argument of
+      :func:`crossent.torch.linear_cross_entropy` only;
+    - ``input`` may have any leading shape ``(*, D)``, e.g. ``(B, T, D)`` (torch 2.13 takes
+      ``(D,)`` or ``(N, D)`` only), with a target of shape ``(*)`` or probabilities ``(*, V)``;
+    - the documented deviations of :func:`crossent.torch.cross_entropy` apply (a mean over no
+      rows is 0; smoothing over the finite logits; float32 loss for bf16/fp16 input);
+    - ``torch.func`` transforms (``grad``, ``vmap``, ...) need ``impl="reference"``.
 
     >>> import torch, crossent.torch as cet
     >>> _ = torch.manual_seed(0)
@@ -107,7 +123,7 @@ class LinearCrossEntropyLoss(nn.Module):
         dtype: torch.dtype | None = None,
         reduction: str = "mean",
         weight: torch.Tensor | None = None,
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,

@@ -60,6 +60,12 @@ def cross_entropy(
     Returns:
         float32 loss: a scalar, or (M,) for ``reduction="none"``.
 
+    First-order autograd only: a second backward through a gradient taken with
+    ``create_graph=True`` raises a RuntimeError, and ``torch.func`` transforms are not supported
+    (use ``crossent.torch``'s impl="reference" for either). With ``inplace_backward=True`` the
+    logits' autograd version is bumped, so an op that saved them for its backward raises
+    autograd's in-place error.
+
     Example (the textbook case: true class 2 of 3, predictions [0.1, 0.8, 0.1] and [0.7, 0.2, 0.1]):
 
     >>> import torch
@@ -142,6 +148,10 @@ def linear_cross_entropy(
 
     Returns:
         float32 loss: a scalar, or the shape of ``target`` for ``reduction="none"``.
+
+    First-order autograd only: a second backward through a gradient taken with
+    ``create_graph=True`` raises a RuntimeError, and ``torch.func`` transforms are not supported
+    (use ``crossent.torch``'s impl="reference" for either).
 
     Example (class 1 of 3 scored by an identity head):
 
