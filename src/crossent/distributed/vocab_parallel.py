@@ -74,7 +74,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from crossent.torch._autograd import first_order_only
+from crossent._autograd import first_order_only
 
 from .partition import vocab_offsets
 

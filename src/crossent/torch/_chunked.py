@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._autograd import USE_REFERENCE, first_order_only
+from .._autograd import USE_REFERENCE, first_order_only
 from ._reference import acc_dtype, safe_divide
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 22

@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._autograd import USE_REFERENCE, first_order_only
+from .._autograd import USE_REFERENCE, first_order_only
 from ._reference import safe_divide
 
 

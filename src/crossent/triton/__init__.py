@@ -1,6 +1,7 @@
 """Triton GPU kernels for cross-entropy (layer 4 of 4: the functional entry points).
 
-Imported lazily by ``crossent.torch`` for ``impl="triton"``; depends only on torch and triton.
+Imported lazily by ``crossent.torch`` for ``impl="triton"``; depends only on torch, triton and
+``crossent._autograd`` (torch only).
 On CPU tensors the kernels run through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before triton was imported (that is how the test suite runs them without a GPU).
 """

@@ -2,68 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .._autograd import first_order_only
 from . import _launchers as L
 
 # What gives second-order gradients, for the error a double backward raises.
-_USE_REFERENCE = (
-    "use crossent.torch's impl='reference' for gradient penalties, Hessian-vector products and "
-    "the like"
-)
-
-
-class _SecondOrderError(torch.autograd.Function):
-    """Identity on a gradient, whose backward raises ``message``; ``anchors`` (the Function's
-    saved inputs) put it on the path from the gradient to them."""
-
-    @staticmethod
-    def forward(ctx, message, grad, *anchors):
-        ctx.message = message
-        return grad.detach()  # shares the memory, not an autograd view (in-place accumulation works)
-
-    @staticmethod
-    def backward(ctx, _grad):
-        raise RuntimeError(ctx.message)
-
-
-def _first_order_only(what):
-    """``@once_differentiable`` that also refuses ``create_graph=True``.
-
-    torch's decorator raises on a double backward only when the upstream gradient requires grad;
-    ``torch.autograd.grad(loss, x, create_graph=True)`` passes a constant 1, and a gradient
-    penalty would silently lose the loss's Hessian. Any backward run with create_graph=True
-    (grad mode on inside backward) returns gradients whose own backward raises. (The same helper
-    as ``crossent.torch._autograd.first_order_only``, which this layer may not import.)
-    """
-    message = (
-        f"{what} cannot be differentiated twice: its backward computes the gradient in Triton "
-        f"kernels, so the gradient of a create_graph=True backward has no graph; {_USE_REFERENCE}"
-    )
-
-    def decorate(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grad_outputs):
-            create_graph = torch.is_grad_enabled()  # the engine sets grad mode to create_graph
-            with torch.no_grad():
-                grads = backward(ctx, *grad_outputs)
-            if not create_graph:
-                return grads
-            try:
-                anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
-            except RuntimeError:  # already freed
-                anchors = []
-            return tuple(
-                _SecondOrderError.apply(message, g.detach().requires_grad_(), *anchors)
-                if isinstance(g, torch.Tensor) and g.is_floating_point() else g
-                for g in grads
-            )
-
-        return wrapper
-
-    return decorate
+_USE_REFERENCE = "use crossent.torch's impl='reference' for gradient penalties, Hessian-vector products and the like"
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -89,7 +34,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return out.loss
 
     @staticmethod
-    @_first_order_only("crossent.triton.cross_entropy")
+    @first_order_only("crossent.triton.cross_entropy", _USE_REFERENCE)
     def backward(ctx, grad_output):
         if ctx.consumed:
             raise RuntimeError(
@@ -138,7 +83,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return fwd.loss
 
     @staticmethod
-    @_first_order_only("crossent.triton.linear_cross_entropy")
+    @first_order_only("crossent.triton.linear_cross_entropy", _USE_REFERENCE)
     def backward(ctx, grad_output):
         if ctx.rows is not None:
             if ctx.rows.grads is None:
