@@ -44,6 +44,8 @@ def binary_cross_entropy_with_logits(
       label_smoothing: :math:`\varepsilon \in [0, 1]`.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``; base: None for nats, 2 for bits.
 
+    The value checks (no NaN in targets, finite weights) are skipped inside ``jax.jit``.
+
     Example:
       >>> import numpy as np, crossent as ce
       >>> x = np.log(np.array([0.8, 0.2]) / (1 - np.array([0.8, 0.2])))  # logit of 0.8 and 0.2

@@ -11,6 +11,10 @@ Semantics are PyTorch's ``F.cross_entropy`` with DESIGN.md's documented deviatio
   (``eps / K``, K = number of finite logits; PyTorch: ``eps / C``, and inf when a logit is -inf);
 * a zero target on a -inf logit contributes 0 with a zero gradient; a positive one gives +inf;
 * an ignored row contributes 0 whatever its logits are.
+
+Not deviations, but worth knowing (documented in the public docstrings and pinned by tests): a
+row of all -inf logits with a non-ignored target gives NaN (as PyTorch), and ``softcap`` maps -inf
+to the finite ``-softcap`` (Gemma 2 caps first), so a cap unmasks masked classes.
 """
 
 from __future__ import annotations
@@ -57,9 +61,22 @@ def softmax_cross_entropy(
     (``s`` the sample weights; for probability targets by :math:`\sum_i s_i`), and the sum of the
     z-loss term by :math:`\sum_i s_i` over non-ignored rows; a zero denominator gives 0.
 
+    Masks and soft-capping: a -inf logit masks its class (a zero target there contributes 0 with
+    a zero gradient, a positive one gives +inf). A row whose logits are all -inf leaves no class
+    possible: its softmax is undefined and a non-ignored target there gives NaN (as PyTorch; a
+    zero sample weight does not help, 0 * NaN is NaN): give such rows ``ignore_index`` or drop
+    them. ``softcap`` is applied first (Gemma 2), and :math:`s \tanh(-\infty / s) = -s` is
+    finite: a masked class is no longer masked once capped (it gets probability, label smoothing,
+    and a finite loss for a positive target). To keep a mask with a cap, cap first, then set the
+    masked logits to -inf, and pass no ``softcap``.
+
+    Under ``jax.jit`` the value checks (labels in range, no NaN in targets, finite weights) are
+    skipped, since traced arrays have no values: an out-of-range label then silently gives its row
+    a loss of 0 that still counts in the mean.
+
     Args:
       logits: shape ``[..., num_classes]`` (classes along ``axis``), real floating point;
-        float16/bfloat16 are computed in float32. -inf masks a class.
+        float16/bfloat16 are computed in float32. -inf masks a class (see above).
       targets: integer class indices of shape ``[...]`` (``logits``' shape without ``axis``), or
         probabilities of ``logits``' shape (not validated: distillation targets need not sum to 1).
       axis: the class axis of ``logits`` (``axis=1`` for PyTorch's ``(N, C, d1, ..., dk)`` layout).
@@ -68,7 +85,8 @@ def softmax_cross_entropy(
       ignore_index: a label whose rows contribute nothing (integer targets only).
       label_smoothing: :math:`\varepsilon \in [0, 1]`.
       z_loss: coefficient of :math:`\mathrm{lse}^2` (not combinable with ``base``).
-      softcap: positive cap :math:`s`, or None.
+      softcap: positive cap :math:`s`, or None; applied before everything else, it turns -inf
+        masks into finite logits of :math:`-s` (see above).
       reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``[...]``: each row's loss times its
         sample weight, 0 on ignored rows).
       base: None for nats, 2 for bits.
@@ -127,6 +145,12 @@ def softmax_cross_entropy_and_grad(
     :math:`\partial (s\tanh(x/s)) / \partial x = 1 - \tanh^2(x/s)`. For ``reduction="none"`` the
     gradient is that of the sum of the per-row losses.
 
+    Masks, ``softcap`` and ``jax.jit`` behave as in :func:`softmax_cross_entropy`: a class masked by
+    -inf gets a zero gradient; after ``softcap`` a -inf logit is the finite :math:`-s` and its class
+    is no longer masked (its gradient is still 0, since :math:`\tanh' = 0` there, while its
+    probability is not); a row of all -inf logits with a non-ignored target gives a NaN loss and
+    gradient; value checks are skipped under ``jax.jit``.
+
     Returns:
       ``(loss, grad)``; ``grad`` has ``logits``' shape and dtype.
 
@@ -157,6 +181,7 @@ def _softmax_ce(
     eps = v.check_unit_interval("label_smoothing", label_smoothing)
     z = v.check_nonnegative_scalar("z_loss", z_loss)
     cap = v.check_softcap(softcap)
+    ignore_index = v.check_ignore_index(ignore_index)
     if z > 0 and ln_base is not None:
         raise ValueError(
             f"z_loss and base cannot be combined (z_loss is a regularizer, not a loss in bits): "
@@ -204,7 +229,7 @@ def _softmax_ce(
 
     # ---- which rows count ----------------------------------------------------------------------
     if integer_targets and ignore_index is not None:
-        keep = labels != ignore_index
+        keep = ~v.ignored(xp, labels, ignore_index)
     else:
         keep = xp.ones(batch_shape, dtype=xp.bool, device=dev)
     row_w = xp.where(keep, one, zero) if sw is None else xp.where(keep, sw, zero)
@@ -254,11 +279,20 @@ def _softmax_ce(
                 # its NaN or all -inf logits raise no floating-point warning and leak into nothing.
                 x = xp.where(xp.expand_dims(keep, axis=-1), x, zero)
             m = xp.max(x, axis=-1, keepdims=True)
-            m = xp.where(xp.isfinite(m), m, zero)
+            finite_max = xp.isfinite(m)
+            m = xp.where(finite_max, m, zero)
             shifted = x - m
             e = xp.exp(shifted)
             s = xp.sum(e, axis=-1, keepdims=True)
-            log_s = xp.log(s)
+            # log s = log1p(s - 1), with s - 1 = (the sum of the non-maximal terms) + (ties - 1)
+            # summed on its own: log(s) would round 1 + 2e-9 to 1 in float32 and lose the whole
+            # loss of a confident row (the CPU kernels and crossent.torch keep it). A row with no
+            # finite maximum (all -inf, a +inf or a NaN) has no tie: log1p(rest - 1) gives its
+            # -inf, inf or NaN as log(s) did.
+            at_max = (shifted == 0) & finite_max
+            ties = xp.sum(xp.astype(at_max, dtype), axis=-1, keepdims=True)
+            rest = xp.sum(xp.where(at_max, zero, e), axis=-1, keepdims=True)
+            log_s = xp.log1p(rest + (ties - 1.0))
             lse = (log_s + m)[..., 0]
             # log q = (x - m) - log s, not x - lse: x - m is exact, and subtracting lse (rounded at
             # the magnitude of the logits) would cancel catastrophically for float32 logits of 1e4.
@@ -288,11 +322,14 @@ def _softmax_ce(
                 target_w = one
             if with_grad:
                 q = e / s
+                # q - 1 at a maximum is -(s - 1) / s = -(rest + ties - 1) / s: q - 1 would round
+                # to 0 where the loss, log1p(rest + ties - 1), is 2e-9 (see log_s above).
+                # Elsewhere q <= 1/2 and q - 1 is accurate (and keeps the NaN of a +inf row).
+                q_minus_1 = xp.where(at_max, -(rest + (ties - 1.0)) / s, q - 1.0)
                 if integer_targets:
-                    onehot_f = xp.astype(onehot, dtype)
                     a = xp.expand_dims(target_w if w is not None else xp.ones(batch_shape, dtype=dtype,
                                                                                device=dev), axis=-1)
-                    g = (1.0 - eps) * a * (q - onehot_f)
+                    g = (1.0 - eps) * a * xp.where(onehot, q_minus_1, q)
                     if eps > 0.0:
                         kk = xp.expand_dims(k, axis=-1)
                         finite_f = xp.astype(finite, dtype)
@@ -302,7 +339,8 @@ def _softmax_ce(
                             w_f = xp.sum(xp.where(finite, w, zero), axis=-1, keepdims=True)
                             g = g + eps * (w_f / kk * q - w * finite_f / kk)
                 else:
-                    g = xp.sum(wt, axis=-1, keepdims=True) * q - wt
+                    # sum(wt) q - wt, written so that a one-hot row is exactly q - 1 (as above).
+                    g = (xp.sum(wt, axis=-1, keepdims=True) - wt) * q + wt * q_minus_1
                 grad = g
             else:
                 grad = None

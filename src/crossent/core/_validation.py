@@ -3,12 +3,13 @@
 Every check raises an exception whose message names the argument, what was allowed and what came
 (STYLE.md item 3). Checks that look at values (ranges, NaN) run on the host: core is the reference
 layer and always validates, except inside ``jax.jit``, where arrays have no values to look at
-(:func:`host_bool`).
+(:func:`host_bool`); the public docstrings say so too.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from array_api_compat import array_namespace, device, is_array_api_obj
@@ -40,51 +41,83 @@ def check_reduction(reduction: Any) -> str:
     return reduction
 
 
+def _real(value: Any) -> float | None:
+    """``float(value)`` for a real number (Python, NumPy or any ``numbers.Real`` scalar), else None.
+
+    Booleans are refused: ``True`` as a smoothing of 1 or a base of 1 is almost surely a mistake.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _integer(value: Any) -> int | None:
+    """``int(value)`` for an integer (Python, NumPy or any ``numbers.Integral`` scalar), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def log_base(base: Any) -> float | None:
     """ln(base), or None for nats."""
     if base is None:
         return None
-    if isinstance(base, bool) or not isinstance(base, int | float):
+    value = _real(base)
+    if value is None:
         raise TypeError(f"base must be None (nats) or a positive number such as 2, got {base!r}")
-    if not (math.isfinite(base) and base > 0 and base != 1):
+    if not (math.isfinite(value) and value > 0 and value != 1):
         raise ValueError(f"base must be a finite positive number other than 1, got {base!r}")
-    return math.log(base)
+    return math.log(value)
 
 
 def check_unit_interval(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    number = _real(value)
+    if number is None:
         raise TypeError(f"{name} must be a float in [0, 1], got {value!r}")
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
+    return number
 
 
 def check_nonnegative_scalar(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    number = _real(value)
+    if number is None:
         raise TypeError(f"{name} must be a non-negative float, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{name} must be a finite non-negative float, got {value}")
-    return float(value)
+    return number
 
 
 def check_softcap(softcap: Any) -> float | None:
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+    number = _real(softcap)
+    if number is None:
         raise TypeError(f"softcap must be None or a positive float, got {softcap!r}")
-    if not (math.isfinite(softcap) and softcap > 0):
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(f"softcap must be a finite positive float, got {softcap}")
-    return float(softcap)
+    return number
 
 
 def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    index = _integer(axis)
+    if index is None:
         raise TypeError(f"{name} must be an int, got {axis!r}")
     if ndim == 0:
         raise ValueError(f"{name}={axis} needs an array with at least one dimension, got a 0-d array")
-    if not -ndim <= axis < ndim:
+    if not -ndim <= index < ndim:
         raise ValueError(f"{name} must be in [{-ndim}, {ndim}) for a {ndim}-d array, got {axis}")
-    return axis % ndim
+    return index % ndim
+
+
+def check_ignore_index(ignore_index: Any) -> int | None:
+    """None, or ignore_index as a Python int (NumPy integers accepted)."""
+    if ignore_index is None:
+        return None
+    index = _integer(ignore_index)
+    if index is None:
+        raise TypeError(f"ignore_index must be None or an int, got {ignore_index!r}")
+    return index
 
 
 def is_integer_array(xp: Any, x: Any) -> bool:
@@ -172,39 +205,68 @@ def check_sample_weight(xp: Any, sample_weight: Any, shape: tuple, dtype: Any) -
     return sample_weight
 
 
+def label_dtype(xp: Any) -> Any:
+    """The namespace's default indexing dtype: int64, or int32 for jax without ``jax_enable_x64``
+    (where asking for int64 would only warn and give int32 anyway)."""
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None:
+        try:
+            return info().default_dtypes()["indexing"]
+        except (AttributeError, KeyError, TypeError):
+            pass
+    return xp.int64
+
+
 def check_labels(xp: Any, labels: Any, num_classes: int, ignore_index: int | None) -> Any:
-    """Integer class indices in [0, num_classes), or ignore_index. Returns int64 labels."""
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be None or an int, got {ignore_index!r}")
-    labels = xp.astype(labels, xp.int64) if labels.dtype != xp.int64 else labels
-    valid = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        valid = valid | (labels == ignore_index)
+    """Integer class indices in [0, num_classes), or ignore_index (from :func:`check_ignore_index`).
+
+    Returns the labels in the namespace's indexing dtype (:func:`label_dtype`). The error names the
+    first invalid label: its flat index and its value.
+    """
+    dtype = label_dtype(xp)
+    checked = labels if labels.dtype == dtype else xp.astype(labels, dtype)
+    valid = (checked >= 0) & (checked < num_classes)
+    if ignore_index is not None and _fits(xp, ignore_index, dtype):
+        valid = valid | (checked == ignore_index)
     if host_bool(xp.all(valid)) is False:
-        bad_value = int(xp.min(xp.where(valid, xp.asarray(2**62, dtype=xp.int64, device=device(labels)),
-                                        labels)))
+        i = _first(xp, ~valid)
+        bad_value = int(xp.reshape(labels, (-1,))[i])  # the caller's value, before any cast
         allowed = f"[0, {num_classes})"
         if ignore_index is not None:
             allowed += f" or ignore_index={ignore_index}"
-        raise ValueError(
-            f"targets must be class indices in {allowed}, got {bad_value} "
-            f"at flat index {_first(xp, ~valid)}"
-        )
-    return labels
+        raise ValueError(f"targets must be class indices in {allowed}, got {bad_value} at flat index {i}")
+    return checked
 
 
-def check_eps(xp: Any, eps: Any, dtype: Any) -> float:
+def ignored(xp: Any, labels: Any, ignore_index: int | None) -> Any:
+    """Boolean mask of the rows whose label is ignore_index (all False for None, or for an
+    ignore_index the labels' dtype cannot hold, which no label can then equal)."""
+    if ignore_index is None or not _fits(xp, ignore_index, labels.dtype):
+        return xp.zeros(labels.shape, dtype=xp.bool, device=device(labels))
+    return labels == ignore_index
+
+
+def _fits(xp: Any, value: int, dtype: Any) -> bool:
+    info = xp.iinfo(dtype)
+    return int(info.min) <= value <= int(info.max)
+
+
+def check_eps(xp: Any, eps: Any, input_dtype: Any) -> float:
+    """The clip of probabilities: ``"auto"`` is ``finfo(input_dtype).eps``, the machine epsilon of
+    the probabilities as given (float16: 9.77e-4, as scikit-learn), not of the float32 they are
+    computed in: a float16 probability cannot resolve anything finer."""
     if eps is None:
         return 0.0
     if isinstance(eps, str):
         if eps != "auto":
             raise ValueError(f"eps must be 'auto', None or a float in [0, 0.5), got {eps!r}")
-        return float(xp.finfo(dtype).eps)
-    if isinstance(eps, bool) or not isinstance(eps, int | float):
+        return float(xp.finfo(input_dtype).eps)
+    number = _real(eps)
+    if number is None:
         raise TypeError(f"eps must be 'auto', None or a float in [0, 0.5), got {eps!r}")
-    if not 0.0 <= eps < 0.5:
+    if not 0.0 <= number < 0.5:
         raise ValueError(f"eps must be in [0, 0.5), got {eps}")
-    return float(eps)
+    return number
 
 
 def _first(xp: Any, mask: Any) -> int:

@@ -100,8 +100,10 @@ def _check_labels(labels: object, n: int, c: int) -> np.ndarray:
     if n:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= c:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"labels must lie in [0, {c}) (the number of classes), got {bad}")
+            i = int(np.argmax((labels < 0) | (labels >= c)))  # the first invalid label
+            raise ValueError(
+                f"labels must lie in [0, {c}) (the number of classes), got {int(labels[i])} at index {i}"
+            )
     return np.ascontiguousarray(labels, dtype=np.int64)
 
 

@@ -1,0 +1,184 @@
+"""Behaviours the public docstrings document, each pinned against an independent oracle:
+softcap unmasks -inf logits (Gemma 2 caps first), a fully masked row gives NaN (as PyTorch),
+eps="auto" is the epsilon of the input dtype (as scikit-learn), and value checks are skipped
+under jax.jit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import log_loss as sk_log_loss
+
+import crossent as ce
+
+# ---- finding 3: softcap is applied first, so -inf masks become the finite -softcap ---------------
+
+MASKED = np.array([[0.0, -np.inf, 1.0]])
+
+
+def capped(x, cap):
+    """Gemma 2's soft cap in torch float64 (tanh(-inf) = -1: a masked logit becomes -cap)."""
+    t = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    return cap * torch.tanh(t / cap)
+
+
+@pytest.mark.parametrize("cap", [30.0, 1e6])
+def test_softcap_turns_a_minus_inf_mask_into_a_live_class(xp, asxp, tonp, cap):
+    """Documented in softmax_cross_entropy: with softcap the masked class has logit -cap, gets
+    eps/K of the smoothing (K counts it) and a finite loss under a positive target; the result is
+    F.cross_entropy on the capped logits."""
+    x, y = asxp(MASKED), asxp(np.array([2]))
+    got = float(tonp(ce.softmax_cross_entropy(x, y, label_smoothing=0.1, softcap=cap)))
+    expected = F.cross_entropy(capped(MASKED, cap), torch.tensor([2]), label_smoothing=0.1).item()
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert np.isfinite(got)
+    soft = np.array([[0.0, 0.5, 0.5]])
+    got = float(tonp(ce.softmax_cross_entropy(x, asxp(soft), softcap=cap)))
+    expected = F.cross_entropy(capped(MASKED, cap), torch.from_numpy(soft)).item()
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    # Without a cap the class stays masked: inf for a positive target on it.
+    assert float(tonp(ce.softmax_cross_entropy(x, asxp(soft)))) == np.inf
+
+
+def test_softcap_gradient_is_zero_on_the_unmasked_class_though_its_probability_is_not(xp, asxp, tonp):
+    """d(s tanh(x/s))/dx = 0 at x = -inf: torch autograd through the cap agrees."""
+    loss, grad = ce.softmax_cross_entropy_and_grad(asxp(MASKED), asxp(np.array([2])), softcap=30.0)
+    assert tonp(grad)[0, 1] == 0.0
+    t = torch.from_numpy(MASKED.copy()).requires_grad_(True)
+    F.cross_entropy(30.0 * torch.tanh(t / 30.0), torch.tensor([2])).backward()
+    np.testing.assert_allclose(tonp(grad), t.grad.numpy(), rtol=1e-10, atol=1e-15)
+    assert torch.softmax(capped(MASKED, 30.0), -1)[0, 1] > 0
+
+
+def test_masking_after_capping_keeps_the_mask(xp, asxp, tonp):
+    """The documented recipe: cap first, then put -inf on masked classes, and pass no softcap."""
+    rng = np.random.default_rng(2)
+    raw = rng.normal(size=(6, 9)) * 40
+    mask = rng.random((6, 9)) < 0.3
+    mask[:, 0] = False
+    y = np.zeros(6, dtype=np.int64)
+    x = np.where(mask, -np.inf, 30.0 * np.tanh(raw / 30.0))
+    got = tonp(ce.softmax_cross_entropy(asxp(x), asxp(y), reduction="none"))
+    expected = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), reduction="none").numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    soft = np.where(mask, 0.0, 1.0)
+    soft /= soft.sum(-1, keepdims=True)
+    np.testing.assert_allclose(
+        tonp(ce.softmax_cross_entropy(asxp(x), asxp(soft), reduction="none")),
+        -(soft * np.where(mask, 0.0, torch.log_softmax(torch.from_numpy(x), -1).numpy())).sum(-1),
+        rtol=1e-10,
+    )
+
+
+def test_softcap_masking_is_documented():
+    for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
+        doc = " ".join(f.__doc__.split())
+        assert "no longer masked" in doc, f.__name__
+    assert "then set the masked logits to -inf" in " ".join(ce.softmax_cross_entropy.__doc__.split())
+
+
+# ---- finding 7: a row of all -inf logits (no class possible) gives NaN, as PyTorch -----------------
+
+
+def test_fully_masked_row_gives_nan_like_torch(xp, asxp, tonp):
+    x = np.array([[-np.inf, -np.inf, -np.inf], [0.0, 1.0, -np.inf]])
+    for layout in ("C", "F") if xp is np else ("C",):  # F order: numpy's Array-API path
+        _check_fully_masked_row(asxp, tonp, np.asfortranarray(x) if layout == "F" else x)
+
+
+def _check_fully_masked_row(asxp, tonp, x):
+    y = np.array([0, 1])
+    expected = F.cross_entropy(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), reduction="none")
+    assert torch.isnan(expected[0]) and torch.isfinite(expected[1])  # the oracle's own behaviour
+    soft = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    with np.errstate(divide="ignore", invalid="ignore"):  # the numpy Array-API path warns on 0/0
+        rows = tonp(ce.softmax_cross_entropy(asxp(x), asxp(y), reduction="none"))
+        rows_soft = tonp(ce.softmax_cross_entropy(asxp(x), asxp(soft), reduction="none"))
+        loss, grad = ce.softmax_cross_entropy_and_grad(asxp(x), asxp(y), reduction="sum")
+        ignored = ce.softmax_cross_entropy(asxp(x), asxp(np.array([-100, 1])), ignore_index=-100, reduction="sum")
+    for got in (rows, rows_soft):
+        assert np.isnan(got[0])
+        np.testing.assert_allclose(got[1], expected[1].item(), rtol=1e-12)
+    assert np.isnan(float(tonp(loss))) and np.all(np.isnan(tonp(grad)[0]))
+    # Ignoring the row (the documented way out) gives the other row's loss.
+    np.testing.assert_allclose(float(tonp(ignored)), expected[1].item(), rtol=1e-12)
+
+
+def test_fully_masked_row_is_documented():
+    for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
+        doc = " ".join(f.__doc__.split())
+        assert "all -inf" in doc and "NaN" in doc, f.__name__
+
+
+# ---- finding 8: eps="auto" is finfo of the input probabilities' dtype -----------------------------
+
+
+def test_log_loss_float16_clips_like_sklearn():
+    p16 = np.array([[0.0, 1.0], [0.5, 0.5], [0.25, 0.75], [1.0, 0.0]], np.float16)
+    y = np.array([0, 0, 1, 1])
+    got = ce.log_loss(p16, y)
+    assert got.dtype == np.float32
+    clip = float(np.finfo(np.float16).eps)  # 9.77e-4, as scikit-learn
+    truth = -np.log(np.maximum(p16.astype(np.float64)[np.arange(4), y], clip)).mean()
+    np.testing.assert_allclose(got, truth, rtol=1e-6)
+    # scikit-learn computes in float16 itself: agreement to float16's precision.
+    np.testing.assert_allclose(got, sk_log_loss(y, p16, labels=[0, 1]), rtol=2e-3)
+    # float32 input: float32's eps, also as scikit-learn.
+    p32 = p16.astype(np.float32)
+    np.testing.assert_allclose(ce.log_loss(p32, y), sk_log_loss(y, p32, labels=[0, 1]), rtol=1e-6)
+
+
+def test_binary_cross_entropy_float16_clips_at_float16_eps():
+    p16 = np.array([0.0, 1.0, 0.3], np.float16)
+    t = np.array([1.0, 0.0, 1.0], np.float16)
+    clip = float(np.finfo(np.float16).eps)
+    p = np.clip(p16.astype(np.float64), clip, 1 - clip)
+    truth = -(t * np.log(p) + (1 - t) * np.log1p(-p))
+    got = ce.binary_cross_entropy(p16, t, reduction="none")
+    np.testing.assert_allclose(got, truth, rtol=1e-6)
+    np.testing.assert_allclose(got[0], 6.931, rtol=1e-3)  # not 15.94 (float32's eps)
+    # scikit-learn's binary log_loss on the same float16 probabilities (it computes in float16)
+    np.testing.assert_allclose(ce.binary_cross_entropy(p16, t), sk_log_loss(t, p16, labels=[0, 1]), rtol=2e-3)
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_eps_auto_of_bfloat16_inputs_is_bfloat16_eps(library):
+    p = np.array([[0.0, 1.0], [0.5, 0.5]])
+    y = np.array([0, 1])
+    if library == "torch":
+        probs, labels = torch.tensor(p, dtype=torch.bfloat16), torch.from_numpy(y)
+        bce_p, bce_t = probs[:, 0], torch.tensor([1.0, 1.0], dtype=torch.bfloat16)
+    else:
+        jnp = pytest.importorskip("jax.numpy")
+        probs, labels = jnp.asarray(p, dtype=jnp.bfloat16), jnp.asarray(y)
+        bce_p, bce_t = probs[:, 0], jnp.asarray([1.0, 1.0], dtype=jnp.bfloat16)
+    clip = 2.0**-7  # finfo(bfloat16).eps
+    got = np.asarray(ce.log_loss(probs, labels, reduction="none"), dtype=np.float64)
+    np.testing.assert_allclose(got, [-np.log(clip), -np.log(0.5)], rtol=1e-6)
+    got = np.asarray(ce.binary_cross_entropy(bce_p, bce_t, reduction="none"), dtype=np.float64)
+    np.testing.assert_allclose(got, [-np.log(clip), -np.log(0.5)], rtol=1e-6)
+
+
+# ---- finding 9: the jax.jit exception to validation is in the public docstrings ---------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["softmax_cross_entropy", "softmax_cross_entropy_and_grad", "log_loss", "binary_cross_entropy",
+     "binary_cross_entropy_with_logits", "entropy", "cross_entropy", "kl_divergence"],
+)
+def test_skipped_checks_under_jit_are_documented(name):
+    assert "jax.jit" in getattr(ce, name).__doc__
+
+
+def test_checks_are_skipped_under_jit_as_documented():
+    """What the docstrings warn about: under jax.jit an out-of-range label raises nothing."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    x, y = jnp.zeros((2, 3)), jnp.asarray(np.array([0, 5], np.int32))
+    with pytest.raises(ValueError, match="got 5 at flat index 1"):
+        ce.softmax_cross_entropy(x, y)
+    assert np.isfinite(float(jax.jit(ce.softmax_cross_entropy)(x, y)))
