@@ -305,6 +305,24 @@ def test_bad_options(kwargs, error, match, device):
         cross_entropy(logits.float(), target, **kwargs)
 
 
+def test_numpy_scalar_options_equal_python_ones_and_bool_is_refused(device):
+    # As PyTorch takes them (np.float32 is not a float subclass, np.int64 not an int one).
+    np = pytest.importorskip("numpy")
+    logits, target, _ = make(5, device, c=7, ignore_every=2)
+    logits, target = logits.float(), target.clone()
+    target[target == IGNORE] = 3
+    python = cross_entropy(logits, target, ignore_index=3, label_smoothing=0.1, z_loss=1e-2, softcap=4.0,
+                           reduction="none")
+    numpy_ = cross_entropy(logits, target, ignore_index=np.int64(3), label_smoothing=np.float32(0.1),
+                           z_loss=np.float32(1e-2), softcap=np.float16(4.0), reduction="none")
+    assert torch.equal(python[target == 3], torch.zeros_like(python[target == 3]))
+    torch.testing.assert_close(numpy_, python, rtol=1e-6, atol=0)  # float32(0.1) != 0.1 exactly
+    with pytest.raises(TypeError, match="label_smoothing"):
+        cross_entropy(logits, target, label_smoothing=True)
+    with pytest.raises(TypeError, match="ignore_index"):
+        cross_entropy(logits, target, ignore_index=np.bool_(True))
+
+
 def test_bad_data(device):
     logits, target, _ = make(3, device, c=5, ignore_every=0)
     with pytest.raises(TypeError, match="logits"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._functions import CrossEntropyFunction, LinearCrossEntropyFunction
+from ._launchers import python_scalars as _python_scalars
 
 # Private: the local math of crossent.distributed.vocab_parallel_cross_entropy (its collectives
 # stay there); see _partials.
@@ -75,6 +76,7 @@ def cross_entropy(
     >>> cross_entropy(logits, torch.tensor([1, 1]), reduction="none").round(decimals=4)
     tensor([0.2231, 1.6094])
     """
+    label_smoothing, z_loss, softcap, ignore_index = _python_scalars(label_smoothing, z_loss, softcap, ignore_index)
     return CrossEntropyFunction.apply(
         logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
         inplace_backward, torch.is_grad_enabled(),
@@ -172,6 +174,7 @@ def linear_cross_entropy(
             f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}"
         )
     flat_input = input.reshape(-1, input.shape[-1]) if input.ndim != 2 else input
+    label_smoothing, z_loss, softcap, ignore_index = _python_scalars(label_smoothing, z_loss, softcap, ignore_index)
     loss = LinearCrossEntropyFunction.apply(
         flat_input, linear_weight, target.reshape(-1), linear_bias, weight, ignore_index,
         reduction, label_smoothing, z_loss, softcap, memory_budget, torch.is_grad_enabled(),

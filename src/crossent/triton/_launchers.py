@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 
 import torch
@@ -39,6 +40,20 @@ def interpreted() -> bool:
 # ------------------------------------------------------------------------------------------------
 # Validation that needs no host sync (shapes, dtypes, option values; target ranges on CPU only).
 # ------------------------------------------------------------------------------------------------
+
+
+def python_scalars(label_smoothing, z_loss, softcap, ignore_index):
+    """The scalar options as Python float / int (NumPy scalars and other ``numbers.Real`` /
+    ``numbers.Integral`` values, as PyTorch takes them); anything else (``bool`` included) is
+    returned as it came, for ``_check_options`` to refuse by name."""
+
+    def real(v):
+        return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+
+    def integral(v):
+        return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+
+    return real(label_smoothing), real(z_loss), None if softcap is None else real(softcap), integral(ignore_index)
 
 
 def _check_options(reduction, label_smoothing, z_loss, softcap, ignore_index):
