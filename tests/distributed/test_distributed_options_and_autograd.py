@@ -5,14 +5,19 @@ one (in a subprocess: the group must not leak into the test process), against fl
   give the loss of the Python numbers (and F.cross_entropy's where torch has the option); bool and
   floats for ``ignore_index`` are refused by name;
 - a second backward through a gradient taken with ``create_graph=True`` raises a RuntimeError
-  (torch's once_differentiable let it through: the upstream gradient was a constant 1).
+  (torch's once_differentiable let it through: the upstream gradient was a constant 1);
+- ``label_smoothing=1`` with a target on a -inf logit gives crossent.core's finite loss (the
+  target has no mass), not 0 * inf = NaN.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r"""
 import json, os, tempfile
@@ -79,6 +84,14 @@ for name, fn in {
     except RuntimeError as exc:
         second[name] = str(exc)
 out["second_order"] = second
+
+# label_smoothing=1 with the target on a -inf logit: the target has no mass, 0 (not 0 * inf).
+import crossent as ce
+xm = np.array([[0.5, -1.0, -np.inf, 2.0], [0.1, 0.2, 0.3, -np.inf]])
+ym = np.array([2, 0])
+want = ce.softmax_cross_entropy(xm, ym, label_smoothing=1.0, reduction="none")
+got = vpce(torch.from_numpy(xm), torch.from_numpy(ym), label_smoothing=1.0, reduction="none")
+out["full_smoothing_minus_inf_target"] = [got.tolist(), want.tolist()]
 dist.destroy_process_group()
 print(json.dumps(out))
 """
@@ -106,6 +119,9 @@ def test_numpy_scalar_options_and_second_order_error():
     for name, text in expected.items():
         assert errors[name] and text in errors[name], (name, errors[name])
     assert out["first_order_vs_torch"] <= 1e-12
+    got, want = out["full_smoothing_minus_inf_target"]
+    assert all(math.isfinite(v) for v in want)
+    assert got == pytest.approx(want, rel=1e-12)
     second = out["second_order"]
     for name, fn in (
         ("ce_backward", "vocab_parallel_cross_entropy"),

@@ -158,6 +158,19 @@ def test_inplace_backward_writes_gradient_into_logits(ref, device):
     assert x.grad.data_ptr() == x.data_ptr()
 
 
+def test_inplace_backward_refuses_rows_that_share_memory(device):
+    # An expand()ed row: writing row 0's gradient would change the logits rows 1-3 still read.
+    row = torch.randn(1, 10, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
+    target = torch.tensor([1, 2, 3, 4], device=device)
+    with pytest.raises(ValueError, match=r"inplace_backward=True needs logits whose rows do not overlap"):
+        cross_entropy(row.expand(4, 10), target, inplace_backward=True)
+    loss = cross_entropy(row.expand(4, 10), target, reduction="none")  # out of place: fine
+    want = torch.nn.functional.cross_entropy(row.detach().double().expand(4, 10), target, reduction="none")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+    with torch.no_grad():  # nothing is written: nothing to refuse
+        cross_entropy(row.expand(4, 10), target, inplace_backward=True)
+
+
 def test_default_leaves_logits_untouched_and_no_grad_writes_nothing(ref, device):
     logits, target, _ = make(5, device)
     x = logits.float().requires_grad_()

@@ -262,7 +262,9 @@ def _row_losses(plan: _Plan, valid, lse, t, finite_sum, finite_count):
     eps = plan.label_smoothing
     row = lse - t
     if eps > 0.0:
-        row = (1.0 - eps) * row + eps * (lse - finite_sum / finite_count)
+        # eps = 1 gives the target no mass: 0 even on a -inf target logit (0 * inf would be NaN).
+        target_part = (1.0 - eps) * row if eps < 1.0 else torch.zeros_like(row)
+        row = target_part + eps * (lse - finite_sum / finite_count)
     if plan.z_loss > 0.0:
         row = row + plan.z_loss * lse * lse
     return torch.where(valid, row, torch.zeros_like(row))

@@ -193,7 +193,8 @@ def _block_forward(
         return lse, ce, p
     z_y = z.gather(1, target[:, None]).squeeze(1)
     w_y = torch.ones_like(lse) if weight is None else weight[target]
-    ce = (1.0 - eps) * w_y * (lse - z_y)
+    # eps = 1 gives the target no mass: 0 even on a -inf target logit (0 * inf would be NaN).
+    ce = (1.0 - eps) * w_y * (lse - z_y) if eps < 1.0 else torch.zeros_like(lse)
     if eps > 0.0:
         finite = torch.isfinite(z)
         k = finite.sum(dim=-1).to(z.dtype)

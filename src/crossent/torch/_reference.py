@@ -87,7 +87,8 @@ def reference_cross_entropy_2d(
         else:
             nll = -logp.gather(1, safe_target[:, None]).squeeze(1)
             w_target = torch.ones_like(nll) if w is None else w[safe_target]
-        row = (1.0 - eps) * w_target * nll
+        # eps = 1 gives the target no mass: 0 even on a -inf target logit (0 * inf would be NaN).
+        row = (1.0 - eps) * w_target * nll if eps < 1.0 else torch.zeros_like(nll)
         if eps > 0.0:
             wc = torch.ones_like(logp) if w is None else w.expand_as(logp)
             smooth = torch.where(finite, -wc * logp, torch.zeros_like(logp)).sum(dim=-1)

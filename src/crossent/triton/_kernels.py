@@ -320,7 +320,9 @@ def _ce_row(
         log_s = tl.log(s)
         lse = m + log_s
 
-        ce = (1.0 - eps) * w_t * ((m - x_t) + log_s)  # not lse - x_t: see _ce_grad_block
+        # not lse - x_t: see _ce_grad_block. eps = 1 gives the target no mass: 0 even on a -inf
+        # target logit (0 * inf would be NaN).
+        ce = (1.0 - eps) * w_t * tl.where(eps < 1.0, (m - x_t) + log_s, 0.0)
         a_coef = ce_scale * (1.0 - eps) * w_t
         c_coef = 0.0
         if HAS_SMOOTHING:
@@ -850,7 +852,7 @@ def _lce_combine_kernel(
         if HAS_WEIGHT:
             t_safe = tl.where(target_ok, target, 0)
             w_t = tl.load(weight_ptr + t_safe, mask=row_mask, other=0.0).to(tl.float32)
-        ce = (1.0 - eps) * w_t * ((m - x_t) + log_s)
+        ce = (1.0 - eps) * w_t * tl.where(eps < 1.0, (m - x_t) + log_s, 0.0)  # as in _ce_row
         a_coef = ce_scale * (1.0 - eps) * w_t
         c_coef = tl.zeros([BLOCK_M], dtype=tl.float32)
         if HAS_SMOOTHING:

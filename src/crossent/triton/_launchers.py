@@ -392,6 +392,15 @@ def cross_entropy_forward(
 
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     grad = None
+    if write_grad and inplace_backward and x is logits and n_rows > 1 and n_cols > 0 and abs(x.stride(0)) < n_cols:
+        # Rows that share memory (an expand()ed row, an overlapping as_strided view): a row's
+        # gradient would overwrite logits another row still has to read. PyTorch refuses such
+        # in-place writes too.
+        raise ValueError(
+            f"inplace_backward=True needs logits whose rows do not overlap in memory, got shape "
+            f"{tuple(logits.shape)} with strides {tuple(logits.stride())}; pass logits.contiguous() or "
+            "inplace_backward=False"
+        )
     if write_grad:
         # In place: a detached alias of the logits (a tensor object of its own, sharing their
         # memory), so that autograd can hand it on as is; returning the input tensor itself made
