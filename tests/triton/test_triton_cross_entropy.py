@@ -336,6 +336,16 @@ def test_numpy_scalar_options_equal_python_ones_and_bool_is_refused(device):
         cross_entropy(logits, target, ignore_index=np.bool_(True))
 
 
+def test_class_weight_requiring_grad_is_refused_by_crossent_triton_itself(device):
+    logits, target, weight = make(3, device, c=6, ignore_every=0)
+    weight = weight.float().requires_grad_()
+    with pytest.raises(ValueError, match="does not differentiate class weights, and weight requires grad"):
+        cross_entropy(logits.float(), target, weight=weight)
+    with torch.no_grad():  # no gradient wanted: nothing to refuse
+        cross_entropy(logits.float(), target, weight=weight)
+    cross_entropy(logits.float(), target, weight=weight.detach())
+
+
 def test_bad_data(device):
     logits, target, _ = make(3, device, c=5, ignore_every=0)
     with pytest.raises(TypeError, match="logits"):

@@ -8,6 +8,8 @@ before triton was imported (that is how the test suite runs them without a GPU).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ._functions import CrossEntropyFunction, LinearCrossEntropyFunction
@@ -19,6 +21,16 @@ from ._partials import vocab_parallel_grad as _vocab_parallel_grad  # noqa: F401
 from ._partials import vocab_parallel_partials as _vocab_parallel_partials  # noqa: F401
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
+
+
+def _refuse_weight_grad(weight):
+    """The kernels treat class weights as constants: refuse one that wants a gradient rather
+    than leave its ``.grad`` silently unset (crossent.torch's impl="reference" differentiates it)."""
+    if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "crossent.triton does not differentiate class weights, and weight requires grad; pass "
+            "weight.detach(), or use crossent.torch's impl='reference'"
+        )
 
 
 def cross_entropy(
@@ -77,6 +89,7 @@ def cross_entropy(
     tensor([0.2231, 1.6094])
     """
     label_smoothing, z_loss, softcap, ignore_index = _python_scalars(label_smoothing, z_loss, softcap, ignore_index)
+    _refuse_weight_grad(weight)
     return CrossEntropyFunction.apply(
         logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
         inplace_backward, torch.is_grad_enabled(),
@@ -175,6 +188,9 @@ def linear_cross_entropy(
         )
     flat_input = input.reshape(-1, input.shape[-1]) if input.ndim != 2 else input
     label_smoothing, z_loss, softcap, ignore_index = _python_scalars(label_smoothing, z_loss, softcap, ignore_index)
+    _refuse_weight_grad(weight)
+    if isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, bool):
+        memory_budget = int(memory_budget)  # NumPy integers too
     loss = LinearCrossEntropyFunction.apply(
         flat_input, linear_weight, target.reshape(-1), linear_bias, weight, ignore_index,
         reduction, label_smoothing, z_loss, softcap, memory_budget, torch.is_grad_enabled(),
