@@ -10,6 +10,24 @@ import pytest
 NAMES = ["cat", "dog", "cow", "pig", "hen", "owl", "ant"]
 
 
+def run(*args):
+    """``crossent score ARGS --quiet`` through click's test runner (stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from crossent.cli.main import main
+
+    return CliRunner().invoke(main, ["score", *map(str, args), "--quiet"])
+
+
+def run_json(*args):
+    """The JSON object ``crossent score ARGS --format json`` prints (it must exit 0)."""
+    import json
+
+    result = run(*args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 def softmax(z):
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)

@@ -8,16 +8,12 @@ import stat
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from crossent.cli import _report
-from crossent.cli.main import main
+
+from .conftest import run
 
 _PNGS = list(_report.PLOTS)  # in the order they are written, after the report
-
-
-def run(*args):
-    return CliRunner().invoke(main, ["score", *map(str, args), "--quiet"])
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs an unwritable /proc/sys")

@@ -4,7 +4,6 @@ scikit-learn's log_loss (which clips at finfo(dtype).eps of its input, as crosse
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -12,21 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from click.testing import CliRunner
 from sklearn.metrics import log_loss
 
-from crossent.cli.main import main
 from crossent.metrics import ScoreAccumulator
 
-
-def run(*args):
-    return CliRunner().invoke(main, ["score", *map(str, args), "--quiet"])
-
-
-def run_json(*args):
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+from .conftest import run, run_json
 
 
 def oracle(p, y, eps):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import json
 import tracemalloc
 
 import numpy as np
@@ -14,21 +13,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from sklearn.metrics import log_loss
 
-from crossent.cli.main import main
 from crossent.io import DataError, open_predictions
 
-
-def run(*args):
-    return CliRunner().invoke(main, ["score", *map(str, args), "--quiet"])
-
-
-def run_json(*args):
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+from ..cli.conftest import run, run_json
 
 
 def softmax_ce(z, y):
