@@ -77,3 +77,58 @@ def test_replaced_report_keeps_its_mode(parquet_path, tmp_path):
     assert result.exit_code == 0
     assert stat.S_IMODE(os.stat(report).st_mode) == 0o640
     assert report.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_a_plot_path_that_is_a_directory_moves_nothing(parquet_path, tmp_path):
+    """Second review D5: the report and the first plot were moved into place before the
+    move onto the directory failed."""
+    report, plots = tmp_path / "r.html", tmp_path / "plots"
+    report.write_text("old report")
+    (plots / "reliability.png").mkdir(parents=True)
+    result = run(parquet_path, "--target", "y", "--probs", "p_*", "--plots", plots,
+                 "--report", report)
+    assert result.exit_code == 1
+    assert str(plots / "reliability.png") in result.stderr and "directory" in result.stderr
+    assert report.read_text() == "old report"
+    assert sorted(p.name for p in plots.iterdir()) == ["reliability.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "r.html"]  # no temporaries
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="POSIX modes")
+def test_a_failed_move_takes_back_the_moves_before_it(parquet_path, tmp_path, monkeypatch):
+    """D5: a move that fails after others (an immutable file, a race) restores the replaced
+    report (content and mode) and removes the plots already moved."""
+    report, plots = tmp_path / "r.html", tmp_path / "plots"
+    report.write_text("old report")
+    os.chmod(report, 0o640)
+    plots.mkdir()
+    (plots / _PNGS[0]).write_bytes(b"old png")
+    real = os.replace
+    moves = []
+
+    def replace(src, dst):
+        if os.fspath(dst).endswith(_PNGS[-1]) and ".crossent-" in os.fspath(src):
+            raise PermissionError(1, "Operation not permitted")
+        moves.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(_report.os, "replace", replace)
+    result = run(parquet_path, "--target", "y", "--probs", "p_*", "--plots", plots,
+                 "--report", report)
+    assert result.exit_code == 1
+    assert str(plots / _PNGS[-1]) in result.stderr and "Operation not permitted" in result.stderr
+    assert len(moves) >= 3  # the report and two plots were moved, then taken back
+    assert report.read_text() == "old report"
+    assert stat.S_IMODE(os.stat(report).st_mode) == 0o640
+    assert (plots / _PNGS[0]).read_bytes() == b"old png"
+    assert sorted(p.name for p in plots.iterdir()) == [_PNGS[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "r.html"]  # no .bak, .tmp
+
+
+def test_a_successful_write_leaves_no_backups(parquet_path, tmp_path):
+    report = tmp_path / "r.html"
+    report.write_text("old report")
+    result = run(parquet_path, "--target", "y", "--probs", "p_*", "--report", report)
+    assert result.exit_code == 0
+    assert report.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]

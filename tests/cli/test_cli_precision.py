@@ -103,3 +103,31 @@ def test_clipped_rows_merge_and_logits_never_clip():
     r = ScoreAccumulator(2, from_logits=True).update(z, np.array([1])).compute()
     assert r.clipped_rows == 0
     np.testing.assert_allclose(r.cross_entropy_nats, 800.0, rtol=1e-12)
+
+
+def test_mixed_float16_and_float32_columns_use_float16_tolerance(tmp_path):
+    """Second review nit: float16 columns beside a float32 one were held to float32's
+    tolerance, so rows of valid float16 probabilities were rejected. The row-sum tolerance
+    of mixed dtypes is the widest one (the coarsest dtype's); eps is the batch's (float32)."""
+    rng = np.random.default_rng(0)
+    n = 5001
+    p = rng.dirichlet(np.ones(3) * 0.3, n).astype(np.float16)
+    y = rng.integers(0, 3, n)
+    sums = p.astype(np.float32).sum(axis=1, dtype=np.float64)
+    assert np.abs(sums - 1).max() > math.sqrt(np.finfo(np.float32).eps)  # float32's rejects
+    assert np.abs(sums - 1).max() <= math.sqrt(np.finfo(np.float16).eps)
+    table = pa.table({"p0": p[:, 0], "p1": p[:, 1].astype(np.float32), "p2": p[:, 2], "y": y})
+    pq.write_table(table, tmp_path / "mix.parquet")
+    out = run_json(tmp_path / "mix.parquet", "--target", "y", "--probs", "p*")
+    loss, clipped = oracle(p.astype(np.float32), y, float(np.finfo(np.float32).eps))
+    assert math.isclose(out["cross_entropy_nats"], loss, rel_tol=1e-12)
+    assert out["clipped_rows"] == clipped
+    # a row off by more than float16's tolerance is still an error
+    bad = p.copy()
+    bad[17] = [0.5, 0.5, 0.25]
+    table = pa.table({"p0": bad[:, 0], "p1": bad[:, 1].astype(np.float32), "p2": bad[:, 2],
+                      "y": y})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    result = run(tmp_path / "bad.parquet", "--target", "y", "--probs", "p*")
+    assert result.exit_code == 1 and "data row 17" in result.stderr
+    assert f"(tolerance {math.sqrt(np.finfo(np.float16).eps):.3g})" in result.stderr

@@ -3,7 +3,8 @@
 Figures are drawn with ``matplotlib.figure.Figure`` (no pyplot global state) and embedded in
 the page as base64 PNG data URIs, so the page is one self-contained file. Files are written
 all or nothing (``write_all``): each to a temporary file in its destination directory, and
-only when every one is written are they moved into place with ``os.replace``. A new file gets
+only when every one is written are they moved into place with ``os.replace`` (a failed move
+takes back the moves before it). A new file gets
 the mode a plain ``open()`` would give it (0o666 less the umask); a replaced file keeps its
 mode.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import base64
 import datetime
+import errno
 import html
 import io
 import math
 import os
+import shutil
 import stat
 import tempfile
 
@@ -64,14 +67,32 @@ def _stage(path: str, data: bytes) -> str:
     return tmp
 
 
+def _backup(path: str) -> str | None:
+    """A hard link (else a copy) of an existing file at ``path``, to put back on failure."""
+    if not os.path.lexists(path):
+        return None
+    fd, backup = tempfile.mkstemp(prefix=".crossent-", suffix=".bak",
+                                  dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    os.unlink(backup)  # a fresh unused name for the link
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:  # no hard links here: a copy
+        shutil.copy2(path, backup, follow_symlinks=False)
+    return backup
+
+
 def write_all(outputs, /, *, folders=()) -> None:
     """Write each ``(path, bytes)`` of ``outputs``, all or nothing.
 
     ``folders`` are created first if missing (and removed again on failure). Every file is
     written to a temporary beside its destination; only when all are written are they moved
-    into place. An ``OSError`` names the destination (``filename``), never a temporary.
+    into place. A destination that is a directory fails before anything is moved; if a move
+    still fails (an immutable file, a race), the files already moved are taken back: a new
+    file is removed, a replaced one is put back (from a hard link, or a copy, made before the
+    move). An ``OSError`` names the destination (``filename``), never a temporary.
     """
-    created, staged = [], []
+    created, staged, moved = [], [], []
     try:
         for folder in folders:
             missing, parent = [], os.path.abspath(folder)
@@ -83,6 +104,10 @@ def write_all(outputs, /, *, folders=()) -> None:
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, os.fspath(folder)) from None
             created += reversed(missing)
+        for path, _ in outputs:
+            path = os.fspath(path)
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         for path, data in outputs:
             path = os.fspath(path)
             try:
@@ -92,11 +117,26 @@ def write_all(outputs, /, *, folders=()) -> None:
         while staged:
             tmp, path = staged[0]
             try:
-                os.replace(tmp, path)
+                backup = _backup(path)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, path) from None
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                if backup is not None:
+                    os.unlink(backup)
+                raise OSError(exc.errno, exc.strerror, path) from None
+            moved.append((path, backup))
             staged.pop(0)
     except BaseException:
+        for path, backup in reversed(moved):  # undo the moves, newest first
+            try:
+                if backup is None:
+                    os.unlink(path)
+                else:
+                    os.replace(backup, path)
+            except OSError:
+                pass
         for tmp, _ in staged:
             try:
                 os.unlink(tmp)
@@ -108,6 +148,12 @@ def write_all(outputs, /, *, folders=()) -> None:
             except OSError:
                 pass
         raise
+    for _, backup in moved:
+        if backup is not None:
+            try:
+                os.unlink(backup)
+            except OSError:
+                pass
 
 
 def write_atomic(path, data: bytes) -> None:

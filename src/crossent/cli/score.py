@@ -55,6 +55,16 @@ def score_files(
     ``BATCH_SCORES`` scores per batch (16384 rows of 16 classes).
     Raises ``crossent.io.DataError`` for bad data, ``ValueError`` for bad arguments.
     """
+    files = _open_files(path, target=target, probs=probs, logits=logits,
+                        sample_weight=sample_weight, labels=labels, engine=engine)
+    return _score_opened(files, target=target, logits=logits is not None, normalize=normalize,
+                         sample_weight=sample_weight, engine=engine, batch_rows=batch_rows,
+                         client=client, progress=progress), files
+
+
+def _open_files(path, *, target, probs, logits, sample_weight, labels, engine):
+    """The PredictionFile of each file at ``path`` (headers only). A ValueError here, other
+    than a DataError or a UnicodeError, is a problem with the arguments."""
     if (probs is None) == (logits is None):
         raise ValueError("pass exactly one of probs= (--probs) and logits= (--logits)")
     if engine not in ("local", "dask"):
@@ -69,11 +79,18 @@ def score_files(
     for f in files:
         if engine == "dask" and f.format != "parquet":
             raise ValueError(f"--engine dask reads Parquet files, got {f.path!r}")
+    return files
+
+
+def _score_opened(files, *, target, logits, normalize, sample_weight, engine, batch_rows,
+                  client, progress):
+    """Read and score the opened ``files``; returns the ScoreResult."""
+    first = files[0]
     if batch_rows is None:
         batch_rows = max(1, BATCH_SCORES // first.num_classes)
     options = {
         "num_classes": first.num_classes,
-        "from_logits": logits is not None,
+        "from_logits": logits,
         "normalize": normalize,
         # row-sum tolerance: each batch brings its own (text: float32's; binary files: their
         # own dtype's), see crossent.io.Batch
@@ -98,7 +115,13 @@ def score_files(
                 acc = score_local(files, options, batch_rows=batch_rows, progress=advance)
         else:
             acc = score_local(files, options, batch_rows=batch_rows)
-    return acc.compute(), files
+    return acc.compute()
+
+
+def _message(exc) -> str:
+    """An exception's message, never empty (its class name when it has none)."""
+    text = str(exc).strip()
+    return text if text else type(exc).__name__
 
 
 class _progress_bar:
@@ -212,7 +235,9 @@ def _format_table(result, source: str) -> str:
                    "column). name: class names (p_1 -> '1'). auto: text labels are names, "
                    "integer labels are indices, except when the classes are named by integers "
                    "that are not their positions (p_1..p_5): then integer labels are an error "
-                   "that asks for index or name. The same in every file format.")
+                   "that asks for index or name. A fractional number is never an index (text "
+                   "'0.5' is a class name under name only). The columns of a plain 2-D .npy "
+                   "are positions, not names. The same in every file format.")
 @click.option("--probs", metavar="COLUMNS",
               help="Probability columns, one per class: a comma list or a glob ('p_*').")
 @click.option("--logits", metavar="COLUMNS",
@@ -259,20 +284,35 @@ def score(path, target, labels, probs, logits, output_format, sample_weight, nor
         raise click.BadParameter(f"the folder of {report!r} does not exist", param_hint="--report")
     show_progress = not quiet and sys.stderr.isatty()
     _lean_arrow_memory()
+    # Usage errors (exit 2) come only from the options: a ValueError while the files are
+    # opened (a column that is selected twice, too few score columns). Reading the data, any
+    # error is bad data (exit 1), ValueError subclasses included (UnicodeDecodeError,
+    # io.UnsupportedOperation), and its message is never empty.
     try:
-        result, files = score_files(
-            path, target=target, probs=probs, logits=logits, sample_weight=sample_weight,
-            normalize=normalize, labels=labels, engine=engine, batch_rows=batch_rows,
-            progress=show_progress,
-        )
+        files = _open_files(path, target=target, probs=probs, logits=logits,
+                            sample_weight=sample_weight, labels=labels, engine=engine)
     except DataError as exc:
         raise BadData(str(exc)) from None
-    except UnicodeError as exc:  # a ValueError, but bad data, not usage (readers name the file)
+    except UnicodeError as exc:  # a ValueError, but bad data, not usage
         raise BadData(f"{path}: not UTF-8 text ({exc})") from None
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint="PATH") from None
+    except OSError as exc:
+        raise BadData(f"{exc.filename or path}: cannot read ({exc.strerror or _message(exc)})") from None
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(_message(exc)) from None
+    try:
+        result = _score_opened(files, target=target, logits=logits is not None,
+                               normalize=normalize, sample_weight=sample_weight, engine=engine,
+                               batch_rows=batch_rows, client=None, progress=show_progress)
+    except DataError as exc:
+        raise BadData(str(exc)) from None
+    except UnicodeError as exc:
+        raise BadData(f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise BadData(f"{exc.filename or path}: cannot read ({exc.strerror or _message(exc)})") from None
+    except ValueError as exc:  # not an option problem: the options were checked above
+        raise BadData(f"{path}: {type(exc).__name__}: {_message(exc)}") from None
     if result.rows == 0:
         raise BadData(f"{path}: no data rows to score")
     if report or plots:

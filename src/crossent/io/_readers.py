@@ -24,10 +24,10 @@ import io
 import math
 import os
 import re
-import shutil
 import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -94,6 +94,8 @@ class PredictionFile:
     score_dtype: np.dtype
     num_rows: int | None
     text: bool = False  # scores parsed from text (CSV): no dtype of their own
+    # row-sum tolerance of mixed float16/float32 columns (see _score_tolerance), else None
+    tolerance: float | None = None
     _sources: tuple = field(default=(), repr=False)  # columns to read (names or _Matrix)
 
     @property
@@ -167,7 +169,7 @@ class PredictionFile:
             weight = self._numbers(data[self.sample_weight], self.sample_weight, start)
             weight = weight.astype(np.float64, copy=False)
         return Batch(scores, targets, weight, start, self.path,
-                     TEXT_TOLERANCE if self.text else None)
+                     TEXT_TOLERANCE if self.text else self.tolerance)
 
     def _numbers(self, values, name: str, start: int) -> np.ndarray:
         if isinstance(values, pa.Array):
@@ -250,7 +252,7 @@ def open_predictions(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
-    available, kinds, num_rows = _SCHEMA[format](path)
+    available, kinds, num_rows, positional = _SCHEMA[format](path)
     sources = resolve_columns(scores, available, option="score columns", path=path)
     score_columns, dtypes = [], []
     for name in sources:
@@ -285,9 +287,11 @@ def open_predictions(
     text = format == "csv"
     score_dtype = _score_dtype(dtypes, path, sources)
     matrix = any(isinstance(kinds[s], tuple) for s in sources)
+    # an .npz matrix's columns and a plain 2-D .npy's columns ("0", "1", ...: positions in
+    # the array, not names) name the classes by their positions among the score columns
     names = (
         [str(k) for k in range(len(score_columns))]
-        if matrix
+        if matrix or positional
         else class_names_from_columns(score_columns)
     )
     sources = tuple(_Matrix(s, kinds[s][1]) if isinstance(kinds[s], tuple) else s for s in sources)
@@ -296,14 +300,30 @@ def open_predictions(
         format,
         tuple(score_columns),
         tuple(names),
-        TargetDecoder(target, tuple(names), tuple(score_columns), labels),
+        TargetDecoder(target, tuple(names), tuple(score_columns), labels,
+                      positional_columns=positional),
         sample_weight,
         score_dtype,
         num_rows,
         text,
+        None if text else _score_tolerance(dtypes),
         sources,
     )
     return opened
+
+
+def _score_tolerance(dtypes) -> float | None:
+    """Row-sum tolerance of score columns of mixed dtypes: that of the coarsest float dtype
+    among them (float16's for float16 and float32 columns), the widest tolerance. A row of
+    float16 values can only be expected to sum to 1 within float16's rounding, even when the
+    batch holds it as float32 (or float64, beside integer columns, which are exact and add no
+    tolerance of their own). None when all score columns have one dtype: the batch dtype's
+    own tolerance applies."""
+    kinds = {np.dtype(dt) for dt in dtypes}
+    floats = {dt for dt in kinds if dt.kind == "f"}
+    if len(kinds) < 2 or not floats:
+        return None
+    return max(math.sqrt(float(np.finfo(dt).eps)) for dt in floats)
 
 
 def _score_dtype(dtypes, path, sources) -> np.dtype:
@@ -333,7 +353,7 @@ def _parquet_schema(path):
     kinds = {}
     for f in schema:
         kinds[f.name] = _numpy_dtype(f.type)
-    return schema.names, kinds, pf.metadata.num_rows
+    return schema.names, kinds, pf.metadata.num_rows, False
 
 
 _PARQUET_BUFFER = 1 << 16
@@ -399,7 +419,14 @@ def _csv_text(path, errors="strict"):
 
 
 def _readable(f):
-    return f if isinstance(f, io.IOBase) else io.BufferedReader(_ArrowRaw(f))
+    """A Python binary stream (lines, iteration) over a file or a pyarrow stream.
+
+    Every ``pa.NativeFile`` is wrapped: some (``CompressedInputStream``) are ``io.IOBase``
+    instances, but their ``readline`` raises ``io.UnsupportedOperation``.
+    """
+    if isinstance(f, pa.NativeFile) or not isinstance(f, io.IOBase):
+        return io.BufferedReader(_ArrowRaw(f))
+    return f
 
 
 class _ArrowRaw(io.RawIOBase):
@@ -412,8 +439,9 @@ class _ArrowRaw(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
-        data = self.stream.read(len(buffer))
-        buffer[: len(data)] = data
+        view = memoryview(buffer).cast("B")
+        data = self.stream.read(len(view))
+        view[: len(data)] = data
         return len(data)
 
     def close(self):
@@ -457,7 +485,7 @@ def _csv_header(path):
 
 def _csv_schema(path):
     header, _ = _csv_header(path)
-    return header, {name: np.dtype(np.float64) for name in header}, None
+    return header, {name: np.dtype(np.float64) for name in header}, None, False
 
 
 def _csv_batches(opened, columns, batch_rows, row_group):
@@ -478,6 +506,8 @@ def _csv_batches(opened, columns, batch_rows, row_group):
         )
     except pa.ArrowInvalid as exc:
         raise _csv_error(exc, opened.path, header) from None
+    except (pa.ArrowException, OSError, EOFError) as exc:  # a codec error: truncated, corrupt
+        raise DataError(f"cannot read the CSV file ({exc})", path=opened.path) from None
     start = 0
     while True:
         try:
@@ -486,6 +516,8 @@ def _csv_batches(opened, columns, batch_rows, row_group):
             return
         except pa.ArrowInvalid as exc:
             raise _csv_error(exc, opened.path, header) from None
+        except (pa.ArrowException, OSError, EOFError) as exc:  # anywhere in the stream
+            raise DataError(f"cannot read the CSV file ({exc})", path=opened.path) from None
         for offset in range(0, rb.num_rows, batch_rows):
             part = rb.slice(offset, batch_rows)
             yield start + offset, {name: part.column(name) for name in names}
@@ -505,6 +537,13 @@ def _csv_error(exc, path, header) -> DataError:
     skipped.)
     """
     message = str(exc)
+    try:
+        return _csv_error_at_row(message, path, header)
+    except (pa.ArrowException, OSError, EOFError) as scan:  # the rescan hit a codec error
+        return DataError(f"cannot read the CSV file ({scan})", path=path)
+
+
+def _csv_error_at_row(message, path, header) -> DataError:
     match = _CSV_CONVERSION.search(message)
     if _CSV_UTF8.search(message) or (match and "\ufffd" in match.group(2)):
         return _utf8_error(path)
@@ -586,6 +625,9 @@ def _read_header(f, path, name):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     except ValueError as exc:
         raise DataError(f"not a readable .npy array {name!r} ({exc})", path=path) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # a corrupt zip member
+        raise DataError(f"array {name!r}: cannot read it ({exc}); the file is corrupt",
+                        path=path) from None
     if dtype.hasobject:
         raise DataError(f"array {name!r} holds Python objects; only plain arrays are read",
                         path=path)
@@ -656,8 +698,11 @@ def _npy_columns(members, path):
 
 
 def _npy_schema(path, fmt):
-    names, kinds, _, rows = _npy_columns(_npy_members(path, fmt), path)
-    return names, kinds, rows
+    members = _npy_members(path, fmt)
+    names, kinds, _, rows = _npy_columns(members, path)
+    # a plain 2-D .npy: its columns are named by their positions ("0", "1", ...)
+    positional = fmt == "npy" and len(members[0].shape) == 2 and not members[0].dtype.names
+    return names, kinds, rows, positional
 
 
 def _npy_batches(opened, columns, batch_rows, row_group):
@@ -723,7 +768,11 @@ class _MemberStreams:
         view = memoryview(out.reshape(-1).view(np.uint8)) if count else memoryview(b"")
         got = 0
         while got < len(view):
-            k = f.readinto(view[got:])
+            try:
+                k = f.readinto(view[got:])
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # bad CRC-32, ...
+                raise DataError(f"array {name!r}: cannot read it ({exc}); the file is corrupt",
+                                path=self.path) from None
             if not k:
                 row_bytes = max(1, len(view) // max(1, n))
                 raise DataError(f"array {name!r} ends early, at data row {start + got // row_bytes}",
@@ -746,8 +795,9 @@ class _Columns:
     ``data + (k * N + start) * itemsize``: each batch reads them with one ``os.pread`` per
     column into a column-major ``[n, C]`` buffer, so memory follows the batch. The bytes are
     read from the file itself (an .npy file, or a stored .npz member, whose data start is
-    found from its zip local header), or from an anonymous temporary file that a compressed
-    member is first decompressed into, 256 KiB at a time.
+    found from its zip local header, and whose CRC-32 is checked first in one sequential pass),
+    or from an anonymous temporary file that a compressed member is first decompressed into,
+    256 KiB at a time (in TMPDIR; on a tmpfs it counts as memory).
     """
 
     _CHUNK = 1 << 18  # 1 MiB chunks peaked at 4 MiB (zlib buffers); 256 KiB at 1 MiB
@@ -762,25 +812,64 @@ class _Columns:
             self.offset = self.file.tell()
             return
         info = zf.getinfo(member.name + ".npy")
-        with zf.open(info) as f:
-            _read_header(f, path, member.name)
-            header = f.tell()
-            if info.compress_type == zipfile.ZIP_STORED:
-                self.file = open(path, "rb")
-                local = os.pread(self.file.fileno(), 30, info.header_offset)
-                if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                    raise DataError(f"array {member.name!r}: bad zip local header", path=path)
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                self.offset = info.header_offset + 30 + name_len + extra_len + header
-                return
-            self.file = tempfile.TemporaryFile()
+        try:
+            with zf.open(info) as f:
+                _read_header(f, path, member.name)
+                header = f.tell()
+                if info.compress_type == zipfile.ZIP_STORED:
+                    self.file = open(path, "rb")
+                    local = os.pread(self.file.fileno(), 30, info.header_offset)
+                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                        raise DataError(f"array {member.name!r}: bad zip local header", path=path)
+                    name_len, extra_len = struct.unpack("<HH", local[26:30])
+                    data = info.header_offset + 30 + name_len + extra_len
+                    _check_crc(self.file.fileno(), data, info, path, member.name)
+                    self.offset = data + header
+                    return
+                self.file = self._decompress(f, info)
+                self.offset = 0
+        except BaseException:
+            self.close()
+            raise
+
+    def _decompress(self, f, info):
+        """The rest of the member ``f``, decompressed into an anonymous temporary file (zipfile
+        checks the member's CRC-32 as it reaches the end)."""
+        name = self.member.name
+        try:
+            out = tempfile.TemporaryFile()
+        except OSError as exc:
+            raise self._temporary_error(info, exc) from None
+        try:
+            while True:
+                try:
+                    chunk = f.read(self._CHUNK)
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+                    raise DataError(f"array {name!r}: cannot decompress it ({exc}); the file is "
+                                    "corrupt", path=self.path) from None
+                if not chunk:
+                    break
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise self._temporary_error(info, exc) from None
             try:
-                shutil.copyfileobj(f, self.file, self._CHUNK)
-                self.file.flush()
-            except BaseException:
-                self.file.close()
-                raise
-            self.offset = 0
+                out.flush()
+            except OSError as exc:
+                raise self._temporary_error(info, exc) from None
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    def _temporary_error(self, info, exc) -> DataError:
+        return DataError(
+            f"array {self.member.name!r}: a compressed column-major (Fortran-ordered) array is "
+            f"decompressed into a temporary file first ({info.file_size:,} bytes), and writing "
+            f"it in {tempfile.gettempdir()} failed ({exc.strerror or exc}); set TMPDIR to a "
+            "folder with room, or save the array C-ordered (np.ascontiguousarray) or with "
+            "np.savez", path=self.path,
+        )
 
     def read(self, start, n):
         m, itemsize = self.member, self.member.dtype.itemsize
@@ -798,6 +887,27 @@ class _Columns:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _check_crc(fd, at, info, path, name) -> None:
+    """Check a stored zip member's CRC-32 in one sequential pass over its bytes.
+
+    The column-wise positioned reads of ``_Columns`` do not visit the member in file order, so
+    zipfile cannot check the CRC-32 on the way; this pass reads the member once more (256 KiB
+    at a time: time, not memory) before any batch is read.
+    """
+    buffer = memoryview(bytearray(_Columns._CHUNK))
+    crc, left = 0, info.file_size
+    while left:
+        got = _pread_into(fd, buffer[: min(len(buffer), left)], at)
+        if not got:
+            raise DataError(f"array {name!r} ends early: the zip member is truncated", path=path)
+        crc = zlib.crc32(buffer[:got], crc)
+        at += got
+        left -= got
+    if crc != info.CRC:
+        raise DataError(f"array {name!r}: bad CRC-32 of the zip member ({crc:#010x}, expected "
+                        f"{info.CRC:#010x}); the file is corrupt", path=path)
 
 
 def _pread_into(fd, view, at) -> int:

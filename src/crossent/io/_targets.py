@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -19,12 +20,20 @@ from ._columns import DataError
 
 __all__ = ["LABEL_MODES", "TargetDecoder", "first_true", "numeric_view"]
 
+# Text labels are read with these strict ASCII patterns, never with float(): float() also
+# takes "1_0" (as 10), "1e0", "\u0661" (an Arabic-Indic digit) and the like.
 _INTEGER = re.compile(r"^\s*[+-]?[0-9]+\s*$")
+_NUMBER = re.compile(
+    r"^\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\s*$",
+    re.IGNORECASE,
+)
+_INT64 = np.iinfo(np.int64)
 
 LABEL_MODES = ("auto", "index", "name")
 
 # per-row codes below 0: why a label cannot be decoded (see TargetDecoder._fail)
-_MISSING, _NOT_INTEGER, _AMBIGUOUS, _UNKNOWN_NAME, _OUT_OF_RANGE, _NOT_INDEX = range(-1, -7, -1)
+(_MISSING, _NOT_INTEGER, _AMBIGUOUS, _UNKNOWN_NAME, _OUT_OF_RANGE, _NOT_INDEX,
+ _NUMBER_AND_NAME) = range(-1, -8, -1)
 
 
 @dataclass(frozen=True)
@@ -36,30 +45,41 @@ class TargetDecoder:
 
     - a missing label (null, empty text, NaN) is an error, and so is a number that is not an
       integer (``0.5``, ``inf``); whole-number floats (``1.0``, as pandas writes an integer
-      column with missing values) are integers;
+      column with missing values) are integers. Text is a number only when it is written as
+      one in ASCII (``-3``, ``1.0``, ``2e1``); ``1_0`` or ``\u0661`` are text;
     - ``mode="index"``: every label is a 0-based class index (the position of its score column);
     - ``mode="name"``: every label is a class name (``p_cat -> cat``) or a full score column
-      name; an integer label is matched by its text (``1 -> '1'``);
+      name; an integer label is matched by its text (``1 -> '1'``). Only here is a text label
+      such as ``"0.5"`` a class name (of a column ``p_0.5``); a float 0.5 in a binary file is
+      a number, never a name, and an integer beyond int64 matches no name;
     - ``mode="auto"``: a label that is not a number is a class name; an integer label is a
       class index, unless some class is named by an integer that differs from its position
       (columns ``p_1..p_5`` name the classes 1..5 at positions 0..4): then an integer label is
       ambiguous and an error that asks for ``mode="index"`` or ``mode="name"``
-      (``--labels index|name``).
+      (``--labels index|name``). A fractional number (``0.5``) is never an index: an error
+      (that suggests ``mode="name"`` when a class is named so).
+
+    ``positional_columns=True`` says that the column names are positions in the file (the
+    columns of a plain 2-D .npy array, named ``"0"``, ``"1"``, ...), not names: they neither
+    make integer labels ambiguous nor match labels in ``mode="name"``.
     """
 
     column: str
     class_names: tuple[str, ...]
     column_names: tuple[str, ...]
     mode: str = "auto"
+    positional_columns: bool = False
 
     def __post_init__(self):
         if self.mode not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {self.mode!r}")
 
-    @property
+    @cached_property
     def integer_names_differ(self) -> bool:
         """True when some class (or column) name is an integer other than its position."""
-        for names in (self.class_names, self.column_names):
+        groups = (self.class_names,) if self.positional_columns else (
+            self.class_names, self.column_names)
+        for names in groups:
             for k, name in enumerate(names):
                 if _INTEGER.match(name) and int(name) != k:
                     return True
@@ -67,7 +87,8 @@ class TargetDecoder:
 
     def _lookup(self) -> dict[str, int]:
         """Class position of each class name and full column name (class names win)."""
-        position = {name: k for k, name in enumerate(self.column_names)}
+        position = ({} if self.positional_columns
+                    else {name: k for k, name in enumerate(self.column_names)})
         position.update({name: k for k, name in enumerate(self.class_names)})
         return position
 
@@ -119,12 +140,15 @@ class TargetDecoder:
             ints = np.where(whole & ~big, numbers, -1).astype(np.int64)
             ints[big] = np.iinfo(np.int64).max
         else:
-            nan = whole = None
-            if numbers.dtype.kind == "u":
-                ints = np.minimum(numbers, np.iinfo(np.int64).max).astype(np.int64)
+            nan = whole = big = None
+            if numbers.dtype == np.uint64:  # only uint64 holds values beyond int64
+                big = numbers > np.uint64(_INT64.max)
+                ints = np.where(big, np.uint64(0), numbers).astype(np.int64)
             else:
                 ints = numbers.astype(np.int64, copy=False)
         codes[:] = self._resolve_integers(ints)
+        if big is not None:
+            codes[big] = _OUT_OF_RANGE
         if whole is not None:
             codes[~whole] = _NOT_INTEGER
             codes[nan] = _MISSING
@@ -141,8 +165,10 @@ class TargetDecoder:
         """Codes of integer labels: class positions, or negative error codes."""
         C = len(self.class_names)
         if self.mode == "name":
-            lookup = {int(name): k for name, k in self._lookup().items()
-                      if _INTEGER.match(name) and str(int(name)) == name}
+            # names beyond int64 never equal an int64 label (they are compared as Python ints
+            # in _classify, for text labels)
+            lookup = {v: k for v, k in self._integer_names.items()
+                      if _INT64.min <= v <= _INT64.max}
             if not lookup:
                 return np.full(len(ints), _UNKNOWN_NAME, np.int64)
             keys = np.array(sorted(lookup), dtype=np.int64)
@@ -153,6 +179,20 @@ class TargetDecoder:
             return np.full(len(ints), _AMBIGUOUS, np.int64)
         return np.where((ints >= 0) & (ints < C), ints, _OUT_OF_RANGE)
 
+    @cached_property
+    def _integer_names(self) -> dict[int, int]:
+        """Class position of each name written as a canonical integer (``'7'``, ``'-2'``)."""
+        return {int(name): k for name, k in self._lookup().items()
+                if _INTEGER.match(name) and str(int(name)) == name}
+
+    def _integer_code(self, number: int) -> int:
+        """Code of one integer label of any size (a Python int)."""
+        if self.mode == "name":
+            return self._integer_names.get(number, _UNKNOWN_NAME)
+        if not _INT64.min <= number <= _INT64.max:
+            return _OUT_OF_RANGE
+        return int(self._resolve_integers(np.array([number], dtype=np.int64))[0])
+
     # ------------------------------------------------------------ text
 
     def _classify(self, text: str, lookup: dict[str, int]) -> tuple[int, object]:
@@ -160,24 +200,29 @@ class TargetDecoder:
         t = text.strip()
         if not t:
             return _MISSING, None
-        if self.mode != "index" and (text in lookup or t in lookup):
-            if self.mode == "name" or not _INTEGER.match(t):
-                return lookup.get(text, lookup.get(t)), text
-        number = None
+        named = None if self.mode == "index" else _named(lookup, text)
+        if self.mode == "name" and named is not None:
+            return named, text
+        if not _NUMBER.match(t):  # a name (never parsed with float(): "1_0" is not 10)
+            if named is not None:  # mode "auto"
+                return named, text
+            return (_NOT_INDEX if self.mode == "index" else _UNKNOWN_NAME), text
         if _INTEGER.match(t):
             number = int(t)
         else:
-            try:
-                f = float(t)
-            except ValueError:
-                return (_NOT_INDEX if self.mode == "index" else _UNKNOWN_NAME), text
+            f = float(t)
             if math.isnan(f):
                 return _MISSING, None
             if not (math.isfinite(f) and f.is_integer()):
+                # never an index; a class name only in mode "name" (matched above)
+                if self.mode == "auto" and named is not None:
+                    return _NUMBER_AND_NAME, text
                 return _NOT_INTEGER, f
             number = int(f)
-        code = int(self._resolve_integers(np.array([min(max(number, -(2**62)), 2**62)]))[0])
-        return code, number
+        if (self.mode == "auto" and named is not None and named != number
+                and not self.integer_names_differ):
+            return _NUMBER_AND_NAME, text  # "1.0" names class 0 but reads as index 1
+        return self._integer_code(number), number
 
     def _decode_distinct(self, distinct, inverse, start, path) -> np.ndarray:
         lookup = self._lookup()
@@ -217,8 +262,15 @@ class TargetDecoder:
             return "missing class label"
         if code == _NOT_INTEGER:
             return f"label {shown} is not an integer"
+        if code == _OUT_OF_RANGE and self.mode == "name":
+            return f"label {shown} is beyond int64 and names no class"
         if code == _OUT_OF_RANGE:
             return f"label {shown} is not a class index in [0, {C})"
+        if code == _NUMBER_AND_NAME:
+            return (f"label {shown} is a number and also the class name {shown} (column "
+                    f"{self.column_names[_named(self._lookup(), value)]!r}); under --labels auto "
+                    "a number is read as a class index: pass --labels name to read labels as "
+                    "class names (labels='name' in Python)")
         if code == _NOT_INDEX:
             return (f"label {shown} is not a class index (an integer in [0, {C})), as --labels "
                     "index reads every label")
@@ -230,11 +282,16 @@ class TargetDecoder:
                     if 0 <= value < C else f"class index {value} is out of range [0, {C})")
         as_name = (f"class name '{value}' is column {self.column_names[lookup[str(value)]]!r}"
                    if str(value) in lookup else f"no class is named '{value}'")
+        hint = ""
+        if _looks_positional(self.column_names):
+            hint = (" The score columns are named by consecutive integers, as pandas names the "
+                    "columns of an array: if those are positions in the file, the labels are "
+                    "most likely class indices (--labels index).")
         return (
             f"label {value} is ambiguous: the classes are named by integers that are not their "
             f"positions ({_show(self.class_names)} at 0..{C - 1}), and an integer label may be "
             f"a class index or a class name ({as_index}; {as_name}); pass --labels index or "
-            "--labels name (labels='index' or 'name' in Python)"
+            f"--labels name (labels='index' or 'name' in Python).{hint}"
         )
 
 
@@ -258,6 +315,19 @@ def first_true(mask) -> int:
     import pyarrow.compute as pc
 
     return int(np.argmax(numeric_view(pc.cast(mask, pa.int8()))))
+
+
+def _named(lookup, text):
+    return lookup.get(text, lookup.get(text.strip()))
+
+
+def _looks_positional(names) -> bool:
+    """Consecutive integer names (``'1', '2', '3'``): positions in a file, as pandas names the
+    columns of ``pd.DataFrame(np.column_stack([y, P]))``."""
+    if not names or not all(_INTEGER.match(n) and str(int(n)) == n for n in names):
+        return False
+    first = int(names[0])
+    return [int(n) for n in names] == list(range(first, first + len(names)))
 
 
 def _normalize(values):
