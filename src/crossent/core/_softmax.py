@@ -279,20 +279,16 @@ def _softmax_ce(
                 # its NaN or all -inf logits raise no floating-point warning and leak into nothing.
                 x = xp.where(xp.expand_dims(keep, axis=-1), x, zero)
             m = xp.max(x, axis=-1, keepdims=True)
-            finite_max = xp.isfinite(m)
-            m = xp.where(finite_max, m, zero)
+            m = xp.where(xp.isfinite(m), m, zero)
             shifted = x - m
             e = xp.exp(shifted)
             s = xp.sum(e, axis=-1, keepdims=True)
-            # log s = log1p(s - 1), with s - 1 = (the sum of the non-maximal terms) + (ties - 1)
-            # summed on its own: log(s) would round 1 + 2e-9 to 1 in float32 and lose the whole
-            # loss of a confident row (the CPU kernels and crossent.torch keep it). A row with no
-            # finite maximum (all -inf, a +inf or a NaN) has no tie: log1p(rest - 1) gives its
-            # -inf, inf or NaN as log(s) did.
-            at_max = (shifted == 0) & finite_max
-            ties = xp.sum(xp.astype(at_max, dtype), axis=-1, keepdims=True)
-            rest = xp.sum(xp.where(at_max, zero, e), axis=-1, keepdims=True)
-            log_s = xp.log1p(rest + (ties - 1.0))
+            # log(s) in the compute dtype: a confident float32 row (s = 1 + 2e-9) rounds to s = 1
+            # and a loss of 0, an absolute error below float32's eps as in PyTorch. log1p of the
+            # non-maximal terms would keep it, at 1.4-2.7x the time of this path (torch, jax.jit)
+            # and, for a tied maximum, the curvature of jax.hessian / double backward unless
+            # written with expm1; the CPU kernels and crossent.torch keep such losses.
+            log_s = xp.log(s)
             lse = (log_s + m)[..., 0]
             # log q = (x - m) - log s, not x - lse: x - m is exact, and subtracting lse (rounded at
             # the magnitude of the logits) would cancel catastrophically for float32 logits of 1e4.
@@ -322,14 +318,11 @@ def _softmax_ce(
                 target_w = one
             if with_grad:
                 q = e / s
-                # q - 1 at a maximum is -(s - 1) / s = -(rest + ties - 1) / s: q - 1 would round
-                # to 0 where the loss, log1p(rest + ties - 1), is 2e-9 (see log_s above).
-                # Elsewhere q <= 1/2 and q - 1 is accurate (and keeps the NaN of a +inf row).
-                q_minus_1 = xp.where(at_max, -(rest + (ties - 1.0)) / s, q - 1.0)
                 if integer_targets:
+                    onehot_f = xp.astype(onehot, dtype)
                     a = xp.expand_dims(target_w if w is not None else xp.ones(batch_shape, dtype=dtype,
                                                                                device=dev), axis=-1)
-                    g = (1.0 - eps) * a * xp.where(onehot, q_minus_1, q)
+                    g = (1.0 - eps) * a * (q - onehot_f)
                     if eps > 0.0:
                         kk = xp.expand_dims(k, axis=-1)
                         finite_f = xp.astype(finite, dtype)
@@ -339,8 +332,7 @@ def _softmax_ce(
                             w_f = xp.sum(xp.where(finite, w, zero), axis=-1, keepdims=True)
                             g = g + eps * (w_f / kk * q - w * finite_f / kk)
                 else:
-                    # sum(wt) q - wt, written so that a one-hot row is exactly q - 1 (as above).
-                    g = (xp.sum(wt, axis=-1, keepdims=True) - wt) * q + wt * q_minus_1
+                    g = xp.sum(wt, axis=-1, keepdims=True) * q - wt
                 grad = g
             else:
                 grad = None
