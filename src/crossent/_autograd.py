@@ -63,12 +63,18 @@ def first_order_only(what: str, instead: str):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
             create_graph = torch.is_grad_enabled()  # the engine sets grad mode to create_graph
+            anchors = _anchors(ctx) if create_graph else []
+            if create_graph and len(anchors) < sum(map(bool, ctx.needs_input_grad)):
+                # Some differentiable input is not saved (a gradient computed in the forward, the
+                # logits of the Triton kernel, which saving would keep alive): the error node could
+                # not reach it, and torch.autograd.grad(penalty, [that input, ...]) would silently
+                # drop the loss's curvature. create_graph=True asks for that curvature: refuse now.
+                raise RuntimeError(message)
             with torch.no_grad():
                 grads = backward(ctx, *grad_outputs)
             if not create_graph:
                 return grads
             single = not isinstance(grads, tuple)
-            anchors = _anchors(ctx)
             wrapped = tuple(
                 _SecondOrderError.apply(message, g.detach().requires_grad_(), *anchors)
                 if isinstance(g, torch.Tensor) and g.is_floating_point()

@@ -92,12 +92,17 @@ def test_cpu_kernels_double_backward_raises(monkeypatch):
 def test_linear_double_backward_raises_on_fused_paths(impl):
     _, t, _, e0, w0, _ = _data()
     e, w = e0.clone().requires_grad_(), w0.clone().requires_grad_()
-    (ge,) = torch.autograd.grad(cet.linear_cross_entropy(e, w, t, impl=impl), e, create_graph=True)
+    (ge,) = torch.autograd.grad(cet.linear_cross_entropy(e, w, t, impl=impl), e)
     er, wr = e0.clone().requires_grad_(), w0.clone().requires_grad_()
     (gr,) = torch.autograd.grad(F.cross_entropy(er @ wr.T, t), er)
-    torch.testing.assert_close(ge.detach(), gr, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ge, gr, rtol=1e-10, atol=1e-12)
+    # The gradients are computed in the forward (nothing saved for an error node to hang off):
+    # the create_graph=True backward itself raises, or a penalty differentiated with respect to
+    # [e, w] (also reached by the loss term) would silently lose the loss's curvature.
     with pytest.raises(RuntimeError, match=SECOND_ORDER):
-        (100 * ge.pow(2).sum() + e.sum() + w.sum()).backward()
+        loss = cet.linear_cross_entropy(e, w, t, impl=impl)
+        (ge,) = torch.autograd.grad(loss, e, create_graph=True)
+        torch.autograd.grad(loss + 100 * ge.pow(2).sum(), [e, w])
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")

@@ -408,12 +408,17 @@ def test_double_backward_raises_instead_of_dropping_the_hessian(device):
     constant); the first-order gradient is still torch's."""
     logits, target, _ = make(6, device, c=5)
     x = logits.float().requires_grad_()
-    (g,) = torch.autograd.grad(cross_entropy(x, target), x, create_graph=True)
+    (g,) = torch.autograd.grad(cross_entropy(x, target), x)
     y = logits.clone().requires_grad_()
     (gy,) = torch.autograd.grad(torch.nn.functional.cross_entropy(y, target), y)
-    torch.testing.assert_close(g.detach().double(), gy, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g.double(), gy, rtol=1e-5, atol=1e-7)
+    # The kernel's logits are not saved (that would keep them alive): no error node could reach
+    # them, so the create_graph=True backward itself raises (a penalty differentiated with
+    # respect to x would otherwise silently lose the loss's curvature).
     with pytest.raises(RuntimeError, match="crossent.triton.cross_entropy cannot be differentiated twice"):
-        (100 * g.pow(2).sum() + x.sum()).backward()
+        loss = cross_entropy(x, target)
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        torch.autograd.grad(loss + 100 * g.pow(2).sum(), x)
 
     gen = torch.Generator().manual_seed(3)
     e = torch.randn(6, 4, generator=gen).to(device).requires_grad_()
