@@ -322,3 +322,60 @@ def test_update_takes_a_batch_object():
     np.testing.assert_allclose(a.cross_entropy_nats, b.cross_entropy_nats, rtol=1e-12)
     with pytest.raises(TypeError, match="targets must be given"):
         ScoreAccumulator(7).update(p)
+
+
+# ---- input edges: torch dtypes, empty batches, argument names --------------------------------
+
+
+def test_torch_bfloat16_and_requires_grad_are_read_detached():
+    torch = pytest.importorskip("torch")
+    z, p, y, _ = _data(n=61, C=5, seed=4)
+    zb = torch.tensor(z).to(torch.bfloat16)
+    z_rounded = zb.double().numpy()  # the values the accumulator sees, exactly
+    expected = float(ce.softmax_cross_entropy(z_rounded, y))
+    got = ScoreAccumulator(5, from_logits=True).update(zb, torch.tensor(y)).compute()
+    np.testing.assert_allclose(got.cross_entropy_nats, expected, rtol=1e-6)
+    leaf = torch.tensor(z, requires_grad=True)
+    got = ScoreAccumulator(5, from_logits=True).update(leaf, torch.tensor(y)).compute()
+    np.testing.assert_allclose(got.cross_entropy_nats, float(ce.softmax_cross_entropy(z, y)), rtol=1e-12)
+    # bfloat16 probabilities keep bfloat16's eps: the row-sum tolerance is sqrt(2**-7)
+    pb = torch.tensor(p).to(torch.bfloat16)
+    r = ScoreAccumulator(5).update(pb, torch.tensor(y)).compute()
+    q = pb.double().numpy()[np.arange(61), y]
+    assert (q < 2**-7).any()  # clipped at bfloat16's eps, as log_loss(eps="auto") would
+    np.testing.assert_allclose(r.cross_entropy_nats, -np.mean(np.log(np.maximum(q, 2**-7))), rtol=1e-12)
+    assert r.clipped_rows == int((q < 2**-7).sum())
+    with pytest.raises(InvalidDataError, match=r"tolerance 0\.0884"):
+        ScoreAccumulator(2).update(torch.tensor([[0.6, 0.6]], dtype=torch.bfloat16), torch.tensor([0]))
+
+
+def test_empty_batch_with_list_targets():
+    acc = ScoreAccumulator(3).update(np.zeros((0, 3)), [])
+    assert acc.rows == 0 and acc.compute().cross_entropy_nats == 0.0
+    acc.update(np.zeros((0, 3)), [], sample_weight=[])
+    assert acc.rows == 0
+
+
+def test_string_sample_weight_names_the_argument():
+    _, p, y, _ = _data(n=2, C=3)
+    with pytest.raises(TypeError, match="sample_weight must hold real numbers, got dtype <U1"):
+        ScoreAccumulator(3).update(p, y, sample_weight=["a", "b"])
+    with pytest.raises(TypeError, match="weights must hold real numbers"):
+        ScoreAccumulator(3, weight_name="weights").update(p, y, sample_weight=["a", "b"])
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, math.nan])
+def test_update_refuses_a_negative_tolerance(tolerance):
+    _, p, y, _ = _data(n=2, C=3)
+    with pytest.raises(ValueError, match="tolerance must be >= 0 or None, got"):
+        ScoreAccumulator(3).update(p, y, tolerance=tolerance)
+
+
+def test_merge_refuses_other_class_names():
+    _, p, y, _ = _data(n=20, C=2)
+    a = ScoreAccumulator(2, class_names=["a", "b"]).update(p, y)
+    b = ScoreAccumulator(2, class_names=["b", "a"]).update(p, y)
+    with pytest.raises(ValueError, match="class_names"):
+        a.merge(b)
+    assert a.rows == 20  # nothing was added
+    ScoreAccumulator(2, class_names=["a", "b"]).merge(a)  # the same names merge

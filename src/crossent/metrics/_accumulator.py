@@ -35,6 +35,28 @@ def _is_first_max(scores, target_score, row_max, t):
     return correct
 
 
+def _to_numpy(value, name):
+    """``value`` as a NumPy array, and the eps of its dtype as given (None: the array's own).
+
+    Torch tensors are detached and moved to the CPU (a tensor that requires grad is only read);
+    bfloat16, which NumPy lacks, is upcast to float32 and keeps bfloat16's eps. Anything else
+    goes through ``np.asarray``; a failure there is reported with the argument's name.
+    """
+    given_eps = None
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        import torch
+
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            given_eps = float(torch.finfo(torch.bfloat16).eps)
+            value = value.float()
+        value = value.numpy()
+    try:
+        return np.asarray(value), given_eps
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of numbers, got {type(value).__name__}: {exc}") from None
+
+
 class InvalidDataError(ValueError):
     """A row that cannot be scored; ``column`` and ``row`` (0-based data row) say where."""
 
@@ -133,7 +155,9 @@ class ScoreAccumulator:
     ``tolerance`` (default ``sqrt(finfo(dtype).eps)`` of the scores as given, as
     ``crossent.log_loss``; a batch may bring its own default, as text does) unless
     ``normalize=True``; logits must not be NaN or +inf and a row needs a finite logit (-inf masks
-    a class); weights must be finite and >= 0. A bad row raises ``InvalidDataError`` naming the
+    a class); weights must be finite and >= 0 (a non-numeric ``sample_weight`` is a TypeError
+    naming it), and ``tolerance`` must be >= 0. Torch tensors are detached and read on the CPU;
+    bfloat16 scores are computed in float32 with bfloat16's eps. A bad row raises ``InvalidDataError`` naming the
     column (``column_names``) and the 0-based data row (``start`` + position in the batch).
 
     Per-row losses also go into a fixed-bin histogram (``hist_bin_width`` nats wide, up to
@@ -228,8 +252,12 @@ class ScoreAccumulator:
                 raise TypeError("sample_weight must not be given with a batch (it carries its own)")
             return self.update(batch.scores, batch.targets, sample_weight=batch.sample_weight,
                                start=batch.start, tolerance=getattr(batch, "tolerance", None))
-        scores = np.asarray(scores)
-        targets = np.asarray(targets)
+        if tolerance is not None and not (tolerance >= 0):  # False for NaN
+            raise ValueError(f"tolerance must be >= 0 or None, got {tolerance!r}")
+        scores, given_eps = _to_numpy(scores, "scores")
+        targets, _ = _to_numpy(targets, self.target_name)
+        if targets.size == 0 and targets.dtype.kind == "f":
+            targets = targets.astype(np.int64)  # np.asarray([]) is float64: an empty batch is fine
         if scores.ndim != 2 or scores.shape[1] != self.num_classes:
             raise ValueError(
                 f"scores must have shape [n, {self.num_classes}], got {list(scores.shape)}"
@@ -238,6 +266,7 @@ class ScoreAccumulator:
             raise TypeError(f"scores must hold real numbers, got dtype {scores.dtype}")
         # eps and the default tolerance follow the dtype as given (float16's, not float32's)
         given = scores.dtype if scores.dtype.kind == "f" else np.dtype(np.float64)
+        eps = given_eps if given_eps is not None else float(np.finfo(given).eps)
         # column-major: reductions over a short class axis run ~20x faster than over C-order rows
         if scores.dtype.kind != "f":
             scores = scores.astype(np.float64, order="F")
@@ -261,7 +290,12 @@ class ScoreAccumulator:
                 )
         weight = None
         if sample_weight is not None:
-            weight = np.asarray(sample_weight, dtype=np.float64)
+            weight, _ = _to_numpy(sample_weight, self.weight_name)
+            if weight.dtype.kind not in "iuf":
+                raise TypeError(
+                    f"{self.weight_name} must hold real numbers, got dtype {weight.dtype}"
+                )
+            weight = weight.astype(np.float64)
             if weight.shape != (n,):
                 raise ValueError(f"sample_weight must have shape [{n}], got {list(weight.shape)}")
             ok = np.isfinite(weight) & (weight >= 0)
@@ -280,9 +314,9 @@ class ScoreAccumulator:
             if self.tolerance is not None:
                 tolerance = self.tolerance
             elif tolerance is None:
-                tolerance = math.sqrt(float(np.finfo(given).eps))
+                tolerance = math.sqrt(eps)
             loss, predicted, confidence, clipped = self._from_probs(
-                scores, targets, start, tolerance=tolerance, eps=float(np.finfo(given).eps)
+                scores, targets, start, tolerance=tolerance, eps=eps
             )
             self.clipped_rows += clipped
         self._add(loss, predicted, confidence, targets, weight)
@@ -413,7 +447,7 @@ class ScoreAccumulator:
 
     def _config(self):
         return (self.num_classes, self.from_logits, self.normalize, self.n_bins,
-                self.hist_bin_width, self.hist_bins)
+                self.hist_bin_width, self.hist_bins, self.class_names)
 
     def merge(self, other: ScoreAccumulator, /) -> ScoreAccumulator:
         """Add the rows of ``other`` (an accumulator with the same settings); returns self."""
@@ -421,8 +455,8 @@ class ScoreAccumulator:
             raise TypeError(f"other must be a ScoreAccumulator, got {type(other).__name__}")
         if other._config() != self._config():
             raise ValueError(
-                "other must have the same num_classes, from_logits, normalize, n_bins and "
-                f"histogram bins: got {other._config()}, this one has {self._config()}"
+                "other must have the same num_classes, from_logits, normalize, n_bins, "
+                f"histogram bins and class_names: got {other._config()}, this one has {self._config()}"
             )
         for name in ("rows", "weight", "loss_sum", "correct", "infinite_loss_rows",
                      "clipped_rows"):
