@@ -63,7 +63,9 @@ def implementations(torch, F, device):
         "torch-eager-logits.float()": lambda x, t: F.cross_entropy(x.float(), t),
     }
     if device == "cuda":  # the CPU smoke mode has no inductor toolchain to rely on
-        impls["torch-compile-logits.float()"] = torch.compile(lambda x, t: F.cross_entropy(x.float(), t))
+        # dynamic=False: static graphs per shape (see bench_gpu_linear_cross_entropy.py).
+        impls["torch-compile-logits.float()"] = torch.compile(lambda x, t: F.cross_entropy(x.float(), t),
+                                                              dynamic=False)
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 

@@ -97,7 +97,9 @@ def implementations(torch, F, fast_budgets, device):
             lambda e, w, t, budget=fast_budgets[0]: every_row(e, w, t, budget))
     impls["torch-eager"] = eager
     if device == "cuda":  # the CPU smoke mode has no inductor toolchain to rely on
-        impls["torch-compile"] = torch.compile(eager)
+        # dynamic=False: one static graph per shape (a function reused at a second shape would
+        # otherwise be recompiled with symbolic sizes, a slower baseline than a user would get).
+        impls["torch-compile"] = torch.compile(eager, dynamic=False)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

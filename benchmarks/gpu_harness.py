@@ -135,6 +135,9 @@ ELEMENTWISE_SWEEP = [
     # 65 steps at Gemma-2), against the default's wider forward chunks and backward chunks in the
     # unwritten part of dW (40 + 15 steps).
     "wide_forward=0,scratch_dw=0",
+    # Each of the two schedule changes of 2026-11-22 (late) alone.
+    "wide_forward=0",
+    "scratch_dw=0",
     "stats_m=8,stats_warps=8",  # 8x512: 78 regs, 3 CTAs = 24 warps/SM, 1024 programs per chunk
     "stats_m=4",  # 4x512, 4 warps: 78 regs, 6 CTAs = 24 warps/SM, 2048 programs
     "stats_v=256",  # 16x256, 4 warps: 128 regs, 4 CTAs = 16 warps/SM
@@ -144,6 +147,8 @@ ELEMENTWISE_SWEEP = [
     # Not elementwise: the fused Triton forward (logits tiles reduced in registers, ignored row
     # blocks skipped on the device) before the same cuBLAS backward, against cuBLAS logits + the
     # stats kernel (15.7 ms of the last Gemma-2 profile; the fused kernel took 16.8 ms on every row).
+    # Last: the schedules never run on a GPU yet (a sticky CUDA error there would spoil every
+    # row after it in the process, so the proven kernels' rows come first).
     "products=2",
     # ... and the backward's logits recomputed by the Triton gradient-tile kernel, G formed in its
     # registers (no elementwise pass over the logits), dE and dW by cuBLAS.
@@ -152,9 +157,6 @@ ELEMENTWISE_SWEEP = [
     # the compacted order first): sm_90 compiles it with wgmma and bulk tensor copies.
     "products=2,tma=1",
     "products=3,tma=1",
-    # Each of the two schedule changes of 2026-11-22 (late) alone (see the second entry).
-    "wide_forward=0",
-    "scratch_dw=0",
 ]
 
 
@@ -419,6 +421,15 @@ def relative_error(value, reference):
     return float(diff / reference.double().norm().clamp_min(1e-300))
 
 
+def new_grad_bytes(torch, grads, inputs):
+    """Bytes of the gradient buffers the call allocated: the gradients, less those that live in
+    an input's own storage (``inplace_backward=True``, Liger's CE), which are not new memory and
+    must not be subtracted from the peak (that made the extra memory negative, clamped to 0)."""
+    owned = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    return sum(g.numel() * g.element_size() for g in grads
+               if g is not None and g.untyped_storage().data_ptr() not in owned)
+
+
 class Measurement(NamedTuple):
     """What ``measure`` returns."""
 
@@ -480,7 +491,7 @@ def measure(torch, make_inputs, run, repeats, warmup, grads_of, device="cuda", q
         if i < warmup:
             continue
         if cuda:
-            grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+            grad_bytes = new_grad_bytes(torch, grads, inputs)
             extra = max(extra, torch.cuda.max_memory_allocated() - before - grad_bytes)
             times.append(start.elapsed_time(stop))
         else:

@@ -19,14 +19,25 @@
 set -uo pipefail
 step=${1:?usage: gpu_session.sh check|ce|linear|profile [extra args]}
 shift
+case $step in
+    check|ce|linear|profile) ;;
+    *) echo "unknown step $step: expected check, ce, linear or profile" >&2; exit 2 ;;
+esac
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+else
+    echo "no .whl/*.whl: run 'bash benchmarks/fetch_gpu_wheels.sh' here and carry .whl (the image lacks array-api-compat)" >&2
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+# Fail in seconds, not after a machine start's worth of steps, when crossent cannot import.
+python3 -c 'import crossent, crossent.torch, crossent.triton' 2>&1 | tee "$OUT/import.log"
+if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+    echo "crossent does not import here (see $OUT/import.log): no step run" >&2; exit 3
+fi
 {
     date -u +%FT%TZ
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv

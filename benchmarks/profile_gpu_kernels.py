@@ -215,6 +215,18 @@ def main(argv=None):
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}"]
+
+    def section(fn, *fargs):
+        """``fn(*fargs)`` (it appends its lines), then the file rewritten: a failing section
+        (or a timeout that kills the command) keeps every line written before it."""
+        try:
+            fn(*fargs)
+        except Exception as exc:  # one failing section must not lose the others' lines
+            lines.append(f"{fn.__name__}: failed: {type(exc).__name__}: {exc}")
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+
     for shape in filter(None, args.linear_shapes.split(",")):
         n, d, v = (int(x) for x in shape.split("x"))
         e = torch.randn(n, d, device="cuda", generator=gen).to(torch.bfloat16)
@@ -226,10 +238,10 @@ def main(argv=None):
             ee, ww = e.detach().requires_grad_(), w.detach().requires_grad_()
             ctr.linear_cross_entropy(ee, ww, t).backward()
 
-        _profile(torch, linear_step, args.steps, f"linear_cross_entropy lean {shape}", lines)
+        section(_profile, torch, linear_step, args.steps, f"linear_cross_entropy lean {shape}", lines)
         given = functools.partial(row_count_given, int((t != -100).sum()))
-        _host_time(torch, linear_step, args.steps, lines, given)
-        _gaps(torch, linear_step, lines, f"linear_cross_entropy lean {shape}", given)
+        section(_host_time, torch, linear_step, args.steps, lines, given)
+        section(_gaps, torch, linear_step, lines, f"linear_cross_entropy lean {shape}", given)
         if args.fast_budget_mib:
             budget = args.fast_budget_mib << 20
 
@@ -237,10 +249,10 @@ def main(argv=None):
                 ee, ww = e.detach().requires_grad_(), w.detach().requires_grad_()
                 ctr.linear_cross_entropy(ee, ww, t, memory_budget=budget).backward()
 
-            _profile(torch, fast_step, args.steps, f"linear_cross_entropy fast {args.fast_budget_mib} MiB {shape}",
-                     lines)
-            _host_time(torch, fast_step, args.steps, lines, given)
-            _gaps(torch, fast_step, lines, f"linear_cross_entropy fast {args.fast_budget_mib} MiB {shape}", given)
+            name = f"linear_cross_entropy fast {args.fast_budget_mib} MiB {shape}"
+            section(_profile, torch, fast_step, args.steps, name, lines)
+            section(_host_time, torch, fast_step, args.steps, lines, given)
+            section(_gaps, torch, fast_step, lines, name, given)
         del e, w
     for shape in filter(None, args.ce_shapes.split(",")):
         n, v = (int(x) for x in shape.split("x"))
@@ -251,14 +263,11 @@ def main(argv=None):
         def ce_step(x=x, t=t):
             ctr.cross_entropy(x.detach().requires_grad_(), t).backward()
 
-        _profile(torch, ce_step, args.steps, f"cross_entropy {shape}", lines)
-        _host_time(torch, ce_step, max(args.steps, 20), lines)
-        _host_profile(torch, ce_step, 50, lines)
-        _gaps(torch, ce_step, lines, f"cross_entropy {shape}")
+        section(_profile, torch, ce_step, args.steps, f"cross_entropy {shape}", lines)
+        section(_host_time, torch, ce_step, max(args.steps, 20), lines)
+        section(_host_profile, torch, ce_step, 50, lines)
+        section(_gaps, torch, ce_step, lines, f"cross_entropy {shape}")
         del x
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
     return 0
 
 

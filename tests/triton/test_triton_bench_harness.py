@@ -538,3 +538,25 @@ def test_profile_host_waits():
     assert P.LAUNCH_CALL.match("cudaLaunchKernel") and P.LAUNCH_CALL.match("cuLaunchKernelEx")
     assert P.LAUNCH_CALL.match("cudaMemsetAsync") and P.LAUNCH_CALL.match("cudaMemcpyAsync")
     assert not P.LAUNCH_CALL.match("cudaEventRecord") and not P.LAUNCH_CALL.match("aten::mm")
+
+
+def test_extra_memory_does_not_subtract_gradients_that_live_in_an_input():
+    """A gradient written into its input's storage (inplace_backward=True, Liger's CE) is no new
+    memory: subtracting it made the extra memory negative (then clamped to 0)."""
+    import torch
+
+    h = load_harness()
+    logits, target = torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64)
+    in_place = logits.detach()  # shares logits' storage, as the in-place gradient does
+    separate = torch.zeros(2, 3)
+    assert h.new_grad_bytes(torch, [in_place, separate, None], (logits, target)) == separate.numel() * 4
+    assert h.new_grad_bytes(torch, [torch.zeros(4, 8)], (logits, target)) == 4 * 8 * 4
+
+
+def test_elementwise_sweep_runs_the_untried_schedules_last():
+    """products=2/3 (with or without tma) have never run on a GPU: a sticky CUDA error there must
+    not spoil the rows of the schedules and tiles before them."""
+    sweep = load_harness().ELEMENTWISE_SWEEP
+    untried = [i for i, c in enumerate(sweep) if "products=" in c]
+    assert untried == list(range(len(sweep) - len(untried), len(sweep))) and len(untried) == 4
+    assert sweep[:4] == ["default", "wide_forward=0,scratch_dw=0", "wide_forward=0", "scratch_dw=0"]
