@@ -1,27 +1,32 @@
 """``crossent bench``: time crossent against its peers on this machine, after checking the values.
 
 A quick, self-contained comparison for users ("how fast is it here?"); the benchmarks/ scripts
-are the project's measurement record. Every implementation first computes the loss (and with
-``--grad`` the gradient) on the same seeded inputs, and that loss is compared with a float64
-reference computed by plain NumPy / PyTorch on the CPU: a case whose value is off by more than its
-dtype's tolerance is reported as wrong and makes the command exit with status 1, so a fast wrong
-answer never looks like a win. Then each case runs ``--warmup`` untimed and ``--repeats`` timed
-calls (wall clock on the CPU; CUDA events on a GPU), and the table gives the median and the ratio
-to the baseline (torch's own function where torch is installed, else NumPy).
+are the project's measurement record. Every implementation first computes, on the same seeded
+inputs, the mean loss, the per-row losses (reduction "none") and with ``--grad`` the gradient,
+and each is compared with a float64 reference computed by plain NumPy on the CPU, within a
+tolerance derived from the dtype's unit roundoff (the error model is written out above
+``_reference``). The inputs give each row's true class a logit margin, so that a label bug
+changes the loss by nats, not by sampling noise. A case that is off, or that raises, is
+reported as wrong and makes the command exit with status 1, so a fast wrong answer never looks
+like a win. Then each case runs ``--warmup`` untimed and ``--repeats`` timed calls (wall clock
+on the CPU; CUDA events on a GPU), and the table gives the median and the ratio to the baseline:
+torch's own function for ``ce`` and ``soft`` (NumPy without torch), and the plain composition
+``F.cross_entropy(E @ W.T)`` for ``linear``.
 
 Operations:
 
-* ``ce``: mean softmax cross-entropy of ``--rows x --classes`` logits (N(0, 3^2)) with integer
-  labels. CPU: ``crossent.softmax_cross_entropy`` (NumPy input; the numba fast path when
-  installed), the same with the fast path off (Array-API path), a stable NumPy log-sum-exp,
-  ``torch.nn.functional.cross_entropy`` and ``crossent.torch.cross_entropy`` (impl "auto", which
-  takes the numba kernels on the CPU, and "chunked"). CUDA: torch's
-  function, ``crossent.torch.cross_entropy`` (impl "triton" and "chunked") and Liger-Kernel's
-  cross-entropy when installed.
-* ``soft``: mean softmax cross-entropy with soft targets (each row a probability vector, the
-  softmax of N(0, 1) scores), float32 or float64: ``crossent.softmax_cross_entropy`` (NumPy; fast
-  path on and off), a stable NumPy ``sum p (lse - x)``, ``torch.nn.functional.cross_entropy``
-  with probability targets and ``crossent.torch.cross_entropy`` (impl "auto" and "chunked").
+* ``ce``: mean softmax cross-entropy of ``--rows x --classes`` logits (N(0, 3^2), plus a margin of
+  log C + 4.5 on each row's true class) with integer labels. CPU: ``crossent.softmax_cross_entropy``
+  (NumPy input; the numba fast path when installed), the same with the fast path off (Array-API
+  path), a stable NumPy log-sum-exp, ``torch.nn.functional.cross_entropy`` and
+  ``crossent.torch.cross_entropy`` (impl "auto", which takes the numba kernels on the CPU, and
+  "chunked"). CUDA: torch's function, ``crossent.torch.cross_entropy`` (impl "triton" and "chunked")
+  and Liger-Kernel's cross-entropy when installed.
+* ``soft``: mean softmax cross-entropy with soft targets (each row a probability vector, the softmax
+  of N(0, 1) scores plus log C + 0.5 on the labelled class), float32 or float64:
+  ``crossent.softmax_cross_entropy`` (NumPy; fast path on and off), a stable NumPy ``sum p (lse -
+  x)``, ``torch.nn.functional.cross_entropy`` with probability targets and
+  ``crossent.torch.cross_entropy`` (impl "auto" and "chunked").
 * ``linear``: ``loss(E @ W^T, y)`` with E ``--rows x --dim`` and W ``--classes x --dim``:
   ``crossent.torch.linear_cross_entropy`` (impl "auto": chunked on the CPU, Triton on CUDA), the
   plain composition and torch's own ``linear_cross_entropy`` where it exists.
