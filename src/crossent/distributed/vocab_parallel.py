@@ -63,18 +63,16 @@ the rest stays on the device, so the same code runs on NCCL.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from crossent._autograd import first_order_only
+from crossent.torch._checks import index_option, real_option
 
 from .partition import vocab_offsets
 
@@ -471,36 +469,10 @@ def _group_of(group, fn: str):
     return group
 
 
-def _real_option(value):
-    """A real scalar option as a float (Python/NumPy numbers and 0-d tensors, as PyTorch takes
-    them), or None when it is not one (bool included)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
-            return float(value.item())
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
-def _index_option(value):
-    """An integer option as an int (Python/NumPy ints and 0-d integer tensors), or None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-            return int(value.item())
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, problems):
     """Check the scalar options into ``problems``; return (ignore_index, label_smoothing, z_loss,
     softcap) as Python int/floats (the values given, where a check failed)."""
-    index = _index_option(ignore_index)
+    index = index_option(ignore_index)
     if index is None:
         problems.append((TypeError, f"ignore_index must be an int, got {ignore_index!r}"))
     else:
@@ -512,7 +484,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, pr
         ("label_smoothing", label_smoothing, 0.0, 1.0),
         ("z_loss", z_loss, 0.0, math.inf),
     ):
-        real = _real_option(value)
+        real = real_option(value)
         if real is None:
             problems.append((TypeError, f"{name} must be a float, got {type(value).__name__}"))
         elif not (low <= real <= high and math.isfinite(real)):
@@ -520,7 +492,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, pr
             problems.append((ValueError, f"{name} must be {bounds}, got {real}"))
         checked.append(value if real is None else real)
     if softcap is not None:
-        real = _real_option(softcap)
+        real = real_option(softcap)
         if real is None:
             problems.append((TypeError, f"softcap must be None or a float, got {type(softcap).__name__}"))
         elif not (math.isfinite(real) and real > 0):

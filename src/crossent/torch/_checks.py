@@ -32,16 +32,40 @@ def check_impl(impl: object) -> str:
     return impl
 
 
-def _real_scalar(name: str, value: object, expected: str) -> float:
-    """A real scalar option as a Python float: a Python or NumPy int/float (``numbers.Real``)
-    or a 0-d integer/floating tensor, as PyTorch accepts; bool is refused (it is almost always a
-    slip for another argument), and so is anything else, by name."""
+def real_option(value: object) -> float | None:
+    """A real scalar option as a Python float, as PyTorch accepts one: a Python or NumPy int or
+    float (``numbers.Real``) or a 0-d integer/floating tensor; None for anything else, bool
+    included (it is almost always a slip for another argument). Shared with crossent.distributed."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
             return float(value.item())
-    elif not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real):
-        return float(value)
-    raise TypeError(f"{name} must be {expected}, got {value!r}")
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def index_option(value: object) -> int | None:
+    """An integer option as a Python int, as PyTorch accepts one: a Python or NumPy int
+    (``operator.index``) or a 0-d integer tensor; None for anything else (bool, floats)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            return int(value.item())
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _real_scalar(name: str, value: object, expected: str) -> float:
+    """``real_option(value)``, or a TypeError naming the option."""
+    real = real_option(value)
+    if real is None:
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    return real
 
 
 def check_label_smoothing(label_smoothing: object) -> float:
@@ -68,20 +92,11 @@ def check_softcap(softcap: object) -> float | None:
 
 
 def check_ignore_index(ignore_index: object) -> int:
-    """An integer as PyTorch takes one: a Python or NumPy int, or a 0-d integer tensor
-    (``operator.index``); bool and floats are refused."""
-    if not isinstance(ignore_index, (bool, np.bool_)):
-        if isinstance(ignore_index, torch.Tensor):
-            if ignore_index.dim() == 0 and not ignore_index.is_floating_point() and not (
-                ignore_index.is_complex() or ignore_index.dtype == torch.bool
-            ):
-                return int(ignore_index.item())
-        else:
-            try:
-                return operator.index(ignore_index)
-            except TypeError:
-                pass
-    raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    """An integer as PyTorch takes one (``index_option``); bool and floats are refused."""
+    index = index_option(ignore_index)
+    if index is None:
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return index
 
 
 def check_floating(name: str, tensor: object) -> torch.Tensor:
