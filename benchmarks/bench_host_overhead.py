@@ -34,10 +34,13 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_harness import crossent_revision  # noqa: E402
 
 #: aten ops that launch no device kernel: allocation, views, aliasing.
 NO_KERNEL = frozenset({
@@ -280,14 +283,9 @@ def main(argv=None):
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = interpret
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        rev = "?"
     cond = (f"Conditions: {_cpu_name()}, 1 torch thread, Python "
             f"{platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"crossent {rev}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; ")
+            f"crossent {crossent_revision()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; ")
     if args.linear:
         cond += ("one forward+backward call per row, bf16 CPU tensors, 10% of the targets ignored, Triton kernels "
                  "stubbed, matrix products recorded but not computed; torch ops exclude allocation and views "

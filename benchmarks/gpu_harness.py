@@ -22,7 +22,8 @@ of one benchmark runs in the same process, on the same inputs, one after the oth
   implementation needs beyond its inputs and outputs;
 * errors: relative L2 error ``||g - g_ref|| / ||g_ref||`` of each gradient and absolute error of
   the loss against a float32 reference computed once per shape;
-* conditions: device name, torch / triton / liger-kernel / cut-cross-entropy versions, UTC date.
+* conditions: device name, crossent revision (``crossent_revision``), torch / triton /
+  liger-kernel / cut-cross-entropy versions, UTC date.
 
 Configuration sweeps: ``--tiles`` (linear) / ``--configs`` (CE) take a ``;``-separated list of
 crossent kernel configurations, or ``default-sweep`` for the candidate lists below; every crossent
@@ -32,7 +33,7 @@ once; each row names its configuration in the ``config`` column and the script p
 configuration per shape with its ratio to the target, for each of the two time metrics.
 
 The pure-Python helpers (``parse_shapes``, ``parse_configs``, ``summarize``, ``append_rows``,
-``best_configs``) are tested on the CPU in tests/triton/test_triton_bench_harness.py.
+``best_configs``, ``crossent_revision``) are tested on the CPU in tests/triton/test_triton_bench_harness.py.
 ``--device cpu`` (with TRITON_INTERPRET=1 and an explicit ``--out``) runs a script end to end on
 tiny shapes through Triton's interpreter: a smoke test of the script, never a measurement (its
 rows say so, and carry no memory figures and no queued GPU time).
@@ -43,16 +44,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import hashlib
 import importlib.metadata
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import NamedTuple
 
 COLUMNS = [
-    "date", "device", "torch", "triton", "liger_kernel", "cut_cross_entropy", "benchmark",
+    "date", "crossent_rev", "device", "torch", "triton", "liger_kernel", "cut_cross_entropy", "benchmark",
     "shape", "dtype", "ignored_fraction", "impl", "config", "median_ms", "p10_ms", "p90_ms",
     "gpu_median_ms", "gpu_p10_ms", "gpu_p90_ms", "repeats",
     "extra_mib", "throughput", "throughput_unit", "loss_abs_err", "grad_rel_err",
@@ -361,11 +364,86 @@ def package_version(name):
         return "not installed"
 
 
+#: The crossent checkout these scripts belong to.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Written by benchmarks/fetch_gpu_wheels.sh next to the wheels, so that it travels to the GPU
+#: machine with the carried .whl/ (the working tree goes there, .git does not). Two lines:
+#: "revision <crossent_revision()>" and "code_sha256 <code_fingerprint()>", both taken when it ran.
+REVISION_FILE = os.path.join(".whl", "REVISION")
+#: The revision to report when neither git nor REVISION_FILE can tell it.
+REVISION_ENV = "CROSSENT_REV"
+#: What counts as crossent's code for the "+dirty" mark: these files under these folders (results,
+#: reports and notes are outputs of the code, not part of it).
+CODE_DIRS, CODE_SUFFIXES = ("src", "benchmarks"), (".py", ".sh")
+
+
+def crossent_revision(root=ROOT):
+    """The crossent code a benchmark runs: the short commit hash, with "+dirty" when the code files
+    (``CODE_SUFFIXES`` under ``CODE_DIRS``) differ from that commit, e.g. ``"eba41d2+dirty"``.
+
+    Taken from, in order: git, when ``root`` has a .git; ``REVISION_FILE``, with "+dirty" added when
+    the code files' fingerprint now differs from the one recorded there (code edited since
+    fetch_gpu_wheels.sh wrote it); environment variable ``REVISION_ENV``; else "unknown".
+    """
+    revision = _git_revision(root)
+    if revision:
+        return revision
+    try:
+        with open(os.path.join(root, REVISION_FILE)) as f:
+            recorded = dict(line.split(None, 1) for line in f.read().splitlines() if line.strip())
+    except (OSError, ValueError):
+        recorded = {}
+    revision = recorded.get("revision", "").strip()
+    if revision:
+        if recorded.get("code_sha256", "").strip() != code_fingerprint(root) and not revision.endswith("+dirty"):
+            revision += "+dirty"
+        return revision
+    return os.environ.get(REVISION_ENV, "").strip() or "unknown"
+
+
+def _git_revision(root):
+    """``crossent_revision`` from git, or None without a .git in ``root`` or a working git."""
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    specs = [f"{d}/*{suffix}" for d in CODE_DIRS for suffix in CODE_SUFFIXES]  # "*" matches "/" too
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *specs).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if changed else "")
+
+
+def code_fingerprint(root=ROOT):
+    """sha256 of the code files (``CODE_SUFFIXES`` under ``CODE_DIRS`` of ``root``), names and
+    contents, in a fixed order: equal on two machines when the code they hold is."""
+    digest = hashlib.sha256()
+    paths = []
+    for top in CODE_DIRS:
+        for folder, dirs, files in os.walk(os.path.join(root, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            paths += [os.path.join(folder, f) for f in files if f.endswith(CODE_SUFFIXES)]
+    for path in sorted(os.path.relpath(p, root).replace(os.sep, "/") for p in paths):
+        with open(os.path.join(root, path), "rb") as f:
+            digest.update(path.encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()
+
+
+def revision_record(root=ROOT):
+    """The text of ``REVISION_FILE`` for the code in ``root`` now (see ``crossent_revision``)."""
+    return f"revision {crossent_revision(root)}\ncode_sha256 {code_fingerprint(root)}\n"
+
+
 def conditions(torch, device="cuda"):
     """The columns every row of one run shares."""
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter smoke run, not a measurement)"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "crossent_rev": crossent_revision(),
         "device": name,
         "torch": torch.__version__,
         "triton": package_version("triton"),
@@ -701,3 +779,17 @@ def print_table(rows):
             f"{num('throughput', '10.1f')} {r['throughput_unit']:>5} {num('loss_abs_err', '9.2e')} "
             f"{num('grad_rel_err', '9.2e')} {num('grad2_rel_err', '9.2e')}  {r.get('config', '')}"
         )
+
+
+if __name__ == "__main__":
+    # For the shell scripts: benchmarks/gpu_session.sh writes the revision into env.txt,
+    # benchmarks/fetch_gpu_wheels.sh writes the record into REVISION_FILE.
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print crossent's revision (see crossent_revision).")
+    parser.add_argument("what", choices=["revision", "record"],
+                        help=f"revision: the revision; record: the text of {REVISION_FILE}")
+    if parser.parse_args().what == "revision":
+        print(crossent_revision())
+    else:
+        sys.stdout.write(revision_record())

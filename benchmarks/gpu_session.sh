@@ -14,8 +14,10 @@
 #   bash benchmarks/gpu_session.sh profile  # kernel-by-kernel time, host time and idle gaps per call
 #                                           #   (lean, fast 1000 MiB, CE; benchmarks/profile_gpu_kernels.py)
 #
-# Results land in $OUT (the device tool brings them back): STEP.log, env.txt and the CSVs, which
-# are then appended to benchmarks/results/ here. Extra arguments after STEP go to the script.
+# Results land in $OUT (the device tool brings them back): STEP.log, env.txt (with crossent's
+# revision) and the CSVs (a crossent_rev column), which are then appended to benchmarks/results/
+# here. Run fetch_gpu_wheels.sh again before a session: it rewrites .whl/REVISION for the code as
+# it is now. Extra arguments after STEP go to the script.
 set -uo pipefail
 step=${1:?usage: gpu_session.sh check|ce|linear|profile [extra args]}
 shift
@@ -40,6 +42,8 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
 fi
 {
     date -u +%FT%TZ
+    # git here or, without .git, the .whl/REVISION that fetch_gpu_wheels.sh wrote (see crossent_revision)
+    echo "crossent $(python3 benchmarks/gpu_harness.py revision)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c 'import sys, torch, triton; print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)'
     python3 -m pip list 2>/dev/null | grep -Ei '^(liger|cut|array.api)' || true

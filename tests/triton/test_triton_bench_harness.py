@@ -334,7 +334,8 @@ def test_best_configs_gives_each_time_metric_its_own_fastest_config_and_ratio():
     ]
 
 
-@pytest.mark.parametrize("script", ["bench_gpu_cross_entropy.py", "bench_gpu_linear_cross_entropy.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_gpu_cross_entropy.py", "bench_gpu_linear_cross_entropy.py", "profile_gpu_kernels.py"])
 def test_scripts_exit_clearly_without_cuda(script):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
@@ -370,6 +371,7 @@ def test_scripts_run_end_to_end_in_cpu_smoke_mode(tmp_path, script, shapes, impl
     assert len(rows) == impls
     assert all(not r["note"].startswith("failed") for r in rows), rows
     assert all("not a measurement" in r["device"] for r in rows)
+    assert {r["crossent_rev"] for r in rows} == {load_harness().crossent_revision()}
     assert all(float(r["median_ms"]) > 0 for r in rows)  # synced: wall-clock time on the CPU
     assert all(r[c] == "" for r in rows for c in ("gpu_median_ms", "gpu_p10_ms", "gpu_p90_ms"))  # no GPU
     crossent = [r for r in rows if r["impl"].startswith("crossent")]
@@ -560,3 +562,160 @@ def test_elementwise_sweep_runs_the_untried_schedules_last():
     untried = [i for i, c in enumerate(sweep) if "products=" in c]
     assert untried == list(range(len(sweep) - len(untried), len(sweep))) and len(untried) == 4
     assert sweep[:4] == ["default", "wide_forward=0,scratch_dw=0", "wide_forward=0", "scratch_dw=0"]
+
+
+def _git(root, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=root,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def code_repo(tmp_path):
+    """A git repository laid out as crossent's: code under src/ and benchmarks/, a results CSV."""
+    if subprocess.run(["git", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("git is not installed")
+    root = tmp_path / "repo"
+    for path, text in {"src/pkg/a.py": "A = 1\n", "benchmarks/b.py": "B = 1\n", "benchmarks/s.sh": "true\n",
+                       "benchmarks/results/r.csv": "date\n", "README.md": "r\n"}.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "commit", "-q", "-m", "first")
+    return root
+
+
+def test_crossent_revision_from_git_marks_changed_code_dirty(code_repo):
+    """The short hash; "+dirty" for a change to a tracked code file (staged or not) under src/ or
+    benchmarks/, not for results, notes, or files git does not track."""
+    h = load_harness()
+    commit = _git(code_repo, "rev-parse", "--short", "HEAD")
+    assert h.crossent_revision(str(code_repo)) == commit
+    (code_repo / "benchmarks/results/r.csv").write_text("date\nx\n")
+    (code_repo / "README.md").write_text("changed\n")
+    (code_repo / "src/pkg/new.py").write_text("untracked\n")
+    assert h.crossent_revision(str(code_repo)) == commit
+    for path in ("src/pkg/a.py", "benchmarks/b.py", "benchmarks/s.sh"):
+        (code_repo / path).write_text("changed\n")
+        assert h.crossent_revision(str(code_repo)) == commit + "+dirty", path
+        _git(code_repo, "checkout", "-q", "--", path)
+    (code_repo / "src/pkg/a.py").write_text("staged\n")
+    _git(code_repo, "add", "src/pkg/a.py")
+    assert h.crossent_revision(str(code_repo)) == commit + "+dirty"
+
+
+def test_crossent_revision_without_git_reads_the_revision_file_then_the_environment(code_repo, monkeypatch):
+    """The GPU machine's case: the working tree and .whl/ without .git. The revision recorded by
+    fetch_gpu_wheels.sh, "+dirty" once the code files differ from those it was taken from (not
+    for a change to results or __pycache__); without the file CROSSENT_REV; else "unknown"."""
+    import shutil
+
+    h = load_harness()
+    commit = _git(code_repo, "rev-parse", "--short", "HEAD")
+    record = h.revision_record(str(code_repo))
+    assert record.splitlines()[0] == f"revision {commit}"
+    copy = code_repo.parent / "copy"
+    shutil.copytree(code_repo, copy, ignore=shutil.ignore_patterns(".git"))
+    (copy / ".whl").mkdir()
+    (copy / ".whl/REVISION").write_text(record)
+    monkeypatch.setenv("CROSSENT_REV", "from-env")
+    assert h.crossent_revision(str(copy)) == commit
+    (copy / "benchmarks/results/r.csv").write_text("date\nx\n")
+    (copy / "src/pkg/__pycache__").mkdir()
+    (copy / "src/pkg/__pycache__/a.py").write_text("cache\n")
+    assert h.crossent_revision(str(copy)) == commit
+    (copy / "src/pkg/a.py").write_text("edited after the record\n")
+    assert h.crossent_revision(str(copy)) == commit + "+dirty"
+    (code_repo / "src/pkg/a.py").write_text("dirty when recorded\n")
+    (copy / ".whl/REVISION").write_text(h.revision_record(str(code_repo)))
+    assert h.crossent_revision(str(copy)) == commit + "+dirty"  # not "+dirty+dirty"
+    (copy / ".whl/REVISION").unlink()
+    assert h.crossent_revision(str(copy)) == "from-env"
+    monkeypatch.delenv("CROSSENT_REV")
+    assert h.crossent_revision(str(copy)) == "unknown"
+
+
+def test_fetch_gpu_wheels_writes_the_revision_without_downloading_wheels_it_has(code_repo):
+    """fetch_gpu_wheels.sh, run where .whl already holds the pinned wheels (empty stand-ins
+    here): no download (no network needed), .whl/REVISION rewritten for the code as it is."""
+    import shutil
+
+    h = load_harness()
+    for name in ("fetch_gpu_wheels.sh", "gpu_harness.py"):
+        shutil.copy(os.path.join(BENCH, name), code_repo / "benchmarks" / name)
+    _git(code_repo, "add", "benchmarks")
+    _git(code_repo, "commit", "-q", "-m", "scripts")
+    (code_repo / ".whl").mkdir()
+    for wheel in ("array_api_compat-1.16.0", "liger_kernel-0.8.5", "cut_cross_entropy-25.1.1"):
+        (code_repo / ".whl" / f"{wheel}-py3-none-any.whl").write_text("")
+    (code_repo / ".whl/REVISION").write_text("revision stale\ncode_sha256 0\n")
+    bin_dir = code_repo.parent / "bin"  # the script runs python3: this interpreter
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "benchmarks/fetch_gpu_wheels.sh"], cwd=code_repo, capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no download" in proc.stdout
+    commit = _git(code_repo, "rev-parse", "--short", "HEAD")
+    assert (code_repo / ".whl/REVISION").read_text() == h.revision_record(str(code_repo))
+    assert (code_repo / ".whl/REVISION").read_text().startswith(f"revision {commit}\n")
+
+
+def test_append_rows_gives_old_rows_an_empty_crossent_rev(tmp_path):
+    """A results CSV from before the crossent_rev column: rewritten under the union, its rows with
+    an empty revision, the new rows with the run's."""
+    h = load_harness()
+    old_cols = [c for c in h.COLUMNS if c != "crossent_rev"]
+    path = tmp_path / "gpu_old.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_cols)
+        writer.writeheader()
+        writer.writerow({c: "1" for c in old_cols})
+    common = {"date": "d", "crossent_rev": "abc1234+dirty", "device": "dev", "torch": "t", "triton": "tr",
+              "liger_kernel": "-", "cut_cross_entropy": "-"}
+    h.append_rows(str(path), [h.row(common, "bench", (4, 5), "bfloat16", 0.1, "impl-a", [2.0], 0,
+                                    lambda ms: 1.0, "GB/s", 0.0, 0.0)])
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == h.COLUMNS
+    assert [r["crossent_rev"] for r in rows] == ["", "abc1234+dirty"]
+
+
+def test_profile_script_runs_every_section_in_cpu_smoke_mode(tmp_path):
+    """profile_gpu_kernels.py --device cpu: every section (kernel table, host time, idle gaps; the
+    host profile for CE) of the lean, fast and CE calls runs through the interpreter on tiny shapes
+    and writes its lines, under a header naming the revision: a broken section shows here, not on
+    a GPU's clock."""
+    import re
+
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    out = tmp_path / "profile.txt"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, os.path.join(BENCH, "profile_gpu_kernels.py"), "--device", "cpu",
+           "--linear-shapes", "40x16x300", "--ce-shapes", "5x300", "--fast-budget-mib", "1", "--steps", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "failed" not in text, text
+    header = text.splitlines()[0]
+    assert header.startswith("cpu (interpreter smoke run, not a measurement), torch ")
+    assert f", crossent {load_harness().crossent_revision()}, " in header
+    labels = ["linear_cross_entropy lean 40x16x300", "linear_cross_entropy fast 1 MiB 40x16x300",
+              "cross_entropy 5x300"]
+    tables = re.findall(r"^(.+): ([0-9.]+) ms of CPU ops .* per step \(mean of 1 steps\)\n +ms/step +share +calls +op\n"
+                        r"((?: +[0-9.]+ +[0-9.]+% +\d+  \S.*\n)+)", text, flags=re.M)
+    assert [label for label, _, _ in tables] == labels
+    assert all(float(ms) > 0 and "aten::" in rows for _, ms, rows in tables)
+    host = re.findall(r"^host time per call: ([0-9.]+) ms \(median of (\d+), CPU smoke run\)", text, flags=re.M)
+    assert [int(n) for _, n in host] == [1, 1, 20] and all(float(ms) > 0 for ms, _ in host)
+    assert re.search(r"^host profile \(50 calls\):\n.*function calls", text, flags=re.M)
+    for label in labels:
+        for mode in ("synced", "queued"):
+            line = re.search(rf"^{re.escape(label)} \(CPU smoke run: aten ops for kernels\), one {mode} call under "
+                             r"the profiler: first kernel [0-9.]+ ms after the call starts; .* (\d+) kernels$",
+                             text, flags=re.M)
+            assert line and int(line.group(1)) > 0, (label, mode)

@@ -79,6 +79,7 @@ def test_benchmark_script_runs(capsys):
     assert B.main(["--calls", "3", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| crossent.triton, mean | " in out and "4: ne, sum, sum, ones_like | 2 |" in out
+    assert f", crossent {B.crossent_revision()}, " in out  # the revision as the GPU scripts state it
 
 
 @pytest.mark.parametrize("tiles", ["", "wide_forward=0,scratch_dw=0", "products=3"])
