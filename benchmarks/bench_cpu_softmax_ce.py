@@ -18,6 +18,8 @@ Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 
 * ``crossent``            ``crossent.softmax_cross_entropy`` (numba fast path)
 * ``crossent-kernel``     ``crossent.cpu.lse_and_nll`` and ``mean(nll)`` only
+* ``crossent-blocked``    ``crossent.softmax_cross_entropy`` as installed without numba (the numba
+  import fails in that process): the blocked numpy path, ``crossent.cpu._blocked``
 * ``crossent-array-api``  ``crossent.softmax_cross_entropy`` with ``crossent.cpu.ENABLED = False``
 * ``crossent-torch``      ``crossent.torch.cross_entropy`` on the same tensors (impl="auto": the
   numba kernels behind autograd)
@@ -26,6 +28,7 @@ Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 * ``sklearn``             ``sklearn.metrics.log_loss(y, scipy.special.softmax(x, axis=1))``
   (softmax included in the time); it clips probabilities to [eps, 1 - eps], hence its value
 * ``crossent-grad``       ``crossent.softmax_cross_entropy_and_grad`` (``--grad``)
+* ``crossent-blocked-grad`` the same without numba (``--grad``)
 * ``crossent-kernel-grad`` ``crossent.cpu.softmax_minus_onehot`` into a preallocated gradient
 * ``crossent-torch-grad`` ``crossent.torch.cross_entropy(x.requires_grad_()).backward()``
 * ``torch-grad``          ``F.cross_entropy(x.requires_grad_()).backward()``
@@ -57,8 +60,9 @@ from pathlib import Path
 
 from _cpu import cpu_model
 
-FORWARD = ["crossent", "crossent-kernel", "crossent-array-api", "crossent-torch", "torch", "scipy", "sklearn"]
-GRADIENT = ["crossent-grad", "crossent-kernel-grad", "crossent-torch-grad", "torch-grad"]
+FORWARD = ["crossent", "crossent-kernel", "crossent-blocked", "crossent-array-api", "crossent-torch", "torch", "scipy",
+           "sklearn"]
+GRADIENT = ["crossent-grad", "crossent-kernel-grad", "crossent-blocked-grad", "crossent-torch-grad", "torch-grad"]
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_FIELDS = [
     "date_utc", "case", "what", "rows", "classes", "dtype", "sigma", "threads", "repeats",
@@ -68,13 +72,15 @@ CSV_FIELDS = [
 DESCRIPTION = {
     "crossent": "crossent.softmax_cross_entropy (numba fast path)",
     "crossent-kernel": "crossent.cpu.lse_and_nll + mean(nll)",
-    "crossent-array-api": "crossent.softmax_cross_entropy, Array-API path (no numba)",
+    "crossent-blocked": "crossent.softmax_cross_entropy without numba (blocked numpy)",
+    "crossent-array-api": "crossent.softmax_cross_entropy, Array-API path (fast paths off)",
     "crossent-torch": "crossent.torch.cross_entropy (impl=auto: numba kernels)",
     "torch": "torch F.cross_entropy",
     "scipy": "scipy.special.logsumexp - picked",
     "sklearn": "sklearn log_loss(softmax(x)) (clips)",
     "crossent-grad": "crossent.softmax_cross_entropy_and_grad",
     "crossent-kernel-grad": "crossent.cpu.softmax_minus_onehot (loss + grad)",
+    "crossent-blocked-grad": "crossent.softmax_cross_entropy_and_grad without numba (blocked numpy)",
     "crossent-torch-grad": "crossent.torch.cross_entropy + backward",
     "torch-grad": "torch F.cross_entropy + backward",
 }
@@ -117,11 +123,13 @@ def make_case(case: str, threads: int):
 
         return torch_grad
     if case.startswith("crossent"):
+        if case.startswith("crossent-blocked"):
+            sys.modules["numba"] = None  # this process (the case's own) runs as if numba were not installed
         import crossent
         from crossent import cpu
 
         cpu.ENABLED = case != "crossent-array-api"
-        if case in ("crossent", "crossent-array-api"):
+        if case in ("crossent", "crossent-blocked", "crossent-array-api"):
             return lambda x, y: float(crossent.softmax_cross_entropy(x, y))
         if case == "crossent-kernel":
 
@@ -130,7 +138,7 @@ def make_case(case: str, threads: int):
                 return float(np.mean(nll, dtype=np.float64))
 
             return kernel
-        if case == "crossent-grad":
+        if case in ("crossent-grad", "crossent-blocked-grad"):
 
             def public_grad(x, y):
                 loss, grad = crossent.softmax_cross_entropy_and_grad(x, y)

@@ -236,6 +236,7 @@ def _softmax_ce(
 
     # ---- per-row loss (and gradient) -------------------------------------------------------------
     fast_grad = None
+    blocked = None
     if num_classes == 0:
         # No class: every row is ignored (labels were checked) or has an empty sum.
         ce_row = xp.zeros(batch_shape, dtype=dtype, device=dev)
@@ -244,7 +245,14 @@ def _softmax_ce(
         grad = xp.zeros(x.shape, dtype=dtype, device=dev) if with_grad else None
         z = 0.0
     else:
-        if cap is not None:
+        # numpy logits and integer labels that numba's kernels do not take (no numba, or a softcap
+        # or z-loss with the gradient): the Array-API path's arithmetic in blocks of rows
+        # (crossent.cpu._blocked), before the cap, whose full-size tanh it avoids.
+        if integer_targets and eps == 0.0 and is_numpy_namespace(xp):
+            safe_labels = xp.where(keep, labels, 0)
+            if not _numba_takes(x, w, cap, z, with_grad):
+                blocked = _numpy_blocked_lse_and_nll(x, safe_labels, cap, keep)
+        if cap is not None and blocked is None:
             tanh = xp.tanh(x / cap)
             x = cap * tanh
         fast = None
@@ -258,8 +266,9 @@ def _softmax_ce(
             target_w = one
             grad = fast_grad
         elif integer_targets and eps == 0.0 and is_numpy_namespace(xp):
-            safe_labels = xp.where(keep, labels, 0)
-            if not with_grad and w is None:
+            if blocked is not None:
+                fast = blocked  # lse, nll (the gradient comes after the reduction's scales)
+            elif not with_grad:
                 fast = _numpy_fast_lse_and_nll(x, safe_labels)
             elif with_grad and cap is None and z == 0:
                 target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
@@ -370,13 +379,25 @@ def _softmax_ce(
         return loss, None
     if fast_grad is not None:
         pass  # the kernel wrote the finished gradient (scaled, masked, in the base's unit)
+    elif num_classes > 0 and blocked is not None:
+        from ..cpu import _blocked
+
+        _, _, shift, sumexp = blocked
+        grad = _blocked.gradient(
+            x.reshape(-1, num_classes), safe_labels.reshape(-1), cap, shift.reshape(-1), sumexp.reshape(-1),
+            class_weight=None if w is None else target_w.reshape(-1), ce_scale=ce_scale.reshape(-1),
+            z_coef=(z_scale * 2.0 * z * lse).reshape(-1) if z > 0 else None, keep=keep.reshape(-1),
+            ln_base=ln_base,
+        ).reshape(x.shape)
     elif num_classes > 0:
         grad = xp.expand_dims(ce_scale, axis=-1) * grad
         if z > 0:
             grad = grad + xp.expand_dims(z_scale * 2.0 * z * lse, axis=-1) * (e / s)
-        grad = xp.where(xp.expand_dims(keep, axis=-1), grad, zero)
         if cap is not None:
             grad = grad * (1.0 - tanh * tanh)
+        # After the cap's factor, which is NaN at a NaN logit: an ignored row's gradient is 0
+        # whatever its logits are.
+        grad = xp.where(xp.expand_dims(keep, axis=-1), grad, zero)
         if ln_base is not None:
             grad = grad / ln_base
     if ax != logits.ndim - 1:
@@ -467,6 +488,31 @@ def _numpy_fast_soft(x: Any, t: Any, row_scale: Any, reduction: str,
     grad = np.empty_like(x)
     lse, ce_row = cpu.softmax_minus_targets(x2, t2, np.ascontiguousarray(scale), grad.reshape(-1, num_classes))
     return lse.reshape(shape), ce_row.reshape(shape), grad
+
+
+def _numba_takes(x: Any, w: Any, cap: float | None, z: float, with_grad: bool) -> bool:
+    """Whether crossent.cpu's numba kernels take this integer-label call on numpy ``x``: the loss
+    with any options, the gradient without softcap and z-loss."""
+    if _cpu_kernels_for(x) is None:
+        return False
+    return not with_grad or (cap is None and z == 0)
+
+
+def _numpy_blocked_lse_and_nll(x: Any, labels: Any, cap: float | None, keep: Any) -> tuple[Any, ...] | None:
+    """``(lse, nll, shift, sumexp)`` per row from crossent.cpu's blocked numpy pass (the Array-API
+    path's arithmetic, bitwise; the logits not yet capped), or None when it does not apply: off
+    (``crossent.cpu.ENABLED``, ``CROSSENT_CPU_FAST=0``), or ``x`` not C-contiguous (a reshape would
+    copy it) or empty."""
+    try:
+        from .. import cpu
+        from ..cpu import _blocked
+    except ImportError:
+        return None
+    if not cpu.enabled() or not x.flags.c_contiguous or x.size == 0:
+        return None
+    num_classes = x.shape[-1]
+    parts = _blocked.lse_and_nll(x.reshape(-1, num_classes), labels.reshape(-1), cap, keep.reshape(-1))
+    return tuple(p.reshape(x.shape[:-1]) for p in parts)
 
 
 def _cpu_kernels_for(x: Any) -> Any:

@@ -5,12 +5,18 @@ labels (the loss of row i is ``lse[i] - picked[i]``) and with probability target
 (:func:`soft_cross_entropy`, :func:`softmax_minus_targets`). With numba installed (the ``crossent[fast]``
 extra) the work is done by compiled kernels that run over the rows in parallel, read each row
 from memory once and allocate nothing of the logits' size. Without numba, the same functions run
-blocked numpy code (slower, about as much extra memory as one block of rows).
+blocked numpy code in float64 (slower, about as much extra memory as one block of rows).
+
+Integer-label calls of :func:`crossent.softmax_cross_entropy` that the kernels do not take (no
+numba; a softcap or z-loss with the gradient) run ``crossent.cpu._blocked`` instead: the
+Array-API path's own arithmetic, in the logits' dtype, a block of rows at a time (bitwise the same
+results, a few MiB of extra memory instead of several copies of the logits).
 
 The kernels are compiled on first use and cached on disk (numba ``cache=True``), so
 ``import crossent`` does not import numba. Set ``crossent.cpu.ENABLED = False`` or the
-environment variable ``CROSSENT_CPU_FAST=0`` to make :func:`available` return False (the numpy
-code is then used here, and :func:`crossent.softmax_cross_entropy` takes its Array-API path).
+environment variable ``CROSSENT_CPU_FAST=0`` to switch both off (:func:`enabled` and
+:func:`available` return False; the numpy code is then used here, and
+:func:`crossent.softmax_cross_entropy` takes its Array-API path).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["available", "lse_and_nll", "lse_and_pick", "soft_cross_entropy", "softmax_minus_onehot",
+__all__ = ["available", "enabled", "lse_and_nll", "lse_and_pick", "soft_cross_entropy", "softmax_minus_onehot",
            "softmax_minus_targets"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -39,18 +45,28 @@ _PARALLEL_MIN_ELEMENTS = 1 << 16
 _parallel_pid: int | None = None
 
 
+def enabled() -> bool:
+    """Whether the numpy fast paths are switched on: :data:`ENABLED` is true and the environment
+    variable ``CROSSENT_CPU_FAST`` is not ``"0"`` (the compiled kernels also need numba:
+    :func:`available`; the blocked numpy path of :func:`crossent.softmax_cross_entropy` does not).
+
+    >>> isinstance(enabled(), bool)
+    True
+    """
+    return ENABLED and os.environ.get("CROSSENT_CPU_FAST", "1") != "0"
+
+
 def available() -> bool:
     """Whether the compiled (numba) kernels can be used.
 
-    True when numba imports, :data:`ENABLED` is true and the environment variable
-    ``CROSSENT_CPU_FAST`` is not ``"0"``.
+    True when numba imports and the fast paths are :func:`enabled`.
     The import is tried once per process; this call does not compile anything.
 
     >>> isinstance(available(), bool)
     True
     """
     global _numba_importable
-    if not ENABLED or os.environ.get("CROSSENT_CPU_FAST", "1") == "0":
+    if not enabled():
         return False
     if _numba_importable is None:
         try:

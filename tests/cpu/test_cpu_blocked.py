@@ -1,0 +1,199 @@
+"""The blocked numpy path (crossent.cpu._blocked) of crossent.softmax_cross_entropy with integer
+labels: what runs without numba, and with numba for a softcap or z-loss with the gradient.
+
+Held to the Array-API path (the same arithmetic, unblocked: within a few ulps), to float64 PyTorch
+(values and autograd gradients), and to its memory bound. Small ``BLOCK_ELEMENTS`` make every
+call here span several blocks, the last one short.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent as ce
+from crossent import cpu
+from crossent.cpu import _blocked
+
+OPTIONS = [
+    {},
+    {"weight": "w"},
+    {"sample_weight": "sw"},
+    {"softcap": 4.0},
+    {"z_loss": 1e-2},
+    {"base": 2},
+    {"softcap": 3.0, "z_loss": 0.1, "weight": "w", "sample_weight": "sw"},
+]
+
+
+@pytest.fixture
+def no_numba(monkeypatch):
+    """crossent as installed without numba: the compiled kernels unavailable, the fast paths on;
+    blocks of 50 logits."""
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(_blocked, "BLOCK_ELEMENTS", 50)
+
+
+def _array_api(f, *args, **kwargs):
+    """The Array-API path (every numpy fast path off)."""
+    old, cpu.ENABLED = cpu.ENABLED, False
+    try:
+        return f(*args, **kwargs)
+    finally:
+        cpu.ENABLED = old
+
+
+def _inputs(shape, dtype, seed=0, ignored=True):
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    y = rng.integers(0, shape[-1], shape[:-1])
+    if ignored and y.size > 2:
+        y.flat[::3] = -100
+    w = rng.uniform(0.1, 2.0, shape[-1])
+    sw = rng.uniform(0.0, 2.0, shape[:-1])
+    return x, y, w, sw
+
+
+def _options(opts, w, sw):
+    return {k: {"w": w, "sw": sw}.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
+
+
+def _close(got, want, dtype, ulps):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # Relative to the largest entry: the gradient's small entries carry its absolute rounding.
+    eps = np.finfo(np.float32 if dtype == np.float16 else dtype).eps
+    if dtype == np.float16 and got.dtype == np.float16:
+        eps = np.finfo(np.float16).eps  # the gradient is returned in float16
+    scale = np.max(np.abs(want.astype(np.float64)), initial=0.0) + np.finfo(np.float64).tiny
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=0, atol=ulps * eps * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape", [(37, 11), (5, 3, 29), (1, 1), (7,)], ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_blocked_path_gives_the_array_api_paths_loss_and_gradient(no_numba, dtype, shape, opts, reduction):
+    x, y, w, sw = _inputs(shape, dtype)
+    kwargs = dict(ignore_index=-100, reduction=reduction, **_options(opts, w, sw))
+    for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
+        got, want = f(x, y, **kwargs), _array_api(f, x, y, **kwargs)
+        for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):
+            _close(g, v, dtype, ulps=8)
+
+
+def _torch_float64(x, y, w, sw, softcap, z_loss, reduction):
+    """Loss and gradient from float64 PyTorch ops: the soft cap, F.cross_entropy, the z-loss
+    z * mean(logsumexp^2) over the non-ignored rows, each row weighted by ``sw``."""
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = softcap * torch.tanh(t / softcap) if softcap else t
+    target = torch.from_numpy(y)
+    weight = None if w is None else torch.from_numpy(w)
+    rows = F.cross_entropy(logits, target, weight=weight, ignore_index=-100, reduction="none")
+    keep = (target != -100).double()
+    row_w = keep if sw is None else keep * torch.from_numpy(sw)
+    class_w = keep if weight is None else keep * weight[target.clamp(min=0)]
+    z_rows = z_loss * torch.logsumexp(logits, dim=-1) ** 2 * keep
+    if reduction == "mean":
+        loss = (row_w * rows).sum() / (row_w * class_w).sum() + (row_w * z_rows).sum() / row_w.sum()
+    else:
+        loss = (row_w * (rows + z_rows)).sum()
+    loss.backward()
+    return loss.item(), t.grad.numpy()
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_blocked_path_against_float64_torch(no_numba, opts, reduction):
+    x, y, w, sw = _inputs((53, 17), np.float32, seed=3)
+    kwargs = _options(opts, w, sw)
+    loss, grad = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, reduction=reduction, **kwargs)
+    want_loss, want_grad = _torch_float64(
+        x.astype(np.float64), y, kwargs.get("weight"), kwargs.get("sample_weight"), kwargs.get("softcap"),
+        kwargs.get("z_loss", 0.0), reduction,
+    )
+    base = np.log(kwargs.get("base", np.e))
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(float(loss), want_loss / base, rtol=16 * eps)
+    np.testing.assert_allclose(grad, want_grad / base, rtol=0, atol=16 * eps * np.abs(want_grad).max() / base)
+
+
+def test_blocked_path_keeps_a_confident_rows_loss(no_numba):
+    """log1p of the terms below the maximum: the float32 loss of 2.06e-9 at logits near 1e4 (the
+    Array-API path's log of a float32 sum 1 + 2e-9 gives 0)."""
+    x = np.array([[1e4, 1e4 - 20.0, 1e4 - 30.0]] * 3, dtype=np.float32)
+    want = np.exp(-20.0) + np.exp(-30.0)  # -log softmax_0 = log1p(e^-20 + e^-30), to float64 accuracy
+    rows = ce.softmax_cross_entropy(x, np.array([0, 0, 0]), reduction="none")
+    np.testing.assert_allclose(rows, want, rtol=1e-6)
+    assert np.all(_array_api(ce.softmax_cross_entropy, x, np.array([0, 0, 0]), reduction="none") == 0.0)
+
+
+def test_blocked_path_edge_rows(no_numba):
+    """An ignored row holding NaN and inf adds nothing and raises no floating-point warning
+    (warnings are errors here); -inf masks a class; a row of all -inf logits is NaN and a row
+    holding +inf is what the Array-API path gives."""
+    inf = np.inf
+    x = np.array([
+        [np.nan, inf, -inf, 1.0],  # ignored
+        [0.0, -inf, 1.0, 2.0],  # a masked class
+        [-inf, -inf, -inf, -inf],  # all masked, target kept: NaN (as PyTorch)
+        [inf, 0.0, 1.0, 2.0],  # +inf
+        [3.0, 3.0, 1.0, 3.0],  # a tied maximum
+    ])
+    y = np.array([-100, 2, 0, 1, 3])
+    rows = ce.softmax_cross_entropy(x, y, ignore_index=-100, reduction="none")
+    with np.errstate(all="ignore"):  # the Array-API path warns on the all -inf and +inf rows
+        want = _array_api(ce.softmax_cross_entropy, x, y, ignore_index=-100, reduction="none")
+    np.testing.assert_array_equal(np.isnan(rows), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(rows[finite], want[finite], rtol=1e-15)
+    assert rows[0] == 0.0 and np.isnan(rows[2])
+    np.testing.assert_allclose(rows[1], -F.log_softmax(torch.tensor(x[1]), dim=0)[2].item(), rtol=1e-15)
+    np.testing.assert_allclose(rows[4], np.log(3 + np.exp(-2.0)), rtol=1e-15)
+    # With z-loss (which reads each row's lse) the ignored row still adds nothing: the loss and
+    # gradient equal those of the other rows alone.
+    kept = [1, 4]
+    for opts in ({}, {"z_loss": 1e-2}, {"z_loss": 1e-2, "softcap": 5.0}):
+        loss, grad = ce.softmax_cross_entropy_and_grad(x[[0, *kept]], y[[0, *kept]], ignore_index=-100, **opts)
+        loss_kept, grad_kept = ce.softmax_cross_entropy_and_grad(x[kept], y[kept], **opts)
+        assert np.all(grad[0] == 0.0) and grad[1, 1] == 0.0
+        np.testing.assert_allclose(loss, loss_kept, rtol=1e-15)
+        np.testing.assert_allclose(grad[1:], grad_kept, rtol=1e-15)
+
+
+def test_blocked_path_extra_memory_is_a_few_blocks(monkeypatch):
+    """Loss: a few MiB over 40 MB of logits (the Array-API path holds 4.5 copies); with the
+    gradient, the gradient itself and those few MiB."""
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    x, y, _, _ = _inputs((20000, 500), np.float32, seed=5)
+    for f, allowed in ((ce.softmax_cross_entropy, 0.10), (ce.softmax_cross_entropy_and_grad, 1.10)):
+        f(x[:10], y[:10], ignore_index=-100)
+        tracemalloc.start()
+        try:
+            f(x, y, ignore_index=-100)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= allowed * x.nbytes, (f.__name__, peak / x.nbytes)
+
+
+def test_numba_installed_softcap_gradient_runs_blocked(monkeypatch):
+    """With numba, a softcap with the gradient (which the kernels do not take) runs the blocked
+    gradient, not the Array-API path's full-size temporaries."""
+    pytest.importorskip("numba")
+    if not cpu.available():
+        pytest.skip("the numba kernels are switched off in this environment")
+    calls = []
+    original = _blocked.gradient
+    monkeypatch.setattr(_blocked, "gradient", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, y, w, _ = _inputs((41, 13), np.float32, seed=6)
+    got = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, softcap=5.0, weight=w)
+    want = _array_api(ce.softmax_cross_entropy_and_grad, x, y, ignore_index=-100, softcap=5.0, weight=w)
+    assert calls == [1]
+    for g, v in zip(got, want, strict=True):
+        _close(g, v, np.float32, ulps=8)
