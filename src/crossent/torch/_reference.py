@@ -51,7 +51,7 @@ def reference_cross_entropy_2d(
     float64 logits).
     """
     dt = acc_dtype(logits.dtype)
-    z = apply_softcap(logits.to(dt), softcap)
+    z = logits.to(dt)
     num_rows, num_classes = z.shape
     w = None if weight is None else weight.to(dt)
     eps = label_smoothing
@@ -61,8 +61,10 @@ def reference_cross_entropy_2d(
         valid = torch.ones(num_rows, dtype=torch.bool, device=z.device)
     else:
         valid = target != ignore_index
-        # An ignored row contributes 0 whatever its logits are (NaN and inf included).
+        # An ignored row contributes 0 whatever its logits are (NaN and inf included), to the
+        # gradient too: masked before the soft cap, whose derivative is NaN at a NaN logit.
         z = torch.where(valid[:, None], z, torch.zeros_like(z))
+    z = apply_softcap(z, softcap)
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
     finite = torch.isfinite(z)
