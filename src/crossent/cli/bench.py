@@ -17,8 +17,8 @@ Operations:
 
 * ``ce``: mean softmax cross-entropy of ``--rows x --classes`` logits (N(0, 3^2), plus a margin of
   log C + 4.5 on each row's true class) with integer labels. CPU: ``crossent.softmax_cross_entropy``
-  (NumPy input; the numba fast path when installed), the same with the fast path off (Array-API
-  path), a stable NumPy log-sum-exp, ``torch.nn.functional.cross_entropy`` and
+  (NumPy input; the numba fast path when installed, else blocked numpy), the same with the fast
+  paths off (Array-API path), a stable NumPy log-sum-exp, ``torch.nn.functional.cross_entropy`` and
   ``crossent.torch.cross_entropy`` (impl "auto", which takes the numba kernels on the CPU, and
   "chunked"). CUDA: torch's function, ``crossent.torch.cross_entropy`` (impl "triton" and "chunked")
   and Liger-Kernel's cross-entropy when installed.
@@ -378,7 +378,7 @@ def _numpy_cases(op, arrays, labels, dtype_name, grad):
     return [
         Case("crossent", "crossent.softmax_cross_entropy" + ("_and_grad" if grad else "") + kind, ours,
              ours_rows),
-        Case("crossent-array-api", "the same, numba fast path off", array_api, array_api_rows),
+        Case("crossent-array-api", "the same, numpy fast paths off", array_api, array_api_rows),
         Case("numpy", plain_what, plain, lambda: plain_rows()[2]),
     ]
 
