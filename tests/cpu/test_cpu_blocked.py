@@ -20,6 +20,9 @@ from crossent import cpu
 from crossent.cpu import _blocked
 
 OPTIONS = [
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0, "weight": "w"},
+    {"label_smoothing": 0.3, "weight": "w", "softcap": 4.0, "z_loss": 1e-2},
     {},
     {"weight": "w"},
     {"sample_weight": "sw"},
@@ -87,14 +90,16 @@ def test_blocked_path_gives_the_array_api_paths_loss_and_gradient(no_numba, dtyp
             _close(g, v, dtype, ulps=8)
 
 
-def _torch_float64(x, y, w, sw, softcap, z_loss, reduction):
-    """Loss and gradient from float64 PyTorch ops: the soft cap, F.cross_entropy, the z-loss
+def _torch_float64(x, y, w, sw, softcap, z_loss, label_smoothing, reduction):
+    """Loss and gradient from float64 PyTorch ops: the soft cap, F.cross_entropy (with its label
+    smoothing: the logits are finite, where crossent's spreading equals PyTorch's), the z-loss
     z * mean(logsumexp^2) over the non-ignored rows, each row weighted by ``sw``."""
     t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     logits = softcap * torch.tanh(t / softcap) if softcap else t
     target = torch.from_numpy(y)
     weight = None if w is None else torch.from_numpy(w)
-    rows = F.cross_entropy(logits, target, weight=weight, ignore_index=-100, reduction="none")
+    rows = F.cross_entropy(logits, target, weight=weight, ignore_index=-100, reduction="none",
+                           label_smoothing=label_smoothing)
     keep = (target != -100).double()
     row_w = keep if sw is None else keep * torch.from_numpy(sw)
     class_w = keep if weight is None else keep * weight[target.clamp(min=0)]
@@ -115,7 +120,7 @@ def test_blocked_path_against_float64_torch(no_numba, opts, reduction):
     loss, grad = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, reduction=reduction, **kwargs)
     want_loss, want_grad = _torch_float64(
         x.astype(np.float64), y, kwargs.get("weight"), kwargs.get("sample_weight"), kwargs.get("softcap"),
-        kwargs.get("z_loss", 0.0), reduction,
+        kwargs.get("z_loss", 0.0), kwargs.get("label_smoothing", 0.0), reduction,
     )
     base = np.log(kwargs.get("base", np.e))
     eps = np.finfo(np.float32).eps
@@ -147,11 +152,21 @@ def test_blocked_path_edge_rows(no_numba):
     ])
     y = np.array([-100, 2, 0, 1, 3])
     rows = ce.softmax_cross_entropy(x, y, ignore_index=-100, reduction="none")
-    with np.errstate(all="ignore"):  # the Array-API path warns on the all -inf and +inf rows
-        want = _array_api(ce.softmax_cross_entropy, x, y, ignore_index=-100, reduction="none")
-    np.testing.assert_array_equal(np.isnan(rows), np.isnan(want))
-    finite = np.isfinite(want)
-    np.testing.assert_allclose(rows[finite], want[finite], rtol=1e-15)
+    for smoothing in (0.0, 0.2):  # smoothing spreads over the finite logits (DESIGN.md)
+        got = ce.softmax_cross_entropy(x, y, ignore_index=-100, reduction="none", label_smoothing=smoothing)
+        with np.errstate(all="ignore"):  # the Array-API path warns on the all -inf and +inf rows
+            want = _array_api(ce.softmax_cross_entropy, x, y, ignore_index=-100, reduction="none",
+                              label_smoothing=smoothing)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-15)
+        np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+        kept = [0, 1, 4]
+        loss, grad = ce.softmax_cross_entropy_and_grad(x[kept], y[kept], ignore_index=-100, label_smoothing=smoothing)
+        want_loss, want_grad = _array_api(ce.softmax_cross_entropy_and_grad, x[kept], y[kept], ignore_index=-100,
+                                          label_smoothing=smoothing)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-15)
+        np.testing.assert_allclose(grad, want_grad, rtol=0, atol=1e-15)
     assert rows[0] == 0.0 and np.isnan(rows[2])
     np.testing.assert_allclose(rows[1], -F.log_softmax(torch.tensor(x[1]), dim=0)[2].item(), rtol=1e-15)
     np.testing.assert_allclose(rows[4], np.log(3 + np.exp(-2.0)), rtol=1e-15)

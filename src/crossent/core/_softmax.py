@@ -245,13 +245,13 @@ def _softmax_ce(
         grad = xp.zeros(x.shape, dtype=dtype, device=dev) if with_grad else None
         z = 0.0
     else:
-        # numpy logits and integer labels that numba's kernels do not take (no numba, or a softcap
-        # or z-loss with the gradient): the Array-API path's arithmetic in blocks of rows
-        # (crossent.cpu._blocked), before the cap, whose full-size tanh it avoids.
-        if integer_targets and eps == 0.0 and is_numpy_namespace(xp):
+        # numpy logits and integer labels that numba's kernels do not take (no numba; label
+        # smoothing; a softcap or z-loss with the gradient): the Array-API path's arithmetic in
+        # blocks of rows (crossent.cpu._blocked), before the cap, whose full-size tanh it avoids.
+        if integer_targets and is_numpy_namespace(xp):
             safe_labels = xp.where(keep, labels, 0)
-            if not _numba_takes(x, w, cap, z, with_grad):
-                blocked = _numpy_blocked_lse_and_nll(x, safe_labels, cap, keep)
+            if not (eps == 0.0 and _numba_takes(x, w, cap, z, with_grad)):
+                blocked = _numpy_blocked_stats(x, safe_labels, cap, keep, eps, w)
         if cap is not None and blocked is None:
             tanh = xp.tanh(x / cap)
             x = cap * tanh
@@ -265,10 +265,10 @@ def _softmax_ce(
             lse, ce_row, fast_grad = soft_fast
             target_w = one
             grad = fast_grad
+        elif blocked is not None:
+            pass  # per-row statistics below; the gradient comes after the reduction's scales
         elif integer_targets and eps == 0.0 and is_numpy_namespace(xp):
-            if blocked is not None:
-                fast = blocked  # lse, nll (the gradient comes after the reduction's scales)
-            elif not with_grad:
+            if not with_grad:
                 fast = _numpy_fast_lse_and_nll(x, safe_labels)
             elif with_grad and cap is None and z == 0:
                 target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
@@ -277,6 +277,15 @@ def _softmax_ce(
                     lse, nll, fast_grad = fast
         if soft_fast is not None:
             pass  # lse, ce_row and (with_grad) the finished gradient come from the kernel
+        elif blocked is not None:
+            # The Array-API path's per-row formulas below, on the blocked pass's statistics.
+            lse, nll = xp.reshape(blocked.lse, batch_shape), xp.reshape(blocked.nll, batch_shape)
+            target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
+            ce_row = (1.0 - eps) * target_w * nll if eps < 1.0 else xp.zeros_like(nll)
+            if eps > 0.0:
+                smoothed, k = xp.reshape(blocked.smoothed, batch_shape), xp.reshape(blocked.count, batch_shape)
+                ce_row = ce_row - eps * smoothed / k
+            grad = None
         elif fast is not None:
             lse, nll = fast[0], fast[1]
             target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
@@ -382,12 +391,11 @@ def _softmax_ce(
     elif num_classes > 0 and blocked is not None:
         from ..cpu import _blocked
 
-        _, _, shift, sumexp = blocked
         grad = _blocked.gradient(
-            x.reshape(-1, num_classes), safe_labels.reshape(-1), cap, shift.reshape(-1), sumexp.reshape(-1),
-            class_weight=None if w is None else target_w.reshape(-1), ce_scale=ce_scale.reshape(-1),
-            z_coef=(z_scale * 2.0 * z * lse).reshape(-1) if z > 0 else None, keep=keep.reshape(-1),
-            ln_base=ln_base,
+            x.reshape(-1, num_classes), safe_labels.reshape(-1), cap, blocked,
+            row_weight=None if w is None else target_w.reshape(-1), smoothing=eps, class_weight=w,
+            ce_scale=ce_scale.reshape(-1), z_coef=(z_scale * 2.0 * z * lse).reshape(-1) if z > 0 else None,
+            keep=keep.reshape(-1), ln_base=ln_base,
         ).reshape(x.shape)
     elif num_classes > 0:
         grad = xp.expand_dims(ce_scale, axis=-1) * grad
@@ -498,11 +506,11 @@ def _numba_takes(x: Any, w: Any, cap: float | None, z: float, with_grad: bool) -
     return not with_grad or (cap is None and z == 0)
 
 
-def _numpy_blocked_lse_and_nll(x: Any, labels: Any, cap: float | None, keep: Any) -> tuple[Any, ...] | None:
-    """``(lse, nll, shift, sumexp)`` per row from crossent.cpu's blocked numpy pass (the Array-API
-    path's arithmetic, bitwise; the logits not yet capped), or None when it does not apply: off
-    (``crossent.cpu.ENABLED``, ``CROSSENT_CPU_FAST=0``), or ``x`` not C-contiguous (a reshape would
-    copy it) or empty."""
+def _numpy_blocked_stats(x: Any, labels: Any, cap: float | None, keep: Any, eps: float, w: Any) -> Any:
+    """The per-row statistics (``crossent.cpu._blocked.RowStats``: flat ``[N]`` arrays over the
+    batch, ``lse`` and the rest) of crossent.cpu's blocked numpy pass on the logits not yet capped, or None when it
+    does not apply: off (``crossent.cpu.ENABLED``, ``CROSSENT_CPU_FAST=0``), or ``x`` not
+    C-contiguous (a reshape would copy it) or empty."""
     try:
         from .. import cpu
         from ..cpu import _blocked
@@ -511,8 +519,8 @@ def _numpy_blocked_lse_and_nll(x: Any, labels: Any, cap: float | None, keep: Any
     if not cpu.enabled() or not x.flags.c_contiguous or x.size == 0:
         return None
     num_classes = x.shape[-1]
-    parts = _blocked.lse_and_nll(x.reshape(-1, num_classes), labels.reshape(-1), cap, keep.reshape(-1))
-    return tuple(p.reshape(x.shape[:-1]) for p in parts)
+    return _blocked.lse_and_nll(x.reshape(-1, num_classes), labels.reshape(-1), cap, keep.reshape(-1),
+                                smoothing=eps > 0.0, class_weight=w)
 
 
 def _cpu_kernels_for(x: Any) -> Any:

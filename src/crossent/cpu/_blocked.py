@@ -23,6 +23,8 @@ ignored rows, which the caller masks, are taken as zeros as there.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 #: Logits per block: 1 MiB of float32 per buffer. At 200000 x 1000 float32 (2 cores, numpy 2.4)
@@ -48,15 +50,42 @@ def _capped(block: np.ndarray, softcap: float | None, out: np.ndarray) -> np.nda
     return out
 
 
+@dataclasses.dataclass
+class RowStats:
+    r"""What :func:`lse_and_nll` returns: ``[N]`` arrays of the logits' dtype. ``count`` and
+    ``smoothed`` only with label smoothing (else None): the number K of finite (capped) logits,
+    1 where there is none, and :math:`\sum_{j\,\mathrm{finite}} w_j \log q_j` (``w`` = 1 without
+    class weights); ``weight_sum``, with class weights and smoothing, :math:`\sum_{j\,\mathrm{finite}} w_j`."""
+
+    lse: np.ndarray
+    nll: np.ndarray
+    shift: np.ndarray
+    sumexp: np.ndarray
+    count: np.ndarray | None = None
+    smoothed: np.ndarray | None = None
+    weight_sum: np.ndarray | None = None
+
+
 def lse_and_nll(
-    x: np.ndarray, labels: np.ndarray, softcap: float | None, keep: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(lse, nll, shift, sumexp)``, four ``[N]`` arrays of ``x``'s dtype, for C-contiguous
-    ``x`` ``[N, C]`` (C >= 1) and labels ``[N]`` in ``[0, C)``, after the optional soft cap.
-    Rows where ``keep`` is False are taken as zeros, as the Array-API path takes ignored rows."""
+    x: np.ndarray, labels: np.ndarray, softcap: float | None, keep: np.ndarray, *, smoothing: bool = False,
+    class_weight: np.ndarray | None = None,
+) -> RowStats:
+    """Row statistics (``RowStats``) of C-contiguous ``x`` ``[N, C]`` (C >= 1) with labels ``[N]``
+    in ``[0, C)``, after the optional soft cap: the shift ``m``, ``sumexp`` (the sum ``s``), ``lse``
+    and ``nll``; with ``smoothing``, also what the smoothed loss needs (``class_weight`` ``[C]``:
+    the weights of its terms). Rows where ``keep`` is False are taken as zeros, as the Array-API
+    path takes ignored rows."""
     n, c = x.shape
     lse, nll, shift, sumexp = (np.empty(n, dtype=x.dtype) for _ in range(4))
-    buf = np.empty((min(n, max(1, BLOCK_ELEMENTS // c)), c), dtype=x.dtype)
+    stats = RowStats(lse, nll, shift, sumexp)
+    rows_per_block = min(n, max(1, BLOCK_ELEMENTS // c))
+    buf = np.empty((rows_per_block, c), dtype=x.dtype)
+    if smoothing:
+        stats.count, stats.smoothed = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+        e_buf = np.empty((rows_per_block, c), dtype=x.dtype)
+        finite_buf = np.empty((rows_per_block, c), dtype=bool)
+        if class_weight is not None:
+            stats.weight_sum = np.empty(n, dtype=x.dtype)
     with np.errstate(all="ignore"):
         for start, stop in _blocks(n, c):
             d = buf[: stop - start]
@@ -71,30 +100,44 @@ def lse_and_nll(
             m, s = shift[start:stop], sumexp[start:stop]
             top = np.argmax(b, axis=1)  # a maximum (the first NaN if any: then m is NaN, as max gives)
             m[...] = b[rows, top]
-            finite = np.isfinite(m)
-            m[~finite] = 0.0
+            max_finite = np.isfinite(m)
+            m[~max_finite] = 0.0
             np.subtract(b, m[:, None], out=d)
             picked = d[rows, labels[start:stop]]  # x_y - m
-            np.exp(d, out=d)
+            e = e_buf[: stop - start] if smoothing else d  # smoothing reads x - m again below
+            np.exp(d, out=e)
             # s = 1 + rest: the maximum's term (exactly 1) is left out of the sum and log s taken as
             # log1p(rest), so a confident row keeps its loss of 2e-9 (log of a float32 sum 1 + 2e-9
             # gives 0). Rows whose maximum is not finite sum every term, as the Array-API path.
-            d[rows[finite], top[finite]] = 0.0
-            np.sum(d, axis=1, out=s)
-            log_s = np.where(finite, np.log1p(s), np.log(s))
-            s[finite] += 1.0
+            e[rows[max_finite], top[max_finite]] = 0.0
+            np.sum(e, axis=1, out=s)
+            log_s = np.where(max_finite, np.log1p(s), np.log(s))
+            s[max_finite] += 1.0
             np.add(log_s, m, out=lse[start:stop])
             np.negative(picked - log_s, out=nll[start:stop])
-    return lse, nll, shift, sumexp
+            if smoothing:
+                finite = finite_buf[: stop - start]
+                np.isfinite(d, out=finite)  # where x is finite (x - m is, as m is finite)
+                k = stats.count[start:stop]
+                np.sum(finite, axis=1, out=k)
+                k[k <= 0] = 1.0
+                np.subtract(d, log_s[:, None], out=d)  # log q
+                d[~finite] = 0.0
+                if class_weight is not None:
+                    np.multiply(class_weight, d, out=d)
+                    np.sum(np.where(finite, class_weight, 0.0), axis=1, out=stats.weight_sum[start:stop])
+                np.sum(d, axis=1, out=stats.smoothed[start:stop])
+    return stats
 
 
 def gradient(
     x: np.ndarray,
     labels: np.ndarray,
     softcap: float | None,
-    shift: np.ndarray,
-    sumexp: np.ndarray,
+    stats: RowStats,
     *,
+    row_weight: np.ndarray | None,
+    smoothing: float,
     class_weight: np.ndarray | None,
     ce_scale: np.ndarray,
     z_coef: np.ndarray | None,
@@ -104,18 +147,30 @@ def gradient(
     r"""The gradient ``[N, C]`` (``x``'s dtype) of the loss whose row statistics
     :func:`lse_and_nll` returned, as the Array-API path forms it:
 
-    .. math:: g = \big(c_i\, a_i\, (q - \mathrm{onehot}(y)) + z_i\, q\big)
+    .. math:: g = \Big(c_i \big((1 - \varepsilon)\, a_i\, (q - \mathrm{onehot}(y))
+              + \varepsilon\, (\tfrac{W_i}{K_i} q - \tfrac{w \odot f}{K_i})\big) + z_i\, q\Big)
               \odot (1 - \tanh^2(x / \mathrm{cap})) / \ln b,
               \qquad q = e^{x - m} / s,
 
-    with ``a`` the class weight of the row's label (``class_weight``, 1 when None), ``c`` the
-    reduction's ``ce_scale``, ``z`` the z-loss term ``z_coef`` (None: none), the soft-cap factor
-    only with ``softcap`` and ``ln b`` only with ``ln_base``; rows where ``keep`` is False are 0."""
+    with ``a`` the class weight of the row's label (``row_weight``, 1 when None), ``w`` the class
+    weights (``class_weight``, 1 when None), ``f`` the indicator of finite (capped) logits,
+    ``K = count`` and ``W = weight_sum`` (K without class weights) from ``stats``, ``\varepsilon``
+    the ``smoothing``, ``c`` the reduction's ``ce_scale``, ``z`` the z-loss term ``z_coef`` (None:
+    none), the soft-cap factor only with ``softcap`` and ``ln b`` only with ``ln_base``; rows where
+    ``keep`` is False are 0."""
     n, c = x.shape
     out = np.empty_like(x)
     rows = min(n, max(1, BLOCK_ELEMENTS // c))
     q_buf = np.empty((rows, c), dtype=x.dtype)
     t_buf = np.empty((rows, c), dtype=x.dtype) if softcap is not None else None
+    if smoothing:
+        s_buf = np.empty((rows, c), dtype=x.dtype)
+        finite_buf = np.empty((rows, c), dtype=bool)
+    coef = None  # (1 - eps) a, per row; None where it is 1
+    if row_weight is not None:
+        coef = (1.0 - smoothing) * row_weight
+    elif smoothing:
+        coef = np.full(n, 1.0 - smoothing, dtype=x.dtype)
     with np.errstate(all="ignore"):
         for start, stop in _blocks(n, c):
             k = stop - start
@@ -124,17 +179,32 @@ def gradient(
             if t is not None:
                 np.divide(x[start:stop], softcap, out=t)
                 np.tanh(t, out=t)  # tanh(x / cap), kept for the chain rule
-                np.multiply(softcap, t, out=q)
-                np.subtract(q, shift[start:stop, None], out=q)
+                np.multiply(softcap, t, out=q)  # the capped logits
             else:
-                np.subtract(x[start:stop], shift[start:stop, None], out=q)
+                q[...] = x[start:stop]
+            if smoothing:
+                finite = finite_buf[:k]
+                np.isfinite(q, out=finite)
+            np.subtract(q, stats.shift[start:stop, None], out=q)
             np.exp(q, out=q)
-            np.divide(q, sumexp[start:stop, None], out=q)
+            np.divide(q, stats.sumexp[start:stop, None], out=q)
             g = out[start:stop]
             g[...] = q
             g[np.arange(k), labels[start:stop]] -= 1.0
-            if class_weight is not None:
-                np.multiply(class_weight[start:stop, None], g, out=g)
+            if coef is not None:
+                np.multiply(coef[start:stop, None], g, out=g)
+            if smoothing:
+                kk = stats.count[start:stop, None]
+                sm = s_buf[:k]
+                if class_weight is None:
+                    np.divide(finite, kk, out=sm)  # f / K
+                    np.subtract(q, sm, out=sm)
+                else:
+                    wk = stats.weight_sum[start:stop] / stats.count[start:stop]
+                    np.multiply(wk[:, None], q, out=sm)  # W / K q
+                    np.subtract(sm, np.where(finite, class_weight, 0.0) / kk, out=sm)
+                np.multiply(smoothing, sm, out=sm)
+                np.add(g, sm, out=g)
             np.multiply(ce_scale[start:stop, None], g, out=g)
             if z_coef is not None:
                 np.multiply(z_coef[start:stop, None], q, out=q)
