@@ -33,6 +33,11 @@ Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 * ``crossent-torch-grad`` ``crossent.torch.cross_entropy(x.requires_grad_()).backward()``
 * ``torch-grad``          ``F.cross_entropy(x.requires_grad_()).backward()``
 
+``--label-smoothing EPS`` (> 0) passes ``label_smoothing=EPS`` to every crossent and torch case and
+drops the cases that take none (the ``crossent.cpu`` kernels, scipy, sklearn); numba's kernels take
+no smoothing either, so "crossent" runs the blocked numpy path there too. Its results go to
+``cpu_softmax_ce_smoothing.{csv,md}``.
+
 Threads: torch and numba use ``--threads`` (2 by default); numpy and scipy are single-threaded.
 Results are appended to ``benchmarks/results/cpu_softmax_ce.csv`` (long format, one row per case
 with CPU model, library versions, date) and the run's table is written to
@@ -40,6 +45,7 @@ with CPU model, library versions, date) and the run's table is written to
 
     python benchmarks/bench_cpu_softmax_ce.py                 # 200000 x 1000, all forward cases
     python benchmarks/bench_cpu_softmax_ce.py --grad --rows 50000
+    python benchmarks/bench_cpu_softmax_ce.py --grad --label-smoothing 0.1
 """
 
 from __future__ import annotations
@@ -84,6 +90,13 @@ DESCRIPTION = {
     "crossent-torch-grad": "crossent.torch.cross_entropy + backward",
     "torch-grad": "torch F.cross_entropy + backward",
 }
+#: Cases that take no label smoothing (left out with --label-smoothing).
+NO_SMOOTHING = ("crossent-kernel", "crossent-kernel-grad", "scipy", "sklearn")
+#: Descriptions that change with label smoothing.
+SMOOTHING_DESCRIPTION = {
+    "crossent": "crossent.softmax_cross_entropy (numba installed; its kernels take no smoothing: blocked numpy)",
+    "crossent-torch": "crossent.torch.cross_entropy (impl=auto)",
+}
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -100,9 +113,12 @@ def make_inputs(rows: int, classes: int, sigma: float, seed: int = 0):
     return x, y
 
 
-def make_case(case: str, threads: int):
-    """The callable f(x, y) -> float (mean loss) of one case, with its imports done."""
+def make_case(case: str, threads: int, smoothing: float = 0.0):
+    """The callable f(x, y) -> float (mean loss) of one case, with its imports done; ``smoothing``:
+    the label smoothing of the crossent and torch cases."""
     import numpy as np
+
+    ls = {"label_smoothing": smoothing} if smoothing else {}
 
     if case.startswith(("torch", "crossent-torch")):
         import torch
@@ -113,11 +129,11 @@ def make_case(case: str, threads: int):
         torch.set_num_threads(threads)
         loss_fn = cet.cross_entropy if case.startswith("crossent") else F.cross_entropy
         if not case.endswith("grad"):
-            return lambda x, y: loss_fn(torch.from_numpy(x), torch.from_numpy(y)).item()
+            return lambda x, y: loss_fn(torch.from_numpy(x), torch.from_numpy(y), **ls).item()
 
         def torch_grad(x, y):
             t = torch.from_numpy(x).requires_grad_(True)
-            loss = loss_fn(t, torch.from_numpy(y))
+            loss = loss_fn(t, torch.from_numpy(y), **ls)
             loss.backward()
             return loss.item()
 
@@ -130,7 +146,7 @@ def make_case(case: str, threads: int):
 
         cpu.ENABLED = case != "crossent-array-api"
         if case in ("crossent", "crossent-blocked", "crossent-array-api"):
-            return lambda x, y: float(crossent.softmax_cross_entropy(x, y))
+            return lambda x, y: float(crossent.softmax_cross_entropy(x, y, **ls))
         if case == "crossent-kernel":
 
             def kernel(x, y):
@@ -141,7 +157,7 @@ def make_case(case: str, threads: int):
         if case in ("crossent-grad", "crossent-blocked-grad"):
 
             def public_grad(x, y):
-                loss, grad = crossent.softmax_cross_entropy_and_grad(x, y)
+                loss, grad = crossent.softmax_cross_entropy_and_grad(x, y, **ls)
                 del grad
                 return float(loss)
 
@@ -183,7 +199,7 @@ def peak_rss_bytes() -> int:
 
 
 def worker(args) -> dict:
-    f = make_case(args.worker, args.threads)
+    f = make_case(args.worker, args.threads, args.label_smoothing)
     tiny_x, tiny_y = make_inputs(64, 17, args.sigma, seed=1)
     f(tiny_x, tiny_y)  # imports, numba compilation (or its cache), torch start-up
     x, y = make_inputs(args.rows, args.classes, args.sigma)
@@ -240,7 +256,8 @@ def run_case(case: str, args) -> dict:
     repeats = args.slow_repeats if case in SLOW else args.repeats
     cmd = [sys.executable, __file__, "--worker", case, "--rows", str(args.rows),
            "--classes", str(args.classes), "--sigma", str(args.sigma),
-           "--threads", str(args.threads), "--repeats", str(repeats)]  # fmt: skip
+           "--threads", str(args.threads), "--repeats", str(repeats),
+           "--label-smoothing", str(args.label_smoothing)]  # fmt: skip
     env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS="1")  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -282,8 +299,9 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
     torch_fwd = next((r["median_s"] for r in results if r["case"] == "torch"), None)
     torch_grad = next((r["median_s"] for r in results if r["case"] == "torch-grad"), None)
     logits_mib = args.rows * args.classes * 4 / 2**20
+    smoothing = f", label smoothing {args.label_smoothing}" if args.label_smoothing else ""
     lines = [
-        f"| case ({args.rows} x {args.classes} float32, sigma {args.sigma}) | median s (min-max) "
+        f"| case ({args.rows} x {args.classes} float32, sigma {args.sigma}{smoothing}) | median s (min-max) "
         "| vs torch | extra peak MiB (% of logits) | mean loss |",
         "|---|---|---|---|---|",
     ]
@@ -292,7 +310,7 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
         ratio = f"{r['median_s'] / ref:.2f}x" if ref else ""
         extra = r["extra_peak_bytes"] / 2**20
         lines.append(
-            f"| {DESCRIPTION[r['case']]} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
+            f"| {describe(r['case'], args.label_smoothing)} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
             f"| {ratio} | {extra:.1f} ({100 * extra / logits_mib:.1f}%) | {r['loss']:.4f} |"
         )
     lines.append("")
@@ -313,6 +331,10 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(case: str, smoothing: float) -> str:
+    return SMOOTHING_DESCRIPTION.get(case, DESCRIPTION[case]) if smoothing else DESCRIPTION[case]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -327,6 +349,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default=",".join(FORWARD), help="comma list of cases")
     parser.add_argument("--grad", action="store_true", help="add the loss-and-gradient cases")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="label_smoothing of the crossent and torch cases (drops the cases without it)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -334,12 +358,19 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
 
-    cases = [c for c in args.cases.split(",") if c]
+    if not 0.0 <= args.label_smoothing <= 1.0:
+        parser.error(f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
+    given = [c for c in args.cases.split(",") if c]
+    cases = list(given)
     if args.grad:
         cases += [c for c in GRADIENT if c not in cases]
     unknown = sorted(set(cases) - set(FORWARD) - set(GRADIENT))
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {FORWARD + GRADIENT}")
+    if args.label_smoothing:
+        if args.cases != ",".join(FORWARD) and set(given) & set(NO_SMOOTHING):
+            parser.error(f"cases {sorted(set(given) & set(NO_SMOOTHING))} take no label smoothing")
+        cases = [c for c in cases if c not in NO_SMOOTHING]
     conditions = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "cpu": cpu_model(), "commit": git_commit(), **versions()}  # fmt: skip
     print(f"{args.rows} x {args.classes} float32, {args.threads} threads, {conditions['cpu']}")
@@ -350,18 +381,20 @@ def main(argv=None) -> None:
     if args.no_save:
         return
     RESULTS.mkdir(exist_ok=True)
-    csv_path = RESULTS / "cpu_softmax_ce.csv"
+    stem = "cpu_softmax_ce_smoothing" if args.label_smoothing else "cpu_softmax_ce"
+    fields = CSV_FIELDS + ["label_smoothing"] if args.label_smoothing else CSV_FIELDS
+    csv_path = RESULTS / f"{stem}.csv"
     new = not csv_path.exists()
     torch_ref = {r["case"]: r["median_s"] for r in results if r["case"] in ("torch", "torch-grad")}
     with csv_path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=fields)
         if new:
             writer.writeheader()
         for r in results:
             ref = torch_ref.get("torch-grad" if r["case"].endswith("grad") else "torch")
             writer.writerow({
                 "date_utc": conditions["date_utc"], "case": r["case"],
-                "what": DESCRIPTION[r["case"]], "rows": args.rows, "classes": args.classes,
+                "what": describe(r["case"], args.label_smoothing), "rows": args.rows, "classes": args.classes,
                 "dtype": "float32", "sigma": args.sigma, "threads": args.threads,
                 "repeats": r["repeats"], "median_s": f"{r['median_s']:.4f}",
                 "min_s": f"{r['min_s']:.4f}", "max_s": f"{r['max_s']:.4f}",
@@ -371,9 +404,10 @@ def main(argv=None) -> None:
                 "loss": f"{r['loss']:.6f}",
                 **{k: conditions[k] for k in ("cpu", "python", "numpy", "numba", "torch",
                                               "scipy", "sklearn", "crossent", "commit")},
+                **({"label_smoothing": args.label_smoothing} if args.label_smoothing else {}),
             })  # fmt: skip
-    (RESULTS / "cpu_softmax_ce.md").write_text(table)
-    print(f"appended to {csv_path}; table in {RESULTS / 'cpu_softmax_ce.md'}")
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(f"appended to {csv_path}; table in {RESULTS / f'{stem}.md'}")
 
 
 if __name__ == "__main__":
