@@ -41,6 +41,21 @@ def no_numba(monkeypatch):
     monkeypatch.setattr(_blocked, "BLOCK_ELEMENTS", 50)
 
 
+@pytest.fixture(params=["blocked", "numba"])
+def fast_path(request, monkeypatch):
+    """Either crossent without numba (``no_numba``), or with it: then label smoothing runs numba's
+    smoothing kernels (crossent.cpu._smoothed_rows) and a softcap or z-loss with the gradient the
+    blocked path (blocks of 50 logits)."""
+    monkeypatch.setattr(_blocked, "BLOCK_ELEMENTS", 50)
+    if request.param == "blocked":
+        monkeypatch.setattr(cpu, "available", lambda: False)
+    else:
+        pytest.importorskip("numba")
+        if not cpu.available():
+            pytest.skip("the numba kernels are switched off in this environment")
+    return request.param
+
+
 def _array_api(f, *args, **kwargs):
     """The Array-API path (every numpy fast path off)."""
     old, cpu.ENABLED = cpu.ENABLED, False
@@ -65,14 +80,15 @@ def _options(opts, w, sw):
     return {k: {"w": w, "sw": sw}.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
 
 
-def _close(got, want, dtype, ulps):
+def _close(got, want, dtype, ulps, floor=0.0):
+    """Within ``ulps`` of the larger of ``floor`` and the largest entry of ``want``."""
     got, want = np.asarray(got), np.asarray(want)
     assert got.dtype == want.dtype and got.shape == want.shape
     # Relative to the largest entry: the gradient's small entries carry its absolute rounding.
     eps = np.finfo(np.float32 if dtype == np.float16 else dtype).eps
     if dtype == np.float16 and got.dtype == np.float16:
         eps = np.finfo(np.float16).eps  # the gradient is returned in float16
-    scale = np.max(np.abs(want.astype(np.float64)), initial=0.0) + np.finfo(np.float64).tiny
+    scale = max(np.max(np.abs(want.astype(np.float64)), initial=0.0), floor) + np.finfo(np.float64).tiny
     np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=0, atol=ulps * eps * scale)
 
 
@@ -80,14 +96,15 @@ def _close(got, want, dtype, ulps):
 @pytest.mark.parametrize("shape", [(37, 11), (5, 3, 29), (1, 1), (7,)], ids=str)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_blocked_path_gives_the_array_api_paths_loss_and_gradient(no_numba, dtype, shape, opts, reduction):
+def test_fast_paths_give_the_array_api_paths_loss_and_gradient(fast_path, dtype, shape, opts, reduction):
     x, y, w, sw = _inputs(shape, dtype)
     kwargs = dict(ignore_index=-100, reduction=reduction, **_options(opts, w, sw))
     for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
         got, want = f(x, y, **kwargs), _array_api(f, x, y, **kwargs)
         for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
                         strict=True):
-            _close(g, v, dtype, ulps=8)
+            # One class: the gradient is 0, which rounding may leave at 1e-17.
+            _close(g, v, dtype, ulps=8, floor=1.0 if shape[-1] == 1 else 0.0)
 
 
 def _torch_float64(x, y, w, sw, softcap, z_loss, label_smoothing, reduction):
@@ -114,7 +131,7 @@ def _torch_float64(x, y, w, sw, softcap, z_loss, label_smoothing, reduction):
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_blocked_path_against_float64_torch(no_numba, opts, reduction):
+def test_fast_paths_against_float64_torch(fast_path, opts, reduction):
     x, y, w, sw = _inputs((53, 17), np.float32, seed=3)
     kwargs = _options(opts, w, sw)
     loss, grad = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, reduction=reduction, **kwargs)
@@ -138,7 +155,7 @@ def test_blocked_path_keeps_a_confident_rows_loss(no_numba):
     assert np.all(_array_api(ce.softmax_cross_entropy, x, np.array([0, 0, 0]), reduction="none") == 0.0)
 
 
-def test_blocked_path_edge_rows(no_numba):
+def test_fast_paths_edge_rows(fast_path):
     """An ignored row holding NaN and inf adds nothing and raises no floating-point warning
     (warnings are errors here); -inf masks a class; a row of all -inf logits is NaN and a row
     holding +inf is what the Array-API path gives."""
@@ -212,3 +229,24 @@ def test_numba_installed_softcap_gradient_runs_blocked(monkeypatch):
     assert calls == [1]
     for g, v in zip(got, want, strict=True):
         _close(g, v, np.float32, ulps=8)
+
+
+def test_label_smoothing_runs_numba_kernels_only_when_switched_on(monkeypatch):
+    """With numba, label smoothing on class indices runs crossent.cpu's smoothing kernels (not
+    the Array-API path's temporaries); ``crossent.cpu.ENABLED = False`` turns them off too."""
+    pytest.importorskip("numba")
+    if not cpu.available():
+        pytest.skip("the numba kernels are switched off in this environment")
+    calls = []
+    original = cpu._smoothed_rows
+    monkeypatch.setattr(cpu, "_smoothed_rows", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, y, w, _ = _inputs((41, 13), np.float32, seed=8)
+    for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
+        got = f(x, y, ignore_index=-100, label_smoothing=0.1, weight=w)
+        assert calls == [1]
+        want = _array_api(f, x, y, ignore_index=-100, label_smoothing=0.1, weight=w)
+        assert calls == [1]
+        for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):
+            _close(g, v, np.float32, ulps=8)
+        calls.clear()

@@ -248,9 +248,11 @@ def _softmax_ce(
         # numpy logits and integer labels that numba's kernels do not take (no numba; label
         # smoothing; a softcap or z-loss with the gradient): the Array-API path's arithmetic in
         # blocks of rows (crossent.cpu._blocked), before the cap, whose full-size tanh it avoids.
+        numba = False
         if integer_targets and is_numpy_namespace(xp):
             safe_labels = xp.where(keep, labels, 0)
-            if not (eps == 0.0 and _numba_takes(x, w, cap, z, with_grad)):
+            numba = _numba_takes(x, w, cap, z, with_grad)
+            if not numba:
                 blocked = _numpy_blocked_stats(x, safe_labels, cap, keep, eps, w)
         if cap is not None and blocked is None:
             tanh = xp.tanh(x / cap)
@@ -267,6 +269,11 @@ def _softmax_ce(
             grad = fast_grad
         elif blocked is not None:
             pass  # per-row statistics below; the gradient comes after the reduction's scales
+        elif numba and eps > 0.0:
+            # numba's smoothing kernels (_numba_takes): the same per-row statistics, and with the
+            # gradient wanted, the finished gradient in the same pass.
+            blocked, fast_grad = _numpy_fast_smoothed(x, safe_labels, w, eps, keep, row_w, with_grad, reduction,
+                                                      ln_base)
         elif integer_targets and eps == 0.0 and is_numpy_namespace(xp):
             if not with_grad:
                 fast = _numpy_fast_lse_and_nll(x, safe_labels)
@@ -285,7 +292,7 @@ def _softmax_ce(
             if eps > 0.0:
                 smoothed, k = xp.reshape(blocked.smoothed, batch_shape), xp.reshape(blocked.count, batch_shape)
                 ce_row = ce_row - eps * smoothed / k
-            grad = None
+            grad = fast_grad
         elif fast is not None:
             lse, nll = fast[0], fast[1]
             target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
@@ -500,10 +507,38 @@ def _numpy_fast_soft(x: Any, t: Any, row_scale: Any, reduction: str,
 
 def _numba_takes(x: Any, w: Any, cap: float | None, z: float, with_grad: bool) -> bool:
     """Whether crossent.cpu's numba kernels take this integer-label call on numpy ``x``: the loss
-    with any options, the gradient without softcap and z-loss."""
+    with any options (a softcap applied before them), the gradient without softcap and z-loss."""
     if _cpu_kernels_for(x) is None:
         return False
     return not with_grad or (cap is None and z == 0)
+
+
+def _numpy_fast_smoothed(x: Any, labels: Any, w: Any, eps: float, keep: Any, row_w: Any, with_grad: bool,
+                         reduction: str, ln_base: float | None) -> tuple[Any, Any]:
+    """``(stats, grad)`` of label smoothing from crossent.cpu's numba kernels: the per-row
+    statistics (``crossent.cpu._blocked.RowStats`` without the blocked pass's shift and sum) and,
+    with ``with_grad``, the finished gradient (scaled by the row weight over the "mean"
+    denominator, in the base's unit; else None)."""
+    import numpy as np
+
+    from .. import cpu
+    from ..cpu import _blocked
+
+    num_classes = x.shape[-1]
+    x2 = x.reshape(-1, num_classes)
+    grad = scale = None
+    if with_grad:
+        target_w = np.where(keep, 1.0 if w is None else w[labels], 0.0).reshape(-1)
+        scale = np.asarray(row_w, dtype=np.float64).reshape(-1) * np.ones(x2.shape[0])
+        if reduction == "mean":
+            den = float(np.sum(scale * target_w))
+            scale = scale / den if den != 0 else np.zeros_like(scale)
+        if ln_base is not None:
+            scale = scale / ln_base
+        grad = np.empty_like(x)
+    lse, nll, smoothed, count, weight_sum = cpu._smoothed_rows(
+        x2, labels.reshape(-1), w, eps, scale, None if grad is None else grad.reshape(-1, num_classes))
+    return _blocked.RowStats(lse, nll, None, None, count, smoothed, weight_sum), grad
 
 
 def _numpy_blocked_stats(x: Any, labels: Any, cap: float | None, keep: Any, eps: float, w: Any) -> Any:

@@ -357,6 +357,42 @@ def softmax_minus_targets(
     return lse, ce
 
 
+def _smoothed_rows(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_weight: np.ndarray | None,
+    smoothing: float,
+    scale: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
+    r"""Label smoothing on class indices, by the compiled kernels (numba required: callers check
+    :func:`available`): per row ``(lse, nll, smoothed, count, weight_sum)`` in the logits' dtype,
+    where over the entries F whose logit is finite ``count`` = K = \|F\| (1 if none),
+    ``weight_sum`` = :math:`\sum_{j \in F} w_j` and ``smoothed`` = :math:`\sum_{j \in F} w_j
+    \log q_j` (``w`` = ``class_weight``, 1 when None), accumulated in float64. The row's loss is
+    then :math:`(1 - \varepsilon) w_y \mathrm{nll} - \varepsilon\, \mathrm{smoothed} / K`
+    (crossent's smoothing, spread over the finite logits). With ``out`` (and the row factors
+    ``scale``), also its gradient in the same pass:
+    :math:`a_i ((1 - \varepsilon) w_y (q - \mathrm{onehot}(y)) + \varepsilon (W q - w \odot f) / K)`."""
+    logits = _check_logits(logits)
+    n, c = logits.shape
+    labels = _check_labels(labels, n, c)
+    weight = np.ones(c) if class_weight is None else np.ascontiguousarray(class_weight, dtype=np.float64)
+    if weight.shape != (c,):
+        raise ValueError(f"class_weight must have shape ({c},), got {weight.shape}")
+    want_grad = out is not None
+    if want_grad:
+        _check_out(out, logits)
+        scale_rows = np.ascontiguousarray(_scale_rows(scale, n))
+    else:
+        out, scale_rows = logits, np.zeros(n)
+    stats = tuple(np.empty(n, dtype=logits.dtype) for _ in range(5))
+    if n:
+        kernel = _kernel("smoothed", logits.dtype, logits.size)
+        kernel(logits, labels, weight, float(smoothing), scale_rows, out, *stats, want_grad)
+    return stats
+
+
 def _check_out(out: object, logits: np.ndarray) -> None:
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")

@@ -59,8 +59,8 @@ class RowStats:
 
     lse: np.ndarray
     nll: np.ndarray
-    shift: np.ndarray
-    sumexp: np.ndarray
+    shift: np.ndarray | None  # None from numba's smoothing kernels, which write the gradient themselves
+    sumexp: np.ndarray | None
     count: np.ndarray | None = None
     smoothed: np.ndarray | None = None
     weight_sum: np.ndarray | None = None

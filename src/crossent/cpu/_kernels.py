@@ -422,3 +422,144 @@ def softmax_minus_targets_f64(logits, targets, scale, out, lse, ce):
 def softmax_minus_targets_f64_serial(logits, targets, scale, out, lse, ce):
     for i in range(logits.shape[0]):
         lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], out[i], scale[i], True)
+
+
+# ---- label smoothing (class-index targets) -------------------------------------------------------
+# Row i with label y, class weights w (all 1 without), smoothing eps; F = the entries whose logit is
+# finite, K = |F|, W = sum_{j in F} w_j and, in float64,
+#   S = sum_{j in F} w_j log q_j = sum_{j in F} w_j (x_j - shift) - log_s W.
+# The caller forms the loss (1 - eps) w_y nll - eps S / K (crossent's smoothing: eps spread over
+# the finite logits). The gradient, for a row factor a (0: exact zeros):
+#   out_j = a ((1 - eps) w_y (q_j - [j = y]) + eps (W / K q_j - w_j [j in F] / K)).
+# A row whose maximum is not finite takes the Array-API arithmetic (shift 0), as for soft targets.
+
+
+@nb.njit(cache=True, fastmath=_SUM_FLAGS)
+def _row_smooth_sums(row, w, shift):
+    """(K, W, sum_{j in F} w_j (x_j - shift)) in float64."""
+    k = 0.0
+    wsum = 0.0
+    acc = 0.0
+    for j in range(row.shape[0]):
+        x = np.float64(row[j])
+        finite = math.isfinite(x)
+        k += 1.0 if finite else 0.0
+        wsum += w[j] if finite else 0.0
+        acc += w[j] * (x - shift) if finite else 0.0
+    return k, wsum, acc
+
+
+@nb.njit(cache=True, error_model="numpy")  # exp(x) / 0 is inf or NaN, as in numpy: no exception
+def _row_smooth_nonfinite(row, label, w, eps, dst, a, want_grad):
+    """(lse, nll, S, K, W) of a row whose maximum is not finite, as the Array-API path forms them:
+    shift 0, s = sum_j exp(x_j), log q_j = x_j - log s; with ``want_grad`` the gradient into dst."""
+    c = row.shape[0]
+    s = 0.0
+    for j in range(c):
+        s += math.exp(np.float64(row[j]))
+    log_s = np.log(s)
+    k = 0.0
+    wsum = 0.0
+    acc = 0.0
+    for j in range(c):
+        x = np.float64(row[j])
+        if math.isfinite(x):
+            k += 1.0
+            wsum += w[j]
+            acc += w[j] * (x - log_s)
+    nll = log_s - np.float64(row[label])
+    k = k if k > 0.0 else 1.0
+    if want_grad:
+        c1 = (1.0 - eps) * w[label]
+        for j in range(c):
+            x = np.float64(row[j])
+            if a == 0.0:
+                dst[j] = 0.0
+                continue
+            q = math.exp(x) / s
+            g = c1 * (q - (1.0 if j == label else 0.0)) + eps * (wsum / k * q - (w[j] / k if math.isfinite(x) else 0.0))
+            dst[j] = a * g
+    return log_s, nll, acc, k, wsum
+
+
+@nb.njit(inline="always", cache=True)
+def _smooth_grad_coefs(w, label, eps, a, k, wsum):
+    """(c_q, c_y, c_f): out_j = c_q q_j - c_f w_j [j in F], minus c_y more at j = y."""
+    c1 = a * (1.0 - eps) * w[label]
+    return c1 + a * eps * wsum / k, c1, a * eps / k
+
+
+@nb.njit(inline="always", cache=True)
+def _smooth_row_f32(row, label, w, eps, dst, a, want_grad):
+    shift, log_s = _row_lse_parts_f32(row)
+    if not math.isfinite(shift):
+        return _row_smooth_nonfinite(row, label, w, eps, dst, a, want_grad)
+    x_label = np.float64(row[label])
+    k, wsum, acc = _row_smooth_sums(row, w, shift)
+    lse_i = shift + log_s
+    if want_grad:
+        if a == 0.0:
+            for j in range(row.shape[0]):
+                dst[j] = 0.0
+        else:
+            c_q, c_y, c_f = _smooth_grad_coefs(w, label, eps, a, k, wsum)
+            f_label = 1.0 if math.isfinite(x_label) else 0.0
+            for j in range(row.shape[0]):
+                x = np.float64(row[j])
+                dst[j] = c_q * _exp_nonpos(x - lse_i) - (c_f * w[j] if math.isfinite(x) else 0.0)
+            dst[label] = c_q * _exp_nonpos(x_label - lse_i) - c_y - c_f * w[label] * f_label
+    return lse_i, (shift - x_label) + log_s, acc - log_s * wsum, k, wsum
+
+
+@nb.njit(inline="always", cache=True)
+def _smooth_row_f64(row, label, w, eps, dst, a, want_grad):
+    shift, log_s = _row_lse_parts_f64(row)
+    if not math.isfinite(shift):
+        return _row_smooth_nonfinite(row, label, w, eps, dst, a, want_grad)
+    x_label = row[label]
+    k, wsum, acc = _row_smooth_sums(row, w, shift)
+    lse_i = shift + log_s
+    if want_grad:
+        if a == 0.0:
+            for j in range(row.shape[0]):
+                dst[j] = 0.0
+        else:
+            c_q, c_y, c_f = _smooth_grad_coefs(w, label, eps, a, k, wsum)
+            f_label = 1.0 if math.isfinite(x_label) else 0.0
+            for j in range(row.shape[0]):
+                x = row[j]
+                dst[j] = c_q * math.exp(x - lse_i) - (c_f * w[j] if math.isfinite(x) else 0.0)
+            dst[label] = c_q * math.exp(x_label - lse_i) - c_y - c_f * w[label] * f_label
+    return lse_i, (shift - x_label) + log_s, acc - log_s * wsum, k, wsum
+
+
+# Entry points: lse, nll, S, K, W for every row; with want_grad also out (may be logits), for the
+# row factors scale.
+
+
+@nb.njit(parallel=True, cache=True)
+def smoothed_f32(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+    for i in prange(logits.shape[0]):
+        lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f32(
+            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
+
+
+@nb.njit(cache=True)
+def smoothed_f32_serial(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+    for i in range(logits.shape[0]):
+        lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f32(
+            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
+
+
+@nb.njit(parallel=True, cache=True)
+def smoothed_f64(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+    for i in prange(logits.shape[0]):
+        lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f64(
+            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
+
+
+@nb.njit(cache=True)
+def smoothed_f64_serial(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+    for i in range(logits.shape[0]):
+        lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f64(
+            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
