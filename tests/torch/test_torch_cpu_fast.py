@@ -163,8 +163,112 @@ def test_retained_graph_backward_twice_accumulates_the_same_gradient(kernel_call
                                rtol=1e-12, atol=1e-14)
 
 
+# ---- label smoothing: the smoothing kernel (crossent.cpu._smoothed_rows) ---------------------------
+
+
+@pytest.fixture
+def smoothing_calls(monkeypatch):
+    """Counts the calls of crossent.cpu._smoothed_rows, by whether they wrote a gradient."""
+    calls = {"loss": 0, "grad": 0}
+    real = crossent.cpu._smoothed_rows
+
+    def counted(x, t, w, eps, scale=None, out=None):
+        calls["grad" if out is not None else "loss"] += 1
+        return real(x, t, w, eps, scale, out)
+
+    monkeypatch.setattr(crossent.cpu, "_smoothed_rows", counted)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+@pytest.mark.parametrize("shape", [(37, 11), (5, 7, 3), (13,)])
+def test_smoothing_auto_equals_chunked_and_torch_float64(smoothing_calls, reduction, weighted, eps, shape):
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    c = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    y = torch.randint(0, c, tshape, generator=g)
+    if y.ndim:
+        y.view(-1)[::4] = -100
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=eps)
+    loss, grad = _loss_and_grad(x, y, **kw)
+    assert smoothing_calls == {"loss": 0, "grad": 1}  # one pass: the gradient in forward
+    ref_loss, ref_grad = _loss_and_grad(x, y, impl="chunked", **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    xt = x.detach().clone().requires_grad_()
+    t_loss = F.cross_entropy(xt, y, **kw)  # finite logits: PyTorch's smoothing is crossent's
+    (t_loss.sum() if t_loss.ndim else t_loss).backward()
+    torch.testing.assert_close(loss, t_loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, xt.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_smoothing_float32_masks_gradcheck_and_edge_rows(smoothing_calls):
+    """float32 within float32 rounding of the float64 truth; -inf masks (smoothing spread over the
+    finite logits, a DESIGN.md deviation from PyTorch), ignored rows holding NaN, an all -inf row
+    and a +inf logit as impl="chunked" gives them; gradcheck."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(301, 1031, generator=g) * 5
+    x[:, 7] = float("-inf")
+    y = torch.randint(8, 1031, (301,), generator=g)
+    y[::5] = -100
+    x[5, 3] = float("nan")
+    w = torch.rand(1031, generator=g) + 0.5
+    loss, grad = _loss_and_grad(x, y, weight=w, label_smoothing=0.2)
+    truth, truth_grad = _loss_and_grad(x.double(), y, weight=w.double(), label_smoothing=0.2, impl="reference")
+    assert abs(loss.double() - truth) <= 4 * torch.finfo(torch.float32).eps * abs(truth)
+    torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-4, atol=1e-9)
+    assert torch.equal(grad[:, 7], torch.zeros(301)) and torch.equal(grad[5], torch.zeros(1031))
+    inf = float("inf")
+    edge = torch.tensor([[0.0, -inf, 1.0, 2.0], [-inf, -inf, -inf, -inf], [inf, 0.0, 1.0, 2.0], [inf, 0.0, 1.0, 2.0],
+                         [3.0, 3.0, 1.0, 3.0]], dtype=torch.float64)
+    ye = torch.tensor([2, 0, 1, 0, 3])
+    for impl in ("auto", "chunked"):
+        rows = cet.cross_entropy(edge, ye, label_smoothing=0.2, reduction="none", impl=impl)
+        if impl == "auto":
+            got = rows
+    torch.testing.assert_close(got, rows, rtol=1e-12, atol=0, equal_nan=True)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    yz = torch.tensor([0, 4, -100, 2, 2, 1])
+    wz = torch.rand(5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: cet.cross_entropy(v, yz, weight=wz, label_smoothing=0.3), (z,))
+    assert torch.autograd.gradcheck(lambda v: cet.cross_entropy(v, yz, reduction="none", label_smoothing=0.3), (z,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_smoothing_inplace_upstream_and_retained_graph(smoothing_calls, reduction):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (11,), generator=g)
+    y[::3] = -100
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
+    up = torch.randn(11 if reduction == "none" else (), generator=g, dtype=torch.float64)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.15)
+    grads = []
+    for impl in ("auto", "chunked"):
+        leaf = x.clone().requires_grad_()
+        cet.cross_entropy(leaf, y, impl=impl, **kw).backward(up)
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+    leaf = x.clone().requires_grad_()  # in place: the gradient written in backward, into the logits
+    cet.cross_entropy(leaf, y, inplace_backward=True, **kw).backward(up)
+    torch.testing.assert_close(leaf.grad, grads[1], rtol=1e-12, atol=1e-14)
+    assert leaf.grad.data_ptr() == leaf.data_ptr()
+    leaf = x.clone().requires_grad_()  # twice through a retained graph: the same gradient twice
+    loss = cet.cross_entropy(leaf, y, **kw)
+    loss.backward(up, retain_graph=True)
+    loss.backward(up)
+    torch.testing.assert_close(leaf.grad, 2 * grads[1], rtol=1e-12, atol=1e-14)
+    # auto: the gradient in forward; in place: the loss alone, then the gradient in backward;
+    # retained graph: the gradient in forward, and again in the second backward.
+    assert smoothing_calls == {"loss": 1, "grad": 4}
+
+
 @pytest.mark.parametrize("kwargs, dtype", [
-    ({"label_smoothing": 0.1}, torch.float32),
+    ({"label_smoothing": 0.1}, torch.bfloat16),
     ({"z_loss": 1e-3}, torch.float32),
     ({"softcap": 30.0}, torch.float32),
     ({}, torch.bfloat16),

@@ -1,8 +1,8 @@
 r"""impl="auto" on the CPU: the compiled kernels of :mod:`crossent.cpu` behind autograd.
 
-For float32/float64 CPU logits with class-index targets and no label smoothing, z-loss or
-softcap (the common case), ``crossent.torch.cross_entropy`` runs numba kernels on the tensors'
-own memory (``Tensor.numpy()`` shares it, nothing is copied):
+For float32/float64 CPU logits with class-index targets and no z-loss or softcap (the common
+case), ``crossent.torch.cross_entropy`` runs numba kernels on the tensors' own memory
+(``Tensor.numpy()`` shares it, nothing is copied):
 
 - forward without a gradient wanted: :func:`crossent.cpu.lse_and_nll`, one pass over each row
   (online log-sum-exp in float64, the loss ``(m - z_y) + log sum exp(z - m)`` rounded once),
@@ -19,6 +19,13 @@ own memory (``Tensor.numpy()`` shares it, nothing is copied):
   backward writes :math:`s_i g_i (\ldots)` by the same kernel in one more pass, into the
   logits' own memory for ``inplace_backward``.
 
+With label smoothing eps the smoothing kernels (``crossent.cpu._smoothed_rows``) take both
+roles: :math:`\ell_i = (1 - \varepsilon) w_{y_i} \mathrm{nll}_i - \varepsilon S_i / K_i`, with
+:math:`S_i = \sum_{j \in F} w_j \log \mathrm{softmax}(z_i)_j` over the K_i finite logits F
+(crossent's smoothing), and the gradient
+:math:`a_i ((1 - \varepsilon) w_{y_i} (q_i - \mathrm{onehot}(y_i)) + \varepsilon (W_i q_i - w \odot f_i) / K_i)`
+with :math:`a_i` 1 ("none", "sum") or :math:`1 / \sum w` ("mean").
+
 Ignored rows get exact zeros whatever their logits. The results equal impl="chunked" (tested to
 1e-12 in float64); only the speed differs: one or two passes over the logits, where the chunked
 path makes several through temporaries.
@@ -31,7 +38,7 @@ writes it in the same pass (otherwise the backward does): :math:`\ell_i = -\sum_
 and the gradient is :math:`s_i (\mathrm{softmax}(z_i) \sum_j t_{ij} - t_i)`. When a row's loss is
 not finite (a -inf or NaN logit under a positive target, an all -inf row, a +inf logit) the call
 goes to impl="chunked" instead, whose conventions for such rows are this layer's. Anything else
-(bf16/fp16, smoothing, z-loss, softcap, no numba) takes impl="chunked".
+(bf16/fp16, z-loss, softcap, no numba; smoothing of probability targets) takes impl="chunked".
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ from ._reference import safe_divide
 
 def applies(logits2d: torch.Tensor, soft: bool, label_smoothing: float, z_loss: float,
             softcap: float | None) -> bool:  # fmt: skip
-    """Whether ``cross_entropy``'s impl="auto" can take this CPU call to the numba kernels."""
-    if soft or label_smoothing or z_loss or softcap is not None:
+    """Whether ``cross_entropy``'s impl="auto" can take this CPU call to the numba kernels (class
+    indices, with or without label smoothing)."""
+    if soft or z_loss or softcap is not None:
         return False
     return _kernels_take(logits2d)
 
@@ -127,43 +135,72 @@ class CpuFastCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits, target, weight, ignore_index, reduction, inplace_backward, grad_enabled
+        ctx, logits, target, weight, ignore_index, reduction, label_smoothing, inplace_backward, grad_enabled
     ):
-        from crossent import cpu
-
         valid = target != ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
         w_row = valid.to(torch.float64)
         if weight is not None:
             w_row = weight.to(torch.float64)[safe] * w_row
         denominator = w_row.sum()
+        eps = float(label_smoothing)
+        write = _writer(weight, eps)
+        # The row factors of the gradient: w_y (the class-index kernel), or 1 (the smoothing
+        # kernel weighs the (1 - eps) term by w_y itself), over the "mean" denominator.
+        row_factor = w_row if not eps else valid.to(torch.float64)
         x = logits.detach()
         # needs_input_grad ignores torch.no_grad(); grad_enabled is taken outside forward.
         ctx.grad = None
+        out = None
         if grad_enabled and ctx.needs_input_grad[0] and not inplace_backward:
             # The gradient for an upstream gradient of 1, written in the loss's own pass.
-            scale = _unit_scale(w_row, denominator, reduction)
             ctx.grad = torch.empty_like(x)
-            _, nll = cpu.softmax_minus_onehot(x.numpy(), safe.numpy(), scale.contiguous().numpy(),
-                                              ctx.grad.numpy())
+            out = ctx.grad.numpy()
+        stats = write(x.numpy(), safe.numpy(), _unit_scale(row_factor, denominator, reduction).contiguous().numpy(),
+                      out)
+        nll = torch.from_numpy(stats[1]).to(torch.float64)
+        if eps:
+            ce = (1.0 - eps) * w_row * nll if eps < 1.0 else torch.zeros_like(nll)
+            per_row = ce - eps * torch.from_numpy(stats[2]).to(torch.float64) / torch.from_numpy(stats[3]).to(
+                torch.float64)
         else:
-            _, nll = cpu.lse_and_nll(x.numpy(), safe.numpy())
+            per_row = nll * w_row
         # where, not a product: an ignored row adds 0 even when its logits are NaN or -inf
-        per_row = torch.where(valid, torch.from_numpy(nll).to(torch.float64) * w_row, 0.0)
-        ctx.save_for_backward(logits, safe, w_row, denominator)
+        per_row = torch.where(valid, per_row, 0.0)
+        ctx.save_for_backward(logits, safe, row_factor, denominator)
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
+        ctx.write = write
         return _reduce(per_row, denominator, reduction).to(logits.dtype)
 
     @staticmethod
     @first_order_only("cross_entropy (impl='auto', CPU kernels)", USE_REFERENCE)
     def backward(ctx, grad_output):  # type: ignore[override]
-        from crossent import cpu
+        grad = _backward(ctx, grad_output, ctx.write)
+        # Gradients for (logits, target, weight, ignore_index, reduction, label_smoothing,
+        # inplace_backward, grad_enabled).
+        return grad, None, None, None, None, None, None, None
 
-        grad = _backward(ctx, grad_output, cpu.softmax_minus_onehot)
-        # Gradients for (logits, target, weight, ignore_index, reduction, inplace_backward,
-        # grad_enabled).
-        return grad, None, None, None, None, None, None
+
+def _writer(weight: torch.Tensor | None, eps: float):
+    """``write(x, target, scale, out)`` (numpy arrays; ``out`` None: the loss alone) -> the kernel's
+    per-row outputs (``[1]`` is nll; with smoothing ``[2]``, ``[3]`` are S and K): the class-index
+    kernels, or the smoothing kernel with the class weights and eps bound."""
+    from crossent import cpu
+
+    if not eps:
+        def write(x, target, scale, out):
+            if out is None:
+                return cpu.lse_and_nll(x, target)
+            return cpu.softmax_minus_onehot(x, target, scale, out)
+
+        return write
+    class_weight = None if weight is None else weight.detach().to(torch.float64).contiguous().numpy()
+
+    def write_smoothed(x, target, scale, out):
+        return cpu._smoothed_rows(x, target, class_weight, eps, scale if out is not None else None, out)
+
+    return write_smoothed
 
 
 def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, reduction: str,

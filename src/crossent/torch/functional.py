@@ -347,7 +347,7 @@ def cross_entropy(
         )
     elif impl == "cpu-fast":
         loss = _cpu_fast_cross_entropy(
-            logits2d, target2d, weight, ignore_index, reduction,
+            logits2d, target2d, weight, ignore_index, reduction, eps,
             inplace_backward and logits2d.data_ptr() == input.data_ptr(), torch.is_grad_enabled(),
         )
     else:
