@@ -34,8 +34,8 @@ Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 * ``torch-grad``          ``F.cross_entropy(x.requires_grad_()).backward()``
 
 ``--label-smoothing EPS`` (> 0) passes ``label_smoothing=EPS`` to every crossent and torch case and
-drops the cases that take none (the ``crossent.cpu`` kernels, scipy, sklearn); numba's kernels take
-no smoothing either, so "crossent" runs the blocked numpy path there too. Its results go to
+drops the cases that take none (the ``crossent.cpu`` class-index kernels, scipy, sklearn); with
+numba, "crossent" and "crossent-torch" run its smoothing kernel. Its results go to
 ``cpu_softmax_ce_smoothing.{csv,md}``.
 
 Threads: torch and numba use ``--threads`` (2 by default); numpy and scipy are single-threaded.
@@ -94,8 +94,8 @@ DESCRIPTION = {
 NO_SMOOTHING = ("crossent-kernel", "crossent-kernel-grad", "scipy", "sklearn")
 #: Descriptions that change with label smoothing.
 SMOOTHING_DESCRIPTION = {
-    "crossent": "crossent.softmax_cross_entropy (numba installed; its kernels take no smoothing: blocked numpy)",
-    "crossent-torch": "crossent.torch.cross_entropy (impl=auto)",
+    "crossent": "crossent.softmax_cross_entropy (numba smoothing kernel)",
+    "crossent-torch": "crossent.torch.cross_entropy (impl=auto: numba smoothing kernel)",
 }
 
 
