@@ -250,3 +250,74 @@ def test_label_smoothing_runs_numba_kernels_only_when_switched_on(monkeypatch):
                         strict=True):
             _close(g, v, np.float32, ulps=8)
         calls.clear()
+
+
+# ---- found by the second read of the fast paths ---------------------------------------------------
+
+
+def test_fast_paths_warn_not_on_ignored_rows_and_take_read_only_logits(fast_path):
+    """Ignored rows holding -inf in the safe label's column, or logits whose lse^2 overflows,
+    raise no floating-point warning (warnings are errors here) with class weights, smoothing and
+    z-loss; read-only logits and targets work on every numpy path (numba cannot write a read-only
+    array, so none may stand in for an output)."""
+    x = np.array([[0.1, 0.2, 0.3], [-np.inf, 1.0, 2.0]])
+    y = np.array([1, -100])
+    w = np.array([1.0, 2.0, 0.5])
+    x32 = np.array([[0.1, 0.2, 0.3], [1e30, 0.0, 0.0]], dtype=np.float32)
+    cases = [(x, {"weight": w}), (x, {"weight": w, "label_smoothing": 0.1}),
+             (x32, {"z_loss": 1e-2, "label_smoothing": 0.1}), (x32, {"z_loss": 1e-2})]
+    for logits, opts in cases:
+        for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
+            got, want = f(logits, y, ignore_index=-100, **opts), _array_api(f, logits, y, ignore_index=-100, **opts)
+            for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                            strict=True):
+                _close(g, v, logits.dtype.type, ulps=8)
+    frozen = np.array([[0.0, 1.0, 2.0], [2.0, 0.0, 1.0]], dtype=np.float32)
+    frozen.flags.writeable = False
+    probs = np.full((2, 3), 1 / 3, dtype=np.float32)
+    probs.flags.writeable = False
+    for targets, opts in ((np.array([0, 1]), {}), (np.array([0, 1]), {"label_smoothing": 0.1}),
+                          (np.array([0, 1]), {"softcap": 3.0}), (probs, {})):
+        for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
+            got, want = f(frozen, targets, **opts), _array_api(f, frozen, targets, **opts)
+            for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                            strict=True):
+                _close(g, v, np.float32, ulps=8)
+
+
+def test_huge_tied_maxima_give_torchs_gradient(fast_path):
+    """softmax as exp((x - m) - log s): exp(x - lse), with lse rounded at 1e30, made every tied
+    maximum's probability 1 (the row's gradient then summed to 1, not 0)."""
+    x = np.array([[1e30, -1e30, 1e30, 0.0]])
+    y = np.array([0])
+    for eps in (0.0, 0.3):
+        xt = torch.tensor(x, requires_grad=True)
+        F.cross_entropy(xt, torch.from_numpy(y), label_smoothing=eps, reduction="sum").backward()
+        _, grad = ce.softmax_cross_entropy_and_grad(x, y, label_smoothing=eps, reduction="sum")
+        np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_softcap_loss_with_numba_is_capped_block_by_block(monkeypatch):
+    """A softcap without the gradient runs the blocked path with numba too: capping the whole
+    array before the kernels took two copies of the logits (201% extra memory)."""
+    x, y, _, _ = _inputs((20000, 500), np.float32, seed=9)
+    for opts in ({"softcap": 30.0}, {"softcap": 30.0, "label_smoothing": 0.1}):
+        ce.softmax_cross_entropy(x[:10], y[:10], ignore_index=-100, **opts)
+        tracemalloc.start()
+        try:
+            ce.softmax_cross_entropy(x, y, ignore_index=-100, **opts)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= 0.10 * x.nbytes, (opts, peak / x.nbytes)
+
+
+def test_blocked_smoothing_counts_finite_logits_not_finite_differences(no_numba):
+    """float32 logits spanning more than float32's range: x - max overflows to -inf where x is
+    finite; the class still counts among the finite ones (K = 4), as in the Array-API path."""
+    x = np.array([[3.0e38, 3.3e38, -3.4e38, 3.4e38]], dtype=np.float32)
+    _, grad = ce.softmax_cross_entropy_and_grad(x, np.array([0]), label_smoothing=0.3, reduction="sum")
+    with np.errstate(all="ignore"):
+        _, want = _array_api(ce.softmax_cross_entropy_and_grad, x, np.array([0]), label_smoothing=0.3, reduction="sum")
+    np.testing.assert_allclose(grad, want, rtol=1e-6)
+    np.testing.assert_allclose(grad, [[-0.775, -0.075, -0.075, 0.925]], rtol=1e-6)

@@ -245,9 +245,10 @@ def _softmax_ce(
         grad = xp.zeros(x.shape, dtype=dtype, device=dev) if with_grad else None
         z = 0.0
     else:
-        # numpy logits and integer labels that numba's kernels do not take (no numba; label
-        # smoothing; a softcap or z-loss with the gradient): the Array-API path's arithmetic in
-        # blocks of rows (crossent.cpu._blocked), before the cap, whose full-size tanh it avoids.
+        # numpy logits and integer labels: numba's kernels where they take the call
+        # (_numba_takes), else the Array-API path's arithmetic in blocks of rows
+        # (crossent.cpu._blocked: no numba, a softcap, a z-loss with the gradient), before the
+        # cap, whose full-size tanh it avoids.
         numba = False
         if integer_targets and is_numpy_namespace(xp):
             safe_labels = xp.where(keep, labels, 0)
@@ -258,7 +259,6 @@ def _softmax_ce(
             tanh = xp.tanh(x / cap)
             x = cap * tanh
         fast = None
-        fast_grad = None
         soft_fast = None
         if (not integer_targets and eps == 0.0 and w is None and is_numpy_namespace(xp)
                 and (not with_grad or (cap is None and z == 0))):
@@ -277,7 +277,7 @@ def _softmax_ce(
         elif integer_targets and eps == 0.0 and is_numpy_namespace(xp):
             if not with_grad:
                 fast = _numpy_fast_lse_and_nll(x, safe_labels)
-            elif with_grad and cap is None and z == 0:
+            elif cap is None and z == 0:
                 target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
                 fast = _numpy_fast_grad(x, safe_labels, row_w * target_w, reduction, ln_base)
                 if fast is not None:
@@ -285,16 +285,18 @@ def _softmax_ce(
         if soft_fast is not None:
             pass  # lse, ce_row and (with_grad) the finished gradient come from the kernel
         elif blocked is not None:
-            # The Array-API path's per-row formulas below, on the blocked pass's statistics.
-            lse, nll = xp.reshape(blocked.lse, batch_shape), xp.reshape(blocked.nll, batch_shape)
+            # The Array-API path's per-row formulas below, on the fast pass's statistics. The
+            # kernels take an ignored row's logits as they are: its values are masked before any
+            # arithmetic (0 * inf, an overflowing lse^2) could warn.
+            lse, nll = (xp.where(keep, xp.reshape(a, batch_shape), zero) for a in (blocked.lse, blocked.nll))
             target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
             ce_row = (1.0 - eps) * target_w * nll if eps < 1.0 else xp.zeros_like(nll)
             if eps > 0.0:
-                smoothed, k = xp.reshape(blocked.smoothed, batch_shape), xp.reshape(blocked.count, batch_shape)
-                ce_row = ce_row - eps * smoothed / k
+                smoothed = xp.where(keep, xp.reshape(blocked.smoothed, batch_shape), zero)
+                ce_row = ce_row - eps * smoothed / xp.reshape(blocked.count, batch_shape)
             grad = fast_grad
         elif fast is not None:
-            lse, nll = fast[0], fast[1]
+            lse, nll = (xp.where(keep, a, zero) for a in fast[:2])  # as above
             target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
             ce_row = target_w * nll if w is not None else nll
             grad = fast_grad
@@ -459,19 +461,11 @@ def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
     cpu = _cpu_kernels_for(x)
     if cpu is None:
         return None
-    scale = np.asarray(row_scale, dtype=np.float64).reshape(-1)
-    if scale.size != x.size // x.shape[-1]:
-        scale = np.broadcast_to(scale, (x.size // x.shape[-1],))
-    if reduction == "mean":
-        den = float(scale.sum())
-        scale = scale / den if den != 0 else np.zeros_like(scale)
-    if ln_base is not None:
-        scale = scale / ln_base
     num_classes = x.shape[-1]
+    scale = _row_factors(row_scale, row_scale, x.size // num_classes, reduction, ln_base)
     grad = np.empty_like(x)
     lse, nll = cpu.softmax_minus_onehot(
-        x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1)),
-        np.ascontiguousarray(scale), grad.reshape(-1, num_classes),
+        x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1)), scale, grad.reshape(-1, num_classes),
     )
     shape = x.shape[:-1]
     return lse.reshape(shape), nll.reshape(shape), grad
@@ -494,23 +488,34 @@ def _numpy_fast_soft(x: Any, t: Any, row_scale: Any, reduction: str,
     if row_scale is None:
         lse, ce_row = cpu.soft_cross_entropy(x2, t2)
         return lse.reshape(shape), ce_row.reshape(shape), None
-    scale = np.broadcast_to(np.asarray(row_scale, dtype=np.float64).reshape(-1), (x2.shape[0],))
-    if reduction == "mean":
-        den = float(scale.sum())
-        scale = scale / den if den != 0 else np.zeros_like(scale)
-    if ln_base is not None:
-        scale = scale / ln_base
+    scale = _row_factors(row_scale, row_scale, x2.shape[0], reduction, ln_base)
     grad = np.empty_like(x)
-    lse, ce_row = cpu.softmax_minus_targets(x2, t2, np.ascontiguousarray(scale), grad.reshape(-1, num_classes))
+    lse, ce_row = cpu.softmax_minus_targets(x2, t2, scale, grad.reshape(-1, num_classes))
     return lse.reshape(shape), ce_row.reshape(shape), grad
 
 
+def _row_factors(row_scale: Any, row_weight: Any, n: int, reduction: str, ln_base: float | None) -> Any:
+    """The float64 ``[n]`` row factors a kernel scales the gradient by: ``row_scale``, over
+    ``sum(row_weight)`` for "mean" (0 when that is 0; ``row_weight`` is ``row_scale`` unless the
+    kernel weighs by the label's class weight itself), over ``ln_base`` for a base."""
+    import numpy as np
+
+    scale = np.broadcast_to(np.asarray(row_scale, dtype=np.float64).reshape(-1), (n,))
+    if reduction == "mean":
+        den = float(np.sum(np.broadcast_to(np.asarray(row_weight, dtype=np.float64).reshape(-1), (n,))))
+        scale = scale / den if den != 0 else np.zeros(n)
+    if ln_base is not None:
+        scale = scale / ln_base
+    return np.ascontiguousarray(scale)
+
+
 def _numba_takes(x: Any, w: Any, cap: float | None, z: float, with_grad: bool) -> bool:
-    """Whether crossent.cpu's numba kernels take this integer-label call on numpy ``x``: the loss
-    with any options (a softcap applied before them), the gradient without softcap and z-loss."""
-    if _cpu_kernels_for(x) is None:
+    """Whether crossent.cpu's numba kernels take this integer-label call on numpy ``x``: without a
+    softcap (the blocked path caps block by block; the kernels would need it applied to the whole
+    array first), the loss with any other option, the gradient without z-loss."""
+    if cap is not None or _cpu_kernels_for(x) is None:
         return False
-    return not with_grad or (cap is None and z == 0)
+    return not with_grad or z == 0
 
 
 def _numpy_fast_smoothed(x: Any, labels: Any, w: Any, eps: float, keep: Any, row_w: Any, with_grad: bool,
@@ -528,13 +533,10 @@ def _numpy_fast_smoothed(x: Any, labels: Any, w: Any, eps: float, keep: Any, row
     x2 = x.reshape(-1, num_classes)
     grad = scale = None
     if with_grad:
-        target_w = np.where(keep, 1.0 if w is None else w[labels], 0.0).reshape(-1)
-        scale = np.asarray(row_w, dtype=np.float64).reshape(-1) * np.ones(x2.shape[0])
-        if reduction == "mean":
-            den = float(np.sum(scale * target_w))
-            scale = scale / den if den != 0 else np.zeros_like(scale)
-        if ln_base is not None:
-            scale = scale / ln_base
+        # The kernel weighs the (1 - eps) term by the label's class weight itself; "mean" divides
+        # by the weighted row count, sum_i row_w_i w_{y_i}.
+        target_w = np.where(keep, 1.0 if w is None else w[labels], 0.0)
+        scale = _row_factors(row_w, np.asarray(row_w) * target_w, x2.shape[0], reduction, ln_base)
         grad = np.empty_like(x)
     lse, nll, smoothed, count, weight_sum = cpu._smoothed_rows(
         x2, labels.reshape(-1), w, eps, scale, None if grad is None else grad.reshape(-1, num_classes))
@@ -543,9 +545,9 @@ def _numpy_fast_smoothed(x: Any, labels: Any, w: Any, eps: float, keep: Any, row
 
 def _numpy_blocked_stats(x: Any, labels: Any, cap: float | None, keep: Any, eps: float, w: Any) -> Any:
     """The per-row statistics (``crossent.cpu._blocked.RowStats``: flat ``[N]`` arrays over the
-    batch, ``lse`` and the rest) of crossent.cpu's blocked numpy pass on the logits not yet capped, or None when it
-    does not apply: off (``crossent.cpu.ENABLED``, ``CROSSENT_CPU_FAST=0``), or ``x`` not
-    C-contiguous (a reshape would copy it) or empty."""
+    batch, ``lse`` and the rest) of crossent.cpu's blocked numpy pass on the logits not yet
+    capped, or None when it does not apply: off (``crossent.cpu.ENABLED``,
+    ``CROSSENT_CPU_FAST=0``), or ``x`` not C-contiguous (a reshape would copy it) or empty."""
     try:
         from .. import cpu
         from ..cpu import _blocked

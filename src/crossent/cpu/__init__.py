@@ -7,10 +7,11 @@ extra) the work is done by compiled kernels that run over the rows in parallel, 
 from memory once and allocate nothing of the logits' size. Without numba, the same functions run
 blocked numpy code in float64 (slower, about as much extra memory as one block of rows).
 
-Integer-label calls of :func:`crossent.softmax_cross_entropy` that the kernels do not take (no
-numba; a softcap or z-loss with the gradient) run ``crossent.cpu._blocked`` instead: the
-Array-API path's own arithmetic, in the logits' dtype, a block of rows at a time (bitwise the same
-results, a few MiB of extra memory instead of several copies of the logits).
+Label smoothing on class indices has kernels of its own (:func:`_smoothed_rows`). Integer-label
+calls of :func:`crossent.softmax_cross_entropy` that no kernel takes (no numba; a softcap; a z-loss
+with the gradient) run ``crossent.cpu._blocked`` instead: the Array-API path's arithmetic, in the
+logits' dtype, a block of rows at a time (within a few ulps of it, a confident row's small loss
+kept; a few MiB of extra memory instead of several copies of the logits).
 
 The kernels are compiled on first use and cached on disk (numba ``cache=True``), so
 ``import crossent`` does not import numba. Set ``crossent.cpu.ENABLED = False`` or the
@@ -35,7 +36,8 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _BLOCK_BYTES = 1024 * 1024
 
 ENABLED = True
-"""Set to False to make :func:`available` return False (e.g. to time the Array-API path)."""
+"""Set to False to switch the numpy fast paths off, the kernels and the blocked path alike
+(:func:`enabled` and :func:`available` return False; e.g. to time the Array-API path)."""
 
 _numba_importable: bool | None = None
 # Inputs with fewer elements run serially: starting the thread pool costs more than the work.
@@ -303,7 +305,8 @@ def soft_cross_entropy(logits: np.ndarray, targets: np.ndarray, /) -> tuple[np.n
     if n == 0:
         return lse, ce
     if available():
-        _kernel("soft_ce", logits.dtype, logits.size)(logits, targets, lse, ce)
+        unused = np.empty((n, 0), dtype=logits.dtype)  # stands in for the gradient (read-only logits could not)
+        _kernel("soft_ce", logits.dtype, logits.size)(logits, targets, unused, lse, ce)
     else:
         _soft_numpy(logits, targets, None, None, lse, ce)
     return lse, ce
@@ -385,7 +388,8 @@ def _smoothed_rows(
         _check_out(out, logits)
         scale_rows = np.ascontiguousarray(_scale_rows(scale, n))
     else:
-        out, scale_rows = logits, np.zeros(n)
+        # A writable dummy the kernel never writes (read-only logits could not stand in for it).
+        out, scale_rows = np.empty((n, 0), dtype=logits.dtype), np.zeros(n)
     stats = tuple(np.empty(n, dtype=logits.dtype) for _ in range(5))
     if n:
         kernel = _kernel("smoothed", logits.dtype, logits.size)

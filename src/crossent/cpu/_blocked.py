@@ -2,9 +2,10 @@
 block of rows at a time, with the log-sum of a confident row kept.
 
 :func:`crossent.softmax_cross_entropy` on numpy logits runs numba's kernels when it can. When it
-cannot (numba not installed, or an option the kernels do not take: a ``softcap``, a ``z_loss``
-with the gradient), its Array-API path forms several temporaries of the logits' size (450% of the
-logits at 200000 x 1000 float32) and pays a page fault for every new page of them. The two
+cannot (numba not installed; a ``softcap``, which the kernels would need applied to the whole array
+first; a ``z_loss`` with the gradient), its Array-API path would form several temporaries of the
+logits' size (450% of the logits at 200000 x 1000 float32) and pay a page fault for every new page
+of them. The two
 functions here do the same operations in the logits' dtype on blocks of ``BLOCK_ELEMENTS`` logits
 held in buffers reused from block to block: the extra memory is a few blocks, and every pass over
 the logits runs in cache. One change: ``log s`` is ``log1p`` of the terms below the maximum, which
@@ -102,6 +103,9 @@ def lse_and_nll(
             m[...] = b[rows, top]
             max_finite = np.isfinite(m)
             m[~max_finite] = 0.0
+            if smoothing:
+                finite = finite_buf[: stop - start]
+                np.isfinite(b, out=finite)  # of x itself: x - m may overflow where x does not
             np.subtract(b, m[:, None], out=d)
             picked = d[rows, labels[start:stop]]  # x_y - m
             e = e_buf[: stop - start] if smoothing else d  # smoothing reads x - m again below
@@ -116,8 +120,6 @@ def lse_and_nll(
             np.add(log_s, m, out=lse[start:stop])
             np.negative(picked - log_s, out=nll[start:stop])
             if smoothing:
-                finite = finite_buf[: stop - start]
-                np.isfinite(d, out=finite)  # where x is finite (x - m is, as m is finite)
                 k = stats.count[start:stop]
                 np.sum(finite, axis=1, out=k)
                 k[k <= 0] = 1.0

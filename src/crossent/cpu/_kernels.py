@@ -186,27 +186,28 @@ def _row_lse_parts_f64(row):
 
 
 @nb.njit(inline="always", cache=True)
-def _row_grad_f32(row, dst, label, a, lse_i, x_label):
+def _row_grad_f32(row, dst, label, a, shift, log_s, x_label):
     """dst = a * (softmax(row) - onehot(label)); x_label = row[label] read before dst (which may
-    be row) is written."""
+    be row) is written. softmax_j = exp((x_j - shift) - log_s): x_j - shift is exact, while
+    x_j - lse, lse rounded at the logits' magnitude, would lose log_s beyond |x| ~ 1e16."""
     if a == 0.0:
         for j in range(row.shape[0]):
             dst[j] = 0.0
         return
     for j in range(row.shape[0]):
-        dst[j] = a * _exp_nonpos(np.float64(row[j]) - lse_i)
-    dst[label] = a * (_exp_nonpos(np.float64(x_label) - lse_i) - 1.0)
+        dst[j] = a * _exp_nonpos((np.float64(row[j]) - shift) - log_s)
+    dst[label] = a * (_exp_nonpos((np.float64(x_label) - shift) - log_s) - 1.0)
 
 
 @nb.njit(inline="always", cache=True)
-def _row_grad_f64(row, dst, label, a, lse_i, x_label):
+def _row_grad_f64(row, dst, label, a, shift, log_s, x_label):
     if a == 0.0:
         for j in range(row.shape[0]):
             dst[j] = 0.0
         return
     for j in range(row.shape[0]):
-        dst[j] = a * math.exp(row[j] - lse_i)
-    dst[label] = a * (math.exp(x_label - lse_i) - 1.0)
+        dst[j] = a * math.exp((row[j] - shift) - log_s)
+    dst[label] = a * (math.exp((x_label - shift) - log_s) - 1.0)
 
 
 # ---- entry points: over the rows, in parallel (prange) or serially -------------------------------
@@ -264,7 +265,7 @@ def softmax_minus_onehot_f32(logits, labels, scale, out, lse, nll):
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f32(row, out[i], labels[i], scale[i], shift + log_s, x_label)
+        _row_grad_f32(row, out[i], labels[i], scale[i], shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
@@ -275,7 +276,7 @@ def softmax_minus_onehot_f32_serial(logits, labels, scale, out, lse, nll):
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f32(row, out[i], labels[i], scale[i], shift + log_s, x_label)
+        _row_grad_f32(row, out[i], labels[i], scale[i], shift, log_s, x_label)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -286,7 +287,7 @@ def softmax_minus_onehot_f64(logits, labels, scale, out, lse, nll):
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f64(row, out[i], labels[i], scale[i], shift + log_s, x_label)
+        _row_grad_f64(row, out[i], labels[i], scale[i], shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
@@ -297,7 +298,7 @@ def softmax_minus_onehot_f64_serial(logits, labels, scale, out, lse, nll):
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f64(row, out[i], labels[i], scale[i], shift + log_s, x_label)
+        _row_grad_f64(row, out[i], labels[i], scale[i], shift, log_s, x_label)
 
 
 # ---- soft (probability) targets ----------------------------------------------------------------
@@ -356,7 +357,8 @@ def _soft_row_f32(row, t, dst, a, want_grad):
     lse_i = shift + log_s
     if want_grad:
         for j in range(row.shape[0]):
-            dst[j] = 0.0 if a == 0.0 else a * (total * _exp_nonpos(np.float64(row[j]) - lse_i) - np.float64(t[j]))
+            dst[j] = 0.0 if a == 0.0 else a * (total * _exp_nonpos((np.float64(row[j]) - shift) - log_s)
+                                               - np.float64(t[j]))
     return lse_i, acc + log_s * total
 
 
@@ -369,35 +371,36 @@ def _soft_row_f64(row, t, dst, a, want_grad):
     lse_i = shift + log_s
     if want_grad:
         for j in range(row.shape[0]):
-            dst[j] = 0.0 if a == 0.0 else a * (total * math.exp(row[j] - lse_i) - t[j])
+            dst[j] = 0.0 if a == 0.0 else a * (total * math.exp((row[j] - shift) - log_s) - t[j])
     return lse_i, acc + log_s * total
 
 
 # Entry points: lse[i], ce[i] for every row; the gradient ones also write out (may be logits).
+# ``unused``: an (N, 0) array standing in for out in the loss-only ones (logits may be read-only).
 
 
 @nb.njit(parallel=True, cache=True)
-def soft_ce_f32(logits, targets, lse, ce):
+def soft_ce_f32(logits, targets, unused, lse, ce):
     for i in prange(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], logits[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], unused[i], 0.0, False)
 
 
 @nb.njit(cache=True)
-def soft_ce_f32_serial(logits, targets, lse, ce):
+def soft_ce_f32_serial(logits, targets, unused, lse, ce):
     for i in range(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], logits[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], unused[i], 0.0, False)
 
 
 @nb.njit(parallel=True, cache=True)
-def soft_ce_f64(logits, targets, lse, ce):
+def soft_ce_f64(logits, targets, unused, lse, ce):
     for i in prange(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], logits[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], unused[i], 0.0, False)
 
 
 @nb.njit(cache=True)
-def soft_ce_f64_serial(logits, targets, lse, ce):
+def soft_ce_f64_serial(logits, targets, unused, lse, ce):
     for i in range(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], logits[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], unused[i], 0.0, False)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -506,8 +509,8 @@ def _smooth_row_f32(row, label, w, eps, dst, a, want_grad):
             f_label = 1.0 if math.isfinite(x_label) else 0.0
             for j in range(row.shape[0]):
                 x = np.float64(row[j])
-                dst[j] = c_q * _exp_nonpos(x - lse_i) - (c_f * w[j] if math.isfinite(x) else 0.0)
-            dst[label] = c_q * _exp_nonpos(x_label - lse_i) - c_y - c_f * w[label] * f_label
+                dst[j] = c_q * _exp_nonpos((x - shift) - log_s) - (c_f * w[j] if math.isfinite(x) else 0.0)
+            dst[label] = c_q * _exp_nonpos((x_label - shift) - log_s) - c_y - c_f * w[label] * f_label
     return lse_i, (shift - x_label) + log_s, acc - log_s * wsum, k, wsum
 
 
@@ -528,8 +531,8 @@ def _smooth_row_f64(row, label, w, eps, dst, a, want_grad):
             f_label = 1.0 if math.isfinite(x_label) else 0.0
             for j in range(row.shape[0]):
                 x = row[j]
-                dst[j] = c_q * math.exp(x - lse_i) - (c_f * w[j] if math.isfinite(x) else 0.0)
-            dst[label] = c_q * math.exp(x_label - lse_i) - c_y - c_f * w[label] * f_label
+                dst[j] = c_q * math.exp((x - shift) - log_s) - (c_f * w[j] if math.isfinite(x) else 0.0)
+            dst[label] = c_q * math.exp((x_label - shift) - log_s) - c_y - c_f * w[label] * f_label
     return lse_i, (shift - x_label) + log_s, acc - log_s * wsum, k, wsum
 
 

@@ -28,7 +28,8 @@ with :math:`a_i` 1 ("none", "sum") or :math:`1 / \sum w` ("mean").
 
 Ignored rows get exact zeros whatever their logits. The results equal impl="chunked" (tested to
 1e-12 in float64); only the speed differs: one or two passes over the logits, where the chunked
-path makes several through temporaries.
+path makes several through temporaries. The exception is a row holding +inf: its loss is inf or NaN
+on both paths, its gradient NaN where the logit is +inf here and across the row there.
 
 Probability targets (no class weights, smoothing, z-loss or softcap; targets that do not require a
 gradient) take :func:`crossent.cpu.soft_cross_entropy` in the forward, or, when the logits'
