@@ -321,3 +321,34 @@ def test_blocked_smoothing_counts_finite_logits_not_finite_differences(no_numba)
         _, want = _array_api(ce.softmax_cross_entropy_and_grad, x, np.array([0]), label_smoothing=0.3, reduction="sum")
     np.testing.assert_allclose(grad, want, rtol=1e-6)
     np.testing.assert_allclose(grad, [[-0.775, -0.075, -0.075, 0.925]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "axis0"])
+def test_other_layouts_copy_once_and_take_the_fast_paths(fast_path, layout):
+    """Logits not C-contiguous with the classes last (Fortran order, classes on axis 0): one
+    C-ordered copy, then the fast paths (the Array-API path held 4.5 copies); the loss and
+    gradient of float64 PyTorch."""
+    x, y, w, _ = _inputs((4000, 250), np.float32, seed=10)
+    kwargs = dict(ignore_index=-100, weight=w)
+    if layout == "fortran":
+        logits, axis = np.asfortranarray(x), -1
+    else:
+        logits, axis = np.ascontiguousarray(x.T), 0
+    loss, grad = ce.softmax_cross_entropy_and_grad(logits, y, axis=axis, **kwargs)
+    want_loss, want_grad = _torch_float64(x.astype(np.float64), y, w, None, None, 0.0, 0.0, "mean")
+    if layout == "axis0":
+        want_grad = want_grad.T
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(float(loss), want_loss, rtol=16 * eps)
+    np.testing.assert_allclose(float(ce.softmax_cross_entropy(logits, y, axis=axis, **kwargs)), want_loss,
+                               rtol=16 * eps)
+    np.testing.assert_allclose(grad, want_grad, rtol=0, atol=16 * eps * np.abs(want_grad).max())
+    f = ce.softmax_cross_entropy
+    f(logits[:, :10] if layout == "axis0" else logits[:10], y[:10], axis=axis, **kwargs)
+    tracemalloc.start()
+    try:
+        f(logits, y, axis=axis, **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 1.10 * x.nbytes, peak / x.nbytes
