@@ -80,6 +80,13 @@ def _options(opts, w, sw):
     return {k: {"w": w, "sw": sw}.get(v, v) if isinstance(v, str) else v for k, v in opts.items()}
 
 
+def _close_all(got, want, dtype, ulps, floor=0.0):
+    """``_close`` on each output of a loss (or a ``(loss, grad)`` pair)."""
+    pairs = zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), strict=True)
+    for g, v in pairs:
+        _close(g, v, dtype, ulps, floor)
+
+
 def _close(got, want, dtype, ulps, floor=0.0):
     """Within ``ulps`` of the larger of ``floor`` and the largest entry of ``want``."""
     got, want = np.asarray(got), np.asarray(want)
@@ -101,10 +108,8 @@ def test_fast_paths_give_the_array_api_paths_loss_and_gradient(fast_path, dtype,
     kwargs = dict(ignore_index=-100, reduction=reduction, **_options(opts, w, sw))
     for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
         got, want = f(x, y, **kwargs), _array_api(f, x, y, **kwargs)
-        for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
-                        strict=True):
-            # One class: the gradient is 0, which rounding may leave at 1e-17.
-            _close(g, v, dtype, ulps=8, floor=1.0 if shape[-1] == 1 else 0.0)
+        # One class: the gradient is 0, which rounding may leave at 1e-17.
+        _close_all(got, want, dtype, ulps=8, floor=1.0 if shape[-1] == 1 else 0.0)
 
 
 def _torch_float64(x, y, w, sw, softcap, z_loss, label_smoothing, reduction):
@@ -227,8 +232,7 @@ def test_numba_installed_softcap_gradient_runs_blocked(monkeypatch):
     got = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, softcap=5.0, weight=w)
     want = _array_api(ce.softmax_cross_entropy_and_grad, x, y, ignore_index=-100, softcap=5.0, weight=w)
     assert calls == [1]
-    for g, v in zip(got, want, strict=True):
-        _close(g, v, np.float32, ulps=8)
+    _close_all(got, want, np.float32, ulps=8)
 
 
 def test_label_smoothing_runs_numba_kernels_only_when_switched_on(monkeypatch):
@@ -246,9 +250,7 @@ def test_label_smoothing_runs_numba_kernels_only_when_switched_on(monkeypatch):
         assert calls == [1]
         want = _array_api(f, x, y, ignore_index=-100, label_smoothing=0.1, weight=w)
         assert calls == [1]
-        for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
-                        strict=True):
-            _close(g, v, np.float32, ulps=8)
+        _close_all(got, want, np.float32, ulps=8)
         calls.clear()
 
 
@@ -269,9 +271,7 @@ def test_fast_paths_warn_not_on_ignored_rows_and_take_read_only_logits(fast_path
     for logits, opts in cases:
         for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
             got, want = f(logits, y, ignore_index=-100, **opts), _array_api(f, logits, y, ignore_index=-100, **opts)
-            for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
-                            strict=True):
-                _close(g, v, logits.dtype.type, ulps=8)
+            _close_all(got, want, logits.dtype.type, ulps=8)
     frozen = np.array([[0.0, 1.0, 2.0], [2.0, 0.0, 1.0]], dtype=np.float32)
     frozen.flags.writeable = False
     probs = np.full((2, 3), 1 / 3, dtype=np.float32)
@@ -280,9 +280,7 @@ def test_fast_paths_warn_not_on_ignored_rows_and_take_read_only_logits(fast_path
                           (np.array([0, 1]), {"softcap": 3.0}), (probs, {})):
         for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
             got, want = f(frozen, targets, **opts), _array_api(f, frozen, targets, **opts)
-            for g, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
-                            strict=True):
-                _close(g, v, np.float32, ulps=8)
+            _close_all(got, want, np.float32, ulps=8)
 
 
 def test_huge_tied_maxima_give_torchs_gradient(fast_path):

@@ -42,11 +42,10 @@ def _loss_and_grad(x, y, **kw):
     return loss.detach(), x.grad
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("shape", [(37, 11), (5, 7, 3), (13,)])
-def test_auto_equals_chunked_and_torch_float64(kernel_calls, reduction, weighted, shape):
-    g = torch.Generator().manual_seed(sum(shape))
+def _class_inputs(shape, weighted, seed):
+    """float64 logits of ``shape`` (classes on dim 1, or dim 0 for 1-D), class indices with every
+    fourth one ignored, and class weights or None."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
     c = shape[0] if len(shape) == 1 else shape[1]
     tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
@@ -54,6 +53,14 @@ def test_auto_equals_chunked_and_torch_float64(kernel_calls, reduction, weighted
     if y.ndim:
         y.view(-1)[::4] = -100
     w = torch.rand(c, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    return x, y, w
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(37, 11), (5, 7, 3), (13,)])
+def test_auto_equals_chunked_and_torch_float64(kernel_calls, reduction, weighted, shape):
+    x, y, w = _class_inputs(shape, weighted, seed=sum(shape))
     loss, grad = _loss_and_grad(x, y, weight=w, reduction=reduction)
     assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 1}  # one pass: the gradient in forward
     ref_loss, ref_grad = _loss_and_grad(x, y, weight=w, reduction=reduction, impl="chunked")
@@ -185,14 +192,7 @@ def smoothing_calls(monkeypatch):
 @pytest.mark.parametrize("eps", [0.1, 1.0])
 @pytest.mark.parametrize("shape", [(37, 11), (5, 7, 3), (13,)])
 def test_smoothing_auto_equals_chunked_and_torch_float64(smoothing_calls, reduction, weighted, eps, shape):
-    g = torch.Generator().manual_seed(sum(shape) + 1)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
-    c = shape[0] if len(shape) == 1 else shape[1]
-    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
-    y = torch.randint(0, c, tshape, generator=g)
-    if y.ndim:
-        y.view(-1)[::4] = -100
-    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    x, y, w = _class_inputs(shape, weighted, seed=sum(shape) + 1)
     kw = dict(weight=w, reduction=reduction, label_smoothing=eps)
     loss, grad = _loss_and_grad(x, y, **kw)
     assert smoothing_calls == {"loss": 0, "grad": 1}  # one pass: the gradient in forward
