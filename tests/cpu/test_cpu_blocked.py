@@ -219,15 +219,21 @@ def test_blocked_path_extra_memory_is_a_few_blocks(monkeypatch):
         assert peak <= allowed * x.nbytes, (f.__name__, peak / x.nbytes)
 
 
-def test_numba_installed_softcap_gradient_runs_blocked(monkeypatch):
-    """With numba, a softcap with the gradient (which the kernels do not take) runs the blocked
-    gradient, not the Array-API path's full-size temporaries."""
+def _spy_with_numba(monkeypatch, module, name):
+    """With numba's kernels on (else skip): the list that ``module.name`` appends 1 to per call."""
     pytest.importorskip("numba")
     if not cpu.available():
         pytest.skip("the numba kernels are switched off in this environment")
     calls = []
-    original = _blocked.gradient
-    monkeypatch.setattr(_blocked, "gradient", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_numba_installed_softcap_gradient_runs_blocked(monkeypatch):
+    """With numba, a softcap with the gradient (which the kernels do not take) runs the blocked
+    gradient, not the Array-API path's full-size temporaries."""
+    calls = _spy_with_numba(monkeypatch, _blocked, "gradient")
     x, y, w, _ = _inputs((41, 13), np.float32, seed=6)
     got = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, softcap=5.0, weight=w)
     want = _array_api(ce.softmax_cross_entropy_and_grad, x, y, ignore_index=-100, softcap=5.0, weight=w)
@@ -238,12 +244,7 @@ def test_numba_installed_softcap_gradient_runs_blocked(monkeypatch):
 def test_label_smoothing_runs_numba_kernels_only_when_switched_on(monkeypatch):
     """With numba, label smoothing on class indices runs crossent.cpu's smoothing kernels (not
     the Array-API path's temporaries); ``crossent.cpu.ENABLED = False`` turns them off too."""
-    pytest.importorskip("numba")
-    if not cpu.available():
-        pytest.skip("the numba kernels are switched off in this environment")
-    calls = []
-    original = cpu._smoothed_rows
-    monkeypatch.setattr(cpu, "_smoothed_rows", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _spy_with_numba(monkeypatch, cpu, "_smoothed_rows")
     x, y, w, _ = _inputs((41, 13), np.float32, seed=8)
     for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
         got = f(x, y, ignore_index=-100, label_smoothing=0.1, weight=w)

@@ -135,16 +135,23 @@ def test_loss_alone_when_no_gradient_is_wanted(kernel_calls):
     assert kernel_calls == {"loss_kernel": 2, "grad_kernel": 0}
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_upstream_gradient_scales_the_forward_gradient(kernel_calls, reduction):
-    """The gradient written in forward is for an upstream gradient of 1; backward multiplies it
-    by any other (a scalar, or per row for "none"), as the chunked path's gradient."""
-    g = torch.Generator().manual_seed(3)
+def _upstream_case(reduction, seed):
+    """(11, 7) float64 logits, class indices with every third ignored, class weights, and an
+    upstream gradient (per row for "none")."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(11, 7, generator=g, dtype=torch.float64)
     y = torch.randint(0, 7, (11,), generator=g)
     y[::3] = -100
     w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
     up = torch.randn(11 if reduction == "none" else (), generator=g, dtype=torch.float64)
+    return x, y, w, up
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upstream_gradient_scales_the_forward_gradient(kernel_calls, reduction):
+    """The gradient written in forward is for an upstream gradient of 1; backward multiplies it
+    by any other (a scalar, or per row for "none"), as the chunked path's gradient."""
+    x, y, w, up = _upstream_case(reduction, seed=3)
     grads = []
     for impl in ("auto", "chunked"):
         leaf = x.clone().requires_grad_()
@@ -240,12 +247,7 @@ def test_smoothing_float32_masks_gradcheck_and_edge_rows(smoothing_calls):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_smoothing_inplace_upstream_and_retained_graph(smoothing_calls, reduction):
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(11, 7, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 7, (11,), generator=g)
-    y[::3] = -100
-    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
-    up = torch.randn(11 if reduction == "none" else (), generator=g, dtype=torch.float64)
+    x, y, w, up = _upstream_case(reduction, seed=6)
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.15)
     grads = []
     for impl in ("auto", "chunked"):

@@ -256,7 +256,7 @@ def _softmax_ce(
                 # Fortran order, axis != -1: one C-ordered copy (100% of the logits) for the fast
                 # paths, instead of the Array-API path's temporaries (451%).
                 x = x.copy(order="C")
-            numba = _numba_takes(x, w, cap, z, with_grad)
+            numba = _numba_takes(x, cap, z, with_grad)
             if not numba:
                 blocked = _numpy_blocked_stats(x, safe_labels, cap, keep, eps, w)
         if cap is not None and blocked is None:
@@ -513,7 +513,7 @@ def _row_factors(row_scale: Any, row_weight: Any, n: int, reduction: str, ln_bas
     return np.ascontiguousarray(scale)
 
 
-def _numba_takes(x: Any, w: Any, cap: float | None, z: float, with_grad: bool) -> bool:
+def _numba_takes(x: Any, cap: float | None, z: float, with_grad: bool) -> bool:
     """Whether crossent.cpu's numba kernels take this integer-label call on numpy ``x``: without a
     softcap (the blocked path caps block by block; the kernels would need it applied to the whole
     array first), the loss with any other option, the gradient without z-loss."""
