@@ -1,8 +1,10 @@
-"""Softmax cross-entropy on the CPU, numpy logits with integer labels: crossent against its peers.
+"""Softmax cross-entropy on the CPU, numpy logits with integer labels (or probability targets):
+crossent against its peers.
 
 One setup (:func:`make_inputs`): ``N x C`` float32 logits drawn from N(0, sigma^2) (sigma = 3 by
 default: then about 1% of the true-class probabilities fall below float32's epsilon, which is
-where scikit-learn's clipping changes the loss) and uniform integer labels. Every case runs in a
+where scikit-learn's clipping changes the loss) and uniform integer labels, or with
+``--targets probs`` float32 probability targets (each row the softmax of N(0, 1) draws). Every case runs in a
 fresh subprocess, so that its peak memory can be read from ``ru_maxrss``:
 
 1. import everything and warm every case up on a tiny input (numba compiles, torch initializes);
@@ -35,8 +37,10 @@ Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 
 ``--label-smoothing EPS`` (> 0) passes ``label_smoothing=EPS`` to every crossent and torch case and
 drops the cases that take none (the ``crossent.cpu`` class-index kernels, scipy, sklearn); with
-numba, "crossent" and "crossent-torch" run its smoothing kernel. Its results go to
-``cpu_softmax_ce_smoothing.{csv,md}``.
+numba, "crossent" and "crossent-torch" run its smoothing kernel. ``--class-weight`` passes class
+weights (uniform in [0.5, 1.5], fixed seed) to the same cases. ``--targets probs`` drops the cases
+made for class indices (the kernel cases, scipy, sklearn). Results go to
+``cpu_softmax_ce[_probs][_smoothing][_weighted].{csv,md}``.
 
 Threads: torch and numba use ``--threads`` (2 by default); numpy and scipy are single-threaded.
 Results are appended to ``benchmarks/results/cpu_softmax_ce.csv`` (long format, one row per case
@@ -46,6 +50,7 @@ with CPU model, library versions, date) and the run's table is written to
     python benchmarks/bench_cpu_softmax_ce.py                 # 200000 x 1000, all forward cases
     python benchmarks/bench_cpu_softmax_ce.py --grad --rows 50000
     python benchmarks/bench_cpu_softmax_ce.py --grad --label-smoothing 0.1
+    python benchmarks/bench_cpu_softmax_ce.py --grad --targets probs --class-weight --label-smoothing 0.1
 """
 
 from __future__ import annotations
@@ -90,7 +95,7 @@ DESCRIPTION = {
     "crossent-torch-grad": "crossent.torch.cross_entropy + backward",
     "torch-grad": "torch F.cross_entropy + backward",
 }
-#: Cases that take no label smoothing (left out with --label-smoothing).
+#: Cases that take no label smoothing, class weights or probability targets (left out with those).
 NO_SMOOTHING = ("crossent-kernel", "crossent-kernel-grad", "scipy", "sklearn")
 #: Descriptions that change with label smoothing.
 SMOOTHING_DESCRIPTION = {
@@ -102,23 +107,35 @@ SMOOTHING_DESCRIPTION = {
 # ---- setup ------------------------------------------------------------------------------------
 
 
-def make_inputs(rows: int, classes: int, sigma: float, seed: int = 0):
-    """float32 logits ~ N(0, sigma^2), drawn in place, and int64 labels uniform in [0, classes)."""
+def make_inputs(rows: int, classes: int, sigma: float, seed: int = 0, targets: str = "labels"):
+    """float32 logits ~ N(0, sigma^2), drawn in place, and int64 labels uniform in [0, classes)
+    or (``targets="probs"``) float32 probability rows, the softmax of N(0, 1) draws, formed in place."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, classes), dtype=np.float32)
     x *= np.float32(sigma)
-    y = rng.integers(0, classes, rows)
+    if targets == "labels":
+        return x, rng.integers(0, classes, rows)
+    y = rng.standard_normal((rows, classes), dtype=np.float32)
+    np.exp(y, out=y)
+    y /= y.sum(axis=1, keepdims=True)
     return x, y
 
 
-def make_case(case: str, threads: int, smoothing: float = 0.0):
+def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: bool = False):
     """The callable f(x, y) -> float (mean loss) of one case, with its imports done; ``smoothing``:
-    the label smoothing of the crossent and torch cases."""
+    the label smoothing of the crossent and torch cases; ``class_weight``: pass them class weights
+    (uniform in [0.5, 1.5], drawn once per number of classes with a fixed seed)."""
     import numpy as np
 
-    ls = {"label_smoothing": smoothing} if smoothing else {}
+    options = {"label_smoothing": smoothing} if smoothing else {}
+
+    def ls(x, tensor=lambda a: a):
+        if not class_weight:
+            return options
+        w = np.random.default_rng(7).uniform(0.5, 1.5, x.shape[1]).astype(x.dtype)
+        return {**options, "weight": tensor(w)}
 
     if case.startswith(("torch", "crossent-torch")):
         import torch
@@ -129,11 +146,11 @@ def make_case(case: str, threads: int, smoothing: float = 0.0):
         torch.set_num_threads(threads)
         loss_fn = cet.cross_entropy if case.startswith("crossent") else F.cross_entropy
         if not case.endswith("grad"):
-            return lambda x, y: loss_fn(torch.from_numpy(x), torch.from_numpy(y), **ls).item()
+            return lambda x, y: loss_fn(torch.from_numpy(x), torch.from_numpy(y), **ls(x, torch.from_numpy)).item()
 
         def torch_grad(x, y):
             t = torch.from_numpy(x).requires_grad_(True)
-            loss = loss_fn(t, torch.from_numpy(y), **ls)
+            loss = loss_fn(t, torch.from_numpy(y), **ls(x, torch.from_numpy))
             loss.backward()
             return loss.item()
 
@@ -146,7 +163,7 @@ def make_case(case: str, threads: int, smoothing: float = 0.0):
 
         cpu.ENABLED = case != "crossent-array-api"
         if case in ("crossent", "crossent-blocked", "crossent-array-api"):
-            return lambda x, y: float(crossent.softmax_cross_entropy(x, y, **ls))
+            return lambda x, y: float(crossent.softmax_cross_entropy(x, y, **ls(x)))
         if case == "crossent-kernel":
 
             def kernel(x, y):
@@ -157,7 +174,7 @@ def make_case(case: str, threads: int, smoothing: float = 0.0):
         if case in ("crossent-grad", "crossent-blocked-grad"):
 
             def public_grad(x, y):
-                loss, grad = crossent.softmax_cross_entropy_and_grad(x, y, **ls)
+                loss, grad = crossent.softmax_cross_entropy_and_grad(x, y, **ls(x))
                 del grad
                 return float(loss)
 
@@ -199,10 +216,10 @@ def peak_rss_bytes() -> int:
 
 
 def worker(args) -> dict:
-    f = make_case(args.worker, args.threads, args.label_smoothing)
-    tiny_x, tiny_y = make_inputs(64, 17, args.sigma, seed=1)
+    f = make_case(args.worker, args.threads, args.label_smoothing, args.class_weight)
+    tiny_x, tiny_y = make_inputs(64, 17, args.sigma, seed=1, targets=args.targets)
     f(tiny_x, tiny_y)  # imports, numba compilation (or its cache), torch start-up
-    x, y = make_inputs(args.rows, args.classes, args.sigma)
+    x, y = make_inputs(args.rows, args.classes, args.sigma, targets=args.targets)
     baseline = peak_rss_bytes()
     loss = f(x, y)  # warm-up
     times = []
@@ -257,7 +274,8 @@ def run_case(case: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, "--rows", str(args.rows),
            "--classes", str(args.classes), "--sigma", str(args.sigma),
            "--threads", str(args.threads), "--repeats", str(repeats),
-           "--label-smoothing", str(args.label_smoothing)]  # fmt: skip
+           "--label-smoothing", str(args.label_smoothing), "--targets", args.targets,
+           *(["--class-weight"] if args.class_weight else [])]  # fmt: skip
     env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS="1")  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -299,7 +317,9 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
     torch_fwd = next((r["median_s"] for r in results if r["case"] == "torch"), None)
     torch_grad = next((r["median_s"] for r in results if r["case"] == "torch-grad"), None)
     logits_mib = args.rows * args.classes * 4 / 2**20
-    smoothing = f", label smoothing {args.label_smoothing}" if args.label_smoothing else ""
+    smoothing = (", probability targets" if args.targets == "probs" else "") + (
+        f", label smoothing {args.label_smoothing}" if args.label_smoothing else "") + (
+        ", class weights" if args.class_weight else "")
     lines = [
         f"| case ({args.rows} x {args.classes} float32, sigma {args.sigma}{smoothing}) | median s (min-max) "
         "| vs torch | extra peak MiB (% of logits) | mean loss |",
@@ -351,6 +371,10 @@ def main(argv=None) -> None:
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
                         help="label_smoothing of the crossent and torch cases (drops the cases without it)")
+    parser.add_argument("--targets", choices=["labels", "probs"], default="labels",
+                        help="integer labels, or probability targets (drops the cases without them)")
+    parser.add_argument("--class-weight", action="store_true",
+                        help="pass class weights to the crossent and torch cases (drops the cases without them)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -367,9 +391,10 @@ def main(argv=None) -> None:
     unknown = sorted(set(cases) - set(FORWARD) - set(GRADIENT))
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {FORWARD + GRADIENT}")
-    if args.label_smoothing:
+    if args.label_smoothing or args.class_weight or args.targets == "probs":
         if args.cases != ",".join(FORWARD) and set(given) & set(NO_SMOOTHING):
-            parser.error(f"cases {sorted(set(given) & set(NO_SMOOTHING))} take no label smoothing")
+            parser.error(f"cases {sorted(set(given) & set(NO_SMOOTHING))} take no label smoothing, class "
+                         "weights or probability targets")
         cases = [c for c in cases if c not in NO_SMOOTHING]
     conditions = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "cpu": cpu_model(), "commit": git_commit(), **versions()}  # fmt: skip
@@ -381,8 +406,14 @@ def main(argv=None) -> None:
     if args.no_save:
         return
     RESULTS.mkdir(exist_ok=True)
-    stem = "cpu_softmax_ce_smoothing" if args.label_smoothing else "cpu_softmax_ce"
-    fields = CSV_FIELDS + ["label_smoothing"] if args.label_smoothing else CSV_FIELDS
+    stem = "cpu_softmax_ce" + ("_probs" if args.targets == "probs" else "") + (
+        "_smoothing" if args.label_smoothing else "") + ("_weighted" if args.class_weight else "")
+    extra_fields = {"label_smoothing": args.label_smoothing} if args.label_smoothing else {}
+    if args.targets == "probs":
+        extra_fields["targets"] = "probs"
+    if args.class_weight:
+        extra_fields["class_weight"] = "uniform(0.5, 1.5)"
+    fields = CSV_FIELDS + list(extra_fields)
     csv_path = RESULTS / f"{stem}.csv"
     new = not csv_path.exists()
     torch_ref = {r["case"]: r["median_s"] for r in results if r["case"] in ("torch", "torch-grad")}
@@ -404,7 +435,7 @@ def main(argv=None) -> None:
                 "loss": f"{r['loss']:.6f}",
                 **{k: conditions[k] for k in ("cpu", "python", "numpy", "numba", "torch",
                                               "scipy", "sklearn", "crossent", "commit")},
-                **({"label_smoothing": args.label_smoothing} if args.label_smoothing else {}),
+                **extra_fields,
             })  # fmt: skip
     (RESULTS / f"{stem}.md").write_text(table)
     print(f"appended to {csv_path}; table in {RESULTS / f'{stem}.md'}")

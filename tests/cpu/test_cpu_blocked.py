@@ -351,3 +351,126 @@ def test_other_layouts_copy_once_and_take_the_fast_paths(fast_path, layout):
     finally:
         tracemalloc.stop()
     assert peak <= 1.10 * x.nbytes, peak / x.nbytes
+
+
+# ---- probability targets (crossent.cpu._blocked.soft_targets) -----------------------------------
+
+SOFT_OPTIONS = [
+    {},
+    {"weight": "w"},
+    {"label_smoothing": 0.2},
+    {"label_smoothing": 1.0, "weight": "w"},
+    {"softcap": 4.0},
+    {"z_loss": 1e-2},
+    {"sample_weight": "sw", "base": 2},
+    {"softcap": 3.0, "z_loss": 0.1, "weight": "w", "sample_weight": "sw", "label_smoothing": 0.1},
+]
+
+
+def _soft_inputs(shape, dtype, seed=0, masked=True):
+    """``_inputs`` with probability targets (rows of softmax(N(0, 1)), every fifth entry 0) and,
+    with ``masked``, a first row whose zero-target classes are -inf (masked)."""
+    x, _, w, sw = _inputs(shape, dtype, seed, ignored=False)
+    s = np.random.default_rng(seed + 100).standard_normal(shape)
+    t = np.exp(s - s.max(axis=-1, keepdims=True))
+    if shape[-1] > 1:
+        t.reshape(-1)[::5] = 0.0
+    t /= t.sum(axis=-1, keepdims=True)
+    if masked and x.ndim > 1 and shape[-1] > 1:
+        row, trow = x.reshape(-1, shape[-1])[0], t.reshape(-1, shape[-1])[0]
+        row[trow == 0.0] = -np.inf
+    return x, t.astype(dtype), w, sw
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape", [(37, 11), (5, 3, 29), (1, 1), (7,)], ids=str)
+@pytest.mark.parametrize("opts", SOFT_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_targets_fast_paths_give_the_array_api_paths_loss_and_gradient(fast_path, dtype, shape, opts, reduction):
+    x, t, w, sw = _soft_inputs(shape, dtype)
+    kwargs = dict(reduction=reduction, **_options(opts, w, sw))
+    for f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad):
+        got, want = f(x, t, **kwargs), _array_api(f, x, t, **kwargs)
+        _close_all(got, want, dtype, ulps=8, floor=1.0 if shape[-1] == 1 else 0.0)
+
+
+def _torch_float64_soft(x, t, w, sw, softcap, z_loss, label_smoothing, reduction):
+    """Loss and gradient from float64 PyTorch ops with probability targets: the soft cap,
+    F.cross_entropy (its label smoothing and class weights; "mean" over the rows, as PyTorch
+    divides probability targets by N), and the z-loss z * mean(logsumexp^2), rows weighted by ``sw``."""
+    logits_leaf = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = softcap * torch.tanh(logits_leaf / softcap) if softcap else logits_leaf
+    weight = None if w is None else torch.from_numpy(w)
+    rows = F.cross_entropy(logits, torch.from_numpy(t.astype(np.float64)), weight=weight, reduction="none",
+                           label_smoothing=label_smoothing)
+    rows = rows + z_loss * torch.logsumexp(logits, dim=-1) ** 2
+    row_w = torch.ones_like(rows) if sw is None else torch.from_numpy(sw)
+    loss = (row_w * rows).sum()
+    if reduction == "mean":
+        loss = loss / row_w.sum()
+    loss.backward()
+    return loss.item(), logits_leaf.grad.numpy()
+
+
+@pytest.mark.parametrize("opts", SOFT_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_soft_targets_fast_paths_against_float64_torch(fast_path, opts, reduction):
+    """Finite logits (where crossent's smoothing over the finite classes is PyTorch's)."""
+    x, t, w, sw = _soft_inputs((53, 17), np.float32, seed=3, masked=False)
+    kwargs = _options(opts, w, sw)
+    loss, grad = ce.softmax_cross_entropy_and_grad(x, t, reduction=reduction, **kwargs)
+    want_loss, want_grad = _torch_float64_soft(
+        x.astype(np.float64), t, kwargs.get("weight"), kwargs.get("sample_weight"), kwargs.get("softcap"),
+        kwargs.get("z_loss", 0.0), kwargs.get("label_smoothing", 0.0), reduction,
+    )
+    base = np.log(kwargs.get("base", np.e))
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(float(loss), want_loss / base, rtol=16 * eps)
+    np.testing.assert_allclose(grad, want_grad / base, rtol=0, atol=16 * eps * np.abs(want_grad).max() / base)
+
+
+def test_soft_targets_blocked_path_keeps_a_confident_rows_loss(no_numba):
+    """A one-hot probability target on a confident float32 row: 2.06e-9, as with its class index
+    (log1p of the terms below the maximum; the Array-API path gives 0)."""
+    x = np.array([[1e4, 1e4 - 20.0, 1e4 - 30.0]] * 3, dtype=np.float32)
+    t = np.array([[1.0, 0.0, 0.0]] * 3, dtype=np.float32)
+    rows = ce.softmax_cross_entropy(x, t, reduction="none")
+    np.testing.assert_allclose(rows, np.exp(-20.0) + np.exp(-30.0), rtol=1e-6)
+    assert np.all(_array_api(ce.softmax_cross_entropy, x, t, reduction="none") == 0.0)
+
+
+@pytest.mark.parametrize("opts", [{}, {"weight": "w", "label_smoothing": 0.1}, {"softcap": 30.0, "z_loss": 1e-3}],
+                         ids=lambda o: ",".join(o) or "plain")
+def test_soft_targets_extra_memory_is_a_few_blocks(fast_path, opts):
+    """Probability targets, with or without numba, options folded in block by block: the loss
+    within 10% of the logits' size (the NaN check of the targets included: it held a mask of their
+    size, 25% of float32 logits), with the gradient 110% (the gradient itself). The Array-API path
+    held 4.8 copies."""
+    x, t, w, sw = _soft_inputs((20000, 500), np.float32, seed=5, masked=False)
+    kwargs = _options(opts, w, sw)
+    for f, allowed in ((ce.softmax_cross_entropy, 0.10), (ce.softmax_cross_entropy_and_grad, 1.10)):
+        f(x[:10], t[:10], **kwargs)
+        tracemalloc.start()
+        try:
+            f(x, t, **kwargs)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= allowed * x.nbytes, (f.__name__, peak / x.nbytes)
+
+
+def test_soft_targets_take_numba_kernels_for_the_plain_loss_and_the_blocked_pass_otherwise(monkeypatch):
+    """With numba: the plain loss and gradient run crossent.cpu's soft-target kernels; class
+    weights, smoothing, a softcap or a z-loss with the gradient the blocked pass; none of them
+    with the fast paths off."""
+    blocked_calls = _spy_with_numba(monkeypatch, _blocked, "soft_targets")
+    kernel_calls = _spy_with_numba(monkeypatch, cpu, "softmax_minus_targets")
+    x, t, w, _ = _soft_inputs((41, 13), np.float32, seed=6)
+    ce.softmax_cross_entropy_and_grad(x, t)
+    ce.softmax_cross_entropy_and_grad(x, t, z_loss=0.0)
+    assert (blocked_calls, kernel_calls) == ([], [1, 1])
+    for opts in ({"weight": w}, {"label_smoothing": 0.1}, {"softcap": 5.0}, {"z_loss": 1e-3}):
+        ce.softmax_cross_entropy_and_grad(x, t, **opts)
+    assert (blocked_calls, kernel_calls) == ([1] * 4, [1, 1])
+    _array_api(ce.softmax_cross_entropy_and_grad, x, t, weight=w)
+    assert (blocked_calls, kernel_calls) == ([1] * 4, [1, 1])

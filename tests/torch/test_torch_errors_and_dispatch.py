@@ -6,6 +6,7 @@ import math
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,24 @@ def test_memory_budget_is_passed_to_triton_and_refused_elsewhere(monkeypatch):
     assert fake.calls[-1][3]["memory_budget"] == 1 << 20
     with pytest.raises(ValueError, match="memory_budget applies to impl='triton'"):
         cet.linear_cross_entropy(h, w, t, impl="chunked", memory_budget=1 << 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_nan_check_finds_a_single_nan_anywhere_without_a_mask(dtype):
+    """The NaN check reads the minimum (torch's min propagates NaN) instead of an isnan mask of
+    the targets' size: one NaN at any position of a strided tensor of every floating dtype is
+    found, inf is not NaN, and an empty tensor has none."""
+    from crossent.torch import _checks
+
+    base = torch.rand(37, 11, dtype=dtype).T  # not contiguous
+    assert not _checks.has_nan(base)
+    for i, j in np.ndindex(*base.shape):
+        t = base.clone()
+        t[i, j] = math.nan
+        assert _checks.has_nan(t), (i, j)
+    assert not _checks.has_nan(torch.tensor([math.inf, -math.inf], dtype=dtype))
+    assert not _checks.has_nan(torch.empty(0, 5, dtype=dtype))
+    probs = torch.full((3, 4), 0.25, dtype=dtype)
+    probs[2, 3] = math.nan
+    with pytest.raises(ValueError, match="target must not contain NaN"):
+        cet.cross_entropy(torch.zeros(3, 4, dtype=dtype), probs)

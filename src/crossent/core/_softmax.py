@@ -248,25 +248,24 @@ def _softmax_ce(
         # numpy logits and integer labels: numba's kernels where they take the call
         # (_numba_takes), else the Array-API path's arithmetic in blocks of rows
         # (crossent.cpu._blocked: no numba, a softcap, a z-loss with the gradient), before the
-        # cap, whose full-size tanh it avoids.
+        # cap, whose full-size tanh it avoids. Probability targets likewise (_numpy_fast_soft).
         numba = False
+        soft_fast = None
+        if is_numpy_namespace(xp) and not x.flags.c_contiguous and x.size and _cpu_enabled():
+            # Fortran order, axis != -1: one C-ordered copy (100% of the logits) for the fast
+            # paths, instead of the Array-API path's temporaries (451%).
+            x = x.copy(order="C")
         if integer_targets and is_numpy_namespace(xp):
             safe_labels = xp.where(keep, labels, 0)
-            if not x.flags.c_contiguous and x.size and _cpu_enabled():
-                # Fortran order, axis != -1: one C-ordered copy (100% of the logits) for the fast
-                # paths, instead of the Array-API path's temporaries (451%).
-                x = x.copy(order="C")
             numba = _numba_takes(x, cap, z, with_grad)
             if not numba:
                 blocked = _numpy_blocked_stats(x, safe_labels, cap, keep, eps, w)
-        if cap is not None and blocked is None:
+        elif is_numpy_namespace(xp):
+            soft_fast = _numpy_fast_soft(x, t, w, eps, cap, z, row_w if with_grad else None, reduction, ln_base)
+        if cap is not None and blocked is None and soft_fast is None:
             tanh = xp.tanh(x / cap)
             x = cap * tanh
         fast = None
-        soft_fast = None
-        if (not integer_targets and eps == 0.0 and w is None and is_numpy_namespace(xp)
-                and (not with_grad or (cap is None and z == 0))):
-            soft_fast = _numpy_fast_soft(x, t, row_w if with_grad else None, reduction, ln_base)
         if soft_fast is not None:
             lse, ce_row, fast_grad = soft_fast
             target_w = one
@@ -475,26 +474,35 @@ def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
     return lse.reshape(shape), nll.reshape(shape), grad
 
 
-def _numpy_fast_soft(x: Any, t: Any, row_scale: Any, reduction: str,
-                     ln_base: float | None) -> tuple[Any, Any, Any] | None:
-    """(lse, ce, grad or None) for probability targets from crossent.cpu's soft-target kernels, or
-    None when they do not apply. ``row_scale`` (None: loss only) is each row's weight in the sum;
-    the gradient is written finished, as in ``_numpy_fast_grad`` (scaled, in the base's unit)."""
+def _numpy_fast_soft(x: Any, t: Any, w: Any, eps: float, cap: float | None, z: float, row_scale: Any,
+                     reduction: str, ln_base: float | None) -> tuple[Any, Any, Any] | None:
+    """(lse, ce, grad or None) for probability targets on numpy ``x`` (not yet capped), or None
+    when the numpy fast paths are off (``crossent.cpu.enabled``) or ``x`` is empty: crossent.cpu's
+    soft-target kernels (numba) for the plain loss (no softcap, label smoothing or class weights;
+    no z-loss with the gradient), else the blocked pass (``crossent.cpu._blocked.soft_targets``).
+    ``row_scale`` (None: loss only) is each row's weight in the sum; the gradient is written
+    finished, as in ``_numpy_fast_grad`` (scaled, in the base's unit, with the z-loss term)."""
     import numpy as np
 
-    cpu = _cpu_kernels_for(x)
-    if cpu is None:
+    if not _cpu_enabled() or not x.flags.c_contiguous or x.size == 0:
         return None
+    from .. import cpu
+    from ..cpu import _blocked
+
     num_classes = x.shape[-1]
-    x2 = x.reshape(-1, num_classes)
-    t2 = np.ascontiguousarray(t, dtype=x.dtype).reshape(-1, num_classes)
     shape = x.shape[:-1]
-    if row_scale is None:
-        lse, ce_row = cpu.soft_cross_entropy(x2, t2)
-        return lse.reshape(shape), ce_row.reshape(shape), None
-    scale = _row_factors(row_scale, row_scale, x2.shape[0], reduction, ln_base)
-    grad = np.empty_like(x)
-    lse, ce_row = cpu.softmax_minus_targets(x2, t2, scale, grad.reshape(-1, num_classes))
+    x2 = x.reshape(-1, num_classes)
+    t2 = t.reshape(-1, num_classes)
+    n = x2.shape[0]
+    scale = None if row_scale is None else _row_factors(row_scale, row_scale, n, reduction, ln_base)
+    grad = None if row_scale is None else np.empty_like(x)
+    out = None if grad is None else grad.reshape(-1, num_classes)
+    plain = cap is None and eps == 0.0 and w is None and (row_scale is None or z == 0)
+    if plain and _cpu_kernels_for(x) is not None:
+        t2 = np.ascontiguousarray(t2)
+        lse, ce_row = cpu.soft_cross_entropy(x2, t2) if out is None else cpu.softmax_minus_targets(x2, t2, scale, out)
+    else:
+        lse, ce_row = _blocked.soft_targets(x2, t2, cap, smoothing=eps, class_weight=w, scale=scale, z_loss=z, out=out)
     return lse.reshape(shape), ce_row.reshape(shape), grad
 
 

@@ -1,22 +1,28 @@
-"""Softmax cross-entropy with integer labels in blocked numpy: the Array-API path's arithmetic, a
-block of rows at a time, with the log-sum of a confident row kept.
+"""Softmax cross-entropy in blocked numpy: the Array-API path's arithmetic, a block of rows at a
+time, with the log-sum of a confident row kept.
 
 :func:`crossent.softmax_cross_entropy` on numpy logits runs numba's kernels when it can. When it
 cannot (numba not installed; a ``softcap``, which the kernels would need applied to the whole array
-first; a ``z_loss`` with the gradient), its Array-API path would form several temporaries of the
-logits' size (450% of the logits at 200000 x 1000 float32) and pay a page fault for every new page
-of them. The two
-functions here do the same operations in the logits' dtype on blocks of ``BLOCK_ELEMENTS`` logits
-held in buffers reused from block to block: the extra memory is a few blocks, and every pass over
-the logits runs in cache. One change: ``log s`` is ``log1p`` of the terms below the maximum, which
-keeps a confident row's small loss (2e-9 at float32 logits near 1e4, as the numba kernels do; the
-Array-API path gives 0 there, see ``crossent.core._softmax``). The results are otherwise those of
-the Array-API path within a few ulps (tested).
+first; a ``z_loss`` with the gradient; probability targets with class weights or label smoothing),
+its Array-API path would form several temporaries of the logits' size (450% of the logits at
+200000 x 1000 float32) and pay a page fault for every new page of them. The functions here do the
+same operations in the logits' dtype on blocks of ``BLOCK_ELEMENTS`` logits held in buffers reused
+from block to block: the extra memory is a few blocks, and every pass over the logits runs in
+cache. One change: ``log s`` is ``log1p`` of the terms below the maximum, which keeps a confident
+row's small loss (2e-9 at float32 logits near 1e4, as the numba kernels do; the Array-API path
+gives 0 there, see ``crossent.core._softmax``). The results are otherwise those of the Array-API
+path within a few ulps (tested).
+
+Integer labels:
 
 * :func:`lse_and_nll`: per row, the shift ``m`` (the maximum, 0 where it is not finite), the sum
   ``s`` of ``exp(x - m)``, ``lse = log s + m`` and ``nll = log s - (x_y - m)``.
 * :func:`gradient`: the finished gradient from the row statistics of :func:`lse_and_nll` (a second
   pass: ``exp`` again, no maximum or sum), with the scales the caller took from the reduction.
+
+Probability targets: :func:`soft_targets`, the loss and (with the reduction's row factors, which
+do not depend on the loss) the finished gradient in one pass, class weights and label smoothing
+folded into the targets of each block.
 
 No floating-point warnings: inf and NaN rows give what the Array-API path gives (NaN or inf), and
 ignored rows, which the caller masks, are taken as zeros as there.
@@ -219,3 +225,113 @@ def gradient(
             if ln_base is not None:
                 np.divide(g, ln_base, out=g)
     return out
+
+
+def _effective_targets(t: np.ndarray, finite: np.ndarray, smoothing: float, class_weight: np.ndarray | None,
+                       out: np.ndarray) -> np.ndarray:
+    r"""The targets a block's loss weighs ``log q`` by, as the Array-API path forms them:
+    :math:`w \odot ((1 - \varepsilon)\, t + \varepsilon f / K)` (``f`` the finite logits, ``K``
+    their count per row, 1 where there is none), written into ``out``; ``t`` itself without
+    smoothing or class weights."""
+    if not smoothing and class_weight is None:
+        return t
+    if smoothing:
+        k = np.sum(finite, axis=1)
+        k[k == 0] = 1
+        np.divide(finite, k[:, None], out=out)
+        np.multiply(smoothing, out, out=out)
+        out += (1.0 - smoothing) * t
+    else:
+        out[...] = t
+    if class_weight is not None:
+        np.multiply(out, class_weight, out=out)
+    return out
+
+
+def soft_targets(
+    x: np.ndarray,
+    t: np.ndarray,
+    softcap: float | None,
+    *,
+    smoothing: float = 0.0,
+    class_weight: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+    z_loss: float = 0.0,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Softmax cross-entropy of C-contiguous ``x`` ``[N, C]`` (C >= 1) against probability
+    targets ``t`` ``[N, C]`` (any layout, ``x``'s dtype) after the optional soft cap, with label
+    smoothing and class weights folded into the targets block by block
+    (:func:`_effective_targets`, :math:`t'`): returns ``(lse, ce)``, ``[N]`` arrays of ``x``'s dtype,
+    :math:`\mathrm{ce}_i = -\sum_j t'_{ij} \log q_{ij}`, a zero target on a logit that is not finite
+    adding nothing (0 log 0 = 0), as in the Array-API path.
+
+    With ``out`` (``[N, C]``, ``x``'s dtype) and the row factors ``scale`` (``[N]``: the row's weight
+    over the reduction's denominator and the base), also the finished gradient
+
+    .. math:: g_i = \big(s_i (T_i q_i - t'_i) + 2 z s_i\, \mathrm{lse}_i\, q_i\big)
+              \odot (1 - \tanh^2(x_i / \mathrm{cap})), \qquad T_i = \textstyle\sum_j t'_{ij},
+
+    (``z`` = ``z_loss``; the soft-cap factor only with ``softcap``), exact zeros where
+    :math:`s_i = 0` as in crossent.cpu's soft-target kernels."""
+    n, c = x.shape
+    lse, ce = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+    rows_per_block = min(n, max(1, BLOCK_ELEMENTS // c))
+    d_buf, e_buf = (np.empty((rows_per_block, c), dtype=x.dtype) for _ in range(2))
+    finite_buf = np.empty((rows_per_block, c), dtype=bool)
+    folded = smoothing or class_weight is not None
+    t_buf = np.empty((rows_per_block, c), dtype=x.dtype) if folded else None
+    tanh_buf = np.empty((rows_per_block, c), dtype=x.dtype) if softcap is not None and out is not None else None
+    with np.errstate(all="ignore"):
+        for start, stop in _blocks(n, c):
+            k = stop - start
+            rows = np.arange(k)
+            d = d_buf[:k]
+            if softcap is None:
+                d[...] = x[start:stop]
+            else:
+                th = d if tanh_buf is None else tanh_buf[:k]
+                np.divide(x[start:stop], softcap, out=th)
+                np.tanh(th, out=th)  # tanh(x / cap), kept for the chain rule when the gradient is wanted
+                np.multiply(softcap, th, out=d)
+            finite = finite_buf[:k]
+            np.isfinite(d, out=finite)
+            top = np.argmax(d, axis=1)  # a maximum (the first NaN if any, as in lse_and_nll)
+            m = d[rows, top]
+            max_finite = np.isfinite(m)
+            m[~max_finite] = 0.0
+            np.subtract(d, m[:, None], out=d)
+            e = e_buf[:k]
+            np.exp(d, out=e)
+            # log s as log1p of the terms below the maximum, as in lse_and_nll.
+            e[rows[max_finite], top[max_finite]] = 0.0
+            s = np.sum(e, axis=1)
+            log_s = np.where(max_finite, np.log1p(s), np.log(s))
+            s[max_finite] += 1.0
+            block_lse = lse[start:stop]
+            np.add(log_s, m, out=block_lse)
+            np.subtract(d, log_s[:, None], out=d)  # log q
+            tb = _effective_targets(t[start:stop], finite, smoothing, class_weight,
+                                    None if t_buf is None else t_buf[:k])
+            np.multiply(tb, d, out=d)
+            d[(tb == 0) & ~finite] = 0.0  # 0 log 0 = 0 on a masked class
+            np.negative(np.sum(d, axis=1), out=ce[start:stop])
+            if out is None:
+                continue
+            e[rows[max_finite], top[max_finite]] = 1.0
+            np.divide(e, s[:, None], out=e)  # q
+            g = out[start:stop]
+            row_scale = scale[start:stop]
+            np.multiply(np.sum(tb, axis=1)[:, None], e, out=g)
+            np.subtract(g, tb, out=g)
+            np.multiply(row_scale[:, None], g, out=g)
+            if z_loss:
+                np.multiply((2.0 * z_loss * row_scale * block_lse)[:, None], e, out=e)
+                np.add(g, e, out=g)
+            if tanh_buf is not None:
+                th = tanh_buf[:k]
+                np.multiply(th, th, out=th)
+                np.subtract(1.0, th, out=th)
+                np.multiply(g, th, out=g)
+            g[row_scale == 0.0] = 0.0
+    return lse, ce

@@ -574,7 +574,7 @@ def binary_cross_entropy_with_logits(
     check = _checks.wants_validation(validate, input, target, weight, pos_weight)
     if check:
         for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
-            if t is not None and bool(torch.isnan(t).any()):
+            if t is not None and _checks.has_nan(t):
                 raise ValueError(f"{name} must not contain NaN, got NaN")
     dt = acc_dtype(input.dtype)
     x = input.to(dt)
@@ -631,7 +631,7 @@ def kl_div(
         raise ValueError(
             f"target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
         )
-    if _checks.wants_validation(validate, input, target) and bool(torch.isnan(target).any()):
+    if _checks.wants_validation(validate, input, target) and _checks.has_nan(target):
         raise ValueError("target must not contain NaN, got NaN")
     dt = acc_dtype(input.dtype)
     x = input.to(dt)
