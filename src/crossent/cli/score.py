@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from crossent.io import DataError, expand_paths, open_predictions
-from crossent.io._readers import SUFFIXES
+from crossent.io._readers import MAX_BATCH_ROWS, SUFFIXES
 
 __all__ = ["score", "score_files"]
 
@@ -255,7 +255,7 @@ def _format_table(result, source: str) -> str:
 @click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
               help="dask: PATH is a directory or glob of Parquet files, one task per row group "
                    "(cluster from DASK_SCHEDULER_ADDRESS, else a local one).")
-@click.option("--batch-rows", type=click.IntRange(min=1), default=None,
+@click.option("--batch-rows", type=click.IntRange(min=1, max=MAX_BATCH_ROWS), default=None,
               help="Rows per batch: peak memory follows this, not the file size "
                    "[default: 262144 / number of classes, 16384 rows of 16 classes].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -285,7 +285,8 @@ def score(path, target, labels, probs, logits, output_format, sample_weight, nor
     show_progress = not quiet and sys.stderr.isatty()
     _lean_arrow_memory()
     # Usage errors (exit 2) come only from the options: a ValueError while the files are
-    # opened (a column that is selected twice, too few score columns). Reading the data, any
+    # opened (a column that is selected twice, too few score columns, a sample weight column
+    # that is the target; a name the file holds twice is a DataError). Reading the data, any
     # error is bad data (exit 1), ValueError subclasses included (UnicodeDecodeError,
     # io.UnsupportedOperation), and its message is never empty.
     try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections import Counter
 
-__all__ = ["DataError", "class_names_from_columns", "resolve_columns"]
+__all__ = ["DataError", "class_names_from_columns", "duplicated_column", "resolve_columns"]
 
 _GLOB_CHARS = frozenset("*?[")
 _SEPARATORS = "_-.:/ "
@@ -39,7 +40,9 @@ def resolve_columns(spec, available, /, *, option: str = "columns", path=None) -
     ``[...]``; a column named exactly like the item wins over the glob); a list or tuple gives
     exact names; a glob's matches keep the file's column order (``l0, l1, ..., l15``, never
     sorted as text). Items are concatenated in the order given; a column selected twice is an
-    error, as is an item that matches nothing.
+    error (ValueError), as is an item that matches nothing (DataError). A selected name that
+    the file holds more than once is a DataError naming it (``duplicated_column``); duplicated
+    names that are not selected do not matter.
 
     >>> resolve_columns("l*", ["y", "l0", "l1", "l2", "l10", "l11"])
     ['l0', 'l1', 'l2', 'l10', 'l11']
@@ -47,6 +50,7 @@ def resolve_columns(spec, available, /, *, option: str = "columns", path=None) -
     ['p_b', 'p_a']
     """
     available = list(available)
+    counts = Counter(available)
     if isinstance(spec, (list, tuple)):  # exact names (already resolved elsewhere)
         items = [str(x) for x in spec]
     elif isinstance(spec, str) and spec.strip():
@@ -70,11 +74,22 @@ def resolve_columns(spec, available, /, *, option: str = "columns", path=None) -
             raise DataError(
                 f"{option}: no column {item!r} in the file; it has {_show(available)}", path=path
             )
-        for name in matches:
+        for name in dict.fromkeys(matches):  # a duplicated name matches once, then fails below
+            if counts[name] > 1:
+                raise duplicated_column(name, counts[name], path=path)
             if name in chosen:
                 raise ValueError(f"{option} selects column {name!r} twice ({spec!r})")
             chosen.append(name)
     return chosen
+
+
+def duplicated_column(name, count: int, /, *, path=None) -> DataError:
+    """The error for a selected column whose name the file holds ``count`` (> 1) times.
+
+    >>> str(duplicated_column("p1", 2, path="a.csv"))
+    "a.csv, column 'p1': the file has 2 columns named 'p1'"
+    """
+    return DataError(f"the file has {count} columns named {name!r}", path=path, column=name)
 
 
 def class_names_from_columns(columns, /) -> list[str]:

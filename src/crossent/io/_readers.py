@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ._columns import DataError, class_names_from_columns, resolve_columns
+from ._columns import DataError, class_names_from_columns, duplicated_column, resolve_columns
 from ._targets import LABEL_MODES, TargetDecoder, first_true, numeric_view
 
-__all__ = ["Batch", "PredictionFile", "expand_paths", "open_predictions"]
+__all__ = ["MAX_BATCH_ROWS", "Batch", "PredictionFile", "expand_paths", "open_predictions"]
 
 FORMATS = ("parquet", "csv", "npy", "npz")
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".npy": "npy", ".npz": "npz"}
@@ -47,6 +47,8 @@ SUFFIXES = tuple(_SUFFIXES) + tuple(_CSV_CODECS)
 # CSV text carries no dtype: rows written from float32 arrays sum to 1 within float32's
 # tolerance, so text is held to that tolerance (its numbers are parsed as float64)
 TEXT_TOLERANCE = math.sqrt(float(np.finfo(np.float32).eps))
+# the largest batch: Arrow takes batch sizes as int64
+MAX_BATCH_ROWS = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class PredictionFile:
     # row-sum tolerance of mixed float16/float32 columns (see _score_tolerance), else None
     tolerance: float | None = None
     _sources: tuple = field(default=(), repr=False)  # columns to read (names or _Matrix)
+    # the score columns as the caller gave them (a comma list or glob): resolved again in each
+    # file of a directory or glob (``with_path``)
+    score_spec: str | tuple | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -105,20 +110,25 @@ class PredictionFile:
     def with_path(self, path: str) -> PredictionFile:
         """The same column selection applied to another file of the same layout.
 
-        The file is read by its own suffix (a directory may mix formats) and its labels are
-        decoded as this file's.
+        The score columns are resolved again in that file (a glob may match other columns
+        there): they must be this file's columns, else a DataError names both files. When they
+        are the same columns in another order, they are read in this file's order (a class is
+        its column's name). The file is read by its own suffix (a directory may mix formats)
+        and its labels are decoded as this file's.
         """
-        other = open_predictions(
-            path,
-            target=self.target.column,
-            scores=[s.name if isinstance(s, _Matrix) else s for s in self._sources],
-            sample_weight=self.sample_weight,
-            labels=self.target.mode,
-        )
+        names = [s.name if isinstance(s, _Matrix) else s for s in self._sources]
+        spec = names if self.score_spec is None else self.score_spec
+        options = {"target": self.target.column, "sample_weight": self.sample_weight,
+                   "labels": self.target.mode}
+        other = open_predictions(path, scores=spec, **options)
+        if (other.score_columns != self.score_columns
+                and sorted(other.score_columns) == sorted(self.score_columns)):
+            other = open_predictions(path, scores=names, **options)  # the same, reordered
         if other.score_columns != self.score_columns:
             raise DataError(
-                f"selects columns {list(other.score_columns)}, but {self.path} gave "
-                f"{list(self.score_columns)}",
+                f"score columns {spec!r} select {list(other.score_columns)} in this file, but "
+                f"{list(self.score_columns)} in {self.path}; every file must have the same "
+                "score columns",
                 path=path,
             )
         return other
@@ -141,8 +151,9 @@ class PredictionFile:
 
         ``row_group=(index, first_row)`` reads one Parquet row group only.
         """
-        if not isinstance(batch_rows, int) or batch_rows < 1:
-            raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+        if not isinstance(batch_rows, int) or not 1 <= batch_rows <= MAX_BATCH_ROWS:
+            raise ValueError(f"batch_rows must be an integer in [1, {MAX_BATCH_ROWS}], got "
+                             f"{batch_rows!r}")
         reader = _READERS[self.format]
         columns = list(self._sources) + [self.target.column]
         if self.sample_weight is not None:
@@ -186,10 +197,15 @@ class PredictionFile:
 
 
 def expand_paths(path: str, *, suffixes=(".parquet", ".pq")) -> list[str]:
-    """The files named by ``path``: itself, the matching files of a directory, or a glob."""
+    """The files named by ``path``: itself, the matching files of a directory, or a glob.
+
+    Only files count: a sub-directory (``part.parquet/`` as Spark writes) is skipped, in a
+    directory as in a glob.
+    """
     if os.path.isdir(path):
         found = sorted(
-            os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(tuple(suffixes))
+            os.path.join(path, f) for f in os.listdir(path)
+            if f.lower().endswith(tuple(suffixes)) and os.path.isfile(os.path.join(path, f))
         )
     elif any(c in path for c in "*?["):
         found = sorted(p for p in glob.glob(path) if os.path.isfile(p))
@@ -237,6 +253,9 @@ def open_predictions(
     ``p_cat -> cat``); ``sample_weight`` optionally names a column of row weights.
     ``labels`` is ``"auto"``, ``"index"`` or ``"name"`` (see ``TargetDecoder``): one rule for
     every format, decided by each label's value. Nothing is read beyond the header.
+    Raises ValueError for contradictory arguments (a weight column that is the target, a
+    column selected twice) and DataError for the file (a missing column, or a selected column
+    whose name the file holds twice).
 
     >>> import numpy as np, os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "pred.npz")
@@ -252,6 +271,9 @@ def open_predictions(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    if sample_weight is not None and sample_weight == target:
+        raise ValueError(f"the sample weight column {sample_weight!r} is the target column; "
+                         "name a column of row weights")
     available, kinds, num_rows, positional = _SCHEMA[format](path)
     sources = resolve_columns(scores, available, option="score columns", path=path)
     score_columns, dtypes = [], []
@@ -273,6 +295,8 @@ def open_predictions(
             continue
         if name not in available:
             raise DataError(f"{option}: no column {name!r} in the file", path=path)
+        if available.count(name) > 1:
+            raise duplicated_column(name, available.count(name), path=path)
         kind = kinds[name]
         if isinstance(kind, (tuple, _Shaped)):
             shape = kind.shape if isinstance(kind, _Shaped) else (num_rows, kind[1])
@@ -308,6 +332,7 @@ def open_predictions(
         text,
         None if text else _score_tolerance(dtypes),
         sources,
+        tuple(scores) if isinstance(scores, list) else scores,
     )
     return opened
 
