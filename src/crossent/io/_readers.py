@@ -514,15 +514,53 @@ def _csv_schema(path):
 
 
 def _csv_batches(opened, columns, batch_rows, row_group):
-    import pyarrow.csv as pcsv
+    """Batches of a CSV file, parsed by Arrow one block at a time.
 
+    The block size is estimated from the first lines (``batch_rows`` rows of their mean size).
+    A later row longer than that (a long text cell, a wider row) makes Arrow fail with a
+    "straddling object" error: the file is then read again from the start with blocks 4 times
+    larger (up to ``_CSV_MAX_BLOCK``), skipping the rows already yielded. That costs time (a
+    re-read of those rows), only on such files; memory follows the block, so the longest row.
+    The rows, their values and their numbers are the same at every block size.
+    """
     header, row_bytes = _csv_header(opened.path)
     names = list(dict.fromkeys(columns))
     types = {name: pa.float64() for name in names}
     types[opened.target.column] = pa.string()  # decoded by value (see TargetDecoder)
-    block = int(min(max(batch_rows * row_bytes, 1 << 16), 1 << 28))
-    codec = _csv_codec(opened.path)
-    source = opened.path if codec is None else pa.input_stream(opened.path, compression=codec)
+    block = int(min(max(batch_rows * row_bytes, 1 << 16), _CSV_MAX_BLOCK))
+    done = 0  # data rows yielded
+    while True:
+        seen = 0  # data rows parsed in this pass
+        try:
+            for rb in _csv_record_batches(opened.path, header, names, types, block):
+                for offset in range(max(0, done - seen), rb.num_rows, batch_rows):
+                    part = rb.slice(offset, batch_rows)
+                    yield seen + offset, {name: part.column(name) for name in names}
+                    done = seen + offset + part.num_rows
+                seen += rb.num_rows
+            return
+        except _Straddling as exc:
+            if block >= _CSV_MAX_BLOCK:
+                raise _long_row_error(opened.path, block, str(exc)) from None
+            block = min(4 * block, _CSV_MAX_BLOCK)
+
+
+# the largest block, 256 MiB: a row must fit in two (Arrow carries a partial row into the next
+# block). A file with an unclosed quote fails only at this size, so it bounds memory there too.
+_CSV_MAX_BLOCK = 1 << 28
+
+
+class _Straddling(Exception):
+    """A CSV row longer than the block size (Arrow's "straddling object" error)."""
+
+
+def _csv_record_batches(path, header, names, types, block):
+    """Arrow record batches of the CSV file at ``path`` (the columns ``names``), read in
+    blocks of ``block`` bytes; a row too long for the block raises ``_Straddling``."""
+    import pyarrow.csv as pcsv
+
+    codec = _csv_codec(path)
+    source = path if codec is None else pa.input_stream(path, compression=codec)
     try:
         reader = pcsv.open_csv(
             source,
@@ -530,23 +568,45 @@ def _csv_batches(opened, columns, batch_rows, row_group):
             convert_options=pcsv.ConvertOptions(include_columns=names, column_types=types),
         )
     except pa.ArrowInvalid as exc:
-        raise _csv_error(exc, opened.path, header) from None
+        raise _arrow_csv_error(exc, path, header) from None
     except (pa.ArrowException, OSError, EOFError) as exc:  # a codec error: truncated, corrupt
-        raise DataError(f"cannot read the CSV file ({exc})", path=opened.path) from None
-    start = 0
+        raise DataError(f"cannot read the CSV file ({exc})", path=path) from None
     while True:
         try:
             rb = reader.read_next_batch()
         except StopIteration:
             return
         except pa.ArrowInvalid as exc:
-            raise _csv_error(exc, opened.path, header) from None
+            raise _arrow_csv_error(exc, path, header) from None
         except (pa.ArrowException, OSError, EOFError) as exc:  # anywhere in the stream
-            raise DataError(f"cannot read the CSV file ({exc})", path=opened.path) from None
-        for offset in range(0, rb.num_rows, batch_rows):
-            part = rb.slice(offset, batch_rows)
-            yield start + offset, {name: part.column(name) for name in names}
-        start += rb.num_rows
+            raise DataError(f"cannot read the CSV file ({exc})", path=path) from None
+        yield rb
+
+
+def _arrow_csv_error(exc, path, header) -> Exception:
+    if "straddling object" in str(exc):
+        return _Straddling(str(exc))
+    return _csv_error(exc, path, header)
+
+
+def _long_row_error(path, block, message) -> DataError:
+    """A row longer than the largest block: names the first row of more than ``block`` bytes
+    (a field that long stops the scan at its row)."""
+    try:
+        found = _first_row(path, lambda row: _row_bytes(row) > block, field_limit=block)
+    except DataError as exc:
+        if exc.row is None or "field larger than field limit" not in str(exc):
+            raise
+        found = (exc.row, None)
+    if found is None:
+        return DataError(f"cannot parse the CSV file: {message.strip()}", path=path)
+    return DataError(f"is longer than {block:,} bytes, the longest row the CSV reader takes",
+                     path=path, row=found[0])
+
+
+def _row_bytes(fields) -> int:
+    """The bytes of a CSV row's fields and separators (quotes not counted)."""
+    return sum(len(f.encode("utf-8", "replace")) for f in fields) + len(fields) - 1
 
 
 _CSV_CONVERSION = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'")
@@ -574,32 +634,48 @@ def _csv_error_at_row(message, path, header) -> DataError:
         return _utf8_error(path)
     if match and int(match.group(1)) < len(header):
         k, value = int(match.group(1)), match.group(2)
-        for row_number, row in _csv_rows(path):
-            if k < len(row) and row[k] == value:
-                return DataError(f"{value!r} is not a number", path=path, column=header[k],
-                                 row=row_number)
+        found = _first_row(path, lambda row: k < len(row) and row[k] == value)
+        if found is not None:
+            return DataError(f"{value!r} is not a number", path=path, column=header[k],
+                             row=found[0])
     ragged = _CSV_RAGGED.search(message)
     if ragged:
-        for row_number, row in _csv_rows(path):
-            if len(row) != len(header):
-                return DataError(
-                    f"has {len(row)} fields, expected {len(header)} (one per header column)",
-                    path=path, row=row_number,
-                )
+        found = _first_row(path, lambda row: len(row) != len(header))
+        if found is not None:
+            return DataError(
+                f"has {len(found[1])} fields, expected {len(header)} (one per header column)",
+                path=path, row=found[0],
+            )
     return DataError(f"cannot parse the CSV file: {message.strip()}", path=path)
 
 
-def _csv_rows(path):
-    """(0-based data row, fields) of each non-blank row after the header."""
-    with _csv_text(path, errors="replace") as f:
-        rows = csv.reader(f)
-        next(rows, None)
-        number = 0
-        for row in rows:
-            if not row:
-                continue
-            yield number, row
-            number += 1
+def _first_row(path, match, *, field_limit=None):
+    """``(0-based data row, fields)`` of the first non-blank row after the header for which
+    ``match(fields)`` is true, or None.
+
+    Python's csv module refuses fields longer than ``csv.field_size_limit()`` (128 KiB by
+    default), which Arrow reads: the limit is set to ``field_limit`` (default: two of the
+    largest blocks, the longest row Arrow reads) for the scan and then put back. A longer field
+    (an unclosed quote?) is a DataError at its row.
+    """
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2 * _CSV_MAX_BLOCK if field_limit is None else field_limit)
+    number = 0
+    try:
+        with _csv_text(path, errors="replace") as f:
+            rows = csv.reader(f)
+            next(rows, None)
+            for row in rows:
+                if not row:
+                    continue
+                if match(row):
+                    return number, row
+                number += 1
+    except csv.Error as exc:
+        raise DataError(f"cannot parse the CSV file: {exc}", path=path, row=number) from None
+    finally:
+        csv.field_size_limit(limit)
+    return None
 
 
 def _utf8_error(path) -> DataError:
