@@ -174,11 +174,17 @@ def test_skipped_checks_under_jit_are_documented(name):
 
 
 def test_checks_are_skipped_under_jit_as_documented():
-    """What the docstrings warn about: under jax.jit an out-of-range label raises nothing."""
+    """What the docstrings warn about: under jax.jit an out-of-range label raises nothing; its
+    row's loss and gradient are NaN (a label too large or negative alike), the other rows' are
+    untouched."""
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
-    x, y = jnp.zeros((2, 3)), jnp.asarray(np.array([0, 5], np.int32))
+    x, y = jnp.zeros((3, 3)), jnp.asarray(np.array([0, 5, -3], np.int32))
     with pytest.raises(ValueError, match="got 5 at flat index 1"):
         ce.softmax_cross_entropy(x, y)
-    assert np.isfinite(float(jax.jit(ce.softmax_cross_entropy)(x, y)))
+    for opts in ({}, {"weight": jnp.ones(3)}, {"label_smoothing": 0.1}):
+        rows = jax.jit(lambda a, b, o=opts: ce.softmax_cross_entropy(a, b, reduction="none", **o))(x, y)
+        _, grad = jax.jit(lambda a, b, o=opts: ce.softmax_cross_entropy_and_grad(a, b, reduction="none", **o))(x, y)
+        np.testing.assert_allclose(rows[0], np.log(3.0), rtol=1e-6)
+        assert np.isnan(rows[1:]).all() and np.isnan(grad[1:]).all() and np.isfinite(grad[0]).all()
