@@ -174,12 +174,13 @@ def test_fast_paths_edge_rows(fast_path):
     ])
     y = np.array([-100, 2, 0, 1, 3])
     rows = ce.softmax_cross_entropy(x, y, ignore_index=-100, reduction="none")
-    for smoothing in (0.0, 0.2):  # smoothing spreads over the finite logits (DESIGN.md)
+    for smoothing in (0.0, 0.2, 1.0):  # smoothing spreads over the finite logits (DESIGN.md)
         got = ce.softmax_cross_entropy(x, y, ignore_index=-100, reduction="none", label_smoothing=smoothing)
         with np.errstate(all="ignore"):  # the Array-API path warns on the all -inf and +inf rows
             want = _array_api(ce.softmax_cross_entropy, x, y, ignore_index=-100, reduction="none",
                               label_smoothing=smoothing)
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert np.isnan(got[2])  # eps = 1 drops the nll term: the all -inf row is still NaN
         finite = np.isfinite(want)
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-15)
         np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])

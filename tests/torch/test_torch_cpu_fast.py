@@ -233,11 +233,13 @@ def test_smoothing_float32_masks_gradcheck_and_edge_rows(smoothing_calls):
     edge = torch.tensor([[0.0, -inf, 1.0, 2.0], [-inf, -inf, -inf, -inf], [inf, 0.0, 1.0, 2.0], [inf, 0.0, 1.0, 2.0],
                          [3.0, 3.0, 1.0, 3.0]], dtype=torch.float64)
     ye = torch.tensor([2, 0, 1, 0, 3])
-    for impl in ("auto", "chunked"):
-        rows = cet.cross_entropy(edge, ye, label_smoothing=0.2, reduction="none", impl=impl)
-        if impl == "auto":
-            got = rows
-    torch.testing.assert_close(got, rows, rtol=1e-12, atol=0, equal_nan=True)
+    for eps in (0.2, 1.0):  # eps = 1 drops the nll term: the all -inf row is still NaN (review D4)
+        for impl in ("auto", "chunked"):
+            rows = cet.cross_entropy(edge, ye, label_smoothing=eps, reduction="none", impl=impl)
+            if impl == "auto":
+                got = rows
+        torch.testing.assert_close(got, rows, rtol=1e-12, atol=0, equal_nan=True)
+        assert torch.isnan(got[1])
     z = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     yz = torch.tensor([0, 4, -100, 2, 2, 1])
     wz = torch.rand(5, generator=g, dtype=torch.float64)

@@ -382,6 +382,10 @@ def _softmax_ce(
                 grad = g
             else:
                 grad = None
+        if integer_targets and eps == 1.0:
+            # A kept row whose logits are all -inf has no possible class: NaN, as at any other eps
+            # (through its nll) and in PyTorch; eps = 1 drops the nll term and spreads nothing.
+            ce_row = xp.where(lse == -math.inf, xp.asarray(math.nan, dtype=dtype, device=dev), ce_row)
         z_row = z * lse * lse if z > 0 else None
 
     # ---- reduction ---------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ goes to impl="chunked" instead, whose conventions for such rows are this layer's
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -164,6 +166,8 @@ class CpuFastCrossEntropy(torch.autograd.Function):
             ce = (1.0 - eps) * w_row * nll if eps < 1.0 else torch.zeros_like(nll)
             per_row = ce - eps * torch.from_numpy(stats[2]).to(torch.float64) / torch.from_numpy(stats[3]).to(
                 torch.float64)
+            if eps == 1.0:  # a row of all -inf logits: NaN, as at any other eps (core does the same)
+                per_row = torch.where(torch.from_numpy(stats[0]) == -math.inf, math.nan, per_row)
         else:
             per_row = nll * w_row
         # where, not a product: an ignored row adds 0 even when its logits are NaN or -inf
