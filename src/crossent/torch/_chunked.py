@@ -118,17 +118,25 @@ class _Rows:
     def coefficients(
         self, reduction: str, z_loss: float, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row coefficients (a, b) of the gradient formula, upstream gradient included."""
+        """Row coefficients (a, b) of the gradient formula, upstream gradient included.
+
+        Ignored rows get exactly 0, selected rather than multiplied by 0: a NaN or inf upstream
+        gradient there (``loss / seq_len`` with ``seq_len = 0`` on a padded sequence) must not
+        reach the gradient, as in ``F.cross_entropy``.
+        """
         g = grad_output.to(self.valid_f.dtype)
-        if reduction == "none":
-            a = self.valid_f * g
-            return a, z_loss * a
-        if reduction == "sum":
-            a = self.valid_f * g
-            return a, z_loss * a
-        a = safe_divide(g, self.ce_denominator) * self.valid_f
-        b = safe_divide(z_loss * g, self.n_valid) * self.valid_f
-        return a, b
+        if reduction == "mean":
+            a = safe_divide(g, self.ce_denominator)
+            b = safe_divide(z_loss * g, self.n_valid)
+        else:
+            a, b = g, z_loss * g
+        return self.on_valid_rows(a), self.on_valid_rows(b)
+
+    def on_valid_rows(self, c: torch.Tensor) -> torch.Tensor:
+        """``c`` (a scalar or one value per row) as one value per row, 0 on the ignored rows."""
+        if self.valid is None:
+            return self.valid_f * c  # probability targets: no row is ignored
+        return torch.where(self.valid, c, torch.zeros((), dtype=c.dtype, device=c.device))
 
 
 def _take(tensor: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
@@ -453,7 +461,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.needs = needs
         ctx.dtypes = (x.dtype, lin_w.dtype, None if lin_b is None else lin_b.dtype)
         if precompute:
-            ctx.save_for_backward(*grads)
+            ctx.save_for_backward(*grads, rows.valid)
         else:
             ctx.save_for_backward(x, lin_w, lin_b, target, weight, lse)
         return _reduce(ce, lse, z_loss, rows, reduction)
@@ -462,11 +470,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @first_order_only("linear_cross_entropy (impl='chunked' or 'auto')", USE_REFERENCE)
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         if ctx.precompute:
-            grads = ctx.saved_tensors
+            grad_x, grad_w, grad_b, valid = ctx.saved_tensors
             g = grad_output
+            if grad_x is not None and valid is not None:
+                # Per row, 0 on ignored rows: a NaN or inf upstream scalar leaves their input
+                # gradient 0 (as F.cross_entropy does), one pass over dx as the plain product.
+                g_x = torch.where(valid, g.to(grad_x.dtype), 0.0)[:, None]
+            else:
+                g_x = g
             out = tuple(
-                None if gr is None else (gr * g.to(gr.dtype)).to(d)
-                for gr, d in zip(grads, ctx.dtypes, strict=True)
+                None if gr is None else (gr * s.to(gr.dtype)).to(d)
+                for gr, s, d in zip((grad_x, grad_w, grad_b), (g_x, g, g), ctx.dtypes, strict=True)
             )
         else:
             x, lin_w, lin_b, target, weight, lse = ctx.saved_tensors
