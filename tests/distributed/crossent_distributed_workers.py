@@ -842,3 +842,82 @@ def check_triton_logits(rank, world, sizes, special_sizes):
     # the launcher returns the initial statistics without launching)
     assert calls["partials"] >= 36 + 3 + 2 + 1 + 2 and calls["grad"] >= 36 + 3 + 2 + 1 + 2, calls
     return checks + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# an ignored row contributes 0 whatever its inputs (review of the distributed layer: D3)
+
+
+def check_nonfinite_ignored_rows(rank, world, sizes):
+    """NaN/inf on ignored rows: in the input of the linear version (a fully masked attention row
+    in the padding) and in the upstream gradient of "none" (``loss / seq_len`` with seq_len 0).
+    Loss and gradients equal the single-process float64 oracle on the kept rows only; the input
+    gradient is 0 on the ignored rows; dW and db are finite."""
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy,
+        vocab_parallel_linear_cross_entropy,
+    )
+
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    gen = torch.Generator().manual_seed(21)
+    rows, features = 8, 5
+    x = torch.randn(rows, features, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, features, generator=gen, dtype=torch.float64)
+    b = torch.randn(vocab, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[[2, 5]] = -100
+    keep = target != -100
+    checks = 0
+    for bad, reduction, softcap, bias in itertools.product(
+        (math.nan, math.inf), ("none", "sum", "mean"), (None, 3.0), (False, True)
+    ):
+        xb = x.clone()
+        xb[2, 1] = bad
+        xb[5] = bad
+        grad_out = upstream(reduction, (rows,), gen)
+        # the oracle: the kept rows only
+        xk, wk = x[keep].clone().requires_grad_(), w.clone().requires_grad_()
+        bk = b.clone().requires_grad_() if bias else None
+        z = F.linear(xk, wk, bk)
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        expected = F.cross_entropy(z, target[keep], reduction=reduction, label_smoothing=0.1)
+        expected.backward(grad_out[keep] if reduction == "none" else grad_out)
+        # vocab-parallel on every row
+        xl = xb.clone().requires_grad_()
+        wl = w[lo:hi].clone().requires_grad_()
+        bl = b[lo:hi].clone().requires_grad_() if bias else None
+        loss = vocab_parallel_linear_cross_entropy(
+            xl, wl, target, local_bias=bl, reduction=reduction, label_smoothing=0.1, softcap=softcap
+        )
+        loss.backward(grad_out)
+        what = f"nonfinite input {bad} {reduction} softcap {softcap} bias {bias} rank {rank}"
+        if reduction == "none":
+            close(loss[keep], expected, f"loss, {what}")
+            assert not bool(loss[~keep].any()), what
+        else:
+            close(loss, expected, f"loss, {what}")
+        close(xl.grad[keep], xk.grad, f"input grad, {what}")
+        assert not bool(xl.grad[~keep].any()), what
+        close(wl.grad, wk.grad[lo:hi], f"weight grad, {what}")
+        if bias:
+            close(bl.grad, bk.grad[lo:hi], f"bias grad, {what}")
+        checks += 4
+
+    # a NaN / inf upstream gradient on the ignored rows ("none"): both versions
+    for bad in (math.nan, math.inf):
+        grad_out = torch.where(keep, 1.0, bad).to(torch.float64)
+        z_full = (x @ w.T).requires_grad_()
+        F.cross_entropy(z_full, target, reduction="none").backward(grad_out)
+        zl = (x @ w[lo:hi].T).requires_grad_()
+        vocab_parallel_cross_entropy(zl, target, reduction="none").backward(grad_out)
+        close(zl.grad, z_full.grad[:, lo:hi], f"logits grad, upstream {bad} on ignored rows rank {rank}")
+        xl, wl = x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
+        vocab_parallel_linear_cross_entropy(xl, wl, target, reduction="none").backward(grad_out)
+        xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+        F.cross_entropy(xf @ wf.T, target, reduction="none").backward(grad_out)
+        close(xl.grad, xf.grad, f"input grad, upstream {bad} on ignored rows rank {rank}")
+        close(wl.grad, wf.grad[lo:hi], f"weight grad, upstream {bad} on ignored rows rank {rank}")
+        checks += 3
+    return checks

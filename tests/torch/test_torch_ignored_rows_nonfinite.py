@@ -124,3 +124,62 @@ def test_z_loss_coefficient_is_0_on_ignored_rows_too(impl, reduction):
             torch.ones(int((~ignored).sum()), dtype=torch.float64),
         )
         torch.testing.assert_close(actual[~ignored], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2}, {"z_loss": 0.1, "softcap": 3.0}], ids=str)
+def test_linear_nonfinite_input_row_that_is_ignored_leaves_every_gradient_finite(impl, reduction, bad, options):
+    """A NaN/inf hidden state on an ignored row: loss and gradients equal those of the problem
+    without that row (input gradient 0 there) on every path, dW and db included."""
+    x, w, b, target = _problem(rows=9, classes=6, features=4, seed=1)
+    x[1, 0] = bad  # row 1 is ignored; so is row 4, whose whole row is non-finite
+    x[4] = bad
+    keep = target != -100
+    n_keep = int(keep.sum())
+    gen = torch.Generator().manual_seed(2)
+    upstream = torch.rand(x.shape[0], generator=gen, dtype=torch.float64) + 0.5
+    upstream_keep = upstream[keep] if reduction == "none" else torch.ones((), dtype=torch.float64)
+    if reduction != "none":
+        upstream = torch.ones((), dtype=torch.float64)
+
+    def ours(x_, w_, b_):
+        return cet.linear_cross_entropy(x_, w_, target, linear_bias=b_, reduction=reduction, **options, impl=impl)
+
+    def oracle(x_, w_, b_):  # the kept rows only: plain PyTorch where it has the options
+        if not options.get("z_loss"):
+            return F.cross_entropy(F.linear(x_, w_, b_), target[keep], reduction=reduction, **options)
+        return cet.linear_cross_entropy(
+            x_, w_, target[keep], linear_bias=b_, reduction=reduction, **options, impl="reference"
+        )
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = ours(*leaves)
+    loss.backward(upstream)
+    kept = [t.clone().requires_grad_() for t in (x[keep], w, b)]
+    expected = oracle(*kept)
+    expected.backward(upstream_keep)
+    if reduction == "none":
+        assert torch.equal(loss.detach()[~keep], torch.zeros(x.shape[0] - n_keep, dtype=torch.float64))
+        torch.testing.assert_close(loss.detach()[keep], expected.detach(), rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+    dx, dw, db = (leaf.grad for leaf in leaves)
+    assert torch.equal(dx[~keep], torch.zeros_like(dx[~keep]))
+    torch.testing.assert_close(dx[keep], kept[0].grad, rtol=1e-10, atol=1e-12, msg="input")
+    torch.testing.assert_close(dw, kept[1].grad, rtol=1e-10, atol=1e-12, msg="weight")
+    torch.testing.assert_close(db, kept[2].grad, rtol=1e-10, atol=1e-12, msg="bias")
+
+
+def test_linear_nonfinite_input_row_that_is_ignored_float32_paths_agree(impl):
+    """float32 (the low-precision matmul helpers of the chunked path) without a bias."""
+    x, w, _, target = (t.float() if t.is_floating_point() else t for t in _problem(seed=3))
+    x[4] = NAN
+    keep = target != -100
+    leaves = [t.clone().requires_grad_() for t in (x, w)]
+    cet.linear_cross_entropy(*leaves, target, impl=impl).backward()
+    kept = [t.clone().requires_grad_() for t in (x[keep], w)]
+    F.cross_entropy(kept[0] @ kept[1].T, target[keep]).backward()
+    assert torch.isfinite(leaves[0].grad).all() and torch.isfinite(leaves[1].grad).all()
+    torch.testing.assert_close(leaves[1].grad, kept[1].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaves[0].grad[keep], kept[0].grad, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,8 @@ Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank):
     5     dz_ij = g_i (p_ij (1 + 2 z_loss lse_i) - (1 - eps)[j = y_i] - eps [z_ij finite] / K_i),
           p_ij = exp(z_ij - lse_i);  logits version: grad = dz, no communication
           linear version: recompute each chunk, dz <- dz (1 - tanh^2) under softcap,
-            dW[c0:c1] = dz^T x,  db[c0:c1] = sum_i dz,  dx_r += dz W[c0:c1]
+            dW[c0:c1] = dz^T x (ignored rows of x zeroed),  db[c0:c1] = sum_i dz,
+            dx_r += dz W[c0:c1]
     6     dx = sum_r dx_r                                   all_reduce SUM       N D (linear only)
 
 So the loss costs three collectives per call, two of them O(N) and none O(N V); the linear
@@ -56,7 +57,8 @@ rows and is 0 with zero gradients when there are none; label smoothing gives ``e
 of the ``K`` classes whose (softcapped) logit is finite in that row, ``K`` counted over all ranks;
 ``z_loss * lse^2`` is added per non-ignored row; softcap ``c tanh(logits / c)`` comes first;
 bfloat16/float16 inputs accumulate and return float32 losses. NaN logits propagate; an ignored row
-contributes 0 whatever its logits. Validation reads one small table to the host (one sync per call);
+contributes 0 whatever its logits (or, in the linear version, its input row: a NaN there leaves
+every gradient finite). Validation reads one small table to the host (one sync per call);
 the rest stays on the device, so the same code runs on NCCL.
 """
 
@@ -286,8 +288,10 @@ def _row_coefficients(plan: _Plan, grad_output, valid, denominator):
     return torch.where(valid, g, torch.zeros_like(g))
 
 
-def _logits_grad(plan: _Plan, z, col0, saved, g):
-    """Step 5: d loss / d z for the columns ``col0 : col0 + z.shape[1]`` (accumulation dtype)."""
+def _logits_grad(plan: _Plan, z, col0, saved, g, th=None):
+    """Step 5: d loss / d z for the columns ``col0 : col0 + z.shape[1]`` (accumulation dtype);
+    with ``th = tanh(u / c)`` of a softcap, d loss / d u (the logits before the cap). Ignored
+    rows are selected to 0 last, so nothing non-finite there (a NaN ``th``) gets through."""
     target_local, owned, valid, lse, finite_count = saved
     eps = plan.label_smoothing
     p = torch.exp(z - lse[:, None])
@@ -299,6 +303,8 @@ def _logits_grad(plan: _Plan, z, col0, saved, g):
         share = (eps / finite_count)[:, None]
         p = p - torch.where(torch.isfinite(z), share, torch.zeros_like(share))
     dz = p * g[:, None]
+    if th is not None:
+        dz = dz * (1.0 - th * th)  # d softcap(u) / du = 1 - tanh(u / c)^2
     return torch.where(valid[:, None], dz, torch.zeros_like(dz))
 
 
@@ -389,17 +395,19 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        if grad_w is not None:
+            # Ignored rows of x zeroed for dW = dz^T x: their dz is 0, but 0 * NaN is NaN (a NaN
+            # hidden state on a padded row would otherwise poison every entry of dW).
+            x_w = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         for col0 in range(0, plan.vocab_local, plan.chunk):
             cols = slice(col0, col0 + plan.chunk)
             z, th = _softcapped(_linear_chunk(x, weight, bias, col0, plan.chunk).to(acc), plan.softcap)
-            dz = _logits_grad(plan, z, col0, saved, g)
-            if th is not None:
-                dz = dz * (1.0 - th * th)  # d softcap(u) / du = 1 - tanh(u / c)^2
+            dz = _logits_grad(plan, z, col0, saved, g, th)
             if grad_b is not None:
                 grad_b[cols] = dz.sum(dim=0).to(grad_b.dtype)
             dz = dz.to(x.dtype)
             if grad_w is not None:
-                grad_w[cols] = dz.T @ x
+                grad_w[cols] = dz.T @ x_w
             if grad_x is not None:
                 grad_x += _matmul_in(acc, dz, weight[cols])
         if grad_x is not None:

@@ -262,7 +262,9 @@ def _block_grad(
 
 
 def _zero_ignored_rows(z: torch.Tensor, rows: _Rows, sel: slice | torch.Tensor) -> torch.Tensor:
-    """On the all-rows path, ignored rows are computed on zeros so NaN/inf there cannot leak."""
+    """On the all-rows path, a block's ignored rows (of the logits, or of the linear version's
+    input) become zeros so NaN/inf there cannot leak into a gradient; the CPU path has gathered
+    the non-ignored rows already."""
     if rows.valid is None or rows.rows is not None:
         return z
     keep = _take(rows.valid, sel)
@@ -402,7 +404,9 @@ def _linear_pass(
         else None
     )
     for sel, idx in rows.blocks(num_rows, block_rows):
-        xb = _take(x, sel)
+        # Ignored rows of the input zeroed (all-rows path): dW = G^T x and db would take
+        # 0 * NaN from a NaN hidden state there (a fully masked attention row in the padding).
+        xb = _zero_ignored_rows(_take(x, sel), rows, sel)
         z, t = _prepare_block(F.linear(xb, lin_w, lin_b), target, rows, sel, dt, softcap)
         if want_loss:
             lse, ce, p = _block_forward(z, t, w, eps, rows.soft)

@@ -7,7 +7,8 @@ the documented deviations of DESIGN.md are written out with ``torch.where``:
 - a mean whose denominator is zero is 0 with a zero gradient;
 - label smoothing spreads ``eps`` over the K classes whose logit is finite in that row;
 - a zero target mass on a -inf logit contributes 0 (0 log 0 = 0), with a zero gradient;
-- an ignored row contributes 0 whatever its logits are.
+- an ignored row contributes 0 whatever its logits are, and in the linear version whatever its
+  input row is (it is zeroed before the product, so a NaN there leaves dW and db finite).
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def reference_linear_cross_entropy_2d(
     linear_bias: torch.Tensor | None,
     **options: object,
 ) -> torch.Tensor:
-    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` (plain F.linear, then the above)."""
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` (plain F.linear, then the above).
+
+    The input rows of ignored targets are zeroed first: their logits are masked anyway, but
+    autograd's ``dW = dz^T input`` would multiply their zero ``dz`` by a NaN or inf there.
+    """
+    if not target.is_floating_point():
+        valid = target != options["ignore_index"]
+        input = torch.where(valid[:, None], input, torch.zeros((), dtype=input.dtype, device=input.device))
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
     return reference_cross_entropy_2d(logits, target, **options)  # type: ignore[arg-type]
