@@ -570,13 +570,14 @@ def check_schedule_and_groups(rank, world):
     w = torch.randn(vocab, features, generator=gen, dtype=torch.float64)
     target = torch.randint(0, vocab, (rows,), generator=gen)
     table = ("all_gather", None, len(_FIELDS), torch.int64)
+    same_target = ("all_reduce", "MIN", 2 * rows, torch.int64)  # step 0b: [y, ~y]
     row_max = ("all_reduce", "MAX", rows, torch.float64)
     checks = 0
     with CollectiveLog() as log:
         for eps in (0.0, 0.1):
             stacked = ("all_reduce", "SUM", (4 if eps else 2) * rows, torch.float64)
             loss = vocab_parallel_cross_entropy(z[:, lo:hi].clone().requires_grad_(), target, label_smoothing=eps)
-            assert log.take() == [table, row_max, stacked]
+            assert log.take() == [table, same_target, row_max, stacked]
             loss.backward()
             assert log.take() == []  # the logits version needs nothing in backward
             for x_grad in (True, False):
@@ -587,7 +588,7 @@ def check_schedule_and_groups(rank, world):
                     label_smoothing=eps,
                     softcap=4.0,
                 )
-                assert log.take() == [table, row_max, stacked]
+                assert log.take() == [table, same_target, row_max, stacked]
                 loss.backward()
                 input_grad = ("all_reduce", "SUM", rows * features, torch.float64)
                 assert log.take() == ([input_grad] if x_grad else [])
@@ -820,7 +821,8 @@ def check_triton_logits(rank, world, sizes, special_sizes):
         close(grad.double(), torch_grad.double(), "triton bf16 grad vs torch path", rtol=8e-3, atol=1e-6)
         checks += 4
 
-        # 4. the same collectives as the PyTorch chunks: the table, one MAX of N, one SUM of 2N / 4N
+        # 4. the same collectives as the PyTorch chunks: the table, the targets' MIN of 2N int64,
+        # one MAX of N, one SUM of 2N / 4N
         z7 = torch.randn(7, vocab, generator=gen)
         t7 = torch.randint(0, vocab, (7,), generator=gen)
         with CollectiveLog() as log:
@@ -828,6 +830,7 @@ def check_triton_logits(rank, world, sizes, special_sizes):
                 loss = vocab_parallel_cross_entropy(z7[:, lo:hi].clone().requires_grad_(), t7, label_smoothing=eps)
                 assert log.take() == [
                     ("all_gather", None, len(_FIELDS), torch.int64),
+                    ("all_reduce", "MIN", 2 * 7, torch.int64),
                     ("all_reduce", "MAX", 7, torch.float32),
                     ("all_reduce", "SUM", (4 if eps else 2) * 7, torch.float32),
                 ]
@@ -921,3 +924,76 @@ def check_nonfinite_ignored_rows(rank, world, sizes):
         close(wl.grad, wf.grad[lo:hi], f"weight grad, upstream {bad} on ignored rows rank {rank}")
         checks += 3
     return checks
+
+
+# ------------------------------------------------------------------------------------------------
+# targets that differ between ranks: compared exactly (review of the distributed layer: D1)
+
+
+def check_target_agreement(rank, world, sizes):
+    """Targets that differ between ranks raise the same ValueError on every rank, however they
+    differ: among them those a position-weighted checksum sum_i t_i (i % 65521 + 1) cannot tell
+    apart. Targets that agree (ignore_index included) give the single-process loss."""
+    from functools import partial
+
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy as vpce,
+    )
+    from crossent.distributed import (
+        vocab_parallel_linear_cross_entropy as vplce,
+    )
+
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    gen = torch.Generator().manual_seed(31)
+
+    def per_rank(*targets):
+        return torch.tensor(targets[rank % len(targets)])
+
+    long_rows = 65521 + 2
+    base = torch.randint(0, vocab, (long_rows,), generator=gen)
+    swapped = base.clone()
+    swapped[[0, 65521]] = base[[65521, 0]]
+    if base[0] == base[65521]:
+        swapped[0] = (base[0] + 1) % vocab
+    cases = [
+        # (targets of rank 0, of rank 1, ...), ignore_index
+        (([0, 1], [2, 0]), -100),  # 0*1 + 1*2 == 2*1 + 0*2
+        (([3, 0, 2], [1, 1, 2]), -100),  # +2 at position 0, -1 at position 1
+        ((base.tolist(), swapped.tolist()), -100),  # positions i and i + 65521 swapped
+        (([-100, 1], [2, 1]), -100),  # ignored on one rank only
+        (([1, 0], [0, 1]), 1),  # ignore_index inside the class range
+    ]
+    checks = 0
+    pattern = r"the target must be the same on every rank of the group, got \d+ of \d+ positions"
+    for targets, ignore in cases:
+        target = per_rank(*targets)
+        rows = target.numel()
+        z = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+        x = torch.randn(rows, 3, generator=gen, dtype=torch.float64)
+        w = torch.randn(vocab, 3, generator=gen, dtype=torch.float64)
+        checks += expect_error(ValueError, pattern, partial(vpce, z[:, lo:hi], target, ignore_index=ignore))
+        checks += expect_error(
+            ValueError, pattern, partial(vplce, x, w[lo:hi], target, ignore_index=ignore, reduction="none")
+        )
+    # the first position that differs, and the values there, are named
+    checks += expect_error(
+        ValueError,
+        r"first at flat index 1: values from 0 to 4",
+        lambda: vpce(torch.zeros(3, hi - lo, dtype=torch.float64), per_rank([2, 0, 1], [2, 4, 3])),
+    )
+
+    # agreeing targets (ignore_index rows, an (B, T) shape, int32 on one rank) still work
+    target = torch.randint(0, vocab, (2, 5), generator=gen)
+    target[0, 1] = target[1, 4] = -100
+    mine = target.to(torch.int32) if rank == 1 else target
+    z = torch.randn(2, 5, vocab, generator=gen, dtype=torch.float64)
+    z_full = z.clone().requires_grad_()
+    expected = F.cross_entropy(z_full.reshape(10, vocab), target.reshape(10), label_smoothing=0.1)
+    expected.backward()
+    z_local = z[..., lo:hi].clone().requires_grad_()
+    loss = vpce(z_local, mine, label_smoothing=0.1)
+    loss.backward()
+    close(loss, expected.detach(), "agreeing targets: loss")
+    close(z_local.grad, z_full.grad[..., lo:hi], "agreeing targets: grad")
+    return checks + 2

@@ -1,9 +1,12 @@
-"""Vocab-parallel losses on gloo (CPU), 2 spawned ranks: non-finite values on ignored rows.
+"""Vocab-parallel losses on gloo (CPU), 2 spawned ranks: ignored rows and the targets' check.
 
-An ignored row contributes 0 whatever its inputs (DESIGN.md): a NaN or inf hidden state there
-leaves the weight and bias gradients finite and equal to those without the row, as on every
-other crossent path. The ranks run ``crossent_distributed_workers.check_*`` and report how many
-comparisons each made.
+- An ignored row contributes 0 whatever its inputs (DESIGN.md): a NaN or inf hidden state there
+  leaves the weight and bias gradients finite and equal to those without the row, as on every
+  other crossent path.
+- Targets that differ between ranks raise the same ValueError on every rank, compared exactly
+  (a checksum let [0, 1] and [2, 0] through, and the loss was silently wrong).
+
+The ranks run ``crossent_distributed_workers.check_*`` and report how many comparisons each made.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SIZES = [4, 3]
 def reports(tmp_path_factory) -> list[dict]:
     """Spawn the ranks once, run every check; each rank's ``{check: count}``."""
     out_dir = tmp_path_factory.mktemp("ranks")
-    checks = [("check_nonfinite_ignored_rows", (SIZES,))]
+    checks = [("check_nonfinite_ignored_rows", (SIZES,)), ("check_target_agreement", (SIZES,))]
     ctx = mp.start_processes(
         workers.entry,
         args=(WORLD, str(out_dir / "store"), str(out_dir), checks),
@@ -55,3 +58,9 @@ def test_nonfinite_values_on_ignored_rows_leave_the_gradients_finite(reports):
     # 24 linear cases (NaN/inf x 3 reductions x softcap x bias): loss, input, weight, bias/extra
     # check each; then NaN/inf upstream on ignored rows: logits grad, input grad, weight grad
     assert [report.get("check_nonfinite_ignored_rows") for report in reports] == [24 * 4 + 2 * 3] * WORLD
+
+
+def test_targets_that_differ_between_ranks_raise_on_every_rank(reports):
+    # 5 differing cases x 2 functions, the message naming the first difference, then a good
+    # call with agreeing targets (loss and gradient)
+    assert [report.get("check_target_agreement") for report in reports] == [5 * 2 + 1 + 2] * WORLD

@@ -11,11 +11,15 @@ Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank):
 
     step  on every rank r (local, no N x V)                collective           floats per rank
     ----  ---------------------------------------------    ------------------   ----------------
-    0     V_r, N, D, dtype, options, min/max and a          all_gather int64     16 W (not per row)
-          fingerprint of target, local argument errors      (once per call)      one host sync
+    0     V_r, N, D, dtype, options, min/max of the         all_gather int64     16 W (not per row)
+          target, local argument errors                     (once per call)      host read 1
           -> the same table on every rank: every rank
              checks it and raises the same error together
           offset_r = V_0 + ... + V_{r-1}   (partition.vocab_offsets, pure)
+    0b    the targets themselves (N agrees by now):         all_reduce MIN of    2N int64
+          [y, ~y] (~y = -1 - y) -> per position             stacked [y, ~y]      host read 2:
+          min_r y and max_r y; unequal somewhere <=>        (W > 1 and N > 0)    one bool
+          the targets differ: the same flag on every rank
     forward
     1     for each chunk c of the slice (columns c0:c1):
             z = local_logits[:, c0:c1]          (logits version)
@@ -37,7 +41,7 @@ Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank):
             dx_r += dz W[c0:c1]
     6     dx = sum_r dx_r                                   all_reduce SUM       N D (linear only)
 
-So the loss costs three collectives per call, two of them O(N) and none O(N V); the linear
+So the loss costs four collectives per call, three of them O(N) and none O(N V); the linear
 version adds one all-reduce of the input gradient in backward (each rank's ``x`` is replicated,
 so its gradient is the sum of every slice's contribution; every rank gets that sum).
 
@@ -48,9 +52,14 @@ collectives and steps 2-4 are the same code on both paths.
 
 Faults: every argument check, local or across ranks (slice shapes that disagree with the input,
 rows or feature sizes or options that differ between ranks, a target differing between ranks or
-outside ``[0, V)``), goes through the table of step 0, so all ranks raise the same exception
-together instead of some of them waiting in a collective. A rank that never calls at all makes the
-others wait until the process group's timeout (``init_process_group(timeout=...)``).
+outside ``[0, V)``), goes through the table of step 0 or the reduced targets of step 0b, which are
+the same on every rank, so all ranks raise the same exception together instead of some of them
+waiting in a collective. Step 0b needs its own read to the host: its all-reduce can only be
+issued once step 0's table has shown that every rank has the same number of rows (a collective of
+mismatched sizes hangs or fails), and only its result tells whether the targets agree; a checksum
+in the table would need no second read but lets different targets through (a linear one made
+[0, 1] and [2, 0] agree). A rank that never calls at all makes the others wait until the process
+group's timeout (``init_process_group(timeout=...)``).
 
 Semantics follow crossent's contract (``DESIGN.md``): ``mean`` divides by the number of non-ignored
 rows and is 0 with zero gradients when there are none; label smoothing gives ``eps / K`` to each
@@ -58,8 +67,9 @@ of the ``K`` classes whose (softcapped) logit is finite in that row, ``K`` count
 ``z_loss * lse^2`` is added per non-ignored row; softcap ``c tanh(logits / c)`` comes first;
 bfloat16/float16 inputs accumulate and return float32 losses. NaN logits propagate; an ignored row
 contributes 0 whatever its logits (or, in the linear version, its input row: a NaN there leaves
-every gradient finite). Validation reads one small table to the host (one sync per call);
-the rest stays on the device, so the same code runs on NCCL.
+every gradient finite). Validation reads one small table and one flag to the host (two syncs per
+call, both before any loss work is queued); the rest stays on the device, so the same code runs on
+NCCL.
 """
 
 from __future__ import annotations
@@ -99,7 +109,6 @@ _FIELDS = (
     "dtype",  # index in _FLOAT_DTYPES
     "target_min",  # over non-ignored targets; INT64_MAX if none
     "target_max",  # over non-ignored targets; INT64_MIN if none
-    "target_fingerprint",  # position-weighted sum of the targets
     "ignore_index",
     "reduction",
     "label_smoothing",
@@ -115,7 +124,6 @@ _SHARED = {  # fields every rank must agree on, with the words an error uses
     "target_ndim": "target.ndim",
     "features": "the feature size D of the input",
     "dtype": "the dtype of the logits / input",
-    "target_fingerprint": "the target (a position-weighted checksum of its indices)",
     "ignore_index": "ignore_index",
     "reduction": "reduction",
     "label_smoothing": "label_smoothing",
@@ -524,7 +532,7 @@ def _check_tensor(value, name: str, problems, *, floating: bool) -> bool:
 
 
 def _target_summary(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``[min, max, fingerprint]`` of the targets, on the target's device (no host sync)."""
+    """``[min, max]`` of the non-ignored targets, on the target's device (no host sync)."""
     flat = target.reshape(-1).to(torch.int64)
     valid = flat != ignore_index
     if flat.numel() == 0:
@@ -533,9 +541,34 @@ def _target_summary(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     else:
         low = torch.where(valid, flat, torch.full_like(flat, _INT64_MAX)).min()
         high = torch.where(valid, flat, torch.full_like(flat, _INT64_MIN)).max()
-    position = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
-    fingerprint = (flat * position).sum()  # int64; wraps deterministically on overflow
-    return torch.stack([low, high, fingerprint])
+    return torch.stack([low, high])
+
+
+def _check_same_target(fn: str, group, target: torch.Tensor) -> None:
+    """Step 0b: every rank must hold the same targets, compared exactly; ValueError on every rank.
+
+    One all-reduce MIN of ``[y, ~y]`` (int64, 2N per rank; ``~y = -1 - y`` reverses the order of
+    int64 without overflow, so ``~min(~y) = max y``) gives every rank the same elementwise
+    minimum and maximum over the ranks, ignore_index values included: the targets agree iff the
+    two are equal everywhere. The flag comes from the reduced values only, so every rank reads
+    the same one. Called once the table has shown that the ranks have the same number of rows
+    (the collective needs equal sizes); skipped, on every rank alike, for one rank or no rows.
+    """
+    flat = target.reshape(-1).to(torch.int64)
+    if dist.get_world_size(group) == 1 or flat.numel() == 0:
+        return
+    both = torch.stack([flat, torch.bitwise_not(flat)])
+    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+    low, high = both[0], torch.bitwise_not(both[1])
+    differs = low != high
+    if bool(differs.any()):  # the second (and last) host read of the call
+        first = int(differs.nonzero()[0, 0])  # the error path only
+        raise ValueError(
+            f"{fn}: the target must be the same on every rank of the group, got "
+            f"{int(differs.sum())} of {flat.numel()} positions that differ (the first at flat "
+            f"index {first}: values from {int(low[first])} to {int(high[first])} across the "
+            "ranks) (raised on every rank)"
+        )
 
 
 def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary) -> list[dict]:
@@ -545,7 +578,7 @@ def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary)
     local = local.to(device)
     if summary is not None:
         at = _FIELDS.index("target_min")
-        local[at : at + 3] = summary.to(device)
+        local[at : at + 2] = summary.to(device)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
     table = [dict(zip(_FIELDS, row, strict=True)) for row in torch.stack(gathered).tolist()]
@@ -665,7 +698,7 @@ def vocab_parallel_cross_entropy(
 
     and ``ℓ_i = 0`` on rows whose target is ``ignore_index``. ``reduction="mean"`` divides the sum
     by the number of non-ignored rows (0, with zero gradients, when there are none). The logits are
-    never gathered: the module docstring draws the communication (three collectives, O(N) floats).
+    never gathered: the module docstring draws the communication (four collectives, O(N) values).
 
     Args:
         local_logits: this rank's slice of the logits, ``[..., V_r]``; rank ``r`` holds the global
@@ -756,6 +789,7 @@ def vocab_parallel_cross_entropy(
         rows=rows,
         target_shape=target.shape,
     )
+    _check_same_target(fn, group, target)
     logits2d = local_logits.reshape(rows, plan.vocab_local)
     return _VocabParallelCrossEntropy.apply(logits2d, target.reshape(rows).to(torch.int64), plan)
 
@@ -852,6 +886,7 @@ def vocab_parallel_linear_cross_entropy(
         rows=rows,
         target_shape=target.shape,
     )
+    _check_same_target(fn, group, target)
     x2d = input.reshape(rows, input.shape[-1])
     flat_target = target.reshape(rows).to(torch.int64)
     return _VocabParallelLinearCrossEntropy.apply(x2d, local_weight, local_bias, flat_target, plan)
