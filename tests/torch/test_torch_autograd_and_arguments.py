@@ -421,8 +421,18 @@ def test_linear_zero_hidden_dim_matches_torch(impl, reduction, bias):
         torch.testing.assert_close(b.grad, br.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(params=["compacted", "all-rows"])
+def chunked_rows(request, monkeypatch):
+    """The chunked path's row schedule: ignored rows dropped first (the CPU's), or every row
+    processed (what CUDA tensors take; C = 0 made it reduce over an empty class axis)."""
+    from crossent.torch import _chunked
+
+    monkeypatch.setattr(_chunked, "COMPACT_IGNORED_ROWS_ON_CPU", request.param == "compacted")
+    return request.param
+
+
 @pytest.mark.parametrize("impl", ["auto", "chunked", "reference"])
-def test_linear_zero_hidden_dim_three_d_and_zero_classes(impl):
+def test_linear_zero_hidden_dim_three_d_and_zero_classes(impl, chunked_rows):
     got = cet.linear_cross_entropy(torch.zeros(2, 3, 0), torch.zeros(4, 0),
                                    torch.zeros(2, 3, dtype=torch.long), impl=impl, reduction="none")
     torch.testing.assert_close(got, torch.full((2, 3), math.log(4)))
@@ -437,7 +447,7 @@ def test_linear_zero_hidden_dim_three_d_and_zero_classes(impl):
 @pytest.mark.parametrize("impl", ["auto", "chunked", "reference"])
 @pytest.mark.parametrize("kind", ["int", "soft"])
 @pytest.mark.parametrize("shape", [(3, 0), (2, 0, 3)])
-def test_zero_classes_follow_torch(impl, kind, shape):
+def test_zero_classes_follow_torch(impl, kind, shape, chunked_rows):
     """C = 0: "sum"/"none" as torch (zeros), "mean" 0 (the zero-denominator rule; torch: NaN),
     an empty gradient, on every impl (impl="reference" raised an IndexError). torch 2.13 raises
     "size mismatch" for C = 0 with extra dimensions, so (2, 0, 3) is compared with torch on the

@@ -139,6 +139,12 @@ class _Rows:
         return torch.where(self.valid, c, torch.zeros((), dtype=c.dtype, device=c.device))
 
 
+def _rows_with_classes(shape: tuple[int, int]) -> int:
+    """The rows to process of logits of ``shape`` (M, C): none when C = 0 (every row's loss, lse
+    and gradient stay 0, as in core; a block would reduce over an empty class axis)."""
+    return shape[0] if shape[1] else 0
+
+
 def _take(tensor: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
     return tensor[sel] if isinstance(sel, slice) else tensor.index_select(0, sel)
 
@@ -322,7 +328,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows = _Rows(target, weight, ignore_index, num_rows, dt, logits.device)
         lse_all = torch.zeros(num_rows, dtype=dt, device=logits.device)
         ce_all = torch.zeros(num_rows, dtype=dt, device=logits.device)
-        for sel, idx in rows.blocks(num_rows, block_rows):
+        for sel, idx in rows.blocks(_rows_with_classes(logits.shape), block_rows):
             z, t = _prepare_block(_take(logits, sel), target, rows, sel, dt, softcap)
             lse, ce, _ = _block_forward(z, t, w, label_smoothing, rows.soft)
             _put(lse_all, sel, idx, lse)
@@ -348,7 +354,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad.index_fill_(0, (~rows.valid).nonzero().squeeze(1), 0.0)
         else:
             grad = torch.zeros_like(logits)
-        for sel, idx in rows.blocks(num_rows, block_rows):
+        for sel, idx in rows.blocks(_rows_with_classes(logits.shape), block_rows):
             z, t = _prepare_block(_take(logits, sel), target, rows, sel, dt, softcap)
             lse = _take(lse_all, sel)
             p = _softmax(z)
@@ -403,7 +409,7 @@ def _linear_pass(
         if need_b and lin_b is not None
         else None
     )
-    for sel, idx in rows.blocks(num_rows, block_rows):
+    for sel, idx in rows.blocks(_rows_with_classes((num_rows, lin_w.shape[0])), block_rows):
         # Ignored rows of the input zeroed (all-rows path): dW = G^T x and db would take
         # 0 * NaN from a NaN hidden state there (a fully masked attention row in the padding).
         xb = _zero_ignored_rows(_take(x, sel), rows, sel)
