@@ -332,6 +332,24 @@ def test_scatter_rows_kernel(dtype, device):
     assert torch.equal(out, want)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_valid", [29, 0, 37])
+def test_gather_rows_kernel(dtype, n_valid, device):
+    """``out[i] = src[rows[i]]`` for i < n_valid (read on the device), 0 for the other rows even
+    where ``src`` holds NaN or inf there; a strided ``src`` (a column slice)."""
+    g = torch.Generator().manual_seed(6)
+    n_rows, n_cols = 37, 133
+    rows = torch.randperm(n_rows, generator=g).to(device)
+    src = torch.randn(n_rows, n_cols + 3, generator=g).to(device=device, dtype=dtype)[:, 1 : n_cols + 1]
+    src[rows[n_valid:]] = float("nan")
+    if n_valid < n_rows:
+        src[rows[-1], 0] = float("inf")
+    out = _launchers._gather_rows(src, rows, torch.tensor(n_valid, device=device))
+    want = torch.zeros(n_rows, n_cols, dtype=dtype, device=device)
+    want[:n_valid] = src[rows[:n_valid]]
+    assert out.is_contiguous() and torch.equal(out, want)
+
 def test_deterministic(device):
     x, w, b, target, cw = make(device)
     opts = dict(ALL, weight=cw.float())
@@ -493,8 +511,8 @@ def test_rows_gradients_are_handed_on_without_a_copy(monkeypatch, chunked, devic
     seen = []
     real = _launchers.scale_grads_
 
-    def spy(grads, grad_output):
-        out = real(grads, grad_output)
+    def spy(grads, grad_output, *args):
+        out = real(grads, grad_output, *args)
         seen.append([g.data_ptr() for g in out if g is not None])
         return out
 

@@ -53,8 +53,13 @@ def main():
         build(f"ce_forward[{dt},streamed,persistent,forward-order]", K._ce_forward_kernel, ce_ptrs,
               dict(every, SINGLE_BLOCK=False, PERSISTENT=True, REVERSE=False, INTERPRETER=False, BLOCK=8192),
               floats=("eps", "z_loss", "cap"), num_warps=16)
-        build(f"scale_rows[{dt}]", K._scale_rows_kernel, {"grad_ptr": f"*{dt}", "scale_ptr": "*fp32"},
-              dict(INTERPRETER=False, BLOCK=8192), num_warps=16)
+        for skip in (False, True):
+            build(f"scale_rows[{dt}" + (",skip_ignored]" if skip else "]"), K._scale_rows_kernel,
+                  {"grad_ptr": f"*{dt}", "scale_ptr": "*fp32", "target_ptr": "*i64"},
+                  dict(SKIP_IGNORED=skip, INTERPRETER=False, BLOCK=8192), num_warps=16)
+        build(f"gather_rows[{dt}]", K._gather_rows_kernel,
+              {"src_ptr": f"*{dt}", "rows_ptr": "*i64", "n_valid_ptr": "*i64", "out_ptr": f"*{dt}"},
+              dict(BLOCK_M=32, BLOCK_D=128), num_warps=4)
         build(f"scatter_rows[{dt}]", K._scatter_rows_kernel,
               {"src_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": f"*{dt}"},
               dict(INTERPRETER=False, BLOCK_M=32, BLOCK_D=128), num_warps=4)

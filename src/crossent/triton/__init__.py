@@ -61,7 +61,8 @@ def cross_entropy(
     number of non-ignored rows (a zero denominator gives 0); ``"sum"`` adds; ``"none"`` returns
     :math:`L_i` (0 on ignored rows). The forward kernel writes the gradient too (online softmax,
     arXiv:1805.02867), so backward only scales it; ``inplace_backward=True`` writes it into
-    ``logits`` itself (their values are destroyed), saving an (M, C) buffer.
+    ``logits`` itself (their values are destroyed), saving an (M, C) buffer. An ignored row's
+    loss and gradient are 0 whatever its logits and its upstream gradient (NaN and inf included).
 
     Args:
         logits: (M, C) float32, bfloat16 or float16 on CUDA (classes last, unit column stride
@@ -151,7 +152,9 @@ def linear_cross_entropy(
     (``"none"``, smaller budgets) the forward keeps the logits' gradient of as many vocabulary
     columns as fit, which are then not recomputed, and its Triton kernels skip the ignored rows
     on the device. ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0`` turns the waits off: ignored rows then
-    go through the cuBLAS products with G = 0.
+    go through the cuBLAS products with G = 0 (their input rows zeroed in a copy). On every path
+    an ignored row contributes 0 whatever its input and its upstream gradient (NaN and inf
+    included): dW and db are those of the other rows, dE is 0 on it.
 
     Args:
         input: (..., D) float32, bfloat16 or float16.

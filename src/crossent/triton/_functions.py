@@ -29,6 +29,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             # in-place error instead of reading the gradient as its output.
             torch.autograd.graph.increment_version(logits)
         ctx.grad = out.grad
+        # The checked (int64) targets: backward leaves the ignored rows' zero gradient as it is.
+        ctx.target, ctx.ignore_index = out.target, ignore_index
         ctx.consumed = False
         ctx.mark_non_differentiable(target)
         return out.loss
@@ -43,8 +45,8 @@ class CrossEntropyFunction(torch.autograd.Function):
                 "the loss, or use impl='chunked'"
             )
         ctx.consumed = True
-        grad = L.scale_rows_(ctx.grad, grad_output)
-        ctx.grad = None
+        grad = L.scale_rows_(ctx.grad, grad_output, ctx.target, ctx.ignore_index)
+        ctx.grad = ctx.target = None
         # One entry per forward argument: logits, then target, weight, ignore_index, reduction,
         # label_smoothing, z_loss, softcap, inplace_backward, grad_enabled (none differentiable).
         return grad, None, None, None, None, None, None, None, None, None
@@ -94,7 +96,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 )
             # Handed on without another reference kept here, so autograd can take them as they are.
             grads, ctx.rows.grads = ctx.rows.grads, None
-            d_inp, d_w, d_b = L.scale_grads_(grads, grad_output)
+            d_inp, d_w, d_b = L.scale_grads_(grads, grad_output, ctx.rows.target, ctx.rows.ignore_index)
             return d_inp, d_w, None, d_b, None, None, None, None, None, None, None, None
         inp, linear_weight, linear_bias = ctx.saved_tensors
         label_smoothing, softcap = ctx.options

@@ -365,19 +365,25 @@ def _ce_row(
 
 
 @triton.jit
-def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, n_cols, INTERPRETER: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _scale_rows_kernel(grad_ptr, stride_grad, scale_ptr, stride_scale, target_ptr, ignore_index, n_cols,
+                       SKIP_IGNORED: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK: tl.constexpr):
     """In-place ``grad[row, :] *= scale[row * stride_scale]`` (stride 0: one scalar for all rows).
 
     A row whose scale is exactly 1 is skipped without touching memory: with ``loss.backward()``
     on a mean or sum the upstream gradient is 1, and this check (done on the device) saves a full
-    read and write of the gradient without a host sync.
+    read and write of the gradient without a host sync. With ``SKIP_IGNORED`` a row whose target
+    is ``ignore_index`` is skipped too: its gradient (0, written by the forward) stays exactly 0
+    whatever the upstream gradient is (0 * NaN and 0 * inf would be NaN), as in F.cross_entropy.
     Pointers: ``grad_ptr`` (M, n_cols), row stride ``stride_grad``, unit column stride;
-    ``scale_ptr`` any float dtype. Overflow: ``row`` widened to int64.
+    ``scale_ptr`` any float dtype; ``target_ptr`` (M,) integer targets (read only with
+    ``SKIP_IGNORED``). Overflow: ``row`` widened to int64.
     """
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
-    if scale != 1.0:
+    todo = scale != 1.0
+    if SKIP_IGNORED:
+        todo = todo & (tl.load(target_ptr + row) != ignore_index)
+    if todo:
         g_row = grad_ptr + row * stride_grad
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -407,6 +413,31 @@ def _scatter_rows_kernel(src_ptr, rows_ptr, n_src, out_ptr, n_rows, n_cols, INTE
                 other=0.0)
     tl.store(out_ptr + dest[:, None] * n_cols + d[None, :], _cast(x, out_ptr.dtype.element_ty, INTERPRETER),
              mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _gather_rows_kernel(src_ptr, stride_src, rows_ptr, n_valid_ptr, out_ptr, n_rows, n_cols,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[i, :] = src[rows[i], :]`` for ``i < n_valid``, and ``out[i, :] = 0`` for
+    ``n_valid <= i < n_rows``: the non-ignored rows gathered in the compacted order, the ignored
+    ones (past ``n_valid``) zero whatever ``src`` holds there (NaN hidden states of padding), so
+    that a product over a chunk that still holds some of them (the "fast" row schedule's first
+    chunk) multiplies zeros. The rows past ``n_valid`` are not read.
+
+    Grid (row blocks, column blocks). ``src_ptr`` (>= max(rows) + 1, n_cols), row stride
+    ``stride_src``, unit column stride; ``rows_ptr`` (n_rows,) int64; ``n_valid_ptr`` int64 scalar
+    on the device (no host sync); ``out_ptr`` (n_rows, n_cols) contiguous, dtype of ``src``.
+    Overflow: row offsets int64.
+    """
+    i = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < n_cols
+    row_mask = i < n_rows
+    n_valid = tl.load(n_valid_ptr)
+    read = row_mask & (i < n_valid)
+    src = tl.load(rows_ptr + i, mask=read, other=0).to(tl.int64)
+    x = tl.load(src_ptr + src[:, None] * stride_src + d[None, :], mask=read[:, None] & d_mask[None, :], other=0.0)
+    tl.store(out_ptr + i[:, None] * n_cols + d[None, :], x, mask=row_mask[:, None] & d_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------

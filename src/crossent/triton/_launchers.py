@@ -370,7 +370,8 @@ def _sm_count(device):
 @dataclasses.dataclass
 class CEForward:
     loss: torch.Tensor  # float32 scalar, or (M,) for "none"
-    grad: torch.Tensor | None  # (M, C) gradient for an upstream gradient of 1
+    grad: torch.Tensor | None  # (M, C) gradient for an upstream gradient of 1 (0 on ignored rows)
+    target: torch.Tensor  # (M,) int64, contiguous: backward skips the ignored rows (``scale_rows_``)
 
 
 def cross_entropy_forward(
@@ -414,7 +415,7 @@ def cross_entropy_forward(
         den = _denominators(target, weight, ignore_index, n_cols, reduction)
         _launch_ce(x, grad, target, weight, den, row_loss, ignore_index, label_smoothing, z_loss, softcap)
     loss = row_loss if reduction == "none" else row_loss.sum()
-    return CEForward(loss, grad)
+    return CEForward(loss, grad, target)
 
 
 def _launch_ce(x, grad, target, weight, den, row_loss, ignore_index, label_smoothing, z_loss, softcap):
@@ -452,8 +453,11 @@ def _launch_ce(x, grad, target, weight, den, row_loss, ignore_index, label_smoot
     )
 
 
-def scale_rows_(grad, grad_output):
-    """In place ``grad *= grad_output`` (scalar, or per row for "none"); rows scaled by 1 skipped."""
+def scale_rows_(grad, grad_output, target=None, ignore_index=0):
+    """In place ``grad *= grad_output`` (scalar, or per row for "none"); rows scaled by 1 skipped,
+    and, given ``target`` ((M,) integers), the rows whose target is ``ignore_index``: their
+    gradient, 0 from the forward, stays 0 whatever the upstream gradient (NaN and inf included).
+    The skip is decided on the device per row (one target load): no extra pass, no host sync."""
     n_rows, n_cols = grad.shape
     if n_rows == 0 or n_cols == 0:
         return grad
@@ -461,7 +465,8 @@ def scale_rows_(grad, grad_output):
     stride = 0 if g.ndim == 0 else g.stride(0)
     block, warps, _ = _row_block(n_cols)
     K._scale_rows_kernel[(n_rows,)](
-        grad, grad.stride(0), g, stride, n_cols, INTERPRETER=interpreted(), BLOCK=block, num_warps=warps
+        grad, grad.stride(0), g, stride, target if target is not None else g, ignore_index, n_cols,
+        SKIP_IGNORED=target is not None, INTERPRETER=interpreted(), BLOCK=block, num_warps=warps,
     )
     return grad
 
@@ -835,6 +840,20 @@ def _host_count(n_valid):
     return None if value == "0" else HostCount.start(n_valid)
 
 
+def _gather_rows(src, rows, n_valid):
+    """``src[rows]`` (contiguous), with the rows from position ``n_valid`` (a device int64
+    scalar) on zero and not read (``_gather_rows_kernel``): the bytes of ``index_select``, less
+    the ignored rows' reads."""
+    n_rows, n_dim = rows.shape[0], src.shape[1]
+    out = torch.empty(n_rows, n_dim, dtype=src.dtype, device=src.device)
+    if n_rows and n_dim:
+        block_m, block_d = 32, 128
+        K._gather_rows_kernel[(triton.cdiv(n_rows, block_m), triton.cdiv(n_dim, block_d))](
+            src, src.stride(0), rows, n_valid, out, n_rows, n_dim, BLOCK_M=block_m, BLOCK_D=block_d,
+        )
+    return out
+
+
 def _scatter_rows(src, rows, n_src, out):
     """``out[rows[i]] = src[i]`` for ``i < n_src``, 0 on the other rows (``_scatter_rows_kernel``;
     ``src`` and ``out`` contiguous, ``rows`` a permutation of out's rows)."""
@@ -858,6 +877,7 @@ class LinearForward:
     target: torch.Tensor
     weight: torch.Tensor | None
     operands: tuple | None  # (input, linear_weight, linear_bias) as the kernels read them
+    ignore_index: int
 
 
 def check_linear(
@@ -987,7 +1007,7 @@ def linear_forward(
             )
     loss = row_loss if reduction == "none" else row_loss.sum()
     return LinearForward(loss, rows, n_valid, coef, store, count, plan, target, weight,
-                         (inp, linear_weight, linear_bias))
+                         (inp, linear_weight, linear_bias), ignore_index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1020,6 +1040,8 @@ class LinearRows:
 
     loss: torch.Tensor
     grads: tuple  # (d_input, d_linear_weight, d_linear_bias), None where not wanted
+    target: torch.Tensor  # (M,) int64: ``scale_grads_`` leaves dE's ignored rows at 0
+    ignore_index: int
 
 
 def linear_rows_forward(
@@ -1038,7 +1060,8 @@ def linear_rows_forward(
     the gradients by the upstream scalar (``scale_rows_``).
 
     Ignored rows: with more than one chunk, the rows are taken in the compacted order (the
-    non-ignored first, gathered into an (N, D) buffer: N*D elements beyond the budget) and the
+    non-ignored first, gathered into an (N, D) buffer: N*D elements beyond the budget; the
+    ignored ones zero there, ``_gather_rows_kernel``) and the
     number of non-ignored rows is sent to the host when the forward starts (``HostCount``). The
     first chunk is queued without it; before the second, the host waits for that count, which the
     GPU passed before the first chunk's products (still queued or running, so the GPU never runs
@@ -1046,7 +1069,12 @@ def linear_rows_forward(
     gathered rows once they are used, then scattered back to the rows' order with zeros on the
     ignored rows (``_scatter_rows_kernel``). One chunk only (the budget holds every row), under
     CUDA graph capture or with ``CROSSENT_TRITON_LINEAR_HOST_COUNT=0``, ignored rows go through the
-    products in their own order, with G = 0.
+    products in their own order, with G = 0; when dW is wanted, from a copy of the chunk's input
+    rows with the ignored ones zeroed (in the chunk's rows of the dE output, which dE overwrites
+    after dW's product; a (rows, D) buffer without dE), since G^T E would give 0 * NaN = NaN for a
+    NaN or inf hidden state there: one extra read and write of E's rows per call.
+    An ignored row contributes 0 whatever its input (DESIGN.md): dW and db are those of the
+    non-ignored rows, dE is 0 on the ignored rows.
     """
     need_input, need_weight, need_bias = needs
     device = inp.device
@@ -1054,24 +1082,35 @@ def linear_rows_forward(
     n_vocab = linear_weight.shape[0]
     valid = target != ignore_index
     den = _denominators(target, weight, ignore_index, n_vocab, reduction, valid)
-    count = _host_count(den.n_valid if den.mean else valid.sum()) if rows < n_rows else None
+    count = None
+    if rows < n_rows:
+        n_kept = den.n_valid if den.mean else valid.sum()  # on the device
+        count = _host_count(n_kept)
     row_loss = torch.zeros(n_rows, dtype=torch.float32, device=device)
     d_inp = torch.empty_like(inp, memory_format=torch.contiguous_format) if need_input else None
     d_w = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if need_weight else None
     d_b = torch.zeros(n_vocab, dtype=torch.float32, device=device) if need_bias else None
     # cuBLAS adds the bias in the operands' dtype (as torch.nn.functional.linear requires).
     bias = linear_bias.to(inp.dtype) if linear_bias is not None else None
+    masked = None  # where the chunk's input rows go with the ignored ones zeroed (no count)
     if count is not None:
         order = _valid_first(valid)
-        e_all, t_all = inp.index_select(0, order), target[order]
+        e_all, t_all = _gather_rows(inp, order, n_kept), target[order]
     else:
         e_all, t_all = inp, target
+        if d_w is not None:
+            masked = d_inp if d_inp is not None else torch.empty(rows, n_dim, dtype=inp.dtype, device=device)
     buf = torch.empty(rows, n_vocab, dtype=inp.dtype, device=device)
     w_t = linear_weight.T
     start, end = 0, n_rows
     while start < end:
         stop = min(start + rows, end)
         e = e_all[start:stop]
+        if masked is not None:
+            # dW = G^T E multiplies the ignored rows' G = 0 by their input: zero it (NaN/inf
+            # hidden states of padding), in the rows of dE that this chunk writes last.
+            dest = masked[start:stop] if masked is d_inp else masked[: stop - start]
+            e = torch.where(valid[start:stop, None], e, e.new_zeros(()), out=dest)
         x = buf[: stop - start]
         if bias is None:
             torch.mm(e, w_t, out=x)
@@ -1097,17 +1136,21 @@ def linear_rows_forward(
         _scatter_rows(e_all, order, n_rows if n_valid is None else n_valid, d_inp)
     if d_b is not None:
         d_b = d_b.to(linear_bias.dtype)
-    return LinearRows(row_loss.sum(), (d_inp, d_w, d_b))
+    return LinearRows(row_loss.sum(), (d_inp, d_w, d_b), target, ignore_index)
 
 
-def scale_grads_(grads, grad_output):
-    """``g *= grad_output`` (a scalar on the device) for each gradient of ``grads`` that is not
-    None; no memory is touched when it is 1 (``scale_rows_``)."""
+def scale_grads_(grads, grad_output, target, ignore_index):
+    """``g *= grad_output`` (a scalar on the device) for each gradient of ``grads`` (dE, dW, db)
+    that is not None; no memory is touched when it is 1, nor on the rows of dE whose ``target``
+    is ``ignore_index`` (they stay 0 for a NaN or inf upstream gradient: ``scale_rows_``)."""
     out = []
-    for g in grads:
+    for i, g in enumerate(grads):
         if g is not None and g.numel():
             flat = g.view(-1, g.shape[-1]) if g.ndim > 1 else g.view(1, -1)
-            scale_rows_(flat, grad_output)
+            if i == 0:
+                scale_rows_(flat, grad_output, target, ignore_index)
+            else:
+                scale_rows_(flat, grad_output)
         out.append(g)
     return tuple(out)
 
@@ -1298,7 +1341,10 @@ def linear_backward_products(
     ``products=3``: G_c straight from ``_lce_grad_tile_kernel`` recomputing the logits itself
     (tl.dot in float32; with ``tma`` through descriptors of E' and W), no cuBLAS X_c and no
     elementwise pass. Without a count (CUDA graph capture) M' = M: every row in its own order,
-    ignored rows with G = 0 (statistics m = +inf, A = B = C = 0), X_c by cuBLAS in any case.
+    ignored rows with G = 0 (statistics m = +inf, A = B = C = 0, whatever the upstream gradient
+    there), X_c by cuBLAS in any case, from a copy of E whose ignored rows are zeroed (in the dE
+    output: one extra read and write of E), so that their NaN or inf hidden states neither make
+    G NaN nor reach dW: an ignored row contributes 0 whatever its input (DESIGN.md).
     """
     plan, t = fwd.plan, fwd.plan.tiles
     n_rows, n_vocab, n_dim = plan.n_rows, plan.n_vocab, plan.n_dim
@@ -1331,8 +1377,18 @@ def linear_backward_products(
         compacted = fwd.coef.clone()
         compacted[0].masked_fill_(torch.arange(n_rows, device=device) >= fwd.n_valid, float("inf"))
         coef = torch.empty_like(compacted).index_copy_(1, fwd.rows, compacted)
-        coef[2:] *= g_out
+        valid = fwd.target != fwd.ignore_index
+        # Selected, not multiplied: 0 * NaN (a NaN or inf upstream gradient on an ignored row, or
+        # as the scalar) would make the ignored rows' G NaN.
+        coef[2:] = torch.where(valid, coef[2:] * g_out, 0.0)
         target, e = fwd.target, inp
+        if n_valid is None:
+            # No count (CUDA graph capture): every row goes through the products, ignored ones
+            # too. Their input is zeroed in a copy (in the dE output, or a buffer of its own as in
+            # the compacted case), so that a NaN or inf hidden state there gives finite logits,
+            # hence G = 0 exactly (m = +inf, A = B = C = 0), and adds nothing to dW = G^T E.
+            e = d_inp if d_inp is not None else torch.empty(n_rows, n_dim, dtype=dtype, device=device)
+            torch.where(valid[:, None], inp, inp.new_zeros(()), out=e)
     every_row = torch.arange(m, device=device)
     n_all = torch.full((), m, dtype=torch.int64, device=device)
     # Fewer rows, wider chunks in the same workspace: fewer passes over the dE accumulator; the
@@ -1391,15 +1447,16 @@ def linear_backward_products(
                 num_warps=grad_warps,
                 **_dot_args(dtype),
             )
-        if need_input:
-            if acc is None:
-                torch.mm(x, w_c, out=d_inp)
-            else:
-                _addmm_float32_(acc, x, w_c)
         if need_weight:
             torch.mm(x.T, e, out=d_w[start : start + width])
         if need_bias:
             torch.sum(x, 0, dtype=torch.float32, out=d_b[start : start + width])
+        if need_input:
+            # Last: with one chunk and no accumulator dE overwrites E, which may live in its buffer.
+            if acc is None:
+                torch.mm(x, w_c, out=d_inp)
+            else:
+                _addmm_float32_(acc, x, w_c)
     del workspace, buf, x
     if compact and d_inp is not None:
         _scatter_rows(acc, fwd.rows, m, d_inp)
