@@ -188,3 +188,35 @@ def test_checks_are_skipped_under_jit_as_documented():
         _, grad = jax.jit(lambda a, b, o=opts: ce.softmax_cross_entropy_and_grad(a, b, reduction="none", **o))(x, y)
         np.testing.assert_allclose(rows[0], np.log(3.0), rtol=1e-6)
         assert np.isnan(rows[1:]).all() and np.isnan(grad[1:]).all() and np.isfinite(grad[0]).all()
+
+
+def test_jit_out_of_range_label_gradient_is_nan_on_its_row_only():
+    """Under jax.jit an out-of-range label's row is NaN in jax.grad too (a NaN selected by
+    where would leave its derivative 0, and a NaN times the loss selected by where would make
+    every row's derivative NaN); the other rows keep theirs, equal to the closed form."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    x = jnp.asarray(np.array([[0.1, 0.5, -0.3], [0.2, 0.0, 1.0], [1.0, 2.0, 3.0]], np.float32))
+    y = jnp.asarray(np.array([0, 5, 2], np.int32))
+    for opts in ({}, {"label_smoothing": 1.0}, {"weight": jnp.asarray([1.0, 2.0, 0.5])}):
+        grad = jax.jit(jax.grad(lambda a, o=opts: ce.softmax_cross_entropy(a, y, reduction="sum", **o)))(x)
+        _, closed = jax.jit(lambda a, o=opts: ce.softmax_cross_entropy_and_grad(a, y, reduction="sum", **o))(x)
+        assert np.isnan(np.asarray(grad)[1]).all() and np.isnan(np.asarray(closed)[1]).all()
+        np.testing.assert_allclose(np.asarray(grad)[[0, 2]], np.asarray(closed)[[0, 2]], rtol=1e-6, atol=1e-7)
+
+
+def test_namespaces_before_the_2024_standard_pick_labels_without_take_along_axis():
+    """take_along_axis came with the 2024.12 standard: an older namespace (array_api_strict set
+    to 2023.12) picks each row's label by a one-hot sum, with the same results as numpy."""
+    strict = pytest.importorskip("array_api_strict")
+    x = np.random.default_rng(0).standard_normal((6, 5))
+    y = np.array([0, 4, 2, -100, 1, 3])
+    w = np.linspace(0.5, 2.0, 5)
+    with strict.ArrayAPIStrictFlags(api_version="2023.12"):
+        for opts in ({}, {"weight": w}, {"label_smoothing": 0.2, "weight": w}):
+            kwargs = {k: strict.asarray(v) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
+            got = ce.softmax_cross_entropy(strict.asarray(x), strict.asarray(y), ignore_index=-100, reduction="none",
+                                           **kwargs)
+            want = ce.softmax_cross_entropy(x, y, ignore_index=-100, reduction="none", **opts)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)

@@ -475,3 +475,17 @@ def test_soft_targets_take_numba_kernels_for_the_plain_loss_and_the_blocked_pass
     assert (blocked_calls, kernel_calls) == ([1] * 4, [1, 1])
     _array_api(ce.softmax_cross_entropy_and_grad, x, t, weight=w)
     assert (blocked_calls, kernel_calls) == ([1] * 4, [1, 1])
+
+
+def test_full_smoothing_row_without_a_finite_logit_is_nan(fast_path):
+    """label_smoothing=1 drops the nll term: a kept row with no finite logit (all NaN, NaN and
+    -inf, all -inf) is still NaN, as in PyTorch and the Array-API path (the fast paths gave 0)."""
+    nan, inf = np.nan, np.inf
+    x = np.array([[nan, nan, nan], [nan, -inf, -inf], [-inf, -inf, -inf], [0.0, 1.0, 2.0]])
+    y = np.array([0, 1, 2, 1])
+    rows = ce.softmax_cross_entropy(x, y, label_smoothing=1.0, reduction="none")
+    with np.errstate(all="ignore"):
+        want = _array_api(ce.softmax_cross_entropy, x, y, label_smoothing=1.0, reduction="none")
+        torch_rows = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), label_smoothing=1.0, reduction="none")
+    assert np.isnan(rows[:3]).all() and np.isnan(want[:3]).all() and torch.isnan(torch_rows[:3]).all()
+    np.testing.assert_allclose(rows[3], torch_rows[3].item(), rtol=1e-12)

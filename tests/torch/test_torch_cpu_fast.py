@@ -437,3 +437,33 @@ def test_soft_targets_requiring_grad_are_differentiated_or_refused(soft_calls):
     with torch.no_grad():  # nothing to differentiate: any impl
         cet.cross_entropy(x, t, impl="chunked")
     cet.cross_entropy(x, t.detach(), impl="chunked")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_nonfinite_upstream_gradient_on_ignored_rows_leaves_them_zero(kernel_calls, smoothing_calls, inplace, eps):
+    """A NaN or inf upstream gradient on an ignored row ("none"), or a NaN scalar when every row
+    is ignored ("mean"), leaves the ignored rows' gradient 0 on the CPU kernels, as in
+    F.cross_entropy and the chunked path (it was 0 * NaN = NaN), whether the gradient was written
+    in forward or (inplace_backward) in backward."""
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, -100, 5, -100])
+    up = torch.tensor([1.0, float("nan"), 2.0, float("inf")], dtype=torch.float64)
+    for impl in ("auto", "chunked"):
+        x = x0.clone().requires_grad_()
+        loss = cet.cross_entropy(x * 1.0 if inplace else x, y, reduction="none", label_smoothing=eps, impl=impl,
+                                 inplace_backward=inplace and impl == "auto")
+        loss.backward(up)
+        if impl == "auto":
+            got = x.grad
+    assert sum((smoothing_calls if eps else kernel_calls).values()) >= 1  # the kernels ran
+    xt = x0.clone().requires_grad_()
+    F.cross_entropy(xt, y, reduction="none", label_smoothing=eps).backward(up)
+    torch.testing.assert_close(got, xt.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, x.grad, rtol=1e-12, atol=0)
+    assert torch.equal(got[[1, 3]], torch.zeros(2, 6))
+    x = x0.clone().requires_grad_()
+    cet.cross_entropy(x * 1.0 if inplace else x, torch.full((4,), -100), label_smoothing=eps,
+                      inplace_backward=inplace).backward(torch.tensor(float("nan"), dtype=torch.float64))
+    assert torch.equal(x.grad, torch.zeros(4, 6))

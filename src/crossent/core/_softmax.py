@@ -334,7 +334,6 @@ def _softmax_ce(
                 bad = (safe_labels < 0) | (safe_labels >= num_classes)
                 index = xp.where(bad, xp.zeros((), dtype=safe_labels.dtype, device=dev), safe_labels)
                 nll = log_s[..., 0] - (_take_last(xp, x, index) - m[..., 0])
-                nll = xp.where(bad, xp.asarray(math.nan, dtype=dtype, device=dev), nll)
                 target_w = one if w is None else xp.where(keep, _take_last(xp, w, index), zero)
                 ce_row = (1.0 - eps) * target_w * nll if eps < 1.0 else xp.zeros_like(nll)
                 if eps > 0.0:
@@ -346,6 +345,10 @@ def _softmax_ce(
                                          else xp.where(finite, w * (x - m), zero), axis=-1)
                     smoothed = shifted_sum - log_s[..., 0] * xp.sum(w_finite, axis=-1)
                     ce_row = ce_row - eps * smoothed / k
+                # The row's loss times NaN, not a NaN selected: its derivative (jax.grad) is NaN too,
+                # and the other rows' derivatives stay what they were (times 1).
+                one_or_nan = xp.where(bad, xp.asarray(math.nan, dtype=dtype, device=dev), one)
+                ce_row = ce_row * one_or_nan
             else:
                 if eps > 0.0:
                     k = xp.sum(xp.astype(finite, dtype), axis=-1, keepdims=True)
@@ -383,9 +386,10 @@ def _softmax_ce(
             else:
                 grad = None
         if integer_targets and eps == 1.0:
-            # A kept row whose logits are all -inf has no possible class: NaN, as at any other eps
-            # (through its nll) and in PyTorch; eps = 1 drops the nll term and spreads nothing.
-            ce_row = xp.where(lse == -math.inf, xp.asarray(math.nan, dtype=dtype, device=dev), ce_row)
+            # A kept row without a finite logit (all -inf, or NaN) has no possible class: NaN, as
+            # at any other eps (through its nll) and in PyTorch; eps = 1 drops the nll term and
+            # spreads nothing. Its lse is -inf or NaN.
+            ce_row = xp.where(lse > -math.inf, ce_row, xp.asarray(math.nan, dtype=dtype, device=dev))
         z_row = z * lse * lse if z > 0 else None
 
     # ---- reduction ---------------------------------------------------------------------------------
@@ -463,6 +467,10 @@ def _take_last(xp: Any, a: Any, index: Any) -> Any:
     same row for every index) at ``index`` (``[...]``, in range), of shape ``index.shape``."""
     if a.ndim == 1:
         return xp.reshape(xp.take(a, xp.reshape(index, (-1,))), index.shape)
+    if getattr(xp, "__array_api_version__", "2024.12") < "2024.12":
+        # take_along_axis came with the 2024.12 standard: a one-hot sum before it.
+        onehot = xp.expand_dims(index, axis=-1) == xp.arange(a.shape[-1], device=device(a))
+        return xp.sum(xp.where(onehot, a, xp.zeros((), dtype=a.dtype, device=device(a))), axis=-1)
     return xp.take_along_axis(a, xp.expand_dims(index, axis=-1), axis=-1)[..., 0]
 
 

@@ -97,7 +97,7 @@ def _gradient(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
     ``write(x, target, s, out)`` (numpy arrays) writes it into ``out``, the logits' own memory
     with ``ctx.inplace_backward``."""
     logits, target, w_row, denominator = ctx.saved_tensors
-    g = grad_output.to(torch.float64)
+    g = _on_kept_rows(ctx, grad_output.to(torch.float64))
     scale = w_row * g if ctx.reduction != "mean" else w_row * safe_divide(g, denominator)
     x = logits.detach()
     grad = x if ctx.inplace_backward else torch.empty_like(x)
@@ -128,9 +128,19 @@ def _backward(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
     if grad is None:
         return _gradient(ctx, grad_output, write)
     if not bool((grad_output == 1).all()):
-        g = grad_output.to(grad.dtype)
+        g = _on_kept_rows(ctx, grad_output.to(grad.dtype))
         grad.mul_(g[:, None] if g.ndim else g)
     return grad
+
+
+def _on_kept_rows(ctx, g: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient ``g`` (a scalar, or per row), 0 on ignored rows (``ctx.valid``;
+    None: every row kept): selected, not multiplied, so that a NaN or inf there (``loss /
+    seq_len`` with ``seq_len = 0`` on a padded sequence) leaves their gradient 0, as in
+    ``F.cross_entropy`` and the chunked path."""
+    if ctx.valid is None:
+        return g
+    return torch.where(ctx.valid, g, torch.zeros((), dtype=g.dtype))
 
 
 class CpuFastCrossEntropy(torch.autograd.Function):
@@ -166,13 +176,14 @@ class CpuFastCrossEntropy(torch.autograd.Function):
             ce = (1.0 - eps) * w_row * nll if eps < 1.0 else torch.zeros_like(nll)
             per_row = ce - eps * torch.from_numpy(stats[2]).to(torch.float64) / torch.from_numpy(stats[3]).to(
                 torch.float64)
-            if eps == 1.0:  # a row of all -inf logits: NaN, as at any other eps (core does the same)
-                per_row = torch.where(torch.from_numpy(stats[0]) == -math.inf, math.nan, per_row)
+            if eps == 1.0:  # a row without a finite logit (lse -inf or NaN): NaN, as at any other eps (as core)
+                per_row = torch.where(torch.from_numpy(stats[0]) > -math.inf, per_row, math.nan)
         else:
             per_row = nll * w_row
         # where, not a product: an ignored row adds 0 even when its logits are NaN or -inf
         per_row = torch.where(valid, per_row, 0.0)
         ctx.save_for_backward(logits, safe, row_factor, denominator)
+        ctx.valid = None if bool(valid.all()) else valid
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
         ctx.write = write
@@ -242,6 +253,7 @@ class CpuFastSoftCrossEntropy(torch.autograd.Function):
         w_row = torch.ones(logits.shape[0], dtype=torch.float64)
         denominator = w_row.sum()
         ctx.save_for_backward(logits, target, w_row, denominator)
+        ctx.valid = None  # probability targets: no ignored row
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
         ctx.grad = grad
