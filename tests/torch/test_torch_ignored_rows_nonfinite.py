@@ -183,3 +183,17 @@ def test_linear_nonfinite_input_row_that_is_ignored_float32_paths_agree(impl):
     assert torch.isfinite(leaves[0].grad).all() and torch.isfinite(leaves[1].grad).all()
     torch.testing.assert_close(leaves[1].grad, kept[1].grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(leaves[0].grad[keep], kept[0].grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_linear_all_rows_ignored_nonfinite_scalar_upstream_gives_zero_gradients(impl, reduction, bad):
+    """Every row ignored and a NaN/inf scalar upstream gradient: every gradient exactly 0, dW
+    and db included (they sum over no row), as F.cross_entropy's composition gives."""
+    x, w, b, target = _problem()
+    target = torch.full_like(target, -100)
+    dx, dw, db = _grads(lambda x_, w_, b_: cet.linear_cross_entropy(x_, w_, target, linear_bias=b_, impl=impl,
+                                                                    reduction=reduction),
+                        (x, w, b), torch.tensor(bad, dtype=torch.float64))
+    for g in (dx, dw, db):
+        assert torch.equal(g, torch.zeros_like(g))

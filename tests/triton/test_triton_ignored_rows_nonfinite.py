@@ -355,3 +355,20 @@ def test_linear_nonfinite_hidden_states_one_gradient_wanted(ref, monkeypatch, pa
         torch.testing.assert_close(leaf.grad[keep].double(), want[1], rtol=1e-5, atol=1e-6)
     else:
         torch.testing.assert_close(leaf.grad.double(), want[2 if need == "weight" else 3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+@pytest.mark.parametrize(("path", "reduction"), path_cases(("mean", "sum")))
+def test_linear_all_rows_ignored_nonfinite_scalar_upstream_gives_zero_gradients(monkeypatch, path, reduction, bad,
+                                                                                  device):
+    """Every row ignored and a NaN/inf scalar upstream gradient: the loss is 0 and every gradient
+    exactly 0, dW and db included (they sum over no row), as F.cross_entropy's composition gives
+    (not 0 * NaN)."""
+    x, w, b, target, cw = make(device)
+    target = torch.full_like(target, IGNORE)
+    budget = set_path(path, monkeypatch)
+    opts = options("all", cw, torch.float32)
+    loss, dx, dw, db = linear_grads(x.float(), w.float(), b.float(), target, torch.tensor(bad, device=device),
+                                    reduction=reduction, memory_budget=budget, **opts)
+    assert loss.item() == 0.0
+    assert exactly_zero(dx) and exactly_zero(dw) and exactly_zero(db)

@@ -488,9 +488,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g_x = torch.where(valid, g.to(grad_x.dtype), 0.0)[:, None]
             else:
                 g_x = g
+            # dW and db sum over the kept rows: with none kept they are 0 whatever the upstream
+            # scalar (as F.cross_entropy gives), not 0 * NaN.
+            g_w = g if valid is None else torch.where(valid.any(), g, 0.0)
             out = tuple(
                 None if gr is None else (gr * s.to(gr.dtype)).to(d)
-                for gr, s, d in zip((grad_x, grad_w, grad_b), (g_x, g, g), ctx.dtypes, strict=True)
+                for gr, s, d in zip((grad_x, grad_w, grad_b), (g_x, g_w, g_w), ctx.dtypes, strict=True)
             )
         else:
             x, lin_w, lin_b, target, weight, lse = ctx.saved_tensors

@@ -96,7 +96,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 )
             # Handed on without another reference kept here, so autograd can take them as they are.
             grads, ctx.rows.grads = ctx.rows.grads, None
-            d_inp, d_w, d_b = L.scale_grads_(grads, grad_output, ctx.rows.target, ctx.rows.ignore_index)
+            d_inp, d_w, d_b = L.scale_grads_(grads, grad_output, ctx.rows.target, ctx.rows.ignore_index,
+                                           ctx.rows.any_kept)
             return d_inp, d_w, None, d_b, None, None, None, None, None, None, None, None
         inp, linear_weight, linear_bias = ctx.saved_tensors
         label_smoothing, softcap = ctx.options

@@ -1138,7 +1138,8 @@ def _lce_grad_weight_kernel(
                 e = e.to(tl.float32)
             acc = tl.dot(tl.trans(g), e, acc, input_precision=DOT_PRECISION)
     if not PER_ROW_SCALE:
-        scale = tl.load(gout_ptr).to(tl.float32)
+        # With no row kept, dW and db are 0 whatever the upstream scalar (not 0 * NaN).
+        scale = tl.where(n_valid > 0, tl.load(gout_ptr).to(tl.float32), 0.0)
         acc = acc * scale
         acc_b = acc_b * scale
     cols = (col_start + j).to(tl.int64)

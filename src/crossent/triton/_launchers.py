@@ -1042,6 +1042,7 @@ class LinearRows:
     grads: tuple  # (d_input, d_linear_weight, d_linear_bias), None where not wanted
     target: torch.Tensor  # (M,) int64: ``scale_grads_`` leaves dE's ignored rows at 0
     ignore_index: int
+    any_kept: torch.Tensor | None = None  # bool scalar on the device (dW or db wanted): a row is kept
 
 
 def linear_rows_forward(
@@ -1136,21 +1137,28 @@ def linear_rows_forward(
         _scatter_rows(e_all, order, n_rows if n_valid is None else n_valid, d_inp)
     if d_b is not None:
         d_b = d_b.to(linear_bias.dtype)
-    return LinearRows(row_loss.sum(), (d_inp, d_w, d_b), target, ignore_index)
+    any_kept = valid.any() if d_w is not None or d_b is not None else None
+    return LinearRows(row_loss.sum(), (d_inp, d_w, d_b), target, ignore_index, any_kept)
 
 
-def scale_grads_(grads, grad_output, target, ignore_index):
+def scale_grads_(grads, grad_output, target, ignore_index, any_kept=None):
     """``g *= grad_output`` (a scalar on the device) for each gradient of ``grads`` (dE, dW, db)
     that is not None; no memory is touched when it is 1, nor on the rows of dE whose ``target``
-    is ``ignore_index`` (they stay 0 for a NaN or inf upstream gradient: ``scale_rows_``)."""
+    is ``ignore_index`` (they stay 0 for a NaN or inf upstream gradient: ``scale_rows_``). dW and
+    db, sums over the kept rows, are scaled by 0 when ``any_kept`` (a device bool) is False: 0,
+    not 0 * NaN."""
     out = []
+    weight_scale = grad_output
+    if any_kept is not None and (grads[1] is not None or grads[2] is not None):
+        weight_scale = torch.where(any_kept, grad_output, torch.zeros((), dtype=grad_output.dtype,
+                                                                       device=grad_output.device))
     for i, g in enumerate(grads):
         if g is not None and g.numel():
             flat = g.view(-1, g.shape[-1]) if g.ndim > 1 else g.view(1, -1)
             if i == 0:
                 scale_rows_(flat, grad_output, target, ignore_index)
             else:
-                scale_rows_(flat, grad_output)
+                scale_rows_(flat, weight_scale)
         out.append(g)
     return tuple(out)
 
