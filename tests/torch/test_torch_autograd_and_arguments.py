@@ -465,6 +465,9 @@ def test_zero_classes_follow_torch(impl, kind, shape, chunked_rows):
         got.sum().backward()
         assert x.grad.shape == x0.shape
     assert cet.cross_entropy(x0, target, impl=impl).item() == 0.0
+    # z-loss reads an lse of 0 with no class, as in core (logsumexp of nothing is -inf: it was inf).
+    rows = cet.cross_entropy(x0, target, impl=impl, z_loss=0.1, reduction="none")
+    assert torch.equal(rows, torch.zeros_like(rows))
 
 
 def test_zero_classes_reference_unvalidated_target_is_nan():

@@ -67,7 +67,8 @@ def reference_cross_entropy_2d(
         z = torch.where(valid[:, None], z, torch.zeros_like(z))
     z = apply_softcap(z, softcap)
     logp = torch.log_softmax(z, dim=-1)
-    lse = torch.logsumexp(z, dim=-1)
+    # With no class (C = 0) the z-loss reads an lse of 0, as in core (logsumexp gives -inf).
+    lse = torch.logsumexp(z, dim=-1) if z.shape[-1] else torch.zeros(num_rows, dtype=dt, device=z.device)
     finite = torch.isfinite(z)
     num_finite = finite.sum(dim=-1, keepdim=True).to(dt)
 
