@@ -330,7 +330,7 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
         ratio = f"{r['median_s'] / ref:.2f}x" if ref else ""
         extra = r["extra_peak_bytes"] / 2**20
         lines.append(
-            f"| {describe(r['case'], args.label_smoothing)} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
+            f"| {describe(r['case'], args)} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
             f"| {ratio} | {extra:.1f} ({100 * extra / logits_mib:.1f}%) | {r['loss']:.4f} |"
         )
     lines.append("")
@@ -351,8 +351,22 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe(case: str, smoothing: float) -> str:
-    return SMOOTHING_DESCRIPTION.get(case, DESCRIPTION[case]) if smoothing else DESCRIPTION[case]
+#: Descriptions with probability targets and class weights or label smoothing (the numba
+#: soft-target kernels take neither: core runs its blocked pass, crossent.torch its chunked path).
+SOFT_OPTIONS_DESCRIPTION = {
+    "crossent": "crossent.softmax_cross_entropy (blocked numpy pass; numba installed)",
+    "crossent-grad": "crossent.softmax_cross_entropy_and_grad (blocked numpy pass; numba installed)",
+    "crossent-torch": "crossent.torch.cross_entropy (impl=auto: chunked path)",
+    "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: chunked path) + backward",
+}
+
+
+def describe(case: str, args) -> str:
+    if args.targets == "probs" and (args.label_smoothing or args.class_weight):
+        return SOFT_OPTIONS_DESCRIPTION.get(case, DESCRIPTION[case])
+    if args.label_smoothing:
+        return SMOOTHING_DESCRIPTION.get(case, DESCRIPTION[case])
+    return DESCRIPTION[case]
 
 
 def main(argv=None) -> None:
@@ -425,7 +439,7 @@ def main(argv=None) -> None:
             ref = torch_ref.get("torch-grad" if r["case"].endswith("grad") else "torch")
             writer.writerow({
                 "date_utc": conditions["date_utc"], "case": r["case"],
-                "what": describe(r["case"], args.label_smoothing), "rows": args.rows, "classes": args.classes,
+                "what": describe(r["case"], args), "rows": args.rows, "classes": args.classes,
                 "dtype": "float32", "sigma": args.sigma, "threads": args.threads,
                 "repeats": r["repeats"], "median_s": f"{r['median_s']:.4f}",
                 "min_s": f"{r['min_s']:.4f}", "max_s": f"{r['max_s']:.4f}",
