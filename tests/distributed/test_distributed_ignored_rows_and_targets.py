@@ -11,23 +11,19 @@ The ranks run ``crossent_distributed_workers.check_*`` and report how many compa
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # spawned children import the worker module by this name
 
-import crossent_distributed_workers as workers  # noqa: E402
+from test_distributed_vocab_parallel import run_ranks  # noqa: E402 - spawns and joins the ranks
 
 pytestmark = pytest.mark.slow  # spawns processes (a few seconds)
 
-JOIN_TIMEOUT_S = 150
 WORLD = 2
 SIZES = [4, 3]
 
@@ -35,23 +31,8 @@ SIZES = [4, 3]
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     """Spawn the ranks once, run every check; each rank's ``{check: count}``."""
-    out_dir = tmp_path_factory.mktemp("ranks")
     checks = [("check_nonfinite_ignored_rows", (SIZES,)), ("check_target_agreement", (SIZES,))]
-    ctx = mp.start_processes(
-        workers.entry,
-        args=(WORLD, str(out_dir / "store"), str(out_dir), checks),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for process in ctx.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"{WORLD} ranks did not finish within {JOIN_TIMEOUT_S} s")
-    return [json.loads((out_dir / f"rank-{rank}.json").read_text()) for rank in range(WORLD)]
+    return run_ranks(tmp_path_factory.mktemp("ranks"), WORLD, checks)
 
 
 def test_nonfinite_values_on_ignored_rows_leave_the_gradients_finite(reports):
