@@ -134,20 +134,28 @@ def _torch_float64(x, y, w, sw, softcap, z_loss, label_smoothing, reduction):
     return loss.item(), t.grad.numpy()
 
 
+def _check_against_float64_torch(loss, grad, want_loss, want_grad, kwargs):
+    """float32 loss and gradient within 16 ulps of the float64 PyTorch oracle's (in the base's unit)."""
+    base = np.log(kwargs.get("base", np.e))
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(float(loss), want_loss / base, rtol=16 * eps)
+    np.testing.assert_allclose(grad, want_grad / base, rtol=0, atol=16 * eps * np.abs(want_grad).max() / base)
+
+
+def _oracle_options(kwargs):
+    """The oracles' positional options: weight, sample weight, softcap, z-loss, label smoothing."""
+    return (kwargs.get("weight"), kwargs.get("sample_weight"), kwargs.get("softcap"), kwargs.get("z_loss", 0.0),
+            kwargs.get("label_smoothing", 0.0))
+
+
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_fast_paths_against_float64_torch(fast_path, opts, reduction):
     x, y, w, sw = _inputs((53, 17), np.float32, seed=3)
     kwargs = _options(opts, w, sw)
     loss, grad = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, reduction=reduction, **kwargs)
-    want_loss, want_grad = _torch_float64(
-        x.astype(np.float64), y, kwargs.get("weight"), kwargs.get("sample_weight"), kwargs.get("softcap"),
-        kwargs.get("z_loss", 0.0), kwargs.get("label_smoothing", 0.0), reduction,
-    )
-    base = np.log(kwargs.get("base", np.e))
-    eps = np.finfo(np.float32).eps
-    np.testing.assert_allclose(float(loss), want_loss / base, rtol=16 * eps)
-    np.testing.assert_allclose(grad, want_grad / base, rtol=0, atol=16 * eps * np.abs(want_grad).max() / base)
+    _check_against_float64_torch(loss, grad, *_torch_float64(x.astype(np.float64), y, *_oracle_options(kwargs),
+                                                            reduction), kwargs)
 
 
 def test_blocked_path_keeps_a_confident_rows_loss(no_numba):
@@ -420,14 +428,8 @@ def test_soft_targets_fast_paths_against_float64_torch(fast_path, opts, reductio
     x, t, w, sw = _soft_inputs((53, 17), np.float32, seed=3, masked=False)
     kwargs = _options(opts, w, sw)
     loss, grad = ce.softmax_cross_entropy_and_grad(x, t, reduction=reduction, **kwargs)
-    want_loss, want_grad = _torch_float64_soft(
-        x.astype(np.float64), t, kwargs.get("weight"), kwargs.get("sample_weight"), kwargs.get("softcap"),
-        kwargs.get("z_loss", 0.0), kwargs.get("label_smoothing", 0.0), reduction,
-    )
-    base = np.log(kwargs.get("base", np.e))
-    eps = np.finfo(np.float32).eps
-    np.testing.assert_allclose(float(loss), want_loss / base, rtol=16 * eps)
-    np.testing.assert_allclose(grad, want_grad / base, rtol=0, atol=16 * eps * np.abs(want_grad).max() / base)
+    _check_against_float64_torch(loss, grad, *_torch_float64_soft(x.astype(np.float64), t, *_oracle_options(kwargs),
+                                                                 reduction), kwargs)
 
 
 def test_soft_targets_blocked_path_keeps_a_confident_rows_loss(no_numba):

@@ -46,6 +46,14 @@ def _problem(rows=7, classes=5, features=3, seed=0):
     return x, w, b, target
 
 
+def _upstream(reduction, ignored, bad, kept):
+    """The upstream gradient: ``bad`` on the ignored rows and ``kept`` elsewhere ("none"), or the
+    scalar ``bad`` ("mean"/"sum")."""
+    if reduction == "none":
+        return torch.where(ignored, bad, kept).to(torch.float64)
+    return torch.tensor(bad, dtype=torch.float64)
+
+
 def _grads(loss_fn, tensors, upstream):
     leaves = [t.clone().requires_grad_() for t in tensors]
     loss_fn(*leaves).backward(upstream)
@@ -59,10 +67,7 @@ def test_nonfinite_upstream_gradient_on_ignored_rows_gives_their_gradient_0(impl
     x, w, _, target = _problem()
     logits = x @ w.T
     ignored = target == -100
-    if reduction == "none":
-        upstream = torch.where(ignored, bad, 1.5).to(torch.float64)  # NaN/inf on ignored rows only
-    else:
-        upstream = torch.tensor(bad, dtype=torch.float64)  # the whole loss: NaN/inf everywhere else
+    upstream = _upstream(reduction, ignored, bad, 1.5)  # "mean"/"sum": NaN/inf on every kept row too
     options = dict(reduction=reduction, label_smoothing=label_smoothing)
     (expected,) = _grads(lambda z: F.cross_entropy(z, target, **options), [logits], upstream)
     (actual,) = _grads(lambda z: cet.cross_entropy(z, target, **options, impl=impl), [logits], upstream)
@@ -81,10 +86,7 @@ def test_nonfinite_upstream_gradient_on_ignored_rows_gives_their_gradient_0(impl
 def test_linear_nonfinite_upstream_gradient_on_ignored_rows(impl, reduction, bad):
     x, w, b, target = _problem()
     ignored = target == -100
-    if reduction == "none":
-        upstream = torch.where(ignored, bad, 0.5).to(torch.float64)
-    else:
-        upstream = torch.tensor(bad, dtype=torch.float64)
+    upstream = _upstream(reduction, ignored, bad, 0.5)
     options = dict(reduction=reduction, label_smoothing=0.1)
 
     def oracle(x_, w_, b_):
@@ -110,10 +112,7 @@ def test_z_loss_coefficient_is_0_on_ignored_rows_too(impl, reduction):
     """The z-loss share of the gradient (the second row coefficient) under a NaN upstream."""
     x, w, _, target = _problem()
     ignored = target == -100
-    if reduction == "none":
-        upstream = torch.where(ignored, NAN, 1.0).to(torch.float64)
-    else:
-        upstream = torch.tensor(NAN, dtype=torch.float64)
+    upstream = _upstream(reduction, ignored, NAN, 1.0)
     options = dict(reduction=reduction, z_loss=0.3, softcap=2.5)
     (actual,) = _grads(lambda z: cet.cross_entropy(z, target, **options, impl=impl), [x @ w.T], upstream)
     assert torch.equal(actual[ignored], torch.zeros_like(actual[ignored]))
