@@ -327,7 +327,7 @@ def _softmax_ce(
             # the magnitude of the logits) would cancel catastrophically for float32 logits of 1e4.
             # Every sum below reads x itself rather than a materialized log q: jax.jit then fuses
             # each into one pass over the logits (integer labels: 3.60x -> 1.52x optax's time for
-            # the loss, 2.20x -> 0.88x for jax.grad; benchmarks/bench_jax_core.py).
+            # the loss, 2.20x -> 0.88x for jax.grad in one pair of runs; README, bench_jax_core.py).
             finite = xp.isfinite(x) if eps > 0.0 or not integer_targets else None
             if integer_targets:
                 # Labels were checked, except under jax.jit (traced arrays have no values): there an
