@@ -1,5 +1,6 @@
 """impl="auto" on the CPU takes crossent.cpu's numba kernels where they apply: same results as
-impl="chunked" and F.cross_entropy, proven here; everything else falls back to "chunked"."""
+impl="chunked" and F.cross_entropy, proven here; probability targets with other options take the
+blocked pass (test_torch_cpu_blocked_soft.py), everything else "chunked"."""
 
 from __future__ import annotations
 
@@ -414,7 +415,9 @@ def test_soft_nonfinite_rows_take_the_chunked_path(soft_calls):
 @pytest.mark.parametrize("kwargs", [
     {"weight": "classes"}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 30.0}, {"impl": "chunked"},
 ])  # fmt: skip
-def test_soft_other_options_take_the_chunked_path(soft_calls, kwargs):
+def test_soft_other_options_do_not_take_the_kernels(soft_calls, kwargs):
+    """Class weights, smoothing, a z-loss or a softcap take the blocked pass instead
+    (test_torch_cpu_blocked_soft.py); impl="chunked" takes the chunked path."""
     x = torch.randn(8, 6, dtype=torch.float64)
     t = torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1)
     if kwargs.get("weight") == "classes":

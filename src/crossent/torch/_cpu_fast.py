@@ -31,22 +31,27 @@ Ignored rows get exact zeros whatever their logits. The results equal impl="chun
 path makes several through temporaries. The exception is a row holding +inf: its loss is inf or NaN
 on both paths, its gradient NaN where the logit is +inf here and across the row there.
 
-Probability targets (no class weights, smoothing, z-loss or softcap; targets that do not require a
-gradient) take :func:`crossent.cpu.soft_cross_entropy` in the forward, or, when the logits'
-gradient is wanted (not ``inplace_backward``), :func:`crossent.cpu.softmax_minus_targets`, which
-writes it in the same pass (otherwise the backward does): :math:`\ell_i = -\sum_j t_{ij}
-\log \mathrm{softmax}(z_i)_j` (a zero target adds nothing), "mean" divides by the number of rows,
-and the gradient is :math:`s_i (\mathrm{softmax}(z_i) \sum_j t_{ij} - t_i)`. When a row's loss is
-not finite (a -inf or NaN logit under a positive target, an all -inf row, a +inf logit) the call
-goes to impl="chunked" instead, whose conventions for such rows are this layer's. Anything else
-(bf16/fp16, z-loss, softcap, no numba; smoothing of probability targets) takes impl="chunked".
+Probability targets (targets and class weights that do not require a gradient) take one pass
+over the logits for the loss and, when the logits' gradient is wanted (not ``inplace_backward``),
+the gradient for an upstream gradient of 1 (otherwise the backward makes that pass):
+:math:`\ell_i = -\sum_j t'_{ij} \log \mathrm{softmax}(z_i)_j + \zeta\, \mathrm{lse}_i^2` (a zero
+target adds nothing) with :math:`t' = w \odot ((1 - \varepsilon) t + \varepsilon f / K)`, "mean"
+dividing by the number of rows, and the gradient
+:math:`s_i (\mathrm{softmax}(z_i) \sum_j t'_{ij} - t'_i + 2 \zeta\, \mathrm{lse}_i \mathrm{softmax}(z_i))`,
+times the soft cap's derivative. The plain loss (no class weights, smoothing, z-loss or softcap)
+runs :func:`crossent.cpu.soft_cross_entropy` / :func:`crossent.cpu.softmax_minus_targets`
+(numba); everything else, and every call without numba, runs the blocked numpy pass
+``crossent.cpu._blocked.soft_targets`` in the logits' dtype (a few MiB of buffers; float32 losses
+summed in float64). When a row's loss is not finite (a -inf or NaN logit under a positive target,
+an all -inf row, a +inf logit) the call goes to impl="chunked" instead, whose conventions for such
+rows are this layer's. bf16/fp16 logits, class indices with a z-loss or a softcap, and class
+indices without numba take impl="chunked".
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .._autograd import USE_REFERENCE, first_order_only
@@ -62,24 +67,38 @@ def applies(logits2d: torch.Tensor, soft: bool, label_smoothing: float, z_loss: 
     return _kernels_take(logits2d)
 
 
-def applies_soft(logits2d: torch.Tensor, target2d: torch.Tensor, weight: torch.Tensor | None,
-                 label_smoothing: float, z_loss: float, softcap: float | None) -> bool:  # fmt: skip
-    """Whether impl="auto" can try the soft-target kernels (``soft_cross_entropy``) on this call."""
-    if weight is not None or label_smoothing or z_loss or softcap is not None or target2d.requires_grad:
+def applies_soft(logits2d: torch.Tensor, target2d: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether impl="auto" can try the CPU soft-target passes (``soft_cross_entropy``) on this call:
+    float32/float64 contiguous CPU logits, the numpy fast paths switched on (numba is not needed:
+    without it every call takes the blocked pass), targets and class weights that do not require
+    a gradient (those take impl="reference")."""
+    if target2d.requires_grad or (weight is not None and weight.requires_grad):
         return False
-    return _kernels_take(logits2d)
+    if not _cpu_array(logits2d):
+        return False
+    try:
+        from crossent import cpu
+    except ImportError:
+        return False
+    return cpu.enabled()
 
 
 def _kernels_take(logits2d: torch.Tensor) -> bool:
-    if logits2d.device.type != "cpu" or logits2d.dtype not in (torch.float32, torch.float64):
-        return False
-    if not logits2d.is_contiguous() or logits2d.numel() == 0:
+    if not _cpu_array(logits2d):
         return False
     try:
         from crossent import cpu
     except ImportError:
         return False
     return cpu.available()
+
+
+def _cpu_array(logits2d: torch.Tensor) -> bool:
+    """Whether crossent.cpu can read ``logits2d`` in place: a non-empty C-contiguous float32 or
+    float64 CPU tensor."""
+    if logits2d.device.type != "cpu" or logits2d.dtype not in (torch.float32, torch.float64):
+        return False
+    return logits2d.is_contiguous() and logits2d.numel() > 0
 
 
 def _reduce(per_row: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -219,37 +238,69 @@ def _writer(weight: torch.Tensor | None, eps: float):
     return write_smoothed
 
 
-def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, reduction: str,
+def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, weight: torch.Tensor | None,
+                       label_smoothing: float, z_loss: float, softcap: float | None, reduction: str,
                        inplace_backward: bool) -> torch.Tensor | None:  # fmt: skip
-    """The loss of (M, C) logits against (M, C) probability targets by the soft-target kernels, or
-    None when a row's loss is not finite (the caller then takes impl="chunked")."""
-    from crossent import cpu
-
-    t = target2d.detach().to(logits2d.dtype).contiguous()
+    """The loss of (M, C) logits against (M, C) probability targets by one CPU pass
+    (``_soft_pass``), or None when a row's loss is not finite (the caller then takes
+    impl="chunked")."""
     x = logits2d.detach()
-    grad = None
+    t = target2d.detach().to(x.dtype)
+    write = _soft_pass(x, weight, label_smoothing, z_loss, softcap)
+    if write.numba:
+        t = t.contiguous()
+    grad = out = scale = None
     if torch.is_grad_enabled() and logits2d.requires_grad and not inplace_backward:
         # The gradient for an upstream gradient of 1, written in the loss's own pass (wasted only
         # when a row's loss is not finite and the chunked path takes over).
         w_row = torch.ones(x.shape[0], dtype=torch.float64)
         grad = torch.empty_like(x)
-        _, row_loss = cpu.softmax_minus_targets(
-            x.numpy(), t.numpy(), _unit_scale(w_row, w_row.sum(), reduction).numpy(), grad.numpy())
-    else:
-        _, row_loss = cpu.soft_cross_entropy(x.numpy(), t.numpy())
-    if not np.isfinite(row_loss).all():
+        out, scale = grad.numpy(), _unit_scale(w_row, w_row.sum(), reduction).numpy()
+    lse, ce = write(x.numpy(), t.numpy(), scale, out)
+    row_loss = torch.from_numpy(ce).to(torch.float64)
+    if z_loss:
+        lse64 = torch.from_numpy(lse).to(torch.float64)
+        row_loss = row_loss + z_loss * lse64 * lse64
+    if not bool(torch.isfinite(row_loss).all()):
         return None
-    return CpuFastSoftCrossEntropy.apply(logits2d, t, torch.from_numpy(row_loss), reduction, inplace_backward,
-                                         grad)
+    return CpuFastSoftCrossEntropy.apply(logits2d, t, row_loss, reduction, inplace_backward, grad, write)
+
+
+def _soft_pass(x: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float, z_loss: float,
+               softcap: float | None):  # fmt: skip
+    """``write(x, t, scale, out)`` (numpy arrays; ``scale`` and ``out`` None: the loss alone) ->
+    ``(lse, ce)`` per row, with the finished gradient written into ``out`` for the row factors
+    ``scale`` (which also weigh the z-loss term): crossent.cpu's numba soft-target kernels for the
+    plain loss (``write.numba``), else the blocked numpy pass with the options folded in."""
+    from crossent import cpu
+    from crossent.cpu import _blocked
+
+    plain = weight is None and not label_smoothing and not z_loss and softcap is None
+    if plain and cpu.available():
+        def write(x_np, t_np, scale, out):
+            if out is None:
+                return cpu.soft_cross_entropy(x_np, t_np)
+            return cpu.softmax_minus_targets(x_np, t_np, scale, out)
+
+        write.numba = True
+        return write
+    class_weight = None if weight is None else weight.detach().to(x.dtype).contiguous().numpy()
+
+    def write_blocked(x_np, t_np, scale, out):
+        return _blocked.soft_targets(x_np, t_np, softcap, smoothing=label_smoothing, class_weight=class_weight,
+                                     scale=scale, z_loss=z_loss, out=out)
+
+    write_blocked.numba = False
+    return write_blocked
 
 
 class CpuFastSoftCrossEntropy(torch.autograd.Function):
-    """(M, C) logits, (M, C) targets and the kernels' (M,) row losses -> the loss ("mean" over
+    """(M, C) logits, (M, C) targets and the (M,) float64 row losses -> the loss ("mean" over
     the M rows). ``grad``: the gradient ``soft_cross_entropy`` wrote with the losses (upstream
-    gradient 1), or None: then backward writes it with crossent.cpu.softmax_minus_targets."""
+    gradient 1), or None: then backward writes it with ``write`` (``_soft_pass``)."""
 
     @staticmethod
-    def forward(ctx, logits, target, row_loss, reduction, inplace_backward, grad):  # type: ignore[override]
+    def forward(ctx, logits, target, row_loss, reduction, inplace_backward, grad, write):  # type: ignore[override]
         w_row = torch.ones(logits.shape[0], dtype=torch.float64)
         denominator = w_row.sum()
         ctx.save_for_backward(logits, target, w_row, denominator)
@@ -257,13 +308,12 @@ class CpuFastSoftCrossEntropy(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
         ctx.grad = grad
-        return _reduce(row_loss.to(torch.float64), denominator, reduction).to(logits.dtype)
+        ctx.write = write
+        return _reduce(row_loss, denominator, reduction).to(logits.dtype)
 
     @staticmethod
     @first_order_only("cross_entropy (impl='auto', CPU kernels)", USE_REFERENCE)
     def backward(ctx, grad_output):  # type: ignore[override]
-        from crossent import cpu
-
-        grad = _backward(ctx, grad_output, cpu.softmax_minus_targets)
-        # Gradients for (logits, target, row_loss, reduction, inplace_backward, grad).
-        return grad, None, None, None, None, None
+        grad = _backward(ctx, grad_output, ctx.write)
+        # Gradients for (logits, target, row_loss, reduction, inplace_backward, grad, write).
+        return grad, None, None, None, None, None, None

@@ -8,10 +8,12 @@ r"""Functional PyTorch losses: drop-ins for ``torch.nn.functional`` plus the fus
 - "triton": the GPU kernels of ``crossent.triton`` (CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1``); integer targets only;
 - "auto": "triton" for CUDA tensors with integer targets when ``import triton`` works; on the
-  CPU, for ``cross_entropy`` with float32/float64 logits, no smoothing, z-loss or softcap, and
-  class indices, or probability targets without class weights (every row's loss finite), the
-  numba kernels of ``crossent.cpu`` when numba is installed (``_cpu_fast``: same results as
-  "chunked", fewer passes); "reference" for probability targets or class weights that require
+  CPU, for ``cross_entropy`` with contiguous float32/float64 logits, ``crossent.cpu`` behind
+  autograd (``_cpu_fast``: same results as "chunked", fewer passes, no temporaries of the logits'
+  size): class indices without z-loss or softcap take its numba kernels when numba is installed;
+  probability targets take those kernels for the plain loss and its blocked numpy pass with class
+  weights, label smoothing, z-loss or softcap, or without numba (when a row's loss is not finite,
+  the call goes to "chunked"); "reference" for probability targets or class weights that require
   grad (the only implementation that differentiates them; "chunked" and "triton" refuse them with
   a ValueError naming the argument); else "chunked".
 
@@ -315,10 +317,11 @@ def cross_entropy(
     if auto and impl == "chunked" and _cpu_fast.applies(logits2d, soft, eps, z_loss, softcap):
         impl = "cpu-fast"
     loss = None
-    if auto and impl == "chunked" and soft and _cpu_fast.applies_soft(logits2d, target2d, weight, eps, z_loss, softcap):
+    if auto and impl == "chunked" and soft and _cpu_fast.applies_soft(logits2d, target2d, weight):
         # None when a row's loss is not finite: the chunked path then handles the call.
         loss = _cpu_fast_soft_cross_entropy(
-            logits2d, target2d, reduction, inplace_backward and logits2d.data_ptr() == input.data_ptr()
+            logits2d, target2d, weight, eps, z_loss, softcap, reduction,
+            inplace_backward and logits2d.data_ptr() == input.data_ptr(),
         )
     options = dict(
         weight=weight,

@@ -1,0 +1,207 @@
+"""impl="auto" on the CPU with probability targets and any option (class weights, label smoothing,
+z-loss, softcap), or without numba: crossent.cpu's blocked pass (``_blocked.soft_targets``)
+behind autograd. Same results as impl="chunked" and the reference composition (float64 to
+1e-12), one pass over the logits for the loss and the gradient; rows whose loss is not finite
+send the call to impl="chunked". These tests do not need numba."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import crossent.cpu
+import crossent.torch as cet
+from crossent.cpu import _blocked
+
+
+@pytest.fixture
+def blocked_calls(monkeypatch):
+    """Counts the blocked pass's calls: ``loss`` (no gradient written), ``grad`` (loss and gradient)."""
+    calls = {"loss": 0, "grad": 0}
+    real = _blocked.soft_targets
+
+    def counted(*args, **kwargs):
+        calls["grad" if kwargs.get("out") is not None else "loss"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_blocked, "soft_targets", counted)
+    return calls
+
+
+@pytest.fixture(params=["numba", "no-numba"])
+def numba_setting(request, monkeypatch):
+    """With numba (when installed) and as installed without it: the options take the blocked pass
+    either way; without numba the plain loss does too."""
+    if request.param == "numba" and not crossent.cpu.available():
+        pytest.skip("numba is not installed")
+    if request.param == "no-numba":
+        monkeypatch.setattr(crossent.cpu, "available", lambda: False)
+    return request.param
+
+
+def _loss_and_grad(x, t, upstream, **kw):
+    leaf = x.detach().clone().requires_grad_()
+    loss = cet.cross_entropy(leaf, t, **kw)
+    loss.backward(upstream if loss.ndim else upstream.sum())
+    return loss.detach(), leaf.grad
+
+
+def _inputs(shape, seed, dtype=torch.float64):
+    """Logits (classes on dim 1, or dim 0 for 1-D) with a masked class (-inf) under a zero target in
+    the first row, probability targets, an upstream gradient of the loss's "none" shape and class
+    weights."""
+    g = torch.Generator().manual_seed(seed)
+    class_dim = 0 if len(shape) == 1 else 1
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3
+    t = torch.softmax(torch.randn(shape, generator=g, dtype=dtype), class_dim)
+    first = (0,) * (len(shape) - 1) if len(shape) > 1 else ()
+    index = first[:class_dim] + (slice(0, 2),) + first[class_dim:]
+    x[index] = float("-inf")
+    t[index] = 0.0
+    up = torch.rand(shape[:class_dim] + shape[class_dim + 1:], generator=g, dtype=dtype)
+    w = torch.rand(shape[class_dim], generator=g, dtype=dtype) + 0.5
+    return x, t, up, w
+
+
+OPTIONS = [
+    dict(zip(("weighted", "label_smoothing", "z_loss", "softcap"), values, strict=True))
+    for values in itertools.product([False, True], [0.0, 0.1, 1.0], [0.0, 1e-3], [None, 5.0])
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_options_equal_chunked_and_reference_float64(blocked_calls, numba_setting, options, reduction):
+    x, t, up, w = _inputs((37, 11), 11)
+    kw = dict(options, reduction=reduction, weight=w if options["weighted"] else None)
+    del kw["weighted"]
+    plain = not options["weighted"] and options["label_smoothing"] == 0 and options["z_loss"] == 0 \
+        and options["softcap"] is None
+    loss, grad = _loss_and_grad(x, t, up, **kw)
+    if plain and numba_setting == "numba":
+        assert blocked_calls == {"loss": 0, "grad": 0}  # the numba kernels
+    else:
+        assert blocked_calls == {"loss": 0, "grad": 1}  # one pass: the gradient written in forward
+    for impl in ("chunked", "reference"):
+        ref_loss, ref_grad = _loss_and_grad(x, t, up, impl=impl, **kw)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (13,), (2, 9, 2, 3)])
+def test_other_shapes_equal_reference(blocked_calls, shape):
+    x, t, up, w = _inputs(shape, sum(shape))
+    kw = dict(weight=w, label_smoothing=0.2, z_loss=1e-2, softcap=4.0)
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = _loss_and_grad(x, t, up, reduction=reduction, **kw)
+        ref_loss, ref_grad = _loss_and_grad(x, t, up, reduction=reduction, impl="reference", **kw)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    assert blocked_calls == {"loss": 0, "grad": 3}
+
+
+def test_float32_matches_float64_truth(blocked_calls):
+    """float32 logits: the pass runs in float32 blocks; the loss (summed in float64) and gradient
+    are within float32's rounding of the float64 reference on the same values, and no further from
+    it than impl="chunked" (float32 too) is."""
+    x, t, up, w = _inputs((64, 301), 3)
+    x32, t32, up32, w32 = x.float(), t.float(), up.float(), w.float()
+    kw = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, reduction="sum")
+    loss32, grad32 = _loss_and_grad(x32, t32, up32, weight=w32, **kw)
+    assert blocked_calls == {"loss": 0, "grad": 1}
+    truth, truth_grad = _loss_and_grad(x32.double(), t32.double(), up32.double(), weight=w32.double(),
+                                       impl="reference", **kw)
+    chunked_loss, chunked_grad = _loss_and_grad(x32, t32, up32, weight=w32, impl="chunked", **kw)
+
+    def errors(loss, grad):
+        scale = truth_grad.abs().max()
+        return abs(loss.double() - truth) / truth, ((grad.double() - truth_grad).abs().max() / scale)
+
+    loss_err, grad_err = errors(loss32, grad32)
+    chunked_loss_err, chunked_grad_err = errors(chunked_loss, chunked_grad)
+    assert loss32.dtype == torch.float32
+    assert loss_err <= max(2e-7, 1.5 * chunked_loss_err)
+    assert grad_err <= max(6e-7, 1.5 * chunked_grad_err)  # float32's unit roundoff: 6e-8
+    assert (grad32[0, :2] == 0).all()  # the masked classes
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upstream_gradient_retained_graph_and_no_grad(blocked_calls, reduction):
+    """The forward's gradient (upstream 1) times the upstream gradient; a second backward through
+    a retained graph writes it again (one more pass); without a gradient wanted the pass writes
+    none."""
+    x, t, up, w = _inputs((10, 6), 7)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=3.0, reduction=reduction)
+    upstream = up if reduction == "none" else up.sum()
+    grads = []
+    for impl in ("auto", "chunked"):
+        leaf = x.clone().requires_grad_()
+        loss = cet.cross_entropy(leaf, t, impl=impl, **kw)
+        loss.backward(upstream, retain_graph=True)
+        once = leaf.grad.clone()
+        loss.backward(upstream)
+        torch.testing.assert_close(leaf.grad, 2 * once, rtol=1e-12, atol=1e-14)
+        grads.append(once)
+    assert blocked_calls == {"loss": 0, "grad": 2}
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        cet.cross_entropy(x.clone().requires_grad_(), t, **kw)
+    cet.cross_entropy(x, t, **kw)  # logits not requiring grad
+    assert blocked_calls == {"loss": 2, "grad": 2}
+
+
+def test_inplace_backward_writes_into_the_logits(blocked_calls):
+    x, t, _, w = _inputs((9, 5), 4)
+    kw = dict(weight=w, label_smoothing=0.3, z_loss=1e-2, softcap=2.0)
+    want = _loss_and_grad(x, t, torch.ones(()), impl="chunked", **kw)[1]
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, whose memory the in-place gradient may take
+    cet.cross_entropy(logits, t, inplace_backward=True, **kw).backward()
+    assert blocked_calls == {"loss": 1, "grad": 1}  # the gradient written in backward
+    torch.testing.assert_close(leaf.grad, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logits.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_nonfinite_rows_take_the_chunked_path(blocked_calls):
+    """A row whose loss is not finite (a positive target on a -inf logit; an all -inf row with
+    z-loss; a +inf logit) sends the whole call to impl="chunked", whose conventions hold."""
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    t = torch.full((4, 3), 1.0 / 3, dtype=torch.float64)
+    x[0, 1] = float("-inf")
+    x[2] = float("-inf")
+    t[2] = 0.0
+    x[3, 2] = float("inf")
+    up = torch.ones(4, dtype=torch.float64)
+    kw = dict(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), z_loss=1e-3, reduction="none")
+    loss, grad = _loss_and_grad(x, t, up, **kw)
+    assert blocked_calls == {"loss": 0, "grad": 1}  # written, found not finite, handed over
+    ref_loss, ref_grad = _loss_and_grad(x, t, up, impl="chunked", **kw)
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True)
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["float16", "bfloat16", "non-contiguous", "off", "weight-requires-grad", "empty"])
+def test_what_the_pass_does_not_take(blocked_calls, monkeypatch, case):
+    """Half-precision logits (the pass computes in the logits' dtype), logits that are not
+    C-contiguous, the fast paths switched off (CROSSENT_CPU_FAST=0), class weights requiring grad
+    (impl="reference" differentiates them) and empty inputs take another path, with the same
+    values."""
+    x, t, up, w = _inputs((6, 5), 5)
+    if case in ("float16", "bfloat16"):
+        x, t, up, w = (v.to(getattr(torch, case)) for v in (x, t, up, w))
+    elif case == "non-contiguous":
+        x = x.t().contiguous().t()
+    elif case == "off":
+        monkeypatch.setenv("CROSSENT_CPU_FAST", "0")
+    elif case == "weight-requires-grad":
+        w = w.clone().requires_grad_()
+    elif case == "empty":
+        x, t, up = x[:0], t[:0], up[:0]
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, reduction="sum")
+    loss, grad = _loss_and_grad(x, t, up, **kw)
+    assert blocked_calls == {"loss": 0, "grad": 0}
+    ref_loss, ref_grad = _loss_and_grad(x, t, up, impl="reference", **kw)
+    torch.testing.assert_close(loss, ref_loss.to(loss.dtype))
+    torch.testing.assert_close(grad, ref_grad)
