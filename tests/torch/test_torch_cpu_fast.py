@@ -1,6 +1,6 @@
 """impl="auto" on the CPU takes crossent.cpu's numba kernels where they apply: same results as
 impl="chunked" and F.cross_entropy, proven here; probability targets with other options take the
-blocked pass (test_torch_cpu_blocked_soft.py), everything else "chunked"."""
+blocked pass (test_torch_cpu_blocked.py), everything else "chunked"."""
 
 from __future__ import annotations
 
@@ -294,7 +294,7 @@ def test_probability_targets_skip_and_switched_off_path_falls_back(kernel_calls,
     monkeypatch.setenv("CROSSENT_CPU_FAST", "0")
     _loss_and_grad(x, torch.randint(0, 6, (8,)))
     assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 0}
-    assert not _cpu_fast.applies(x, False, 0.0, 0.0, None)
+    assert _cpu_fast.class_index_path(x, False, 0.0, None) is None
 
 
 def test_bad_targets_still_raise_naming_the_argument():
@@ -417,7 +417,7 @@ def test_soft_nonfinite_rows_take_the_chunked_path(soft_calls):
 ])  # fmt: skip
 def test_soft_other_options_do_not_take_the_kernels(soft_calls, kwargs):
     """Class weights, smoothing, a z-loss or a softcap take the blocked pass instead
-    (test_torch_cpu_blocked_soft.py); impl="chunked" takes the chunked path."""
+    (test_torch_cpu_blocked.py); impl="chunked" takes the chunked path."""
     x = torch.randn(8, 6, dtype=torch.float64)
     t = torch.softmax(torch.randn(8, 6, dtype=torch.float64), 1)
     if kwargs.get("weight") == "classes":

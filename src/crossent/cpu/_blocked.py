@@ -151,6 +151,7 @@ def gradient(
     z_coef: np.ndarray | None,
     keep: np.ndarray,
     ln_base: float | None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     r"""The gradient ``[N, C]`` (``x``'s dtype) of the loss whose row statistics
     :func:`lse_and_nll` returned, as the Array-API path forms it:
@@ -165,9 +166,11 @@ def gradient(
     ``K = count`` and ``W = weight_sum`` (K without class weights) from ``stats``, ``\varepsilon``
     the ``smoothing``, ``c`` the reduction's ``ce_scale``, ``z`` the z-loss term ``z_coef`` (None:
     none), the soft-cap factor only with ``softcap`` and ``ln b`` only with ``ln_base``; rows where
-    ``keep`` is False are 0."""
+    ``keep`` is False are 0. Written into ``out`` (``[N, C]``, ``x``'s dtype; a new array when None),
+    which may be ``x`` itself: each block of ``x`` is read before its rows are written."""
     n, c = x.shape
-    out = np.empty_like(x)
+    if out is None:
+        out = np.empty_like(x)
     rows = min(n, max(1, BLOCK_ELEMENTS // c))
     q_buf = np.empty((rows, c), dtype=x.dtype)
     t_buf = np.empty((rows, c), dtype=x.dtype) if softcap is not None else None

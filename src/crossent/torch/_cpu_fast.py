@@ -58,13 +58,20 @@ from .._autograd import USE_REFERENCE, first_order_only
 from ._reference import safe_divide
 
 
-def applies(logits2d: torch.Tensor, soft: bool, label_smoothing: float, z_loss: float,
-            softcap: float | None) -> bool:  # fmt: skip
-    """Whether ``cross_entropy``'s impl="auto" can take this CPU call to the numba kernels (class
-    indices, with or without label smoothing)."""
-    if soft or z_loss or softcap is not None:
-        return False
-    return _kernels_take(logits2d)
+def class_index_path(logits2d: torch.Tensor, soft: bool, z_loss: float, softcap: float | None) -> str | None:
+    """Which CPU pass ``cross_entropy``'s impl="auto" takes for class indices: "kernels" (numba;
+    with or without label smoothing, no z-loss or softcap), "blocked" (``CpuBlockedCrossEntropy``:
+    a z-loss or a softcap, or no numba), or None (probability targets; logits the passes cannot
+    read in place; the fast paths switched off): impl="chunked"."""
+    if soft or not _cpu_array(logits2d):
+        return None
+    try:
+        from crossent import cpu
+    except ImportError:
+        return None
+    if not cpu.enabled():
+        return None
+    return "kernels" if not z_loss and softcap is None and cpu.available() else "blocked"
 
 
 def applies_soft(logits2d: torch.Tensor, target2d: torch.Tensor, weight: torch.Tensor | None) -> bool:
@@ -317,3 +324,86 @@ class CpuFastSoftCrossEntropy(torch.autograd.Function):
         grad = _backward(ctx, grad_output, ctx.write)
         # Gradients for (logits, target, row_loss, reduction, inplace_backward, grad, write).
         return grad, None, None, None, None, None, None
+
+
+class CpuBlockedCrossEntropy(torch.autograd.Function):
+    r"""(M, C) logits and (M,) class indices -> the loss, by crossent.cpu's blocked numpy passes
+    (``crossent.cpu._blocked``, in the logits' dtype, a few MiB of buffers): the row statistics in
+    forward (:func:`~crossent.cpu._blocked.lse_and_nll`: ``lse``, ``nll`` and, with smoothing,
+    :math:`S_i = \sum_{j \in F} w_j \log q_{ij}` and K_i), the gradient in backward
+    (:func:`~crossent.cpu._blocked.gradient`, a second pass). The loss of a kept row is
+    :math:`(1 - \varepsilon) w_{y_i} \mathrm{nll}_i - \varepsilon S_i / K_i + \zeta\, \mathrm{lse}_i^2`
+    on the soft-capped logits, "mean" dividing the cross-entropy by :math:`\sum_i w_{y_i}` and the
+    z-loss by the number of kept rows (0 when either is 0), as impl="chunked"."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace_backward
+    ):
+        from crossent.cpu import _blocked
+
+        valid = target != ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
+        x = logits.detach()
+        eps = float(label_smoothing)
+        class_weight = None if weight is None else weight.detach().to(x.dtype).contiguous().numpy()
+        keep = valid.contiguous().numpy()
+        stats = _blocked.lse_and_nll(x.numpy(), safe.numpy(), softcap, keep, smoothing=eps > 0.0,
+                                     class_weight=class_weight)
+        w_row = valid.to(torch.float64)
+        if weight is not None:
+            w_row = weight.detach().to(torch.float64)[safe] * w_row
+        lse = torch.from_numpy(stats.lse).to(torch.float64)
+        per_row = w_row * torch.from_numpy(stats.nll).to(torch.float64)
+        if eps:
+            per_row = (1.0 - eps) * per_row if eps < 1.0 else torch.zeros_like(per_row)
+            smoothed = torch.from_numpy(stats.smoothed).to(torch.float64)
+            per_row = per_row - eps * smoothed / torch.from_numpy(stats.count).to(torch.float64)
+            if eps == 1.0:  # a row without a finite logit (lse -inf or NaN): NaN, as at any other eps
+                per_row = torch.where(lse > -math.inf, per_row, math.nan)
+        z_row = z_loss * lse * lse if z_loss else None
+        # where, not a product: an ignored row adds 0 even when its logits are NaN or -inf
+        per_row = torch.where(valid, per_row, 0.0)
+        ce_den, n_valid = w_row.sum(), valid.sum().to(torch.float64)
+        if z_row is not None:
+            z_row = torch.where(valid, z_row, 0.0)
+        if reduction == "none":
+            loss = per_row if z_row is None else per_row + z_row
+        elif reduction == "sum":
+            loss = per_row.sum() if z_row is None else per_row.sum() + z_row.sum()
+        else:
+            loss = safe_divide(per_row.sum(), ce_den)
+            if z_row is not None:
+                loss = loss + safe_divide(z_row.sum(), n_valid)
+        ctx.save_for_backward(logits, safe, w_row, ce_den, n_valid, lse)
+        ctx.stats, ctx.keep, ctx.class_weight = stats, keep, class_weight
+        ctx.valid = None if bool(valid.all()) else valid
+        ctx.options = (reduction, eps, z_loss, softcap, inplace_backward, weight is not None)
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    @first_order_only("cross_entropy (impl='auto', CPU blocked pass)", USE_REFERENCE)
+    def backward(ctx, grad_output):  # type: ignore[override]
+        from crossent.cpu import _blocked
+
+        logits, safe, w_row, ce_den, n_valid, lse = ctx.saved_tensors
+        reduction, eps, z_loss, softcap, inplace_backward, weighted = ctx.options
+        g = _on_kept_rows(ctx, grad_output.to(torch.float64))
+        ce_scale = z_scale = g.expand(w_row.shape) if g.ndim == 0 else g
+        if reduction == "mean":
+            ce_scale = safe_divide(g, ce_den).expand(w_row.shape)
+            z_scale = safe_divide(g, n_valid).expand(w_row.shape)
+        x = logits.detach()
+        grad = x if inplace_backward else torch.empty_like(x)
+        _blocked.gradient(
+            x.numpy(), safe.numpy(), softcap, ctx.stats,
+            row_weight=w_row.numpy() if weighted else None, smoothing=eps, class_weight=ctx.class_weight,
+            ce_scale=ce_scale.contiguous().numpy(),
+            z_coef=(2.0 * z_loss * z_scale * lse).numpy() if z_loss else None,
+            keep=ctx.keep, ln_base=None, out=grad.numpy(),
+        )
+        if inplace_backward:
+            torch.autograd.graph.increment_version(logits)  # as in _gradient
+        # Gradients for (logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+        # softcap, inplace_backward).
+        return grad, None, None, None, None, None, None, None, None

@@ -157,6 +157,7 @@ _chunked_cross_entropy = _outside_compiled_graphs(ChunkedCrossEntropy.apply)
 _chunked_linear_cross_entropy = _outside_compiled_graphs(ChunkedLinearCrossEntropy.apply)
 _cpu_fast_cross_entropy = _outside_compiled_graphs(_cpu_fast.CpuFastCrossEntropy.apply)
 _cpu_fast_soft_cross_entropy = _outside_compiled_graphs(_cpu_fast.soft_cross_entropy)
+_cpu_blocked_cross_entropy = _outside_compiled_graphs(_cpu_fast.CpuBlockedCrossEntropy.apply)
 
 
 def _resolve_impl(impl: str, device: torch.device, soft: bool, dtype: torch.dtype) -> str:
@@ -314,7 +315,8 @@ def cross_entropy(
         impl = "reference"  # no class: nothing to chunk (the row-block softmax needs one)
     auto = impl == "auto"
     impl = _resolve_impl(impl, input.device, soft, input.dtype)
-    if auto and impl == "chunked" and _cpu_fast.applies(logits2d, soft, eps, z_loss, softcap):
+    cpu_path = _cpu_fast.class_index_path(logits2d, soft, z_loss, softcap) if auto and impl == "chunked" else None
+    if cpu_path is not None:
         impl = "cpu-fast"
     loss = None
     if auto and impl == "chunked" and soft and _cpu_fast.applies_soft(logits2d, target2d, weight):
@@ -346,6 +348,11 @@ def cross_entropy(
             z_loss,
             softcap,
             rows_per_block(logits2d.shape[0], num_classes, None, logits2d.device),
+            inplace_backward and logits2d.data_ptr() == input.data_ptr(),
+        )
+    elif impl == "cpu-fast" and cpu_path == "blocked":
+        loss = _cpu_blocked_cross_entropy(
+            logits2d, target2d, weight, ignore_index, reduction, eps, z_loss, softcap,
             inplace_backward and logits2d.data_ptr() == input.data_ptr(),
         )
     elif impl == "cpu-fast":

@@ -1,8 +1,13 @@
-"""impl="auto" on the CPU with probability targets and any option (class weights, label smoothing,
-z-loss, softcap), or without numba: crossent.cpu's blocked pass (``_blocked.soft_targets``)
-behind autograd. Same results as impl="chunked" and the reference composition (float64 to
-1e-12), one pass over the logits for the loss and the gradient; rows whose loss is not finite
-send the call to impl="chunked". These tests do not need numba."""
+"""impl="auto" on the CPU through crossent.cpu's blocked numpy passes, behind autograd:
+
+- probability targets with any option (class weights, label smoothing, z-loss, softcap), or
+  without numba: ``_blocked.soft_targets``, the loss and the gradient in one pass; rows whose loss
+  is not finite send the call to impl="chunked";
+- class indices with a z-loss or a softcap, or without numba: ``CpuBlockedCrossEntropy``
+  (``_blocked.lse_and_nll`` in forward, ``_blocked.gradient`` in backward).
+
+Same results as impl="chunked" and the reference composition (float64 to 1e-12). These tests do
+not need numba."""
 
 from __future__ import annotations
 
@@ -204,4 +209,140 @@ def test_what_the_pass_does_not_take(blocked_calls, monkeypatch, case):
     assert blocked_calls == {"loss": 0, "grad": 0}
     ref_loss, ref_grad = _loss_and_grad(x, t, up, impl="reference", **kw)
     torch.testing.assert_close(loss, ref_loss.to(loss.dtype))
+    torch.testing.assert_close(grad, ref_grad)
+
+
+# -- class indices with a z-loss or a softcap, or without numba: CpuBlockedCrossEntropy ------------
+
+
+@pytest.fixture
+def class_index_calls(monkeypatch):
+    """Counts the blocked passes for class indices: ``stats`` (forward) and ``grad`` (backward)."""
+    calls = {"stats": 0, "grad": 0}
+    for key, name in (("stats", "lse_and_nll"), ("grad", "gradient")):
+        real = getattr(_blocked, name)
+
+        def counted(*args, key=key, real=real, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_blocked, name, counted)
+    return calls
+
+
+def _class_inputs(shape, seed, dtype=torch.float64):
+    """Logits (classes on dim 1, or dim 0 for 1-D), class indices with every fourth ignored, an
+    ignored row of NaN logits, masked classes (-inf) in the first row, an upstream gradient of the
+    loss's "none" shape that is NaN on the ignored NaN row, and class weights."""
+    g = torch.Generator().manual_seed(seed)
+    class_dim = 0 if len(shape) == 1 else 1
+    c = shape[class_dim]
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3
+    x2 = x.movedim(class_dim, -1).reshape(-1, c) if len(shape) > 1 else x[None]
+    y = torch.randint(0, c, shape[:class_dim] + shape[class_dim + 1:], generator=g)
+    up = torch.rand(y.shape, generator=g, dtype=dtype)
+    if y.ndim:
+        y.view(-1)[::4] = -100
+        x2[0, :2] = float("-inf")
+        y.view(-1)[0] = 3
+        if y.numel() > 4:
+            x2[4] = float("nan")
+            up.view(-1)[4] = float("nan")
+    x = x2.reshape(x.movedim(class_dim, -1).shape).movedim(-1, class_dim) if len(shape) > 1 else x2[0]
+    w = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    return x, y, up, w
+
+
+CLASS_INDEX_OPTIONS = [
+    dict(zip(("weighted", "label_smoothing", "z_loss", "softcap"), values, strict=True))
+    for values in itertools.product([False, True], [0.0, 0.1, 1.0], [0.0, 1e-3], [None, 5.0])
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", CLASS_INDEX_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_class_indices_equal_chunked_and_reference_float64(class_index_calls, numba_setting, options, reduction):
+    """Every option, ignored rows (one of NaN logits under a NaN upstream gradient), masked classes:
+    the blocked pass takes a z-loss or a softcap, and everything without numba."""
+    x, y, up, w = _class_inputs((37, 11), 13)
+    kw = dict(options, reduction=reduction, weight=w if options["weighted"] else None)
+    del kw["weighted"]
+    blocked = options["z_loss"] > 0 or options["softcap"] is not None or numba_setting == "no-numba"
+    upstream = up if reduction == "none" else torch.ones(())
+    loss, grad = _loss_and_grad(x, y, upstream, **kw)
+    assert class_index_calls == ({"stats": 1, "grad": 1} if blocked else {"stats": 0, "grad": 0})
+    for impl in ("chunked", "reference"):
+        ref_loss, ref_grad = _loss_and_grad(x, y, upstream, impl=impl, **kw)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (13,), (2, 9, 2, 3)])
+def test_class_indices_other_shapes_equal_reference(class_index_calls, shape):
+    x, y, up, w = _class_inputs(shape, sum(shape))
+    kw = dict(weight=w, label_smoothing=0.2, z_loss=1e-2, softcap=4.0)
+    for reduction in ("mean", "sum", "none"):
+        upstream = up if reduction == "none" else torch.full((), 0.7, dtype=torch.float64)
+        loss, grad = _loss_and_grad(x, y, upstream, reduction=reduction, **kw)
+        ref_loss, ref_grad = _loss_and_grad(x, y, upstream, reduction=reduction, impl="reference", **kw)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    assert class_index_calls == {"stats": 3, "grad": 3}
+
+
+def test_class_indices_float32_no_worse_than_chunked(class_index_calls):
+    x, y, _, w = _class_inputs((64, 301), 5)
+    x32, w32 = x.float(), w.float()
+    kw = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, reduction="sum")
+    one = torch.ones(())
+    loss32, grad32 = _loss_and_grad(x32, y, one, weight=w32, **kw)
+    assert class_index_calls == {"stats": 1, "grad": 1}
+    truth, truth_grad = _loss_and_grad(x32.double(), y, one.double(), weight=w32.double(), impl="reference", **kw)
+    chunked_loss, chunked_grad = _loss_and_grad(x32, y, one, weight=w32, impl="chunked", **kw)
+
+    def errors(loss, grad):
+        return abs(loss.double() - truth) / truth, (grad.double() - truth_grad).abs().max() / truth_grad.abs().max()
+
+    (loss_err, grad_err), (chunked_loss_err, chunked_grad_err) = errors(loss32, grad32), errors(chunked_loss,
+                                                                                              chunked_grad)
+    assert loss32.dtype == torch.float32
+    assert loss_err <= max(2e-7, 1.5 * chunked_loss_err)
+    assert grad_err <= max(6e-7, 1.5 * chunked_grad_err)
+
+
+def test_class_indices_retained_graph_no_grad_and_inplace(class_index_calls):
+    """A second backward through a retained graph makes the gradient pass again; without a
+    gradient wanted only the statistics pass runs; inplace_backward writes the gradient into the
+    logits and bumps their version."""
+    x, y, _, w = _class_inputs((10, 6), 7)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
+    leaf = x.clone().requires_grad_()
+    loss = cet.cross_entropy(leaf, y, **kw)
+    loss.backward(retain_graph=True)
+    once = leaf.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * once, rtol=1e-12, atol=1e-14)
+    assert class_index_calls == {"stats": 1, "grad": 2}
+    with torch.no_grad():
+        cet.cross_entropy(x, y, **kw)
+    assert class_index_calls == {"stats": 2, "grad": 2}
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0
+    cet.cross_entropy(logits, y, inplace_backward=True, **kw).backward()
+    torch.testing.assert_close(leaf.grad, once, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(logits.detach(), once, rtol=1e-12, atol=1e-14)
+    leaf = x.clone().requires_grad_()
+    loss = cet.cross_entropy(leaf.exp(), y, inplace_backward=True, **kw)  # exp saves its output
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_class_indices_half_precision_takes_the_chunked_path(class_index_calls):
+    x, y, up, w = _class_inputs((6, 5), 5, dtype=torch.bfloat16)
+    kw = dict(weight=w, z_loss=1e-3, softcap=4.0, reduction="none")
+    loss, grad = _loss_and_grad(x, y, up, **kw)
+    assert class_index_calls == {"stats": 0, "grad": 0}
+    ref_loss, ref_grad = _loss_and_grad(x, y, up, impl="chunked", **kw)
+    torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(grad, ref_grad)
