@@ -197,6 +197,8 @@ def test_merge_of_parts_equals_whole(n, C, split, seed, from_logits, weighted):
                                    rtol=1e-12, atol=1e-15, err_msg=name)
     np.testing.assert_array_equal(merged.loss_histogram["counts"],
                                   expected.loss_histogram["counts"])
+    np.testing.assert_allclose(merged.loss_histogram["weights"],
+                               expected.loss_histogram["weights"], rtol=1e-12, atol=1e-15)
     for m, e in zip(merged.calibration, expected.calibration, strict=True):
         np.testing.assert_allclose(m["weight"], e["weight"], rtol=1e-12, atol=1e-15)
 
@@ -218,10 +220,15 @@ def test_normalize_divides_rows_by_their_sum():
         ScoreAccumulator(3).update(p, y)
 
 
-def test_zero_total_weight_gives_zero_mean():
+def test_zero_total_weight_gives_no_mean():
+    """Weight 0 leaves nothing to average: None, not a perfect 0 next to accuracy 0."""
     p = np.array([[0.5, 0.5]])
     r = ScoreAccumulator(2).update(p, np.array([0]), sample_weight=np.array([0.0])).compute()
-    assert (r.cross_entropy_nats, r.accuracy, r.expected_calibration_error) == (0.0, 0.0, 0.0)
+    assert (r.rows, r.weight) == (1, 0.0)
+    assert (r.cross_entropy_nats, r.cross_entropy_bits, r.perplexity, r.accuracy,
+            r.expected_calibration_error) == (None, None, None, None, None)
+    assert r.per_class[0]["cross_entropy_nats"] is None and r.per_class[0]["accuracy"] is None
+    assert r.to_dict()["cross_entropy_nats"] is None
 
 
 def test_negative_infinite_logits_mask_classes():
@@ -351,7 +358,7 @@ def test_torch_bfloat16_and_requires_grad_are_read_detached():
 
 def test_empty_batch_with_list_targets():
     acc = ScoreAccumulator(3).update(np.zeros((0, 3)), [])
-    assert acc.rows == 0 and acc.compute().cross_entropy_nats == 0.0
+    assert acc.rows == 0 and acc.compute().cross_entropy_nats is None
     acc.update(np.zeros((0, 3)), [], sample_weight=[])
     assert acc.rows == 0
 
@@ -364,10 +371,13 @@ def test_string_sample_weight_names_the_argument():
         ScoreAccumulator(3, weight_name="weights").update(p, y, sample_weight=["a", "b"])
 
 
-@pytest.mark.parametrize("tolerance", [-1.0, math.nan])
-def test_update_refuses_a_negative_tolerance(tolerance):
+@pytest.mark.parametrize(("tolerance", "error"), [
+    (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("x", TypeError),
+    (True, TypeError),
+])
+def test_update_refuses_a_bad_tolerance(tolerance, error):
     _, p, y, _ = _data(n=2, C=3)
-    with pytest.raises(ValueError, match="tolerance must be >= 0 or None, got"):
+    with pytest.raises(error, match="tolerance must be a finite number >= 0 or None, got"):
         ScoreAccumulator(3).update(p, y, tolerance=tolerance)
 
 

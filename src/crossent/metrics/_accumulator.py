@@ -14,6 +14,7 @@ axis, numpy's row reductions are ~20x faster in that layout.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,36 @@ import numpy as np
 __all__ = ["InvalidDataError", "ScoreAccumulator", "ScoreResult"]
 
 LN2 = math.log(2.0)
+TINY = float(np.finfo(np.float64).tiny)  # smallest normal float64: a nonzero weight's floor
+MAX_HIST_BINS = 1_000_000  # 16 MB of histogram per accumulator
+# Totals below this cannot have overflowed anywhere: each per-class sum is a part of them (and
+# non-negative), so a batch looks per class only when a total reaches it (or is inf).
+_SAFE = 1e308
+
+
+def _real(value, name, *, what="a real number"):
+    """``value`` as a float; a TypeError naming ``name`` unless it is a real number (bools are not)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _positive_int(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _tolerance(value):
+    """A row-sum tolerance: None, or a finite real number >= 0 (a ValueError/TypeError naming it)."""
+    if value is None:
+        return None
+    number = _real(value, "tolerance", what="a finite number >= 0 or None")
+    if not (0 <= number < math.inf):  # False for NaN
+        raise ValueError(f"tolerance must be a finite number >= 0 or None, got {value!r}")
+    return number
 
 
 def _is_first_max(scores, target_score, row_max, t):
@@ -75,19 +106,29 @@ class InvalidDataError(ValueError):
 class ScoreResult:
     """What ``ScoreAccumulator.compute()`` returns; ``to_dict()`` is the JSON of ``crossent score``.
 
-    Means divide by the total sample weight (the number of rows without weights); a mean whose
-    denominator is zero is 0, as everywhere in crossent. Per-class entries of a class with no
-    rows are None; ``infinite_loss_rows`` (overall and per class) counts the rows whose loss is
-    +inf (a true class masked by a -inf logit), which make that mean inf. ``clipped_rows``
-    counts the rows whose probability of the true class was below eps and was clipped to it.
+    Means divide by the total sample weight (the number of rows without weights). A mean whose
+    weight is 0 (no rows, or rows whose sample weights are all 0) is None, overall, per class
+    and per calibration bin: there is nothing to average, and 0 would read as a perfect score
+    (the loss *functions* return 0 for an empty mean instead, for their gradients' sake).
+    ``infinite_loss_rows`` (overall and per class) counts the rows of weight > 0 whose loss is
+    +inf (a true class masked by a -inf logit): exactly the rows that make that mean inf (a row
+    of weight 0 adds nothing to a mean, so an infinite loss there is counted only in ``rows``).
+    ``clipped_rows`` counts the rows whose probability of the true class was below eps and was
+    clipped to it.
+
+    ``loss_histogram`` holds ``bin_width``; ``counts``, the rows per bin of finite loss (the
+    last bin: losses >= ``hist_max``); ``weights``, the sample weight per bin (equal to
+    ``counts`` without sample weights), so a plot of ``weights`` has the weighted mean as its
+    mean; ``min`` and ``max``, the extreme losses of the rows above (``max`` is inf when
+    ``infinite_loss_rows`` > 0), None when there are none.
     """
 
     rows: int
     weight: float
     class_names: tuple[str, ...]
-    cross_entropy_nats: float
-    accuracy: float
-    expected_calibration_error: float
+    cross_entropy_nats: float | None
+    accuracy: float | None
+    expected_calibration_error: float | None
     per_class: tuple[dict, ...]
     calibration: tuple[dict, ...]
     loss_histogram: dict
@@ -99,11 +140,13 @@ class ScoreResult:
         return len(self.class_names)
 
     @property
-    def cross_entropy_bits(self) -> float:
-        return self.cross_entropy_nats / LN2
+    def cross_entropy_bits(self) -> float | None:
+        return None if self.cross_entropy_nats is None else self.cross_entropy_nats / LN2
 
     @property
-    def perplexity(self) -> float:
+    def perplexity(self) -> float | None:
+        if self.cross_entropy_nats is None:
+            return None
         try:
             return math.exp(self.cross_entropy_nats)
         except OverflowError:
@@ -154,14 +197,25 @@ class ScoreAccumulator:
     Validation is per row and vectorized: probabilities must lie in [0, 1] and sum to 1 within
     ``tolerance`` (default ``sqrt(finfo(dtype).eps)`` of the scores as given, as
     ``crossent.log_loss``; a batch may bring its own default, as text does) unless
-    ``normalize=True``; logits must not be NaN or +inf and a row needs a finite logit (-inf masks
-    a class); weights must be finite and >= 0 (a non-numeric ``sample_weight`` is a TypeError
-    naming it), and ``tolerance`` must be >= 0. Torch tensors are detached and read on the CPU;
-    bfloat16 scores are computed in float32 with bfloat16's eps. A bad row raises ``InvalidDataError`` naming the
-    column (``column_names``) and the 0-based data row (``start`` + position in the batch).
+    ``normalize=True`` (probabilities only: with ``from_logits=True`` it is a ValueError);
+    logits must not be NaN or +inf and a row needs a finite logit (-inf masks a class); weights
+    must be finite and >= 0 (a non-numeric ``sample_weight`` is a TypeError naming it). A
+    nonzero weight must be at least the smallest normal float64 (2.2e-308; below it, products
+    lose their precision), and the sums of the weights and of the weighted losses must stay
+    within float64's range (1.8e308): the weighted mean does not change when every weight is
+    scaled by one factor, so scale them. Torch tensors are detached and read on the CPU;
+    bfloat16 scores are computed in float32 with bfloat16's eps. A bad row raises
+    ``InvalidDataError`` naming the column (``column_names``, ``weight_name``) and the 0-based
+    data row (``start`` + position in the batch).
+
+    ``tolerance`` is None or a finite number >= 0; ``n_bins`` and ``num_classes`` are positive
+    integers (not bools); ``hist_bin_width`` and ``hist_max`` are finite numbers with
+    ``0 < hist_bin_width < hist_max`` and at most ``MAX_HIST_BINS`` (10^6) bins between them.
+    A bad argument is a TypeError or ValueError naming it.
 
     Per-row losses also go into a fixed-bin histogram (``hist_bin_width`` nats wide, up to
-    ``hist_max`` nats, then one overflow bin), so the memory does not grow with the data.
+    ``hist_max`` nats, then one overflow bin) of rows and of their sample weight (see
+    ``ScoreResult``), so the memory does not grow with the data.
 
     >>> acc = ScoreAccumulator(3)
     >>> _ = acc.update(np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]), np.array([1, 1]))
@@ -185,17 +239,25 @@ class ScoreAccumulator:
         hist_bin_width: float = 0.01,
         hist_max: float = 50.0,
     ):
-        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-            raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-        if tolerance is not None and not (tolerance >= 0):
-            raise ValueError(f"tolerance must be >= 0 or None, got {tolerance!r}")
-        if not (hist_bin_width > 0 and hist_max > hist_bin_width):
+        C = _positive_int(num_classes, "num_classes")
+        n_bins = _positive_int(n_bins, "n_bins")
+        tolerance = _tolerance(tolerance)
+        width = _real(hist_bin_width, "hist_bin_width", what="a finite number > 0")
+        if not (0 < width < math.inf):  # False for NaN
+            raise ValueError(f"hist_bin_width must be a finite number > 0, got {hist_bin_width!r}")
+        top = _real(hist_max, "hist_max", what="a finite number above hist_bin_width")
+        if not (width < top < math.inf):
             raise ValueError(
-                f"hist_bin_width must be > 0 and below hist_max, got {hist_bin_width}, {hist_max}"
+                f"hist_max must be a finite number above hist_bin_width={width!r}, got {hist_max!r}"
             )
-        C = int(num_classes)
+        hist_bins = math.ceil(top / width)
+        if hist_bins > MAX_HIST_BINS:
+            raise ValueError(
+                f"hist_max / hist_bin_width must be at most {MAX_HIST_BINS:,} bins, got "
+                f"{hist_max!r} / {hist_bin_width!r} = {hist_bins:,}"
+            )
+        if from_logits and normalize:
+            raise ValueError("normalize applies to probabilities only (from_logits=False)")
         for name, value in (("class_names", class_names), ("column_names", column_names)):
             if value is not None and len(value) != C:
                 raise ValueError(f"{name} must have num_classes={C} entries, got {len(value)}")
@@ -203,13 +265,13 @@ class ScoreAccumulator:
         self.from_logits = bool(from_logits)
         self.normalize = bool(normalize)
         self.tolerance = tolerance
-        self.n_bins = int(n_bins)
-        self.class_names = tuple(str(c) for c in (class_names or range(C)))
+        self.n_bins = n_bins
+        self.class_names = tuple(str(c) for c in (range(C) if class_names is None else class_names))
         self.column_names = tuple(column_names) if column_names is not None else None
         self.target_name = target_name
         self.weight_name = weight_name
-        self.hist_bin_width = float(hist_bin_width)
-        self.hist_bins = int(math.ceil(hist_max / hist_bin_width))
+        self.hist_bin_width = width
+        self.hist_bins = hist_bins
         self.rows = 0
         self.weight = 0.0
         self.loss_sum = 0.0
@@ -225,6 +287,7 @@ class ScoreAccumulator:
         self.bin_confidence = np.zeros(self.n_bins)
         self.bin_correct = np.zeros(self.n_bins)
         self.loss_hist = np.zeros(self.hist_bins + 1, np.int64)  # last bin: >= hist_max
+        self.loss_hist_weight = np.zeros(self.hist_bins + 1)
         self.loss_min = math.inf
         self.loss_max = -math.inf
 
@@ -252,8 +315,7 @@ class ScoreAccumulator:
                 raise TypeError("sample_weight must not be given with a batch (it carries its own)")
             return self.update(batch.scores, batch.targets, sample_weight=batch.sample_weight,
                                start=batch.start, tolerance=getattr(batch, "tolerance", None))
-        if tolerance is not None and not (tolerance >= 0):  # False for NaN
-            raise ValueError(f"tolerance must be >= 0 or None, got {tolerance!r}")
+        tolerance = _tolerance(tolerance)
         scores, given_eps = _to_numpy(scores, "scores")
         targets, _ = _to_numpy(targets, self.target_name)
         if targets.size == 0 and targets.dtype.kind == "f":
@@ -306,10 +368,21 @@ class ScoreAccumulator:
                     column=self.weight_name,
                     row=start + row,
                 )
+            subnormal = (weight > 0) & (weight < TINY)
+            if subnormal.any():
+                row = int(np.argmax(subnormal))
+                raise InvalidDataError(
+                    f"sample weight {float(weight[row])!r} is below the smallest normal float64 "
+                    f"({TINY!r}), where its products lose their precision; scale the weights up "
+                    "(the weighted means do not change)",
+                    column=self.weight_name,
+                    row=start + row,
+                )
         if n == 0:
             return self
         if self.from_logits:
             loss, predicted, confidence = self._from_logits(scores, targets, start)
+            clipped = 0
         else:
             if self.tolerance is not None:
                 tolerance = self.tolerance
@@ -318,8 +391,8 @@ class ScoreAccumulator:
             loss, predicted, confidence, clipped = self._from_probs(
                 scores, targets, start, tolerance=tolerance, eps=eps
             )
-            self.clipped_rows += clipped
-        self._add(loss, predicted, confidence, targets, weight)
+        self._add(loss, predicted, confidence, targets, weight, start)
+        self.clipped_rows += clipped
         return self
 
     def _column(self, k: int) -> str:
@@ -389,10 +462,22 @@ class ScoreAccumulator:
         correct = _is_first_max(z, zt, m, t)
         # exp in the input precision (float32 has SIMD exp; every term is in (0, 1]), sums and
         # logs in float64
-        shifted = z - m[:, None]
+        with np.errstate(over="ignore"):  # -inf where the logits span more than float64
+            shifted = z - m[:, None]
         np.exp(shifted, out=shifted)
         sum_exp = shifted.sum(axis=1, dtype=np.float64)
-        loss = (m.astype(np.float64) - zt) + np.log(sum_exp)
+        with np.errstate(over="ignore"):
+            loss = (m.astype(np.float64) - zt) + np.log(sum_exp)
+        if np.isinf(loss.max()):  # +inf is a masked true class; else float64 logits >1.8e308 apart
+            span = np.isinf(loss) & np.isfinite(zt)
+            if span.any():
+                r = int(np.argmax(span))
+                raise InvalidDataError(
+                    f"the largest logit {float(m[r])!r} and the true class's "
+                    f"{float(zt[r])!r} are too far apart: the loss is beyond float64's range",
+                    column=self._columns_span(),
+                    row=start + r,
+                )
         return loss, correct, 1.0 / sum_exp
 
     def _columns_span(self) -> str:
@@ -400,31 +485,60 @@ class ScoreAccumulator:
             return f"{self.column_names[0]}..{self.column_names[-1]}"
         return "scores"
 
-    def _add(self, loss, correct, confidence, t, weight):
-        C, B = self.num_classes, self.n_bins
+    def _add(self, loss, correct, confidence, t, weight, start):
+        """Add a validated batch; nothing is added when its weighted sums leave float64's range."""
+        C, B, H = self.num_classes, self.n_bins, self.hist_bins + 1
+        n = loss.size
         correct = correct.astype(np.float64)
         loss_max = float(loss.max())  # losses are >= 0, never NaN (validated): inf is the max
         finite = np.isfinite(loss) if loss_max == math.inf else None
-        n_inf = 0 if finite is None else int(loss.size - np.count_nonzero(finite))
+        # the rows whose +inf loss counts: those of weight > 0 (a row of weight 0 adds nothing)
+        if finite is None:
+            counted_inf = None
+        elif weight is None:
+            counted_inf = ~finite
+        else:
+            counted_inf = ~finite & (weight > 0)
+        n_inf = 0 if counted_inf is None else int(np.count_nonzero(counted_inf))
         if weight is None:
             wl, wc, wconf = loss, correct, confidence
-            self.weight += float(loss.size)
-            self.class_weight += np.bincount(t, minlength=C)
+            batch_weight = float(n)
         else:
-            with np.errstate(invalid="ignore"):
+            # weights are 0 or >= the smallest normal float64 (validated); a product can still
+            # overflow to inf, which the range check below reports
+            with np.errstate(invalid="ignore", over="ignore"):
                 wl = weight * loss
-            if n_inf:  # 0 * inf: a row of weight 0 adds nothing
-                wl[weight == 0] = 0.0
+            if finite is not None:  # 0 * inf: a row of weight 0 adds nothing
+                wl[~finite & (weight == 0)] = 0.0
             wc, wconf = weight * correct, weight * confidence
-            self.weight += float(weight.sum())
-            self.class_weight += np.bincount(t, weights=weight, minlength=C)
-        self.rows += int(loss.size)
-        self.loss_sum += float(wl.sum())
+            with np.errstate(over="ignore"):
+                batch_weight = float(weight.sum())
+        with np.errstate(over="ignore"):
+            loss_sum = float(wl.sum())
+        if not (self.weight + batch_weight < _SAFE and self.loss_sum + loss_sum < _SAFE):
+            with np.errstate(over="ignore"):  # rare (an overflow, or infinite losses)
+                self._check_range(
+                    weight=self.weight + batch_weight,
+                    class_weight=self.class_weight + np.bincount(t, weights=weight, minlength=C),
+                    loss_sum=self.loss_sum + loss_sum,
+                    class_loss=self.class_loss + np.bincount(t, weights=wl, minlength=C),
+                    infinite_loss_rows=self.infinite_loss_rows + n_inf,
+                    class_infinite=self.class_infinite
+                    + (np.bincount(t[counted_inf], minlength=C) if n_inf else 0),
+                    where=f"by data row {start + n - 1}",
+                    weighted=weight is not None,
+                )
+        # every check is done: add in place (no extra per-class arrays: for a large C each
+        # fresh one costs page faults, 3-4x the time of a 1-row batch of 256000 classes)
+        self.rows += n
+        self.weight += batch_weight
+        self.loss_sum += loss_sum
         self.correct += float(wc.sum())
-        self.infinite_loss_rows += n_inf
         if n_inf:
-            self.class_infinite += np.bincount(t[~finite], minlength=C)
+            self.infinite_loss_rows += n_inf
+            self.class_infinite += np.bincount(t[counted_inf], minlength=C)
         self.class_rows += np.bincount(t, minlength=C)
+        self.class_weight += np.bincount(t, weights=weight, minlength=C)
         self.class_loss += np.bincount(t, weights=wl, minlength=C)
         self.class_correct += np.bincount(t, weights=wc, minlength=C)
         b = confidence * B  # bin b holds confidences in (b/B, (b+1)/B]
@@ -432,16 +546,47 @@ class ScoreAccumulator:
         b -= 1
         np.clip(b, 0, B - 1, out=b)
         b = b.astype(np.intp)
-        self.bin_weight += np.bincount(b, weights=None if weight is None else weight, minlength=B)
+        self.bin_weight += np.bincount(b, weights=weight, minlength=B)
         self.bin_confidence += np.bincount(b, weights=wconf, minlength=B)
         self.bin_correct += np.bincount(b, weights=wc, minlength=B)
-        fl = loss[finite] if n_inf else loss
+        fl = loss if finite is None else loss[finite]
         if fl.size:
             h = fl / self.hist_bin_width
             np.minimum(h, self.hist_bins, out=h)
-            self.loss_hist += np.bincount(h.astype(np.intp), minlength=self.hist_bins + 1)
+            h = h.astype(np.intp)
+            rows = np.bincount(h, minlength=H)
+            self.loss_hist += rows
+            self.loss_hist_weight += (rows if weight is None else
+                                      np.bincount(h, weights=weight if finite is None
+                                                  else weight[finite], minlength=H))
             self.loss_min = min(self.loss_min, float(fl.min()))
-        self.loss_max = max(self.loss_max, loss_max)
+            self.loss_max = max(self.loss_max, float(fl.max()))
+        if n_inf:
+            self.loss_max = math.inf
+
+    def _check_range(self, *, weight, class_weight, loss_sum, class_loss, infinite_loss_rows,
+                     class_infinite, where, weighted=True):
+        """InvalidDataError when a total would leave float64's range (naming the weights).
+
+        A sum of losses may be inf only where a row of weight > 0 has an infinite loss; any
+        other inf is an overflow (of weight * loss, or of the sum), and would read as an inf mean.
+        """
+        rescale = "; scale the sample weights down (the weighted means do not change)"
+        if not (math.isfinite(weight) and np.isfinite(class_weight).all()):
+            raise InvalidDataError(
+                f"the sample weights sum beyond float64's largest number (1.8e308) {where}"
+                + rescale,
+                column=self.weight_name,
+            )
+        overflow = np.isinf(class_loss) & (class_infinite == 0)
+        if overflow.any() or (math.isinf(loss_sum) and not infinite_loss_rows):
+            of_class = (f" of class {self.class_names[int(np.argmax(overflow))]!r}"
+                        if overflow.any() else "")
+            raise InvalidDataError(
+                f"the {'weighted ' if weighted else ''}losses{of_class} sum beyond float64's "
+                f"largest number (1.8e308) {where}" + (rescale if weighted else ""),
+                column=self.weight_name if weighted else None,
+            )
 
     # ------------------------------------------------------------------ merge / compute
 
@@ -450,7 +595,11 @@ class ScoreAccumulator:
                 self.hist_bin_width, self.hist_bins, self.class_names)
 
     def merge(self, other: ScoreAccumulator, /) -> ScoreAccumulator:
-        """Add the rows of ``other`` (an accumulator with the same settings); returns self."""
+        """Add the rows of ``other`` (an accumulator with the same settings); returns self.
+
+        Nothing is added, and ``InvalidDataError`` names the weights, when the merged sums of
+        the weights or weighted losses leave float64's range.
+        """
         if not isinstance(other, ScoreAccumulator):
             raise TypeError(f"other must be a ScoreAccumulator, got {type(other).__name__}")
         if other._config() != self._config():
@@ -458,33 +607,46 @@ class ScoreAccumulator:
                 "other must have the same num_classes, from_logits, normalize, n_bins, "
                 f"histogram bins and class_names: got {other._config()}, this one has {self._config()}"
             )
+        with np.errstate(over="ignore"):
+            self._check_range(  # (merges are few: no fast path)
+                weight=self.weight + other.weight,
+                class_weight=self.class_weight + other.class_weight,
+                loss_sum=self.loss_sum + other.loss_sum,
+                class_loss=self.class_loss + other.class_loss,
+                infinite_loss_rows=self.infinite_loss_rows + other.infinite_loss_rows,
+                class_infinite=self.class_infinite + other.class_infinite,
+                where="when merging parts",
+                weighted=not (self.weight == self.rows and other.weight == other.rows),
+            )
         for name in ("rows", "weight", "loss_sum", "correct", "infinite_loss_rows",
                      "clipped_rows"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("class_rows", "class_infinite", "class_weight", "class_loss", "class_correct", "bin_weight",
-                     "bin_confidence", "bin_correct", "loss_hist"):
+        for name in ("class_rows", "class_infinite", "class_weight", "class_loss", "class_correct",
+                     "bin_weight", "bin_confidence", "bin_correct", "loss_hist", "loss_hist_weight"):
             getattr(self, name).__iadd__(getattr(other, name))
         self.loss_min = min(self.loss_min, other.loss_min)
         self.loss_max = max(self.loss_max, other.loss_max)
         return self
 
     def compute(self) -> ScoreResult:
-        """The metrics of all rows added so far (see the class docstring for the formulas)."""
+        """The metrics of all rows added so far (see the class docstring for the formulas).
+
+        A mean whose weight is 0 is None (see ``ScoreResult``).
+        """
 
         def mean(num, den):
-            return float(num / den) if den != 0 else 0.0
+            return float(num / den) if den != 0 else None
 
         per_class = []
         for k in range(self.num_classes):
-            present = self.class_rows[k] > 0
             w = float(self.class_weight[k])
             per_class.append({
                 "class": k,
                 "name": self.class_names[k],
                 "rows": int(self.class_rows[k]),
                 "weight": w,
-                "cross_entropy_nats": mean(self.class_loss[k], w) if present else None,
-                "accuracy": mean(self.class_correct[k], w) if present else None,
+                "cross_entropy_nats": mean(self.class_loss[k], w),
+                "accuracy": mean(self.class_correct[k], w),
                 "infinite_loss_rows": int(self.class_infinite[k]),
             })
         calibration = []
@@ -494,15 +656,17 @@ class ScoreAccumulator:
                 "lower": b / self.n_bins,
                 "upper": (b + 1) / self.n_bins,
                 "weight": w,
-                "confidence": mean(self.bin_confidence[b], w) if w else None,
-                "accuracy": mean(self.bin_correct[b], w) if w else None,
+                "confidence": mean(self.bin_confidence[b], w),
+                "accuracy": mean(self.bin_correct[b], w),
             })
         ece = mean(np.abs(self.bin_correct - self.bin_confidence).sum(), self.weight)
+        seen = self.loss_min <= self.loss_max  # a finite loss, or an infinite one that counts
         histogram = {
             "bin_width": self.hist_bin_width,
             "counts": self.loss_hist.copy(),  # last entry: losses >= bins * bin_width
-            "min": self.loss_min if self.rows else None,
-            "max": self.loss_max if self.rows else None,
+            "weights": self.loss_hist_weight.copy(),
+            "min": self.loss_min if seen else None,
+            "max": self.loss_max if seen else None,
         }
         return ScoreResult(
             rows=self.rows,
