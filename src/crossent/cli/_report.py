@@ -90,8 +90,18 @@ def write_all(outputs, /, *, folders=()) -> None:
     into place. A destination that is a directory fails before anything is moved; if a move
     still fails (an immutable file, a race), the files already moved are taken back: a new
     file is removed, a replaced one is put back (from a hard link, or a copy, made before the
-    move). An ``OSError`` names the destination (``filename``), never a temporary.
+    move). An ``OSError`` names the destination (``filename``), never a temporary. Two outputs
+    to the same file (after resolving links) are a ValueError, before anything is written.
     """
+    seen = {}
+    for path, _ in outputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(
+                f"outputs must go to distinct files: {os.fspath(seen[real])!r} and "
+                f"{os.fspath(path)!r} are the same file"
+            )
+        seen[real] = path
     created, staged, moved = [], [], []
     try:
         for folder in folders:
@@ -176,29 +186,51 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _per_class_png(result) -> bytes:
+def _per_class_figure(result):
+    """Horizontal bars of each class's mean cross-entropy, and a line at the overall mean.
+
+    The x axis is scaled to the finite values only. An infinite class mean (a true class
+    masked by a -inf logit) is a hatched bar to the right edge, marked "inf"; an infinite
+    overall mean is a line on that edge, labelled inf. Classes without a mean (no rows, or
+    weight 0) are left out, and the title says how many of the classes with a mean are shown.
+    """
     entries = [e for e in result.per_class if e["cross_entropy_nats"] is not None]
     title = "Cross-entropy per true class"
     if len(entries) > _MAX_BARS:
+        title += f" (the {_MAX_BARS} highest of {len(entries)})"
         entries = sorted(entries, key=lambda e: -e["cross_entropy_nats"])[:_MAX_BARS]
-        title += f" (the {_MAX_BARS} highest of {len(result.per_class)})"
     fig, ax = _figure(6.4, max(2.5, 0.5 + 0.22 * len(entries)))
-    names = [e["name"] for e in entries]
-    values = [min(e["cross_entropy_nats"], 1e300) for e in entries]
+    values = np.array([e["cross_entropy_nats"] for e in entries], dtype=np.float64)
+    mean = result.cross_entropy_nats
+    infinite = np.isinf(values)
+    finite = [*values[~infinite], *([mean] if mean is not None and math.isfinite(mean) else [])]
+    top = max(finite, default=0.0)
+    has_inf = infinite.any() or mean == math.inf
+    # finite values take the left 87% of the axis when something is inf, 95% otherwise
+    right = (top / (0.87 if has_inf else 0.95)) if top > 0 else 1.0
     y = np.arange(len(entries))
-    ax.barh(y, values, color="#4c72b0")
-    ax.set_yticks(y, names)
+    ax.barh(y[~infinite], values[~infinite], color="#4c72b0")
+    if infinite.any():
+        ax.barh(y[infinite], right, color="#4c72b0", alpha=0.45, hatch="//", edgecolor="white",
+                label="inf (bar cut at the edge)")
+        for row in y[infinite]:
+            ax.text(right, row, "inf ", ha="right", va="center", fontweight="bold")
+    ax.set_yticks(y, [e["name"] for e in entries])
+    ax.set_xlim(0, right)
     ax.invert_yaxis()
-    ax.axvline(min(result.cross_entropy_nats, 1e300), color="#c44e52", linestyle="--",
-               label=f"all rows: {result.cross_entropy_nats:.4g}")
+    if mean is not None:
+        ax.axvline(min(mean, right), color="#c44e52", linestyle="--", clip_on=False,
+                   linewidth=2.5 if mean == math.inf else 1.5, label=f"all rows: {mean:.4g}")
     ax.set_xlabel("mean cross-entropy (nats)")
     ax.set_title(title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(entries) < 8 else -0.08),
-              frameon=False)
-    return _png(fig)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(entries) < 8 else -0.08),
+                  frameon=False, ncols=2)
+    return fig
 
 
-def _reliability_png(result) -> bytes:
+def _reliability_figure(result):
+    """Per-bin accuracy bars, the gap to the bin's mean confidence, and the diagonal."""
     bins = result.calibration
     fig, ax = _figure(5.2, 4.6)
     width = 1.0 / len(bins)
@@ -215,19 +247,37 @@ def _reliability_png(result) -> bytes:
     ax.set_ylim(0, 1)
     ax.set_xlabel("top-label confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability ({len(bins)} bins), ECE = {result.expected_calibration_error:.4f}")
+    ece = result.expected_calibration_error
+    ece = "\u2013" if ece is None else f"{ece:.4f}"
+    ax.set_title(f"Reliability ({len(bins)} bins), ECE = {ece}")
     ax.legend(loc="upper left")
-    return _png(fig)
+    return fig
 
 
-def _histogram_png(result) -> bytes:
+def _rows(n: int) -> str:
+    return f"{n:,} row" if n == 1 else f"{n:,} rows"
+
+
+def _histogram_figure(result):
+    """Histogram of the per-row loss, weighted when the rows have sample weights.
+
+    The bars are the sample weight per loss bin (``loss_histogram["weights"]``): without
+    weights that is the number of rows, and the y axis says "rows"; with weights it says
+    "sample weight", and the dashed line is the weighted mean, which is then the mean of the
+    plotted distribution. The bars go up to the 99.5th percentile of the finite losses (of
+    their weight); a note counts the rows beyond, and the rows with infinite loss (also when
+    every row is infinite). An infinite mean has no line: the note says "mean = inf".
+    """
     hist = result.loss_histogram
     counts = np.asarray(hist["counts"], dtype=np.float64)
+    weights = np.asarray(hist["weights"], dtype=np.float64)
+    weighted = not np.array_equal(weights, counts)
+    plotted = weights if weighted else counts
     width = hist["bin_width"]
-    finite = counts[:-1]
-    total = counts.sum()
+    finite = plotted[:-1]
     fig, ax = _figure()
-    if total > 0:
+    notes = []
+    if counts.sum() > 0:
         # show up to the 99.5th percentile of the finite losses, in at most 60 bars
         cum = np.cumsum(finite)
         last = int(np.searchsorted(cum, 0.995 * cum[-1])) + 1 if cum[-1] > 0 else 1
@@ -238,25 +288,33 @@ def _histogram_png(result) -> bytes:
         step = width * (group if last % group == 0 else 1)
         edges = np.arange(len(bars)) * step
         ax.bar(edges, bars, width=step, align="edge", color="#55a868", edgecolor="white")
-        beyond = total - finite[:last].sum() + result.infinite_loss_rows
-        note = f"{int(beyond):,} rows above {last * width:.3g} nats" if beyond else ""
-        if note:
-            ax.text(0.98, 0.95, note, transform=ax.transAxes, ha="right", va="top")
-    ax.axvline(result.cross_entropy_nats if math.isfinite(result.cross_entropy_nats) else 0,
-               color="#c44e52", linestyle="--", label="mean")
+        beyond = int(counts.sum() - counts[:last].sum())
+        if beyond:
+            weight = f" (weight {plotted.sum() - finite[:last].sum():.4g})" if weighted else ""
+            notes.append(f"{_rows(beyond)}{weight} above {last * width:.3g} nats")
+    if result.infinite_loss_rows:
+        notes.append(f"{_rows(result.infinite_loss_rows)} with infinite loss")
+    label = "weighted mean" if weighted else "mean"
+    mean = result.cross_entropy_nats
+    if mean is not None and math.isfinite(mean):
+        ax.axvline(mean, color="#c44e52", linestyle="--", label=f"{label}: {mean:.4g}")
+        ax.legend(loc="center right")
+    elif mean is not None:
+        notes.append(f"{label} = inf")
+    if notes:
+        ax.text(0.98, 0.95, "\n".join(notes), transform=ax.transAxes, ha="right", va="top")
     ax.set_xlabel("per-row cross-entropy (nats)")
-    ax.set_ylabel("rows")
-    ax.set_title("Histogram of per-row loss")
-    ax.legend(loc="center right")
-    return _png(fig)
+    ax.set_ylabel("sample weight" if weighted else "rows")
+    ax.set_title("Histogram of per-row loss" + (" (weighted)" if weighted else ""))
+    return fig
 
 
 def render_pngs(result, *, from_logits: bool = False) -> dict[str, bytes]:
     """The report's plots as PNG bytes, by file name (see ``PLOTS``)."""
     return {
-        "per_class_loss.png": _per_class_png(result),
-        "reliability.png": _reliability_png(result),
-        "loss_histogram.png": _histogram_png(result),
+        "per_class_loss.png": _png(_per_class_figure(result)),
+        "reliability.png": _png(_reliability_figure(result)),
+        "loss_histogram.png": _png(_histogram_figure(result)),
     }
 
 

@@ -244,7 +244,8 @@ def _format_table(result, source: str) -> str:
               help="Logit columns, one per class: a comma list or a glob ('l*').")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output on stdout.")
-@click.option("--sample-weight", metavar="COLUMN", help="Column of row weights (finite, >= 0).")
+@click.option("--sample-weight", metavar="COLUMN",
+              help="Column of row weights (finite, >= 0, not all 0).")
 @click.option("--normalize", is_flag=True,
               help="Renormalize probability rows that do not sum to 1 (else they are an error).")
 @click.option("--report", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
@@ -282,6 +283,15 @@ def score(path, target, labels, probs, logits, output_format, sample_weight, nor
         raise click.UsageError("--normalize applies to --probs only")
     if report and not os.path.isdir(os.path.dirname(os.path.abspath(report))):
         raise click.BadParameter(f"the folder of {report!r} does not exist", param_hint="--report")
+    if report and plots:
+        from ._report import PLOTS
+
+        for name in PLOTS:
+            if os.path.realpath(os.path.join(plots, name)) == os.path.realpath(report):
+                raise click.BadParameter(
+                    f"{report!r} is where --plots writes {name}: the report needs its own file",
+                    param_hint="--report",
+                )
     show_progress = not quiet and sys.stderr.isatty()
     _lean_arrow_memory()
     # Usage errors (exit 2) come only from the options: a ValueError while the files are
@@ -316,6 +326,9 @@ def score(path, target, labels, probs, logits, output_format, sample_weight, nor
         raise BadData(f"{path}: {type(exc).__name__}: {_message(exc)}") from None
     if result.rows == 0:
         raise BadData(f"{path}: no data rows to score")
+    if result.weight == 0:  # rows, but every --sample-weight is 0: no mean to report
+        raise BadData(f"{path}: the total sample weight (--sample-weight {sample_weight}) is 0: "
+                      "nothing to score")
     if report or plots:
         from ._report import render_html, render_pngs, write_all
 
