@@ -218,7 +218,10 @@ def _softmax_ce(
             )
         v.check_no_nan(xp, "targets", targets)
         t = xp.moveaxis(targets, ax, -1) if ax != logits.ndim - 1 else targets
-        t = v.as_float(xp, t, dtype, "targets")
+        if not is_numpy_namespace(xp):
+            t = v.as_float(xp, t, dtype, "targets")
+        # numpy: the fast passes cast the targets a block at a time (no copy of their size);
+        # converted below only for the Array-API path.
     else:
         raise TypeError(
             f"targets must be integer class indices or floating-point probabilities, got dtype {targets.dtype}"
@@ -264,6 +267,8 @@ def _softmax_ce(
                 blocked = _numpy_blocked_stats(x, safe_labels, cap, keep, eps, w)
         elif is_numpy_namespace(xp):
             soft_fast = _numpy_fast_soft(x, t, w, eps, cap, z, row_w if with_grad else None, reduction, ln_base)
+            if soft_fast is None:
+                t = v.as_float(xp, t, dtype, "targets")
         if cap is not None and blocked is None and soft_fast is None:
             tanh = xp.tanh(x / cap)
             x = cap * tanh
@@ -321,7 +326,10 @@ def _softmax_ce(
             # non-maximal terms would keep it, at 1.4-2.7x the time of this path (torch, jax.jit)
             # and, for a tied maximum, the curvature of jax.hessian / double backward unless
             # written with expm1; the CPU kernels and crossent.torch keep such losses.
-            log_s = xp.log(s)
+            # A row of all -inf logits (s = 0) has log s = -inf, without numpy's divide-by-zero
+            # warning; a NaN sum stays NaN.
+            empty = s == 0
+            log_s = xp.where(empty, xp.asarray(-math.inf, dtype=dtype, device=dev), xp.log(xp.where(empty, one, s)))
             lse = (log_s + m)[..., 0]
             # log q = (x - m) - log s, never x - lse: x - m is exact, and subtracting lse (rounded at
             # the magnitude of the logits) would cancel catastrophically for float32 logits of 1e4.
@@ -549,11 +557,41 @@ def _numpy_fast_soft(x: Any, t: Any, w: Any, eps: float, cap: float | None, z: f
     out = None if grad is None else grad.reshape(-1, num_classes)
     plain = cap is None and eps == 0.0 and w is None and (row_scale is None or z == 0)
     if plain and _cpu_kernels_for(x) is not None:
-        t2 = np.ascontiguousarray(t2)
-        lse, ce_row = cpu.soft_cross_entropy(x2, t2) if out is None else cpu.softmax_minus_targets(x2, t2, scale, out)
+        lse, ce_row = _soft_kernels(cpu, x2, t2, scale, out)
     else:
         lse, ce_row = _blocked.soft_targets(x2, t2, cap, smoothing=eps, class_weight=w, scale=scale, z_loss=z, out=out)
     return lse.reshape(shape), ce_row.reshape(shape), grad
+
+
+#: Targets per block when the soft-target kernels get their targets cast or made C-contiguous a
+#: block at a time (1 MiB of float32, as crossent.cpu._blocked's blocks): a small fraction of the
+#: logits, and enough rows per call for the kernels' threads.
+_CAST_BLOCK_ELEMENTS = 1 << 18
+
+
+def _soft_kernels(cpu: Any, x2: Any, t2: Any, scale: Any, out: Any) -> tuple[Any, Any]:
+    """``(lse, ce)`` of crossent.cpu's soft-target kernels on ``[N, C]`` numpy ``x2`` and targets
+    ``t2`` (with ``out``: the gradient too, for the row factors ``scale``). Targets that are not a
+    C-contiguous array of ``x2``'s dtype are cast into one reused buffer a block of rows at a time
+    (a copy of their size would be 100% of the logits or more)."""
+    import numpy as np
+
+    if t2.dtype == x2.dtype and t2.flags.c_contiguous:
+        return cpu.soft_cross_entropy(x2, t2) if out is None else cpu.softmax_minus_targets(x2, t2, scale, out)
+    n, c = x2.shape
+    rows = max(1, _CAST_BLOCK_ELEMENTS // c)
+    buf = np.empty((min(n, rows), c), dtype=x2.dtype)
+    lse, ce_row = np.empty(n, dtype=x2.dtype), np.empty(n, dtype=x2.dtype)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        tb = buf[: stop - start]
+        tb[...] = t2[start:stop]
+        if out is None:
+            lse[start:stop], ce_row[start:stop] = cpu.soft_cross_entropy(x2[start:stop], tb)
+        else:
+            lse[start:stop], ce_row[start:stop] = cpu.softmax_minus_targets(
+                x2[start:stop], tb, scale[start:stop], out[start:stop])
+    return lse, ce_row
 
 
 def _row_factors(row_scale: Any, row_weight: Any, n: int, reduction: str, ln_base: float | None) -> Any:

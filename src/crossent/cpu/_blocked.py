@@ -263,11 +263,11 @@ def soft_targets(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Softmax cross-entropy of C-contiguous ``x`` ``[N, C]`` (C >= 1) against probability
-    targets ``t`` ``[N, C]`` (any layout, ``x``'s dtype) after the optional soft cap, with label
-    smoothing and class weights folded into the targets block by block
-    (:func:`_effective_targets`, :math:`t'`): returns ``(lse, ce)``, ``[N]`` arrays of ``x``'s dtype,
-    :math:`\mathrm{ce}_i = -\sum_j t'_{ij} \log q_{ij}`, a zero target on a logit that is not finite
-    adding nothing (0 log 0 = 0), as in the Array-API path.
+    targets ``t`` ``[N, C]`` (any layout and real floating dtype: copied to ``x``'s, C-ordered, a block at a time)
+    after the optional soft cap, with label smoothing and class weights folded into the targets
+    block by block (:func:`_effective_targets`, :math:`t'`): returns ``(lse, ce)``, ``[N]`` arrays of
+    ``x``'s dtype, :math:`\mathrm{ce}_i = -\sum_j t'_{ij} \log q_{ij}`, a zero target on an infinite
+    logit adding nothing (0 log 0 = 0; a NaN logit keeps the row's NaN), as in the Array-API path.
 
     With ``out`` (``[N, C]``, ``x``'s dtype) and the row factors ``scale`` (``[N]``: the row's weight
     over the reduction's denominator and the base), also the finished gradient
@@ -284,6 +284,10 @@ def soft_targets(
     finite_buf = np.empty((rows_per_block, c), dtype=bool)
     folded = smoothing or class_weight is not None
     t_buf = np.empty((rows_per_block, c), dtype=x.dtype) if folded else None
+    # Targets of another dtype or layout are copied into C order a block at a time: the same sums,
+    # so the same results as for targets cast up front.
+    cast = t.dtype != x.dtype or not t.flags.c_contiguous
+    cast_buf = np.empty((rows_per_block, c), dtype=x.dtype) if cast else None
     tanh_buf = np.empty((rows_per_block, c), dtype=x.dtype) if softcap is not None and out is not None else None
     with np.errstate(all="ignore"):
         for start, stop in _blocks(n, c):
@@ -299,6 +303,8 @@ def soft_targets(
                 np.multiply(softcap, th, out=d)
             finite = finite_buf[:k]
             np.isfinite(d, out=finite)
+            # The infinite logits, where a zero target adds 0 (not a NaN one: its row stays NaN).
+            infinite = None if finite.all() else np.isinf(d)
             top = np.argmax(d, axis=1)  # a maximum (the first NaN if any, as in lse_and_nll)
             m = d[rows, top]
             max_finite = np.isfinite(m)
@@ -314,10 +320,14 @@ def soft_targets(
             block_lse = lse[start:stop]
             np.add(log_s, m, out=block_lse)
             np.subtract(d, log_s[:, None], out=d)  # log q
-            tb = _effective_targets(t[start:stop], finite, smoothing, class_weight,
-                                    None if t_buf is None else t_buf[:k])
+            tb = t[start:stop]
+            if cast_buf is not None:
+                cast_buf[:k] = tb
+                tb = cast_buf[:k]
+            tb = _effective_targets(tb, finite, smoothing, class_weight, None if t_buf is None else t_buf[:k])
             np.multiply(tb, d, out=d)
-            d[(tb == 0) & ~finite] = 0.0  # 0 log 0 = 0 on a masked class
+            if infinite is not None:
+                d[(tb == 0) & infinite] = 0.0  # 0 log 0 = 0 on a masked class
             np.negative(np.sum(d, axis=1), out=ce[start:stop])
             if out is None:
                 continue
