@@ -39,8 +39,10 @@ Cases (forward: the mean loss; ``--grad`` adds loss-and-gradient cases):
 drops the cases that take none (the ``crossent.cpu`` class-index kernels, scipy, sklearn); with
 numba, "crossent" and "crossent-torch" run its smoothing kernel. ``--class-weight`` passes class
 weights (uniform in [0.5, 1.5], fixed seed) to the same cases. ``--targets probs`` drops the cases
-made for class indices (the kernel cases, scipy, sklearn). Results go to
-``cpu_softmax_ce[_probs][_smoothing][_weighted].{csv,md}``.
+made for class indices (the kernel cases, scipy, sklearn). ``--z-loss Z`` and ``--softcap S`` pass
+crossent's LLM options to the crossent cases; torch, which has neither, runs the composition
+``F.cross_entropy(S * tanh(x / S)) + Z * mean(logsumexp^2)`` (the cases that take neither are
+dropped). Results go to ``cpu_softmax_ce[_probs][_smoothing][_weighted][_zloss][_softcap].{csv,md}``.
 
 Threads: torch and numba use ``--threads`` (2 by default); numpy and scipy are single-threaded.
 Results are appended to ``benchmarks/results/cpu_softmax_ce.csv`` (long format, one row per case
@@ -123,13 +125,17 @@ def make_inputs(rows: int, classes: int, sigma: float, seed: int = 0, targets: s
     return x, y
 
 
-def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: bool = False):
+def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: bool = False, z_loss: float = 0.0,
+              softcap: float | None = None):  # fmt: skip
     """The callable f(x, y) -> float (mean loss) of one case, with its imports done; ``smoothing``:
     the label smoothing of the crossent and torch cases; ``class_weight``: pass them class weights
-    (uniform in [0.5, 1.5], drawn once per number of classes with a fixed seed)."""
+    (uniform in [0.5, 1.5], drawn once per number of classes with a fixed seed); ``z_loss`` and
+    ``softcap``: crossent's options, and for torch, which has neither, the composition
+    ``F.cross_entropy(s * tanh(x / s)) + z * mean(logsumexp(.)^2)``."""
     import numpy as np
 
     options = {"label_smoothing": smoothing} if smoothing else {}
+    llm_options = {k: v for k, v in (("z_loss", z_loss), ("softcap", softcap)) if v}
 
     def ls(x, tensor=lambda a: a):
         if not class_weight:
@@ -144,7 +150,15 @@ def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: boo
         import crossent.torch as cet
 
         torch.set_num_threads(threads)
-        loss_fn = cet.cross_entropy if case.startswith("crossent") else F.cross_entropy
+        if case.startswith("crossent"):
+            loss_fn = lambda x, y, **kw: cet.cross_entropy(x, y, **kw, **llm_options)  # noqa: E731
+        elif llm_options:
+            def loss_fn(x, y, **kw):
+                z = x if softcap is None else softcap * torch.tanh(x / softcap)
+                loss = F.cross_entropy(z, y, **kw)
+                return loss + z_loss * torch.logsumexp(z, dim=1).square().mean() if z_loss else loss
+        else:
+            loss_fn = F.cross_entropy
         if not case.endswith("grad"):
             return lambda x, y: loss_fn(torch.from_numpy(x), torch.from_numpy(y), **ls(x, torch.from_numpy)).item()
 
@@ -163,7 +177,7 @@ def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: boo
 
         cpu.ENABLED = case != "crossent-array-api"
         if case in ("crossent", "crossent-blocked", "crossent-array-api"):
-            return lambda x, y: float(crossent.softmax_cross_entropy(x, y, **ls(x)))
+            return lambda x, y: float(crossent.softmax_cross_entropy(x, y, **ls(x), **llm_options))
         if case == "crossent-kernel":
 
             def kernel(x, y):
@@ -174,7 +188,7 @@ def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: boo
         if case in ("crossent-grad", "crossent-blocked-grad"):
 
             def public_grad(x, y):
-                loss, grad = crossent.softmax_cross_entropy_and_grad(x, y, **ls(x))
+                loss, grad = crossent.softmax_cross_entropy_and_grad(x, y, **ls(x), **llm_options)
                 del grad
                 return float(loss)
 
@@ -216,7 +230,7 @@ def peak_rss_bytes() -> int:
 
 
 def worker(args) -> dict:
-    f = make_case(args.worker, args.threads, args.label_smoothing, args.class_weight)
+    f = make_case(args.worker, args.threads, args.label_smoothing, args.class_weight, args.z_loss, args.softcap)
     tiny_x, tiny_y = make_inputs(64, 17, args.sigma, seed=1, targets=args.targets)
     f(tiny_x, tiny_y)  # imports, numba compilation (or its cache), torch start-up
     x, y = make_inputs(args.rows, args.classes, args.sigma, targets=args.targets)
@@ -275,7 +289,8 @@ def run_case(case: str, args) -> dict:
            "--classes", str(args.classes), "--sigma", str(args.sigma),
            "--threads", str(args.threads), "--repeats", str(repeats),
            "--label-smoothing", str(args.label_smoothing), "--targets", args.targets,
-           *(["--class-weight"] if args.class_weight else [])]  # fmt: skip
+           *(["--class-weight"] if args.class_weight else []), "--z-loss", str(args.z_loss),
+           *(["--softcap", str(args.softcap)] if args.softcap else [])]  # fmt: skip
     env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS="1")  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -319,7 +334,8 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
     logits_mib = args.rows * args.classes * 4 / 2**20
     smoothing = (", probability targets" if args.targets == "probs" else "") + (
         f", label smoothing {args.label_smoothing}" if args.label_smoothing else "") + (
-        ", class weights" if args.class_weight else "")
+        ", class weights" if args.class_weight else "") + (f", z_loss {args.z_loss}" if args.z_loss else "") + (
+        f", softcap {args.softcap}" if args.softcap else "")
     lines = [
         f"| case ({args.rows} x {args.classes} float32, sigma {args.sigma}{smoothing}) | median s (min-max) "
         "| vs torch | extra peak MiB (% of logits) | mean loss |",
@@ -356,12 +372,21 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
 SOFT_OPTIONS_DESCRIPTION = {
     "crossent": "crossent.softmax_cross_entropy (blocked numpy pass; numba installed)",
     "crossent-grad": "crossent.softmax_cross_entropy_and_grad (blocked numpy pass; numba installed)",
-    "crossent-torch": "crossent.torch.cross_entropy (impl=auto: chunked path)",
-    "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: chunked path) + backward",
+    "crossent-torch": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass)",
+    "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass) + backward",
+}
+#: Descriptions with a z-loss or a softcap (torch: the composition, see make_case).
+LLM_OPTIONS_DESCRIPTION = {
+    "crossent-torch": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass)",
+    "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass) + backward",
+    "torch": "torch F.cross_entropy(softcap * tanh(x / softcap)) + z * mean(lse^2)",
+    "torch-grad": "torch F.cross_entropy(softcap * tanh(x / softcap)) + z * mean(lse^2) + backward",
 }
 
 
 def describe(case: str, args) -> str:
+    if args.z_loss or args.softcap:
+        return LLM_OPTIONS_DESCRIPTION.get(case, DESCRIPTION[case])
     if args.targets == "probs" and (args.label_smoothing or args.class_weight):
         return SOFT_OPTIONS_DESCRIPTION.get(case, DESCRIPTION[case])
     if args.label_smoothing:
@@ -389,6 +414,10 @@ def main(argv=None) -> None:
                         help="integer labels, or probability targets (drops the cases without them)")
     parser.add_argument("--class-weight", action="store_true",
                         help="pass class weights to the crossent and torch cases (drops the cases without them)")
+    parser.add_argument("--z-loss", type=float, default=0.0,
+                        help="z_loss of the crossent cases (torch: added to its loss; drops the cases without it)")
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="softcap of the crossent cases (torch: applied to its logits; drops the cases without it)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -405,10 +434,12 @@ def main(argv=None) -> None:
     unknown = sorted(set(cases) - set(FORWARD) - set(GRADIENT))
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {FORWARD + GRADIENT}")
-    if args.label_smoothing or args.class_weight or args.targets == "probs":
+    if args.z_loss < 0 or (args.softcap is not None and not args.softcap > 0):
+        parser.error(f"--z-loss must be >= 0 and --softcap > 0, got {args.z_loss} and {args.softcap}")
+    if args.label_smoothing or args.class_weight or args.targets == "probs" or args.z_loss or args.softcap:
         if args.cases != ",".join(FORWARD) and set(given) & set(NO_SMOOTHING):
             parser.error(f"cases {sorted(set(given) & set(NO_SMOOTHING))} take no label smoothing, class "
-                         "weights or probability targets")
+                         "weights, probability targets, z-loss or softcap")
         cases = [c for c in cases if c not in NO_SMOOTHING]
     conditions = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "cpu": cpu_model(), "commit": git_commit(), **versions()}  # fmt: skip
@@ -421,8 +452,13 @@ def main(argv=None) -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     stem = "cpu_softmax_ce" + ("_probs" if args.targets == "probs" else "") + (
-        "_smoothing" if args.label_smoothing else "") + ("_weighted" if args.class_weight else "")
+        "_smoothing" if args.label_smoothing else "") + ("_weighted" if args.class_weight else "") + (
+        "_zloss" if args.z_loss else "") + ("_softcap" if args.softcap else "")
     extra_fields = {"label_smoothing": args.label_smoothing} if args.label_smoothing else {}
+    if args.z_loss:
+        extra_fields["z_loss"] = args.z_loss
+    if args.softcap:
+        extra_fields["softcap"] = args.softcap
     if args.targets == "probs":
         extra_fields["targets"] = "probs"
     if args.class_weight:
