@@ -204,3 +204,22 @@ def test_nan_logits_propagate(xp, asxp, tonp):
     x = np.array([np.nan, 1.0])
     y = np.zeros(2)
     assert np.isnan(float(tonp(ce.binary_cross_entropy_with_logits(asxp(x), asxp(y)))))
+
+
+# 5. BCE with logits: an infinite logit on the side its target excludes contributes 0.
+
+
+def test_bce_with_logits_infinite_logit_on_the_excluded_side_is_zero_where_torch_gives_nan(xp, asxp, tonp):
+    """t = 0 with x = -inf (and t = 1 with x = +inf) is a certain, correct prediction: loss 0 and
+    gradient 0 (0 * softplus(+-inf) = 0); PyTorch computes 0 * inf = NaN there. A target on the
+    side an infinite logit excludes (t = 1, x = -inf) costs +inf (PyTorch: NaN too)."""
+    x = np.array([-np.inf, np.inf, -np.inf, 0.5])
+    t = np.array([0.0, 1.0, 1.0, 1.0])
+    xt = torch.from_numpy(x).requires_grad_(True)
+    torch_loss = F.binary_cross_entropy_with_logits(xt, torch.from_numpy(t), reduction="none")
+    assert torch.isnan(torch_loss[:3]).all()
+    loss = tonp(ce.binary_cross_entropy_with_logits(asxp(x), asxp(t), reduction="none"))
+    np.testing.assert_array_equal(loss[:3], [0.0, 0.0, np.inf])
+    np.testing.assert_allclose(loss[3], torch_loss[3].item(), rtol=1e-12)
+    _, grad = ce.binary_cross_entropy_with_logits_and_grad(asxp(x[:2]), asxp(t[:2]), reduction="sum")
+    np.testing.assert_array_equal(tonp(grad), [0.0, 0.0])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.special import log_expit
 from sklearn.metrics import log_loss as sk_log_loss
 
 import crossent as ce
@@ -220,3 +221,61 @@ def test_namespaces_before_the_2024_standard_pick_labels_without_take_along_axis
                                            **kwargs)
             want = ce.softmax_cross_entropy(x, y, ignore_index=-100, reduction="none", **opts)
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+
+
+def test_log_loss_out_of_range_label_under_jit_is_nan_on_its_row():
+    """log_loss as softmax_cross_entropy: under jax.jit an out-of-range label (too large or
+    negative, not the ignore_index) makes its row NaN; it was a loss of 0 counted in the mean."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    p = jnp.asarray(np.array([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], np.float32))
+    for labels in ([0, 3, -100], [0, -1, -100]):
+        y = jnp.asarray(np.array(labels, np.int32))
+        rows = np.asarray(jax.jit(lambda a, b: ce.log_loss(a, b, reduction="none", ignore_index=-100))(p, y))
+        np.testing.assert_allclose(rows[0], np.log(2.0), rtol=1e-6)
+        assert np.isnan(rows[1]) and rows[2] == 0.0
+        assert np.isnan(float(jax.jit(lambda a, b: ce.log_loss(a, b, ignore_index=-100))(p, y)))
+
+
+def test_bce_with_logits_autograd_at_a_zero_logit_matches_optax_and_torch():
+    """The softplus is logaddexp(x, 0): jax.grad at a logit of exactly 0 (a zero-initialised model)
+    is sigma(0) - t = -1/2 or 1/2, as optax's and the closed form (max(x, 0) + log1p(e^-|x|) gave 0
+    under jax.grad), and torch's second derivative there is sigma'(0) = 1/4 (it gave 0)."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    t = jnp.asarray([1.0, 0.0, 0.3])
+    x0 = jnp.zeros(3)
+    grad = jax.grad(lambda a: ce.binary_cross_entropy_with_logits(a, t, reduction="sum"))(x0)
+    want = jax.grad(lambda a: optax.sigmoid_binary_cross_entropy(a, t).sum())(x0)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), [-0.5, 0.5, 0.2], rtol=1e-6)
+    z = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    tt = torch.tensor([1.0, 0.0, 0.3], dtype=torch.float64)
+    (g,) = torch.autograd.grad(ce.binary_cross_entropy_with_logits(z, tt, reduction="sum"), z, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), z)
+    torch.testing.assert_close(g, torch.tensor([-0.5, 0.5, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(h, torch.full((3,), 0.25, dtype=torch.float64))
+    for x in (-800.0, -30.0, 30.0, 800.0):  # stable far from 0: -t log sigma(x) - (1 - t) log sigma(-x)
+        got = ce.binary_cross_entropy_with_logits(torch.full((3,), x, dtype=torch.float64), tt, reduction="none")
+        want = -tt.numpy() * log_expit(x) - (1 - tt.numpy()) * log_expit(-x)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-13, atol=0)
+
+
+def test_class_weight_gradient_with_a_masked_class_and_smoothing_is_finite():
+    """d loss / d weight of a class masked by -inf is 0 with label smoothing (it was NaN: the
+    masked term's unselected branch was 0 * -inf), and equals PyTorch's on the other classes."""
+    x = torch.tensor([[0.5, -np.inf, 1.0], [0.2, 0.1, -0.3]], dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    (gw,) = torch.autograd.grad(ce.softmax_cross_entropy(x, y, weight=w, label_smoothing=0.1, reduction="sum"), w)
+    assert torch.isfinite(gw).all()
+    # the same formula by hand, over the finite classes (crossent's smoothing spreads over them)
+    logq = torch.log_softmax(x, 1)
+    finite = torch.isfinite(x).to(torch.float64)
+    k = finite.sum(1, keepdim=True)
+    onehot = F.one_hot(y, 3).to(torch.float64)
+    want = (-(0.9 * onehot + 0.1 * finite / k) * torch.where(finite > 0, logq, 0.0)).sum(0)
+    torch.testing.assert_close(gw, want, rtol=1e-12, atol=1e-15)

@@ -129,6 +129,10 @@ def log_loss(
         onehot = xp.expand_dims(labels, axis=-1) == xp.arange(num_classes, device=dev)
         target_w = one if w is None else xp.sum(xp.where(onehot, w, zero), axis=-1)
         row = -target_w * xp.sum(xp.where(onehot, log_q, zero), axis=-1)
+        # Under jax.jit the labels are not checked: an out-of-range one (no one-hot entry) makes
+        # its row NaN, as in softmax_cross_entropy, instead of a loss of 0 counted in the mean.
+        bad = keep & ((labels < 0) | (labels >= num_classes))
+        row = row * xp.where(bad, xp.asarray(math.nan, dtype=dtype, device=dev), one)
     elif v.is_float_array(xp, targets):
         if tuple(targets.shape) != tuple(probs.shape):
             raise ValueError(

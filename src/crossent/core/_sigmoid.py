@@ -14,6 +14,7 @@ from array_api_compat import device
 
 from . import _validation as v
 from ._probabilities import _binary_targets, _broadcast_weight, _reduce_elementwise
+from ._softmax import _constant
 from ._xmath import mul0
 
 
@@ -135,7 +136,15 @@ def _bce_logits(logits: Any, targets: Any, *, weight: Any, pos_weight: Any, labe
 
 
 def _softplus(xp: Any, x: Any, zero: Any) -> Any:
-    return xp.maximum(x, zero) + xp.log1p(xp.exp(-xp.abs(x)))
+    r"""log(1 + e^x) as :math:`m + \operatorname{log1p}(e^{x - m} + \operatorname{expm1}(-m))` with
+    the shift :math:`m = \max(x, 0)` (0 where not finite) a constant to autograd: one of the two
+    terms is 1, so nothing overflows, and the derivative is :math:`\sigma(x)` everywhere. Not
+    :math:`\max(x, 0) + \operatorname{log1p}(e^{-|x|})`: the same value, but autograd's one-sided
+    derivatives of max and |x| at x = 0 (jax: 1/2 and 1) made jax.grad of the loss 0 at a logit
+    of 0 and torch's second derivative 0 there; nor numpy's ``logaddexp``, which warns on NaN."""
+    m = xp.maximum(x, zero)
+    m = _constant(xp.where(xp.isfinite(m), m, zero))
+    return m + xp.log1p(xp.exp(x - m) + xp.expm1(-m))
 
 
 def _sigmoid(xp: Any, x: Any, zero: Any, one: Any) -> Any:

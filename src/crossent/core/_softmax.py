@@ -350,8 +350,10 @@ def _softmax_ce(
                     k = xp.sum(xp.astype(finite, dtype), axis=-1)
                     k = xp.where(k > 0, k, one)
                     w_finite = xp.astype(finite, dtype) if w is None else xp.where(finite, w, zero)
+                    # w times the masked x - m, not a masked w (x - m): d/dw of a -inf logit's
+                    # unselected term would be 0 * -inf = NaN.
                     shifted_sum = xp.sum(xp.where(finite, x - m, zero) if w is None
-                                         else xp.where(finite, w * (x - m), zero), axis=-1)
+                                         else w * xp.where(finite, x - m, zero), axis=-1)
                     smoothed = shifted_sum - log_s[..., 0] * xp.sum(w_finite, axis=-1)
                     ce_row = ce_row - eps * smoothed / k
                 # The row's loss times NaN, not a NaN selected: its derivative (jax.grad) is NaN too,
