@@ -22,9 +22,9 @@ def _count_calls(monkeypatch, loss_kernel, grad_kernel):
     for key, name in (("loss_kernel", loss_kernel), ("grad_kernel", grad_kernel)):
         real = getattr(crossent.cpu, name)
 
-        def counted(*args, key=key, real=real):
+        def counted(*args, key=key, real=real, **kwargs):
             calls[key] += 1
-            return real(*args)
+            return real(*args, **kwargs)
 
         monkeypatch.setattr(crossent.cpu, name, counted)
     return calls
@@ -187,9 +187,9 @@ def smoothing_calls(monkeypatch):
     calls = {"loss": 0, "grad": 0}
     real = crossent.cpu._smoothed_rows
 
-    def counted(x, t, w, eps, scale=None, out=None):
+    def counted(x, t, w, eps, scale=None, out=None, keep=None):
         calls["grad" if out is not None else "loss"] += 1
-        return real(x, t, w, eps, scale, out)
+        return real(x, t, w, eps, scale, out, keep)
 
     monkeypatch.setattr(crossent.cpu, "_smoothed_rows", counted)
     return calls

@@ -213,6 +213,8 @@ def softmax_minus_onehot(
     scale: float | np.ndarray,
     out: np.ndarray,
     /,
+    *,
+    keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Write the scaled gradient of softmax cross-entropy into ``out``; return ``(lse, nll)``.
 
@@ -222,7 +224,10 @@ def softmax_minus_onehot(
         \qquad \mathrm{softmax}(x_i)_j = e^{x_{ij} - \mathrm{lse}_i},
 
     which is :math:`s_i\, \partial \ell_i / \partial x_{ij}` for :math:`\ell_i = \mathrm{lse}_i -
-    x_{i, y_i}`. Rows with :math:`s_i = 0` (ignored rows) get exact zeros whatever their logits.
+    x_{i, y_i}`. Ignored rows get exact zeros whatever their logits: by default the rows with
+    :math:`s_i = 0`; with ``keep``, the rows where it is False, and a kept row with :math:`s_i = 0`
+    gets the product in IEEE arithmetic (zeros, or NaN where its softmax is NaN: a NaN or
+    ``+inf`` logit, or all ``-inf``; e.g. a class weight of 0 on such a row, as in PyTorch).
     The row's log-sum-exp is computed in float64 and used unrounded; the returned ``lse`` and
     ``nll`` equal :func:`lse_and_nll`'s, so one call gives both the loss and its gradient.
 
@@ -231,7 +236,9 @@ def softmax_minus_onehot(
       labels: ``[N]`` integer array, every entry in ``[0, C)``.
       scale: a real number (every row) or an ``[N]`` array of per-row factors, e.g.
         ``weight[labels] / weight[labels].sum()`` for a weighted mean.
-      out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself (in place).
+      out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself, or a
+        view of exactly its memory (in place), but must not overlap it otherwise.
+      keep: None, or an ``[N]`` bool array: False marks an ignored row (exact zeros).
 
     Returns:
       ``(lse, nll)``: two ``[N]`` arrays of the logits' dtype.
@@ -250,15 +257,16 @@ def softmax_minus_onehot(
     labels = _check_labels(labels, n, c)
     _check_out(out, logits)
     scale_rows = _scale_rows(scale, n)
+    keep_rows = _keep_rows(keep, scale_rows, n)
     lse = np.empty(n, dtype=logits.dtype)
     nll = np.empty(n, dtype=logits.dtype)
     if n == 0:
         return lse, nll
     if available():
         kernel = _kernel("softmax_minus_onehot", logits.dtype, logits.size)
-        kernel(logits, labels, np.ascontiguousarray(scale_rows), out, lse, nll)
+        kernel(logits, labels, np.ascontiguousarray(scale_rows), keep_rows, out, lse, nll)
     else:
-        _softmax_minus_onehot_numpy(logits, labels, scale_rows, out, lse, nll)
+        _softmax_minus_onehot_numpy(logits, labels, scale_rows, keep_rows, out, lse, nll)
     return lse, nll
 
 
@@ -309,7 +317,7 @@ def soft_cross_entropy(logits: np.ndarray, targets: np.ndarray, /) -> tuple[np.n
         unused = np.empty((n, 0), dtype=logits.dtype)  # stands in for the gradient (read-only logits could not)
         _kernel("soft_ce", logits.dtype, logits.size)(logits, targets, unused, lse, ce)
     else:
-        _soft_numpy(logits, targets, None, None, lse, ce)
+        _soft_numpy(logits, targets, None, None, None, lse, ce)
     return lse, ce
 
 
@@ -319,6 +327,8 @@ def softmax_minus_targets(
     scale: float | np.ndarray,
     out: np.ndarray,
     /,
+    *,
+    keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Write the scaled gradient of soft-target cross-entropy into ``out``; return ``(lse, ce)``.
 
@@ -327,13 +337,17 @@ def softmax_minus_targets(
         \mathrm{out}_{ij} = s_i \Big(\mathrm{softmax}(x_i)_j \sum_k t_{ik} - t_{ij}\Big),
 
     :math:`s_i\, \partial \mathrm{ce}_i / \partial x_{ij}` (``softmax - t`` for a distribution).
-    Rows with :math:`s_i = 0` get exact zeros. ``(lse, ce)`` equal :func:`soft_cross_entropy`'s.
+    Ignored rows get exact zeros, as in :func:`softmax_minus_onehot` (by default the rows with
+    :math:`s_i = 0`; with ``keep``, the rows where it is False). ``(lse, ce)`` equal
+    :func:`soft_cross_entropy`'s.
 
     Args:
       logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
       targets: ``[N, C]`` floating array (converted to the logits' dtype).
       scale: a real number or an ``[N]`` array of per-row factors.
-      out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself.
+      out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` or ``targets``
+        itself (or a view of exactly the memory of either), but must not overlap them otherwise.
+      keep: None, or an ``[N]`` bool array: False marks an ignored row (exact zeros).
 
     Returns:
       ``(lse, ce)``: two ``[N]`` arrays of the logits' dtype.
@@ -348,16 +362,20 @@ def softmax_minus_targets(
     targets = _check_targets(targets, logits)
     n = logits.shape[0]
     _check_out(out, logits)
+    # The kernels read a row's targets before writing its gradient, entry by entry: out may be
+    # the targets' own memory, but a shifted overlap would race between rows.
+    _check_no_overlap(out, targets, "targets")
     scale_rows = _scale_rows(scale, n)
+    keep_rows = _keep_rows(keep, scale_rows, n)
     lse = np.empty(n, dtype=logits.dtype)
     ce = np.empty(n, dtype=logits.dtype)
     if n == 0:
         return lse, ce
     if available():
         kernel = _kernel("softmax_minus_targets", logits.dtype, logits.size)
-        kernel(logits, targets, np.ascontiguousarray(scale_rows), out, lse, ce)
+        kernel(logits, targets, np.ascontiguousarray(scale_rows), keep_rows, out, lse, ce)
     else:
-        _soft_numpy(logits, targets, scale_rows, out, lse, ce)
+        _soft_numpy(logits, targets, scale_rows, keep_rows, out, lse, ce)
     return lse, ce
 
 
@@ -368,6 +386,7 @@ def _smoothed_rows(
     smoothing: float,
     scale: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     r"""Label smoothing on class indices, by the compiled kernels (numba required: callers check
     :func:`available`): per row ``(lse, nll, smoothed, count, weight_sum)`` in the logits' dtype,
@@ -377,7 +396,8 @@ def _smoothed_rows(
     then :math:`(1 - \varepsilon) w_y \mathrm{nll} - \varepsilon\, \mathrm{smoothed} / K`
     (crossent's smoothing, spread over the finite logits). With ``out`` (and the row factors
     ``scale``), also its gradient in the same pass:
-    :math:`a_i ((1 - \varepsilon) w_y (q - \mathrm{onehot}(y)) + \varepsilon (W q - w \odot f) / K)`."""
+    :math:`a_i ((1 - \varepsilon) w_y (q - \mathrm{onehot}(y)) + \varepsilon (W q - w \odot f) / K)`,
+    exact zeros on the ignored rows as in :func:`softmax_minus_onehot` (``keep``)."""
     logits = _check_logits(logits)
     n, c = logits.shape
     labels = _check_labels(labels, n, c)
@@ -388,13 +408,14 @@ def _smoothed_rows(
     if want_grad:
         _check_out(out, logits)
         scale_rows = np.ascontiguousarray(_scale_rows(scale, n))
+        keep_rows = _keep_rows(keep, scale_rows, n)
     else:
         # A writable dummy the kernel never writes (read-only logits could not stand in for it).
-        out, scale_rows = np.empty((n, 0), dtype=logits.dtype), np.zeros(n)
+        out, scale_rows, keep_rows = np.empty((n, 0), dtype=logits.dtype), np.zeros(n), np.zeros(n, dtype=bool)
     stats = tuple(np.empty(n, dtype=logits.dtype) for _ in range(5))
     if n:
         kernel = _kernel("smoothed", logits.dtype, logits.size)
-        kernel(logits, labels, weight, float(smoothing), scale_rows, out, *stats, want_grad)
+        kernel(logits, labels, weight, float(smoothing), scale_rows, keep_rows, out, *stats, want_grad)
     return stats
 
 
@@ -409,12 +430,46 @@ def _check_out(out: object, logits: np.ndarray) -> None:
         )
     if not out.flags.writeable:
         raise ValueError("out must be writeable, got a read-only array")
-    if out is not logits and np.shares_memory(out, logits):
-        raise ValueError("out must be logits itself or not overlap it, got a partial overlap")
+    _check_no_overlap(out, logits, "logits")
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the same array or views of exactly the same elements (data
+    pointer, shape and strides)."""
+    return a is b or (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+                      and a.shape == b.shape and a.strides == b.strides)
+
+
+def _check_no_overlap(out: np.ndarray, other: np.ndarray, name: str) -> None:
+    """``out`` is ``other``'s memory exactly (in place) or does not overlap it."""
+    if not _same_memory(out, other) and np.shares_memory(out, other):
+        raise ValueError(f"out must be {name} itself or not overlap it, got a partial overlap")
+
+
+def _keep_rows(keep: object, scale_rows: np.ndarray, n: int) -> np.ndarray:
+    """The kernels' per-row flags (C-contiguous bool, False: an ignored row, exact zeros):
+    ``keep``, or by default the rows whose factor is not 0."""
+    if keep is None:
+        return np.ascontiguousarray(scale_rows != 0.0)
+    if not isinstance(keep, np.ndarray) or keep.dtype != np.bool_:
+        kind = keep.dtype if isinstance(keep, np.ndarray) else type(keep).__name__
+        raise TypeError(f"keep must be None or a numpy bool array, got {kind}")
+    if keep.shape != (n,):
+        raise ValueError(f"keep must have shape ({n},), got {keep.shape}")
+    return np.ascontiguousarray(keep)
 
 
 def _scale_rows(scale: float | np.ndarray, n: int) -> np.ndarray:
-    scale_rows = np.asarray(scale, dtype=np.float64)
+    try:
+        scale_rows = np.asarray(scale)
+    except (TypeError, ValueError):  # e.g. a ragged list
+        scale_rows = np.asarray(None)
+    if scale_rows.dtype.kind not in "biuf":
+        raise TypeError(
+            f"scale must be a real number or an array of real numbers, got {type(scale).__name__}"
+            + (f" of dtype {scale_rows.dtype}" if scale_rows.ndim else f" {scale!r}")
+        )
+    scale_rows = scale_rows.astype(np.float64, copy=False)
     if scale_rows.ndim == 0:
         return np.full(n, scale_rows, dtype=np.float64)
     if scale_rows.shape != (n,):
@@ -471,6 +526,7 @@ def _softmax_minus_onehot_numpy(
     logits: np.ndarray,
     labels: np.ndarray,
     scale: np.ndarray,
+    keep: np.ndarray,
     out: np.ndarray,
     lse: np.ndarray,
     nll: np.ndarray,
@@ -491,14 +547,21 @@ def _softmax_minus_onehot_numpy(
             p = np.exp(block - block_lse[:, None], dtype=np.float64)
             p[rows, block_labels] -= 1.0
             p *= scale[start:stop, None]
-        p[scale[start:stop] == 0.0] = 0.0
+        p[_zero_rows(keep[start:stop], scale[start:stop], block_lse)] = 0.0
         out[start:stop] = p
+
+
+def _zero_rows(keep: np.ndarray, scale: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """The rows whose gradient the kernels write as exact zeros (``_kernels._zero_grad``): the
+    ignored ones, and a == 0 where lse is finite (the product is 0 there anyway)."""
+    return ~keep | ((scale == 0.0) & np.isfinite(lse))
 
 
 def _soft_numpy(
     logits: np.ndarray,
     targets: np.ndarray,
     scale: np.ndarray | None,
+    keep: np.ndarray | None,
     out: np.ndarray | None,
     lse: np.ndarray,
     ce: np.ndarray,
@@ -506,6 +569,10 @@ def _soft_numpy(
     """:func:`soft_cross_entropy` (``out`` None) or :func:`softmax_minus_targets` in blocked numpy,
     with the kernels' conventions (shift 0 for a row whose maximum is not finite)."""
     n, c = logits.shape
+    if c == 0:  # as the kernels: an empty sum, lse = log 0 (no gradient entries to write)
+        lse[:] = -np.inf
+        ce[:] = 0.0
+        return
     step = _block_rows(c)
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -517,11 +584,13 @@ def _soft_numpy(
             e = np.exp(x - shift)
             s = e.sum(axis=1, keepdims=True)
             log_s = np.log(s)
-            keep = (t != 0.0) | np.isfinite(x)
-            ce[start:stop] = -np.sum(np.where(keep, t * ((x - shift) - log_s), 0.0), axis=1)
-            lse[start:stop] = (shift + log_s)[:, 0]
+            # 0 log 0 = 0 on an infinite logit; a NaN logit keeps its NaN.
+            counted = (t != 0.0) | ~np.isinf(x)
+            ce[start:stop] = -np.sum(np.where(counted, t * ((x - shift) - log_s), 0.0), axis=1)
+            block_lse = (shift + log_s)[:, 0]
+            lse[start:stop] = block_lse
             if out is not None:
                 g = t.sum(axis=1, keepdims=True) * (e / s) - t
                 g *= scale[start:stop, None]
-                g[scale[start:stop] == 0.0] = 0.0
+                g[_zero_rows(keep[start:stop], scale[start:stop], block_lse)] = 0.0
                 out[start:stop] = g

@@ -7,7 +7,12 @@ L1/L2 cache between the passes over it. Per row:
 2. in float64, the number of entries equal to m and the sum ``rest`` of exp(x_j - m) over the
    others, so that log_s = log(sum_j exp(x_j - m)) is ``log1p(rest)`` when m is attained once;
    then lse = m + log_s and the loss nll = (m - x_label) + log_s (exact first term);
-3. (gradient kernel only) out_j = scale * (exp(x_j - lse) - [j == label]).
+3. (gradient kernel only) out_j = scale * (exp(x_j - lse) - [j == label]): exact zeros for a row
+   whose ``keep`` flag is false (an ignored row, whatever its logits), and for scale == 0 when
+   lse is finite (the product is 0 there anyway, so the pass over the row is skipped). A kept row
+   with scale == 0 and lse -inf, +inf or NaN (all -inf, a +inf or a NaN logit: class weight 0 or
+   sample weight 0 on such a row) gets the product in IEEE arithmetic, 0 * NaN = NaN where the
+   softmax is NaN, as PyTorch, impl="chunked", the blocked pass and the Array-API path give.
 
 Rows are split across threads with ``prange`` (serial entry points serve small inputs and forked
 processes). Nothing of size N x C is allocated: the extra memory is the outputs (arrays of N).
@@ -186,11 +191,21 @@ def _row_lse_parts_f64(row):
 
 
 @nb.njit(inline="always", cache=True)
-def _row_grad_f32(row, dst, label, a, shift, log_s, x_label):
-    """dst = a * (softmax(row) - onehot(label)); x_label = row[label] read before dst (which may
-    be row) is written. softmax_j = exp((x_j - shift) - log_s): x_j - shift is exact, while
-    x_j - lse, lse rounded at the logits' magnitude, would lose log_s beyond |x| ~ 1e16."""
-    if a == 0.0:
+def _zero_grad(keep, a, lse):
+    """Whether a row's gradient a * (...) is written as exact zeros: an ignored row (``keep``
+    false), or a == 0 with a finite lse, where the product is 0 anyway (the softmax is finite).
+    A kept row with a == 0 and lse -inf, +inf or NaN gets the product, NaN where the softmax is
+    NaN (0 * NaN), as in PyTorch and the Array-API path."""
+    return not keep or (a == 0.0 and math.isfinite(lse))
+
+
+@nb.njit(inline="always", cache=True)
+def _row_grad_f32(row, dst, label, a, keep, shift, log_s, x_label):
+    """dst = a * (softmax(row) - onehot(label)) (exact zeros: ``_zero_grad``); x_label = row[label]
+    read before dst (which may be row) is written. softmax_j = exp((x_j - shift) - log_s):
+    x_j - shift is exact, while x_j - lse, lse rounded at the logits' magnitude, would lose log_s
+    beyond |x| ~ 1e16."""
+    if _zero_grad(keep, a, shift + log_s):
         for j in range(row.shape[0]):
             dst[j] = 0.0
         return
@@ -200,8 +215,8 @@ def _row_grad_f32(row, dst, label, a, shift, log_s, x_label):
 
 
 @nb.njit(inline="always", cache=True)
-def _row_grad_f64(row, dst, label, a, shift, log_s, x_label):
-    if a == 0.0:
+def _row_grad_f64(row, dst, label, a, keep, shift, log_s, x_label):
+    if _zero_grad(keep, a, shift + log_s):
         for j in range(row.shape[0]):
             dst[j] = 0.0
         return
@@ -215,6 +230,8 @@ def _row_grad_f64(row, dst, label, a, shift, log_s, x_label):
 # processes forked from one that already ran the parallel ones (GNU OpenMP, numba's threading
 # layer here, cannot be used again after a fork: the child would be terminated).
 # Outputs: lse[i] = shift + log_s, picked[i] = x[i, labels[i]], nll[i] = (shift - picked) + log_s.
+# The gradient ones take the row factors ``scale`` and the flags ``keep`` (bool; false: an ignored
+# row, exact zeros) and write ``out`` (may be logits).
 
 
 @nb.njit(parallel=True, cache=True)
@@ -258,47 +275,47 @@ def lse_pick_nll_f64_serial(logits, labels, lse, picked, nll):
 
 
 @nb.njit(parallel=True, cache=True)
-def softmax_minus_onehot_f32(logits, labels, scale, out, lse, nll):
+def softmax_minus_onehot_f32(logits, labels, scale, keep, out, lse, nll):
     for i in prange(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f32(row, out[i], labels[i], scale[i], shift, log_s, x_label)
+        _row_grad_f32(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
-def softmax_minus_onehot_f32_serial(logits, labels, scale, out, lse, nll):
+def softmax_minus_onehot_f32_serial(logits, labels, scale, keep, out, lse, nll):
     for i in range(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f32(row, out[i], labels[i], scale[i], shift, log_s, x_label)
+        _row_grad_f32(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
 
 
 @nb.njit(parallel=True, cache=True)
-def softmax_minus_onehot_f64(logits, labels, scale, out, lse, nll):
+def softmax_minus_onehot_f64(logits, labels, scale, keep, out, lse, nll):
     for i in prange(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f64(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f64(row, out[i], labels[i], scale[i], shift, log_s, x_label)
+        _row_grad_f64(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
-def softmax_minus_onehot_f64_serial(logits, labels, scale, out, lse, nll):
+def softmax_minus_onehot_f64_serial(logits, labels, scale, keep, out, lse, nll):
     for i in range(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f64(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f64(row, out[i], labels[i], scale[i], shift, log_s, x_label)
+        _row_grad_f64(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
 
 
 # ---- soft (probability) targets ----------------------------------------------------------------
@@ -306,7 +323,7 @@ def softmax_minus_onehot_f64_serial(logits, labels, scale, out, lse, nll):
 # they are):
 #   ce_i = sum_j t_j (lse_i - x_j) = sum_j t_j (shift - x_j) + log_s * sum_j t_j,
 # in float64, an entry with t_j = 0 adding nothing (0 log 0 = 0 where x_j = -inf); gradient
-#   out_j = a_i (T_i softmax(x_i)_j - t_j),  T_i = sum_j t_j   (exact zeros where a_i = 0).
+#   out_j = a_i (T_i softmax(x_i)_j - t_j),  T_i = sum_j t_j   (exact zeros: ``_zero_grad``).
 # A row whose maximum is not finite (all -inf, or a +inf entry) takes crossent's Array-API
 # arithmetic instead (shift 0: ``_row_soft_nonfinite``), so both paths agree on such rows too.
 
@@ -325,10 +342,11 @@ def _row_soft_sums(row, t, shift):
 
 
 @nb.njit(cache=True, error_model="numpy")  # exp(x) / 0 is inf or NaN, as in numpy: no exception
-def _row_soft_nonfinite(row, t, dst, a, want_grad):
+def _row_soft_nonfinite(row, t, dst, a, keep, want_grad):
     """lse and ce of a row whose maximum is not finite, as the Array-API path forms them: shift 0,
     s = sum_j exp(x_j), log q_j = x_j - log s, ce = -sum_j t_j log q_j without the entries where
-    t_j = 0 and x_j is not finite; with ``want_grad`` dst_j = a (T exp(x_j) / s - t_j)."""
+    t_j = 0 and x_j is infinite (0 log 0 = 0; a NaN x_j keeps its NaN); with ``want_grad``
+    dst_j = a (T exp(x_j) / s - t_j), exact zeros only for an ignored row (lse is not finite)."""
     c = row.shape[0]
     s = 0.0
     total = 0.0
@@ -340,91 +358,94 @@ def _row_soft_nonfinite(row, t, dst, a, want_grad):
     for j in range(c):
         x = np.float64(row[j])
         tj = np.float64(t[j])
-        if tj != 0.0 or math.isfinite(x):
+        if tj != 0.0 or not math.isinf(x):
             ce -= tj * (x - log_s)
     if want_grad:
         for j in range(c):
-            dst[j] = 0.0 if a == 0.0 else a * (total * (math.exp(np.float64(row[j])) / s) - np.float64(t[j]))
+            dst[j] = 0.0 if not keep else a * (total * (math.exp(np.float64(row[j])) / s) - np.float64(t[j]))
     return log_s, ce
 
 
 @nb.njit(inline="always", cache=True)
-def _soft_row_f32(row, t, dst, a, want_grad):
+def _soft_row_f32(row, t, dst, a, keep, want_grad):
     shift, log_s = _row_lse_parts_f32(row)
     if not math.isfinite(shift):
-        return _row_soft_nonfinite(row, t, dst, a, want_grad)
+        return _row_soft_nonfinite(row, t, dst, a, keep, want_grad)
     acc, total = _row_soft_sums(row, t, shift)
     lse_i = shift + log_s
     if want_grad:
+        zero = _zero_grad(keep, a, lse_i)
         for j in range(row.shape[0]):
-            dst[j] = 0.0 if a == 0.0 else a * (total * _exp_nonpos((np.float64(row[j]) - shift) - log_s)
+            dst[j] = 0.0 if zero else a * (total * _exp_nonpos((np.float64(row[j]) - shift) - log_s)
                                                - np.float64(t[j]))
     return lse_i, acc + log_s * total
 
 
 @nb.njit(inline="always", cache=True)
-def _soft_row_f64(row, t, dst, a, want_grad):
+def _soft_row_f64(row, t, dst, a, keep, want_grad):
     shift, log_s = _row_lse_parts_f64(row)
     if not math.isfinite(shift):
-        return _row_soft_nonfinite(row, t, dst, a, want_grad)
+        return _row_soft_nonfinite(row, t, dst, a, keep, want_grad)
     acc, total = _row_soft_sums(row, t, shift)
     lse_i = shift + log_s
     if want_grad:
+        zero = _zero_grad(keep, a, lse_i)
         for j in range(row.shape[0]):
-            dst[j] = 0.0 if a == 0.0 else a * (total * math.exp((row[j] - shift) - log_s) - t[j])
+            dst[j] = 0.0 if zero else a * (total * math.exp((row[j] - shift) - log_s) - t[j])
     return lse_i, acc + log_s * total
 
 
-# Entry points: lse[i], ce[i] for every row; the gradient ones also write out (may be logits).
+# Entry points: lse[i], ce[i] for every row; the gradient ones also write out (may be logits), for
+# the row factors scale and the flags keep (as above).
 # ``unused``: an (N, 0) array standing in for out in the loss-only ones (logits may be read-only).
 
 
 @nb.njit(parallel=True, cache=True)
 def soft_ce_f32(logits, targets, unused, lse, ce):
     for i in prange(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], unused[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], unused[i], 0.0, True, False)
 
 
 @nb.njit(cache=True)
 def soft_ce_f32_serial(logits, targets, unused, lse, ce):
     for i in range(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], unused[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], unused[i], 0.0, True, False)
 
 
 @nb.njit(parallel=True, cache=True)
 def soft_ce_f64(logits, targets, unused, lse, ce):
     for i in prange(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], unused[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], unused[i], 0.0, True, False)
 
 
 @nb.njit(cache=True)
 def soft_ce_f64_serial(logits, targets, unused, lse, ce):
     for i in range(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], unused[i], 0.0, False)
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], unused[i], 0.0, True, False)
 
 
 @nb.njit(parallel=True, cache=True)
-def softmax_minus_targets_f32(logits, targets, scale, out, lse, ce):
+def softmax_minus_targets_f32(logits, targets, scale, keep, out, lse, ce):
     for i in prange(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], out[i], scale[i], True)
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], out[i], scale[i], keep[i], True)
 
 
 @nb.njit(cache=True)
-def softmax_minus_targets_f32_serial(logits, targets, scale, out, lse, ce):
+def softmax_minus_targets_f32_serial(logits, targets, scale, keep, out, lse, ce):
     for i in range(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], out[i], scale[i], True)
+        lse[i], ce[i] = _soft_row_f32(logits[i], targets[i], out[i], scale[i], keep[i], True)
 
 
 @nb.njit(parallel=True, cache=True)
-def softmax_minus_targets_f64(logits, targets, scale, out, lse, ce):
+def softmax_minus_targets_f64(logits, targets, scale, keep, out, lse, ce):
     for i in prange(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], out[i], scale[i], True)
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], out[i], scale[i], keep[i], True)
 
 
 @nb.njit(cache=True)
-def softmax_minus_targets_f64_serial(logits, targets, scale, out, lse, ce):
+def softmax_minus_targets_f64_serial(logits, targets, scale, keep, out, lse, ce):
     for i in range(logits.shape[0]):
-        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], out[i], scale[i], True)
+        lse[i], ce[i] = _soft_row_f64(logits[i], targets[i], out[i], scale[i], keep[i], True)
 
 
 # ---- label smoothing (class-index targets) -------------------------------------------------------
@@ -432,7 +453,7 @@ def softmax_minus_targets_f64_serial(logits, targets, scale, out, lse, ce):
 # finite, K = |F|, W = sum_{j in F} w_j and, in float64,
 #   S = sum_{j in F} w_j log q_j = sum_{j in F} w_j (x_j - shift) - log_s W.
 # The caller forms the loss (1 - eps) w_y nll - eps S / K (crossent's smoothing: eps spread over
-# the finite logits). The gradient, for a row factor a (0: exact zeros):
+# the finite logits). The gradient, for a row factor a (exact zeros: ``_zero_grad``):
 #   out_j = a ((1 - eps) w_y (q_j - [j = y]) + eps (W / K q_j - w_j [j in F] / K)).
 # A row whose maximum is not finite takes the Array-API arithmetic (shift 0), as for soft targets.
 
@@ -453,9 +474,10 @@ def _row_smooth_sums(row, w, shift):
 
 
 @nb.njit(cache=True, error_model="numpy")  # exp(x) / 0 is inf or NaN, as in numpy: no exception
-def _row_smooth_nonfinite(row, label, w, eps, dst, a, want_grad):
+def _row_smooth_nonfinite(row, label, w, eps, dst, a, keep, want_grad):
     """(lse, nll, S, K, W) of a row whose maximum is not finite, as the Array-API path forms them:
-    shift 0, s = sum_j exp(x_j), log q_j = x_j - log s; with ``want_grad`` the gradient into dst."""
+    shift 0, s = sum_j exp(x_j), log q_j = x_j - log s; with ``want_grad`` the gradient into dst
+    (exact zeros only for an ignored row: lse is not finite)."""
     c = row.shape[0]
     s = 0.0
     for j in range(c):
@@ -476,7 +498,7 @@ def _row_smooth_nonfinite(row, label, w, eps, dst, a, want_grad):
         c1 = (1.0 - eps) * w[label]
         for j in range(c):
             x = np.float64(row[j])
-            if a == 0.0:
+            if not keep:
                 dst[j] = 0.0
                 continue
             q = math.exp(x) / s
@@ -493,15 +515,15 @@ def _smooth_grad_coefs(w, label, eps, a, k, wsum):
 
 
 @nb.njit(inline="always", cache=True)
-def _smooth_row_f32(row, label, w, eps, dst, a, want_grad):
+def _smooth_row_f32(row, label, w, eps, dst, a, keep, want_grad):
     shift, log_s = _row_lse_parts_f32(row)
     if not math.isfinite(shift):
-        return _row_smooth_nonfinite(row, label, w, eps, dst, a, want_grad)
+        return _row_smooth_nonfinite(row, label, w, eps, dst, a, keep, want_grad)
     x_label = np.float64(row[label])
     k, wsum, acc = _row_smooth_sums(row, w, shift)
     lse_i = shift + log_s
     if want_grad:
-        if a == 0.0:
+        if _zero_grad(keep, a, lse_i):
             for j in range(row.shape[0]):
                 dst[j] = 0.0
         else:
@@ -515,15 +537,15 @@ def _smooth_row_f32(row, label, w, eps, dst, a, want_grad):
 
 
 @nb.njit(inline="always", cache=True)
-def _smooth_row_f64(row, label, w, eps, dst, a, want_grad):
+def _smooth_row_f64(row, label, w, eps, dst, a, keep, want_grad):
     shift, log_s = _row_lse_parts_f64(row)
     if not math.isfinite(shift):
-        return _row_smooth_nonfinite(row, label, w, eps, dst, a, want_grad)
+        return _row_smooth_nonfinite(row, label, w, eps, dst, a, keep, want_grad)
     x_label = row[label]
     k, wsum, acc = _row_smooth_sums(row, w, shift)
     lse_i = shift + log_s
     if want_grad:
-        if a == 0.0:
+        if _zero_grad(keep, a, lse_i):
             for j in range(row.shape[0]):
                 dst[j] = 0.0
         else:
@@ -537,32 +559,32 @@ def _smooth_row_f64(row, label, w, eps, dst, a, want_grad):
 
 
 # Entry points: lse, nll, S, K, W for every row; with want_grad also out (may be logits), for the
-# row factors scale.
+# row factors scale and the flags keep (as above).
 
 
 @nb.njit(parallel=True, cache=True)
-def smoothed_f32(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+def smoothed_f32(logits, labels, weight, eps, scale, keep, out, lse, nll, smoothed, count, wsum, want_grad):
     for i in prange(logits.shape[0]):
         lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f32(
-            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
+            logits[i], labels[i], weight, eps, out[i], scale[i], keep[i], want_grad)
 
 
 @nb.njit(cache=True)
-def smoothed_f32_serial(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+def smoothed_f32_serial(logits, labels, weight, eps, scale, keep, out, lse, nll, smoothed, count, wsum, want_grad):
     for i in range(logits.shape[0]):
         lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f32(
-            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
+            logits[i], labels[i], weight, eps, out[i], scale[i], keep[i], want_grad)
 
 
 @nb.njit(parallel=True, cache=True)
-def smoothed_f64(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+def smoothed_f64(logits, labels, weight, eps, scale, keep, out, lse, nll, smoothed, count, wsum, want_grad):
     for i in prange(logits.shape[0]):
         lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f64(
-            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
+            logits[i], labels[i], weight, eps, out[i], scale[i], keep[i], want_grad)
 
 
 @nb.njit(cache=True)
-def smoothed_f64_serial(logits, labels, weight, eps, scale, out, lse, nll, smoothed, count, wsum, want_grad):
+def smoothed_f64_serial(logits, labels, weight, eps, scale, keep, out, lse, nll, smoothed, count, wsum, want_grad):
     for i in range(logits.shape[0]):
         lse[i], nll[i], smoothed[i], count[i], wsum[i] = _smooth_row_f64(
-            logits[i], labels[i], weight, eps, out[i], scale[i], want_grad)
+            logits[i], labels[i], weight, eps, out[i], scale[i], keep[i], want_grad)

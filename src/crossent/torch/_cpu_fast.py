@@ -26,10 +26,16 @@ roles: :math:`\ell_i = (1 - \varepsilon) w_{y_i} \mathrm{nll}_i - \varepsilon S_
 :math:`a_i ((1 - \varepsilon) w_{y_i} (q_i - \mathrm{onehot}(y_i)) + \varepsilon (W_i q_i - w \odot f_i) / K_i)`
 with :math:`a_i` 1 ("none", "sum") or :math:`1 / \sum w` ("mean").
 
-Ignored rows get exact zeros whatever their logits. The results equal impl="chunked" (tested to
-1e-12 in float64); only the speed differs: one or two passes over the logits, where the chunked
-path makes several through temporaries. The exception is a row holding +inf: its loss is inf or NaN
-on both paths, its gradient NaN where the logit is +inf here and across the row there.
+Ignored rows get exact zeros whatever their logits (the kernels' ``keep`` flags). A kept row whose
+factor is 0 (class weight 0 on its label, an upstream gradient of 0, a "mean" whose denominator is
+0) gets 0 times its gradient: zeros, or NaN where its softmax is NaN (all -inf or a NaN logit), as
+on the chunked path and in PyTorch. The results equal impl="chunked" (tested to 1e-12 in float64);
+only the speed differs: one or two passes over the logits, where the chunked path makes several
+through temporaries. The exception is a row holding +inf: its loss is inf or NaN on both paths,
+its gradient NaN where the logit is +inf here and across the row there.
+
+Class indices outside ``[0, C)`` (other than ``ignore_index``) raise a ValueError naming
+``target`` here too when ``validate=False`` skipped the check (one min/max over the M indices).
 
 Probability targets (targets and class weights that do not require a gradient) take one pass
 over the logits for the loss and, when the logits' gradient is wanted (not ``inplace_backward``),
@@ -120,8 +126,9 @@ def _reduce(per_row: torch.Tensor, denominator: torch.Tensor, reduction: str) ->
 def _gradient(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
     """The logits' gradient: row factors s_i = w_i g_i ("none"), w_i g ("sum") or w_i g / den
     ("mean"; 0 when den is 0), from ``ctx.saved_tensors`` = (logits, target, w_row, den);
-    ``write(x, target, s, out)`` (numpy arrays) writes it into ``out``, the logits' own memory
-    with ``ctx.inplace_backward``."""
+    ``write(x, target, s, keep, out)`` (numpy arrays; ``keep`` False on the ignored rows, whose
+    gradient is exact zeros) writes it into ``out``, the logits' own memory with
+    ``ctx.inplace_backward``."""
     logits, target, w_row, denominator = ctx.saved_tensors
     g = _on_kept_rows(ctx, grad_output.to(torch.float64))
     scale = w_row * g if ctx.reduction != "mean" else w_row * safe_divide(g, denominator)
@@ -129,13 +136,33 @@ def _gradient(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
     grad = x if ctx.inplace_backward else torch.empty_like(x)
     x_np = x.numpy()
     out = x_np if ctx.inplace_backward else grad.numpy()  # the same array object: in place
-    write(x_np, target.numpy(), scale.contiguous().numpy(), out)
+    write(x_np, target.numpy(), scale.contiguous().numpy(), _keep(ctx.valid, x.shape[0]), out)
     if ctx.inplace_backward:
         # The kernel wrote through numpy, behind autograd's back: bump the logits' version so
         # that an op which saved them (exp, sigmoid, ...) raises autograd's in-place error
         # instead of reading the gradient as its output, as the chunked path's torch ops do.
         torch.autograd.graph.increment_version(logits)
     return grad
+
+
+def _keep(valid: torch.Tensor | None, num_rows: int):
+    """The kernels' ``keep`` flags (numpy bool): ``valid``, or every row when it is None."""
+    import numpy as np
+
+    return np.ones(num_rows, dtype=bool) if valid is None else valid.contiguous().numpy()
+
+
+def _check_target_range(safe: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Class indices (ignored rows already 0) in ``[0, num_classes)``: with ``validate=False``
+    nothing checked them, and crossent.cpu would name its own argument (``labels``) or a
+    weight lookup fail with an IndexError; one min/max over the M indices."""
+    lo, hi = torch.aminmax(safe)
+    if int(lo) < 0 or int(hi) >= num_classes:
+        bad = (safe < 0) | (safe >= num_classes)
+        first = int(safe[bad][0])
+        raise ValueError(
+            f"target must hold class indices in [0, {num_classes}) or ignore_index={ignore_index}, got {first}"
+        )
 
 
 def _unit_scale(w_row: torch.Tensor, denominator: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -178,6 +205,7 @@ class CpuFastCrossEntropy(torch.autograd.Function):
     ):
         valid = target != ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
+        _check_target_range(safe, logits.shape[1], ignore_index)
         w_row = valid.to(torch.float64)
         if weight is not None:
             w_row = weight.to(torch.float64)[safe] * w_row
@@ -196,7 +224,7 @@ class CpuFastCrossEntropy(torch.autograd.Function):
             ctx.grad = torch.empty_like(x)
             out = ctx.grad.numpy()
         stats = write(x.numpy(), safe.numpy(), _unit_scale(row_factor, denominator, reduction).contiguous().numpy(),
-                      out)
+                      valid.numpy(), out)
         nll = torch.from_numpy(stats[1]).to(torch.float64)
         if eps:
             ce = (1.0 - eps) * w_row * nll if eps < 1.0 else torch.zeros_like(nll)
@@ -225,22 +253,22 @@ class CpuFastCrossEntropy(torch.autograd.Function):
 
 
 def _writer(weight: torch.Tensor | None, eps: float):
-    """``write(x, target, scale, out)`` (numpy arrays; ``out`` None: the loss alone) -> the kernel's
+    """``write(x, target, scale, keep, out)`` (numpy arrays; ``out`` None: the loss alone) -> the kernel's
     per-row outputs (``[1]`` is nll; with smoothing ``[2]``, ``[3]`` are S and K): the class-index
     kernels, or the smoothing kernel with the class weights and eps bound."""
     from crossent import cpu
 
     if not eps:
-        def write(x, target, scale, out):
+        def write(x, target, scale, keep, out):
             if out is None:
                 return cpu.lse_and_nll(x, target)
-            return cpu.softmax_minus_onehot(x, target, scale, out)
+            return cpu.softmax_minus_onehot(x, target, scale, out, keep=keep)
 
         return write
     class_weight = None if weight is None else weight.detach().to(torch.float64).contiguous().numpy()
 
-    def write_smoothed(x, target, scale, out):
-        return cpu._smoothed_rows(x, target, class_weight, eps, scale if out is not None else None, out)
+    def write_smoothed(x, target, scale, keep, out):
+        return cpu._smoothed_rows(x, target, class_weight, eps, scale if out is not None else None, out, keep)
 
     return write_smoothed
 
@@ -263,7 +291,7 @@ def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, weight: t
         w_row = torch.ones(x.shape[0], dtype=torch.float64)
         grad = torch.empty_like(x)
         out, scale = grad.numpy(), _unit_scale(w_row, w_row.sum(), reduction).numpy()
-    lse, ce = write(x.numpy(), t.numpy(), scale, out)
+    lse, ce = write(x.numpy(), t.numpy(), scale, _keep(None, x.shape[0]) if out is not None else None, out)
     row_loss = torch.from_numpy(ce).to(torch.float64)
     if z_loss:
         lse64 = torch.from_numpy(lse).to(torch.float64)
@@ -275,25 +303,26 @@ def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, weight: t
 
 def _soft_pass(x: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float, z_loss: float,
                softcap: float | None):  # fmt: skip
-    """``write(x, t, scale, out)`` (numpy arrays; ``scale`` and ``out`` None: the loss alone) ->
-    ``(lse, ce)`` per row, with the finished gradient written into ``out`` for the row factors
-    ``scale`` (which also weigh the z-loss term): crossent.cpu's numba soft-target kernels for the
-    plain loss (``write.numba``), else the blocked numpy pass with the options folded in."""
+    """``write(x, t, scale, keep, out)`` (numpy arrays; ``scale``, ``keep`` and ``out`` None: the
+    loss alone) -> ``(lse, ce)`` per row, with the finished gradient written into ``out`` for the
+    row factors ``scale`` (which also weigh the z-loss term; every row is kept: probability targets
+    ignore none): crossent.cpu's numba soft-target kernels for the plain loss (``write.numba``),
+    else the blocked numpy pass with the options folded in."""
     from crossent import cpu
     from crossent.cpu import _blocked
 
     plain = weight is None and not label_smoothing and not z_loss and softcap is None
     if plain and cpu.available():
-        def write(x_np, t_np, scale, out):
+        def write(x_np, t_np, scale, keep, out):
             if out is None:
                 return cpu.soft_cross_entropy(x_np, t_np)
-            return cpu.softmax_minus_targets(x_np, t_np, scale, out)
+            return cpu.softmax_minus_targets(x_np, t_np, scale, out, keep=keep)
 
         write.numba = True
         return write
     class_weight = None if weight is None else weight.detach().to(x.dtype).contiguous().numpy()
 
-    def write_blocked(x_np, t_np, scale, out):
+    def write_blocked(x_np, t_np, scale, keep, out):
         return _blocked.soft_targets(x_np, t_np, softcap, smoothing=label_smoothing, class_weight=class_weight,
                                      scale=scale, z_loss=z_loss, out=out)
 
@@ -344,6 +373,7 @@ class CpuBlockedCrossEntropy(torch.autograd.Function):
 
         valid = target != ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
+        _check_target_range(safe, logits.shape[1], ignore_index)
         x = logits.detach()
         eps = float(label_smoothing)
         class_weight = None if weight is None else weight.detach().to(x.dtype).contiguous().numpy()

@@ -6,7 +6,8 @@ the documented deviations of DESIGN.md are written out with ``torch.where``:
 
 - a mean whose denominator is zero is 0 with a zero gradient;
 - label smoothing spreads ``eps`` over the K classes whose logit is finite in that row;
-- a zero target mass on a -inf logit contributes 0 (0 log 0 = 0), with a zero gradient;
+- a zero target mass on a -inf logit contributes 0 (0 log 0 = 0), with a zero gradient (a NaN
+  logit under a zero target still gives NaN, as in PyTorch);
 - an ignored row contributes 0 whatever its logits are, and in the linear version whatever its
   input row is (it is zeroed before the product, so a NaN there leaves dW and db finite).
 """
@@ -77,7 +78,10 @@ def reference_cross_entropy_2d(
         if eps > 0.0:
             t = (1.0 - eps) * t + eps * finite.to(dt) / num_finite
         wt = t if w is None else t * w
-        terms = torch.where(wt == 0, torch.zeros_like(logp), -wt * logp)
+        # 0 log 0 = 0 where a zero target meets an infinite logit (log q = -inf on a -inf logit;
+        # on a +inf one it is NaN, and the row's loss is inf or NaN anyway); a NaN logit keeps its
+        # NaN (0 * NaN), as in F.cross_entropy.
+        terms = torch.where((wt == 0) & torch.isinf(z), torch.zeros_like(logp), -wt * logp)
         row = terms.sum(dim=-1)
         ce_denominator = torch.full((), float(num_rows), dtype=dt, device=z.device)
     else:
