@@ -279,3 +279,37 @@ def test_class_weight_gradient_with_a_masked_class_and_smoothing_is_finite():
     onehot = F.one_hot(y, 3).to(torch.float64)
     want = (-(0.9 * onehot + 0.1 * finite / k) * torch.where(finite > 0, logq, 0.0)).sum(0)
     torch.testing.assert_close(gw, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("route", ["numba", "blocked", "array-api"])
+def test_rows_of_weight_zero_with_nonfinite_logits_have_a_nan_gradient_on_every_numpy_route(monkeypatch, route):
+    """A kept row weighted 0 (class weight of its label, or sample weight) adds 0 x its gradient:
+    NaN where its logits have no finite softmax (all -inf, NaN), as PyTorch's 0 x NaN, on the
+    numba kernels as on the blocked and Array-API paths (the kernels gave 0); an ignored row's
+    gradient stays exactly 0; a "mean" whose denominator is 0 is 0, with a zero gradient on
+    finite rows and 0 x NaN on such rows (the DESIGN rule's one exception)."""
+    from crossent import cpu
+
+    if route == "numba":
+        pytest.importorskip("numba")
+        if not cpu.available():
+            pytest.skip("numba's kernels are switched off")
+    elif route == "blocked":
+        monkeypatch.setattr(cpu, "available", lambda: False)
+    else:
+        monkeypatch.setattr(cpu, "ENABLED", False)
+    x = np.array([[-np.inf] * 3, [0.1, 0.2, 0.3], [np.nan, 0.0, 1.0], [0.5, 0.1, 0.0]])
+    y = np.array([0, 1, 2, -100])
+    with np.errstate(all="ignore"):
+        kw = {"ignore_index": -100}
+        _, grad = ce.softmax_cross_entropy_and_grad(x, y, weight=np.array([0.0, 1.0, 1.0]), reduction="sum", **kw)
+        assert np.isnan(grad[0]).all() and np.isnan(grad[2]).all() and (grad[3] == 0).all()
+        _, grad = ce.softmax_cross_entropy_and_grad(x, y, sample_weight=np.array([0.0, 1.0, 1.0, 1.0]),
+                                                    reduction="sum", **kw)
+        assert np.isnan(grad[0]).all() and (grad[3] == 0).all() and np.isfinite(grad[1]).all()
+        loss, grad = ce.softmax_cross_entropy_and_grad(x, y, weight=np.zeros(3), **kw)  # denominator 0
+        assert loss == 0 and np.isnan(grad[0]).all() and (grad[[1, 3]] == 0).all()
+    xt = torch.from_numpy(x[:2]).requires_grad_()
+    F.cross_entropy(xt, torch.from_numpy(y[:2]), weight=torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64),
+                    reduction="sum").backward()
+    assert torch.isnan(xt.grad[0]).all()

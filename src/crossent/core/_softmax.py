@@ -289,7 +289,7 @@ def _softmax_ce(
                 fast = _numpy_fast_lse_and_nll(x, safe_labels)
             elif cap is None and z == 0:
                 target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
-                fast = _numpy_fast_grad(x, safe_labels, row_w * target_w, reduction, ln_base)
+                fast = _numpy_fast_grad(x, safe_labels, row_w * target_w, keep, reduction, ln_base)
                 if fast is not None:
                     lse, nll, fast_grad = fast
         if soft_fast is not None:
@@ -511,7 +511,7 @@ def _numpy_fast_lse_and_nll(x: Any, labels: Any) -> tuple[Any, Any] | None:
     return lse.reshape(shape), nll.reshape(shape)
 
 
-def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
+def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, keep: Any, reduction: str,
                      ln_base: float | None) -> tuple[Any, Any, Any] | None:
     """(lse, nll, grad) from crossent.cpu's one-pass gradient kernel, or None when it does not apply.
 
@@ -529,6 +529,7 @@ def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, reduction: str,
     grad = np.empty_like(x)
     lse, nll = cpu.softmax_minus_onehot(
         x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1)), scale, grad.reshape(-1, num_classes),
+        keep=np.ascontiguousarray(keep.reshape(-1)),
     )
     shape = x.shape[:-1]
     return lse.reshape(shape), nll.reshape(shape), grad
@@ -579,7 +580,8 @@ def _soft_kernels(cpu: Any, x2: Any, t2: Any, scale: Any, out: Any) -> tuple[Any
     import numpy as np
 
     if t2.dtype == x2.dtype and t2.flags.c_contiguous:
-        return cpu.soft_cross_entropy(x2, t2) if out is None else cpu.softmax_minus_targets(x2, t2, scale, out)
+        return cpu.soft_cross_entropy(x2, t2) if out is None else cpu.softmax_minus_targets(
+            x2, t2, scale, out, keep=np.ones(x2.shape[0], dtype=bool))
     n, c = x2.shape
     rows = max(1, _CAST_BLOCK_ELEMENTS // c)
     buf = np.empty((min(n, rows), c), dtype=x2.dtype)
@@ -641,7 +643,8 @@ def _numpy_fast_smoothed(x: Any, labels: Any, w: Any, eps: float, keep: Any, row
         scale = _row_factors(row_w, np.asarray(row_w) * target_w, x2.shape[0], reduction, ln_base)
         grad = np.empty_like(x)
     lse, nll, smoothed, count, weight_sum = cpu._smoothed_rows(
-        x2, labels.reshape(-1), w, eps, scale, None if grad is None else grad.reshape(-1, num_classes))
+        x2, labels.reshape(-1), w, eps, scale, None if grad is None else grad.reshape(-1, num_classes),
+        None if grad is None else np.ascontiguousarray(keep.reshape(-1)))
     return _blocked.RowStats(lse, nll, None, None, count, smoothed, weight_sum), grad
 
 
