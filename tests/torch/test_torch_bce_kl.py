@@ -119,6 +119,20 @@ def test_kl_div_deviations():
         assert loss.item() == 0.0
 
 
+def test_kl_div_nan_input_under_zero_target_propagates():
+    """A NaN log Q under a zero target mass is NaN, as in PyTorch (it was masked to 0 with the
+    zero-mass terms), with or without log_target; -inf and +inf there stay 0."""
+    x = torch.tensor([[math.nan, -1.0], [-math.inf, math.inf]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    for log_target in (False, True):
+        target = t.log() if log_target else t
+        want = F.kl_div(x, target, reduction="none", log_target=log_target)
+        ours = cet.kl_div(x, target, reduction="none", log_target=log_target)
+        assert torch.isnan(want[0, 0]) and torch.isnan(ours[0, 0])
+        assert ours[0, 1] == want[0, 1] and ours[1].tolist() == [0.0, 0.0]
+        assert torch.isnan(cet.kl_div(x, target, reduction="sum", log_target=log_target))
+
+
 def test_bad_input():
     x = torch.zeros(3, 2)
     with pytest.raises(ValueError, match="target must have the input's shape"):

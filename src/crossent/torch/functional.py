@@ -618,7 +618,8 @@ def kl_div(
 
     Pointwise :math:`t (\log t - x)` (``log_target=True``: :math:`e^{t} (t - x)`), where
     ``input`` :math:`x` holds log Q and ``target`` P (or log P). Where the target mass is 0 the
-    term is 0 even at :math:`x = -\infty` (PyTorch: NaN); where it is positive and
+    term is 0 even at :math:`x = -\infty` (PyTorch: NaN), and NaN at a NaN :math:`x` (as in
+    PyTorch: NaN propagates); where it is positive and
     :math:`x = -\infty` the term is :math:`+\infty`. Reductions: "batchmean" (sum / batch size,
     the mathematical KL per sample), "mean" (sum / number of elements, PyTorch's default, without
     PyTorch's warning), "sum", "none"; a zero denominator gives 0.
@@ -647,13 +648,14 @@ def kl_div(
     x = input.to(dt)
     t = target.to(dt)
     zero = torch.zeros_like(x)
+    # A target mass of 0 adds 0 whatever the finite or infinite log Q; a NaN there stays NaN.
     if log_target:
-        empty = t == -math.inf
+        empty = (t == -math.inf) & ~torch.isnan(x)
         safe_t = torch.where(empty, zero, t)
         loss = torch.where(empty, zero, torch.exp(safe_t) * (safe_t - x))
     else:
-        empty = t == 0
-        safe_t = torch.where(empty, torch.ones_like(t), t)
+        empty = (t == 0) & ~torch.isnan(x)
+        safe_t = torch.where(t == 0, torch.ones_like(t), t)
         loss = torch.where(empty, zero, t * (torch.log(safe_t) - x))
     if reduction == "none":
         return loss
