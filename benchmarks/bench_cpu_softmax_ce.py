@@ -377,6 +377,8 @@ SOFT_OPTIONS_DESCRIPTION = {
 }
 #: Descriptions with a z-loss or a softcap (torch: the composition, see make_case).
 LLM_OPTIONS_DESCRIPTION = {
+    "crossent": "crossent.softmax_cross_entropy (numba installed: blocked pass with a softcap)",
+    "crossent-grad": "crossent.softmax_cross_entropy_and_grad (numba installed: blocked pass)",
     "crossent-torch": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass)",
     "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass) + backward",
     "torch": "torch F.cross_entropy(softcap * tanh(x / softcap)) + z * mean(lse^2)",
