@@ -253,14 +253,8 @@ def _class_inputs(shape, seed, dtype=torch.float64):
     return x, y, up, w
 
 
-CLASS_INDEX_OPTIONS = [
-    dict(zip(("weighted", "label_smoothing", "z_loss", "softcap"), values, strict=True))
-    for values in itertools.product([False, True], [0.0, 0.1, 1.0], [0.0, 1e-3], [None, 5.0])
-]
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", CLASS_INDEX_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_class_indices_equal_chunked_and_reference_float64(class_index_calls, numba_setting, options, reduction):
     """Every option, ignored rows (one of NaN logits under a NaN upstream gradient), masked classes:
     the blocked pass takes a z-loss or a softcap, and everything without numba."""
