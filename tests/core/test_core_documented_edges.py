@@ -313,3 +313,45 @@ def test_rows_of_weight_zero_with_nonfinite_logits_have_a_nan_gradient_on_every_
     F.cross_entropy(xt, torch.from_numpy(y[:2]), weight=torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64),
                     reduction="sum").backward()
     assert torch.isnan(xt.grad[0]).all()
+
+
+def test_bce_with_logits_autograd_at_infinite_logits_matches_torch():
+    """jax.grad and torch autograd at +-inf logits: sigma(x) - t, as F.binary_cross_entropy_with_logits
+    and the closed form (the shifted softplus's backward read e^(inf - 0) there: NaN)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    x = np.array([np.inf, -np.inf, np.inf, -np.inf, 0.0])
+    t = np.array([1.0, 0.0, 0.0, 1.0, 1.0])
+    want = [0.0, 0.0, 1.0, -1.0, -0.5]
+    grad = jax.grad(lambda a: ce.binary_cross_entropy_with_logits(a, jnp.asarray(t), reduction="sum"))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(grad), want)
+    xt = torch.from_numpy(x).requires_grad_()
+    ce.binary_cross_entropy_with_logits(xt, torch.from_numpy(t), reduction="sum").backward()
+    np.testing.assert_array_equal(xt.grad.numpy(), want)
+    _, closed = ce.binary_cross_entropy_with_logits_and_grad(x, t, reduction="sum")
+    np.testing.assert_array_equal(closed, want)
+
+
+@pytest.mark.parametrize("route", ["numba", "blocked", "array-api"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}])
+def test_probability_target_rows_of_weight_zero_with_nan_logits_have_a_nan_gradient(monkeypatch, route, options):
+    """As for class indices: a row of sample weight 0 adds 0 x its gradient, NaN on a NaN row,
+    whatever the targets' dtype (float64 targets take the per-block cast) and route."""
+    from crossent import cpu
+
+    if route == "numba":
+        pytest.importorskip("numba")
+        if not cpu.available():
+            pytest.skip("numba's kernels are switched off")
+    elif route == "blocked":
+        monkeypatch.setattr(cpu, "available", lambda: False)
+    else:
+        monkeypatch.setattr(cpu, "ENABLED", False)
+    x = np.array([[np.nan, 0.0, 1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
+    t = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
+    for targets in (t, t.astype(np.float32)):
+        with np.errstate(all="ignore"):
+            _, grad = ce.softmax_cross_entropy_and_grad(x, targets, sample_weight=np.array([0.0, 1.0]),
+                                                        reduction="sum", **options)
+        assert np.isnan(grad[0]).all() and np.isfinite(grad[1]).all()

@@ -142,9 +142,13 @@ def _softplus(xp: Any, x: Any, zero: Any) -> Any:
     :math:`\max(x, 0) + \operatorname{log1p}(e^{-|x|})`: the same value, but autograd's one-sided
     derivatives of max and |x| at x = 0 (jax: 1/2 and 1) made jax.grad of the loss 0 at a logit
     of 0 and torch's second derivative 0 there; nor numpy's ``logaddexp``, which warns on NaN."""
-    m = xp.maximum(x, zero)
+    # +inf is its own value (derivative 1), kept out of the formula, whose backward would read
+    # e^(inf - m) at the shift 0 (NaN gradients at infinite logits).
+    pos_inf = x == math.inf
+    x_safe = xp.where(pos_inf, zero, x)
+    m = xp.maximum(x_safe, zero)
     m = _constant(xp.where(xp.isfinite(m), m, zero))
-    return m + xp.log1p(xp.exp(x - m) + xp.expm1(-m))
+    return xp.where(pos_inf, x, m + xp.log1p(xp.exp(x_safe - m) + xp.expm1(-m)))
 
 
 def _sigmoid(xp: Any, x: Any, zero: Any, one: Any) -> Any:

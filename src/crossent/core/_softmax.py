@@ -594,7 +594,7 @@ def _soft_kernels(cpu: Any, x2: Any, t2: Any, scale: Any, out: Any) -> tuple[Any
             lse[start:stop], ce_row[start:stop] = cpu.soft_cross_entropy(x2[start:stop], tb)
         else:
             lse[start:stop], ce_row[start:stop] = cpu.softmax_minus_targets(
-                x2[start:stop], tb, scale[start:stop], out[start:stop])
+                x2[start:stop], tb, scale[start:stop], out[start:stop], keep=np.ones(stop - start, dtype=bool))
     return lse, ce_row
 
 

@@ -276,7 +276,8 @@ def soft_targets(
               \odot (1 - \tanh^2(x_i / \mathrm{cap})), \qquad T_i = \textstyle\sum_j t'_{ij},
 
     (``z`` = ``z_loss``; the soft-cap factor only with ``softcap``), exact zeros where
-    :math:`s_i = 0` as in crossent.cpu's soft-target kernels."""
+    :math:`s_i = 0` and the row's lse is finite (NaN where it is not), as in crossent.cpu's
+    soft-target kernels given keep flags."""
     n, c = x.shape
     lse, ce = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
     rows_per_block = min(n, max(1, BLOCK_ELEMENTS // c))
@@ -346,5 +347,7 @@ def soft_targets(
                 np.multiply(th, th, out=th)
                 np.subtract(1.0, th, out=th)
                 np.multiply(g, th, out=g)
-            g[row_scale == 0.0] = 0.0
+            # A row of factor 0 adds 0 x its gradient: exact zeros, NaN where its softmax is not
+            # finite (as the kernels with keep flags, the Array-API path and PyTorch).
+            g[(row_scale == 0.0) & np.isfinite(block_lse)] = 0.0
     return lse, ce

@@ -50,8 +50,13 @@ runs :func:`crossent.cpu.soft_cross_entropy` / :func:`crossent.cpu.softmax_minus
 ``crossent.cpu._blocked.soft_targets`` in the logits' dtype (a few MiB of buffers; float32 losses
 summed in float64). When a row's loss is not finite (a -inf or NaN logit under a positive target,
 an all -inf row, a +inf logit) the call goes to impl="chunked" instead, whose conventions for such
-rows are this layer's. bf16/fp16 logits, class indices with a z-loss or a softcap, and class
-indices without numba take impl="chunked".
+rows are this layer's (one difference stays: with label smoothing, a row of all -inf logits under
+zero targets gives 0 here, with a NaN gradient, as core's numpy paths; "chunked" gives NaN).
+
+Class indices with a z-loss or a softcap, and every class-index call without numba, run
+``CpuBlockedCrossEntropy``: the row statistics of ``crossent.cpu._blocked.lse_and_nll`` in forward,
+the gradient of ``crossent.cpu._blocked.gradient`` in backward (a second pass; in place with
+``inplace_backward``). bf16/fp16 logits take impl="chunked".
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ r"""Functional PyTorch losses: drop-ins for ``torch.nn.functional`` plus the fus
 - "auto": "triton" for CUDA tensors with integer targets when ``import triton`` works; on the
   CPU, for ``cross_entropy`` with contiguous float32/float64 logits, ``crossent.cpu`` behind
   autograd (``_cpu_fast``: same results as "chunked", fewer passes, no temporaries of the logits'
-  size): class indices without z-loss or softcap take its numba kernels when numba is installed;
-  probability targets take those kernels for the plain loss and its blocked numpy pass with class
-  weights, label smoothing, z-loss or softcap, or without numba (when a row's loss is not finite,
-  the call goes to "chunked"); "reference" for probability targets or class weights that require
+  size): class indices without z-loss or softcap take its numba kernels when numba is installed,
+  with a z-loss or softcap or without numba its blocked numpy passes; probability targets take
+  those kernels for the plain loss and its blocked numpy pass with class weights, label
+  smoothing, z-loss or softcap, or without numba (when a row's loss is not finite, the call goes
+  to "chunked"); "reference" for probability targets or class weights that require
   grad (the only implementation that differentiates them; "chunked" and "triton" refuse them with
   a ValueError naming the argument); else "chunked".
 
