@@ -281,13 +281,9 @@ def test_class_weight_gradient_with_a_masked_class_and_smoothing_is_finite():
     torch.testing.assert_close(gw, want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("route", ["numba", "blocked", "array-api"])
-def test_rows_of_weight_zero_with_nonfinite_logits_have_a_nan_gradient_on_every_numpy_route(monkeypatch, route):
-    """A kept row weighted 0 (class weight of its label, or sample weight) adds 0 x its gradient:
-    NaN where its logits have no finite softmax (all -inf, NaN), as PyTorch's 0 x NaN, on the
-    numba kernels as on the blocked and Array-API paths (the kernels gave 0); an ignored row's
-    gradient stays exactly 0; a "mean" whose denominator is 0 is 0, with a zero gradient on
-    finite rows and 0 x NaN on such rows (the DESIGN rule's one exception)."""
+def _numpy_route(monkeypatch, route):
+    """Switch core's numpy calls to one route: "numba" (skipped without it), "blocked" (numba as
+    if not installed) or "array-api" (the fast paths off)."""
     from crossent import cpu
 
     if route == "numba":
@@ -298,6 +294,16 @@ def test_rows_of_weight_zero_with_nonfinite_logits_have_a_nan_gradient_on_every_
         monkeypatch.setattr(cpu, "available", lambda: False)
     else:
         monkeypatch.setattr(cpu, "ENABLED", False)
+
+
+@pytest.mark.parametrize("route", ["numba", "blocked", "array-api"])
+def test_rows_of_weight_zero_with_nonfinite_logits_have_a_nan_gradient_on_every_numpy_route(monkeypatch, route):
+    """A kept row weighted 0 (class weight of its label, or sample weight) adds 0 x its gradient:
+    NaN where its logits have no finite softmax (all -inf, NaN), as PyTorch's 0 x NaN, on the
+    numba kernels as on the blocked and Array-API paths (the kernels gave 0); an ignored row's
+    gradient stays exactly 0; a "mean" whose denominator is 0 is 0, with a zero gradient on
+    finite rows and 0 x NaN on such rows (the DESIGN rule's one exception)."""
+    _numpy_route(monkeypatch, route)
     x = np.array([[-np.inf] * 3, [0.1, 0.2, 0.3], [np.nan, 0.0, 1.0], [0.5, 0.1, 0.0]])
     y = np.array([0, 1, 2, -100])
     with np.errstate(all="ignore"):
@@ -338,16 +344,7 @@ def test_bce_with_logits_autograd_at_infinite_logits_matches_torch():
 def test_probability_target_rows_of_weight_zero_with_nan_logits_have_a_nan_gradient(monkeypatch, route, options):
     """As for class indices: a row of sample weight 0 adds 0 x its gradient, NaN on a NaN row,
     whatever the targets' dtype (float64 targets take the per-block cast) and route."""
-    from crossent import cpu
-
-    if route == "numba":
-        pytest.importorskip("numba")
-        if not cpu.available():
-            pytest.skip("numba's kernels are switched off")
-    elif route == "blocked":
-        monkeypatch.setattr(cpu, "available", lambda: False)
-    else:
-        monkeypatch.setattr(cpu, "ENABLED", False)
+    _numpy_route(monkeypatch, route)
     x = np.array([[np.nan, 0.0, 1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
     t = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
     for targets in (t, t.astype(np.float32)):
