@@ -4,8 +4,9 @@ crossent against its peers.
 One setup (:func:`make_inputs`): ``N x C`` float32 logits drawn from N(0, sigma^2) (sigma = 3 by
 default: then about 1% of the true-class probabilities fall below float32's epsilon, which is
 where scikit-learn's clipping changes the loss) and uniform integer labels, or with
-``--targets probs`` float32 probability targets (each row the softmax of N(0, 1) draws). Every case runs in a
-fresh subprocess, so that its peak memory can be read from ``ru_maxrss``:
+``--targets probs`` float32 probability targets (each row the softmax of N(0, 1) draws;
+``probs64``: the same in float64, which torch gets cast to float32 inside its timed call). Every
+case runs in a fresh subprocess, so that its peak memory can be read from ``ru_maxrss``:
 
 1. import everything and warm every case up on a tiny input (numba compiles, torch initializes);
 2. draw the logits in place (no temporaries) and record the peak RSS so far as the baseline;
@@ -42,7 +43,7 @@ weights (uniform in [0.5, 1.5], fixed seed) to the same cases. ``--targets probs
 made for class indices (the kernel cases, scipy, sklearn). ``--z-loss Z`` and ``--softcap S`` pass
 crossent's LLM options to the crossent cases; torch, which has neither, runs the composition
 ``F.cross_entropy(S * tanh(x / S)) + Z * mean(logsumexp^2)`` (the cases that take neither are
-dropped). Results go to ``cpu_softmax_ce[_probs][_smoothing][_weighted][_zloss][_softcap].{csv,md}``.
+dropped). Results go to ``cpu_softmax_ce[_probs|_probs64][_smoothing][_weighted][_zloss][_softcap].{csv,md}``.
 
 Threads: torch and numba use ``--threads`` (2 by default); numpy and scipy are single-threaded.
 Results are appended to ``benchmarks/results/cpu_softmax_ce.csv`` (long format, one row per case
@@ -111,7 +112,8 @@ SMOOTHING_DESCRIPTION = {
 
 def make_inputs(rows: int, classes: int, sigma: float, seed: int = 0, targets: str = "labels"):
     """float32 logits ~ N(0, sigma^2), drawn in place, and int64 labels uniform in [0, classes)
-    or (``targets="probs"``) float32 probability rows, the softmax of N(0, 1) draws, formed in place."""
+    or (``targets="probs"``) float32 probability rows, the softmax of N(0, 1) draws, formed in place
+    (``"probs64"``: the same rows in float64, as numpy makes targets by default)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -122,7 +124,7 @@ def make_inputs(rows: int, classes: int, sigma: float, seed: int = 0, targets: s
     y = rng.standard_normal((rows, classes), dtype=np.float32)
     np.exp(y, out=y)
     y /= y.sum(axis=1, keepdims=True)
-    return x, y
+    return x, (y.astype(np.float64) if targets == "probs64" else y)
 
 
 def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: bool = False, z_loss: float = 0.0,
@@ -159,12 +161,16 @@ def make_case(case: str, threads: int, smoothing: float = 0.0, class_weight: boo
                 return loss + z_loss * torch.logsumexp(z, dim=1).square().mean() if z_loss else loss
         else:
             loss_fn = F.cross_entropy
+        def target(x, y):  # float64 probabilities: torch wants the logits' dtype (cast in the timed call)
+            y = torch.from_numpy(y)
+            return y.to(torch.float32) if y.dtype == torch.float64 and x.dtype == np.float32 else y
+
         if not case.endswith("grad"):
-            return lambda x, y: loss_fn(torch.from_numpy(x), torch.from_numpy(y), **ls(x, torch.from_numpy)).item()
+            return lambda x, y: loss_fn(torch.from_numpy(x), target(x, y), **ls(x, torch.from_numpy)).item()
 
         def torch_grad(x, y):
             t = torch.from_numpy(x).requires_grad_(True)
-            loss = loss_fn(t, torch.from_numpy(y), **ls(x, torch.from_numpy))
+            loss = loss_fn(t, target(x, y), **ls(x, torch.from_numpy))
             loss.backward()
             return loss.item()
 
@@ -332,7 +338,8 @@ def markdown(results: list[dict], args, conditions: dict) -> str:
     torch_fwd = next((r["median_s"] for r in results if r["case"] == "torch"), None)
     torch_grad = next((r["median_s"] for r in results if r["case"] == "torch-grad"), None)
     logits_mib = args.rows * args.classes * 4 / 2**20
-    smoothing = (", probability targets" if args.targets == "probs" else "") + (
+    kinds = {"probs": ", probability targets", "probs64": ", float64 probability targets"}
+    smoothing = kinds.get(args.targets, "") + (
         f", label smoothing {args.label_smoothing}" if args.label_smoothing else "") + (
         ", class weights" if args.class_weight else "") + (f", z_loss {args.z_loss}" if args.z_loss else "") + (
         f", softcap {args.softcap}" if args.softcap else "")
@@ -389,7 +396,7 @@ LLM_OPTIONS_DESCRIPTION = {
 def describe(case: str, args) -> str:
     if args.z_loss or args.softcap:
         return LLM_OPTIONS_DESCRIPTION.get(case, DESCRIPTION[case])
-    if args.targets == "probs" and (args.label_smoothing or args.class_weight):
+    if args.targets != "labels" and (args.label_smoothing or args.class_weight):
         return SOFT_OPTIONS_DESCRIPTION.get(case, DESCRIPTION[case])
     if args.label_smoothing:
         return SMOOTHING_DESCRIPTION.get(case, DESCRIPTION[case])
@@ -412,8 +419,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
                         help="label_smoothing of the crossent and torch cases (drops the cases without it)")
-    parser.add_argument("--targets", choices=["labels", "probs"], default="labels",
-                        help="integer labels, or probability targets (drops the cases without them)")
+    parser.add_argument("--targets", choices=["labels", "probs", "probs64"], default="labels",
+                        help="integer labels, or float32 (float64: probs64) probability targets (drops the "
+                        "cases without them)")
     parser.add_argument("--class-weight", action="store_true",
                         help="pass class weights to the crossent and torch cases (drops the cases without them)")
     parser.add_argument("--z-loss", type=float, default=0.0,
@@ -438,7 +446,7 @@ def main(argv=None) -> None:
         parser.error(f"unknown cases {unknown}; known: {FORWARD + GRADIENT}")
     if args.z_loss < 0 or (args.softcap is not None and not args.softcap > 0):
         parser.error(f"--z-loss must be >= 0 and --softcap > 0, got {args.z_loss} and {args.softcap}")
-    if args.label_smoothing or args.class_weight or args.targets == "probs" or args.z_loss or args.softcap:
+    if args.label_smoothing or args.class_weight or args.targets != "labels" or args.z_loss or args.softcap:
         if args.cases != ",".join(FORWARD) and set(given) & set(NO_SMOOTHING):
             parser.error(f"cases {sorted(set(given) & set(NO_SMOOTHING))} take no label smoothing, class "
                          "weights, probability targets, z-loss or softcap")
@@ -453,7 +461,7 @@ def main(argv=None) -> None:
     if args.no_save:
         return
     RESULTS.mkdir(exist_ok=True)
-    stem = "cpu_softmax_ce" + ("_probs" if args.targets == "probs" else "") + (
+    stem = "cpu_softmax_ce" + ("" if args.targets == "labels" else f"_{args.targets}") + (
         "_smoothing" if args.label_smoothing else "") + ("_weighted" if args.class_weight else "") + (
         "_zloss" if args.z_loss else "") + ("_softcap" if args.softcap else "")
     extra_fields = {"label_smoothing": args.label_smoothing} if args.label_smoothing else {}
@@ -461,8 +469,8 @@ def main(argv=None) -> None:
         extra_fields["z_loss"] = args.z_loss
     if args.softcap:
         extra_fields["softcap"] = args.softcap
-    if args.targets == "probs":
-        extra_fields["targets"] = "probs"
+    if args.targets != "labels":
+        extra_fields["targets"] = args.targets
     if args.class_weight:
         extra_fields["class_weight"] = "uniform(0.5, 1.5)"
     fields = CSV_FIELDS + list(extra_fields)

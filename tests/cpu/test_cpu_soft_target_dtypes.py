@@ -95,6 +95,50 @@ def test_no_copy_of_the_targets(soft_path, layout):
         assert used <= allowed * x.nbytes + 4 * (1 << 18), (f.__name__, used / x.nbytes)
 
 
+@pytest.mark.parametrize("numba_kernels", [True, False])
+@pytest.mark.parametrize("logits_dtype, targets_dtype", [(np.float32, np.float64), (np.float64, np.float32)])
+def test_cpu_soft_passes_read_other_float_targets_in_place(monkeypatch, numba_kernels, logits_dtype,
+                                                           targets_dtype):
+    """crossent.cpu's soft-target passes take C-contiguous float32/float64 targets of the other
+    dtype as they are (the numba kernels copy nothing, not even a block: they round each entry to
+    the logits' dtype as they read it) with the results of targets converted first, bit for bit,
+    including a -inf logit under a zero target and an all -inf row."""
+    if numba_kernels:
+        pytest.importorskip("numba")
+        if not cpu.available():
+            pytest.skip("the numba kernels are switched off in this environment")
+    else:
+        monkeypatch.setattr(cpu, "available", lambda: False)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((300, 257)) * 3).astype(logits_dtype)  # 77100 logits: the parallel kernels
+    t = rng.random((300, 257)).astype(targets_dtype) / 257  # not exactly representable in float32
+    x[3, 7], t[3, 7] = -np.inf, 0.0
+    x[4], t[4] = -np.inf, 0.0
+    converted = t.astype(logits_dtype)
+    assert cpu._check_targets(t, x) is t
+    out, scale = np.empty_like(x), np.linspace(0.5, 1.5, 300)
+    for with_grad in (False, True):
+        def call(targets):
+            if not with_grad:
+                return cpu.soft_cross_entropy(x, targets)
+            return cpu.softmax_minus_targets(x, targets, scale, out)
+
+        call(t)  # compiled outside the measured call
+        tracemalloc.start()
+        try:
+            got = call(t)
+            used = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        if numba_kernels:  # (the numpy passes' float64 blocks have their own bound, block-sized)
+            assert used < 0.05 * x.nbytes, used
+        grad = out.copy()
+        for a, b in zip(got, call(converted)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(grad, out)
+        assert np.isfinite(got[1][3]) and got[1][4] == 0
+
+
 @pytest.mark.parametrize("fast", ["blocked", "array-api"])
 def test_zero_targets_mask_infinite_logits_not_nan_ones(monkeypatch, fast):
     """0 log 0 = 0 on a -inf logit (a masked class; an all -inf row under zero targets adds 0),

@@ -220,7 +220,7 @@ def _softmax_ce(
         t = xp.moveaxis(targets, ax, -1) if ax != logits.ndim - 1 else targets
         if not is_numpy_namespace(xp):
             t = v.as_float(xp, t, dtype, "targets")
-        # numpy: the fast passes cast the targets a block at a time (no copy of their size);
+        # numpy: the fast passes read float32/float64 targets in place, cast others a block at a time;
         # converted below only for the Array-API path.
     else:
         raise TypeError(
@@ -574,12 +574,13 @@ _CAST_BLOCK_ELEMENTS = 1 << 18
 
 def _soft_kernels(cpu: Any, x2: Any, t2: Any, scale: Any, out: Any) -> tuple[Any, Any]:
     """``(lse, ce)`` of crossent.cpu's soft-target kernels on ``[N, C]`` numpy ``x2`` and targets
-    ``t2`` (with ``out``: the gradient too, for the row factors ``scale``). Targets that are not a
-    C-contiguous array of ``x2``'s dtype are cast into one reused buffer a block of rows at a time
-    (a copy of their size would be 100% of the logits or more)."""
+    ``t2`` (with ``out``: the gradient too, for the row factors ``scale``). C-contiguous float32 or
+    float64 targets are read in place (the kernels round each entry to ``x2``'s dtype); other ones
+    (float16, Fortran order, strided) are cast into one reused buffer a block of rows at a time (a
+    copy of their size would be 100% of the logits or more)."""
     import numpy as np
 
-    if t2.dtype == x2.dtype and t2.flags.c_contiguous:
+    if t2.dtype in (np.float32, np.float64) and t2.flags.c_contiguous:  # read in place
         return cpu.soft_cross_entropy(x2, t2) if out is None else cpu.softmax_minus_targets(
             x2, t2, scale, out, keep=np.ones(x2.shape[0], dtype=bool))
     n, c = x2.shape

@@ -277,6 +277,8 @@ def _check_targets(targets: object, logits: np.ndarray) -> np.ndarray:
         raise TypeError(f"targets must be floating-point weights (probabilities), got dtype {targets.dtype}")
     if targets.shape != logits.shape:
         raise ValueError(f"targets must have the shape of logits {logits.shape}, got {targets.shape}")
+    if targets.dtype in (np.float32, np.float64) and targets.flags.c_contiguous:
+        return targets  # the kernels round each entry to the logits' dtype as they read it
     return np.ascontiguousarray(targets, dtype=logits.dtype)
 
 
@@ -296,7 +298,8 @@ def soft_cross_entropy(logits: np.ndarray, targets: np.ndarray, /) -> tuple[np.n
 
     Args:
       logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
-      targets: ``[N, C]`` floating array (converted to the logits' dtype).
+      targets: ``[N, C]`` floating array, taken as if converted to the logits' dtype (C-contiguous
+        float32 or float64 targets are read in place, other ones copied).
 
     Returns:
       ``(lse, ce)``: two ``[N]`` arrays of the logits' dtype.
@@ -343,7 +346,8 @@ def softmax_minus_targets(
 
     Args:
       logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
-      targets: ``[N, C]`` floating array (converted to the logits' dtype).
+      targets: ``[N, C]`` floating array, taken as if converted to the logits' dtype (C-contiguous
+        float32 or float64 targets are read in place, other ones copied).
       scale: a real number or an ``[N]`` array of per-row factors.
       out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` or ``targets``
         itself (or a view of exactly the memory of either), but must not overlap them otherwise.
@@ -577,7 +581,7 @@ def _soft_numpy(
     for start in range(0, n, step):
         stop = min(start + step, n)
         x = logits[start:stop].astype(np.float64)
-        t = targets[start:stop].astype(np.float64)
+        t = targets[start:stop].astype(logits.dtype, copy=False).astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             m = np.max(x, axis=1, keepdims=True)
             shift = np.where(np.isfinite(m), m, 0.0)

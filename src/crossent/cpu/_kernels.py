@@ -45,7 +45,7 @@ import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 _LOG2E = 1.4426950408889634  # 1 / ln 2
 _LN2 = 0.6931471805599453
@@ -328,13 +328,26 @@ def softmax_minus_onehot_f64_serial(logits, labels, scale, keep, out, lse, nll):
 # arithmetic instead (shift 0: ``_row_soft_nonfinite``), so both paths agree on such rows too.
 
 
+def _target_value(row, v):
+    """Target entry ``v`` rounded to ``row``'s dtype, as a float64: the value of targets cast to
+    the logits' dtype first (float64 targets with float32 logits read in place, no copy)."""
+    raise NotImplementedError("numba-only: compiled through its overload")
+
+
+@overload(_target_value, inline="always")
+def _target_value_overload(row, v):
+    if row.dtype == types.float32 and v != types.float32:
+        return lambda row, v: np.float64(np.float32(v))
+    return lambda row, v: np.float64(v)
+
+
 @nb.njit(cache=True, fastmath=_SUM_FLAGS)
 def _row_soft_sums(row, t, shift):
     """(sum_j t_j (shift - x_j) over the t_j != 0, sum_j t_j) in float64."""
     acc = 0.0
     total = 0.0
     for j in range(row.shape[0]):
-        tj = np.float64(t[j])
+        tj = _target_value(row, t[j])
         term = tj * (shift - np.float64(row[j]))
         acc += term if tj != 0.0 else 0.0
         total += tj
@@ -352,17 +365,17 @@ def _row_soft_nonfinite(row, t, dst, a, keep, want_grad):
     total = 0.0
     for j in range(c):
         s += math.exp(np.float64(row[j]))
-        total += np.float64(t[j])
+        total += _target_value(row, t[j])
     log_s = np.log(s)
     ce = 0.0
     for j in range(c):
         x = np.float64(row[j])
-        tj = np.float64(t[j])
+        tj = _target_value(row, t[j])
         if tj != 0.0 or not math.isinf(x):
             ce -= tj * (x - log_s)
     if want_grad:
         for j in range(c):
-            dst[j] = 0.0 if not keep else a * (total * (math.exp(np.float64(row[j])) / s) - np.float64(t[j]))
+            dst[j] = 0.0 if not keep else a * (total * (math.exp(np.float64(row[j])) / s) - _target_value(row, t[j]))
     return log_s, ce
 
 
@@ -377,7 +390,7 @@ def _soft_row_f32(row, t, dst, a, keep, want_grad):
         zero = _zero_grad(keep, a, lse_i)
         for j in range(row.shape[0]):
             dst[j] = 0.0 if zero else a * (total * _exp_nonpos((np.float64(row[j]) - shift) - log_s)
-                                               - np.float64(t[j]))
+                                               - _target_value(row, t[j]))
     return lse_i, acc + log_s * total
 
 
@@ -391,7 +404,7 @@ def _soft_row_f64(row, t, dst, a, keep, want_grad):
     if want_grad:
         zero = _zero_grad(keep, a, lse_i)
         for j in range(row.shape[0]):
-            dst[j] = 0.0 if zero else a * (total * math.exp((row[j] - shift) - log_s) - t[j])
+            dst[j] = 0.0 if zero else a * (total * math.exp((row[j] - shift) - log_s) - _target_value(row, t[j]))
     return lse_i, acc + log_s * total
 
 
