@@ -169,6 +169,38 @@ def test_inplace_backward_writes_into_the_logits(blocked_calls):
     torch.testing.assert_close(logits.detach(), want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "weight": "w"}])
+def test_float64_targets_of_float32_logits_are_read_not_copied(numba_setting, monkeypatch, options):
+    """float64 probability targets with float32 logits: the CPU passes get the targets' own memory
+    (numba kernels round each entry to float32 as they read it; the blocked pass casts a block at a
+    time), with the results of targets converted first, bit for bit."""
+    x, t, upstream, w = _inputs((40, 33), 9, dtype=torch.float32)
+    t64 = t.to(torch.float64) + 1e-9  # not representable in float32
+    options = dict(options, weight=w) if options.get("weight") == "w" else options
+    seen = []
+    for name in ("soft_cross_entropy", "softmax_minus_targets"):
+        real = getattr(crossent.cpu, name)
+
+        def spy(logits, targets, *args, _real=real, **kwargs):
+            seen.append(targets.dtype)
+            return _real(logits, targets, *args, **kwargs)
+
+        monkeypatch.setattr(crossent.cpu, name, spy)
+    real_blocked = _blocked.soft_targets
+
+    def blocked_spy(x_np, t_np, *args, **kwargs):
+        seen.append(t_np.dtype)
+        return real_blocked(x_np, t_np, *args, **kwargs)
+
+    monkeypatch.setattr(_blocked, "soft_targets", blocked_spy)
+    for reduction in ("mean", "none"):
+        up = upstream if reduction == "none" else torch.ones(())
+        got = _loss_and_grad(x, t64, up, reduction=reduction, **options)
+        want = _loss_and_grad(x, t64.to(torch.float32), up, reduction=reduction, **options)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert seen and {str(d) for d in seen} == {"float64", "float32"}, seen
+
+
 def test_nonfinite_rows_take_the_chunked_path(blocked_calls):
     """A row whose loss is not finite (a positive target on a -inf logit; an all -inf row with
     z-loss; a +inf logit) sends the whole call to impl="chunked", whose conventions hold."""

@@ -285,7 +285,9 @@ def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, weight: t
     (``_soft_pass``), or None when a row's loss is not finite (the caller then takes
     impl="chunked")."""
     x = logits2d.detach()
-    t = target2d.detach().to(x.dtype)
+    t = target2d.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(x.dtype)  # float32/float64 targets of the other dtype: no copy (rounded as read)
     write = _soft_pass(x, weight, label_smoothing, z_loss, softcap)
     if write.numba:
         t = t.contiguous()
