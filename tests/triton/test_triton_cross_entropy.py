@@ -368,6 +368,26 @@ def test_bad_data(device):
         assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
 
 
+@pytest.mark.parametrize(("dtype", "label", "ignore_index"), [
+    (torch.uint8, 156, -100),    # -100 wraps to 156 in uint8
+    (torch.int16, 4464, 70000),  # 70000 wraps to 4464 in int16
+])
+def test_narrow_targets_are_checked_after_widening(ref, dtype, label, ignore_index, interpreter):
+    """The value check compares int64 targets with ``ignore_index``: in the target's own dtype
+    ``ignore_index`` wraps, and an out-of-range label equal to the wrapped value passed as
+    "ignored" (the kernel then gave a NaN loss). Valid narrow targets equal their int64 loss."""
+    logits, _, _ = make(3, interpreter, c=50, ignore_every=0)
+    bad = torch.tensor([1, label, 2], dtype=dtype)
+    with pytest.raises(ValueError, match=rf"target must be in \[0, 50\) or ignore_index={ignore_index}; "
+                                         rf"target\[1\] = {label}"):
+        cross_entropy(logits.float(), bad, ignore_index=ignore_index)
+    good = torch.tensor([1, 49, 2], dtype=dtype)
+    loss, grad = run_triton(logits.float(), good, ignore_index=ignore_index, reduction="none")
+    want, want_grad = run_reference(ref, logits.float(), good.long(), ignore_index=ignore_index, reduction="none")
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_docstring_examples_run(interpreter):
     """The module's examples use CPU tensors, which only the interpreter runs."""
     failures, tried = doctest.testmod(ctr, optionflags=doctest.NORMALIZE_WHITESPACE)

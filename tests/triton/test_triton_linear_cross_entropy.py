@@ -412,6 +412,26 @@ def test_bad_data(device):
         assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all()
 
 
+@pytest.mark.parametrize(("dtype", "label", "ignore_index"), [
+    (torch.uint8, 156, -100),    # -100 wraps to 156 in uint8
+    (torch.int16, 4464, 70000),  # 70000 wraps to 4464 in int16
+])
+def test_narrow_targets_are_checked_after_widening(ref, dtype, label, ignore_index, interpreter):
+    """As for crossent.triton.cross_entropy: the value check compares int64 targets, so a label
+    equal to the wrapped ``ignore_index`` is refused (it gave a NaN loss), and valid narrow
+    targets equal their int64 loss."""
+    x, w, b, _, _ = make(interpreter, n=3, v=50, ignore_every=0)
+    bad = torch.tensor([1, label, 2], dtype=dtype)
+    with pytest.raises(ValueError, match=rf"target must be in \[0, 50\) or ignore_index={ignore_index}; "
+                                         rf"target\[1\] = {label}"):
+        linear_cross_entropy(x.float(), w.float(), bad, ignore_index=ignore_index)
+    good = torch.tensor([1, 49, 2], dtype=dtype)
+    got = run_triton(x.float(), w.float(), b.float(), good, ignore_index=ignore_index, reduction="none")
+    want = run_reference(ref, x.float(), w.float(), b.float(), good.long(), ignore_index=ignore_index,
+                         reduction="none")
+    assert_matches(got, want)
+
+
 def test_strided_input_and_weight(ref, device):
     """E as a column slice of a wider buffer, W as the transpose of a (D, V) matrix (tied head)."""
     x, w, b, target, _ = make(device)

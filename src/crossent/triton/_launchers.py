@@ -100,10 +100,13 @@ def _check_target(target, n_rows, n_classes, ignore_index, device):
     if target.ndim != 1 or target.shape[0] != n_rows:
         raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
     _check_device("target", target, device)
+    # Widen before comparing: in a narrow dtype ``target != ignore_index`` wraps ignore_index
+    # (-100 is 156 in uint8), which would let an out-of-range label pass as "ignored".
+    target = target.to(torch.int64).contiguous()
     if target.device.type == "cpu" and target.numel():
         # CPU tensors cost no sync to check (DESIGN.md: validation always on for CPU tensors).
         _check_target_values(target, n_classes, ignore_index)
-    return target.to(torch.int64).contiguous()
+    return target
 
 
 def _check_target_values(target, n_classes, ignore_index):
