@@ -113,7 +113,6 @@ class _FakeTriton(types.ModuleType):
 
     def cross_entropy(self, logits, target, **kw):
         self.calls.append(("cross_entropy", tuple(logits.shape), tuple(target.shape), dict(kw)))
-        assert logits.is_contiguous()
         kw.pop("inplace_backward")
         return cet.cross_entropy(logits, target, impl="reference", **kw)
 

@@ -422,6 +422,64 @@ def test_inplace_backward_through_crossent_torch_bumps_the_version(device):
         loss.backward()
 
 
+def test_inplace_backward_through_crossent_torch_writes_into_a_padded_vocabulary_view(ref, device):
+    """``logits[:, :V]`` of a vocabulary padded to 64 columns (row stride 64, unit column stride)
+    goes to the kernel as it is: the gradient is written into the caller's memory (no N x C copy)
+    and equals float64 PyTorch's; the padding columns are left alone."""
+    import crossent.torch as cet
+
+    logits, target, _ = make(6, device, c=50)
+    padded = torch.full((6, 64), 7.0, dtype=torch.float32, device=device)
+    padded[:, :50] = logits.float()
+    leaf = padded.clone().requires_grad_()
+    base = leaf * 1.0  # non-leaf: its gradient reaches ``leaf`` through the multiplication
+    view = base[:, :50]
+    loss = cet.cross_entropy(view, target, impl="triton", label_smoothing=0.1, inplace_backward=True)
+    want, want_grad = run_reference(ref, logits, target, label_smoothing=0.1)
+    # The forward overwrote the view with d loss / d logits for an upstream gradient of 1.
+    torch.testing.assert_close(base.detach()[:, :50].double(), want_grad / 1.7, rtol=1e-5, atol=1e-8)
+    assert torch.equal(base.detach()[:, 50:], padded[:, 50:])
+    loss.backward(torch.tensor(1.7, device=device))
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(leaf.grad[:, :50].double(), want_grad, rtol=1e-5, atol=1e-8)
+    assert torch.count_nonzero(leaf.grad[:, 50:]) == 0
+
+
+def test_crossent_torch_hands_row_strided_input_to_the_kernels_as_it_is(ref, monkeypatch, device):
+    """cet.linear_cross_entropy(impl="triton") passes a column slice of a wider buffer (row
+    stride D + 7) to crossent.triton without a copy; the gradients are float64 PyTorch's."""
+    import crossent.torch as cet
+
+    seen = []
+    real = ctr.linear_cross_entropy
+
+    def spy(x, *args, **kwargs):
+        seen.append((x.data_ptr(), x.stride()))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(ctr, "linear_cross_entropy", spy)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 12, generator=gen, dtype=torch.float64)
+    w = torch.randn(23, 12, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 23, (9,), generator=gen)
+    target[4] = IGNORE
+    wide = torch.zeros(9, 19, device=device)
+    wide[:, 3:15] = x.float().to(device)
+    wide.requires_grad_()
+    wf = w.float().to(device).requires_grad_()
+    view = wide[:, 3:15]
+    loss = cet.linear_cross_entropy(view, wf, target.to(device), impl="triton", z_loss=1e-2)
+    assert seen == [(view.data_ptr(), (19, 1))]
+    loss.backward(torch.tensor(1.7, device=device))
+    xr, wr = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    want = ref(xr @ wr.T, target.to(device), z_loss=1e-2)
+    want.backward(torch.tensor(1.7, dtype=torch.float64, device=device))
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(wide.grad[:, 3:15].double(), xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wf.grad.double(), wr.grad, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(wide.grad[:, :3]) == 0 and torch.count_nonzero(wide.grad[:, 15:]) == 0
+
+
 def test_double_backward_raises_instead_of_dropping_the_hessian(device):
     """create_graph=True, then a second backward through the gradient: a RuntimeError naming the
     function (torch's once_differentiable let it through when the upstream gradient is a

@@ -362,8 +362,11 @@ def cross_entropy(
             inplace_backward and logits2d.data_ptr() == input.data_ptr(), torch.is_grad_enabled(),
         )
     else:
+        # As they are: the kernels take any row stride (a vocabulary padded and sliced, [:, :V])
+        # and copy only logits without unit column stride, so that inplace_backward writes into
+        # the caller's memory and no N x C copy is made.
         loss = _triton_function("cross_entropy")(
-            logits2d.contiguous(), target2d, inplace_backward=inplace_backward, **options
+            logits2d, target2d, inplace_backward=inplace_backward, **options
         )
     if reduction == "none":
         return loss.reshape(target.shape if not soft else expected[:class_dim] + expected[class_dim + 1 :])
@@ -525,8 +528,10 @@ def linear_cross_entropy(
             needs,
         )
     else:
+        # As it is: the kernels take any row stride and copy only an input without unit stride
+        # along D (no N x D copy of a sliced or row-padded input).
         loss = _triton_function("linear_cross_entropy")(
-            x2d.contiguous(), linear_weight, target2d, linear_bias=linear_bias,
+            x2d, linear_weight, target2d, linear_bias=linear_bias,
             memory_budget=memory_budget, **options
         )
     if reduction == "none":
