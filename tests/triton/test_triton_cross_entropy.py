@@ -509,6 +509,51 @@ def test_double_backward_raises_instead_of_dropping_the_hessian(device):
         torch.autograd.grad(ge.pow(2).sum(), w)
 
 
+def _second_order_error_at(loss_of, inputs):
+    """"first" when the create_graph=True backward of ``loss_of(*inputs)`` raises crossent's
+    second-order RuntimeError, "second" when that backward works and a backward through its
+    gradients raises it; anything else fails the test."""
+    loss = loss_of(*inputs)
+    try:
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    except RuntimeError as e:
+        assert "cannot be differentiated twice" in str(e)
+        return "first"
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        sum(g.pow(2).sum() for g in grads).backward()
+    return "second"
+
+
+@pytest.mark.parametrize(("loss", "impl", "extra", "where"), [
+    ("ce", "triton", {}, "first"),
+    ("ce", "chunked", {}, "second"),
+    ("lce", "triton", {}, "second"),
+    ("lce", "triton", {"reduction": "none"}, "second"),
+    ("lce", "triton", {"memory_budget": 1 << 20}, "first"),  # the row schedule
+    ("lce", "chunked", {}, "first"),
+    ("lce", "chunked", {"reduction": "none"}, "second"),
+])
+def test_where_the_second_order_error_is_raised(loss, impl, extra, where, device):
+    """Pins the table of crossent.torch.functional's module docstring (and crossent.triton's
+    docstrings): which backward raises the second-order RuntimeError, per path."""
+    import crossent.torch as cet
+
+    logits, target, _ = make(6, device, c=5)
+    gen = torch.Generator().manual_seed(4)
+    if loss == "ce":
+        inputs = [logits.float().requires_grad_()]
+
+        def loss_of(x):
+            return cet.cross_entropy(x, target, impl=impl, **extra)
+    else:
+        inputs = [torch.randn(6, 4, generator=gen).to(device).requires_grad_(),
+                  torch.randn(5, 4, generator=gen).to(device).requires_grad_()]
+
+        def loss_of(e, w):
+            return cet.linear_cross_entropy(e, w, target, impl=impl, **extra).sum()
+    assert _second_order_error_at(loss_of, inputs) == where
+
+
 def test_class_weight_requiring_grad_is_refused_by_impl_triton(device):
     import crossent.torch as cet
 

@@ -21,8 +21,21 @@ r"""Functional PyTorch losses: drop-ins for ``torch.nn.functional`` plus the fus
 Autograd: every implementation gives first-order gradients. Second-order gradients (a backward
 with ``create_graph=True`` followed by another backward through the gradient: gradient
 penalties, Hessian-vector products) need impl="reference"; the other implementations compute
-their gradient outside autograd and raise a RuntimeError on the second backward instead of
-returning a gradient without the loss's curvature. ``torch.func`` transforms (``grad``,
+their gradient outside autograd and raise a RuntimeError instead of returning a gradient without
+the loss's curvature. Where it is raised depends on what the implementation keeps for backward:
+
+- at the ``create_graph=True`` backward itself, where no differentiable input is kept:
+  ``cross_entropy`` with "triton"; ``linear_cross_entropy`` with "chunked" and a "mean" or
+  "sum" reduction (its gradients are computed in the forward), and with "triton" on
+  ``memory_budget``'s row schedule;
+- at the second backward, through the gradient, otherwise: ``cross_entropy`` with "chunked" and
+  "auto"'s CPU kernels; ``linear_cross_entropy`` with "chunked" and "none", and with "triton"
+  without ``memory_budget`` (or with one that keeps vocabulary columns).
+
+So under "auto" a ``create_graph=True`` backward whose gradient is never differentiated again
+works on the CPU and raises on CUDA for ``cross_entropy``, and the reverse for
+``linear_cross_entropy``; use impl="reference" wherever ``create_graph=True`` reaches these
+losses. ``torch.func`` transforms (``grad``,
 ``vmap``, ``jacrev``, ...) likewise work with impl="reference" only (its CPU value checks are
 data-dependent control flow, so ``vmap`` over batched targets also needs ``validate=False``);
 the other implementations are ``autograd.Function``\ s without ``setup_context`` and torch

@@ -75,9 +75,11 @@ def cross_entropy(
     Returns:
         float32 loss: a scalar, or (M,) for ``reduction="none"``.
 
-    First-order autograd only: a second backward through a gradient taken with
-    ``create_graph=True`` raises a RuntimeError, and ``torch.func`` transforms are not supported
-    (use ``crossent.torch``'s impl="reference" for either). With ``inplace_backward=True`` the
+    First-order autograd only: the logits are not kept for backward (the gradient is computed in
+    the forward), so a backward with ``create_graph=True`` raises a RuntimeError itself, at the
+    first backward (``crossent.torch``'s impl="chunked" raises only at a second backward through
+    the gradient). ``torch.func`` transforms are not supported either (use ``crossent.torch``'s
+    impl="reference" for both). With ``inplace_backward=True`` the
     logits' autograd version is bumped, so an op that saved them for its backward raises
     autograd's in-place error.
 
@@ -168,9 +170,12 @@ def linear_cross_entropy(
     Returns:
         float32 loss: a scalar, or the shape of ``target`` for ``reduction="none"``.
 
-    First-order autograd only: a second backward through a gradient taken with
-    ``create_graph=True`` raises a RuntimeError, and ``torch.func`` transforms are not supported
-    (use ``crossent.torch``'s impl="reference" for either).
+    First-order autograd only. By default, and with a ``memory_budget`` that keeps vocabulary
+    columns, the inputs are kept for backward: a ``create_graph=True`` backward returns the
+    gradients, and a second backward through them raises a RuntimeError. On the row schedule the
+    gradients are computed in the forward and no input is kept: the ``create_graph=True``
+    backward itself raises. ``torch.func`` transforms are not supported (use ``crossent.torch``'s
+    impl="reference" for second-order gradients and transforms).
 
     Example (class 1 of 3 scored by an identity head):
 
