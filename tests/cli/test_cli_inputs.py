@@ -203,3 +203,26 @@ def test_a_sub_directory_named_like_a_file_is_skipped(tmp_path):
     _write(table, folder / "sub.parquet" / "part-0.parquet")
     out = run_json(folder, "--target", "y", "--probs", "p0,p1")
     assert out["rows"] == 3
+
+
+# ------------------------------------------------------------------ paths that look like globs
+
+
+def test_an_existing_file_with_brackets_is_scored_not_globbed(tmp_path):
+    """Review (cli/io) 2: ``run[1].csv`` was read as a glob: run1.csv was scored, or exit 2."""
+    (tmp_path / "run[1].csv").write_text("y,p_a,p_b\n0,0.9,0.1\n")
+    (tmp_path / "run1.csv").write_text("y,p_a,p_b\n0,0.1,0.9\n")  # what the glob matches
+    out = run_json(tmp_path / "run[1].csv", "--target", "y", "--probs", "p_*")
+    np.testing.assert_allclose(out["cross_entropy_nats"], -np.log(0.9), rtol=1e-15)
+    (tmp_path / "run1.csv").unlink()
+    out = run_json(tmp_path / "run[1].csv", "--target", "y", "--probs", "p_*")
+    np.testing.assert_allclose(out["cross_entropy_nats"], -np.log(0.9), rtol=1e-15)
+    # a directory with brackets in its name is read as a directory too
+    folder = tmp_path / "fold[2]"
+    folder.mkdir()
+    (folder / "a.csv").write_text("y,p_a,p_b\n1,0.4,0.6\n")
+    out = run_json(folder, "--target", "y", "--probs", "p_*")
+    np.testing.assert_allclose(out["cross_entropy_nats"], -np.log(0.6), rtol=1e-15)
+    # a glob is still a glob when no file has its name (glob.escape's form matches the file)
+    out = run_json(tmp_path / "run[[]1].csv", "--target", "y", "--probs", "p_*")
+    np.testing.assert_allclose(out["cross_entropy_nats"], -np.log(0.9), rtol=1e-15)

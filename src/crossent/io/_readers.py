@@ -200,9 +200,12 @@ def expand_paths(path: str, *, suffixes=(".parquet", ".pq")) -> list[str]:
     """The files named by ``path``: itself, the matching files of a directory, or a glob.
 
     Only files count: a sub-directory (``part.parquet/`` as Spark writes) is skipped, in a
-    directory as in a glob.
+    directory as in a glob. An existing file or directory is taken as named, before any glob
+    reading: ``run[1].csv`` is that file, never ``run1.csv``.
     """
-    if os.path.isdir(path):
+    if os.path.isfile(path):
+        found = [path]
+    elif os.path.isdir(path):
         found = sorted(
             os.path.join(path, f) for f in os.listdir(path)
             if f.lower().endswith(tuple(suffixes)) and os.path.isfile(os.path.join(path, f))
@@ -210,7 +213,7 @@ def expand_paths(path: str, *, suffixes=(".parquet", ".pq")) -> list[str]:
     elif any(c in path for c in "*?["):
         found = sorted(p for p in glob.glob(path) if os.path.isfile(p))
     else:
-        found = [path] if os.path.isfile(path) else []
+        found = []
     if not found:
         raise FileNotFoundError(f"PATH {path!r} names no file ({', '.join(suffixes)})")
     return found
