@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from crossent.triton import _launchers, linear_cross_entropy  # noqa: E402
+from crossent.triton import _launchers, cross_entropy, linear_cross_entropy  # noqa: E402
 
 N, D, V = 61, 32, 1031
 IGNORE = -100
@@ -628,6 +628,62 @@ def test_rows_products_stop_at_the_last_non_ignored_row(ref, chunked, monkeypatc
         assert logits_rows == [16, 16, 16, 13]
     assert_matches(got, run_reference(ref, x.float(), w.float(), b.float(), target, **opts))
     assert torch.count_nonzero(got[1][target == IGNORE]) == 0
+
+
+@pytest.mark.parametrize(("schedule", "waits"), [
+    ("lean", ["forward", "backward"]),           # products=1, 5 chunks: both passes wait
+    ("lean_no_grad", ["forward"]),               # under torch.no_grad too
+    ("lean_one_chunk", ["backward"]),            # a forward of one chunk needs no count
+    ("lean_products2", ["backward"]),            # the fused Triton forward skips rows on the device
+    ("lean_products0", []),                      # every product in Triton: nothing on the host
+    ("rows", ["forward"]),                       # the row schedule, 4 chunks of rows
+    ("rows_one_chunk", []),                      # one chunk of rows: no count needed
+    ("store", []),                               # a budget that keeps vocabulary columns
+])
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_which_linear_paths_wait_for_the_host_count(chunked, monkeypatch, schedule, waits, env, device):
+    """The _launchers module docstring's account of host waits: ``HostCount.get`` (the one wait
+    for the GPU) runs where listed, and never with CROSSENT_TRITON_LINEAR_HOST_COUNT=0, nor in
+    crossent.triton.cross_entropy."""
+    monkeypatch.setenv(_launchers.HOST_COUNT_ENV, env)
+    phase = ["forward"]
+    seen = []
+    real_get = _launchers.HostCount.get
+
+    def spy(self):
+        seen.append(phase[0])
+        return real_get(self)
+
+    monkeypatch.setattr(_launchers.HostCount, "get", spy)
+    x, w, b, target, _ = make(device)
+    opts = {}
+    if schedule != "lean_one_chunk":  # five 256-column chunks, the count read after two
+        monkeypatch.setattr(_launchers, "LEAN_WORKSPACE_BYTES", N * 256 * 4)
+        monkeypatch.setattr(_launchers, "FORWARD_CHUNKS_BEFORE_COUNT", 2)
+    if schedule == "lean_products2":
+        triton_products(monkeypatch, 2)
+    elif schedule == "lean_products0":
+        triton_products(monkeypatch, 0)
+    elif schedule == "rows":
+        opts["memory_budget"] = budget(ROWS)
+    elif schedule == "rows_one_chunk":
+        opts["memory_budget"] = budget(N)
+    elif schedule == "store":
+        opts["memory_budget"] = budget(N)
+        opts["reduction"] = "none"  # no row schedule: the forward keeps the logits' gradient
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    if schedule == "lean_no_grad":
+        with torch.no_grad():
+            linear_cross_entropy(xf, wf, target, **opts)
+    else:
+        loss = linear_cross_entropy(xf, wf, target, **opts)
+        phase[0] = "backward"
+        loss.backward(upstream(loss))
+    assert sorted(set(seen)) == (sorted(waits) if env == "1" else [])
+    seen.clear()
+    logits = x.float() @ w.float().T
+    cross_entropy(logits.requires_grad_(), target).backward()
+    assert seen == []
 
 
 @pytest.mark.parametrize("count", ["host", "env"])

@@ -1,9 +1,19 @@
 """Host launchers (layer 2 of 4): argument checks, grid, block sizes and warps, workspaces.
 
-Nothing here reads a CUDA tensor's value on the host: denominators, the number of non-ignored rows
-and the compacted row order are device tensors that the kernels load themselves, so a launch
-never waits for the GPU (no ``.item()``, no data-dependent shapes). Only CPU tensors (the
-interpreter) get their target range and weights checked by value, where that costs no sync.
+Host waits. The cross-entropy launchers (``cross_entropy_forward``, ``scale_rows_``) never read a
+CUDA tensor's value on the host: denominators, the number of non-ignored rows and the compacted
+row order are device tensors that the kernels load themselves (no ``.item()``, no data-dependent
+shapes). The linear launchers have one deliberate wait: cuBLAS takes a product's row count from
+the host, so for the products to skip the ignored rows the number of non-ignored rows is sent to
+the host (``HostCount``: queued at the start of the forward, waited on behind queued work, then
+used for data-dependent shapes such as ``rows[:n]``): on the lean path (no vocabulary columns
+stored) with ``LinearTiles.products=1`` (the default: the backward, and the forward, under
+``torch.no_grad`` too, when it has more than ``FORWARD_CHUNKS_BEFORE_COUNT`` vocabulary chunks)
+or 2 and 3 (the backward), and on the fast row schedule with more than one chunk of rows.
+``CROSSENT_TRITON_LINEAR_HOST_COUNT=0`` (``HOST_COUNT_ENV``) turns it off, as CUDA graph capture
+does: every row then goes through the products and no launch waits for the GPU. Only CPU
+tensors (the interpreter) get their target range and weights checked by value, where that costs
+no sync.
 """
 
 from __future__ import annotations
