@@ -310,12 +310,19 @@ def _histogram_figure(result):
 
 
 def render_pngs(result, *, from_logits: bool = False) -> dict[str, bytes]:
-    """The report's plots as PNG bytes, by file name (see ``PLOTS``)."""
-    return {
-        "per_class_loss.png": _png(_per_class_figure(result)),
-        "reliability.png": _png(_reliability_figure(result)),
-        "loss_histogram.png": _png(_histogram_figure(result)),
-    }
+    """The report's plots as PNG bytes, by file name (see ``PLOTS``).
+
+    Text is drawn as it is, never read as mathtext: a class named ``$\\hat$`` or ``$x$`` is
+    shown with its dollar signs (and cannot fail the rendering).
+    """
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return {
+            "per_class_loss.png": _png(_per_class_figure(result)),
+            "reliability.png": _png(_reliability_figure(result)),
+            "loss_histogram.png": _png(_histogram_figure(result)),
+        }
 
 
 def write_pngs(folder, pngs: dict[str, bytes]) -> None:

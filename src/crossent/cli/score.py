@@ -181,10 +181,13 @@ def _clean(obj):
 
 
 def _format_table(result, source: str) -> str:
+    """The table of ``crossent score`` as text. Class names and ``source`` are shown as they
+    are: rich markup (``[/s]``, ``[bold]``) and emoji codes (``:cat:``) in them are not read."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    summary = Table(title=f"crossent score: {source}", show_header=False)
+    summary = Table(title=Text(f"crossent score: {source}"), show_header=False)
     summary.add_column("metric")
     summary.add_column("value", justify="right")
     rows = [
@@ -212,7 +215,7 @@ def _format_table(result, source: str) -> str:
     for entry in shown:
         ce, acc = entry["cross_entropy_nats"], entry["accuracy"]
         per_class.add_row(
-            entry["name"], f"{entry['rows']:,}",
+            Text(entry["name"]), f"{entry['rows']:,}",
             "-" if ce is None else f"{ce:.6f}", "-" if acc is None else f"{acc:.4f}",
         )
     console = Console(file=None, width=100, record=True, force_terminal=False)
@@ -329,6 +332,11 @@ def score(path, target, labels, probs, logits, output_format, sample_weight, nor
     if result.weight == 0:  # rows, but every --sample-weight is 0: no mean to report
         raise BadData(f"{path}: the total sample weight (--sample-weight {sample_weight}) is 0: "
                       "nothing to score")
+    # the output is rendered first: a failure to format it leaves no report or plot behind
+    if output_format == "json":
+        text, newline = json.dumps(_clean(result.to_dict()), allow_nan=False), True
+    else:
+        text, newline = _format_table(result, path), False
     if report or plots:
         from ._report import render_html, render_pngs, write_all
 
@@ -349,7 +357,4 @@ def score(path, target, labels, probs, logits, output_format, sample_weight, nor
             write_all(outputs, folders=[plots] if plots else [])
         except OSError as exc:
             raise click.FileError(exc.filename or report or plots, hint=exc.strerror) from None
-    if output_format == "json":
-        click.echo(json.dumps(_clean(result.to_dict()), allow_nan=False))
-    else:
-        click.echo(_format_table(result, path), nl=False)
+    click.echo(text, nl=newline)
