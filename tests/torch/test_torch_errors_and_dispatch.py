@@ -169,8 +169,59 @@ def test_memory_budget_is_passed_to_triton_and_refused_elsewhere(monkeypatch):
     h, w, t = torch.randn(6, 4), torch.randn(7, 4), torch.randint(0, 7, (6,))
     cet.linear_cross_entropy(h, w, t, impl="triton", memory_budget=1 << 20)
     assert fake.calls[-1][3]["memory_budget"] == 1 << 20
-    with pytest.raises(ValueError, match="memory_budget applies to impl='triton'"):
-        cet.linear_cross_entropy(h, w, t, impl="chunked", memory_budget=1 << 20)
+    for impl in ("chunked", "reference"):
+        with pytest.raises(ValueError, match=rf"memory_budget applies to impl='triton'.* with impl='{impl}'"):
+            cet.linear_cross_entropy(h, w, t, impl=impl, memory_budget=1 << 20)
+
+
+@pytest.mark.parametrize("case", ["plain", "weight_requires_grad", "probabilities"])
+def test_auto_ignores_memory_budget_where_it_does_not_pick_triton(case):
+    """impl="auto" on CPU tensors (chunked, or reference for class weights that require grad
+    and probability targets) ignores a memory_budget instead of refusing it: the loss and
+    gradients equal float64 PyTorch's on the materialized logits, as without the budget."""
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 7, (6,), generator=gen)
+    t[2] = -100
+    cw = torch.rand(7, generator=gen, dtype=torch.float64) + 0.5
+    kw = dict(label_smoothing=0.1)
+    if case == "weight_requires_grad":
+        kw["weight"] = cw.clone().requires_grad_()
+    if case == "probabilities":
+        t = torch.softmax(torch.randn(6, 7, generator=gen, dtype=torch.float64), -1)
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = cet.linear_cross_entropy(hg, wg, t, impl="auto", memory_budget=1 << 30, **kw)
+    loss.backward()
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    kr = dict(kw, weight=cw) if "weight" in kw else kw  # PyTorch does not differentiate it
+    want = torch.nn.functional.cross_entropy(hr @ wr.T, t, **kr)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hg.grad, hr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(wg.grad, wr.grad, rtol=1e-10, atol=1e-12)
+    if case == "weight_requires_grad":  # the class weights' gradient: reference's, no budget
+        cw_ref = cw.clone().requires_grad_()
+        cet.linear_cross_entropy(h, w, t, impl="reference", label_smoothing=0.1, weight=cw_ref).backward()
+        assert torch.equal(kw["weight"].grad, cw_ref.grad)
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunked", "triton"])
+@pytest.mark.parametrize("budget", [-1, 1.5, True, "1GiB"])
+def test_bad_memory_budget_is_refused_on_every_route(impl, budget, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "crossent.triton", _FakeTriton())
+    with pytest.raises(ValueError, match=rf"memory_budget must be None or an int >= 0 \(bytes\), got {budget!r}"):
+        cet.linear_cross_entropy(E, W, Y, impl=impl, memory_budget=budget)
+
+
+def test_numpy_integer_memory_budget_reaches_triton_as_an_int(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fake = _FakeTriton()
+    monkeypatch.setitem(sys.modules, "crossent.triton", fake)
+    cet.linear_cross_entropy(E, W, Y, impl="triton", memory_budget=np.int64(4096))
+    budget = fake.calls[-1][3]["memory_budget"]
+    assert budget == 4096 and type(budget) is int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import sys
 
 import torch
@@ -427,11 +428,15 @@ def linear_cross_entropy(
             docstring).
         chunk_size: rows per block for impl="chunked" (None: N * V / 16 logits per block,
             clamped to [2**16, 2**22]).
-        memory_budget: impl="triton" only: None ("lean", the default: never holds N x V logits) or
-            the bytes of workspace allowed for logits ("fast"). With a "mean" or "sum" reduction
-            and room for at least 256 rows of logits, the forward computes the loss and both
-            gradients a chunk of rows at a time (cuBLAS products, the CE kernel in between);
-            otherwise the kernels keep the gradient of as many vocabulary columns as fit.
+        memory_budget: for impl="triton": None ("lean", the default: never holds N x V logits)
+            or the bytes of workspace allowed for logits ("fast"), an int >= 0. With a "mean" or
+            "sum" reduction and room for at least 256 rows of logits, the forward computes the
+            loss and both gradients a chunk of rows at a time (cuBLAS products, the CE kernel in
+            between); otherwise the kernels keep the gradient of as many vocabulary columns as
+            fit. impl="auto" passes it on where it picks "triton" and ignores it where it picks
+            another implementation (the CPU, float64, probability targets, class weights that
+            require grad), so that one call runs on every device; impl="chunked" and
+            "reference" refuse it with a ValueError.
 
     Returns:
         float32 loss (float64 for float64 input): a scalar, or shape ``(*)`` for "none".
@@ -459,6 +464,12 @@ def linear_cross_entropy(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if memory_budget is not None:
+        # Checked whatever the route, so that "auto" ignores only a valid budget (see below).
+        if (isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral)
+                or memory_budget < 0):
+            raise ValueError(f"memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}")
+        memory_budget = int(memory_budget)  # NumPy integers too
     if input.dim() < 1:
         raise ValueError("input must have shape (*, D), got a 0-d tensor")
     if linear_weight.dim() != 2:
@@ -498,15 +509,21 @@ def linear_cross_entropy(
     num_rows = math.prod(lead)
     x2d = input.reshape(num_rows, dim)
     target2d = target.reshape(num_rows, num_classes) if soft else target.reshape(num_rows)
+    requested = impl
     impl = _route_differentiable_options(impl, soft, target, weight)
     if soft and num_classes == 0 and impl in ("auto", "chunked"):
         impl = "reference"  # no class: nothing to chunk (the row-block softmax needs one)
     impl = _resolve_impl(impl, input.device, soft, input.dtype)
     if memory_budget is not None and impl != "triton":
-        raise ValueError(
-            f"memory_budget applies to impl='triton' (the fused GPU kernels), got memory_budget="
-            f"{memory_budget} with impl={impl!r}"
-        )
+        if requested == "auto":
+            # "auto" is the portable choice: the budget sizes the triton workspace where auto
+            # picks triton, and is ignored where it picks another path (as chunk_size is).
+            memory_budget = None
+        else:
+            raise ValueError(
+                f"memory_budget applies to impl='triton' (the fused GPU kernels), got memory_budget="
+                f"{memory_budget} with impl={impl!r}"
+            )
     options = dict(
         weight=weight,
         ignore_index=ignore_index,
