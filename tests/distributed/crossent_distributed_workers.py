@@ -837,13 +837,36 @@ def check_triton_logits(rank, world, sizes, special_sizes):
                 loss.backward()
                 assert log.take() == []
                 checks += 2
+
+        # 5. validate=False (the default on CUDA): the slices' sizes instead of the table and the
+        # targets' check, the offset on the device; the same loss and gradient as validated, no
+        # host traffic
+        t8 = t7.clone()
+        t8[3] = -100
+        for eps in (0.0, 0.1):
+            results = []
+            for validate in (True, False):
+                leaf = z7[:, lo:hi].clone().requires_grad_()
+                with CollectiveLog() as log, HostTraffic() as traffic:
+                    loss = vocab_parallel_cross_entropy(leaf, t8, label_smoothing=eps, z_loss=0.01, validate=validate)
+                    loss.backward()
+                results.append((loss, leaf.grad, log.take(), traffic.counts))
+            (loss, grad, _, _), (loss_off, grad_off, collectives, traffic) = results
+            assert torch.equal(loss, loss_off) and torch.equal(grad, grad_off), eps
+            assert collectives == [
+                ("all_gather", None, 1, torch.int64),
+                ("all_reduce", "MAX", 7, torch.float32),
+                ("all_reduce", "SUM", (4 if eps else 2) * 7, torch.float32),
+            ], collectives
+            assert traffic == {}, traffic
+            checks += 3
     finally:
         triton_ops._vocab_parallel_partials, triton_ops._vocab_parallel_grad = real_partials, real_grad
         partials.MAX_BLOCK = default_block
         vp._TRITON = "auto"
     # every call above went through the kernels' entry points (a rank with an empty slice too:
     # the launcher returns the initial statistics without launching)
-    assert calls["partials"] >= 36 + 3 + 2 + 1 + 2 and calls["grad"] >= 36 + 3 + 2 + 1 + 2, calls
+    assert calls["partials"] >= 36 + 3 + 2 + 1 + 2 + 4 and calls["grad"] >= 36 + 3 + 2 + 1 + 2 + 4, calls
     return checks + 1
 
 
@@ -996,4 +1019,286 @@ def check_target_agreement(rank, world, sizes):
     loss.backward()
     close(loss, expected.detach(), "agreeing targets: loss")
     close(z_local.grad, z_full.grad[..., lo:hi], "agreeing targets: grad")
+    return checks + 2
+
+
+# ------------------------------------------------------------------------------------------------
+# validate= (review of the distributed layer, round 2: F1-F3)
+
+SHORT_TIMEOUT_S = 5  # a subgroup whose collectives give up fast: a hang regression fails in seconds
+
+
+class HostTraffic:
+    """Counts what moves values between the host and the tensors' device during a call: aten's
+    ``_local_scalar_dense`` (``item``, ``bool``, ``int``, ``float`` of a tensor) and ``lift_fresh``
+    (``torch.tensor`` of host data), and the methods that do not dispatch (``tolist``, ``numpy``,
+    ``cpu``). On the CPU they cost nothing; on CUDA each one makes the host wait for the device.
+    ``counts`` maps what was seen to how often."""
+
+    METHODS = ("tolist", "numpy", "cpu")
+    OPS = ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in HostTraffic.OPS:
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+        self._saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+
+    def __enter__(self):
+        for name, method in self._saved.items():
+
+            def counted(tensor, *args, _name=name, _method=method, **kwargs):
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _method(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for name, method in self._saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def check_validate(rank, world, sizes):
+    """``validate=False`` against ``validate=True`` (the same numbers: equal tensors) and the
+    float64 oracle, over option cases of both functions; its collectives (the slice sizes, one
+    int64 per rank; MAX; SUM) and no host traffic in forward or backward; ``validate=True`` and
+    the default (on for CPU tensors) keep the table and step 0b, with their host reads. Without
+    validation an out-of-range target gives NaN on its row, and an argument error on every rank
+    raises on every rank before any collective; a non-bool ``validate`` raises on every rank."""
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy as vpce,
+    )
+    from crossent.distributed import (
+        vocab_parallel_linear_cross_entropy as vplce,
+    )
+    from crossent.distributed.vocab_parallel import _FIELDS
+
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    checks = 0
+    cases = [
+        # (shape, reduction, ignore, eps, z_loss, softcap, bias)
+        ((7,), "mean", None, 0.0, 0.0, None, False),
+        ((2, 5), "none", -100, 0.2, 0.03, 3.0, True),
+        ((3, 3), "sum", 3, 0.0, 0.03, None, True),
+        ((0,), "mean", -100, 0.1, 0.0, 2.0, False),
+    ]
+    for case, (shape, reduction, ignore, eps, zl, softcap, bias) in enumerate(cases):
+        gen = torch.Generator().manual_seed(4000 + case)
+        ignore_index = -100 if ignore is None else ignore
+        target = make_targets(gen, shape, vocab, ignore)
+        grad_out = upstream(reduction, shape, gen)
+        opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=eps, z_loss=zl)
+        what = f"validate=False rank {rank} sizes {sizes} shape {shape} {opts}"
+        rows = target.numel()
+        flat = target.reshape(-1)
+
+        # logits version
+        z = torch.randn(*shape, vocab, generator=gen, dtype=torch.float64)
+        z_full = z.clone().requires_grad_()
+        expected = oracle_reduce(
+            oracle_rows(z_full.reshape(-1, vocab), flat, ignore_index=ignore_index, eps=eps, zl=zl),
+            target, ignore_index=ignore_index, reduction=reduction, shape=shape,
+        )
+        (expected * grad_out).sum().backward()
+        results = {}
+        for validate in (True, False):
+            leaf = z[..., lo:hi].clone().requires_grad_()
+            with CollectiveLog() as log, HostTraffic() as traffic:
+                loss = vpce(leaf, target, validate=validate, **opts)
+                forward = log.take()
+                (loss * grad_out).sum().backward()
+                assert log.take() == [], what
+            results[validate] = (loss.detach(), leaf.grad, forward, traffic.counts)
+        loss, grad, forward, traffic = results[False]
+        close(loss, expected.detach(), f"logits loss, {what}")
+        close(grad, z_full.grad[..., lo:hi], f"logits grad, {what}")
+        assert torch.equal(loss, results[True][0]) and torch.equal(grad, results[True][1]), what
+        stacked = ("all_reduce", "SUM", (4 if eps else 2) * rows, torch.float64)
+        row_max = ("all_reduce", "MAX", rows, torch.float64)
+        assert forward == [("all_gather", None, 1, torch.int64), row_max, stacked], (what, forward)
+        assert traffic == {}, (what, traffic)
+        # validate=True: the table, step 0b (with rows on more than one rank), host reads
+        validated = [("all_gather", None, len(_FIELDS), torch.int64)]
+        validated += [("all_reduce", "MIN", 2 * rows, torch.int64)] if rows else []
+        assert results[True][2] == validated + [row_max, stacked], (what, results[True][2])
+        assert results[True][3].get("tolist", 0) >= 1, results[True][3]  # the detector sees them
+        checks += 6
+
+        # linear version, input gradient all-reduced in backward
+        x = torch.randn(*shape, 4, generator=gen, dtype=torch.float64)
+        w = torch.randn(vocab, 4, generator=gen, dtype=torch.float64)
+        b = torch.randn(vocab, generator=gen, dtype=torch.float64) if bias else None
+        x_full, w_full = x.clone().requires_grad_(), w.clone().requires_grad_()
+        b_full = b.clone().requires_grad_() if bias else None
+        logits = F.linear(x_full, w_full, b_full)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        expected = oracle_reduce(
+            oracle_rows(logits.reshape(-1, vocab), flat, ignore_index=ignore_index, eps=eps, zl=zl),
+            target, ignore_index=ignore_index, reduction=reduction, shape=shape,
+        )
+        (expected * grad_out).sum().backward()
+        results = {}
+        for validate in (True, False):
+            leaves = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()]
+            leaves.append(b[lo:hi].clone().requires_grad_() if bias else None)
+            with CollectiveLog() as log, HostTraffic() as traffic:
+                loss = vplce(leaves[0], leaves[1], target, local_bias=leaves[2], softcap=softcap,
+                             validate=validate, **opts)
+                forward = log.take()
+                (loss * grad_out).sum().backward()
+                backward = log.take()
+            grads = [leaf.grad for leaf in leaves if leaf is not None]
+            results[validate] = (loss.detach(), grads, forward, backward, traffic.counts)
+        loss, grads, forward, backward, traffic = results[False]
+        label = f"linear bias={bias} softcap={softcap}, {what}"
+        close(loss, expected.detach(), f"loss, {label}")
+        close(grads[0], x_full.grad, f"input grad, {label}")
+        close(grads[1], w_full.grad[lo:hi], f"weight grad, {label}")
+        if bias:
+            close(grads[2], b_full.grad[lo:hi], f"bias grad, {label}")
+        assert torch.equal(loss, results[True][0]), label
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[True][1], strict=True)), label
+        assert forward == [("all_gather", None, 1, torch.int64), row_max, stacked], (label, forward)
+        assert backward == [("all_reduce", "SUM", rows * 4, torch.float64)], (label, backward)
+        assert traffic == {}, (label, traffic)
+        checks += 7
+
+    # the default on CPU tensors is validate=True: the table and step 0b
+    gen = torch.Generator().manual_seed(4100)  # the same on every rank
+    z = torch.randn(5, vocab, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (5,), generator=gen)
+    with CollectiveLog() as log:
+        vpce(z[:, lo:hi], target)
+        assert [call[:3] for call in log.take()[:2]] == [
+            ("all_gather", None, len(_FIELDS)),
+            ("all_reduce", "MIN", 10),
+        ]
+    checks += 1
+
+    # without validation, a target outside [0, V) (on every rank alike) gives NaN on its row
+    bad = target.clone()
+    bad[1], bad[3] = vocab, -3
+    leaf = z[:, lo:hi].clone().requires_grad_()
+    loss = vpce(leaf, bad, reduction="none", validate=False)
+    loss.backward(torch.ones(5, dtype=torch.float64))
+    keep = torch.tensor([0, 2, 4])
+    z_kept = z[keep].clone().requires_grad_()
+    F.cross_entropy(z_kept, target[keep], reduction="none").sum().backward()
+    close(loss.detach()[keep], F.cross_entropy(z[keep], target[keep], reduction="none"), "NaN rows: kept rows")
+    assert bool(loss[[1, 3]].isnan().all()), loss
+    if hi > lo:
+        assert bool(leaf.grad[[1, 3]].isnan().all()), leaf.grad
+    close(leaf.grad[keep], z_kept.grad[:, lo:hi], "NaN rows: gradient of the kept rows")
+    assert math.isnan(vpce(z[:, lo:hi], bad, validate=False).item())
+    with pytest_raises(ValueError, r"got -3 \(raised on every rank\)"):
+        vpce(z[:, lo:hi], bad)  # validated, the same targets raise
+    checks += 5
+
+    # without validation, an argument error raises where it is, before any collective; with the
+    # same bad argument on every rank, every rank raises and the group stays in step
+    with CollectiveLog() as log:
+        here_only = r"validate=False: raised on this rank only"
+        with pytest_raises(ValueError, rf"rank {rank}: reduction must be one of .*{here_only}"):
+            vpce(z[:, lo:hi], target, reduction="avg", validate=False)
+        with pytest_raises(TypeError, rf"rank {rank}: target must hold integer class indices"):
+            vplce(torch.zeros(5, 4, dtype=torch.float64), torch.zeros(hi - lo, 4, dtype=torch.float64),
+                  target.double(), validate=False)
+        assert log.take() == []
+    with pytest_raises(TypeError, r"rank \d: validate must be None, True or False, got 'yes' \(raised on every rank\)"):
+        vpce(z[:, lo:hi], target, validate="yes" if rank == world - 1 else None)
+    z_full = z.clone().requires_grad_()
+    F.cross_entropy(z_full, target).backward()
+    leaf = z[:, lo:hi].clone().requires_grad_()
+    loss = vpce(leaf, target, validate=False)
+    loss.backward()
+    close(loss.detach(), F.cross_entropy(z, target), "after the errors: loss")
+    close(leaf.grad, z_full.grad[:, lo:hi], "after the errors: grad")
+    return checks + 5
+
+
+class pytest_raises:  # noqa: N801 - reads like pytest.raises, which the ranks do not import
+    """``with pytest_raises(kind, pattern):`` the block raises ``kind`` whose message matches."""
+
+    def __init__(self, kind, pattern):
+        self.kind, self.pattern = kind, pattern
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is None:
+            raise AssertionError(f"expected {self.kind.__name__} matching {self.pattern!r}, nothing was raised")
+        if not issubclass(kind, self.kind):
+            return False
+        assert re.search(self.pattern, str(err)), f"{self.pattern!r} not in {str(err)!r}"
+        return True
+
+
+def check_grad_mode_and_target_shape(rank, world):
+    """Validated calls over a subgroup with a short timeout (a hang regression fails in
+    ``SHORT_TIMEOUT_S``): a rank running the linear version's forward under ``torch.no_grad()``
+    while the others record a graph raises on every rank (backward would all-reduce the input
+    gradient on some ranks only); under no_grad on every rank, a rank-dependent
+    ``input.requires_grad`` is fine (no backward runs); target shapes that differ across ranks
+    with the same number of elements raise on every rank."""
+    from crossent.distributed import (
+        vocab_parallel_cross_entropy as vpce,
+    )
+    from crossent.distributed import (
+        vocab_parallel_linear_cross_entropy as vplce,
+    )
+
+    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
+    sizes = [3, 2, 4][:world]
+    vocab = sum(sizes)
+    lo, hi = slice_bounds(sizes, rank)
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(vocab, 3, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (6,), generator=gen)
+    checks = 0
+    pattern = r"whether input needs a gradient \(input.requires_grad under grad mode\) must be the same.*every rank"
+    for no_grad_rank in range(world):
+        leaf = x.clone().requires_grad_()
+        with torch.set_grad_enabled(rank != no_grad_rank), pytest_raises(ValueError, pattern):
+            vplce(leaf, w[lo:hi], target, group=group, validate=True)
+        checks += 1
+    with torch.no_grad():
+        loss = vplce(x.clone().requires_grad_(rank == 0), w[lo:hi], target, group=group, validate=True)
+    close(loss, F.cross_entropy(x @ w.T, target), "no_grad on every rank")
+    checks += 1
+
+    shape = [(2, 3), (3, 2)][rank % 2]
+    z = torch.randn(6, hi - lo, generator=gen, dtype=torch.float64)
+    pattern = r"target.shape must be the same on every rank of the group, got \d different shapes.*every rank"
+    with pytest_raises(ValueError, pattern):
+        vpce(z.reshape(*shape, hi - lo), target.reshape(shape), group=group, reduction="none")
+    with pytest_raises(ValueError, r"target.shape must be the same"):
+        vplce(x.reshape(*shape, 3), w[lo:hi], target.reshape(shape), group=group)
+    checks += 2
+
+    # the group is still in step: a backward that all-reduces the input gradient on every rank
+    leaf = x.reshape(2, 3, 3).clone().requires_grad_()
+    loss = vplce(leaf, w[lo:hi], target.reshape(2, 3), group=group, reduction="none", validate=True)
+    loss.sum().backward()
+    x_full = x.clone().requires_grad_()
+    expected = F.cross_entropy(x_full @ w.T, target, reduction="none")
+    expected.sum().backward()
+    close(loss, expected.detach().reshape(2, 3), "after the errors: loss")
+    close(leaf.grad, x_full.grad.reshape(2, 3, 3), "after the errors: input grad")
+    dist.barrier()
     return checks + 2

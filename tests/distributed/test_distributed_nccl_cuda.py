@@ -6,7 +6,9 @@ crossent.triton's compiled kernels, the collectives run over NCCL, and the linea
 gradient is summed in float32 (``torch.mm(out_dtype=)`` where this PyTorch has it). Results are
 compared with F.cross_entropy on the same CUDA tensors: in float32 to 1e-5, and in bfloat16 the
 gradient errors against the float64 truth stay within those of PyTorch's own bfloat16 autograd.
-Skipped, with the reason, without a CUDA GPU, NCCL or triton.
+On CUDA ``validate`` defaults to False: both versions run forward and backward without a host
+sync (``torch.cuda.set_sync_debug_mode("error")``). Skipped, with the reason, without a CUDA GPU,
+NCCL or triton.
 """
 
 from __future__ import annotations
@@ -97,3 +99,39 @@ def test_bfloat16_gradients_no_worse_than_torch(nccl):
     ours_z = grads(lambda a: vocab_parallel_cross_entropy(a, t), z)[0]
     assert ours_z.dtype == torch.bfloat16
     assert _rel(ours_z, truth_z) <= 1.1 * _rel(eager_z, truth_z) + 1e-6
+
+
+def test_default_on_cuda_makes_no_host_sync(nccl):
+    """On CUDA ``validate`` defaults to False: forward and backward of both versions run under
+    ``torch.cuda.set_sync_debug_mode("error")`` (any synchronizing CUDA call raises), with the
+    tensors of ``validate=True``; that one does synchronize (the positive control)."""
+    from crossent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    z = torch.randn(65, 1003, device="cuda", generator=gen) * 2
+    e = torch.randn(65, 48, device="cuda", generator=gen)
+    w = torch.randn(1003, 48, device="cuda", generator=gen) / 4
+    t = torch.randint(0, 1003, (65,), device="cuda", generator=gen)
+    t[::5] = -100
+
+    def step(**validate):
+        x = z.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(x, t, label_smoothing=0.1, **validate)
+        loss.backward()
+        a, b = e.clone().requires_grad_(), w.clone().requires_grad_()
+        linear = vocab_parallel_linear_cross_entropy(a, b, t, z_loss=1e-4, softcap=20.0, **validate)
+        linear.backward()
+        return [loss.detach(), x.grad, linear.detach(), a.grad, b.grad]
+
+    step()  # warm-up: the NCCL communicator, Triton's compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        quiet = step()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            step(validate=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    checked = step(validate=True)
+    for got, want in zip(quiet, checked, strict=True):
+        torch.testing.assert_close(got, want)  # the same math; cuBLAS may pick other kernels

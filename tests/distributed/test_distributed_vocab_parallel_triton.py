@@ -36,4 +36,4 @@ def test_triton_partials_match_single_process_reference(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CROSSENT_VOCAB_PARALLEL_TRITON", "1")  # inherited by the spawned ranks
         ranks = run_ranks(tmp_path, 2, [("check_triton_logits", ([22, 15], [0, 13]))])
-    assert [report["check_triton_logits"] for report in ranks] == [36 * 4 + 3 * 5 + 2 + 4 + 4 + 1] * 2
+    assert [report["check_triton_logits"] for report in ranks] == [36 * 4 + 3 * 5 + 2 + 4 + 4 + 2 * 3 + 1] * 2

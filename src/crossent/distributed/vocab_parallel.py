@@ -7,19 +7,23 @@ its rows of the output layer, ``local_weight[V_r, D]`` (and ``local_bias[V_r]``)
 the same loss, equal to the single-process loss on the concatenated logits, and the gradient of
 its own slice.
 
-Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank)::
+Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank; ``validate``
+decides step 0, see "Validation" below)::
 
-    step  on every rank r (local, no N x V)                collective           floats per rank
+    step  on every rank r (local, no N x V)                collective           values per rank
     ----  ---------------------------------------------    ------------------   ----------------
-    0     V_r, N, D, dtype, options, min/max of the         all_gather int64     16 W (not per row)
-          target, local argument errors                     (once per call)      host read 1
-          -> the same table on every rank: every rank
-             checks it and raises the same error together
+    0     validate=True: V_r, N, target.ndim and shape,     all_gather int64     16 W (not per row)
+          D, dtype, options, min/max of the target,         (once per call)      host read 1
+          whether backward all-reduces, local argument
+          errors -> the same table on every rank: every
+          rank checks it and raises the same error together
           offset_r = V_0 + ... + V_{r-1}   (partition.vocab_offsets, pure)
-    0b    the targets themselves (N agrees by now):         all_reduce MIN of    2N int64
-          [y, ~y] (~y = -1 - y) -> per position             stacked [y, ~y]      host read 2:
-          min_r y and max_r y; unequal somewhere <=>        (W > 1 and N > 0)    one bool
-          the targets differ: the same flag on every rank
+    0     validate=False: V_r only; offset_r and V summed   all_gather int64     W (not per row)
+          on the device, targets shifted on the device                           no host read
+    0b    validate=True only: the targets themselves        all_reduce MIN of    2N int64
+          (N agrees by now): [y, ~y] (~y = -1 - y) -> per   stacked [y, ~y]      host read 2:
+          position min_r y and max_r y; unequal somewhere   (W > 1 and N > 0)    one bool
+          <=> the targets differ: the same flag everywhere
     forward
     1     for each chunk c of the slice (columns c0:c1):
             z = local_logits[:, c0:c1]          (logits version)
@@ -31,7 +35,7 @@ Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank):
     2     m = max_r m_r                                     all_reduce MAX       N
     3     s_r <- s_r * exp(m_r - m)                         all_reduce SUM of    2N  (4N with
           [s, t, S, K] = sum_r [s_r, t_r, S_r, K_r]         stacked [s,t(,S,K)]  label_smoothing)
-    4     lse = m + log s
+    4     lse = m + log s  (validate=False: NaN on a row whose target is outside [0, V))
           loss_i = (1 - eps)(lse - t) + eps (lse - S / K) + z_loss lse^2   (0 on ignored rows)
     backward (g_i = d loss / d loss_i: grad_output, / #non-ignored rows for "mean", 0 if ignored)
     5     dz_ij = g_i (p_ij (1 + 2 z_loss lse_i) - (1 - eps)[j = y_i] - eps [z_ij finite] / K_i),
@@ -41,25 +45,48 @@ Communication schedule (``N`` rows = ``target.numel()``, ``W`` ranks, per rank):
             dx_r += dz W[c0:c1]
     6     dx = sum_r dx_r                                   all_reduce SUM       N D (linear only)
 
-So the loss costs four collectives per call, three of them O(N) and none O(N V); the linear
-version adds one all-reduce of the input gradient in backward (each rank's ``x`` is replicated,
-so its gradient is the sum of every slice's contribution; every rank gets that sum).
+So the loss costs three collectives per call without validation (one all-gather of ``W`` int64,
+then O(N) floats twice) and four with it (the table, and step 0b's 2N int64, which is more data
+than the loss's own 3N floats: 16N bytes against 12N in float32); none is O(N V). The linear version adds
+one all-reduce of the input gradient in backward (each rank's ``x`` is replicated, so its gradient
+is the sum of every slice's contribution; every rank gets that sum).
 
 Local math: in the logits version, steps 1 and 5 run in crossent.triton's kernels (one pass over
 the slice each; ``crossent.triton._partials``) for float32/bfloat16/float16 logits on CUDA when
 triton imports, and in the PyTorch chunks above otherwise (float64, CPU); see ``_TRITON``. The
-collectives and steps 2-4 are the same code on both paths.
+collectives and steps 2-4 are the same code on both paths. Neither path needs ``offset_r`` on the
+host: the kernels take each row's column in this slice (or -1), computed on the device.
 
-Faults: every argument check, local or across ranks (slice shapes that disagree with the input,
-rows or feature sizes or options that differ between ranks, a target differing between ranks or
-outside ``[0, V)``), goes through the table of step 0 or the reduced targets of step 0b, which are
-the same on every rank, so all ranks raise the same exception together instead of some of them
-waiting in a collective. Step 0b needs its own read to the host: its all-reduce can only be
-issued once step 0's table has shown that every rank has the same number of rows (a collective of
-mismatched sizes hangs or fails), and only its result tells whether the targets agree; a checksum
-in the table would need no second read but lets different targets through (a linear one made
-[0, 1] and [2, 0] agree). A rank that never calls at all makes the others wait until the process
-group's timeout (``init_process_group(timeout=...)``).
+Validation (``validate=``; DESIGN.md: checks that need a device-to-host sync are opt-in on GPU hot
+paths). ``None``, the default, is True for CPU tensors, where reading the table costs no sync, and
+False on CUDA. Every rank must pass the same ``validate`` (it decides which collectives run).
+
+- ``validate=True``: every argument check, local or across ranks (slice shapes that disagree with
+  the input, rows, target shapes, feature sizes, options or whether backward all-reduces that
+  differ between ranks, a target differing between ranks or outside ``[0, V)``), goes through the
+  table of step 0 or the reduced targets of step 0b, which are the same on every rank, so all
+  ranks raise the same exception together instead of some of them waiting in a collective. That
+  costs two reads to the host per call, both before any loss work is queued (on CUDA each waits
+  for the device to drain; the table's upload is a blocking host-to-device copy as well). Step 0b
+  needs its own read: its all-reduce can only be issued once step 0's table has shown that every
+  rank has the same number of rows (a collective of mismatched sizes hangs or fails), and only its
+  result tells whether the targets agree; a checksum in the table would need no second read but
+  lets different targets through (a linear one made [0, 1] and [2, 0] agree).
+- ``validate=False``: no host read and no host-to-device copy in forward or backward (the slice
+  size enters the device through ``torch.full``, a fill kernel; tested on the CPU by counting
+  ``item``/``bool``/``tolist``/``torch.tensor`` calls, and by a GPU test under
+  ``torch.cuda.set_sync_debug_mode("error")`` not yet run on one), and the same collectives on
+  every rank whatever its data (no branch on ``V_r``, ``N`` or the targets). Nothing is compared
+  across ranks: arguments that differ between ranks give wrong results or a collective that hangs
+  until the group's timeout (a rank whose forward runs under ``torch.no_grad()`` while the others
+  backpropagate leaves the linear version's input-gradient all-reduce waiting). An argument error
+  that a rank can see on its own (a type, a shape, an option out of range) raises on that rank
+  before any collective; when every rank passes the same bad argument they all raise, otherwise
+  the others wait. A target outside ``[0, V)`` cannot raise without a host read: its row's loss
+  and gradients become NaN (so does a "mean" or "sum"), which training loops watch for.
+
+A rank that never calls at all makes the others wait until the process group's timeout
+(``init_process_group(timeout=...)``) in either mode.
 
 Semantics follow crossent's contract (``DESIGN.md``): ``mean`` divides by the number of non-ignored
 rows and is 0 with zero gradients when there are none; label smoothing gives ``eps / K`` to each
@@ -67,13 +94,13 @@ of the ``K`` classes whose (softcapped) logit is finite in that row, ``K`` count
 ``z_loss * lse^2`` is added per non-ignored row; softcap ``c tanh(logits / c)`` comes first;
 bfloat16/float16 inputs accumulate and return float32 losses. NaN logits propagate; an ignored row
 contributes 0 whatever its logits (or, in the linear version, its input row: a NaN there leaves
-every gradient finite). Validation reads one small table and one flag to the host (two syncs per
-call, both before any loss work is queued); the rest stays on the device, so the same code runs on
-NCCL.
+every gradient finite). Apart from validation (above), everything stays on the device, so the
+same code runs on NCCL without a host sync.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -105,6 +132,7 @@ _FIELDS = (
     "vocab",  # V_r
     "rows",  # N
     "target_ndim",
+    "target_shape",  # target.shape packed into one int64 (8 bytes of BLAKE2b), see _shape_key
     "features",  # D (linear version), else 0
     "dtype",  # index in _FLOAT_DTYPES
     "target_min",  # over non-ignored targets; INT64_MAX if none
@@ -115,13 +143,15 @@ _FIELDS = (
     "z_loss",
     "softcap",
     "has_bias",
-    "input_grad",  # linear version: whether x requires grad (its gradient is all-reduced)
+    "input_grad",  # linear version: whether backward will all-reduce x's gradient (step 6):
+    # x.requires_grad under grad mode, what ctx.needs_input_grad[0] will say
 )
 _INT64_MAX = (1 << 63) - 1
 _INT64_MIN = -(1 << 63)
 _SHARED = {  # fields every rank must agree on, with the words an error uses
     "rows": "the number of rows (target.numel())",
     "target_ndim": "target.ndim",
+    "target_shape": "target.shape",
     "features": "the feature size D of the input",
     "dtype": "the dtype of the logits / input",
     "ignore_index": "ignore_index",
@@ -130,8 +160,15 @@ _SHARED = {  # fields every rank must agree on, with the words an error uses
     "z_loss": "z_loss",
     "softcap": "softcap",
     "has_bias": "whether local_bias is given",
-    "input_grad": "input.requires_grad",
+    "input_grad": "whether input needs a gradient (input.requires_grad under grad mode)",
 }
+
+
+def _shape_key(shape) -> int:
+    """``shape`` as one int64: 8 bytes of BLAKE2b over its sizes (equal shapes, equal keys; two
+    different shapes of the same size and ndim collide with probability 2^-64)."""
+    packed = struct.pack(f"<{len(shape)}q", *shape)
+    return struct.unpack("<q", hashlib.blake2b(packed, digest_size=8).digest())[0]
 
 
 def _float_bits(value: float) -> int:
@@ -147,7 +184,9 @@ class _Plan:
     """Everything a forward/backward needs besides the tensors (one autograd argument)."""
 
     group: Any
-    offset: int
+    validated: bool
+    offset: int | torch.Tensor  # offset_r: an int when validated, else a 0-d int64 device tensor
+    vocab: int | torch.Tensor  # V, the global vocabulary size: likewise
     vocab_local: int
     ignore_index: int
     reduction: str
@@ -257,6 +296,25 @@ class _RowStats:
         return lse, stacked[1], None, None
 
 
+def _target_rows(plan: _Plan, target: torch.Tensor):
+    """``(valid, target_local, owned)``: row not ignored; ``y_i - offset_r``; row not ignored and
+    ``y_i`` in this rank's slice. Device arithmetic only (``plan.offset`` may be a device tensor)."""
+    valid = target != plan.ignore_index
+    target_local = target - plan.offset
+    owned = valid & (target_local >= 0) & (target_local < plan.vocab_local)
+    return valid, target_local, owned
+
+
+def _poison_unknown(plan: _Plan, target, valid, lse):
+    """Without validation, a non-ignored target outside ``[0, V)`` (no rank owns it) cannot raise
+    without a host read: its row's ``lse`` becomes NaN, so its loss and gradients are NaN (and so
+    is a "mean" or "sum"). Validated calls have raised already: nothing to do."""
+    if plan.validated:
+        return lse
+    unknown = valid & ((target < 0) | (target >= plan.vocab))
+    return torch.where(unknown, torch.full_like(lse, math.nan), lse)
+
+
 def _chunk_target(target_local, owned, col0: int, width: int):
     """Rows whose target lies in columns ``col0 : col0 + width`` and its index in the chunk."""
     shifted = target_local - col0
@@ -332,9 +390,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, plan: _Plan):  # logits [N, V_r], target [N]
         acc = _acc_dtype(logits.dtype)
-        valid = target != plan.ignore_index
-        target_local = target - plan.offset
-        owned = valid & (target_local >= 0) & (target_local < plan.vocab_local)
+        valid, target_local, owned = _target_rows(plan, target)
         stats = _RowStats(target_local, owned, acc, plan.label_smoothing > 0.0)
         triton_ops = _triton_local(logits)
         if triton_ops is not None:
@@ -344,6 +400,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             for col0 in range(0, plan.vocab_local, plan.chunk):
                 stats.update(logits[:, col0 : col0 + plan.chunk].to(acc), col0)
         lse, t, finite_sum, finite_count = stats.reduce(plan.group)
+        lse = _poison_unknown(plan, target, valid, lse)
         denominator = _denominator(valid, acc)
         row = _row_losses(plan, valid, lse, t, finite_sum, finite_count)
         ctx.plan = plan
@@ -377,14 +434,13 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, plan: _Plan):  # x [N, D], weight [V_r, D], bias [V_r]
         acc = _acc_dtype(x.dtype)
-        valid = target != plan.ignore_index
-        target_local = target - plan.offset
-        owned = valid & (target_local >= 0) & (target_local < plan.vocab_local)
+        valid, target_local, owned = _target_rows(plan, target)
         stats = _RowStats(target_local, owned, acc, plan.label_smoothing > 0.0)
         for col0 in range(0, plan.vocab_local, plan.chunk):
             z, _ = _softcapped(_linear_chunk(x, weight, bias, col0, plan.chunk).to(acc), plan.softcap)
             stats.update(z, col0)
         lse, t, finite_sum, finite_count = stats.reduce(plan.group)
+        lse = _poison_unknown(plan, target, valid, lse)
         denominator = _denominator(valid, acc)
         row = _row_losses(plan, valid, lse, t, finite_sum, finite_count)
         ctx.plan = plan
@@ -420,8 +476,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 grad_x += _matmul_in(acc, dz, weight[cols])
         if grad_x is not None:
             # x is replicated on every rank: its gradient sums the contributions of all slices
-            # (step 6). Every rank of the group takes this branch: input.requires_grad is checked
-            # to agree across ranks in step 0.
+            # (step 6). Every rank of the group takes this branch: with validation, step 0 has
+            # checked that torch.is_grad_enabled() and input.requires_grad (what needs_input_grad
+            # says) agree across ranks; without, the caller must make sure they do.
             dist.all_reduce(grad_x, op=dist.ReduceOp.SUM, group=plan.group)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_w, grad_b, None, None  # x, weight, bias; target and plan take none
@@ -571,8 +628,9 @@ def _check_same_target(fn: str, group, target: torch.Tensor) -> None:
         )
 
 
-def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary) -> list[dict]:
-    """Step 0: all-gather every rank's table; raise the same error on every rank if any."""
+def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary, shape) -> list[dict]:
+    """Step 0: all-gather every rank's table; raise the same error on every rank if any.
+    ``shape``: this rank's ``target.shape`` (the table holds only its key), for the message."""
     world = dist.get_world_size(group)
     local = torch.tensor([fields[name] for name in _FIELDS], dtype=torch.int64)
     local = local.to(device)
@@ -599,6 +657,15 @@ def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary)
 
     for name, words in _SHARED.items():
         values = [row[name] for row in table]
+        if len(set(values)) > 1 and name == "target_shape":
+            ranks: dict[int, list[int]] = {}
+            for rank, value in enumerate(values):
+                ranks.setdefault(value, []).append(rank)
+            raise ValueError(
+                f"{fn}: {words} must be the same on every rank of the group, got {len(ranks)} "
+                f"different shapes (ranks grouped by shape: {list(ranks.values())}; this rank's is "
+                f"{tuple(shape)}) (raised on every rank)"
+            )
         if len(set(values)) > 1:
             if name in ("label_smoothing", "z_loss"):
                 values = [_bits_float(v) for v in values]
@@ -615,9 +682,61 @@ def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary)
     return table
 
 
-def _plan_from_table(
-    fn: str, group, table, *, ignore_index, reduction, label_smoothing, z_loss, softcap, rows: int, target_shape
+def _make_plan(
+    fn: str,
+    group,
+    *,
+    validated: bool,
+    device,
+    problems,
+    fields: dict[str, int],
+    summary,
+    target,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
 ) -> _Plan:
+    """Step 0 (and 0b): the slice offset of this rank, after the checks that ``validated`` asks for.
+
+    Validated: the table of every rank (host read 1), the targets' range against ``V``, the
+    targets' agreement (step 0b, host read 2); every rank raises together. Not validated: an
+    argument error of this rank raises here, before any collective; otherwise only the slice sizes
+    are all-gathered, into a device tensor, and ``offset_r`` and ``V`` stay on the device."""
+    if validated:
+        table = _exchange(fn, group, device, problems, fields, summary, getattr(target, "shape", ()))
+        offset, vocab = _offset_from_table(fn, group, table, ignore_index)
+        _check_same_target(fn, group, target)
+    else:
+        if problems:
+            kind = problems[0][0]
+            text = "; ".join(message for _, message in problems)
+            raise kind(
+                f"{fn}: rank {dist.get_rank(group)}: {text} (validate=False: raised on this rank "
+                "only; the other ranks are not told)"
+            )
+        offset, vocab = _device_offsets(group, fields["vocab"], device)
+    vocab_local = fields["vocab"]
+    return _Plan(
+        group=group,
+        validated=validated,
+        offset=offset,
+        vocab=vocab,
+        vocab_local=vocab_local,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        chunk=_chunk_columns(fields["rows"], vocab_local),
+        target_shape=target.shape,
+    )
+
+
+def _offset_from_table(fn: str, group, table, ignore_index) -> tuple[int, int]:
+    """``(offset_r, V)`` from the step-0 table; ValueError (on every rank) for a target outside
+    ``[0, V)`` on any rank."""
     sizes = [row["vocab"] for row in table]
     offsets, vocab = vocab_offsets(sizes)
     low = min(row["target_min"] for row in table)
@@ -629,19 +748,34 @@ def _plan_from_table(
             f"[0, {vocab}) (V = sum of the slice sizes {sizes} in rank order), got {bad} "
             "(raised on every rank)"
         )
-    rank = dist.get_rank(group)
-    return _Plan(
-        group=group,
-        offset=offsets[rank],
-        vocab_local=sizes[rank],
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-        chunk=_chunk_columns(rows, sizes[rank]),
-        target_shape=target_shape,
-    )
+    return offsets[dist.get_rank(group)], vocab
+
+
+def _device_offsets(group, vocab_local: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 0 without validation: ``(offset_r, V)`` as 0-d int64 tensors on ``device``, from an
+    all-gather of the slice sizes (one int64 per rank). Nothing goes through the host: the local
+    size enters the device by ``torch.full`` (a fill kernel, no host-to-device copy), and the
+    sums of ``partition.vocab_offsets`` are computed on the device."""
+    local = torch.full((1,), vocab_local, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    sizes = torch.cat(gathered)
+    return sizes[: dist.get_rank(group)].sum(), sizes.sum()
+
+
+def _validation(validate, problems, *values) -> bool:
+    """``validate`` resolved: None is True for CPU tensors (the checks read nothing that is not
+    already on the host) and False on any other device (CUDA: they would cost host syncs). The
+    device is that of the first tensor among ``values`` (True without one: the checks report it)."""
+    if validate is None:
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                return value.device.type == "cpu"
+        return True
+    if not isinstance(validate, bool):
+        problems.append((TypeError, f"validate must be None, True or False, got {validate!r}"))
+        return True  # through the table: every rank with this argument raises together
+    return validate
 
 
 def _base_fields(ignore_index, reduction, label_smoothing, z_loss, softcap, problems) -> dict:
@@ -682,6 +816,7 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of logits split by vocabulary across the ranks of ``group``.
 
@@ -698,7 +833,8 @@ def vocab_parallel_cross_entropy(
 
     and ``ℓ_i = 0`` on rows whose target is ``ignore_index``. ``reduction="mean"`` divides the sum
     by the number of non-ignored rows (0, with zero gradients, when there are none). The logits are
-    never gathered: the module docstring draws the communication (four collectives, O(N) values).
+    never gathered: the module docstring draws the communication (three collectives, O(N) values;
+    four with validation).
 
     Args:
         local_logits: this rank's slice of the logits, ``[..., V_r]``; rank ``r`` holds the global
@@ -710,6 +846,11 @@ def vocab_parallel_cross_entropy(
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape of ``target``).
         label_smoothing: ``eps`` in [0, 1]; mass ``eps / K_i`` on each finite-logit class.
         z_loss: ``λ_z >= 0``, adds ``λ_z lse^2`` per non-ignored row (PaLM).
+        validate: check every argument across the ranks so that every rank raises the same error
+            together (two host reads per call); None: True for CPU tensors, False on CUDA (no host
+            read: nothing is compared across ranks, an error in a rank's own arguments raises on
+            that rank before any collective, a target outside ``[0, V)`` gives NaN on its row).
+            The same on every rank. The module docstring details both.
 
     Returns:
         the loss, identical on every rank: a scalar, or ``target.shape`` for ``"none"``; float32
@@ -717,9 +858,11 @@ def vocab_parallel_cross_entropy(
         no communication (every rank must backpropagate the same upstream gradient).
 
     Raises:
-        ValueError, TypeError: on every rank of the group together, for a bad argument on any rank,
-            a target outside ``[0, V)`` other than ``ignore_index``, or shapes, targets or options
-            that differ across ranks.
+        ValueError, TypeError: with validation, on every rank of the group together, for a bad
+            argument on any rank, a target outside ``[0, V)`` other than ``ignore_index``, or
+            shapes (``target.shape`` included), targets or options that differ across ranks;
+            without validation, on a rank whose own arguments are bad (a type, a shape, an option),
+            before any collective.
         RuntimeError: on a second backward through a gradient taken with ``create_graph=True``
             (the backward is computed outside autograd: no second-order gradients). ``torch.func``
             transforms (``grad``, ``vmap``) are not supported either.
@@ -743,6 +886,7 @@ def vocab_parallel_cross_entropy(
     fn = "vocab_parallel_cross_entropy"
     group = _group_of(group, fn)
     problems: list[tuple[type, str]] = []
+    validated = _validation(validate, problems, local_logits, target)
     ignore_index, label_smoothing, z_loss, _ = _check_options(
         ignore_index, reduction, label_smoothing, z_loss, None, problems
     )
@@ -772,24 +916,27 @@ def vocab_parallel_cross_entropy(
         fields["vocab"] = local_logits.shape[-1]
         fields["rows"] = target.numel()
         fields["target_ndim"] = target.ndim
+        fields["target_shape"] = _shape_key(target.shape)
         fields["dtype"] = _FLOAT_DTYPES.index(local_logits.dtype)
-        summary = _target_summary(target, ignore_index)
+        if validated:
+            summary = _target_summary(target, ignore_index)
     _finish_fields(fields, problems)
-    table = _exchange(fn, group, _device_of(group, local_logits, target), problems, fields, summary)
-    rows = fields["rows"]
-    plan = _plan_from_table(
+    plan = _make_plan(
         fn,
         group,
-        table,
+        validated=validated,
+        device=_device_of(group, local_logits, target),
+        problems=problems,
+        fields=fields,
+        summary=summary,
+        target=target,
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=None,
-        rows=rows,
-        target_shape=target.shape,
     )
-    _check_same_target(fn, group, target)
+    rows = fields["rows"]
     logits2d = local_logits.reshape(rows, plan.vocab_local)
     return _VocabParallelCrossEntropy.apply(logits2d, target.reshape(rows).to(torch.int64), plan)
 
@@ -806,6 +953,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of ``input @ W.T + b`` with the output layer ``W`` split by vocabulary rows.
 
@@ -825,14 +973,18 @@ def vocab_parallel_linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss: as :func:`vocab_parallel_cross_entropy`
             (``lse`` and the smoothing use the softcapped logits).
         softcap: None, or ``c > 0``: logits become ``c tanh(logits / c)`` first (Gemma 2).
+        validate: as :func:`vocab_parallel_cross_entropy`.
 
     Returns:
         the loss, identical on every rank: a scalar, or ``target.shape`` for ``"none"``.
 
     Raises:
-        ValueError, TypeError: on every rank together, as :func:`vocab_parallel_cross_entropy`,
-            also when ``local_weight``/``local_bias`` disagree with ``input`` or with each other,
-            or ``input.requires_grad`` differs across ranks (its backward all-reduce needs all).
+        ValueError, TypeError: as :func:`vocab_parallel_cross_entropy`, also when
+            ``local_weight``/``local_bias`` disagree with ``input`` or with each other, or (with
+            validation) when whether ``input`` needs a gradient (``input.requires_grad`` under
+            grad mode) differs across ranks: backward all-reduces its gradient, which needs every
+            rank. Without validation, such a difference hangs that all-reduce until the group's
+            timeout.
         RuntimeError: on a second backward through a gradient taken with ``create_graph=True``,
             as :func:`vocab_parallel_cross_entropy` (no ``torch.func`` transforms either).
 
@@ -850,6 +1002,7 @@ def vocab_parallel_linear_cross_entropy(
     fn = "vocab_parallel_linear_cross_entropy"
     group = _group_of(group, fn)
     problems: list[tuple[type, str]] = []
+    validated = _validation(validate, problems, input, local_weight, target)
     ignore_index, label_smoothing, z_loss, softcap = _check_options(
         ignore_index, reduction, label_smoothing, z_loss, softcap, problems
     )
@@ -866,27 +1019,31 @@ def vocab_parallel_linear_cross_entropy(
         fields["vocab"] = local_weight.shape[0]
         fields["rows"] = target.numel()
         fields["target_ndim"] = target.ndim
+        fields["target_shape"] = _shape_key(target.shape)
         fields["features"] = input.shape[-1]
         fields["dtype"] = _FLOAT_DTYPES.index(input.dtype)
         fields["has_bias"] = int(local_bias is not None)
-        fields["input_grad"] = int(input.requires_grad)
-        summary = _target_summary(target, ignore_index)
+        # what ctx.needs_input_grad[0] will be: backward all-reduces x's gradient exactly then
+        fields["input_grad"] = int(torch.is_grad_enabled() and input.requires_grad)
+        if validated:
+            summary = _target_summary(target, ignore_index)
     _finish_fields(fields, problems)
-    table = _exchange(fn, group, _device_of(group, input, local_weight, target), problems, fields, summary)
-    rows = fields["rows"]
-    plan = _plan_from_table(
+    plan = _make_plan(
         fn,
         group,
-        table,
+        validated=validated,
+        device=_device_of(group, input, local_weight, target),
+        problems=problems,
+        fields=fields,
+        summary=summary,
+        target=target,
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
-        rows=rows,
-        target_shape=target.shape,
     )
-    _check_same_target(fn, group, target)
+    rows = fields["rows"]
     x2d = input.reshape(rows, input.shape[-1])
     flat_target = target.reshape(rows).to(torch.int64)
     return _VocabParallelLinearCrossEntropy.apply(x2d, local_weight, local_bias, flat_target, plan)
