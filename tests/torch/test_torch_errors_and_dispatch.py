@@ -97,6 +97,23 @@ def test_triton_rejects_probability_targets(monkeypatch):
         cet.cross_entropy(X, torch.full((4, 5), 0.2), impl="triton")
 
 
+def test_triton_dtype_error_names_the_functionals_argument(monkeypatch):
+    """impl="triton" refuses float64 in crossent.torch itself, naming ``input`` (the argument of
+    cet.cross_entropy and cet.linear_cross_entropy), before crossent.triton is reached (whose
+    own check names its ``logits``)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fake = _FakeTriton()
+    monkeypatch.setitem(sys.modules, "crossent.triton", fake)
+    dtype = torch.float64  # the one floating dtype the kernels do not take
+    message = (r"^input must be float32, bfloat16 or float16 for impl='triton' \(float32 "
+               rf"accumulation\), got {dtype}; use impl='chunked' or impl='auto' for {dtype}$")
+    with pytest.raises(TypeError, match=message):
+        cet.cross_entropy(X.to(dtype), Y, impl="triton")
+    with pytest.raises(TypeError, match=message):
+        cet.linear_cross_entropy(E.to(dtype), W.to(dtype), Y, impl="triton")
+    assert fake.calls == []
+
+
 def test_missing_triton_function_gives_clear_import_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "crossent.triton", types.ModuleType("crossent.triton"))
@@ -126,7 +143,7 @@ def test_triton_dispatch_reshapes_and_passes_options(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fake = _FakeTriton()
     monkeypatch.setitem(sys.modules, "crossent.triton", fake)
-    x = torch.randn(2, 5, 3, dtype=torch.float64)  # (N, C, d1): class dim 1
+    x = torch.randn(2, 5, 3)  # (N, C, d1): class dim 1
     y = torch.randint(0, 5, (2, 3))
     got = cet.cross_entropy(x, y, reduction="none", z_loss=0.1, softcap=5.0, impl="triton",
                             inplace_backward=True)
@@ -137,8 +154,8 @@ def test_triton_dispatch_reshapes_and_passes_options(monkeypatch):
     want = cet.cross_entropy(x, y, reduction="none", z_loss=0.1, softcap=5.0, impl="reference")
     torch.testing.assert_close(got, want)
 
-    h = torch.randn(2, 3, 4, dtype=torch.float64)  # (B, T, D)
-    w = torch.randn(7, 4, dtype=torch.float64)
+    h = torch.randn(2, 3, 4)  # (B, T, D)
+    w = torch.randn(7, 4)
     t = torch.randint(0, 7, (2, 3))
     got = cet.linear_cross_entropy(h, w, t, reduction="none", impl="triton")
     assert got.shape == (2, 3)

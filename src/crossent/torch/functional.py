@@ -189,6 +189,13 @@ def _resolve_impl(impl: str, device: torch.device, soft: bool, dtype: torch.dtyp
                 "impl='triton' supports integer class targets only, got probability targets; "
                 "use impl='chunked' or impl='auto'"
             )
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            # Checked here so that the error names this function's argument (crossent.triton's
+            # own check names its ``logits``).
+            raise TypeError(
+                f"input must be float32, bfloat16 or float16 for impl='triton' (float32 "
+                f"accumulation), got {dtype}; use impl='chunked' or impl='auto' for {dtype}"
+            )
         if not _checks.triton_allowed_on(device):
             raise ValueError(
                 f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got "
