@@ -219,3 +219,33 @@ def test_json_class_of_weight_zero_is_null_and_the_rest_match_sklearn(tmp_path):
     assert out["per_class"][1]["rows"] == 2
     assert out["per_class"][1]["cross_entropy_nats"] is None
     assert out["per_class"][1]["accuracy"] is None
+
+
+def test_json_writes_infinity_as_the_string_inf_apart_from_null(tmp_path):
+    """Review (cli/io) 4: +inf was written as null, the null of "no rows / weight 0"."""
+    path = tmp_path / "inf.csv"
+    # class a: its only row has a -inf true-class logit (loss +inf); class c has no rows
+    path.write_text("y,l_a,l_b,l_c\n0,-inf,0.6,0\n1,0.3,0.7,0\n")
+    result = run(path, "--target", "y", "--logits", "l_*", "--format", "json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    z_b = np.array([[0.3, 0.7, 0.0]])
+    b_loss = float(_log_softmax_loss(z_b, np.array([1]))[0])
+    assert out["cross_entropy_nats"] == "inf" and out["perplexity"] == "inf"
+    assert out["infinite_loss_rows"] == 1
+    by_name = {e["name"]: e for e in out["per_class"]}
+    assert by_name["a"]["cross_entropy_nats"] == "inf" and by_name["a"]["rows"] == 1
+    np.testing.assert_allclose(by_name["b"]["cross_entropy_nats"], b_loss, rtol=1e-15)
+    assert by_name["c"]["rows"] == 0 and by_name["c"]["cross_entropy_nats"] is None
+
+
+def test_json_perplexity_beyond_float64_is_inf(tmp_path):
+    """CE 1000 nats is finite, its perplexity e^1000 is not: "inf", with no infinite rows."""
+    path = tmp_path / "big.csv"
+    path.write_text("y,l_a,l_b\n0,-1000,1000\n1,1000,-1000\n")
+    result = run(path, "--target", "y", "--logits", "l_*", "--format", "json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    np.testing.assert_allclose(out["cross_entropy_nats"], 2000.0, rtol=1e-15)
+    assert out["perplexity"] == "inf" and out["infinite_loss_rows"] == 0
+    assert 2000.0 > math.log(np.finfo(np.float64).max)  # exp(2000) is beyond float64

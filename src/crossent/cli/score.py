@@ -164,9 +164,19 @@ def _lean_arrow_memory() -> None:
         pass
 
 
+# JSON has no infinity or NaN: they are written as these strings (still valid JSON), apart
+# from null, which means "undefined" (a mean over weight 0: no rows, or sample weights all 0)
+_NON_FINITE = {math.inf: "inf", -math.inf: "-inf"}
+
+
 def _json_number(x):
+    """``x`` for JSON: +inf, -inf and NaN become the strings "inf", "-inf" and "nan".
+
+    >>> _json_number(float("inf")), _json_number(float("nan")), _json_number(None), _json_number(0.5)
+    ('inf', 'nan', None, 0.5)
+    """
     if isinstance(x, float) and not math.isfinite(x):
-        return None  # JSON has no inf/NaN: null (the table prints inf)
+        return "nan" if math.isnan(x) else _NON_FINITE[x]
     return x
 
 
@@ -246,7 +256,10 @@ def _format_table(result, source: str) -> str:
 @click.option("--logits", metavar="COLUMNS",
               help="Logit columns, one per class: a comma list or a glob ('l*').")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table",
-              show_default=True, help="Output on stdout.")
+              show_default=True,
+              help="Output on stdout. In json an infinite value is the string \"inf\" (a mean "
+                   "loss of +inf, a perplexity beyond float64), and null means undefined (a "
+                   "class with no rows, or whose sample weights are all 0).")
 @click.option("--sample-weight", metavar="COLUMN",
               help="Column of row weights (finite, >= 0, not all 0).")
 @click.option("--normalize", is_flag=True,
