@@ -118,7 +118,7 @@ def test_cpu_soft_passes_read_other_float_targets_in_place(monkeypatch, numba_ke
     assert cpu._check_targets(t, x) is t
     out, scale = np.empty_like(x), np.linspace(0.5, 1.5, 300)
     for with_grad in (False, True):
-        def call(targets):
+        def call(targets, with_grad=with_grad):
             if not with_grad:
                 return cpu.soft_cross_entropy(x, targets)
             return cpu.softmax_minus_targets(x, targets, scale, out)
@@ -133,7 +133,7 @@ def test_cpu_soft_passes_read_other_float_targets_in_place(monkeypatch, numba_ke
         if numba_kernels:  # (the numpy passes' float64 blocks have their own bound, block-sized)
             assert used < 0.05 * x.nbytes, used
         grad = out.copy()
-        for a, b in zip(got, call(converted)):
+        for a, b in zip(got, call(converted), strict=True):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(grad, out)
         assert np.isfinite(got[1][3]) and got[1][4] == 0
