@@ -109,3 +109,26 @@ def test_dask_engine_reads_parquet_only(tmp_path):
     (tmp_path / "a.csv").write_text("a,b,y\n0.5,0.5,1\n")
     with pytest.raises(FileNotFoundError, match="names no file"):
         score_files(str(tmp_path), engine="dask", target="y", probs="a,b")
+
+
+def test_dask_reports_the_first_bad_row_of_the_first_bad_file(cluster, tmp_path):
+    """Review (cli/io) 5: the error raised was whichever failed task the merge tree reached
+    first (row 393 or row 3 of the same file, run to run). Now the first bad row in file order."""
+    _, client = cluster
+    rng = np.random.default_rng(5)
+    n = 400
+    for name, bad in (("a", {393: 9, 120: 8}), ("b", {3: 7})):
+        z = rng.normal(size=(n, 3))
+        y = rng.integers(0, 3, n)
+        for row, label in bad.items():
+            y[row] = label
+        table = pa.table({"y": y, **{f"l{k}": z[:, k] for k in range(3)}})
+        pq.write_table(table, tmp_path / f"{name}.parquet", row_group_size=10)
+    for _ in range(3):
+        with pytest.raises(DataError, match=r"a.parquet, column 'y', data row 120: label 8 "):
+            score_files(str(tmp_path), engine="dask", client=client, target="y", logits="l*")
+    (tmp_path / "a.parquet").unlink()
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"b.parquet, column 'y', data row 3: label 7 "):
+            score_files(str(tmp_path), engine="dask", client=client, target="y", logits="l*")
+

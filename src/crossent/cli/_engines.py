@@ -8,6 +8,9 @@ pairwise in a tree of tasks, so the driver receives one accumulator (a few KiB),
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 from crossent.io import DataError, PredictionFile
 from crossent.metrics import InvalidDataError, ScoreAccumulator
 
@@ -20,10 +23,42 @@ def _score_rows(file: PredictionFile, acc: ScoreAccumulator, batch_rows: int, ro
         try:
             acc.update(batch)
         except InvalidDataError as exc:
-            raise DataError(exc.args[0], path=file.path) from None
+            raise DataError(_first_bad_row(acc, batch, exc).args[0], path=file.path) from None
         if progress is not None:
             progress(len(batch.targets))
     return acc
+
+
+def _head(batch, k: int):
+    """The first ``k`` rows of ``batch``."""
+    weight = None if batch.sample_weight is None else batch.sample_weight[:k]
+    return dataclasses.replace(batch, scores=batch.scores[:k], targets=batch.targets[:k],
+                               sample_weight=weight)
+
+
+def _first_bad_row(acc, batch, error: InvalidDataError) -> InvalidDataError:
+    """The error of the first bad row of ``batch``, whose update raised ``error``.
+
+    The accumulator runs each check over the whole batch in turn (labels, then weights, then
+    the range of the probabilities, then their row sums), so ``error`` names the first row
+    that fails the first failing check, which need not be the batch's first bad row. A row's
+    checks do not depend on the other rows: the first bad row is the shortest prefix of the
+    batch that fails, found by bisection (log2(rows) updates of copies of ``acc``, on this
+    error path only). Errors that name no row (sums beyond float64) are returned as they are.
+    """
+    if error.row is None:
+        return error
+    passes, fails = 0, error.row - batch.start + 1  # prefix lengths: passes, fails
+    while fails - passes > 1:
+        mid = (passes + fails) // 2
+        try:
+            copy.deepcopy(acc).update(_head(batch, mid))
+        except InvalidDataError as exc:
+            if exc.row is not None:
+                fails, error = mid, exc
+                continue
+        passes = mid  # no bad row among the first mid (a sum beyond float64 is no row's fault)
+    return error
 
 
 def score_local(files, accumulator_options: dict, *, batch_rows: int, progress=None):
@@ -56,10 +91,12 @@ def score_dask(files, accumulator_options: dict, *, batch_rows: int, client=None
 
     Runs on ``client`` when given; otherwise on the cluster named by Dask's
     ``scheduler-address`` setting (``DASK_SCHEDULER_ADDRESS``), else on a local cluster of
-    worker processes that lives for this call. ``progress(n)`` is called on the driver with each
-    finished row group's row count, as the row groups finish.
+    worker processes that lives for this call. ``progress(n)`` is
+    called on the driver with each finished row group's row count, as the row groups finish.
+    When tasks fail, the error raised is that of the first failed row group in file order
+    (every row group runs first): the first bad row, as with the local engine.
     """
-    from distributed import Client
+    from distributed import Client, as_completed
 
     if client is None:
         with Client() as own:
@@ -75,14 +112,15 @@ def score_dask(files, accumulator_options: dict, *, batch_rows: int, client=None
     if not leaves:
         return ScoreAccumulator(**accumulator_options)
     parts = client.compute(leaves)  # futures: the leaves run now, the merges are sent after
-    if progress is not None:
-        from distributed import as_completed
-
-        rows_of = {fut.key: n for fut, n in zip(parts, rows, strict=True)}
-        for fut in as_completed(parts):
-            if fut.status == "error":
-                break  # the merge below raises the task's exception
+    rows_of = {fut.key: n for fut, n in zip(parts, rows, strict=True)}
+    for fut in as_completed(parts):  # every leaf finishes, also after one has failed
+        if progress is not None and fut.status == "finished":
             progress(rows_of[fut.key] or 0)
+    # the leaves are in file order, and each leaf's rows in row order: the first failed leaf
+    # holds the first bad row (whatever the order the tasks ran in)
+    failed = next((fut for fut in parts if fut.status != "finished"), None)
+    if failed is not None:
+        failed.result()  # raises the task's exception
     while len(parts) > 1:  # pairwise tree of merges, run on the workers
         merged = [client.submit(_merge, a, b, pure=False) for a, b in zip(parts[0::2], parts[1::2], strict=False)]
         parts = merged + (parts[-1:] if len(parts) % 2 else [])

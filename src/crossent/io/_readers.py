@@ -149,7 +149,11 @@ class PredictionFile:
     def batches(self, batch_rows: int = 65536, *, row_group=None) -> Iterator[Batch]:
         """Yield the file's rows as ``Batch`` objects of at most ``batch_rows`` rows.
 
-        ``row_group=(index, first_row)`` reads one Parquet row group only.
+        ``row_group=(index, first_row)`` reads one Parquet row group only. A bad value (a
+        missing score, an undecodable label) raises a DataError at the first such row, after
+        the rows before it have been yielded as a batch: the checks on the yielded rows (a
+        ``ScoreAccumulator``'s) see them first, so the first bad row of the file is reported
+        whatever the batch size.
         """
         if not isinstance(batch_rows, int) or not 1 <= batch_rows <= MAX_BATCH_ROWS:
             raise ValueError(f"batch_rows must be an integer in [1, {MAX_BATCH_ROWS}], got "
@@ -159,9 +163,29 @@ class PredictionFile:
         if self.sample_weight is not None:
             columns.append(self.sample_weight)
         for start, data in reader(self, columns, batch_rows, row_group):
-            yield self._batch(start, data)
+            batch, error = self._checked_batch(start, data)
+            if batch is not None:
+                yield batch
+            if error is not None:
+                raise error
 
-    def _batch(self, start: int, data: dict) -> Batch:
+    def _checked_batch(self, start: int, data: dict) -> tuple[Batch | None, DataError | None]:
+        """``(batch, None)``, or, when a row is bad, ``(the rows before it or None, the error)``.
+
+        Each check (each score column, the target, the weight) finds its own first bad row;
+        the error is that of the smallest row (on a tie, the first check in that order).
+        """
+        errors = []
+
+        def checked(convert, *args):
+            try:
+                return convert(*args)
+            except DataError as exc:
+                if exc.row is None:  # a column that holds no numbers at all: no row's fault
+                    raise
+                errors.append(exc)
+                return None
+
         n = len(data[self.target.column])
         # column-major [n, C]: each column is one contiguous copy, and the metrics' reductions
         # over a short class axis run much faster in this layout
@@ -172,15 +196,28 @@ class PredictionFile:
                 scores[:, k : k + source.width] = data[source.name]
                 k += source.width
             else:
-                scores[:, k] = self._numbers(data[source], source, start)
+                column = checked(self._numbers, data[source], source, start)
+                if column is not None:
+                    scores[:, k] = column
                 k += 1
-        targets = self.target.decode(data[self.target.column], start=start, path=self.path)
+        targets = checked(lambda v: self.target.decode(v, start=start, path=self.path),
+                          data[self.target.column])
         weight = None
         if self.sample_weight is not None:
-            weight = self._numbers(data[self.sample_weight], self.sample_weight, start)
-            weight = weight.astype(np.float64, copy=False)
+            weight = checked(self._numbers, data[self.sample_weight], self.sample_weight, start)
+            if weight is not None:
+                weight = weight.astype(np.float64, copy=False)
+        if errors:
+            first = min(errors, key=lambda e: e.row)
+            cut = first.row - start
+            if cut == 0:
+                return None, first
+            # the rows before the first bad one pass every check here: read them again alone
+            head = {name: values.slice(0, cut) if isinstance(values, pa.Array) else values[:cut]
+                    for name, values in data.items()}
+            return self._checked_batch(start, head)[0], first
         return Batch(scores, targets, weight, start, self.path,
-                     TEXT_TOLERANCE if self.text else self.tolerance)
+                     TEXT_TOLERANCE if self.text else self.tolerance), None
 
     def _numbers(self, values, name: str, start: int) -> np.ndarray:
         if isinstance(values, pa.Array):
@@ -525,6 +562,11 @@ def _csv_batches(opened, columns, batch_rows, row_group):
     larger (up to ``_CSV_MAX_BLOCK``), skipping the rows already yielded. That costs time (a
     re-read of those rows), only on such files; memory follows the block, so the longest row.
     The rows, their values and their numbers are the same at every block size.
+
+    A row that Arrow cannot read (a value that is not a number, a ragged row) fails its whole
+    block: the rows of the block before it are then parsed again on their own and yielded
+    before its error is raised (``_csv_rows_before``), so that the first bad row of the file
+    is reported whatever the block size.
     """
     header, row_bytes = _csv_header(opened.path)
     names = list(dict.fromkeys(columns))
@@ -544,8 +586,69 @@ def _csv_batches(opened, columns, batch_rows, row_group):
             return
         except _Straddling as exc:
             if block >= _CSV_MAX_BLOCK:
-                raise _long_row_error(opened.path, block, str(exc)) from None
+                error = _long_row_error(opened.path, block, str(exc))
+                yield from _csv_rows_before(opened, header, names, types, batch_rows, done, error)
             block = min(4 * block, _CSV_MAX_BLOCK)
+        except DataError as exc:
+            yield from _csv_rows_before(opened, header, names, types, batch_rows, done, exc)
+
+
+def _csv_rows_before(opened, header, names, types, batch_rows, first, error):
+    """Yield data rows ``first .. error.row - 1`` as ``_csv_batches`` does, then raise ``error``.
+
+    Arrow failed on the block holding ``error.row`` without yielding its earlier rows: their
+    text (with the header's) is read again and parsed by Arrow alone, in memory (at most that
+    block). A bad row among them raises its own error instead, after the rows before it.
+    """
+    if error.row is None or error.row <= first:
+        raise error
+    data = _csv_rows_bytes(opened.path, first, error.row)
+    seen = first
+    try:
+        for rb in _csv_record_batches(opened.path, header, names, types, len(data) + 1,
+                                      source=pa.BufferReader(data)):
+            for offset in range(0, rb.num_rows, batch_rows):
+                part = rb.slice(offset, batch_rows)
+                yield seen + offset, {name: part.column(name) for name in names}
+            seen += rb.num_rows
+    except DataError as earlier:
+        if earlier.row is None or not seen <= earlier.row < error.row:
+            raise error from None
+        yield from _csv_rows_before(opened, header, names, types, batch_rows, seen, earlier)
+    raise error
+
+
+def _csv_rows_bytes(path, first, stop) -> bytes:
+    """The header and data rows ``first .. stop - 1`` of the CSV file, as its bytes (blank
+    lines left out; rows counted as ``_first_row`` and Arrow count them)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2 * _CSV_MAX_BLOCK)
+    taken, parts = [], []
+
+    def lines(f):
+        for line in f:
+            taken.append(line)
+            yield line
+
+    try:
+        with _csv_text(path, errors="surrogateescape") as f:
+            rows = csv.reader(lines(f))
+            number = -1  # the header
+            for row in rows:  # csv.reader reads no line beyond the row it returns
+                text = "".join(taken)
+                taken.clear()
+                if number >= 0 and not row:
+                    continue
+                if number < 0 or first <= number:
+                    parts.append(text if text.endswith(("\n", "\r")) else text + "\n")
+                number += 1
+                if number >= stop:
+                    break
+    except csv.Error as exc:
+        raise DataError(f"cannot parse the CSV file: {exc}", path=path, row=max(number, 0)) from None
+    finally:
+        csv.field_size_limit(limit)
+    return "".join(parts).encode("utf-8", "surrogateescape")
 
 
 # the largest block, 256 MiB: a row must fit in two (Arrow carries a partial row into the next
@@ -557,13 +660,15 @@ class _Straddling(Exception):
     """A CSV row longer than the block size (Arrow's "straddling object" error)."""
 
 
-def _csv_record_batches(path, header, names, types, block):
+def _csv_record_batches(path, header, names, types, block, *, source=None):
     """Arrow record batches of the CSV file at ``path`` (the columns ``names``), read in
-    blocks of ``block`` bytes; a row too long for the block raises ``_Straddling``."""
+    blocks of ``block`` bytes; a row too long for the block raises ``_Straddling``.
+    ``source``: read these bytes instead (rows of the file at ``path``, which errors name)."""
     import pyarrow.csv as pcsv
 
-    codec = _csv_codec(path)
-    source = path if codec is None else pa.input_stream(path, compression=codec)
+    if source is None:
+        codec = _csv_codec(path)
+        source = path if codec is None else pa.input_stream(path, compression=codec)
     try:
         reader = pcsv.open_csv(
             source,
