@@ -132,3 +132,21 @@ def test_dask_reports_the_first_bad_row_of_the_first_bad_file(cluster, tmp_path)
         with pytest.raises(DataError, match=r"b.parquet, column 'y', data row 3: label 7 "):
             score_files(str(tmp_path), engine="dask", client=client, target="y", logits="l*")
 
+
+def test_cli_dask_error_is_one_line_on_stderr(tmp_path):
+    """Review (cli/io) 6: the cluster the command starts logged each failed task's traceback
+    to stderr before the error line (also with --quiet)."""
+    z = np.zeros((40, 2))
+    y = np.zeros(40, dtype=np.int64)
+    y[33] = 5
+    pq.write_table(pa.table({"y": y, "l0": z[:, 0], "l1": z[:, 1]}), tmp_path / "a.parquet",
+                   row_group_size=10)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    cmd = [sys.executable, "-m", "crossent.cli.main", "score", str(tmp_path), "--target", "y",
+           "--logits", "l*", "--engine", "dask"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"Error: {tmp_path / 'a.parquet'}, column 'y', data row 33: label 5 is not a class "
+        "index in [0, 2)"
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 
 from crossent.io import DataError, PredictionFile
 from crossent.metrics import InvalidDataError, ScoreAccumulator
@@ -91,15 +92,26 @@ def score_dask(files, accumulator_options: dict, *, batch_rows: int, client=None
 
     Runs on ``client`` when given; otherwise on the cluster named by Dask's
     ``scheduler-address`` setting (``DASK_SCHEDULER_ADDRESS``), else on a local cluster of
-    worker processes that lives for this call. ``progress(n)`` is
+    worker processes that lives for this call (its logging silenced: a failed task is raised
+    here, not also logged by the workers; its HTTP server on a free port). ``progress(n)`` is
     called on the driver with each finished row group's row count, as the row groups finish.
     When tasks fail, the error raised is that of the first failed row group in file order
     (every row group runs first): the first bad row, as with the local engine.
     """
-    from distributed import Client, as_completed
+    import dask
 
+    from distributed import Client, LocalCluster, as_completed
+
+    if client is None and dask.config.get("scheduler-address", None):
+        with Client() as own:  # the cluster named by DASK_SCHEDULER_ADDRESS
+            return score_dask(files, accumulator_options, batch_rows=batch_rows, client=own,
+                              progress=progress)
     if client is None:
-        with Client() as own:
+        # a cluster of our own: its workers' logs silenced (a failed task is raised here, as
+        # one error, not logged as well), and its HTTP server on a free port (the scheduler
+        # starts one even without a dashboard; on 8787, another cluster's, it warns on stderr)
+        with (LocalCluster(silence_logs=logging.CRITICAL, dashboard_address=":0") as cluster,
+              Client(cluster) as own):
             return score_dask(files, accumulator_options, batch_rows=batch_rows, client=own,
                               progress=progress)
     from dask import delayed
