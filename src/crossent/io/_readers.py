@@ -515,10 +515,16 @@ class _ArrowRaw(io.RawIOBase):
 
 
 def _csv_header(path):
+    """``(column names, mean bytes per line)`` of the CSV file at ``path``.
+
+    The header row is parsed by Python's csv module over the text as Arrow reads it: lines end
+    in ``\\n``, ``\\r\\n`` or ``\\r`` alone (old Mac exports), and a quoted name may hold a line
+    break or a comma. The bytes per line, from up to 64 lines after the header, size the blocks.
+    """
     try:
         with _csv_stream(path) as f:
             data = bytearray()
-            while b"\n" not in data:  # the header line, however long
+            while b"\n" not in data and b"\r" not in data:  # the first line, however long
                 chunk = f.read(1 << 16)
                 if not chunk:
                     break
@@ -530,22 +536,46 @@ def _csv_header(path):
     for magic, what in _MAGIC.items():
         if data.startswith(magic):
             raise DataError(f"not CSV text: the file is {what}", path=path)
-    header_line, _, body = data.partition(b"\n")
-    if header_line.startswith(codecs.BOM_UTF8):
-        header_line = header_line[len(codecs.BOM_UTF8):]
-    try:
-        text = header_line.decode("utf-8")
-    except UnicodeDecodeError as exc:
+    header, text = _csv_header_row(path)
+    bad = next((i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
+    if bad is not None:  # a byte that is not UTF-8, kept by surrogateescape
+        column = len(text[:bad].encode("utf-8", "surrogateescape")) + 1
         raise DataError(
-            f"line 1 (the header) is not UTF-8 text: byte {header_line[exc.start]:#04x} at "
-            f"column {exc.start + 1}", path=path,
-        ) from None
-    header = next(csv.reader([text]), [])
+            f"line 1 (the header) is not UTF-8 text: byte {ord(text[bad]) - 0xDC00:#04x} at "
+            f"column {column}", path=path,
+        )
     if not header:
         raise DataError("empty CSV file (no header line)", path=path)
-    lines = body.split(b"\n")[:64]
+    skip = len(text.encode("utf-8", "surrogateescape"))
+    if data.startswith(codecs.BOM_UTF8):
+        skip += len(codecs.BOM_UTF8)
+    lines = re.split(rb"\r\n|\r|\n", data[skip:])[:64]
     row_bytes = max(1.0, sum(len(x) + 1 for x in lines) / max(1, sum(1 for x in lines if x)))
     return header, row_bytes
+
+
+def _csv_header_row(path) -> tuple[list[str], str]:
+    """The header row's fields (``[]`` for a blank first line or an empty file) and its text
+    (bytes that are not UTF-8 kept as lone surrogates, ``surrogateescape``)."""
+    taken = []
+
+    def lines(f):
+        for line in f:
+            taken.append(line)
+            yield line
+
+    limit = csv.field_size_limit()
+    csv.field_size_limit(_CSV_MAX_BLOCK)  # a header name as long as Arrow takes
+    try:
+        with _csv_text(path, errors="surrogateescape") as f:
+            header = next(csv.reader(lines(f)), [])  # csv reads no line beyond the row
+    except csv.Error as exc:
+        raise DataError(f"line 1 (the header) is not a CSV row: {exc}", path=path) from None
+    except (pa.ArrowException, OSError, EOFError) as exc:
+        raise DataError(f"cannot read the CSV file ({exc})", path=path) from None
+    finally:
+        csv.field_size_limit(limit)
+    return header, "".join(taken)
 
 
 def _csv_schema(path):
