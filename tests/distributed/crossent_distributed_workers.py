@@ -87,6 +87,17 @@ def oracle_reduce(rows, target, *, ignore_index, reduction, shape):
     return rows.sum() / count if count else rows.sum() * 0.0  # documented deviation: 0, not NaN
 
 
+def oracle_backward(logits, target, grad_out, *, ignore_index, eps, zl, reduction):
+    """The float64 oracle's loss of the full logits ``[*shape, V]`` (reduced as asked), after its
+    backward against ``grad_out`` has filled the gradients of the leaves behind ``logits``."""
+    shape = target.shape
+    rows = oracle_rows(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                       eps=eps, zl=zl)
+    expected = oracle_reduce(rows, target, ignore_index=ignore_index, reduction=reduction, shape=shape)
+    (expected * grad_out).sum().backward()
+    return expected
+
+
 def close(actual, expected, what, *, rtol=RTOL, atol=ATOL):
     """|actual - expected| <= atol + rtol |expected| elementwise, NaN where expected is NaN.
 
@@ -1102,17 +1113,13 @@ def check_validate(rank, world, sizes):
         grad_out = upstream(reduction, shape, gen)
         opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=eps, z_loss=zl)
         what = f"validate=False rank {rank} sizes {sizes} shape {shape} {opts}"
+        oracle_opts = dict(ignore_index=ignore_index, eps=eps, zl=zl, reduction=reduction)
         rows = target.numel()
-        flat = target.reshape(-1)
 
         # logits version
         z = torch.randn(*shape, vocab, generator=gen, dtype=torch.float64)
         z_full = z.clone().requires_grad_()
-        expected = oracle_reduce(
-            oracle_rows(z_full.reshape(-1, vocab), flat, ignore_index=ignore_index, eps=eps, zl=zl),
-            target, ignore_index=ignore_index, reduction=reduction, shape=shape,
-        )
-        (expected * grad_out).sum().backward()
+        expected = oracle_backward(z_full, target, grad_out, **oracle_opts)
         results = {}
         for validate in (True, False):
             leaf = z[..., lo:hi].clone().requires_grad_()
@@ -1146,11 +1153,7 @@ def check_validate(rank, world, sizes):
         logits = F.linear(x_full, w_full, b_full)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        expected = oracle_reduce(
-            oracle_rows(logits.reshape(-1, vocab), flat, ignore_index=ignore_index, eps=eps, zl=zl),
-            target, ignore_index=ignore_index, reduction=reduction, shape=shape,
-        )
-        (expected * grad_out).sum().backward()
+        expected = oracle_backward(logits, target, grad_out, **oracle_opts)
         results = {}
         for validate in (True, False):
             leaves = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()]
