@@ -5,7 +5,9 @@ Peak memory follows the batch size, not the file size:
   selected columns at a time (with pre-buffering pyarrow would read the whole file up front);
 - CSV: ``pyarrow.csv.open_csv`` parses block by block, only the selected columns; a
   ``.csv.gz`` / ``.csv.bz2`` / ``.csv.zst`` / ``.csv.lz4`` file is decompressed as a stream.
-  Text is UTF-8 (a byte-order mark is skipped); numbers in it are parsed as float64;
+  Text is UTF-8 (a byte-order mark is skipped); numbers in it are parsed as float64 (a
+  number beyond its range, ``1e400``, is an error at its row; ``inf`` and ``-inf`` are
+  infinities);
 - .npy / .npz: the array header is parsed with ``numpy.lib.format`` and rows are read from
   the file (or the zip member) sequentially into a batch buffer; no memory map, whose pages
   would stay resident and count against the process. A Fortran-ordered (column-major) 2-D
@@ -21,6 +23,7 @@ import codecs
 import csv
 import glob
 import io
+import itertools
 import math
 import os
 import re
@@ -584,6 +587,128 @@ def _csv_schema(path):
 
 
 def _csv_batches(opened, columns, batch_rows, row_group):
+    """Batches of a CSV file (``_csv_parsed_batches``), with overflows found.
+
+    Arrow parses a number beyond float64's range (``1e400``, ``-1e400``) as an infinity, as
+    it parses ``inf`` and ``-inf``: the batch would then hold a value the file does not (a
+    ``-1e400`` logit would mask its class, as ``-inf`` does). Where a number column of a batch
+    holds an infinity, the text of its rows is looked up (``_CsvRows``, one forward pass over
+    the file, only for files that hold infinities); an infinity not written as one
+    (``_INFINITY``) is a DataError at its row, raised after the rows before it are yielded.
+    """
+    names = list(dict.fromkeys(columns))
+    numbers = [name for name in names if name != opened.target.column]
+    texts = None
+    try:
+        for start, data in _csv_parsed_batches(opened, columns, batch_rows, row_group):
+            infinite = _infinite(data, numbers)
+            if infinite:
+                if texts is None:
+                    texts = _CsvRows(opened.path)
+                error = _overflow(texts, start, infinite)
+                if error is not None:
+                    cut = error.row - start
+                    if cut:
+                        yield start, {name: values.slice(0, cut) for name, values in data.items()}
+                    raise error
+            yield start, data
+    finally:
+        if texts is not None:
+            texts.close()
+
+
+# text that Arrow reads as an infinite float64: inf or infinity in any case, signed or not,
+# blanks around it (Arrow trims them); any other text read as an infinity is an overflow
+_INFINITY = re.compile(r"\s*[+-]?inf(?:inity)?\s*", re.IGNORECASE)
+
+
+def _infinite(data, names) -> dict[str, np.ndarray]:
+    """``{column: mask of its +-inf values}`` for the columns of ``names`` that hold one."""
+    found = {}
+    for name in names:
+        values = data[name]
+        infinite = np.isinf(numeric_view(values))
+        if values.null_count:  # a null's slot holds no value
+            infinite &= ~numeric_view(values.is_null().cast(pa.int8())).astype(bool)
+        if infinite.any():
+            found[name] = infinite
+    return found
+
+
+def _overflow(texts, start, infinite) -> DataError | None:
+    """The error of the first batch row holding a number beyond float64's range (``infinite``:
+    ``_infinite``'s masks; on a tie, the leftmost column); None when every infinity is
+    written as one."""
+    names = sorted(infinite, key=texts.header.index)
+    positions = [texts.header.index(name) for name in names]
+    # (row, column) of each infinity, row by row, left to right
+    rows, columns = np.nonzero(np.stack([infinite[name] for name in names], axis=1))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2 * _CSV_MAX_BLOCK)  # the longest field Arrow reads
+    try:
+        lines = texts.rows(start, start + int(rows[-1]) + 1)
+        at, fields = -1, None
+        for r, c in zip(rows.tolist(), columns.tolist(), strict=True):
+            if r != at:
+                fields = next(itertools.islice(lines, r - at - 1, None), None)
+                at = r
+            if fields is None:  # the csv module ends before Arrow did: nothing to compare
+                return None
+            k = positions[c]
+            text = fields[k] if k < len(fields) else ""
+            if not _INFINITY.fullmatch(text):
+                return DataError(
+                    f"{text.strip()!r} is beyond float64's range (magnitudes up to 1.8e308): "
+                    "expected a number in that range, or inf / -inf written as such",
+                    path=texts.path, column=names[c], row=start + r,
+                )
+    except csv.Error as exc:
+        return DataError(f"cannot parse the CSV file: {exc}", path=texts.path,
+                         row=texts.next_row)
+    finally:
+        csv.field_size_limit(limit)
+    return None
+
+
+class _CsvRows:
+    """The fields of a CSV file's data rows, read forward by Python's csv module; rows are
+    numbered as ``_first_row`` and Arrow number them (blank lines skipped). Asked for rows
+    in increasing order (as ``_csv_batches`` yields them), the file is read once. The caller
+    sets ``csv.field_size_limit``."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = _csv_text(path, errors="replace")
+        self.reader = csv.reader(self.file)
+        limit = csv.field_size_limit()
+        csv.field_size_limit(2 * _CSV_MAX_BLOCK)
+        try:
+            self.header = next(self.reader, [])
+        except csv.Error:  # read as the header was already: not expected
+            self.header = []
+        finally:
+            csv.field_size_limit(limit)
+        self.next_row = 0  # the data row read next
+
+    def rows(self, start, stop):
+        """The fields of data rows ``start .. stop - 1`` (fewer where the file ends)."""
+        if start < self.next_row:  # a row already passed: read again from the start
+            self.close()
+            self.__init__(self.path)
+        for fields in self.reader:
+            if not fields:  # a blank line
+                continue
+            self.next_row += 1
+            if self.next_row > start:
+                yield fields
+            if self.next_row >= stop:
+                return
+
+    def close(self):
+        self.file.close()
+
+
+def _csv_parsed_batches(opened, columns, batch_rows, row_group):
     """Batches of a CSV file, parsed by Arrow one block at a time.
 
     The block size is estimated from the first lines (``batch_rows`` rows of their mean size).

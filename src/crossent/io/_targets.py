@@ -27,13 +27,14 @@ _NUMBER = re.compile(
     r"^\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\s*$",
     re.IGNORECASE,
 )
+_INFINITY = re.compile(r"^[+-]?inf(?:inity)?$", re.IGNORECASE)
 _INT64 = np.iinfo(np.int64)
 
 LABEL_MODES = ("auto", "index", "name")
 
 # per-row codes below 0: why a label cannot be decoded (see TargetDecoder._fail)
 (_MISSING, _NOT_INTEGER, _AMBIGUOUS, _UNKNOWN_NAME, _OUT_OF_RANGE, _NOT_INDEX,
- _NUMBER_AND_NAME) = range(-1, -8, -1)
+ _NUMBER_AND_NAME, _OVERFLOW) = range(-1, -9, -1)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ class TargetDecoder:
             f = float(t)
             if math.isnan(f):
                 return _MISSING, None
+            if math.isinf(f) and not _INFINITY.match(t):  # "1e400": beyond float64
+                return _OVERFLOW, t
             if not (math.isfinite(f) and f.is_integer()):
                 # never an index; a class name only in mode "name" (matched above)
                 if self.mode == "auto" and named is not None:
@@ -262,6 +265,10 @@ class TargetDecoder:
             return "missing class label"
         if code == _NOT_INTEGER:
             return f"label {shown} is not an integer"
+        if code == _OVERFLOW:
+            return (f"label {shown} is beyond float64's range (magnitudes up to 1.8e308): "
+                    f"expected a class index in [0, {C})"
+                    + ("" if self.mode == "index" else " or a class name"))
         if code == _OUT_OF_RANGE and self.mode == "name":
             return f"label {shown} is beyond int64 and names no class"
         if code == _OUT_OF_RANGE:
