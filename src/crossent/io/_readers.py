@@ -894,7 +894,7 @@ def _csv_error(exc, path, header) -> DataError:
 def _csv_error_at_row(message, path, header) -> DataError:
     match = _CSV_CONVERSION.search(message)
     if _CSV_UTF8.search(message) or (match and "\ufffd" in match.group(2)):
-        return _utf8_error(path)
+        return _utf8_error(path, header)
     if match and int(match.group(1)) < len(header):
         k, value = int(match.group(1)), match.group(2)
         found = _first_row(path, lambda row: k < len(row) and row[k] == value)
@@ -912,7 +912,7 @@ def _csv_error_at_row(message, path, header) -> DataError:
     return DataError(f"cannot parse the CSV file: {message.strip()}", path=path)
 
 
-def _first_row(path, match, *, field_limit=None):
+def _first_row(path, match, *, field_limit=None, errors="replace"):
     """``(0-based data row, fields)`` of the first non-blank row after the header for which
     ``match(fields)`` is true, or None.
 
@@ -925,7 +925,7 @@ def _first_row(path, match, *, field_limit=None):
     csv.field_size_limit(2 * _CSV_MAX_BLOCK if field_limit is None else field_limit)
     number = 0
     try:
-        with _csv_text(path, errors="replace") as f:
+        with _csv_text(path, errors=errors) as f:
             rows = csv.reader(f)
             next(rows, None)
             for row in rows:
@@ -941,25 +941,37 @@ def _first_row(path, match, *, field_limit=None):
     return None
 
 
-def _utf8_error(path) -> DataError:
-    """The first line that is not UTF-8 text, as a data row."""
-    with _readable(_csv_stream(path)) as f:
-        number = -1
-        for line in f:
-            if number == -1 and line.startswith(codecs.BOM_UTF8):
-                line = line[len(codecs.BOM_UTF8):]
-            if number >= 0 and not line.strip(b"\r\n"):
-                continue
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                what = (f"not UTF-8 text: byte {line[exc.start]:#04x} at character "
-                        f"{exc.start + 1} of the line")
-                if number < 0:
-                    return DataError(f"line 1 (the header) is {what}", path=path)
-                return DataError(what, path=path, row=number)
-            number += 1
-    return DataError("the CSV file is not UTF-8 text", path=path)
+def _utf8_error(path, header) -> DataError:
+    """The first data row holding a byte that is not UTF-8 text, naming its column.
+
+    Rows are split by Python's csv module as Arrow splits them (lines end in ``\\n``,
+    ``\\r\\n`` or ``\\r`` alone; a quoted field may hold line breaks; blank lines are no rows),
+    and the bytes are kept (``surrogateescape``) to show the value as written.
+    """
+    def undecodable(fields):
+        return any(_bad_byte(field) is not None for field in fields)
+
+    found = _first_row(path, undecodable, errors="surrogateescape")
+    if found is None:
+        return DataError("the CSV file is not UTF-8 text", path=path)
+    row, fields = found
+    k = next(k for k, field in enumerate(fields) if _bad_byte(field) is not None)
+    raw = fields[k].encode("utf-8", "surrogateescape")
+    at = _bad_byte(fields[k])
+    return DataError(
+        f"not UTF-8 text: byte {raw[at]:#04x} at byte {at + 1} of the value {raw!r} (field "
+        f"{k + 1} of the row); expected UTF-8 text", path=path,
+        column=header[k] if k < len(header) else None, row=row,
+    )
+
+
+def _bad_byte(field: str) -> int | None:
+    """The 0-based byte offset of the first byte of ``field`` that is not UTF-8 (read with
+    ``surrogateescape``), or None."""
+    bad = next((i for i, ch in enumerate(field) if "\udc80" <= ch <= "\udcff"), None)
+    if bad is None:
+        return None
+    return len(field[:bad].encode("utf-8", "surrogateescape"))
 
 
 # ---------------------------------------------------------------- .npy / .npz
