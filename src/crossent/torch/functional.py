@@ -45,7 +45,12 @@ PyTorch refuses to differentiate them.
 
 Semantics follow DESIGN.md: PyTorch's where PyTorch defines them, plus the documented deviations
 (zero-denominator means are 0 with zero gradient; label smoothing over the finite logits of a row;
-0 * log 0 = 0 for -inf logits or log-probabilities with zero target mass).
+0 * log 0 = 0 for -inf logits or log-probabilities with zero target mass; bf16/fp16 logits give
+a float32 loss; class indices take class weights of any floating dtype, which PyTorch refuses).
+Result dtypes with probability targets are PyTorch's: input, target and class weight dtypes
+promoted (float32 logits with float64 targets give a float64 loss), on every implementation; the
+loss is computed in the input's accumulation dtype and only the reduced loss (or the per-row
+vector of "none") is cast, so the CPU kernels still read float64 targets in place.
 """
 
 from __future__ import annotations
@@ -134,6 +139,18 @@ def _check_targets(
         target = target.long()
         _checks.check_class_target(target, num_classes, ignore_index, validate=check)
     return target, weight
+
+
+def _soft_result_dtype(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    """The loss dtype for probability targets: F.cross_entropy's promotion of input, target and
+    class weight dtypes (float32 logits with float64 targets or weights give a float64 loss, as
+    in PyTorch), with input counted as at least float32 (DESIGN.md: bf16/fp16 logits give a
+    float32 loss where PyTorch keeps float16 against float16 targets). The implementations
+    compute in the input's accumulation dtype (targets read as they are, never copied whole);
+    only the reduced loss, or the per-row vector of "none", is cast, and autograd casts the
+    gradient back, so ``input``'s gradient keeps ``input``'s dtype, as in PyTorch."""
+    dtype = torch.promote_types(acc_dtype(input.dtype), target.dtype)
+    return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
 
 
 def _triton_function(name: str):
@@ -293,6 +310,11 @@ def cross_entropy(
 
     Returns:
         float32 loss (float64 for float64 input): a scalar, or the target's shape for "none".
+        With probability targets the dtype is PyTorch's promotion of input, target and
+        ``weight`` (float32 input with float64 targets or weights: float64), input counted as
+        at least float32; ``input``'s gradient keeps ``input``'s dtype. With class indices a
+        ``weight`` of another dtype than ``input`` is cast to the accumulation dtype (PyTorch
+        raises a RuntimeError there; a deliberate deviation).
 
     Example (the textbook case: predicted probabilities [0.1, 0.8, 0.1], true class 1):
 
@@ -389,6 +411,8 @@ def cross_entropy(
         loss = _triton_function("cross_entropy")(
             logits2d, target2d, inplace_backward=inplace_backward, **options
         )
+    if soft:
+        loss = loss.to(_soft_result_dtype(input, target, weight))
     if reduction == "none":
         return loss.reshape(target.shape if not soft else expected[:class_dim] + expected[class_dim + 1 :])
     return loss
@@ -446,7 +470,9 @@ def linear_cross_entropy(
             "reference" refuse it with a ValueError.
 
     Returns:
-        float32 loss (float64 for float64 input): a scalar, or shape ``(*)`` for "none".
+        float32 loss (float64 for float64 input): a scalar, or shape ``(*)`` for "none"; with
+        probability targets promoted with the targets' and ``weight``'s dtypes, as in
+        :func:`cross_entropy` and PyTorch.
 
     Example:
 
@@ -571,6 +597,8 @@ def linear_cross_entropy(
             x2d, linear_weight, target2d, linear_bias=linear_bias,
             memory_budget=memory_budget, **options
         )
+    if soft:
+        loss = loss.to(_soft_result_dtype(input, target, weight))
     if reduction == "none":
         return loss.reshape(lead)
     return loss
