@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss
 from crossent.cli import _report
 from crossent.metrics import ScoreAccumulator
 
-from .conftest import run, softmax
+from .conftest import run, run_json, softmax
 
 
 def _log_softmax_loss(z, y):
@@ -221,14 +221,17 @@ def test_json_class_of_weight_zero_is_null_and_the_rest_match_sklearn(tmp_path):
     assert out["per_class"][1]["accuracy"] is None
 
 
+def _json_of_logits_csv(path, text):
+    """The JSON of ``crossent score PATH --target y --logits 'l_*' --format json`` on a CSV
+    file of ``text`` written at ``path`` (the command must exit 0)."""
+    path.write_text(text)
+    return run_json(path, "--target", "y", "--logits", "l_*")
+
+
 def test_json_writes_infinity_as_the_string_inf_apart_from_null(tmp_path):
     """Review (cli/io) 4: +inf was written as null, the null of "no rows / weight 0"."""
-    path = tmp_path / "inf.csv"
     # class a: its only row has a -inf true-class logit (loss +inf); class c has no rows
-    path.write_text("y,l_a,l_b,l_c\n0,-inf,0.6,0\n1,0.3,0.7,0\n")
-    result = run(path, "--target", "y", "--logits", "l_*", "--format", "json")
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    out = _json_of_logits_csv(tmp_path / "inf.csv", "y,l_a,l_b,l_c\n0,-inf,0.6,0\n1,0.3,0.7,0\n")
     z_b = np.array([[0.3, 0.7, 0.0]])
     b_loss = float(_log_softmax_loss(z_b, np.array([1]))[0])
     assert out["cross_entropy_nats"] == "inf" and out["perplexity"] == "inf"
@@ -241,11 +244,7 @@ def test_json_writes_infinity_as_the_string_inf_apart_from_null(tmp_path):
 
 def test_json_perplexity_beyond_float64_is_inf(tmp_path):
     """CE 1000 nats is finite, its perplexity e^1000 is not: "inf", with no infinite rows."""
-    path = tmp_path / "big.csv"
-    path.write_text("y,l_a,l_b\n0,-1000,1000\n1,1000,-1000\n")
-    result = run(path, "--target", "y", "--logits", "l_*", "--format", "json")
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    out = _json_of_logits_csv(tmp_path / "big.csv", "y,l_a,l_b\n0,-1000,1000\n1,1000,-1000\n")
     np.testing.assert_allclose(out["cross_entropy_nats"], 2000.0, rtol=1e-15)
     assert out["perplexity"] == "inf" and out["infinite_loss_rows"] == 0
     assert 2000.0 > math.log(np.finfo(np.float64).max)  # exp(2000) is beyond float64
