@@ -458,7 +458,11 @@ def linear_cross_entropy(
             "reference" supports double backward and ``torch.func`` transforms (see the module
             docstring).
         chunk_size: rows per block for impl="chunked" (None: N * V / 16 logits per block,
-            clamped to [2**16, 2**22]).
+            clamped to [2**16, 2**22]), an int >= 1. impl="auto" uses it where it picks
+            "chunked" and ignores it where it picks another implementation (CUDA: "triton";
+            class weights or probability targets that require grad: "reference"), so that one
+            call runs on every device; impl="triton" and "reference" refuse it with a
+            ValueError.
         memory_budget: for impl="triton": None ("lean", the default: never holds N x V logits)
             or the bytes of workspace allowed for logits ("fast"), an int >= 0. With a "mean" or
             "sum" reduction and room for at least 256 rows of logits, the forward computes the
@@ -497,6 +501,15 @@ def linear_cross_entropy(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if chunk_size is not None and impl in ("triton", "reference"):
+        # As memory_budget: an explicit implementation that has no row blocks refuses it rather
+        # than ignore it; "auto" ignores it where it does not pick "chunked" (one call for every
+        # device), and an explicit "chunked" keeps it (also where it reroutes, e.g. to
+        # "reference" for probability targets over 0 classes).
+        raise ValueError(
+            f"chunk_size applies to impl='chunked' (rows per block), got chunk_size={chunk_size} "
+            f"with impl={impl!r}"
+        )
     if memory_budget is not None:
         # Checked whatever the route, so that "auto" ignores only a valid budget (see below).
         if (isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral)
