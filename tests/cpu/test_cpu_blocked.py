@@ -1,5 +1,6 @@
 """The blocked numpy path (crossent.cpu._blocked) of crossent.softmax_cross_entropy with integer
-labels: what runs without numba, and with numba for a softcap or z-loss with the gradient.
+labels: what runs without numba, and with numba for a softcap, or a z-loss with label smoothing and the
+gradient.
 
 Held to the Array-API path (the same arithmetic, unblocked: within a few ulps), to float64 PyTorch
 (values and autograd gradients), and to its memory bound. Small ``BLOCK_ELEMENTS`` make every
@@ -44,8 +45,9 @@ def no_numba(monkeypatch):
 @pytest.fixture(params=["blocked", "numba"])
 def fast_path(request, monkeypatch):
     """Either crossent without numba (``no_numba``), or with it: then label smoothing runs numba's
-    smoothing kernels (crossent.cpu._smoothed_rows) and a softcap or z-loss with the gradient the
-    blocked path (blocks of 50 logits)."""
+    smoothing kernels (crossent.cpu._smoothed_rows), a z-loss with the gradient the
+    softmax_minus_onehot kernel (its z_scale), and a softcap, or a z-loss with smoothing and the
+    gradient, the blocked path (blocks of 50 logits)."""
     monkeypatch.setattr(_blocked, "BLOCK_ELEMENTS", 50)
     if request.param == "blocked":
         monkeypatch.setattr(cpu, "available", lambda: False)

@@ -253,7 +253,7 @@ def _softmax_ce(
     else:
         # numpy logits and integer labels: numba's kernels where they take the call
         # (_numba_takes), else the Array-API path's arithmetic in blocks of rows
-        # (crossent.cpu._blocked: no numba, a softcap, a z-loss with the gradient), before the
+        # (crossent.cpu._blocked: no numba, a softcap, a z-loss with smoothing and the gradient), before the
         # cap, whose full-size tanh it avoids. Probability targets likewise (_numpy_fast_soft).
         numba = False
         soft_fast = None
@@ -262,7 +262,7 @@ def _softmax_ce(
             # paths, instead of the Array-API path's temporaries (451%).
             x = x.copy(order="C")
         if integer_targets and is_numpy_namespace(xp):
-            numba = _numba_takes(x, cap, z, with_grad)
+            numba = _numba_takes(x, cap, z, eps, with_grad)
             if not numba:
                 blocked = _numpy_blocked_stats(x, safe_labels, cap, keep, eps, w)
         elif is_numpy_namespace(xp):
@@ -287,9 +287,10 @@ def _softmax_ce(
         elif integer_targets and eps == 0.0 and is_numpy_namespace(xp):
             if not with_grad:
                 fast = _numpy_fast_lse_and_nll(x, safe_labels)
-            elif cap is None and z == 0:
+            elif cap is None:
                 target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
-                fast = _numpy_fast_grad(x, safe_labels, row_w * target_w, keep, reduction, ln_base)
+                fast = _numpy_fast_grad(x, safe_labels, row_w * target_w, keep, reduction, ln_base,
+                                        z_loss=z, row_w=row_w)
                 if fast is not None:
                     lse, nll, fast_grad = fast
         if soft_fast is not None:
@@ -512,12 +513,15 @@ def _numpy_fast_lse_and_nll(x: Any, labels: Any) -> tuple[Any, Any] | None:
 
 
 def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, keep: Any, reduction: str,
-                     ln_base: float | None) -> tuple[Any, Any, Any] | None:
+                     ln_base: float | None, *, z_loss: float = 0.0, row_w: Any = None) -> tuple[Any, Any, Any] | None:
     """(lse, nll, grad) from crossent.cpu's one-pass gradient kernel, or None when it does not apply.
 
     ``row_scale`` is each row's weight in the sum (sample weight x class weight of its target, 0 on
     ignored rows); the kernel writes ``scale_i * (softmax(x_i) - onehot(y_i))`` with
     ``scale = row_scale / sum(row_scale)`` for "mean" (0 when that sum is 0), else ``row_scale``.
+    With ``z_loss`` z > 0 it adds ``r_i * lse_i * softmax(x_i)``, the z-loss term's gradient, with
+    ``r = 2 z row_w`` over ``sum(row_w)`` for "mean" (``row_w``: the rows' weights without the class
+    weight, as the z-term is averaged).
     """
     import numpy as np
 
@@ -525,11 +529,13 @@ def _numpy_fast_grad(x: Any, labels: Any, row_scale: Any, keep: Any, reduction: 
     if cpu is None:
         return None
     num_classes = x.shape[-1]
-    scale = _row_factors(row_scale, row_scale, x.size // num_classes, reduction, ln_base)
+    n = x.size // num_classes
+    scale = _row_factors(row_scale, row_scale, n, reduction, ln_base)
+    z_scale = _row_factors(2.0 * z_loss * row_w, row_w, n, reduction, ln_base) if z_loss > 0 else None
     grad = np.empty_like(x)
     lse, nll = cpu.softmax_minus_onehot(
         x.reshape(-1, num_classes), np.ascontiguousarray(labels.reshape(-1)), scale, grad.reshape(-1, num_classes),
-        keep=np.ascontiguousarray(keep.reshape(-1)),
+        keep=np.ascontiguousarray(keep.reshape(-1)), z_scale=z_scale,
     )
     shape = x.shape[:-1]
     return lse.reshape(shape), nll.reshape(shape), grad
@@ -614,13 +620,14 @@ def _row_factors(row_scale: Any, row_weight: Any, n: int, reduction: str, ln_bas
     return np.ascontiguousarray(scale)
 
 
-def _numba_takes(x: Any, cap: float | None, z: float, with_grad: bool) -> bool:
+def _numba_takes(x: Any, cap: float | None, z: float, eps: float, with_grad: bool) -> bool:
     """Whether crossent.cpu's numba kernels take this integer-label call on numpy ``x``: without a
     softcap (the blocked path caps block by block; the kernels would need it applied to the whole
-    array first), the loss with any other option, the gradient without z-loss."""
+    array first), the loss with any other option, the gradient without z-loss or without label
+    smoothing (the smoothing kernels have no z-term)."""
     if cap is not None or _cpu_kernels_for(x) is None:
         return False
-    return not with_grad or z == 0
+    return not with_grad or z == 0 or eps == 0.0
 
 
 def _numpy_fast_smoothed(x: Any, labels: Any, w: Any, eps: float, keep: Any, row_w: Any, with_grad: bool,

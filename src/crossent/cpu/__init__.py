@@ -215,19 +215,25 @@ def softmax_minus_onehot(
     /,
     *,
     keep: np.ndarray | None = None,
+    z_scale: float | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Write the scaled gradient of softmax cross-entropy into ``out``; return ``(lse, nll)``.
 
     .. math::
 
-        \mathrm{out}_{ij} = s_i \left(\mathrm{softmax}(x_i)_j - [j = y_i]\right),
+        \mathrm{out}_{ij} = s_i \left(\mathrm{softmax}(x_i)_j - [j = y_i]\right)
+            + r_i\, \mathrm{lse}_i\, \mathrm{softmax}(x_i)_j,
         \qquad \mathrm{softmax}(x_i)_j = e^{x_{ij} - \mathrm{lse}_i},
 
-    which is :math:`s_i\, \partial \ell_i / \partial x_{ij}` for :math:`\ell_i = \mathrm{lse}_i -
-    x_{i, y_i}`. Ignored rows get exact zeros whatever their logits: by default the rows with
-    :math:`s_i = 0`; with ``keep``, the rows where it is False, and a kept row with :math:`s_i = 0`
-    gets the product in IEEE arithmetic (zeros, or NaN where its softmax is NaN: a NaN or
-    ``+inf`` logit, or all ``-inf``; e.g. a class weight of 0 on such a row, as in PyTorch).
+    which is :math:`\partial / \partial x_{ij}` of :math:`s_i \ell_i + \tfrac{r_i}{2}
+    \mathrm{lse}_i^2` for :math:`\ell_i = \mathrm{lse}_i - x_{i, y_i}`: with ``z_scale`` r (None:
+    0), a z-loss :math:`z\, \mathrm{lse}^2` weighted by :math:`t_i` in the sum has :math:`r_i = 2 z
+    t_i`; a row with :math:`r_i = 0` gets :math:`s_i (\mathrm{softmax} - \mathrm{onehot})` to the
+    bit. Ignored rows get exact zeros whatever their logits: by default the rows with :math:`s_i =
+    0` (and :math:`r_i = 0`); with ``keep``, the rows where it is False, and a kept row with
+    :math:`s_i = r_i = 0` gets the product in IEEE arithmetic (zeros, or NaN where its softmax is
+    NaN: a NaN or ``+inf`` logit, or all ``-inf``; e.g. a class weight of 0 on such a row, as in
+    PyTorch).
     The row's log-sum-exp is computed in float64 and used unrounded; the returned ``lse`` and
     ``nll`` equal :func:`lse_and_nll`'s, so one call gives both the loss and its gradient.
 
@@ -239,6 +245,7 @@ def softmax_minus_onehot(
       out: ``[N, C]`` C-contiguous array of the logits' dtype; may be ``logits`` itself, or a
         view of exactly its memory (in place), but must not overlap it otherwise.
       keep: None, or an ``[N]`` bool array: False marks an ignored row (exact zeros).
+      z_scale: None, a real number (every row) or an ``[N]`` array: the z-loss term's factors r.
 
     Returns:
       ``(lse, nll)``: two ``[N]`` arrays of the logits' dtype.
@@ -257,16 +264,18 @@ def softmax_minus_onehot(
     labels = _check_labels(labels, n, c)
     _check_out(out, logits)
     scale_rows = _scale_rows(scale, n)
-    keep_rows = _keep_rows(keep, scale_rows, n)
+    z_rows = np.zeros(n) if z_scale is None else _scale_rows(z_scale, n, "z_scale")
+    keep_rows = _keep_rows(keep, (scale_rows != 0.0) | (z_rows != 0.0), n)
     lse = np.empty(n, dtype=logits.dtype)
     nll = np.empty(n, dtype=logits.dtype)
     if n == 0:
         return lse, nll
     if available():
         kernel = _kernel("softmax_minus_onehot", logits.dtype, logits.size)
-        kernel(logits, labels, np.ascontiguousarray(scale_rows), keep_rows, out, lse, nll)
+        kernel(logits, labels, np.ascontiguousarray(scale_rows), np.ascontiguousarray(z_rows), keep_rows, out,
+               lse, nll)
     else:
-        _softmax_minus_onehot_numpy(logits, labels, scale_rows, keep_rows, out, lse, nll)
+        _softmax_minus_onehot_numpy(logits, labels, scale_rows, z_rows, keep_rows, out, lse, nll)
     return lse, nll
 
 
@@ -370,7 +379,7 @@ def softmax_minus_targets(
     # the targets' own memory, but a shifted overlap would race between rows.
     _check_no_overlap(out, targets, "targets")
     scale_rows = _scale_rows(scale, n)
-    keep_rows = _keep_rows(keep, scale_rows, n)
+    keep_rows = _keep_rows(keep, scale_rows != 0.0, n)
     lse = np.empty(n, dtype=logits.dtype)
     ce = np.empty(n, dtype=logits.dtype)
     if n == 0:
@@ -412,7 +421,7 @@ def _smoothed_rows(
     if want_grad:
         _check_out(out, logits)
         scale_rows = np.ascontiguousarray(_scale_rows(scale, n))
-        keep_rows = _keep_rows(keep, scale_rows, n)
+        keep_rows = _keep_rows(keep, scale_rows != 0.0, n)
     else:
         # A writable dummy the kernel never writes (read-only logits could not stand in for it).
         out, scale_rows, keep_rows = np.empty((n, 0), dtype=logits.dtype), np.zeros(n), np.zeros(n, dtype=bool)
@@ -450,11 +459,11 @@ def _check_no_overlap(out: np.ndarray, other: np.ndarray, name: str) -> None:
         raise ValueError(f"out must be {name} itself or not overlap it, got a partial overlap")
 
 
-def _keep_rows(keep: object, scale_rows: np.ndarray, n: int) -> np.ndarray:
+def _keep_rows(keep: object, nonzero: np.ndarray, n: int) -> np.ndarray:
     """The kernels' per-row flags (C-contiguous bool, False: an ignored row, exact zeros):
-    ``keep``, or by default the rows whose factor is not 0."""
+    ``keep``, or by default ``nonzero`` (the rows with a factor that is not 0)."""
     if keep is None:
-        return np.ascontiguousarray(scale_rows != 0.0)
+        return np.ascontiguousarray(nonzero)
     if not isinstance(keep, np.ndarray) or keep.dtype != np.bool_:
         kind = keep.dtype if isinstance(keep, np.ndarray) else type(keep).__name__
         raise TypeError(f"keep must be None or a numpy bool array, got {kind}")
@@ -463,21 +472,21 @@ def _keep_rows(keep: object, scale_rows: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(keep)
 
 
-def _scale_rows(scale: float | np.ndarray, n: int) -> np.ndarray:
+def _scale_rows(scale: float | np.ndarray, n: int, name: str = "scale") -> np.ndarray:
     try:
         scale_rows = np.asarray(scale)
     except (TypeError, ValueError):  # e.g. a ragged list
         scale_rows = np.asarray(None)
     if scale_rows.dtype.kind not in "biuf":
         raise TypeError(
-            f"scale must be a real number or an array of real numbers, got {type(scale).__name__}"
+            f"{name} must be a real number or an array of real numbers, got {type(scale).__name__}"
             + (f" of dtype {scale_rows.dtype}" if scale_rows.ndim else f" {scale!r}")
         )
     scale_rows = scale_rows.astype(np.float64, copy=False)
     if scale_rows.ndim == 0:
         return np.full(n, scale_rows, dtype=np.float64)
     if scale_rows.shape != (n,):
-        raise ValueError(f"scale must be a scalar or have shape ({n},), got {scale_rows.shape}")
+        raise ValueError(f"{name} must be a scalar or have shape ({n},), got {scale_rows.shape}")
     return scale_rows
 
 
@@ -530,6 +539,7 @@ def _softmax_minus_onehot_numpy(
     logits: np.ndarray,
     labels: np.ndarray,
     scale: np.ndarray,
+    z_scale: np.ndarray,
     keep: np.ndarray,
     out: np.ndarray,
     lse: np.ndarray,
@@ -549,16 +559,25 @@ def _softmax_minus_onehot_numpy(
             lse[start:stop] = block_lse
             nll[start:stop] = (shift - x_label) + log_s
             p = np.exp(block - block_lse[:, None], dtype=np.float64)
+            r = z_scale[start:stop]
+            z_rows = r != 0.0
+            z_term = (r * block_lse)[z_rows, None] * p[z_rows] if z_rows.any() else None
             p[rows, block_labels] -= 1.0
             p *= scale[start:stop, None]
-        p[_zero_rows(keep[start:stop], scale[start:stop], block_lse)] = 0.0
+            if z_term is not None:
+                p[z_rows] += z_term
+        p[_zero_rows(keep[start:stop], scale[start:stop], block_lse, r)] = 0.0
         out[start:stop] = p
 
 
-def _zero_rows(keep: np.ndarray, scale: np.ndarray, lse: np.ndarray) -> np.ndarray:
-    """The rows whose gradient the kernels write as exact zeros (``_kernels._zero_grad``): the
-    ignored ones, and a == 0 where lse is finite (the product is 0 there anyway)."""
-    return ~keep | ((scale == 0.0) & np.isfinite(lse))
+def _zero_rows(keep: np.ndarray, scale: np.ndarray, lse: np.ndarray, z_scale: np.ndarray | None = None) -> np.ndarray:
+    """The rows whose gradient the kernels write as exact zeros (``_kernels._zero_grad``,
+    ``_zero_grad_z``): the ignored ones, and a == 0 (and r == 0) where lse is finite (the product
+    is 0 there anyway)."""
+    zero = scale == 0.0
+    if z_scale is not None:
+        zero &= z_scale == 0.0
+    return ~keep | (zero & np.isfinite(lse))
 
 
 def _soft_numpy(

@@ -200,29 +200,44 @@ def _zero_grad(keep, a, lse):
 
 
 @nb.njit(inline="always", cache=True)
-def _row_grad_f32(row, dst, label, a, keep, shift, log_s, x_label):
-    """dst = a * (softmax(row) - onehot(label)) (exact zeros: ``_zero_grad``); x_label = row[label]
-    read before dst (which may be row) is written. softmax_j = exp((x_j - shift) - log_s):
-    x_j - shift is exact, while x_j - lse, lse rounded at the logits' magnitude, would lose log_s
-    beyond |x| ~ 1e16."""
-    if _zero_grad(keep, a, shift + log_s):
-        for j in range(row.shape[0]):
-            dst[j] = 0.0
-        return
-    for j in range(row.shape[0]):
-        dst[j] = a * _exp_nonpos((np.float64(row[j]) - shift) - log_s)
-    dst[label] = a * (_exp_nonpos((np.float64(x_label) - shift) - log_s) - 1.0)
+def _zero_grad_z(keep, a, r, lse):
+    """``_zero_grad`` for a row whose gradient also holds the z-loss term r * lse * softmax: exact
+    zeros on an ignored row, or where both factors are 0 and lse is finite."""
+    return not keep or (a == 0.0 and r == 0.0 and math.isfinite(lse))
 
 
 @nb.njit(inline="always", cache=True)
-def _row_grad_f64(row, dst, label, a, keep, shift, log_s, x_label):
-    if _zero_grad(keep, a, shift + log_s):
+def _row_grad_f32(row, dst, label, a, r, keep, shift, log_s, x_label):
+    """dst = (a + r * lse) * softmax(row) - a * onehot(label) (exact zeros: ``_zero_grad_z``): the
+    gradient of a * (lse - x_label) + (r / 2) * lse^2, the z-loss term only where r != 0, so that
+    without it the row is a * (softmax - onehot) to the bit. x_label = row[label] is read before
+    dst (which may be row) is written. softmax_j = exp((x_j - shift) - log_s): x_j - shift is
+    exact, while x_j - lse, lse rounded at the logits' magnitude, would lose log_s beyond
+    |x| ~ 1e16."""
+    lse = shift + log_s
+    if _zero_grad_z(keep, a, r, lse):
         for j in range(row.shape[0]):
             dst[j] = 0.0
         return
+    c = a if r == 0.0 else a + r * lse
     for j in range(row.shape[0]):
-        dst[j] = a * math.exp((row[j] - shift) - log_s)
-    dst[label] = a * (math.exp((x_label - shift) - log_s) - 1.0)
+        dst[j] = c * _exp_nonpos((np.float64(row[j]) - shift) - log_s)
+    e = _exp_nonpos((np.float64(x_label) - shift) - log_s)
+    dst[label] = a * (e - 1.0) if r == 0.0 else a * (e - 1.0) + (r * lse) * e
+
+
+@nb.njit(inline="always", cache=True)
+def _row_grad_f64(row, dst, label, a, r, keep, shift, log_s, x_label):
+    lse = shift + log_s
+    if _zero_grad_z(keep, a, r, lse):
+        for j in range(row.shape[0]):
+            dst[j] = 0.0
+        return
+    c = a if r == 0.0 else a + r * lse
+    for j in range(row.shape[0]):
+        dst[j] = c * math.exp((row[j] - shift) - log_s)
+    e = math.exp((x_label - shift) - log_s)
+    dst[label] = a * (e - 1.0) if r == 0.0 else a * (e - 1.0) + (r * lse) * e
 
 
 # ---- entry points: over the rows, in parallel (prange) or serially -------------------------------
@@ -230,8 +245,9 @@ def _row_grad_f64(row, dst, label, a, keep, shift, log_s, x_label):
 # processes forked from one that already ran the parallel ones (GNU OpenMP, numba's threading
 # layer here, cannot be used again after a fork: the child would be terminated).
 # Outputs: lse[i] = shift + log_s, picked[i] = x[i, labels[i]], nll[i] = (shift - picked) + log_s.
-# The gradient ones take the row factors ``scale`` and the flags ``keep`` (bool; false: an ignored
-# row, exact zeros) and write ``out`` (may be logits).
+# The gradient ones take the row factors ``scale`` (and, class indices, ``z_scale``: the z-loss
+# term's) and the flags ``keep`` (bool; false: an ignored row, exact zeros) and write ``out`` (may
+# be logits).
 
 
 @nb.njit(parallel=True, cache=True)
@@ -275,47 +291,47 @@ def lse_pick_nll_f64_serial(logits, labels, lse, picked, nll):
 
 
 @nb.njit(parallel=True, cache=True)
-def softmax_minus_onehot_f32(logits, labels, scale, keep, out, lse, nll):
+def softmax_minus_onehot_f32(logits, labels, scale, z_scale, keep, out, lse, nll):
     for i in prange(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f32(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
+        _row_grad_f32(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
-def softmax_minus_onehot_f32_serial(logits, labels, scale, keep, out, lse, nll):
+def softmax_minus_onehot_f32_serial(logits, labels, scale, z_scale, keep, out, lse, nll):
     for i in range(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f32(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
+        _row_grad_f32(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
 @nb.njit(parallel=True, cache=True)
-def softmax_minus_onehot_f64(logits, labels, scale, keep, out, lse, nll):
+def softmax_minus_onehot_f64(logits, labels, scale, z_scale, keep, out, lse, nll):
     for i in prange(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f64(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f64(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
+        _row_grad_f64(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
-def softmax_minus_onehot_f64_serial(logits, labels, scale, keep, out, lse, nll):
+def softmax_minus_onehot_f64_serial(logits, labels, scale, z_scale, keep, out, lse, nll):
     for i in range(logits.shape[0]):
         row = logits[i]
         shift, log_s = _row_lse_parts_f64(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
         nll[i] = (shift - x_label) + log_s
-        _row_grad_f64(row, out[i], labels[i], scale[i], keep[i], shift, log_s, x_label)
+        _row_grad_f64(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
 # ---- soft (probability) targets ----------------------------------------------------------------
