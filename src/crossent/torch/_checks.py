@@ -91,11 +91,22 @@ def check_softcap(softcap: object) -> float | None:
     return value
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def check_ignore_index(ignore_index: object) -> int:
-    """An integer as PyTorch takes one (``index_option``); bool and floats are refused."""
+    """An integer as PyTorch takes one (``index_option``); bool and floats are refused, and so
+    is a value outside the int64 range (PyTorch: ValueError "Overflow when unpacking long
+    long"; the comparison with the int64 targets would raise a bare OverflowError, or for
+    2**63 .. 2**64 - 1 silently match no target)."""
     index = index_option(ignore_index)
     if index is None:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not INT64_MIN <= index <= INT64_MAX:
+        raise ValueError(
+            f"ignore_index must be an int in the int64 range [-2**63, 2**63 - 1], as PyTorch "
+            f"takes, got {index}"
+        )
     return index
 
 

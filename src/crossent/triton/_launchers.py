@@ -84,6 +84,14 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, ignore_index):
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        # The kernels and the int64 targets take int64 (PyTorch refuses the rest too): outside
+        # it ``target != ignore_index`` raised a bare OverflowError, or 2**63 .. 2**64 - 1
+        # went to the kernels as uint64 and matched no target.
+        raise ValueError(
+            f"ignore_index must be an int in the int64 range [-2**63, 2**63 - 1], as PyTorch "
+            f"takes, got {ignore_index}"
+        )
 
 
 def _check_device(name, tensor, device):
