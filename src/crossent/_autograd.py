@@ -5,13 +5,22 @@ gradient from saved tensors outside autograd, so that gradient has no graph of i
 ``torch.autograd.function.once_differentiable`` raises on a double backward only when the
 upstream gradient requires grad; with ``torch.autograd.grad(loss, x, create_graph=True)`` it does
 not (the upstream gradient is a constant 1), and a gradient penalty or Hessian-vector product
-then silently drops the loss's Hessian. Here any backward run with ``create_graph=True`` (grad mode
-on inside backward) returns gradients whose own backward raises a ``RuntimeError`` that says why
-and what to use instead. The error node hangs off the tensors the Function saved (its inputs,
-where it saves them), so ``torch.autograd.grad(gradient, inputs)`` reaches it too; where nothing
-differentiable is saved (the linear loss's precomputed gradients, the Triton CE kernel's), only a
-backward through the gradient itself meets it, and ``torch.autograd.grad`` reports the inputs as
-unused, as torch's ``once_differentiable`` does.
+then silently drops the loss's Hessian. ``first_order_only`` never returns such a gradient. A
+backward run with ``create_graph=True`` (grad mode on inside backward) either
+
+- raises a ``RuntimeError`` itself, at that backward, when some input that needs a gradient is
+  not among the Function's saved tensors (a gradient computed in the forward: the chunked linear
+  loss with a "mean" or "sum" reduction, the Triton CE kernel, whose logits are not kept, the
+  Triton linear row schedule): an error node could not reach that input, and
+  ``torch.autograd.grad(penalty, [that input])`` would silently give no curvature; or
+- otherwise (every differentiable input saved) returns the gradients through an identity node
+  whose backward raises the ``RuntimeError``, hung off those saved inputs, so that a backward
+  through the gradient, ``torch.autograd.grad(gradient, inputs)`` included, meets the error
+  instead of reporting the inputs as unused.
+
+Either error says why and what gives second-order gradients instead (``instead``; in
+crossent.torch: impl="reference"). A backward without ``create_graph`` runs the wrapped
+backward under ``torch.no_grad()`` and returns its gradients unchanged.
 """
 
 from __future__ import annotations
