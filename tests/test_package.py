@@ -35,13 +35,3 @@ def test_import_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
-
-
-def test_data_arguments_are_positional_only():
-    import inspect
-
-    for name in CORE_API:
-        params = list(inspect.signature(getattr(ce, name)).parameters.values())
-        kinds = [p.kind for p in params]
-        assert kinds.count(inspect.Parameter.POSITIONAL_ONLY) in (1, 2), name
-        assert all(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.KEYWORD_ONLY) for k in kinds), name

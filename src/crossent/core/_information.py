@@ -42,7 +42,7 @@ def _scale(value: Any, base: Any) -> Any:
     return value if ln_base is None else value / ln_base
 
 
-def entropy(p: Any, /, *, axis: int = -1, base: float | None = None) -> Any:
+def entropy(p: Any, *, axis: int = -1, base: float | None = None) -> Any:
     r"""Shannon entropy of each distribution along ``axis``.
 
     .. math:: H(P) = -\sum_i p_i \log p_i, \qquad 0 \log 0 = 0.
@@ -73,7 +73,7 @@ def entropy(p: Any, /, *, axis: int = -1, base: float | None = None) -> Any:
     return _scale(xp.sum(terms, axis=ax), base)
 
 
-def cross_entropy(p: Any, q: Any, /, *, axis: int = -1, base: float | None = None) -> Any:
+def cross_entropy(p: Any, q: Any, *, axis: int = -1, base: float | None = None) -> Any:
     r"""Cross-entropy of the predicted distribution ``q`` relative to the true distribution ``p``.
 
     .. math:: H(P, Q) = -\sum_i p_i \log q_i,
@@ -106,7 +106,7 @@ def cross_entropy(p: Any, q: Any, /, *, axis: int = -1, base: float | None = Non
     return _scale(xp.sum(terms, axis=ax), base)
 
 
-def kl_divergence(p: Any, q: Any, /, *, axis: int = -1, base: float | None = None) -> Any:
+def kl_divergence(p: Any, q: Any, *, axis: int = -1, base: float | None = None) -> Any:
     r"""Kullback-Leibler divergence :math:`D_{KL}(P \| Q)`.
 
     .. math:: D_{KL}(P \| Q) = \sum_i p_i \log \frac{p_i}{q_i} = H(P, Q) - H(P),

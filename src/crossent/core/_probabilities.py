@@ -21,7 +21,6 @@ from ._xmath import log0, log1m0, mul0
 def log_loss(
     probs: Any,
     targets: Any,
-    /,
     *,
     axis: int = -1,
     eps: float | str | None = "auto",
@@ -164,7 +163,6 @@ def log_loss(
 def binary_cross_entropy(
     probs: Any,
     targets: Any,
-    /,
     *,
     eps: float | str | None = "auto",
     weight: Any = None,

@@ -21,7 +21,6 @@ from ._xmath import mul0
 def binary_cross_entropy_with_logits(
     logits: Any,
     targets: Any,
-    /,
     *,
     weight: Any = None,
     pos_weight: Any = None,
@@ -62,7 +61,6 @@ def binary_cross_entropy_with_logits(
 def binary_cross_entropy_with_logits_and_grad(
     logits: Any,
     targets: Any,
-    /,
     *,
     weight: Any = None,
     pos_weight: Any = None,

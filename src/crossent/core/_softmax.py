@@ -31,7 +31,6 @@ from ._xmath import mul0
 def softmax_cross_entropy(
     logits: Any,
     targets: Any,
-    /,
     *,
     axis: int = -1,
     weight: Any = None,
@@ -122,7 +121,6 @@ def softmax_cross_entropy(
 def softmax_cross_entropy_and_grad(
     logits: Any,
     targets: Any,
-    /,
     *,
     axis: int = -1,
     weight: Any = None,
