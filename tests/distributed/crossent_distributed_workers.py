@@ -502,7 +502,7 @@ def check_faults(rank, world, sizes):
         (ValueError, r"softcap must be the same", lambda: vplce(x, wl, target, softcap=None if rank == 0 else 2.0)),
         (
             ValueError,
-            rf"rank {last}: label_smoothing must be \[0, 1\], got 1.5",
+            rf"rank {last}: label_smoothing must be in \[0, 1\], got 1.5",
             lambda: vpce(zl, target, label_smoothing=1.5 if rank == last else 0.0),
         ),
         (

@@ -644,7 +644,7 @@ def _json_safe(value):
     return value
 
 
-@click.command(name="bench")
+@click.command(name="bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("op", type=click.Choice(["ce", "soft", "linear"]), default="ce")
 @click.option("--rows", type=click.IntRange(min=1), default=20000, show_default=True, help="Rows (tokens).")
 @click.option("--classes", type=click.IntRange(min=1), default=1000, show_default=True,

@@ -16,7 +16,7 @@ import click
 __all__ = ["demo"]
 
 
-@click.command(name="demo")
+@click.command(name="demo", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Passes over the training images.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1,

@@ -52,7 +52,8 @@ class LazyGroup(click.Group):
         return command
 
 
-@click.group(cls=LazyGroup, lazy_subcommands=_SUBCOMMANDS)
+@click.group(cls=LazyGroup, lazy_subcommands=_SUBCOMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="crossent")
 def main():
     """crossent: cross-entropy done properly.

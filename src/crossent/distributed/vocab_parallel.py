@@ -561,7 +561,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, pr
         if real is None:
             problems.append((TypeError, f"{name} must be a float, got {type(value).__name__}"))
         elif not (low <= real <= high and math.isfinite(real)):
-            bounds = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"finite and >= {low:g}"
+            bounds = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f"finite and >= {low:g}"
             problems.append((ValueError, f"{name} must be {bounds}, got {real}"))
         checked.append(value if real is None else real)
     if softcap is not None:

@@ -153,6 +153,10 @@ class ScoreResult:
             return math.inf
 
     def to_dict(self) -> dict:
+        """The result as plain Python values (what ``crossent score --format json`` prints): the
+        summary fields, ``calibration_bins`` (the number of bins) and the ``per_class`` and
+        ``calibration`` tables as lists of dicts; an infinite or NaN number stays a float here
+        (the JSON output writes it as the string "inf", "-inf" or "nan")."""
         return {
             "rows": self.rows,
             "weight": self.weight,

@@ -62,6 +62,8 @@ class CrossEntropyLoss(nn.Module):
         self.validate = validate
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """:func:`crossent.torch.cross_entropy` of ``input`` (logits, classes on dim 1, or dim 0
+        for an unbatched ``(C,)``) against ``target`` with this module's options."""
         return _F.cross_entropy(
             input,
             target,
@@ -146,6 +148,9 @@ class LinearCrossEntropyLoss(nn.Module):
         self.validate = validate
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """:func:`crossent.torch.linear_cross_entropy` of hidden states ``input`` ``(*, D)``
+        through this module's ``linear`` layer, against ``target`` ``(*)`` (class indices) or
+        ``(*, V)`` (probabilities), with this module's options."""
         return _F.linear_cross_entropy(
             input,
             self.linear.weight,
