@@ -135,3 +135,22 @@ def test_second_derivative_matches_torch():
     finite_x = torch.from_numpy(np.where(np.isinf(x), -1e300, x))  # torch's hessian at -inf: NaN
     want = torch.autograd.functional.hessian(loss, finite_x).numpy()
     np.testing.assert_allclose(h, want, rtol=1e-10, atol=1e-14)
+
+
+def test_plus_inf_logit_row_is_nan_on_jax_only():
+    """Documented difference (README, Semantics): with probability targets, a row holding a +inf
+    logit whose class has no target mass is +inf on numpy and torch (the other classes' log q is
+    -inf) and NaN on JAX, whose fused formulation leaves the softmax undefined there (as PyTorch's
+    F.cross_entropy, which gives NaN). Rows with target mass on the +inf class are NaN on all."""
+    x = np.array([[np.inf, 0.0, 1.0], [np.inf, 0.0, 1.0]])
+    t = np.array([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    with np.errstate(all="ignore"):
+        on_numpy = ce.softmax_cross_entropy(x, t, reduction="none")
+    on_torch = ce.softmax_cross_entropy(torch.tensor(x), torch.tensor(t), reduction="none").numpy()
+    rows = jax.jit(lambda a, b: ce.softmax_cross_entropy(a, b, reduction="none"))
+    on_jax = np.asarray(rows(jnp.array(x), jnp.array(t)))
+    torch_peer = torch.nn.functional.cross_entropy(torch.tensor(x), torch.tensor(t), reduction="none").numpy()
+    np.testing.assert_array_equal(on_numpy, [np.inf, np.nan])
+    np.testing.assert_array_equal(on_torch, [np.inf, np.nan])
+    np.testing.assert_array_equal(on_jax, [np.nan, np.nan])
+    np.testing.assert_array_equal(torch_peer, [np.nan, np.nan])
