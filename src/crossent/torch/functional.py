@@ -706,7 +706,10 @@ def kl_div(
     PyTorch: NaN propagates); where it is positive and
     :math:`x = -\infty` the term is :math:`+\infty`. Reductions: "batchmean" (sum / batch size,
     the mathematical KL per sample), "mean" (sum / number of elements, PyTorch's default, without
-    PyTorch's warning), "sum", "none"; a zero denominator gives 0.
+    PyTorch's warning), "sum", "none"; a zero denominator gives 0. ``input`` and ``target``
+    broadcast as in ``F.kl_div`` (e.g. one target distribution ``(C,)`` for a batch ``(N, C)``):
+    "none" returns the broadcast shape, "mean" divides by its number of elements, "batchmean" by
+    ``input``'s first dimension, and the gradients are summed back to each argument's shape.
 
     Returns a float32 loss (float64 for float64 input).
 
@@ -722,15 +725,21 @@ def kl_div(
     )
     _checks.check_floating("input", input)
     _checks.check_floating("target", target)
-    if tuple(target.shape) != tuple(input.shape):
+    try:
+        torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
         raise ValueError(
-            f"target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
-        )
+            f"target must broadcast with the input's shape {tuple(input.shape)} (as in F.kl_div), "
+            f"got {tuple(target.shape)}"
+        ) from None
     if _checks.wants_validation(validate, input, target) and _checks.has_nan(target):
         raise ValueError("target must not contain NaN, got NaN")
     dt = acc_dtype(input.dtype)
     x = input.to(dt)
     t = target.to(dt)
+    if x.shape != t.shape:
+        # Views; autograd sums input's (and target's) gradient back over the broadcast dims.
+        x, t = torch.broadcast_tensors(x, t)
     zero = torch.zeros_like(x)
     # A target mass of 0 adds 0 whatever the finite or infinite log Q; a NaN there stays NaN.
     if log_target:
@@ -747,6 +756,7 @@ def kl_div(
     if reduction == "sum":
         return total
     if reduction == "batchmean":
+        # input's first dimension, as F.kl_div (also where the target broadcasts input up).
         count = input.shape[0] if input.dim() > 0 else 1
     else:
         count = loss.numel()
