@@ -640,7 +640,12 @@ def binary_cross_entropy_with_logits(
     divides by the number of elements; an empty input gives 0 (PyTorch: NaN). Targets are not
     range-checked (as in PyTorch); NaN in them is an error when validating.
 
-    Returns a float32 loss (float64 for float64 input).
+    Returns a loss of dtype ``promote_types(input, target)`` with bf16/fp16 input counted as
+    float32: float32 for float32 input and targets, float64 for float64 input or targets (as in
+    PyTorch); ``weight`` and ``pos_weight`` are cast to it whatever their dtype (as in PyTorch).
+    ``input``'s gradient keeps ``input``'s dtype. PyTorch instead returns the target's dtype
+    when it is narrower (float64 logits with float32 targets: float32; fp16 with fp16: fp16);
+    crossent never returns less than the input's precision, or less than float32.
 
     >>> import torch, crossent.torch as cet
     >>> x = torch.tensor([0.0, 2.0])
@@ -670,7 +675,11 @@ def binary_cross_entropy_with_logits(
         for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
             if t is not None and _checks.has_nan(t):
                 raise ValueError(f"{name} must not contain NaN, got NaN")
-    dt = acc_dtype(input.dtype)
+    # float32 input with float64 targets computes and returns float64, as F does; never
+    # narrower than input's accumulation dtype (PyTorch returns the target's dtype even when
+    # narrower, e.g. float32 for float64 logits: a documented deviation). The weights' dtypes
+    # do not promote, as in PyTorch: they are cast to it.
+    dt = torch.promote_types(acc_dtype(input.dtype), target.dtype)
     x = input.to(dt)
     t = target.to(dt)
     positive = t if pos_weight is None else pos_weight.to(dt) * t
@@ -711,7 +720,9 @@ def kl_div(
     "none" returns the broadcast shape, "mean" divides by its number of elements, "batchmean" by
     ``input``'s first dimension, and the gradients are summed back to each argument's shape.
 
-    Returns a float32 loss (float64 for float64 input).
+    Returns a loss of PyTorch's dtype ``promote_types(input, target)`` (float32 with float64:
+    float64), with bf16/fp16 input counted as float32 (PyTorch keeps fp16 with fp16 targets);
+    each gradient keeps its argument's dtype, as in PyTorch.
 
     >>> import math, torch, crossent.torch as cet
     >>> p = torch.tensor([[0.5, 0.5]])
@@ -734,7 +745,9 @@ def kl_div(
         ) from None
     if _checks.wants_validation(validate, input, target) and _checks.has_nan(target):
         raise ValueError("target must not contain NaN, got NaN")
-    dt = acc_dtype(input.dtype)
+    # PyTorch's promotion of the two dtypes (float32 with float64: float64), input counted as
+    # at least float32 (DESIGN.md: bf16/fp16 give float32 where PyTorch keeps fp16 with fp16).
+    dt = torch.promote_types(acc_dtype(input.dtype), target.dtype)
     x = input.to(dt)
     t = target.to(dt)
     if x.shape != t.shape:
