@@ -255,3 +255,47 @@ def test_bce_float32_input_float64_target_is_float64_as_pytorch():
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, torch.autograd.grad(truth.sum(), xd)[0].float(), rtol=0, atol=0)
+
+
+# ---- F.kl_div's warning for reduction="mean" ----------------------------------------------------
+
+
+def test_kl_div_mean_warns_as_pytorch():
+    x, p = _kl_inputs(torch.float64, torch.float64)
+    with pytest.warns(UserWarning, match="batchmean") as ours:
+        a = cet.kl_div(x, p, reduction="mean")
+    with pytest.warns(UserWarning, match="batchmean") as theirs:
+        b = F.kl_div(x, p, reduction="mean")
+    assert len(ours) == len(theirs) == 1
+    assert ours[0].category is theirs[0].category is UserWarning
+    assert "'mean'" in str(ours[0].message) and "'batchmean'" in str(ours[0].message)
+    assert ours[0].filename == __file__  # points at the caller, as F's (stacklevel=2)
+    torch.testing.assert_close(a, b, **TOL)
+    with pytest.warns(UserWarning, match="batchmean"):
+        cet.kl_div(x, p)  # "mean" is the default, as in F.kl_div
+    with pytest.warns(UserWarning, match="batchmean"):
+        F.kl_div(x, p)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_kl_div_other_reductions_do_not_warn(reduction):
+    x, p = _kl_inputs(torch.float64, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cet.kl_div(x, p, reduction=reduction)
+        F.kl_div(x, p, reduction=reduction)  # the oracle is silent too
+
+
+def test_kl_div_legacy_mean_gives_only_the_deprecation_warning_as_pytorch():
+    x, p = _kl_inputs(torch.float64, torch.float64)
+    for fn in (cet.kl_div, F.kl_div):
+        with pytest.warns(UserWarning) as record:
+            fn(x, p, size_average=True)  # legacy arguments mapping to "mean"
+        assert [("deprecated" in str(w.message), "batchmean" in str(w.message)) for w in record] == [(True, False)]
+
+
+def test_kl_div_bad_argument_raises_before_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="target must broadcast"):
+            cet.kl_div(torch.zeros(3, 2), torch.zeros(4, 2))

@@ -59,6 +59,7 @@ import importlib
 import math
 import numbers
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -714,11 +715,13 @@ def kl_div(
     term is 0 even at :math:`x = -\infty` (PyTorch: NaN), and NaN at a NaN :math:`x` (as in
     PyTorch: NaN propagates); where it is positive and
     :math:`x = -\infty` the term is :math:`+\infty`. Reductions: "batchmean" (sum / batch size,
-    the mathematical KL per sample), "mean" (sum / number of elements, PyTorch's default, without
-    PyTorch's warning), "sum", "none"; a zero denominator gives 0. ``input`` and ``target``
-    broadcast as in ``F.kl_div`` (e.g. one target distribution ``(C,)`` for a batch ``(N, C)``):
-    "none" returns the broadcast shape, "mean" divides by its number of elements, "batchmean" by
-    ``input``'s first dimension, and the gradients are summed back to each argument's shape.
+    the mathematical KL per sample), "mean" (sum / number of elements, PyTorch's default; it
+    warns, as F.kl_div does, with a UserWarning that names "batchmean"; not when it comes from the
+    legacy ``size_average``/``reduce``, as in PyTorch), "sum", "none"; a zero denominator gives 0.
+    ``input`` and ``target`` broadcast as in ``F.kl_div`` (e.g. one target distribution ``(C,)``
+    for a batch ``(N, C)``): "none" returns the broadcast shape, "mean" divides by its number of
+    elements, "batchmean" by ``input``'s first dimension, and the gradients are summed back to
+    each argument's shape.
 
     Returns a loss of PyTorch's dtype ``promote_types(input, target)`` (float32 with float64:
     float64), with bf16/fp16 input counted as float32 (PyTorch keeps fp16 with fp16 targets);
@@ -745,6 +748,17 @@ def kl_div(
         ) from None
     if _checks.wants_validation(validate, input, target) and _checks.has_nan(target):
         raise ValueError("target must not contain NaN, got NaN")
+    if reduction == "mean" and size_average is None and reduce is None:
+        # F.kl_div's warning (a UserWarning, only for an explicit or default "mean"), after the
+        # argument checks so that a bad argument raises its own error first.
+        warnings.warn(
+            "kl_div: reduction='mean' divides the summed loss by the number of elements (batch "
+            "size times support size), as F.kl_div's 'mean' does; reduction='batchmean' divides "
+            "by the batch size only, which is the KL divergence per sample. PyTorch plans to make "
+            "'mean' behave as 'batchmean' in a future major release.",
+            UserWarning,
+            stacklevel=2,
+        )
     # PyTorch's promotion of the two dtypes (float32 with float64: float64), input counted as
     # at least float32 (DESIGN.md: bf16/fp16 give float32 where PyTorch keeps fp16 with fp16).
     dt = torch.promote_types(acc_dtype(input.dtype), target.dtype)
