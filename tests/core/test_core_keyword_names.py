@@ -45,3 +45,17 @@ def test_array_arguments_by_design_names(f, arrays):
     for a, b in zip(np.atleast_1d(by_position) if not isinstance(by_position, tuple) else by_position,
                     np.atleast_1d(by_name) if not isinstance(by_name, tuple) else by_name, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("f", "arrays"), CASES[3:], ids=lambda c: getattr(c, "__name__", ""))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_numpy_losses_are_arrays_for_every_reduction(f, arrays, reduction):
+    """A reduced numpy loss is a 0-d ndarray for "sum" as for "mean" (numpy's sum returned a
+    NumPy scalar there), as the docstrings say; "none" keeps the batch shape."""
+    if f in (ce.softmax_cross_entropy_and_grad, ce.binary_cross_entropy_with_logits_and_grad) and reduction == "none":
+        pytest.skip("no gradient of an unreduced loss")
+    out = f(*arrays.values(), reduction=reduction)
+    loss = out[0] if isinstance(out, tuple) else out
+    assert type(loss) is np.ndarray
+    assert loss.ndim == (0 if reduction != "none" else len(next(iter(arrays.values())).shape) - (
+        1 if f in (ce.softmax_cross_entropy, ce.softmax_cross_entropy_and_grad, ce.log_loss) else 0))

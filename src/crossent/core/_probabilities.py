@@ -15,7 +15,7 @@ from array_api_compat import device
 
 from . import _validation as v
 from ._softmax import _safe_divide
-from ._xmath import log0, log1m0, mul0
+from ._xmath import as_0d, log0, log1m0, mul0
 
 
 def log_loss(
@@ -157,7 +157,7 @@ def log_loss(
     row_w = xp.where(keep, one, zero) if sw is None else xp.where(keep, sw, zero)
     row = xp.where(keep, row, zero)
     loss = _reduce(xp, row, row_w, row_w * target_w, reduction, sw is not None, zero, one)
-    return loss if ln_base is None else loss / ln_base
+    return as_0d(xp, loss if ln_base is None else loss / ln_base)
 
 
 def binary_cross_entropy(
@@ -217,7 +217,7 @@ def binary_cross_entropy(
     if weight is not None:
         elem = _broadcast_weight(xp, "weight", weight, p.shape, dtype) * elem
     loss = _reduce_elementwise(xp, elem, reduction, zero, one)
-    return loss if ln_base is None else loss / ln_base
+    return as_0d(xp, loss if ln_base is None else loss / ln_base)
 
 
 def _binary_targets(xp: Any, targets: Any, inputs: Any, dtype: Any) -> Any:

@@ -15,7 +15,7 @@ from array_api_compat import device
 from . import _validation as v
 from ._probabilities import _binary_targets, _broadcast_weight, _reduce_elementwise
 from ._softmax import _constant
-from ._xmath import mul0
+from ._xmath import as_0d, mul0
 
 
 def binary_cross_entropy_with_logits(
@@ -119,6 +119,7 @@ def _bce_logits(logits: Any, targets: Any, *, weight: Any, pos_weight: Any, labe
     loss = _reduce_elementwise(xp, elem, reduction, zero, one)
     if ln_base is not None:
         loss = loss / ln_base
+    loss = as_0d(xp, loss)
     if not with_grad:
         return loss, None
     sig = _sigmoid(xp, x, zero, one)

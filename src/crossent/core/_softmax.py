@@ -25,7 +25,7 @@ from typing import Any
 from array_api_compat import device, is_jax_array, is_jax_namespace, is_numpy_namespace
 
 from . import _validation as v
-from ._xmath import mul0
+from ._xmath import as_0d, mul0
 
 
 def softmax_cross_entropy(
@@ -434,6 +434,7 @@ def _softmax_ce(
                 z_scale = None
     if ln_base is not None:
         loss = loss / ln_base
+    loss = as_0d(xp, loss)
 
     if not with_grad:
         return loss, None

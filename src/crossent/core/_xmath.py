@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from array_api_compat import device
+from array_api_compat import device, is_numpy_namespace
 
 
 def mul0(xp: Any, t: Any, v: Any) -> Any:
@@ -35,3 +35,9 @@ def log1m0(xp: Any, x: Any) -> Any:
     below = x < 1
     safe = xp.where(below, x, xp.zeros((), dtype=x.dtype, device=dev))
     return xp.where(below, xp.log1p(-safe), xp.asarray(-math.inf, dtype=x.dtype, device=dev))
+
+
+def as_0d(xp: Any, loss: Any) -> Any:
+    """A reduced loss as a 0-d array: numpy's sums return a NumPy scalar (``np.float64``) where
+    its ``where`` and division give a 0-d ``ndarray``; other namespaces return arrays already."""
+    return xp.asarray(loss) if is_numpy_namespace(xp) else loss
