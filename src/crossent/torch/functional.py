@@ -154,6 +154,24 @@ def _soft_result_dtype(input: torch.Tensor, target: torch.Tensor, weight: torch.
     return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
 
 
+def _check_soft_ignore_index(ignore_index: int, target: torch.Tensor, *, any_value: bool) -> None:
+    """ignore_index with probability targets, refused where PyTorch refuses it (every impl).
+
+    F.cross_entropy refuses an ignore_index >= 0 with probability targets and accepts a
+    negative one, which matches no class (``any_value=False``); F.linear_cross_entropy refuses
+    any ignore_index other than its default None (``any_value=True``: crossent's default -100,
+    which None means, cannot be told apart from an explicit -100, and is accepted).
+    """
+    refused = ignore_index != -100 if any_value else ignore_index >= 0
+    if refused:
+        allowed = "None or the default -100" if any_value else "a negative int such as the default -100"
+        raise ValueError(
+            f"ignore_index applies to class-index targets only, got ignore_index={ignore_index} "
+            f"with probability targets (a {target.dtype} target); leave it at {allowed} (PyTorch "
+            f"raises here too)"
+        )
+
+
 def _triton_function(name: str):
     try:
         module = importlib.import_module("crossent.triton")
@@ -291,7 +309,9 @@ def cross_entropy(
             "auto" takes "reference", which differentiates it (see the module docstring).
         size_average, reduce: deprecated, mapped to ``reduction`` as PyTorch does.
         ignore_index: target value whose rows contribute nothing (integer targets); an int,
-            NumPy integer or 0-d integer tensor, as PyTorch takes.
+            NumPy integer or 0-d integer tensor, as PyTorch takes. With probability targets an
+            ignore_index >= 0 is a ValueError (PyTorch raises too); a negative one is accepted
+            and ignores nothing, as in PyTorch.
         reduction: "mean" | "sum" | "none" ("none" returns the target's shape).
         label_smoothing: epsilon in [0, 1] (like ``z_loss`` and ``softcap``: a Python or NumPy
             real, or a 0-d tensor).
@@ -336,6 +356,8 @@ def cross_entropy(
     if input.dim() == 0:
         raise ValueError("input must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...)")
     soft = target.is_floating_point()
+    if soft:
+        _check_soft_ignore_index(ignore_index, target, any_value=False)
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
     expected = input.shape if soft else input.shape[:class_dim] + input.shape[class_dim + 1 :]
@@ -453,7 +475,9 @@ def linear_cross_entropy(
         linear_bias: optional ``(V,)``.
         weight, ignore_index, reduction, label_smoothing, z_loss, softcap, validate: as in
             :func:`cross_entropy`; ``ignore_index=None`` (PyTorch 2.13's default here) means
-            -100, as in PyTorch.
+            -100, as in PyTorch. With probability targets any ignore_index other than None or
+            -100 is a ValueError (PyTorch refuses every ignore_index there, -100 included; here
+            -100 is the default and cannot be told apart).
         impl: "auto" | "triton" | "chunked" | "reference". Probability targets or class weights
             that require grad take "reference" under "auto" (the others refuse them); only
             "reference" supports double backward and ``torch.func`` transforms (see the module
@@ -545,6 +569,8 @@ def linear_cross_entropy(
                 f"linear_bias must have input's dtype {input.dtype}, got {linear_bias.dtype}"
             )
     soft = target.is_floating_point()
+    if soft:
+        _check_soft_ignore_index(ignore_index, target, any_value=True)
     lead = tuple(input.shape[:-1])
     expected = lead + (num_classes,) if soft else lead
     target, weight = _check_targets(
