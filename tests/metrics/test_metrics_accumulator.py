@@ -135,6 +135,29 @@ def test_calibration_bin_edges_are_right_closed():
     assert weights[4] == 1 and weights[14] == 1 and sum(weights) == 2
 
 
+
+@pytest.mark.parametrize("n_bins", [15, 25, 50, 100, 7])
+def test_calibration_bins_are_the_reported_edges(n_bins):
+    """A confidence equal to a reported edge k/B lies in the bin whose ``upper`` it is, and one
+    just above in the next, as a numpy transcription with the same edges (searchsorted) puts them:
+    ceil(c * B) - 1 put c = 0.56 in (0.56, 0.57] at B = 100 (0.56 * 100 rounds up to 56.000...01)."""
+    edges = np.arange(n_bins + 1) / n_bins
+    conf = np.concatenate([edges[1:], np.nextafter(edges[1:-1], 2.0), np.nextafter(edges[1:], -1.0)])
+    conf = conf[conf > 0.5]  # a top-label confidence of two classes
+    p = np.stack([conf, 1.0 - conf], axis=1)
+    acc = ScoreAccumulator(2, n_bins=n_bins)
+    acc.update(p, np.zeros(len(conf), dtype=np.int64))
+    r = acc.compute()
+    got = np.array([b["weight"] for b in r.calibration])
+    want = np.bincount(np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1), minlength=n_bins)
+    np.testing.assert_array_equal(got, want)
+    for b in r.calibration:  # every confidence in its bin lies in (lower, upper]
+        inside = conf[(conf > b["lower"]) & (conf <= b["upper"])]
+        assert b["weight"] == len(inside)
+    if n_bins == 100:
+        two = ScoreAccumulator(2, n_bins=100).update(np.array([[0.56, 0.44], [0.555, 0.445]]), np.array([0, 1]))
+        assert [b["weight"] for b in two.compute().calibration][55] == 2
+
 def test_loss_histogram_counts_match_numpy_histogram():
     _, p, y, _ = _data(n=2000, seed=5)
     acc = ScoreAccumulator(7, hist_bin_width=0.05, hist_max=3.0).update(p, y)

@@ -117,7 +117,8 @@ class ScoreResult:
     clipped to it.
 
     ``loss_histogram`` holds ``bin_width``; ``counts``, the rows per bin of finite loss (the
-    last bin: losses >= ``hist_max``); ``weights``, the sample weight per bin (equal to
+    last bin: losses >= ``bins * bin_width``, ``hist_max`` rounded up to a multiple of
+    ``bin_width``); ``weights``, the sample weight per bin (equal to
     ``counts`` without sample weights), so a plot of ``weights`` has the weighted mean as its
     mean; ``min`` and ``max``, the extreme losses of the rows above (``max`` is inf when
     ``infinite_loss_rows`` > 0), None when there are none.
@@ -190,7 +191,8 @@ class ScoreAccumulator:
         \ell_i = \log\sum_k e^{z_{ik}} - z_{i, y_i} \quad\text{(logits)}
 
     cross-entropy :math:`= \sum_i w_i \ell_i / \sum_i w_i`; accuracy
-    :math:`= \sum_i w_i [\arg\max_k q_{ik} = y_i] / \sum_i w_i`; with the top-label confidence
+    :math:`= \sum_i w_i [\arg\max_k q_{ik} = y_i] / \sum_i w_i` (ties: the first maximal class
+    wins, as ``numpy.argmax``; also for the calibration bins' accuracy); with the top-label confidence
     :math:`c_i = \max_k q_{ik}` put in ``n_bins`` equal-width bins :math:`(b/B, (b+1)/B]`,
     expected calibration error :math:`= \sum_b |\mathrm{acc}_b - \mathrm{conf}_b| n_b / n`
     (:math:`n_b` the weight in bin b). :math:`\epsilon` is ``finfo(scores.dtype).eps`` of the
@@ -545,11 +547,10 @@ class ScoreAccumulator:
         self.class_weight += np.bincount(t, weights=weight, minlength=C)
         self.class_loss += np.bincount(t, weights=wl, minlength=C)
         self.class_correct += np.bincount(t, weights=wc, minlength=C)
-        b = confidence * B  # bin b holds confidences in (b/B, (b+1)/B]
-        np.ceil(b, out=b)
-        b -= 1
+        # Bin b holds confidences in (b/B, (b+1)/B], compared with the edges compute() reports
+        # (ceil(c * B) - 1 put c = 0.56 in (0.56, 0.57] at B = 100: 0.56 * 100 rounds up).
+        b = np.searchsorted(np.arange(B + 1) / B, confidence, side="left") - 1
         np.clip(b, 0, B - 1, out=b)
-        b = b.astype(np.intp)
         self.bin_weight += np.bincount(b, weights=weight, minlength=B)
         self.bin_confidence += np.bincount(b, weights=wconf, minlength=B)
         self.bin_correct += np.bincount(b, weights=wc, minlength=B)
