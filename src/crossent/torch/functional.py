@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import numbers
 import sys
 import warnings
 
@@ -483,7 +482,8 @@ def linear_cross_entropy(
             "reference" supports double backward and ``torch.func`` transforms (see the module
             docstring).
         chunk_size: rows per block for impl="chunked" (None: N * V / 16 logits per block,
-            clamped to [2**16, 2**22]), an int >= 1. impl="auto" uses it where it picks
+            clamped to [2**16, 2**22]), an int >= 1 (a Python or NumPy int or a 0-d integer
+            tensor, as memory_budget; bool is refused). impl="auto" uses it where it picks
             "chunked" and ignores it where it picks another implementation (CUDA: "triton";
             class weights or probability targets that require grad: "reference"), so that one
             call runs on every device; impl="triton" and "reference" refuse it with a
@@ -522,10 +522,13 @@ def linear_cross_entropy(
     _checks.check_floating("linear_weight", linear_weight)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if chunk_size is not None:
+        # An int as PyTorch takes one for integer options (as memory_budget and ignore_index):
+        # Python or NumPy integers and 0-d integer tensors; bool and floats are refused.
+        rows = _checks.index_option(chunk_size)
+        if rows is None or rows < 1:
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        chunk_size = rows
     if chunk_size is not None and impl in ("triton", "reference"):
         # As memory_budget: an explicit implementation that has no row blocks refuses it rather
         # than ignore it; "auto" ignores it where it does not pick "chunked" (one call for every
@@ -537,10 +540,10 @@ def linear_cross_entropy(
         )
     if memory_budget is not None:
         # Checked whatever the route, so that "auto" ignores only a valid budget (see below).
-        if (isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral)
-                or memory_budget < 0):
+        budget = _checks.index_option(memory_budget)  # NumPy integers and 0-d tensors too
+        if budget is None or budget < 0:
             raise ValueError(f"memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}")
-        memory_budget = int(memory_budget)  # NumPy integers too
+        memory_budget = budget
     if input.dim() < 1:
         raise ValueError("input must have shape (*, D), got a 0-d tensor")
     if linear_weight.dim() != 2:
