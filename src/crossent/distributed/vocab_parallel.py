@@ -111,7 +111,7 @@ import torch
 import torch.distributed as dist
 
 from crossent._autograd import first_order_only
-from crossent.torch._checks import index_option, real_option
+from crossent.torch._checks import check_ignore_index, real_option
 
 from .partition import vocab_offsets
 
@@ -545,11 +545,14 @@ def _group_of(group, fn: str):
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, problems):
     """Check the scalar options into ``problems``; return (ignore_index, label_smoothing, z_loss,
     softcap) as Python int/floats (the values given, where a check failed)."""
-    index = index_option(ignore_index)
-    if index is None:
-        problems.append((TypeError, f"ignore_index must be an int, got {ignore_index!r}"))
-    else:
-        ignore_index = index
+    try:
+        # crossent.torch's check, so the two give the same errors: a TypeError for bool, floats
+        # and other non-integers, and a ValueError naming the int64 range for a value outside it
+        # (2**70 was a bare OverflowError from the step-0 table, 2**63 a ValueError "Overflow
+        # when unpacking long long" there, or with validate=False silently matched no target).
+        ignore_index = check_ignore_index(ignore_index)
+    except (TypeError, ValueError) as exc:
+        problems.append((type(exc), str(exc)))
     if reduction not in _REDUCTIONS:
         problems.append((ValueError, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}"))
     checked = []
