@@ -382,20 +382,35 @@ SOFT_OPTIONS_DESCRIPTION = {
     "crossent-torch": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass)",
     "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass) + backward",
 }
-#: Descriptions with a z-loss or a softcap (torch: the composition, see make_case).
-LLM_OPTIONS_DESCRIPTION = {
-    "crossent": "crossent.softmax_cross_entropy (numba installed: blocked pass with a softcap)",
-    "crossent-grad": "crossent.softmax_cross_entropy_and_grad (numba installed: blocked pass)",
-    "crossent-torch": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass)",
-    "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass) + backward",
-    "torch": "torch F.cross_entropy(softcap * tanh(x / softcap)) + z * mean(lse^2)",
-    "torch-grad": "torch F.cross_entropy(softcap * tanh(x / softcap)) + z * mean(lse^2) + backward",
-}
+def llm_options_description(case: str, args) -> str | None:
+    """Descriptions with a z-loss or a softcap (torch: the composition, see make_case). Class
+    indices: numba's kernels take the loss without a softcap, and the gradient without a softcap
+    or a z-loss with smoothing (the z-loss folded into softmax_minus_onehot); probability targets:
+    the loss without a softcap, class weights or smoothing, the gradient also without a z-loss;
+    else the blocked pass."""
+    if args.targets == "labels":
+        blocked_loss = bool(args.softcap)
+        blocked_grad = blocked_loss or bool(args.z_loss and args.label_smoothing)
+    else:
+        blocked_loss = bool(args.softcap or args.class_weight or args.label_smoothing)
+        blocked_grad = blocked_loss or bool(args.z_loss)
+    torch_logits = "softcap * tanh(x / softcap)" if args.softcap else "x"
+    torch_z = " + z * mean(lse^2)" if args.z_loss else ""
+    return {
+        "crossent": "crossent.softmax_cross_entropy ("
+        + ("numba installed: blocked pass" if blocked_loss else "numba kernel") + ")",
+        "crossent-grad": "crossent.softmax_cross_entropy_and_grad ("
+        + ("numba installed: blocked pass" if blocked_grad else "numba kernel, z-term folded in") + ")",
+        "crossent-torch": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass)",
+        "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass) + backward",
+        "torch": f"torch F.cross_entropy({torch_logits}){torch_z}",
+        "torch-grad": f"torch F.cross_entropy({torch_logits}){torch_z} + backward",
+    }.get(case)
 
 
 def describe(case: str, args) -> str:
     if args.z_loss or args.softcap:
-        return LLM_OPTIONS_DESCRIPTION.get(case, DESCRIPTION[case])
+        return llm_options_description(case, args) or DESCRIPTION[case]
     if args.targets != "labels" and (args.label_smoothing or args.class_weight):
         return SOFT_OPTIONS_DESCRIPTION.get(case, DESCRIPTION[case])
     if args.label_smoothing:
