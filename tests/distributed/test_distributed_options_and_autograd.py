@@ -114,7 +114,8 @@ def test_numpy_scalar_options_and_second_order_error():
         "ignore_float": "TypeError: vocab_parallel_cross_entropy: rank 0: ignore_index must be an int, got 1.0",
         "ignore_float_tensor": "ignore_index must be an int, got tensor(1.)",
         "smoothing_bool": "TypeError: vocab_parallel_cross_entropy: rank 0: label_smoothing must be a float",
-        "smoothing_range": "ValueError: vocab_parallel_cross_entropy: rank 0: label_smoothing must be in [0, 1], got 1.5",
+        "smoothing_range":
+            "ValueError: vocab_parallel_cross_entropy: rank 0: label_smoothing must be in [0, 1], got 1.5",
     }
     for name, text in expected.items():
         assert errors[name] and text in errors[name], (name, errors[name])
