@@ -121,6 +121,20 @@ def test_kl_div_deviations():
     assert cet.kl_div(empty, empty.detach(), reduction="batchmean").item() == 0.0
 
 
+def test_kl_div_target_gradient_at_zero_mass_deviation():
+    """d/dt of t (log t - x) at t = 0 (a one-sided -inf): PyTorch NaN, ours 0, as the term itself
+    is 0 there (0 log 0 = 0); the other entries equal PyTorch's log t + 1 - x."""
+    x = torch.log_softmax(torch.tensor([[0.3, -1.2, 2.0], [1.0, 0.0, -1.0]], dtype=torch.float64), dim=1)
+    t = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    theirs, ours = t.clone().requires_grad_(), t.clone().requires_grad_()
+    F.kl_div(x, theirs, reduction="sum").backward()
+    cet.kl_div(x, ours, reduction="sum").backward()
+    assert torch.isnan(theirs.grad[0, 0]) and ours.grad[0, 0].item() == 0.0
+    want = torch.log(t) + 1 - x
+    torch.testing.assert_close(ours.grad[t > 0], want[t > 0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(theirs.grad[t > 0], ours.grad[t > 0], rtol=1e-12, atol=0)
+
+
 def test_kl_div_nan_input_under_zero_target_propagates():
     """A NaN log Q under a zero target mass is NaN, as in PyTorch (it was masked to 0 with the
     zero-mass terms), with or without log_target; -inf and +inf there stay 0."""
