@@ -274,7 +274,7 @@ def test_smoothing_inplace_upstream_and_retained_graph(smoothing_calls, reductio
 
 @pytest.mark.parametrize("kwargs, dtype", [
     ({"label_smoothing": 0.1}, torch.bfloat16),
-    ({"z_loss": 1e-3}, torch.float32),
+    ({"z_loss": 1e-3, "label_smoothing": 0.1}, torch.float32),
     ({"softcap": 30.0}, torch.float32),
     ({}, torch.bfloat16),
     ({"impl": "chunked"}, torch.float32),
@@ -285,6 +285,34 @@ def test_other_options_take_the_chunked_or_chosen_path(kernel_calls, kwargs, dty
     y = torch.randint(0, 6, (8,))
     _loss_and_grad(x, y, **kwargs)
     assert kernel_calls == {"loss_kernel": 0, "grad_kernel": 0}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_z_loss_runs_the_kernels_in_every_backward_mode(kernel_calls, reduction, weighted):
+    """A z-loss without smoothing on the class-index kernels (z_scale): the loss and gradient
+    equal impl="reference" (float64 PyTorch ops) with ignored rows, class weights and an upstream
+    gradient, written in forward, in place (inplace_backward) and in a second backward through a
+    retained graph."""
+    x, y, w = _class_inputs((29, 17), weighted, seed=21)
+    kw = dict(weight=w, reduction=reduction, z_loss=3e-3)
+    up = torch.rand(29, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    ref = x.clone().requires_grad_()
+    want = cet.cross_entropy(ref, y, impl="reference", **kw)
+    want.backward(up)
+    leaf = x.clone().requires_grad_()
+    loss = cet.cross_entropy(leaf, y, **kw)
+    loss.backward(up, retain_graph=True)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-12, atol=1e-14)
+    loss.backward(up)  # written again by the kernel, with the z-term's factors times up
+    torch.testing.assert_close(leaf.grad, 2 * ref.grad, rtol=1e-12, atol=1e-14)
+    inplace = x.clone().requires_grad_()
+    y_in = inplace * 1.0  # a non-leaf: the gradient is written into its memory
+    y_in.retain_grad()
+    cet.cross_entropy(y_in, y, inplace_backward=True, **kw).backward(up)
+    torch.testing.assert_close(y_in.grad, ref.grad, rtol=1e-12, atol=1e-14)
+    assert kernel_calls["grad_kernel"] == 3 and kernel_calls["loss_kernel"] == 1
 
 
 def test_probability_targets_skip_and_switched_off_path_falls_back(kernel_calls, monkeypatch):

@@ -1,7 +1,7 @@
 r"""impl="auto" on the CPU: the compiled kernels of :mod:`crossent.cpu` behind autograd.
 
-For float32/float64 CPU logits with class-index targets and no z-loss or softcap (the common
-case), ``crossent.torch.cross_entropy`` runs numba kernels on the tensors' own memory
+For float32/float64 CPU logits with class-index targets and no softcap (the common case),
+``crossent.torch.cross_entropy`` runs numba kernels on the tensors' own memory
 (``Tensor.numpy()`` shares it, nothing is copied):
 
 - forward without a gradient wanted: :func:`crossent.cpu.lse_and_nll`, one pass over each row
@@ -53,8 +53,13 @@ an all -inf row, a +inf logit) the call goes to impl="chunked" instead, whose co
 rows are this layer's (one difference stays: with label smoothing, a row of all -inf logits under
 zero targets gives 0 here, with a NaN gradient, as core's numpy paths; "chunked" gives NaN).
 
-Class indices with a z-loss or a softcap, and every class-index call without numba, run
-``CpuBlockedCrossEntropy``: the row statistics of ``crossent.cpu._blocked.lse_and_nll`` in forward,
+A z-loss :math:`\zeta` without label smoothing adds :math:`\zeta\, \mathrm{lse}_i^2` per kept row
+(not class-weighted; "mean" over the kept rows) and, to the gradient, :math:`r_i\, \mathrm{lse}_i
+\mathrm{softmax}(z_i)` with :math:`r_i = 2 \zeta` (over the kept-row count for "mean") times the
+upstream gradient, written by the same kernel (``softmax_minus_onehot``'s ``z_scale``).
+
+Class indices with a softcap, or a z-loss with label smoothing, and every class-index call
+without numba, run ``CpuBlockedCrossEntropy``: the row statistics of ``crossent.cpu._blocked.lse_and_nll`` in forward,
 the gradient of ``crossent.cpu._blocked.gradient`` in backward (a second pass; in place with
 ``inplace_backward``). bf16/fp16 logits take impl="chunked".
 """
@@ -69,11 +74,12 @@ from .._autograd import USE_REFERENCE, first_order_only
 from ._reference import safe_divide
 
 
-def class_index_path(logits2d: torch.Tensor, soft: bool, z_loss: float, softcap: float | None) -> str | None:
+def class_index_path(logits2d: torch.Tensor, soft: bool, z_loss: float, softcap: float | None,
+                     label_smoothing: float = 0.0) -> str | None:
     """Which CPU pass ``cross_entropy``'s impl="auto" takes for class indices: "kernels" (numba;
-    with or without label smoothing, no z-loss or softcap), "blocked" (``CpuBlockedCrossEntropy``:
-    a z-loss or a softcap, or no numba), or None (probability targets; logits the passes cannot
-    read in place; the fast paths switched off): impl="chunked"."""
+    label smoothing or a z-loss, not both; no softcap), "blocked" (``CpuBlockedCrossEntropy``: a
+    softcap, a z-loss with label smoothing, or no numba), or None (probability targets; logits
+    the passes cannot read in place; the fast paths switched off): impl="chunked"."""
     if soft or not _cpu_array(logits2d):
         return None
     try:
@@ -82,7 +88,8 @@ def class_index_path(logits2d: torch.Tensor, soft: bool, z_loss: float, softcap:
         return None
     if not cpu.enabled():
         return None
-    return "kernels" if not z_loss and softcap is None and cpu.available() else "blocked"
+    kernels = softcap is None and not (z_loss and label_smoothing) and cpu.available()
+    return "kernels" if kernels else "blocked"
 
 
 def applies_soft(logits2d: torch.Tensor, target2d: torch.Tensor, weight: torch.Tensor | None) -> bool:
@@ -149,11 +156,15 @@ def _gradient(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
     logits, target, w_row, denominator = ctx.saved_tensors
     g = _on_kept_rows(ctx, grad_output.to(torch.float64))
     scale = w_row * g if ctx.reduction != "mean" else w_row * safe_divide(g, denominator)
+    # The z-loss term's factors (``ctx.z_unit``: those of an upstream gradient of 1), if any.
+    z_unit = getattr(ctx, "z_unit", None)
+    z_scale = None if z_unit is None else (z_unit * g).expand(z_unit.shape).contiguous().numpy()
     x = logits.detach()
     grad = x if ctx.inplace_backward else _gradient_buffer(x)
     x_np = x.numpy()
     out = x_np if ctx.inplace_backward else grad.numpy()  # the same array object: in place
-    write(x_np, target.numpy(), scale.contiguous().numpy(), _keep(ctx.valid, x.shape[0]), out)
+    z_args = () if z_scale is None else (z_scale,)  # the class-index kernels' z-loss term
+    write(x_np, target.numpy(), scale.contiguous().numpy(), _keep(ctx.valid, x.shape[0]), out, *z_args)
     if ctx.inplace_backward:
         # The kernel wrote through numpy, behind autograd's back: bump the logits' version so
         # that an op which saved them (exp, sigmoid, ...) raises autograd's in-place error
@@ -218,7 +229,8 @@ class CpuFastCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits, target, weight, ignore_index, reduction, label_smoothing, inplace_backward, grad_enabled
+        ctx, logits, target, weight, ignore_index, reduction, label_smoothing, inplace_backward, grad_enabled,
+        z_loss=0.0,
     ):
         valid = target != ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
@@ -232,6 +244,15 @@ class CpuFastCrossEntropy(torch.autograd.Function):
         # The row factors of the gradient: w_y (the class-index kernel), or 1 (the smoothing
         # kernel weighs the (1 - eps) term by w_y itself), over the "mean" denominator.
         row_factor = w_row if not eps else valid.to(torch.float64)
+        # z-loss (class_index_path: never with smoothing): z lse^2 per kept row, not class-weighted,
+        # "mean" over the kept rows; its gradient 2 z lse softmax by the kernel's z_scale.
+        z = float(z_loss)
+        z_unit = None
+        if z:
+            n_valid = valid.sum().to(torch.float64)
+            z_unit = 2.0 * z * valid.to(torch.float64)
+            if reduction == "mean":
+                z_unit = z_unit * safe_divide(torch.ones((), dtype=torch.float64), n_valid)
         x = logits.detach()
         # needs_input_grad ignores torch.no_grad(); grad_enabled is taken outside forward.
         ctx.grad = None
@@ -241,7 +262,7 @@ class CpuFastCrossEntropy(torch.autograd.Function):
             ctx.grad = _gradient_buffer(x)
             out = ctx.grad.numpy()
         stats = write(x.numpy(), safe.numpy(), _unit_scale(row_factor, denominator, reduction).contiguous().numpy(),
-                      valid.numpy(), out)
+                      valid.numpy(), out, None if z_unit is None or out is None else z_unit.numpy())
         nll = torch.from_numpy(stats[1]).to(torch.float64)
         if eps:
             ce = (1.0 - eps) * w_row * nll if eps < 1.0 else torch.zeros_like(nll)
@@ -258,33 +279,40 @@ class CpuFastCrossEntropy(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.inplace_backward = inplace_backward
         ctx.write = write
-        return _reduce(per_row, denominator, reduction).to(logits.dtype)
+        ctx.z_unit = z_unit
+        loss = _reduce(per_row, denominator, reduction)
+        if z:
+            lse = torch.from_numpy(stats[0]).to(torch.float64)
+            z_row = torch.where(valid, z * lse * lse, 0.0)
+            loss = loss + _reduce(z_row, n_valid, reduction)
+        return loss.to(logits.dtype)
 
     @staticmethod
     @first_order_only("cross_entropy (impl='auto', CPU kernels)", USE_REFERENCE)
     def backward(ctx, grad_output):  # type: ignore[override]
         grad = _backward(ctx, grad_output, ctx.write)
         # Gradients for (logits, target, weight, ignore_index, reduction, label_smoothing,
-        # inplace_backward, grad_enabled).
-        return grad, None, None, None, None, None, None, None
+        # inplace_backward, grad_enabled, z_loss).
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _writer(weight: torch.Tensor | None, eps: float):
-    """``write(x, target, scale, keep, out)`` (numpy arrays; ``out`` None: the loss alone) -> the kernel's
-    per-row outputs (``[1]`` is nll; with smoothing ``[2]``, ``[3]`` are S and K): the class-index
-    kernels, or the smoothing kernel with the class weights and eps bound."""
+    """``write(x, target, scale, keep, out, z_scale=None)`` (numpy arrays; ``out`` None: the loss
+    alone; ``z_scale``: the z-loss term's row factors, class indices without smoothing) -> the
+    kernel's per-row outputs (``[0]`` is lse, ``[1]`` nll; with smoothing ``[2]``, ``[3]`` are S
+    and K): the class-index kernels, or the smoothing kernel with the class weights and eps bound."""
     from crossent import cpu
 
     if not eps:
-        def write(x, target, scale, keep, out):
+        def write(x, target, scale, keep, out, z_scale=None):
             if out is None:
                 return cpu.lse_and_nll(x, target)
-            return cpu.softmax_minus_onehot(x, target, scale, out, keep=keep)
+            return cpu.softmax_minus_onehot(x, target, scale, out, keep=keep, z_scale=z_scale)
 
         return write
     class_weight = None if weight is None else weight.detach().to(torch.float64).contiguous().numpy()
 
-    def write_smoothed(x, target, scale, keep, out):
+    def write_smoothed(x, target, scale, keep, out, z_scale=None):
         return cpu._smoothed_rows(x, target, class_weight, eps, scale if out is not None else None, out, keep)
 
     return write_smoothed

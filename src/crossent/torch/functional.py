@@ -381,7 +381,7 @@ def cross_entropy(
         impl = "reference"  # no class: nothing to chunk (the row-block softmax needs one)
     auto = impl == "auto"
     impl = _resolve_impl(impl, input.device, soft, input.dtype)
-    cpu_path = _cpu_fast.class_index_path(logits2d, soft, z_loss, softcap) if auto and impl == "chunked" else None
+    cpu_path = _cpu_fast.class_index_path(logits2d, soft, z_loss, softcap, eps) if auto and impl == "chunked" else None
     if cpu_path is not None:
         impl = "cpu-fast"
     loss = None
@@ -424,7 +424,7 @@ def cross_entropy(
     elif impl == "cpu-fast":
         loss = _cpu_fast_cross_entropy(
             logits2d, target2d, weight, ignore_index, reduction, eps,
-            inplace_backward and logits2d.data_ptr() == input.data_ptr(), torch.is_grad_enabled(),
+            inplace_backward and logits2d.data_ptr() == input.data_ptr(), torch.is_grad_enabled(), z_loss,
         )
     else:
         # As they are: the kernels take any row stride (a vocabulary padded and sliced, [:, :V])
