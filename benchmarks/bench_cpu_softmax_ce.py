@@ -394,6 +394,10 @@ def llm_options_description(case: str, args) -> str | None:
     else:
         blocked_loss = bool(args.softcap or args.class_weight or args.label_smoothing)
         blocked_grad = blocked_loss or bool(args.z_loss)
+    # crossent.torch: the class-index kernels take a z-loss without smoothing or softcap; its
+    # probability-target kernels take neither option.
+    torch_blocked = blocked_grad if args.targets == "labels" else True
+    torch_route = "blocked numpy pass" if torch_blocked else "numba kernels"
     torch_logits = "softcap * tanh(x / softcap)" if args.softcap else "x"
     torch_z = " + z * mean(lse^2)" if args.z_loss else ""
     return {
@@ -401,8 +405,8 @@ def llm_options_description(case: str, args) -> str | None:
         + ("numba installed: blocked pass" if blocked_loss else "numba kernel") + ")",
         "crossent-grad": "crossent.softmax_cross_entropy_and_grad ("
         + ("numba installed: blocked pass" if blocked_grad else "numba kernel, z-term folded in") + ")",
-        "crossent-torch": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass)",
-        "crossent-torch-grad": "crossent.torch.cross_entropy (impl=auto: blocked numpy pass) + backward",
+        "crossent-torch": f"crossent.torch.cross_entropy (impl=auto: {torch_route})",
+        "crossent-torch-grad": f"crossent.torch.cross_entropy (impl=auto: {torch_route}) + backward",
         "torch": f"torch F.cross_entropy({torch_logits}){torch_z}",
         "torch-grad": f"torch F.cross_entropy({torch_logits}){torch_z} + backward",
     }.get(case)
