@@ -113,3 +113,27 @@ def test_csv_value_arrow_cannot_read_does_not_hide_earlier_rows(tmp_path):
             with pytest.raises(DataError, match=f"data row {row}: .*{re.escape(message)}"):
                 score_files(str(path), target="y", probs="p_*", batch_rows=batch_rows)
         lines[1 + row] = line(row)  # repair it: the next one is the first
+
+
+@pytest.mark.parametrize("bad_row, expected", [(None, 17), (25, 17), (9, 9)])
+def test_weights_summing_beyond_float64_name_the_first_row(tmp_path, bad_row, expected):
+    """Sample weights of 1e307 sum to inf at row 17 (1.8e308): that row is reported at every
+    --batch-rows (it was the batch's last row: 20 at 7 rows a batch, 39 at 64), also when a
+    row sum of 0.9 follows it in the batch (at 64 rows that row, 25, was reported), and a bad
+    row before it (9) is reported instead."""
+    lines = ["y,p_a,p_b,w"] + [f"{i % 2},{0.75 - 0.5 * (i % 2)},{0.25 + 0.5 * (i % 2)},1e307"
+                               for i in range(40)]
+    if bad_row is not None:
+        lines[1 + bad_row] = "1,0.5,0.4,1e307"
+    path = tmp_path / "heavy.csv"
+    path.write_text("\n".join(lines) + "\n")
+    for batch_rows in (1, 2, 3, 7, 64, 1000):
+        result = run(path, "--target", "y", "--probs", "p_*", "--sample-weight", "w",
+                     "--batch-rows", batch_rows)
+        assert result.exit_code == 1, result.output
+        if expected == 17:
+            assert ("column 'w', data row 17: the sample weights sum beyond float64's largest "
+                    "number (1.8e308) at this row") in result.stderr, (batch_rows, result.stderr)
+        else:
+            assert "data row 9: probabilities of the row sum to 0.9" in result.stderr
+    assert _reported_row(path, None) == expected  # the default batch size

@@ -51,8 +51,8 @@ def test_weights_whose_sum_overflows_are_refused_by_name():
     p = np.array([[0.5, 0.5], [0.9, 0.1]])
     y = np.array([0, 0])
     acc = ScoreAccumulator(2, weight_name="w")
-    with pytest.raises(InvalidDataError, match=r"column 'w': the sample weights sum beyond "
-                                               r"float64's largest number .* by data row 6"):
+    with pytest.raises(InvalidDataError, match=r"column 'w', data row 6: the sample weights sum "
+                                               r"beyond float64's largest number .* at this row"):
         acc.update(p, y, sample_weight=np.array([1e308, 1e308]), start=5)
     assert acc.rows == 0 and acc.weight == 0.0  # nothing of the batch was added
 
@@ -61,7 +61,8 @@ def test_weighted_losses_that_overflow_are_refused_by_name():
     # each weight and their sum are finite; weight * loss (10.000045 nats) is not
     z = np.array([[0.0, 10.0], [0.0, 0.0]])
     acc = ScoreAccumulator(2, from_logits=True, weight_name="w")
-    with pytest.raises(InvalidDataError, match=r"column 'w': the weighted losses of class '0' sum"):
+    with pytest.raises(InvalidDataError, match=r"column 'w', data row 0: the weighted losses of "
+                                               r"class '0' sum beyond"):
         acc.update(z, np.array([0, 1]), sample_weight=np.array([1e308, 1.0]))
     assert acc.rows == 0
 

@@ -209,7 +209,9 @@ class ScoreAccumulator:
     nonzero weight must be at least the smallest normal float64 (2.2e-308; below it, products
     lose their precision), and the sums of the weights and of the weighted losses must stay
     within float64's range (1.8e308): the weighted mean does not change when every weight is
-    scaled by one factor, so scale them. Torch tensors are detached and read on the CPU;
+    scaled by one factor, so scale them (the error names the row at which a sum, added row by
+    row, leaves the range, whatever the batch size; a loss sum may be inf only through a row
+    of weight > 0 whose loss is +inf). Torch tensors are detached and read on the CPU;
     bfloat16 scores are computed in float32 with bfloat16's eps. A bad row raises
     ``InvalidDataError`` naming the column (``column_names``, ``weight_name``) and the 0-based
     data row (``start`` + position in the batch).
@@ -521,24 +523,23 @@ class ScoreAccumulator:
                 batch_weight = float(weight.sum())
         with np.errstate(over="ignore"):
             loss_sum = float(wl.sum())
+        sequential = None
         if not (self.weight + batch_weight < _SAFE and self.loss_sum + loss_sum < _SAFE):
-            with np.errstate(over="ignore"):  # rare (an overflow, or infinite losses)
-                self._check_range(
-                    weight=self.weight + batch_weight,
-                    class_weight=self.class_weight + np.bincount(t, weights=weight, minlength=C),
-                    loss_sum=self.loss_sum + loss_sum,
-                    class_loss=self.class_loss + np.bincount(t, weights=wl, minlength=C),
-                    infinite_loss_rows=self.infinite_loss_rows + n_inf,
-                    class_infinite=self.class_infinite
-                    + (np.bincount(t[counted_inf], minlength=C) if n_inf else 0),
-                    where=f"by data row {start + n - 1}",
-                    weighted=weight is not None,
-                )
+            # rare (a total near float64's limit, or infinite losses): raises at the first row
+            # whose running total leaves the range, else the sums to store (see _running_totals)
+            with np.errstate(over="ignore"):
+                sequential = self._running_totals(wl, t, weight, counted_inf, start,
+                                                  batch_weight=batch_weight, loss_sum=loss_sum)
         # every check is done: add in place (no extra per-class arrays: for a large C each
         # fresh one costs page faults, 3-4x the time of a 1-row batch of 256000 classes)
         self.rows += n
         self.weight += batch_weight
         self.loss_sum += loss_sum
+        if sequential is not None:  # the running totals checked: what batches of 1 row store
+            if sequential[0] is not None:
+                self.weight = sequential[0]
+            if sequential[1] is not None:
+                self.loss_sum = sequential[1]
         self.correct += float(wc.sum())
         if n_inf:
             self.infinite_loss_rows += n_inf
@@ -546,6 +547,10 @@ class ScoreAccumulator:
         self.class_rows += np.bincount(t, minlength=C)
         self.class_weight += np.bincount(t, weights=weight, minlength=C)
         self.class_loss += np.bincount(t, weights=wl, minlength=C)
+        if sequential is not None:
+            for total, (classes, finals) in zip((self.class_weight, self.class_loss),
+                                                sequential[2:], strict=True):
+                total[classes] = finals
         self.class_correct += np.bincount(t, weights=wc, minlength=C)
         # Bin b holds confidences in (b/B, (b+1)/B], compared with the edges compute() reports
         # (ceil(c * B) - 1 put c = 0.56 in (0.56, 0.57] at B = 100: 0.56 * 100 rounds up).
@@ -556,7 +561,8 @@ class ScoreAccumulator:
         self.bin_correct += np.bincount(b, weights=wc, minlength=B)
         fl = loss if finite is None else loss[finite]
         if fl.size:
-            h = fl / self.hist_bin_width
+            with np.errstate(over="ignore"):  # a loss near 1.8e308: inf, the last bin
+                h = fl / self.hist_bin_width
             np.minimum(h, self.hist_bins, out=h)
             h = h.astype(np.intp)
             rows = np.bincount(h, minlength=H)
@@ -568,6 +574,85 @@ class ScoreAccumulator:
             self.loss_max = max(self.loss_max, float(fl.max()))
         if n_inf:
             self.loss_max = math.inf
+
+    def _running_totals(self, wl, t, weight, counted_inf, start, *, batch_weight, loss_sum):
+        """The totals after the batch, added row by row; InvalidDataError at the first row that
+        takes one beyond float64's range (the rare branch of ``_add``: a total reached _SAFE).
+
+        A total's running value after row i is ``(...((total + v_0) + v_1) ... + v_i)`` in
+        float64 (the sum a batch of one row at a time stores), for the weight total, the
+        (weighted) loss total and each class's weight and loss sums. The row reported is the
+        first at which one of them becomes inf, so it does not depend on the batch size; a
+        loss sum may become inf only at a row of weight > 0 whose loss is +inf (else it is an
+        overflow, of weight * loss or of the sum). Checked and stored are the same running
+        values, so an overflow is never stored and never goes unreported. Where several totals
+        leave the range at one row, the weights are named first, then a class's losses.
+
+        Returns ``(weight, loss_sum, (classes, class_weights), (classes, class_losses))``: the
+        totals to store, those followed row by row (a total is None, a class is not listed,
+        when it stays below _SAFE: there the order of the additions cannot make it inf).
+        ``batch_weight`` and ``loss_sum`` are the batch's (pairwise) sums ``_add`` took.
+        """
+        C = self.num_classes
+        weighted = weight is not None
+        legit = (lambda r: False) if counted_inf is None else (lambda r: bool(counted_inf[r]))
+        found = []  # (row, rank, class or None): rank 0 weights, 1 a class's losses, 2 the total
+
+        def running(total, values):
+            return np.cumsum(np.concatenate(([total], values)))[1:]
+
+        def first_inf(run):
+            inf = np.isinf(run)
+            return int(np.argmax(inf)) if inf[-1] else None  # running sums never decrease
+
+        # the totals: the weight can only overflow; the loss sum may already be inf (legitimately)
+        new_weight, new_loss = None, None
+        if weighted and not self.weight + batch_weight < _SAFE:
+            run = running(self.weight, weight)
+            new_weight, r = float(run[-1]), first_inf(run)
+            if r is not None:
+                found.append((r, 0, None))
+        if math.isfinite(self.loss_sum) and not self.loss_sum + loss_sum < _SAFE:
+            run = running(self.loss_sum, wl)
+            new_loss, r = float(run[-1]), first_inf(run)
+            if r is not None and not legit(r):
+                found.append((r, 2, None))
+        # the classes whose sum reaches _SAFE (a finite sum before the batch: an inf one has an
+        # infinite loss already), followed row by row in class order
+        sums = []
+        for rank, state, values in ((0, self.class_weight, weight), (1, self.class_loss, wl)):
+            if values is None:
+                sums.append((np.zeros(0, np.intp), np.zeros(0)))
+                continue
+            near = np.isfinite(state) & ~(state + np.bincount(t, weights=values, minlength=C)
+                                          < _SAFE)
+            rows = np.flatnonzero(near[t])
+            rows = rows[np.argsort(t[rows], kind="stable")]
+            classes, finals = [], []
+            for part in np.split(rows, np.flatnonzero(np.diff(t[rows])) + 1) if rows.size else ():
+                k = int(t[part[0]])
+                run = running(state[k], values[part])
+                classes.append(k)
+                finals.append(run[-1])
+                r = first_inf(run)
+                if r is not None and (rank == 0 or not legit(part[r])):
+                    found.append((int(part[r]), rank, k))
+            sums.append((np.array(classes, np.intp), np.array(finals)))
+        if found:
+            r, rank, k = min(found, key=lambda f: f[:2])
+            rescale = "; scale the sample weights down (the weighted means do not change)"
+            if rank == 0:
+                what = "the sample weights"
+            else:
+                what = (f"the {'weighted ' if weighted else ''}losses"
+                        + ("" if k is None else f" of class {self.class_names[k]!r}"))
+            raise InvalidDataError(
+                f"{what} sum beyond float64's largest number (1.8e308) at this row"
+                + (rescale if weighted else ""),
+                column=self.weight_name if weighted else None,
+                row=start + r,
+            )
+        return (new_weight, new_loss, *sums)
 
     def _check_range(self, *, weight, class_weight, loss_sum, class_loss, infinite_loss_rows,
                      class_infinite, where, weighted=True):
