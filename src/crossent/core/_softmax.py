@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from array_api_compat import device, is_jax_array, is_jax_namespace, is_numpy_namespace
+from array_api_compat import device, is_jax_array, is_numpy_namespace
 
 from . import _validation as v
 from ._xmath import as_0d, mul0
@@ -309,11 +309,6 @@ def _softmax_ce(
             target_w = one if w is None else xp.where(keep, w[safe_labels], zero)
             ce_row = target_w * nll if w is not None else nll
             grad = fast_grad
-        elif not integer_targets and eps == 0.0 and not with_grad and is_jax_namespace(xp):
-            # JAX, probability targets, the loss (and jax.grad of it): the formulas below without
-            # a select between the reductions, which XLA's CPU fusion cannot take (_jax_soft_rows).
-            ce_row, lse = _jax_soft_rows()(x, t if w is None else w * t)
-            target_w = one
         else:
             if integer_targets and ignore_index is not None:
                 # An ignored row contributes 0 whatever its logits are: compute it on zeros, so
@@ -463,85 +458,6 @@ def _softmax_ce(
     if ax != logits.ndim - 1:
         grad = xp.moveaxis(grad, -1, ax)
     return loss, xp.astype(grad, logits.dtype, copy=False)
-
-
-
-_JAX_SOFT_ROWS: Any = None
-
-
-def _jax_soft_rows() -> Any:
-    r"""``rows(x, wt) -> (ce, lse)``: the loss rows :math:`-\sum_c wt_c \log q_c` and the lse of
-    JAX logits ``x`` ``[..., C]`` (finite or -inf; already soft-capped) for weighted probability
-    targets ``wt``, with the Array-API path's semantics, written for ``jax.jit`` on CPU.
-
-    Why: XLA's CPU backend fuses max, exp-sum and the target sum into one pass over the logits
-    (as for optax) only while every op between them is arithmetic; a select or comparison (the
-    masks of ``where``, ``isfinite``, ``mul0``) splits the fusion, and XLA then writes a full-size
-    intermediate (the broadcast shift, the masked ``m - x``) and reads it back: 2.9x optax's time
-    for the loss. Here the masks are arithmetic on finite numbers (``big`` the dtype's largest):
-
-    * shift ``m = clip(max x, -big, big)``, a constant to autograd; ``s = sum exp(x - m)``;
-      ``L = log(max(s, 1/2))`` (``s >= 1`` for a row with a finite logit, 0 for a row of -inf);
-    * ``xc = max(x, max(m, 0) - big)``: ``x`` where finite, a finite stand-in at -inf, and
-      ``mask = sign(xc - x)``: 1 at -inf, 0 elsewhere (``m - xc <= big``, no overflow);
-    * a row is ``sum wt (m - xc + L) + (big + big) sign(wt mask)``: ``-wt log q`` on live classes; on
-      a masked one 0 for a zero target (``m - xc + L`` is finite there), +inf (big + big) for a
-      positive one; never 0 * inf;
-    * a row of all -inf logits (``m = -big``) is NaN when a target there is not zero (as the
-      Array-API path and PyTorch), else 0: its masked terms are ``(big + big) sign(wt) * 0``.
-
-    Nothing of the row leaves the pass but its loss, so XLA keeps max, exp-sum and the target sum
-    in one fusion (a second output, such as the max for a later select, splits it in two).
-
-    A +inf logit makes its row NaN here (the Array-API path gives inf for a row without target
-    mass on that class): the softmax is undefined there.
-
-    The derivative is a ``jax.custom_jvp`` in closed form, ``d ce = sum (T q - wt (1 - mask)) dx
-    + sum (m - xc + L)(1 - mask) dwt`` with ``T = sum wt`` and ``d lse = sum q dx``: autodiff of the
-    max and sign above would write their masks out (jax.grad 7x slower). It is 0 on masked
-    classes for zero targets, as the Array-API path's, and is itself differentiable (jax.hessian).
-    """
-    global _JAX_SOFT_ROWS
-    if _JAX_SOFT_ROWS is not None:
-        return _JAX_SOFT_ROWS
-    import jax
-    import jax.numpy as jnp
-
-    def parts(x: Any, wt: Any) -> tuple[Any, ...]:
-        big = jnp.finfo(x.dtype).max
-        top = jnp.max(x, axis=-1, keepdims=True)
-        # clip without jnp.clip: XLA's clamp is not fused (nor is a select), min and max are
-        m = jax.lax.stop_gradient(-jnp.minimum(-jnp.minimum(top, big), big))
-        e = jnp.exp(x - m)
-        s = jnp.sum(e, axis=-1, keepdims=True)
-        s = jnp.maximum(s, 0.5)  # 0 (a row of -inf) -> 1/2: finite log and q = 0 there, not 0/0
-        log_s = jnp.log(s)
-        xc = jnp.maximum(x, jnp.maximum(m, 0) - big)
-        mask = jnp.sign(xc - x)
-        nll = (m - xc) + log_s  # finite, also where masked (at most big + log_s, rounded to big)
-        big_part = jnp.sign(wt * mask) * big
-        # live = 0 for a row of -inf logits (m = -big), else 1: a non-zero target there gives
-        # inf * 0 = NaN, with no comparison (which would keep the max out of the pass).
-        live_row = jnp.sign(m + big)
-        ce = jnp.sum(wt * nll + (big_part + big_part) * live_row, axis=-1)
-        lse = jnp.where(top[..., 0] == -jnp.inf, -jnp.inf, (m + log_s)[..., 0])  # unused (gone) without z-loss
-        return ce, lse, e / s, 1 - mask, nll
-
-    @jax.custom_jvp
-    def rows(x: Any, wt: Any) -> tuple[Any, Any]:
-        return parts(x, wt)[:2]
-
-    @rows.defjvp
-    def rows_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
-        x, wt = primals
-        dx, dwt = tangents
-        ce, lse, q, live, nll = parts(x, wt)
-        total = jnp.sum(wt, axis=-1, keepdims=True)
-        d_ce = jnp.sum((total * q - wt * live) * dx + nll * live * dwt, axis=-1)
-        return (ce, lse), (d_ce, jnp.sum(q * dx, axis=-1))
-
-    _JAX_SOFT_ROWS = rows
-    return rows
 
 
 def _constant(a: Any) -> Any:
