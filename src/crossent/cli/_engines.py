@@ -45,7 +45,9 @@ def _first_bad_row(acc, batch, error: InvalidDataError) -> InvalidDataError:
     that fails the first failing check, which need not be the batch's first bad row. A row's
     checks do not depend on the other rows: the first bad row is the shortest prefix of the
     batch that fails, found by bisection (log2(rows) updates of copies of ``acc``, on this
-    error path only). Errors that name no row (sums beyond float64) are returned as they are.
+    error path only). A sum beyond float64 names the row where the running total leaves the
+    range (0c4dca8), and a prefix that stops before it passes; errors that name no row (an
+    overflow found only when merging parts) are returned as they are.
     """
     if error.row is None:
         return error
@@ -58,7 +60,7 @@ def _first_bad_row(acc, batch, error: InvalidDataError) -> InvalidDataError:
             if exc.row is not None:
                 fails, error = mid, exc
                 continue
-        passes = mid  # no bad row among the first mid (a sum beyond float64 is no row's fault)
+        passes = mid  # no bad row among the first mid
     return error
 
 
