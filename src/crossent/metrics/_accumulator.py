@@ -535,11 +535,6 @@ class ScoreAccumulator:
         self.rows += n
         self.weight += batch_weight
         self.loss_sum += loss_sum
-        if sequential is not None:  # the running totals checked: what batches of 1 row store
-            if sequential[0] is not None:
-                self.weight = sequential[0]
-            if sequential[1] is not None:
-                self.loss_sum = sequential[1]
         self.correct += float(wc.sum())
         if n_inf:
             self.infinite_loss_rows += n_inf
@@ -547,9 +542,13 @@ class ScoreAccumulator:
         self.class_rows += np.bincount(t, minlength=C)
         self.class_weight += np.bincount(t, weights=weight, minlength=C)
         self.class_loss += np.bincount(t, weights=wl, minlength=C)
-        if sequential is not None:
-            for total, (classes, finals) in zip((self.class_weight, self.class_loss),
-                                                sequential[2:], strict=True):
+        if sequential is not None:  # the running totals checked: what batches of 1 row store
+            weight_total, loss_total, class_weights, class_losses = sequential
+            if weight_total is not None:
+                self.weight = weight_total
+            if loss_total is not None:
+                self.loss_sum = loss_total
+            for total, (classes, finals) in ((self.class_weight, class_weights), (self.class_loss, class_losses)):
                 total[classes] = finals
         self.class_correct += np.bincount(t, weights=wc, minlength=C)
         # Bin b holds confidences in (b/B, (b+1)/B], compared with the edges compute() reports
