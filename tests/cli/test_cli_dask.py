@@ -150,3 +150,26 @@ def test_cli_dask_error_is_one_line_on_stderr(tmp_path):
         f"Error: {tmp_path / 'a.parquet'}, column 'y', data row 33: label 5 is not a class "
         "index in [0, 2)"
     ]
+
+
+def test_dask_overflow_found_when_merging_names_its_row(cluster, tmp_path):
+    """Sample weights of 1e307 in row groups of 10 rows: no row group reaches float64's largest
+    number (1e308 each), their merge does (1.8e308 at row 17 of the first file). The error named
+    no file and no row ("... when merging parts"); now the row, as the local engine does, also
+    when the overflow falls in the second file."""
+    _, client = cluster
+    n = 40
+    y = np.arange(n) % 2
+    p = np.stack([0.75 - 0.5 * y, 0.25 + 0.5 * y], axis=1)
+    table = pa.table({"y": y, "p_a": p[:, 0], "p_b": p[:, 1], "w": np.full(n, 1e307)})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)
+    args = {"target": "y", "probs": "p_*", "sample_weight": "w"}
+    message = r"column 'w', data row {}: the sample weights sum beyond float64's largest number"
+    with pytest.raises(DataError, match=r"a.parquet: " + message.format(17)):
+        score_files(str(tmp_path), engine="dask", client=client, **args)
+    with pytest.raises(DataError, match=r"a.parquet: " + message.format(17)):
+        score_files(str(tmp_path), **args)  # the local engine names the same row
+    pq.write_table(table.slice(0, 10), tmp_path / "a.parquet", row_group_size=10)
+    pq.write_table(table, tmp_path / "b.parquet", row_group_size=10)
+    with pytest.raises(DataError, match=r"b.parquet: " + message.format(7)):
+        score_files(str(tmp_path), engine="dask", client=client, **args)

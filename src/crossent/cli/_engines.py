@@ -46,8 +46,9 @@ def _first_bad_row(acc, batch, error: InvalidDataError) -> InvalidDataError:
     checks do not depend on the other rows: the first bad row is the shortest prefix of the
     batch that fails, found by bisection (log2(rows) updates of copies of ``acc``, on this
     error path only). A sum beyond float64 names the row where the running total leaves the
-    range (0c4dca8), and a prefix that stops before it passes; errors that name no row (an
-    overflow found only when merging parts) are returned as they are.
+    range (0c4dca8), and a prefix that stops before it passes; errors that name no row are
+    returned as they are (an overflow found when merging Dask's parts is named by
+    ``_merge_overflow_row``).
     """
     if error.row is None:
         return error
@@ -118,11 +119,12 @@ def score_dask(files, accumulator_options: dict, *, batch_rows: int, client=None
                               progress=progress)
     from dask import delayed
 
-    leaves, rows = [], []
+    leaves, rows, pieces = [], [], []
     for f in files:
         groups = f.row_groups()
         leaves += [delayed(_score_piece, pure=True)(f, rg, batch_rows, accumulator_options) for rg in groups]
         rows += _piece_rows(f, groups)
+        pieces += [(f, rg) for rg in groups]
     if not leaves:
         return ScoreAccumulator(**accumulator_options)
     parts = client.compute(leaves)  # futures: the leaves run now, the merges are sent after
@@ -135,7 +137,36 @@ def score_dask(files, accumulator_options: dict, *, batch_rows: int, client=None
     failed = next((fut for fut in parts if fut.status != "finished"), None)
     if failed is not None:
         failed.result()  # raises the task's exception
+    leaves = parts
     while len(parts) > 1:  # pairwise tree of merges, run on the workers
         merged = [client.submit(_merge, a, b, pure=False) for a, b in zip(parts[0::2], parts[1::2], strict=False)]
         parts = merged + (parts[-1:] if len(parts) % 2 else [])
-    return parts[0].result()
+    try:
+        return parts[0].result()
+    except InvalidDataError as exc:  # sums beyond float64 that no one row group reached
+        raise _merge_overflow_row(leaves, pieces, accumulator_options, batch_rows, exc) from None
+
+
+def _merge_overflow_row(leaves, pieces, accumulator_options, batch_rows, error):
+    """The error naming the first row whose running total leaves float64, in file order, when
+    only the merge of the parts (futures ``leaves`` of ``pieces``: (file, row group)) did.
+
+    The sums only grow (weights and losses are >= 0), so the first part whose merge onto all
+    earlier parts fails holds that row: the driver merges the parts' accumulators (a few KiB
+    each) in order, then scores that part's rows on top of the earlier parts, which names the
+    row as the local engine does. Runs on this error path only; ``error`` is returned as it
+    is if every row passes (a total that overflows in the tree's order of additions only).
+    """
+    acc = ScoreAccumulator(**accumulator_options)
+    for leaf, (file, row_group) in zip(leaves, pieces, strict=True):
+        part = leaf.result()
+        try:
+            copy.deepcopy(acc).merge(part)
+        except InvalidDataError:
+            try:
+                _score_rows(file, acc, batch_rows, row_group)
+            except DataError as exc:
+                return exc
+            return error
+        acc.merge(part)
+    return error
