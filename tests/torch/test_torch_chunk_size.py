@@ -152,18 +152,21 @@ def test_integer_chunk_sizes_are_accepted_as_python_ints(given_chunk_sizes, impl
     assert given_chunk_sizes[-1] == 8 and type(given_chunk_sizes[-1]) is int
 
 
-BAD = [0, -3, np.int64(0), torch.tensor(0), True, np.bool_(True), 8.0, np.float64(8.0), torch.tensor(8.0),
-       torch.tensor([8]), torch.tensor(True), "8"]
+BELOW_ONE = [0, -3, np.int64(0), torch.tensor(0)]
+NOT_INTS = [True, np.bool_(True), 8.0, np.float64(8.0), torch.tensor(8.0), torch.tensor([8]), torch.tensor(True), "8"]
 
 
 @pytest.mark.parametrize("impl", ["auto", "chunked", "reference", "triton"])
-@pytest.mark.parametrize("chunk_size", BAD, ids=repr)
+@pytest.mark.parametrize("chunk_size", BELOW_ONE + NOT_INTS, ids=repr)
 def test_other_chunk_sizes_are_refused_by_name(impl, chunk_size):
+    """An int below 1 is a ValueError; anything else not an int, a TypeError, as other options
+    of the wrong type (review: True was a ValueError saying "an int >= 1, got True")."""
     h, w, y = _case()
-    with pytest.raises(ValueError, match="^chunk_size must be None or an int >= 1, got ") as info:
+    error = ValueError if any(chunk_size is bad for bad in BELOW_ONE) else TypeError
+    with pytest.raises(error, match="^chunk_size must be None or an int >= 1, got ") as info:
         cet.linear_cross_entropy(h, w, y, impl=impl, chunk_size=chunk_size)
-    assert str(info.value).endswith(repr(chunk_size))
-    with pytest.raises(ValueError, match="^chunk_size must be None or an int >= 1"):
+    assert type(info.value) is error and str(info.value).endswith(repr(chunk_size))
+    with pytest.raises(error, match="^chunk_size must be None or an int >= 1"):
         cet.LinearCrossEntropyLoss(6, 11, impl=impl, chunk_size=chunk_size, dtype=torch.float64)(h, y)
 
 
@@ -194,5 +197,5 @@ def test_memory_budget_takes_the_same_integers(monkeypatch, budget):
     h, w, y = _case()
     cet.linear_cross_entropy(h.float(), w.float(), y, impl="triton", memory_budget=budget)
     assert fake.budgets == [4096] and type(fake.budgets[0]) is int
-    with pytest.raises(ValueError, match=r"^memory_budget must be None or an int >= 0 \(bytes\), got "):
+    with pytest.raises(TypeError, match=r"^memory_budget must be None or an int >= 0 \(bytes\), got "):
         cet.linear_cross_entropy(h.float(), w.float(), y, impl="triton", memory_budget=torch.tensor(4096.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import types
 
@@ -228,7 +229,8 @@ def test_auto_ignores_memory_budget_where_it_does_not_pick_triton(case):
 def test_bad_memory_budget_is_refused_on_every_route(impl, budget, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "crossent.triton", _FakeTriton())
-    with pytest.raises(ValueError, match=rf"memory_budget must be None or an int >= 0 \(bytes\), got {budget!r}"):
+    error = ValueError if budget == -1 and type(budget) is int else TypeError  # TypeError: not an int
+    with pytest.raises(error, match=rf"memory_budget must be None or an int >= 0 \(bytes\), got {budget!r}"):
         cet.linear_cross_entropy(E, W, Y, impl=impl, memory_budget=budget)
 
 
@@ -260,3 +262,31 @@ def test_nan_check_finds_a_single_nan_anywhere_without_a_mask(dtype):
     probs[2, 3] = math.nan
     with pytest.raises(ValueError, match="target must not contain NaN"):
         cet.cross_entropy(torch.zeros(3, 4, dtype=dtype), probs)
+
+
+@pytest.mark.parametrize("validate", ["no", 0, 1, np.bool_(False), torch.tensor(True)], ids=repr)
+def test_validate_must_be_a_bool(validate):
+    """Review (linear) 3: validate was read with bool(), so validate="no" turned the checks on."""
+    x = torch.randn(4, 5)
+    calls = [
+        lambda: cet.cross_entropy(x, Y, validate=validate),
+        lambda: cet.linear_cross_entropy(x, torch.randn(7, 5), Y, validate=validate),
+        lambda: cet.binary_cross_entropy_with_logits(x, torch.rand(4, 5), validate=validate),
+        lambda: cet.kl_div(x, torch.rand(4, 5), reduction="batchmean", validate=validate),
+        lambda: cet.CrossEntropyLoss(validate=validate)(x, Y),
+    ]
+    message = "^validate must be None, True or False, got " + re.escape(repr(validate)) + "$"
+    for call in calls:
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
+def test_module_reprs_show_every_option():
+    """Review (linear) 4: two heads that behave differently (chunk_size, validate, bias) printed
+    the same."""
+    heads = [cet.LinearCrossEntropyLoss(8, 5), cet.LinearCrossEntropyLoss(8, 5, bias=True),
+             cet.LinearCrossEntropyLoss(8, 5, chunk_size=4), cet.LinearCrossEntropyLoss(8, 5, validate=False)]
+    assert len({repr(h) for h in heads}) == len(heads)
+    assert "bias=True" in repr(heads[1]) and "chunk_size=4" in repr(heads[2]) and "validate=False" in repr(heads[3])
+    losses = [cet.CrossEntropyLoss(), cet.CrossEntropyLoss(validate=True), cet.CrossEntropyLoss(inplace_backward=True)]
+    assert len({repr(m) for m in losses}) == len(losses)

@@ -119,9 +119,12 @@ def check_floating(name: str, tensor: object) -> torch.Tensor:
 
 
 def wants_validation(validate: bool | None, *tensors: torch.Tensor | None) -> bool:
-    """``validate=None`` means: check values when every tensor lives on the CPU (no sync)."""
+    """``validate=None`` means: check values when every tensor lives on the CPU (no sync); else
+    ``validate`` must be a bool (a truthy string such as "no" is refused, not read as True)."""
     if validate is not None:
-        return bool(validate)
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be None, True or False, got {validate!r}")
+        return validate
     # Non-tensors are left to the type checks that follow (they name the argument).
     return all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in tensors)
 

@@ -460,8 +460,10 @@ def linear_cross_entropy(
     r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` without holding the logits.
 
     Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` with the
-    classes last (same semantics, z-loss and softcap as :func:`cross_entropy`), and follows the
-    argument order of PyTorch 2.13's ``torch.nn.functional.linear_cross_entropy``. With
+    classes last (same semantics, z-loss and softcap as :func:`cross_entropy`), and takes the
+    arguments of PyTorch 2.13's ``torch.nn.functional.linear_cross_entropy`` (the same positional
+    ones; its keyword-only ones by name), except ``options=`` (torch's chunking switch: a
+    TypeError here) and a multi-dimensional ``linear_weight``. With
     impl="chunked" the rows go through in blocks of ``chunk_size`` rows (default: N * V / 16
     logits per block, at most 4 Mi), the gradients of ``input``, ``linear_weight`` and
     ``linear_bias`` accumulate in float32, and the N x V logits are never held: extra memory is a
@@ -526,7 +528,9 @@ def linear_cross_entropy(
         # An int as PyTorch takes one for integer options (as memory_budget and ignore_index):
         # Python or NumPy integers and 0-d integer tensors; bool and floats are refused.
         rows = _checks.index_option(chunk_size)
-        if rows is None or rows < 1:
+        if rows is None:
+            raise TypeError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        if rows < 1:
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         chunk_size = rows
     if chunk_size is not None and impl in ("triton", "reference"):
@@ -541,7 +545,11 @@ def linear_cross_entropy(
     if memory_budget is not None:
         # Checked whatever the route, so that "auto" ignores only a valid budget (see below).
         budget = _checks.index_option(memory_budget)  # NumPy integers and 0-d tensors too
-        if budget is None or budget < 0:
+        if budget is None:
+            raise TypeError(
+                f"memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}"
+            )
+        if budget < 0:
             raise ValueError(f"memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}")
         memory_budget = budget
     if input.dim() < 1:

@@ -15,7 +15,7 @@ def _loss_options_repr(module: nn.Module) -> str:
     return (
         f"reduction={module.reduction}, ignore_index={module.ignore_index}, "
         f"label_smoothing={module.label_smoothing}, z_loss={module.z_loss}, "
-        f"softcap={module.softcap}, impl={module.impl!r}"
+        f"softcap={module.softcap}, impl={module.impl!r}, validate={module.validate}"
     )
 
 
@@ -79,7 +79,7 @@ class CrossEntropyLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return _loss_options_repr(self)
+        return _loss_options_repr(self) + f", inplace_backward={self.inplace_backward}"
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -170,5 +170,6 @@ class LinearCrossEntropyLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, "
-            + _loss_options_repr(self)
+            f"bias={self.linear.bias is not None}, " + _loss_options_repr(self)
+            + f", chunk_size={self.chunk_size}"
         )
