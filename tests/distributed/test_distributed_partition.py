@@ -54,8 +54,12 @@ def test_split_is_near_even_contiguous_and_complete(vocab, world):
     ("args", "error", "match"),
     [
         ((10, 0), ValueError, "world_size must be an integer >= 1, got 0"),
+        # every world_size message states the real minimum, 1 (the negative and non-integer ones said >= 0)
+        ((10, -1), ValueError, "world_size must be an integer >= 1, got -1"),
+        ((10, 2.0), TypeError, "world_size must be an integer >= 1, got float"),
+        ((10, True), TypeError, "world_size must be an integer >= 1, got the bool True"),
         ((-1, 2), ValueError, "vocab_size must be an integer >= 0, got -1"),
-        ((10.0, 2), TypeError, "vocab_size must be an integer"),
+        ((10.0, 2), TypeError, "vocab_size must be an integer >= 0, got float"),
     ],
 )
 def test_split_rejects_bad_arguments(args, error, match):

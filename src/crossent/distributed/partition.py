@@ -19,15 +19,15 @@ from collections.abc import Sequence
 __all__ = ["split_vocab", "vocab_offsets"]
 
 
-def _as_count(value: object, name: str) -> int:
+def _as_count(value: object, name: str, minimum: int = 0) -> int:
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= 0, got the bool {value!r}")
+        raise TypeError(f"{name} must be an integer >= {minimum}, got the bool {value!r}")
     try:
         count = operator.index(value)  # accepts int, numpy and torch integer scalars
     except TypeError:
-        raise TypeError(f"{name} must be an integer >= 0, got {type(value).__name__}") from None
-    if count < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {count}")
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {type(value).__name__}") from None
+    if count < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {count}")
     return count
 
 
@@ -83,8 +83,6 @@ def split_vocab(vocab_size: int, world_size: int, /) -> list[int]:
     [1, 1, 0]
     """
     total = _as_count(vocab_size, "vocab_size")
-    ranks = _as_count(world_size, "world_size")
-    if ranks == 0:
-        raise ValueError("world_size must be an integer >= 1, got 0")
+    ranks = _as_count(world_size, "world_size", minimum=1)
     base, extra = divmod(total, ranks)
     return [base + 1 if rank < extra else base for rank in range(ranks)]
