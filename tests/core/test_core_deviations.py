@@ -223,3 +223,27 @@ def test_bce_with_logits_infinite_logit_on_the_excluded_side_is_zero_where_torch
     np.testing.assert_allclose(loss[3], torch_loss[3].item(), rtol=1e-12)
     _, grad = ce.binary_cross_entropy_with_logits_and_grad(asxp(x[:2]), asxp(t[:2]), reduction="sum")
     np.testing.assert_array_equal(tonp(grad), [0.0, 0.0])
+
+
+def test_bce_with_logits_plus_inf_logit_on_a_zero_target_is_inf_as_in_torch(xp, asxp, tonp):
+    """The other included side (t = 0, x = +inf) is +inf in PyTorch too (README said NaN)."""
+    torch_loss = F.binary_cross_entropy_with_logits(torch.tensor([np.inf], dtype=torch.float64),
+                                                    torch.tensor([0.0], dtype=torch.float64))
+    assert torch_loss.item() == np.inf
+    assert tonp(ce.binary_cross_entropy_with_logits(asxp(np.array([np.inf])), asxp(np.array([0.0])))) == np.inf
+
+
+def test_bce_from_probabilities_clips_at_eps_where_torch_clamps_the_log_at_minus_100(xp, asxp, tonp):
+    """ce.binary_cross_entropy clips p to [eps, 1 - eps] by default (eps="auto": finfo of the
+    probabilities' dtype, as scikit-learn does), so a float64 p = 1e-20 on the true class costs
+    -log(2.2e-16) = 36.04 where F.binary_cross_entropy (log clamped at -100) gives 46.05 and p = 0
+    gives 100. eps=None: the exact 46.05, and inf at p = 0."""
+    p, t = np.array([1e-20, 0.3, 0.0]), np.ones(3)
+    torch_loss = F.binary_cross_entropy(torch.from_numpy(p), torch.from_numpy(t), reduction="none").numpy()
+    np.testing.assert_allclose(torch_loss, [-np.log(1e-20), -np.log(0.3), 100.0], rtol=1e-12)
+    clipped = tonp(ce.binary_cross_entropy(asxp(p), asxp(t), reduction="none"))
+    eps = np.finfo(np.float64).eps
+    np.testing.assert_allclose(clipped, [-np.log(eps), -np.log(0.3), -np.log(eps)], rtol=1e-12)
+    exact = tonp(ce.binary_cross_entropy(asxp(p), asxp(t), eps=None, reduction="none"))
+    np.testing.assert_allclose(exact[:2], torch_loss[:2], rtol=1e-12)
+    assert exact[2] == np.inf

@@ -60,7 +60,7 @@ def main():
 
     \b
     crossent score PATH --target y --probs 'p_*'     evaluate a file of predictions
-    crossent demo ...                                 runnable demos
+    crossent demo                                     train a digits classifier with crossent
     crossent bench ce --rows 200000 --classes 1000    check, then time, against the peers here
     """
 

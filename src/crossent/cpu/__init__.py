@@ -8,8 +8,9 @@ from memory once and allocate nothing of the logits' size. Without numba, the sa
 blocked numpy code in float64 (slower, about as much extra memory as one block of rows).
 
 Label smoothing on class indices has kernels of its own (:func:`_smoothed_rows`). Calls of
-:func:`crossent.softmax_cross_entropy` that no kernel takes (no numba; a softcap; a z-loss with the
-gradient; probability targets with class weights or label smoothing) run ``crossent.cpu._blocked``
+:func:`crossent.softmax_cross_entropy` that no kernel takes (no numba; a softcap; a z-loss with
+label smoothing or with probability targets; probability targets with class weights or label
+smoothing) run ``crossent.cpu._blocked``
 instead: the Array-API path's arithmetic, in the logits' dtype, a block of rows at a time (within a
 few ulps of it, a confident row's small loss kept; a few MiB of extra memory instead of several
 copies of the logits).
