@@ -2,11 +2,11 @@
 validation makes across ranks.
 
 - ``validate=False`` (the default for CUDA tensors) gives the same tensors as ``validate=True``
-  and the float64 single-process oracle; it issues only the slice sizes' all-gather (one int64
-  per rank), the MAX and the SUM all-reduces (and the input gradient's in backward), and moves
-  nothing between host and tensors (no ``item``/``bool``/``tolist``/``torch.tensor``); an
-  out-of-range target gives NaN on its row; ``validate=True`` and the default on CPU tensors keep
-  the table and the targets' check;
+  and the float64 single-process oracle; it issues only the slice sizes' all-gather (in a table
+  of the validated size, 17 int64 per rank), the MAX and the SUM all-reduces (and the input
+  gradient's in backward), and moves nothing between host and tensors (no
+  ``item``/``bool``/``tolist``/``torch.tensor``); an out-of-range target gives NaN on its row;
+  ``validate=True`` and the default on CPU tensors keep the table and the targets' check;
 - validated: a rank running the forward under ``torch.no_grad()`` while the others record a graph
   raises on every rank (its backward would all-reduce on some ranks only: a hang), over a
   subgroup whose collectives time out after a few seconds, so a regression fails fast;

@@ -12,14 +12,16 @@ decides step 0, see "Validation" below)::
 
     step  on every rank r (local, no N x V)                collective           values per rank
     ----  ---------------------------------------------    ------------------   ----------------
-    0     validate=True: V_r, N, target.ndim and shape,     all_gather int64     16 W (not per row)
-          D, dtype, options, min/max of the target,         (once per call)      host read 1
-          whether backward all-reduces, local argument
-          errors -> the same table on every rank: every
-          rank checks it and raises the same error together
+    0     validate=True: the flag validated=1, V_r, N,      all_gather int64     17 W (not per row)
+          target.ndim and shape, D, dtype, options,         (once per call)      host read 1
+          min/max of the target, whether backward
+          all-reduces, local argument errors -> the same
+          table on every rank: every rank checks it and
+          raises the same error together
           offset_r = V_0 + ... + V_{r-1}   (partition.vocab_offsets, pure)
-    0     validate=False: V_r only; offset_r and V summed   all_gather int64     W (not per row)
-          on the device, targets shifted on the device                           no host read
+    0     validate=False: the same table, holding only      all_gather int64     17 W (not per row)
+          V_r and validated=0; offset_r and V summed on                          no host read
+          the device, targets shifted on the device
     0b    validate=True only: the targets themselves        all_reduce MIN of    2N int64
           (N agrees by now): [y, ~y] (~y = -1 - y) -> per   stacked [y, ~y]      host read 2:
           position min_r y and max_r y; unequal somewhere   (W > 1 and N > 0)    one bool
@@ -45,7 +47,7 @@ decides step 0, see "Validation" below)::
             dx_r += dz W[c0:c1]
     6     dx = sum_r dx_r                                   all_reduce SUM       N D (linear only)
 
-So the loss costs three collectives per call without validation (one all-gather of ``W`` int64,
+So the loss costs three collectives per call without validation (one all-gather of ``17 W`` int64,
 then O(N) floats twice) and four with it (the table, and step 0b's 2N int64, which is more data
 than the loss's own 3N floats: 16N bytes against 12N in float32); none is O(N V). The linear version adds
 one all-reduce of the input gradient in backward (each rank's ``x`` is replicated, so its gradient
@@ -60,12 +62,19 @@ host: the kernels take each row's column in this slice (or -1), computed on the 
 Validation (``validate=``; DESIGN.md: checks that need a device-to-host sync are opt-in on GPU hot
 paths). ``None``, the default, is True for CPU tensors, where reading the table costs no sync, and
 False on CUDA. Every rank must pass the same ``validate`` (it decides which collectives run).
+Step 0's all-gather has the same size in both modes and carries the flag: where it differs, the
+ranks that validate raise a ValueError naming ``validate``; those that do not cannot be told
+without a host read and wait in their next collective until the group's timeout (or fail there
+when the validating processes leave the group).
 
 - ``validate=True``: every argument check, local or across ranks (slice shapes that disagree with
   the input, rows, target shapes, feature sizes, options or whether backward all-reduces that
   differ between ranks, a target differing between ranks or outside ``[0, V)``), goes through the
   table of step 0 or the reduced targets of step 0b, which are the same on every rank, so all
-  ranks raise the same exception together instead of some of them waiting in a collective. That
+  ranks raise the same exception together instead of some of them waiting in a collective. The
+  values of the tensors other than the target are not compared: an ``input`` that differs
+  between ranks in the linear version (it should be replicated) or an upstream gradient that
+  differs in backward goes through unchecked and gives wrong results. That
   costs two reads to the host per call, both before any loss work is queued (on CUDA each waits
   for the device to drain; the table's upload is a blocking host-to-device copy as well). Step 0b
   needs its own read: its all-reduce can only be issued once step 0's table has shown that every
@@ -73,7 +82,7 @@ False on CUDA. Every rank must pass the same ``validate`` (it decides which coll
   result tells whether the targets agree; a checksum in the table would need no second read but
   lets different targets through (a linear one made [0, 1] and [2, 0] agree).
 - ``validate=False``: no host read and no host-to-device copy in forward or backward (the slice
-  size enters the device through ``torch.full``, a fill kernel; tested on the CPU by counting
+  size enters the device through ``fill_``, a fill kernel; tested on the CPU by counting
   ``item``/``bool``/``tolist``/``torch.tensor`` calls, and by a GPU test under
   ``torch.cuda.set_sync_debug_mode("error")`` not yet run on one), and the same collectives on
   every rank whatever its data (no branch on ``V_r``, ``N`` or the targets). Nothing is compared
@@ -128,6 +137,7 @@ _MESSAGE_BYTES = 512  # per rank, for a local error message sent to the other ra
 
 # Fields of the step-0 table, one int64 each; floats travel as their IEEE bits.
 _FIELDS = (
+    "validated",  # 1 on a rank that validates; 0 in the table of validate=False (see _device_offsets)
     "problem",  # 0: none, 1: ValueError, 2: TypeError in this rank's own arguments
     "vocab",  # V_r
     "rows",  # N
@@ -444,6 +454,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         denominator = _denominator(valid, acc)
         row = _row_losses(plan, valid, lse, t, finite_sum, finite_count)
         ctx.plan = plan
+        ctx.autocast = _autocast_state(x.device.type)  # backward recomputes the logits under it
         ctx.save_for_backward(x, weight, bias, target_local, owned, valid, lse, finite_count, denominator)
         return _reduce(plan, row, denominator)
 
@@ -463,17 +474,25 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             # Ignored rows of x zeroed for dW = dz^T x: their dz is 0, but 0 * NaN is NaN (a NaN
             # hidden state on a padded row would otherwise poison every entry of dW).
             x_w = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        device_type = x.device.type
         for col0 in range(0, plan.vocab_local, plan.chunk):
             cols = slice(col0, col0 + plan.chunk)
-            z, th = _softcapped(_linear_chunk(x, weight, bias, col0, plan.chunk).to(acc), plan.softcap)
-            dz = _logits_grad(plan, z, col0, saved, g, th)
-            if grad_b is not None:
-                grad_b[cols] = dz.sum(dim=0).to(grad_b.dtype)
-            dz = dz.to(x.dtype)
-            if grad_w is not None:
-                grad_w[cols] = dz.T @ x_w
-            if grad_x is not None:
-                grad_x += _matmul_in(acc, dz, weight[cols])
+            # The logits exactly as forward computed them (under its autocast state: bfloat16
+            # products under torch.autocast), so that p = exp(z - lse) sums to 1 and the gradient
+            # is that of the returned loss; the gradient products below run without autocast,
+            # in the dtypes chosen here, whatever autocast state backward is called under.
+            with _autocast_as(device_type, ctx.autocast):
+                lin = _linear_chunk(x, weight, bias, col0, plan.chunk)
+            with _autocast_as(device_type, (False, None)):
+                z, th = _softcapped(lin.to(acc), plan.softcap)
+                dz = _logits_grad(plan, z, col0, saved, g, th)
+                if grad_b is not None:
+                    grad_b[cols] = dz.sum(dim=0).to(grad_b.dtype)
+                dz = dz.to(x.dtype)
+                if grad_w is not None:
+                    grad_w[cols] = dz.T @ x_w
+                if grad_x is not None:
+                    grad_x += _matmul_in(acc, dz, weight[cols])
         if grad_x is not None:
             # x is replicated on every rank: its gradient sums the contributions of all slices
             # (step 6). Every rank of the group takes this branch: with validation, step 0 has
@@ -515,8 +534,25 @@ def _matmul_in(acc: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return a.to(acc) @ b.to(acc)
 
 
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """``(enabled, dtype)`` of ``torch.autocast`` for ``device_type`` now (what
+    ``torch.amp.custom_fwd`` records for its backward)."""
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast_as(device_type: str, state: tuple[bool, torch.dtype | None]):
+    """``torch.autocast`` entered in a recorded state (``torch.amp.custom_bwd`` does this for a
+    whole backward); ``(False, None)`` turns it off."""
+    enabled, dtype = state
+    if not enabled:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype, enabled=True)
+
+
 def _linear_chunk(x, weight, bias, col0: int, width: int) -> torch.Tensor:
-    """Logits of the columns ``col0 : col0 + width`` of this slice, in the input dtype."""
+    """Logits of the columns ``col0 : col0 + width`` of this slice: in the input dtype, or in
+    autocast's dtype where ``torch.autocast`` is on (forward, and backward's recompute under the
+    state forward recorded)."""
     w = weight[col0 : col0 + width]
     if bias is None:
         return x @ w.T
@@ -644,6 +680,19 @@ def _exchange(fn: str, group, device, problems, fields: dict[str, int], summary,
     dist.all_gather(gathered, local, group=group)
     table = [dict(zip(_FIELDS, row, strict=True)) for row in torch.stack(gathered).tolist()]
 
+    if not all(row["validated"] for row in table):
+        # Checked first: the other fields of a rank without validation are zeros. That rank
+        # reads nothing back (no host read with validate=False), so it cannot be told: it goes on
+        # to its next collective, which waits until the group's timeout or until these ranks'
+        # processes leave the group.
+        flags = [bool(row["validated"]) for row in table]
+        raise ValueError(
+            f"{fn}: validate must be the same on every rank of the group, got {flags} in rank "
+            "order (None counts as True for CPU tensors, False for CUDA ones) (raised on the "
+            "ranks with validate=True; those with validate=False cannot be told without a host "
+            "read and wait in their next collective until the group's timeout)"
+        )
+
     if any(row["problem"] for row in table):  # every rank sees the same table: all enter here
         text = "; ".join(message for _, message in problems).encode()[:_MESSAGE_BYTES]
         buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
@@ -756,13 +805,18 @@ def _offset_from_table(fn: str, group, table, ignore_index) -> tuple[int, int]:
 
 def _device_offsets(group, vocab_local: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 0 without validation: ``(offset_r, V)`` as 0-d int64 tensors on ``device``, from an
-    all-gather of the slice sizes (one int64 per rank). Nothing goes through the host: the local
-    size enters the device by ``torch.full`` (a fill kernel, no host-to-device copy), and the
-    sums of ``partition.vocab_offsets`` are computed on the device."""
-    local = torch.full((1,), vocab_local, dtype=torch.int64, device=device)
+    all-gather of the slice sizes. It gathers a table of the validated size (``len(_FIELDS)``
+    int64 per rank) holding only ``V_r`` and ``validated = 0``: a collective of the same size as
+    a validating rank's, so a ``validate`` that differs across ranks reaches the validating ranks
+    as that flag (they raise, see ``_exchange``) rather than as mismatched gloo buffers (which
+    aborted the process). Nothing goes through the host: the table is zeros and one fill kernel
+    (no host-to-device copy), and the sums of ``partition.vocab_offsets`` are computed on the
+    device."""
+    local = torch.zeros(len(_FIELDS), dtype=torch.int64, device=device)
+    local[_FIELDS.index("vocab")].fill_(vocab_local)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
-    sizes = torch.cat(gathered)
+    sizes = torch.stack(gathered)[:, _FIELDS.index("vocab")]
     return sizes[: dist.get_rank(group)].sum(), sizes.sum()
 
 
@@ -783,6 +837,7 @@ def _validation(validate, problems, *values) -> bool:
 
 def _base_fields(ignore_index, reduction, label_smoothing, z_loss, softcap, problems) -> dict:
     fields = dict.fromkeys(_FIELDS, 0)
+    fields["validated"] = 1  # what the table of a validating rank says (_exchange's tables only)
     fields["target_min"], fields["target_max"] = _INT64_MAX, _INT64_MIN
     if problems:
         return fields
@@ -849,11 +904,14 @@ def vocab_parallel_cross_entropy(
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape of ``target``).
         label_smoothing: ``eps`` in [0, 1]; mass ``eps / K_i`` on each finite-logit class.
         z_loss: ``λ_z >= 0``, adds ``λ_z lse^2`` per non-ignored row (PaLM).
-        validate: check every argument across the ranks so that every rank raises the same error
-            together (two host reads per call); None: True for CPU tensors, False on CUDA (no host
-            read: nothing is compared across ranks, an error in a rank's own arguments raises on
-            that rank before any collective, a target outside ``[0, V)`` gives NaN on its row).
-            The same on every rank. The module docstring details both.
+        validate: check the arguments across the ranks (shapes, dtypes, options, the targets)
+            so that every rank raises the same error together (two host reads per call); the
+            upstream gradient of backward is not compared (every rank must pass the same, see
+            Returns). None: True for CPU tensors, False on CUDA (no host read: nothing is
+            compared across ranks, an error in a rank's own arguments raises on that rank before
+            any collective, a target outside ``[0, V)`` gives NaN on its row). The same on every
+            rank: where it differs, the ranks that validate raise a ValueError naming it and the
+            others wait until the group's timeout. The module docstring details both.
 
     Returns:
         the loss, identical on every rank: a scalar, or ``target.shape`` for ``"none"``; float32
@@ -976,7 +1034,9 @@ def vocab_parallel_linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss: as :func:`vocab_parallel_cross_entropy`
             (``lse`` and the smoothing use the softcapped logits).
         softcap: None, or ``c > 0``: logits become ``c tanh(logits / c)`` first (Gemma 2).
-        validate: as :func:`vocab_parallel_cross_entropy`.
+        validate: as :func:`vocab_parallel_cross_entropy`. The values of ``input`` (which should
+            be replicated) and of the upstream gradient in backward are not compared across the
+            ranks: an ``input`` that differs between ranks gives wrong results, unreported.
 
     Returns:
         the loss, identical on every rank: a scalar, or ``target.shape`` for ``"none"``.
