@@ -559,7 +559,9 @@ def _softmax_minus_onehot_numpy(
             block_lse = shift + log_s
             lse[start:stop] = block_lse
             nll[start:stop] = (shift - x_label) + log_s
-            p = np.exp(block - block_lse[:, None], dtype=np.float64)
+            # (x - shift) - log_s as the kernels form it: x - lse, lse rounded at the logits'
+            # magnitude, would lose log_s beyond |x| ~ 1e16 (and digits of it from ~1e8).
+            p = np.exp((block - shift[:, None]) - log_s[:, None], dtype=np.float64)
             r = z_scale[start:stop]
             z_rows = r != 0.0
             z_term = (r * block_lse)[z_rows, None] * p[z_rows] if z_rows.any() else None
