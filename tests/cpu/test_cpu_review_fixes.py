@@ -3,6 +3,10 @@ PyTorch), numba's workqueue threading layer under concurrent calls, and resizabl
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -54,3 +58,50 @@ def test_review_repro_three_equal_huge_logits(route):
     out = np.empty((1, 3))
     cpu.softmax_minus_onehot(np.array([[1e17] * 3]), np.array([0]), 1.0, out)
     np.testing.assert_allclose(out[0], [-2 / 3, 1 / 3, 1 / 3], rtol=1e-12)
+
+
+_THREADS_SCRIPT = r"""
+import threading
+import numba, torch, torch.nn.functional as F
+import crossent.torch as cet
+from crossent import cpu
+assert cpu.available()
+torch.manual_seed(0)
+xs = [torch.randn(2000, 1000, dtype=torch.float32) for _ in range(4)]
+ts = [torch.randint(0, 1000, (2000,)) for _ in range(4)]
+results, errors = {}, []
+def work(k):
+    try:
+        for _ in range(10):
+            x = xs[k].clone().requires_grad_(True)
+            loss = cet.cross_entropy(x, ts[k])
+            loss.backward()
+        results[k] = (float(loss), x.grad.clone())
+    except Exception as e:  # pragma: no cover - reported below
+        errors.append(repr(e))
+threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert not errors, errors
+assert numba.threading_layer() == "workqueue", numba.threading_layer()
+for k in range(4):
+    x = xs[k].double().requires_grad_(True)
+    want = F.cross_entropy(x, ts[k])
+    want.backward()
+    loss, grad = results[k]
+    assert abs(loss - float(want)) <= 1e-5 * abs(float(want)), (k, loss, float(want))
+    assert float((grad.double() - x.grad).abs().max()) < 1e-8, k
+print("ok", cpu._workqueue)
+"""
+
+
+def test_concurrent_threads_under_numba_workqueue_layer(tmp_path):
+    """numba's workqueue layer terminates the process (SIGABRT) when two threads run parallel
+    kernels at once: crossent.cpu serializes them there."""
+    pytest.importorskip("numba")
+    script = tmp_path / "threads.py"
+    script.write_text(_THREADS_SCRIPT)
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", CROSSENT_CPU_FAST="1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert proc.stdout.strip() == "ok True"

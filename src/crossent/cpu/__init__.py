@@ -24,8 +24,10 @@ environment variable ``CROSSENT_CPU_FAST=0`` to switch both off (:func:`enabled`
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,10 @@ _PARALLEL_MIN_ELEMENTS = 1 << 16
 # The process that first ran a parallel kernel. A process forked from it must not use numba's
 # thread pool (GNU OpenMP is not fork-safe: numba terminates such a child), so it runs serially.
 _parallel_pid: int | None = None
+# Whether numba's threading layer is "workqueue", which aborts the process on concurrent use from
+# several threads; None until a parallel kernel has run (``_serialized``).
+_workqueue: bool | None = None
+_parallel_lock = threading.Lock()
 
 
 def enabled() -> bool:
@@ -84,7 +90,9 @@ def available() -> bool:
 
 def _kernel(name: str, dtype: np.dtype, size: int) -> Any:
     """The compiled kernel ``name`` for ``dtype``: parallel over rows, or serial for small inputs
-    and in a process forked after the parallel kernels ran."""
+    and in a process forked after the parallel kernels ran. Under numba's workqueue threading
+    layer (where neither TBB nor OpenMP is available) the parallel kernels are called one at a
+    time (``_serialized``): that layer terminates the process when two threads enter it at once."""
     global _parallel_pid
     kernels = importlib.import_module("crossent.cpu._kernels")
     suffix = "_f32" if dtype == np.float32 else "_f64"
@@ -92,7 +100,27 @@ def _kernel(name: str, dtype: np.dtype, size: int) -> Any:
     if size < _PARALLEL_MIN_ELEMENTS or (_parallel_pid is not None and _parallel_pid != pid):
         return getattr(kernels, name + suffix + "_serial")
     _parallel_pid = pid
-    return getattr(kernels, name + suffix)
+    kernel = getattr(kernels, name + suffix)
+    if _workqueue is False:
+        return kernel
+    return functools.partial(_serialized, kernel)
+
+
+def _serialized(kernel: Any, *args: Any) -> Any:
+    """``kernel(*args)`` under ``_parallel_lock``. numba names its threading layer only once a
+    parallel kernel has run (``numba.threading_layer()`` raises before), so the first calls are
+    serialized whatever the layer; after one, only the workqueue layer's are."""
+    global _workqueue
+    with _parallel_lock:
+        result = kernel(*args)
+        if _workqueue is None:
+            import numba
+
+            try:
+                _workqueue = numba.threading_layer() == "workqueue"
+            except ValueError:  # not started (e.g. a kernel that ran no parallel region)
+                pass
+    return result
 
 
 def _check_logits(logits: object) -> np.ndarray:
