@@ -45,8 +45,9 @@ sleep of 3x its host enqueue time, >= 1 ms): ~2-3 s per config and shape (--no-q
 The 6-config default sweep: ~2 min for crossent at both shapes. Once per shape: the float32
 reference (~1 s, ~35 GB at Gemma-2), the bare matmuls, torch eager, torch.compile (~0.5-1.5 min
 of compile per shape), Liger and Cut Cross-Entropy (their Triton compiles and autotuning, then 22
-calls of 50-160 ms): about 6-8 minutes in all. Pass --max-minutes 8.5 inside a 10-minute device call: whatever is left
-at that point is recorded as skipped and the rows so far are already in the CSV.
+calls of 50-160 ms): about 6-8 minutes in all. Pass --max-minutes 7.5 inside a 10-minute device
+call (an item that starts just before that must still end inside the call): whatever is left at
+that point is recorded as skipped and the rows so far are already in the CSV.
 """
 
 from __future__ import annotations

@@ -412,7 +412,8 @@ def _git_revision(root):
     specs = [f"{d}/*{suffix}" for d in CODE_DIRS for suffix in CODE_SUFFIXES]  # "*" matches "/" too
     try:
         commit = git("rev-parse", "--short", "HEAD").strip()
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", *specs).strip()
+        # untracked code files count too: the device tool carries them with the working tree
+        changed = git("status", "--porcelain", "--untracked-files=all", "--", *specs).strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if changed else "")
@@ -786,10 +787,28 @@ if __name__ == "__main__":
     # benchmarks/fetch_gpu_wheels.sh writes the record into REVISION_FILE.
     import argparse
 
-    parser = argparse.ArgumentParser(description="Print crossent's revision (see crossent_revision).")
-    parser.add_argument("what", choices=["revision", "record"],
-                        help=f"revision: the revision; record: the text of {REVISION_FILE}")
-    if parser.parse_args().what == "revision":
+    parser = argparse.ArgumentParser(
+        description="Print crossent's revision (see crossent_revision), or merge a device run's CSV "
+        "into a results CSV by column name (append_rows: a plain `tail >>` shifts the columns "
+        "when the two headers differ)."
+    )
+    parser.add_argument("what", choices=["revision", "record", "merge"],
+                        help=f"revision: the revision; record: the text of {REVISION_FILE}; "
+                        "merge SRC DEST: append SRC's rows to DEST")
+    parser.add_argument("paths", nargs="*", help="merge: SRC DEST")
+    args = parser.parse_args()
+    if args.what == "revision":
         print(crossent_revision())
-    else:
+    elif args.what == "record":
         sys.stdout.write(revision_record())
+    else:
+        if len(args.paths) != 2:
+            parser.error("merge takes SRC DEST")
+        src, dest = args.paths
+        with open(src, newline="") as f:
+            rows = list(csv.DictReader(f))
+        unknown = sorted({k for row in rows for k in row} - set(COLUMNS))
+        if unknown:
+            parser.error(f"{src} has columns that are not gpu_harness.COLUMNS: {unknown}")
+        append_rows(dest, rows)
+        print(f"{len(rows)} rows of {src} appended to {dest}")

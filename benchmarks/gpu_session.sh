@@ -2,7 +2,8 @@
 # One step of a GPU session, run on the device machine from the repository root, carrying .whl/
 # (made here first by `bash benchmarks/fetch_gpu_wheels.sh`). Each step fits one 10-minute call:
 #
-#   bash benchmarks/gpu_session.sh check    # the Triton kernel tests compiled on CUDA (TRITON_INTERPRET=0)
+#   bash benchmarks/gpu_session.sh check    # the Triton kernel tests compiled on CUDA (TRITON_INTERPRET=0),
+#                                           #   the GPU-only tests, and the vocab-parallel losses over NCCL
 #   bash benchmarks/gpu_session.sh ce       # CE on logits: crossent configs vs torch, Liger (both shapes)
 #   bash benchmarks/gpu_session.sh linear   # fused linear CE: crossent's defaults (lean, fast, and both
 #                                           #   with every row through the products) vs torch,
@@ -15,8 +16,11 @@
 #                                           #   (lean, fast 1000 MiB, CE; benchmarks/profile_gpu_kernels.py)
 #
 # Results land in $OUT (the device tool brings them back): STEP.log, env.txt (with crossent's
-# revision) and the CSVs (a crossent_rev column), which are then appended to benchmarks/results/
-# here. Run fetch_gpu_wheels.sh again before a session: it rewrites .whl/REVISION for the code as
+# revision) and the CSVs (a crossent_rev column), which are then merged into benchmarks/results/
+# here by column name (a plain `tail >>` shifts the columns where the headers differ):
+#   python benchmarks/gpu_harness.py merge FILES_AT/gpu_linear_cross_entropy.csv \
+#       benchmarks/results/gpu_linear_cross_entropy.csv
+# Run fetch_gpu_wheels.sh again before a session: it rewrites .whl/REVISION for the code as
 # it is now. Extra arguments after STEP go to the script.
 set -uo pipefail
 step=${1:?usage: gpu_session.sh check|ce|linear|profile [extra args]}
@@ -55,12 +59,13 @@ case $step in
             --ignore tests/triton/test_triton_bench_harness.py \
             --ignore tests/triton/test_triton_compile_sm90.py \
             --ignore tests/triton/test_triton_vocab_parallel_compile_sm90.py \
-            tests/triton tests/torch/test_torch_triton_dispatch.py "$@" 2>&1 | tee "$OUT/check.log" ;;
+            tests/triton tests/torch/test_torch_triton_dispatch.py \
+            tests/distributed/test_distributed_nccl_cuda.py "$@" 2>&1 | tee "$OUT/check.log" ;;
     ce)
-        python3 benchmarks/bench_gpu_cross_entropy.py --configs default-sweep --max-minutes 8.5 \
+        python3 benchmarks/bench_gpu_cross_entropy.py --configs default-sweep --max-minutes 7.5 \
             --out "$OUT/gpu_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/ce.log" ;;
     linear)
-        python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default --max-minutes 8.5 \
+        python3 benchmarks/bench_gpu_linear_cross_entropy.py --tiles default --max-minutes 7.5 \
             --out "$OUT/gpu_linear_cross_entropy.csv" "$@" 2>&1 | tee "$OUT/linear.log" ;;
     profile)
         python3 benchmarks/profile_gpu_kernels.py --fast-budget-mib 1000 \

@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 SKIP_REASON = None
 if not torch.cuda.is_available():

@@ -586,15 +586,18 @@ def code_repo(tmp_path):
 
 
 def test_crossent_revision_from_git_marks_changed_code_dirty(code_repo):
-    """The short hash; "+dirty" for a change to a tracked code file (staged or not) under src/ or
-    benchmarks/, not for results, notes, or files git does not track."""
+    """The short hash; "+dirty" for a change to a code file under src/ or benchmarks/ (staged or
+    not), also a new one git does not track (the device tool carries untracked files that git
+    does not ignore; review gpuready 3: it was left out), not for results or notes."""
     h = load_harness()
     commit = _git(code_repo, "rev-parse", "--short", "HEAD")
     assert h.crossent_revision(str(code_repo)) == commit
     (code_repo / "benchmarks/results/r.csv").write_text("date\nx\n")
     (code_repo / "README.md").write_text("changed\n")
-    (code_repo / "src/pkg/new.py").write_text("untracked\n")
     assert h.crossent_revision(str(code_repo)) == commit
+    (code_repo / "src/pkg/new.py").write_text("untracked\n")
+    assert h.crossent_revision(str(code_repo)) == commit + "+dirty"
+    (code_repo / "src/pkg/new.py").unlink()
     for path in ("src/pkg/a.py", "benchmarks/b.py", "benchmarks/s.sh"):
         (code_repo / path).write_text("changed\n")
         assert h.crossent_revision(str(code_repo)) == commit + "+dirty", path
@@ -719,3 +722,33 @@ def test_profile_script_runs_every_section_in_cpu_smoke_mode(tmp_path):
                              r"the profiler: first kernel [0-9.]+ ms after the call starts; .* (\d+) kernels$",
                              text, flags=re.M)
             assert line and int(line.group(1)) > 0, (label, mode)
+
+
+def test_merge_appends_a_device_csv_by_column_name(tmp_path):
+    """Review gpuready 2: a device CSV (with crossent_rev) appended to an older results CSV
+    (without it) by `tail -n +2 >>` shifted every column (device read '69e5c2d+dirty'); the
+    `merge` command appends by column name."""
+    h = load_harness()
+    old_columns = [c for c in h.COLUMNS if c != "crossent_rev"]
+    dest = tmp_path / "results.csv"
+    with open(dest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({c: "" for c in old_columns} | {"device": "old GPU", "impl": "torch"})
+    src = tmp_path / "device.csv"
+    with open(src, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=h.COLUMNS)
+        writer.writeheader()
+        writer.writerow({c: "" for c in h.COLUMNS} | {"device": "H100", "impl": "crossent-triton",
+                                                       "crossent_rev": "abc1234", "median_ms": "1.5"})
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_harness.py"), "merge", str(src), str(dest)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with open(dest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["device"], r["impl"], r["crossent_rev"], r["median_ms"]) for r in rows] == [
+        ("old GPU", "torch", "", ""), ("H100", "crossent-triton", "abc1234", "1.5")]
+    (tmp_path / "other.csv").write_text("date,unknown_column\nx,y\n")
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_harness.py"), "merge",
+                           str(tmp_path / "other.csv"), str(dest)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown_column" in done.stderr
