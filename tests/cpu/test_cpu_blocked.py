@@ -173,7 +173,7 @@ def test_blocked_path_keeps_a_confident_rows_loss(no_numba):
 def test_fast_paths_edge_rows(fast_path):
     """An ignored row holding NaN and inf adds nothing and raises no floating-point warning
     (warnings are errors here); -inf masks a class; a row of all -inf logits is NaN and a row
-    holding +inf is what the Array-API path gives."""
+    holding +inf is NaN, as F.cross_entropy (the Array-API path gives +inf there)."""
     inf = np.inf
     x = np.array([
         [np.nan, inf, -inf, 1.0],  # ignored
@@ -189,8 +189,10 @@ def test_fast_paths_edge_rows(fast_path):
         with np.errstate(all="ignore"):  # the Array-API path warns on the all -inf and +inf rows
             want = _array_api(ce.softmax_cross_entropy, x, y, ignore_index=-100, reduction="none",
                               label_smoothing=smoothing)
+        assert np.isposinf(want[3])
+        want[3] = np.nan
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-        assert np.isnan(got[2])  # eps = 1 drops the nll term: the all -inf row is still NaN
+        assert np.isnan(got[2]) and np.isnan(got[3])  # eps = 1 drops the nll term: the all -inf row is still NaN
         finite = np.isfinite(want)
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-15)
         np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])

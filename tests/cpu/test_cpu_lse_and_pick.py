@@ -272,12 +272,17 @@ def test_nll_conventions_for_nonfinite_rows(path):
     x = np.zeros((4, 3))
     x[0, 0] = -np.inf  # label on a masked class: +inf
     x[1] = -np.inf  # nothing finite: -inf - (-inf) = NaN
-    x[2, 2] = np.inf  # +inf elsewhere: +inf
+    x[2, 2] = np.inf  # +inf elsewhere: lse +inf, nll NaN (F.cross_entropy's NaN)
     x[3, 1] = np.nan
     y = np.array([0, 0, 0, 1])
     with np.errstate(invalid="ignore"):
         lse, picked = cpu.lse_and_pick(x, y)
         want = lse - picked
+    want[2] = np.nan
     _, nll = cpu.lse_and_nll(x, y)
     np.testing.assert_array_equal(nll, want)
-    assert np.isposinf(nll[0]) and np.isnan(nll[1]) and np.isposinf(nll[2]) and np.isnan(nll[3])
+    assert np.isposinf(nll[0]) and np.isnan(nll[1]) and np.isnan(nll[2]) and np.isnan(nll[3])
+    assert np.isposinf(lse[2])
+    torch = pytest.importorskip("torch")
+    f_loss = torch.nn.functional.cross_entropy(torch.tensor(x), torch.tensor(y), reduction="none").numpy()
+    np.testing.assert_array_equal(np.isnan(nll), np.isnan(f_loss))

@@ -218,7 +218,9 @@ def lse_and_nll(logits: np.ndarray, labels: np.ndarray, /) -> tuple[np.ndarray, 
     accurate relative to its own size even when it is far below ``|lse|`` (float32 logits near
     1e4, confident rows), where ``lse - picked`` from :func:`lse_and_pick` would have lost it to
     the rounding of ``lse``. Conventions for -inf, +inf and NaN as in :func:`lse_and_pick`
-    (``nll = lse - x_{i, y_i}`` in IEEE arithmetic there: +inf on a -inf label logit).
+    (``nll = lse - x_{i, y_i}`` in IEEE arithmetic there: +inf on a -inf label logit), except
+    that a row holding +inf has ``nll`` NaN whatever its label, as ``F.cross_entropy`` gives
+    (its log-softmax is NaN across such a row).
 
     Args:
       logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
@@ -262,7 +264,8 @@ def softmax_minus_onehot(
     0` (and :math:`r_i = 0`); with ``keep``, the rows where it is False, and a kept row with
     :math:`s_i = r_i = 0` gets the product in IEEE arithmetic (zeros, or NaN where its softmax is
     NaN: a NaN or ``+inf`` logit, or all ``-inf``; e.g. a class weight of 0 on such a row, as in
-    PyTorch).
+    PyTorch). A kept row holding ``+inf`` has no softmax: its ``nll`` and its whole gradient row
+    are NaN whatever :math:`s_i` and :math:`r_i`, as in ``F.cross_entropy``.
     The row's log-sum-exp is computed in float64 and used unrounded; the returned ``lse`` and
     ``nll`` equal :func:`lse_and_nll`'s, so one call gives both the loss and its gradient.
 
@@ -332,7 +335,9 @@ def soft_cross_entropy(logits: np.ndarray, targets: np.ndarray, /) -> tuple[np.n
     accumulated in float64 and rounded once; a zero target contributes nothing, also on a
     ``-inf`` logit (0 log 0 = 0), and the targets are used as given (not renormalized). A row
     whose maximum is not finite follows :func:`crossent.softmax_cross_entropy`'s arithmetic
-    (shift 0): an all ``-inf`` row gives 0 against zero targets and NaN against positive ones.
+    (shift 0): an all ``-inf`` row gives 0 against zero targets and NaN against positive ones; a
+    row holding ``+inf`` gives NaN (and, in :func:`softmax_minus_targets`, a NaN gradient row unless
+    ignored), as ``F.cross_entropy`` does.
 
     Args:
       logits: ``[N, C]`` C-contiguous numpy array of float32 or float64.
@@ -561,7 +566,7 @@ def _lse_pick_nll_numpy(
         with np.errstate(invalid="ignore"):
             lse[start:stop] = shift + log_s
             picked[start:stop] = x_label
-            nll[start:stop] = (shift - x_label) + log_s
+            nll[start:stop] = np.where(shift == np.inf, np.nan, (shift - x_label) + log_s)
 
 
 def _softmax_minus_onehot_numpy(
@@ -586,7 +591,8 @@ def _softmax_minus_onehot_numpy(
         with np.errstate(invalid="ignore", over="ignore"):
             block_lse = shift + log_s
             lse[start:stop] = block_lse
-            nll[start:stop] = (shift - x_label) + log_s
+            plus_inf = shift == np.inf  # a +inf logit: NaN loss and gradient row (_kernels._nll)
+            nll[start:stop] = np.where(plus_inf, np.nan, (shift - x_label) + log_s)
             # (x - shift) - log_s as the kernels form it: x - lse, lse rounded at the logits'
             # magnitude, would lose log_s beyond |x| ~ 1e16 (and digits of it from ~1e8).
             p = np.exp((block - shift[:, None]) - log_s[:, None], dtype=np.float64)
@@ -597,6 +603,7 @@ def _softmax_minus_onehot_numpy(
             p *= scale[start:stop, None]
             if z_term is not None:
                 p[z_rows] += z_term
+        p[plus_inf] = np.nan
         p[_zero_rows(keep[start:stop], scale[start:stop], block_lse, r)] = 0.0
         out[start:stop] = p
 
@@ -640,11 +647,15 @@ def _soft_numpy(
             log_s = np.log(s)
             # 0 log 0 = 0 on an infinite logit; a NaN logit keeps its NaN.
             counted = (t != 0.0) | ~np.isinf(x)
-            ce[start:stop] = -np.sum(np.where(counted, t * ((x - shift) - log_s), 0.0), axis=1)
+            # A +inf logit (and no NaN): NaN loss and gradient row, as in PyTorch (_kernels._nll).
+            plus_inf = m[:, 0] == np.inf  # np.max gives NaN where a NaN is in the row
+            ce[start:stop] = np.where(
+                plus_inf, np.nan, -np.sum(np.where(counted, t * ((x - shift) - log_s), 0.0), axis=1))
             block_lse = (shift + log_s)[:, 0]
             lse[start:stop] = block_lse
             if out is not None:
                 g = t.sum(axis=1, keepdims=True) * (e / s) - t
                 g *= scale[start:stop, None]
+                g[plus_inf] = np.nan
                 g[_zero_rows(keep[start:stop], scale[start:stop], block_lse)] = 0.0
                 out[start:stop] = g

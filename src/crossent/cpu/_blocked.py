@@ -25,7 +25,9 @@ do not depend on the loss) the finished gradient in one pass, class weights and 
 folded into the targets of each block.
 
 No floating-point warnings: inf and NaN rows give what the Array-API path gives (NaN or inf), and
-ignored rows, which the caller masks, are taken as zeros as there.
+ignored rows, which the caller masks, are taken as zeros as there. The exception is a kept row
+holding +inf (after the soft cap; no NaN): its loss and its whole gradient row are NaN, as
+``F.cross_entropy`` and crossent.cpu's kernels give (the Array-API path gives an inf loss there).
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def lse_and_nll(
             top = np.argmax(b, axis=1)  # a maximum (the first NaN if any: then m is NaN, as max gives)
             m[...] = b[rows, top]
             max_finite = np.isfinite(m)
+            plus_inf = m == np.inf  # a +inf logit and no NaN (argmax stops at the first NaN)
             m[~max_finite] = 0.0
             if smoothing:
                 finite = finite_buf[: stop - start]
@@ -125,6 +128,11 @@ def lse_and_nll(
             s[max_finite] += 1.0
             np.add(log_s, m, out=lse[start:stop])
             np.negative(picked - log_s, out=nll[start:stop])
+            if plus_inf.any():
+                # No softmax in a row holding +inf: NaN loss and (through a NaN sum) a NaN gradient
+                # row, as F.cross_entropy gives; lse stays +inf.
+                nll[start:stop][plus_inf] = np.nan
+                s[plus_inf] = np.nan
             if smoothing:
                 k = stats.count[start:stop]
                 np.sum(finite, axis=1, out=k)
@@ -135,6 +143,7 @@ def lse_and_nll(
                     np.multiply(class_weight, d, out=d)
                     np.sum(np.where(finite, class_weight, 0.0), axis=1, out=stats.weight_sum[start:stop])
                 np.sum(d, axis=1, out=stats.smoothed[start:stop])
+                stats.smoothed[start:stop][plus_inf] = np.nan
     return stats
 
 
@@ -309,6 +318,7 @@ def soft_targets(
             top = np.argmax(d, axis=1)  # a maximum (the first NaN if any, as in lse_and_nll)
             m = d[rows, top]
             max_finite = np.isfinite(m)
+            plus_inf = m == np.inf  # a +inf (capped) logit and no NaN: NaN loss and gradient row
             m[~max_finite] = 0.0
             np.subtract(d, m[:, None], out=d)
             e = e_buf[:k]
@@ -330,6 +340,7 @@ def soft_targets(
             if infinite is not None:
                 d[(tb == 0) & infinite] = 0.0  # 0 log 0 = 0 on a masked class
             np.negative(np.sum(d, axis=1), out=ce[start:stop])
+            ce[start:stop][plus_inf] = np.nan  # as F.cross_entropy (its log_softmax is NaN there)
             if out is None:
                 continue
             e[rows[max_finite], top[max_finite]] = 1.0
@@ -350,4 +361,5 @@ def soft_targets(
             # A row of factor 0 adds 0 x its gradient: exact zeros, NaN where its softmax is not
             # finite (as the kernels with keep flags, the Array-API path and PyTorch).
             g[(row_scale == 0.0) & np.isfinite(block_lse)] = 0.0
+            g[plus_inf] = np.nan
     return lse, ce

@@ -10,9 +10,13 @@ L1/L2 cache between the passes over it. Per row:
 3. (gradient kernel only) out_j = scale * (exp(x_j - lse) - [j == label]): exact zeros for a row
    whose ``keep`` flag is false (an ignored row, whatever its logits), and for scale == 0 when
    lse is finite (the product is 0 there anyway, so the pass over the row is skipped). A kept row
-   with scale == 0 and lse -inf, +inf or NaN (all -inf, a +inf or a NaN logit: class weight 0 or
-   sample weight 0 on such a row) gets the product in IEEE arithmetic, 0 * NaN = NaN where the
-   softmax is NaN, as PyTorch, impl="chunked", the blocked pass and the Array-API path give.
+   with scale == 0 and lse -inf or NaN (all -inf or a NaN logit: class weight 0 or sample weight
+   0 on such a row) gets the product in IEEE arithmetic, 0 * NaN = NaN where the softmax is NaN,
+   as PyTorch, impl="chunked", the blocked pass and the Array-API path give.
+
+A kept row holding +inf (and no NaN) has lse +inf but no softmax: its loss (nll, and with label
+smoothing or soft targets the whole loss) and its whole gradient row are NaN, whatever its
+factors, as F.cross_entropy gives (its log_softmax is NaN across such a row); ignored rows stay 0.
 
 Rows are split across threads with ``prange`` (serial entry points serve small inputs and forked
 processes). Nothing of size N x C is allocated: the extra memory is the outputs (arrays of N).
@@ -160,6 +164,14 @@ def _finish_log_s(at_max, rest):
     return math.log1p(rest) if at_max == 1.0 else math.log(at_max + rest)
 
 
+@nb.njit(inline="always", cache=True)
+def _nll(shift, log_s, x_label):
+    """The loss (shift - x_label) + log_s; NaN for a row holding +inf (shift +inf), whose softmax
+    is not defined: PyTorch's log_softmax is NaN across such a row (inf - inf at the +inf entry
+    poisons its log-sum-exp), so F.cross_entropy gives NaN whatever the label."""
+    return np.nan if shift == np.inf else (shift - x_label) + log_s
+
+
 @nb.njit(cache=True, fastmath=_SUM_FLAGS)
 def _row_lse_parts_f32(row):
     m = _row_max(row)
@@ -215,6 +227,10 @@ def _row_grad_f32(row, dst, label, a, r, keep, shift, log_s, x_label):
     exact, while x_j - lse, lse rounded at the logits' magnitude, would lose log_s beyond
     |x| ~ 1e16."""
     lse = shift + log_s
+    if keep and shift == np.inf:  # a +inf logit: NaN across the row, as in PyTorch (``_nll``)
+        for j in range(row.shape[0]):
+            dst[j] = np.nan
+        return
     if _zero_grad_z(keep, a, r, lse):
         for j in range(row.shape[0]):
             dst[j] = 0.0
@@ -229,6 +245,10 @@ def _row_grad_f32(row, dst, label, a, r, keep, shift, log_s, x_label):
 @nb.njit(inline="always", cache=True)
 def _row_grad_f64(row, dst, label, a, r, keep, shift, log_s, x_label):
     lse = shift + log_s
+    if keep and shift == np.inf:  # a +inf logit: NaN across the row, as in PyTorch (``_nll``)
+        for j in range(row.shape[0]):
+            dst[j] = np.nan
+        return
     if _zero_grad_z(keep, a, r, lse):
         for j in range(row.shape[0]):
             dst[j] = 0.0
@@ -257,7 +277,7 @@ def lse_pick_nll_f32(logits, labels, lse, picked, nll):
         x_label = np.float64(logits[i, labels[i]])
         lse[i] = shift + log_s
         picked[i] = x_label
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
@@ -267,7 +287,7 @@ def lse_pick_nll_f32_serial(logits, labels, lse, picked, nll):
         x_label = np.float64(logits[i, labels[i]])
         lse[i] = shift + log_s
         picked[i] = x_label
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -277,7 +297,7 @@ def lse_pick_nll_f64(logits, labels, lse, picked, nll):
         x_label = logits[i, labels[i]]
         lse[i] = shift + log_s
         picked[i] = x_label
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
 
 
 @nb.njit(cache=True)
@@ -287,7 +307,7 @@ def lse_pick_nll_f64_serial(logits, labels, lse, picked, nll):
         x_label = logits[i, labels[i]]
         lse[i] = shift + log_s
         picked[i] = x_label
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -297,7 +317,7 @@ def softmax_minus_onehot_f32(logits, labels, scale, z_scale, keep, out, lse, nll
         shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
         _row_grad_f32(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
@@ -308,7 +328,7 @@ def softmax_minus_onehot_f32_serial(logits, labels, scale, z_scale, keep, out, l
         shift, log_s = _row_lse_parts_f32(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
         _row_grad_f32(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
@@ -319,7 +339,7 @@ def softmax_minus_onehot_f64(logits, labels, scale, z_scale, keep, out, lse, nll
         shift, log_s = _row_lse_parts_f64(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
         _row_grad_f64(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
@@ -330,7 +350,7 @@ def softmax_minus_onehot_f64_serial(logits, labels, scale, z_scale, keep, out, l
         shift, log_s = _row_lse_parts_f64(row)
         x_label = row[labels[i]]
         lse[i] = shift + log_s
-        nll[i] = (shift - x_label) + log_s
+        nll[i] = _nll(shift, log_s, x_label)
         _row_grad_f64(row, out[i], labels[i], scale[i], z_scale[i], keep[i], shift, log_s, x_label)
 
 
@@ -383,6 +403,11 @@ def _row_soft_nonfinite(row, t, dst, a, keep, want_grad):
         s += math.exp(np.float64(row[j]))
         total += _target_value(row, t[j])
     log_s = np.log(s)
+    if log_s == np.inf:  # a +inf logit: NaN loss and gradient, as in PyTorch (``_nll``)
+        if want_grad:
+            for j in range(c):
+                dst[j] = np.nan if keep else 0.0
+        return log_s, np.nan
     ce = 0.0
     for j in range(c):
         x = np.float64(row[j])
@@ -523,6 +548,11 @@ def _row_smooth_nonfinite(row, label, w, eps, dst, a, keep, want_grad):
             acc += w[j] * (x - log_s)
     nll = log_s - np.float64(row[label])
     k = k if k > 0.0 else 1.0
+    if log_s == np.inf:  # a +inf logit: NaN loss and gradient, as in PyTorch (``_nll``)
+        if want_grad:
+            for j in range(c):
+                dst[j] = np.nan if keep else 0.0
+        return log_s, np.nan, np.nan, k, wsum
     if want_grad:
         c1 = (1.0 - eps) * w[label]
         for j in range(c):

@@ -31,8 +31,9 @@ factor is 0 (class weight 0 on its label, an upstream gradient of 0, a "mean" wh
 0) gets 0 times its gradient: zeros, or NaN where its softmax is NaN (all -inf or a NaN logit), as
 on the chunked path and in PyTorch. The results equal impl="chunked" (tested to 1e-12 in float64);
 only the speed differs: one or two passes over the logits, where the chunked path makes several
-through temporaries. The exception is a row holding +inf: its loss is inf or NaN on both paths,
-its gradient NaN where the logit is +inf here and across the row there.
+through temporaries. The exception is a kept row holding +inf: here its loss and its whole
+gradient row are NaN, as ``F.cross_entropy`` gives (its softmax is not defined); the chunked path
+gives an inf loss there (and a NaN gradient row).
 
 Class indices outside ``[0, C)`` (other than ``ignore_index``) raise a ValueError naming
 ``target`` here too when ``validate=False`` skipped the check (one min/max over the M indices).
