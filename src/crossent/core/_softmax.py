@@ -317,7 +317,10 @@ def _softmax_ce(
             # The shift m is a constant to autograd (torch detach, jax stop_gradient): the loss
             # does not depend on it, and differentiating max costs jax.grad 3.7x the time.
             m = _constant(xp.max(x, axis=-1, keepdims=True))
-            m = xp.where(xp.isfinite(m), m, zero)
+            # Only an all -inf row's max is replaced (by 0, so that x - m is -inf, not NaN). A
+            # +inf max stays: x - m is NaN at that logit, so the row's loss and gradient are NaN,
+            # as in PyTorch and the CPU kernels (with m = 0 they were +inf and -1 at the label).
+            m = xp.where(m == -math.inf, zero, m)
             e = xp.exp(x - m)
             s = xp.sum(e, axis=-1, keepdims=True)
             # log(s) in the compute dtype: a confident float32 row (s = 1 + 2e-9) rounds to s = 1

@@ -34,6 +34,8 @@ No ``.item()`` or other host syncs run in forward or backward on accelerator ten
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -185,7 +187,9 @@ def _softmax_and_lse(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p_max, k = p.max(dim=-1, keepdim=True)
         return p, (z.gather(1, k) - p_max.log()).squeeze(1)
     m = z.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    # Only an all -inf row's max becomes 0; a +inf max stays, so that row's lse, loss and
+    # gradient are NaN, as in PyTorch and in the fused branch above (0 gave an inf loss).
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)
     p = (z - m).exp_()
     s = p.sum(dim=-1, keepdim=True)
     return p.div_(s), (m + s.log()).squeeze(1)

@@ -1,0 +1,116 @@
+"""A kept row holding a +inf logit has no finite softmax: its loss and its gradient row are NaN,
+as F.cross_entropy gives (float64 oracle), on the Array-API path of every backend and on
+crossent.torch's "chunked" and "reference" paths. The Array-API path and "chunked" replaced a
++inf row maximum by 0 and gave +inf and a gradient of -1 at the label (the CPU kernels were
+aligned in 2fb712f). Ignored rows stay 0 whatever their logits (DESIGN.md)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent as ce
+import crossent.cpu as cpu
+
+INF = np.inf
+# Rows 0, 2, 5 hold +inf (off the label, on it, twice); row 4 holds +inf and is ignored.
+X = np.array([
+    [0.0, INF, 1.0, -0.5],
+    [0.5, 0.2, 0.1, -1.0],
+    [INF, 0.0, 0.0, 2.0],
+    [1.0, 2.0, 3.0, 0.25],
+    [INF, 1.0, 2.0, 3.0],
+    [-0.3, 0.7, INF, INF],
+])
+Y = np.array([0, 1, 0, 3, -100, 1])
+INF_ROWS, KEPT_FINITE = [0, 2, 5], [1, 3]
+OPTIONS = [dict(), dict(z_loss=0.1), dict(label_smoothing=0.2), dict(label_smoothing=0.2, z_loss=0.1),
+           dict(weight=np.array([1.0, 0.5, 0.0, 2.0]))]
+
+
+def _oracle(y, *, weight=None, label_smoothing=0.0, z_loss=0.0, soft=False):
+    """float64 F.cross_entropy (plus z lse^2 on the kept rows) per row, and its gradient."""
+    x = torch.tensor(X, requires_grad=True)
+    w = None if weight is None else torch.tensor(weight)
+    target = torch.tensor(y)
+    loss = F.cross_entropy(x, target, weight=w, reduction="none", label_smoothing=label_smoothing)
+    if z_loss:
+        kept = torch.ones(len(X), dtype=torch.bool) if soft else target != -100
+        loss = loss + torch.where(kept, z_loss * torch.logsumexp(x, dim=1) ** 2, 0.0)
+    loss.sum().backward()
+    grad = x.grad.numpy().copy()
+    if not soft:
+        grad[Y == -100] = 0.0  # F: NaN (0 times a NaN softmax); crossent: an ignored row is 0
+    return loss.detach().numpy(), grad
+
+
+def _check(loss, grad, want_loss, want_grad, rows):
+    assert np.isnan(want_loss[rows]).all() and np.isnan(want_grad[rows]).all()  # the oracle's NaN rows
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(want_loss))
+    np.testing.assert_array_equal(np.isnan(grad), np.isnan(want_grad))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-10, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def _quiet(xp):
+    """NumPy-backed namespaces warn "invalid value" where inf - inf makes the NaN (as NumPy does
+    for any NaN it creates); the other backends do not warn."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    if xp.__name__ in ("numpy", "array_api_strict"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+    return ctx
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=repr)
+def test_array_api_path_plus_inf_rows_are_nan(xp, asxp, tonp, monkeypatch, options):
+    monkeypatch.setattr(cpu, "ENABLED", False)  # numpy too takes the Array-API path
+    kw = {k: (asxp(v) if k == "weight" else v) for k, v in options.items()}
+    ctx = _quiet(xp)
+    try:
+        loss, grad = ce.softmax_cross_entropy_and_grad(asxp(X), asxp(Y), ignore_index=-100, reduction="sum", **kw)
+        rows = ce.softmax_cross_entropy(asxp(X), asxp(Y), ignore_index=-100, reduction="none", **kw)
+    finally:
+        ctx.__exit__(None, None, None)
+    want_loss, want_grad = _oracle(Y, **options)
+    _check(tonp(rows), tonp(grad), want_loss, want_grad, INF_ROWS)
+    assert np.isnan(tonp(loss))
+    if xp.__name__ == "torch":  # torch.autograd through the same path
+        x = torch.tensor(X, requires_grad=True)
+        w = None if "weight" not in options else torch.tensor(options["weight"])
+        kw = {k: v for k, v in options.items() if k != "weight"}
+        ce.softmax_cross_entropy(x, torch.tensor(Y), weight=w, ignore_index=-100, reduction="sum", **kw).backward()
+        _check(want_loss, x.grad.numpy(), want_loss, want_grad, INF_ROWS)
+
+
+def test_array_api_path_soft_targets_plus_inf_rows_are_nan(xp, asxp, tonp, monkeypatch):
+    monkeypatch.setattr(cpu, "ENABLED", False)
+    t = np.random.default_rng(0).dirichlet(np.ones(4), size=len(X))
+    t[1] = 0.0  # an all-zero target row without +inf: 0
+    ctx = _quiet(xp)
+    try:
+        rows = ce.softmax_cross_entropy(asxp(X), asxp(t), reduction="none", z_loss=0.1)
+        _, grad = ce.softmax_cross_entropy_and_grad(asxp(X), asxp(t), reduction="sum", z_loss=0.1)
+    finally:
+        ctx.__exit__(None, None, None)
+    want_loss, want_grad = _oracle(t, z_loss=0.1, soft=True)
+    _check(tonp(rows), tonp(grad), want_loss, want_grad, INF_ROWS + [4])
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+@pytest.mark.parametrize("options", OPTIONS, ids=repr)
+def test_torch_chunked_and_reference_plus_inf_rows_are_nan(impl, options):
+    import crossent.torch as cet
+
+    x = torch.tensor(X, requires_grad=True)
+    w = None if "weight" not in options else torch.tensor(options["weight"])
+    kw = {k: v for k, v in options.items() if k != "weight"}
+    loss = cet.cross_entropy(x, torch.tensor(Y), weight=w, reduction="none", impl=impl, **kw)
+    loss.sum().backward()
+    want_loss, want_grad = _oracle(Y, **options)
+    _check(loss.detach().numpy(), x.grad.numpy(), want_loss, want_grad, INF_ROWS)
+    np.testing.assert_array_equal(x.grad.numpy()[4], 0.0)  # the ignored row
