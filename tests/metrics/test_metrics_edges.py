@@ -141,11 +141,21 @@ def test_loss_histogram_weights_match_numpy_weighted_histogram():
     inside, _ = np.histogram(loss[loss < 3.0], bins=edges, weights=w[loss < 3.0])
     np.testing.assert_allclose(h["weights"][:-1], inside, rtol=1e-12)
     np.testing.assert_allclose(h["weights"][-1], w[loss >= 3.0].sum(), rtol=1e-12)
-    # the mean of the weighted histogram is the weighted mean, to half a bin
+    # this data reaches past hist_max (loss.max() is about 10.5): the last bin holds those rows
+    assert loss.max() >= 3.0 and h["weights"][-1] > 0
+    assert r.cross_entropy_nats == pytest.approx(np.average(loss, weights=w), rel=1e-12)
+    # the mean of the in-range bins is the weighted mean of the in-range losses, to half a bin
+    centers = (np.arange(len(h["weights"]) - 1) + 0.5) * 0.05
+    inside_mean = np.average(loss[loss < 3.0], weights=w[loss < 3.0])
+    assert abs(np.average(centers, weights=h["weights"][:-1]) - inside_mean) <= 0.025
+    # with hist_max past every loss the last bin is empty and the histogram's mean is the loss's
+    hist_max = 0.05 * math.ceil(loss.max() / 0.05 + 1)
+    r = ScoreAccumulator(5, hist_bin_width=0.05, hist_max=hist_max).update(
+        p, y, sample_weight=w).compute()
+    h = r.loss_histogram
+    assert h["weights"][-1] == 0
     centers = (np.arange(len(h["weights"])) + 0.5) * 0.05
-    assert (h["weights"][-1] == 0) == (loss.max() < 3.0)
-    if h["weights"][-1] == 0:
-        assert abs(np.average(centers, weights=h["weights"]) - r.cross_entropy_nats) <= 0.025
+    assert abs(np.average(centers, weights=h["weights"]) - np.average(loss, weights=w)) <= 0.025
     # without weights, the weights are the counts
     h = ScoreAccumulator(5).update(p, y).compute().loss_histogram
     np.testing.assert_array_equal(h["weights"], h["counts"])
