@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, log_loss
 
 import crossent as ce
@@ -17,6 +18,12 @@ from crossent.metrics import InvalidDataError, ScoreAccumulator
 def _softmax(z):
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _logits_ce(z, y, w=None):
+    """The oracle for logits: scipy's log_softmax in float64, the target's entry, weighted mean."""
+    logp = log_softmax(np.asarray(z, dtype=np.float64), axis=1)
+    return float(-np.average(logp[np.arange(len(y)), y], weights=w))
 
 
 def _data(n=1237, C=7, seed=0, dtype=np.float64):
@@ -79,11 +86,15 @@ def test_float32_inputs_match_core_float32():
     p = p / p.sum(axis=1, keepdims=True, dtype=np.float32)
     rp = ScoreAccumulator(7).update(p, y).compute()
     np.testing.assert_allclose(rp.cross_entropy_nats, float(ce.log_loss(p, y)), rtol=1e-6)
+    p64 = p.astype(np.float64)
+    expected = log_loss(y, p64 / p64.sum(axis=1, keepdims=True), labels=list(range(7)))
+    np.testing.assert_allclose(rp.cross_entropy_nats, expected, rtol=1e-6)
     rz = ScoreAccumulator(7, from_logits=True).update(z, y).compute()
     z64 = z.astype(np.float64)
     np.testing.assert_allclose(
         rz.cross_entropy_nats, float(ce.softmax_cross_entropy(z64, y)), rtol=1e-6
     )
+    np.testing.assert_allclose(rz.cross_entropy_nats, _logits_ce(z64, y), rtol=1e-6)
 
 
 def test_per_class_equals_core_on_each_class_subset():
@@ -97,6 +108,11 @@ def test_per_class_equals_core_on_each_class_subset():
         np.testing.assert_allclose(
             entry["cross_entropy_nats"],
             float(ce.log_loss(p[rows], y[rows], sample_weight=w[rows])),
+            rtol=1e-12,
+        )
+        np.testing.assert_allclose(
+            entry["cross_entropy_nats"],
+            log_loss(y[rows], p[rows], sample_weight=w[rows], labels=list(range(7))),
             rtol=1e-12,
         )
         np.testing.assert_allclose(
@@ -239,6 +255,8 @@ def test_normalize_divides_rows_by_their_sum():
     r = ScoreAccumulator(3, normalize=True).update(p, y).compute()
     np.testing.assert_allclose(r.cross_entropy_nats, float(ce.log_loss(p, y, normalize=True)),
                                rtol=1e-12)
+    expected = log_loss(y, p / p.sum(axis=1, keepdims=True), labels=[0, 1, 2])
+    np.testing.assert_allclose(r.cross_entropy_nats, expected, rtol=1e-12)
     with pytest.raises(InvalidDataError, match=r"data row 0: probabilities of the row sum to"):
         ScoreAccumulator(3).update(p, y)
 
@@ -261,6 +279,7 @@ def test_negative_infinite_logits_mask_classes():
     r = ScoreAccumulator(3, from_logits=True).update(z, np.array([2, 1])).compute()
     np.testing.assert_allclose(r.cross_entropy_nats, float(ce.softmax_cross_entropy(
         z, np.array([2, 1]))), rtol=1e-14)
+    np.testing.assert_allclose(r.cross_entropy_nats, _logits_ce(z, np.array([2, 1])), rtol=1e-14)
 
 
 @pytest.mark.parametrize(
@@ -365,9 +384,11 @@ def test_torch_bfloat16_and_requires_grad_are_read_detached():
     expected = float(ce.softmax_cross_entropy(z_rounded, y))
     got = ScoreAccumulator(5, from_logits=True).update(zb, torch.tensor(y)).compute()
     np.testing.assert_allclose(got.cross_entropy_nats, expected, rtol=1e-6)
+    np.testing.assert_allclose(got.cross_entropy_nats, _logits_ce(z_rounded, y), rtol=1e-6)
     leaf = torch.tensor(z, requires_grad=True)
     got = ScoreAccumulator(5, from_logits=True).update(leaf, torch.tensor(y)).compute()
     np.testing.assert_allclose(got.cross_entropy_nats, float(ce.softmax_cross_entropy(z, y)), rtol=1e-12)
+    np.testing.assert_allclose(got.cross_entropy_nats, _logits_ce(z, y), rtol=1e-12)
     # bfloat16 probabilities keep bfloat16's eps: the row-sum tolerance is sqrt(2**-7)
     pb = torch.tensor(p).to(torch.bfloat16)
     r = ScoreAccumulator(5).update(pb, torch.tensor(y)).compute()
