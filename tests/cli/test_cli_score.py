@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 from click.testing import CliRunner
+from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, log_loss
 
 import crossent as ce
@@ -47,6 +48,8 @@ def test_json_equals_scikit_learn(parquet_path, preds):
         rows = y == k
         np.testing.assert_allclose(entry["cross_entropy_nats"],
                                    float(ce.log_loss(p[rows], y[rows])), rtol=1e-12)
+        np.testing.assert_allclose(entry["cross_entropy_nats"],
+                                   log_loss(y[rows], p[rows], labels=labels), rtol=1e-12)
         assert entry["rows"] == rows.sum()
 
 
@@ -55,6 +58,9 @@ def test_weights_and_logits(parquet_path, preds):
     out = run_json(parquet_path, "--target", "y", "--logits", "logit*", "--sample-weight", "w")
     core = float(ce.softmax_cross_entropy(z.astype(np.float64), y, sample_weight=w))
     np.testing.assert_allclose(out["cross_entropy_nats"], core, rtol=1e-6)
+    # the oracle: scipy's float64 log_softmax at the target, weighted mean
+    logp = log_softmax(z.astype(np.float64), axis=1)[np.arange(len(y)), y]
+    np.testing.assert_allclose(out["cross_entropy_nats"], -np.average(logp, weights=w), rtol=1e-6)
     np.testing.assert_allclose(out["accuracy"], accuracy_score(y, z.argmax(1), sample_weight=w))
     np.testing.assert_allclose(out["weight"], w.sum(), rtol=1e-12)
 
