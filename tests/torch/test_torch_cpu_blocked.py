@@ -6,8 +6,9 @@
 - class indices with a z-loss or a softcap, or without numba: ``CpuBlockedCrossEntropy``
   (``_blocked.lse_and_nll`` in forward, ``_blocked.gradient`` in backward).
 
-Same results as impl="chunked" and the reference composition (float64 to 1e-12). These tests do
-not need numba."""
+Same results as impl="chunked" and the reference composition (float64 to 1e-12), and as the
+oracle ``_oracle``, written here from F.cross_entropy in float64 row by row (float64 to 1e-10).
+These tests do not need numba."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import crossent.cpu
 import crossent.torch as cet
@@ -51,6 +53,53 @@ def _loss_and_grad(x, t, upstream, **kw):
     loss = cet.cross_entropy(leaf, t, **kw)
     loss.backward(upstream if loss.ndim else upstream.sum())
     return loss.detach(), leaf.grad
+
+
+def _oracle(x, t, upstream, *, weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+            reduction="mean", ignore_index=-100):
+    """Loss and gradient of ``x`` from F.cross_entropy in float64, one row at a time, with DESIGN.md's
+    additions written out: logits c * tanh(x / c) first; a -inf logit (t = 0 there) masks its class,
+    so the row is F.cross_entropy over its finite classes (label smoothing spread over those K); the
+    z-loss z * logsumexp(row)**2 on each kept row, not class-weighted, its mean over the kept rows;
+    an ignored row contributes 0 (its logits, NaN or not, are never touched)."""
+    soft = t.is_floating_point()
+    class_dim = 0 if x.ndim == 1 else 1
+    c = x.shape[class_dim]
+    x64 = x.detach().double().requires_grad_()
+    rows_x = x64.movedim(class_dim, -1).reshape(-1, c)
+    rows_t = (t.double().movedim(class_dim, -1).reshape(-1, c) if soft else t.reshape(-1))
+    w = None if weight is None else weight.detach().double()
+    ce_rows, z_rows, denom, kept = [], [], 0.0, 0
+    for i in range(rows_x.shape[0]):
+        if not soft and int(rows_t[i]) == ignore_index:
+            ce_rows.append(torch.zeros((), dtype=torch.float64))
+            z_rows.append(torch.zeros((), dtype=torch.float64))
+            continue
+        xi = rows_x[i]
+        if softcap is not None:
+            xi = softcap * torch.tanh(xi / softcap)
+        finite = torch.isfinite(xi.detach())
+        xi = xi[finite][None]
+        wi = None if w is None else w[finite]
+        if soft:
+            ti = rows_t[i][finite][None]
+            denom += 1.0
+        else:
+            label = int(rows_t[i])
+            ti = torch.tensor([int(finite[:label].sum())])
+            denom += 1.0 if w is None else float(w[label])
+        ce_rows.append(F.cross_entropy(xi, ti, weight=wi, label_smoothing=label_smoothing, reduction="sum"))
+        z_rows.append(z_loss * torch.logsumexp(xi[0], 0) ** 2)
+        kept += 1
+    ce_rows, z_rows = torch.stack(ce_rows), torch.stack(z_rows)
+    if reduction == "none":
+        loss = (ce_rows + z_rows).reshape(x64.movedim(class_dim, -1).shape[:-1])
+    elif reduction == "sum":
+        loss = ce_rows.sum() + z_rows.sum()
+    else:
+        loss = ce_rows.sum() / denom + z_rows.sum() / kept
+    loss.backward(upstream.double() if loss.ndim else upstream.double().sum())
+    return loss.detach(), x64.grad
 
 
 def _inputs(shape, seed, dtype=torch.float64):
@@ -93,6 +142,9 @@ def test_options_equal_chunked_and_reference_float64(blocked_calls, numba_settin
         ref_loss, ref_grad = _loss_and_grad(x, t, up, impl=impl, **kw)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    want_loss, want_grad = _oracle(x, t, up, **kw)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 3), (13,), (2, 9, 2, 3)])
@@ -104,6 +156,9 @@ def test_other_shapes_equal_reference(blocked_calls, shape):
         ref_loss, ref_grad = _loss_and_grad(x, t, up, reduction=reduction, impl="reference", **kw)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+        want_loss, want_grad = _oracle(x, t, up, reduction=reduction, **kw)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
     assert blocked_calls == {"loss": 0, "grad": 3}
 
 
@@ -116,8 +171,7 @@ def test_float32_matches_float64_truth(blocked_calls):
     kw = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, reduction="sum")
     loss32, grad32 = _loss_and_grad(x32, t32, up32, weight=w32, **kw)
     assert blocked_calls == {"loss": 0, "grad": 1}
-    truth, truth_grad = _loss_and_grad(x32.double(), t32.double(), up32.double(), weight=w32.double(),
-                                       impl="reference", **kw)
+    truth, truth_grad = _oracle(x32, t32, up32, weight=w32, **kw)
     chunked_loss, chunked_grad = _loss_and_grad(x32, t32, up32, weight=w32, impl="chunked", **kw)
 
     def errors(loss, grad):
@@ -306,6 +360,9 @@ def test_class_indices_equal_chunked_and_reference_float64(class_index_calls, nu
         ref_loss, ref_grad = _loss_and_grad(x, y, upstream, impl=impl, **kw)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    want_loss, want_grad = _oracle(x, y, upstream, **kw)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
     assert torch.isfinite(grad).all()
 
 
@@ -319,6 +376,9 @@ def test_class_indices_other_shapes_equal_reference(class_index_calls, shape):
         ref_loss, ref_grad = _loss_and_grad(x, y, upstream, reduction=reduction, impl="reference", **kw)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+        want_loss, want_grad = _oracle(x, y, upstream, reduction=reduction, **kw)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
     assert class_index_calls == {"stats": 3, "grad": 3}
 
 
@@ -329,7 +389,7 @@ def test_class_indices_float32_no_worse_than_chunked(class_index_calls):
     one = torch.ones(())
     loss32, grad32 = _loss_and_grad(x32, y, one, weight=w32, **kw)
     assert class_index_calls == {"stats": 1, "grad": 1}
-    truth, truth_grad = _loss_and_grad(x32.double(), y, one.double(), weight=w32.double(), impl="reference", **kw)
+    truth, truth_grad = _oracle(x32, y, one, weight=w32, **kw)
     chunked_loss, chunked_grad = _loss_and_grad(x32, y, one, weight=w32, impl="chunked", **kw)
 
     def errors(loss, grad):
