@@ -226,13 +226,18 @@ LABEL_BUGS[MEAN_ONLY_TAIL] = lambda real: lambda x, y, **k: (
     real(x[:-128], y[:-128], **k) if k.get("reduction", "mean") == "mean" else real(x, y, **k))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("bug", sorted(LABEL_BUGS))
+# MEAN_ONLY_TAIL x bfloat16 is left out: below the bfloat16 mean's own rounding (see above).
+LABEL_BUG_CASES = [
+    pytest.param(dtype, bug, id=f"{bug}-{dtype}")
+    for bug in sorted(LABEL_BUGS)
+    for dtype in ("float32", "bfloat16")
+    if not (bug == MEAN_ONLY_TAIL and dtype == "bfloat16")
+]
+
+
+@pytest.mark.parametrize(("dtype", "bug"), LABEL_BUG_CASES)
 def test_label_bugs_are_caught(monkeypatch, dtype, bug):
     import crossent.torch as cet
-
-    if bug == MEAN_ONLY_TAIL and dtype == "bfloat16":
-        pytest.skip("below the bfloat16 mean's own rounding (see MEAN_ONLY_TAIL)")
 
     rows = 20000 if dtype == "bfloat16" else 3000  # bf16: the mean tolerance has a 1/sqrt(N) term
     args = ["--rows", str(rows), "--classes", "97", "--dtype", dtype, "--repeats", "1", "--format", "json",
