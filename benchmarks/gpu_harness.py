@@ -806,7 +806,13 @@ if __name__ == "__main__":
             parser.error("merge takes SRC DEST")
         src, dest = args.paths
         with open(src, newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = []
+            for row in reader:  # a row cut short (a run killed mid-write) or with extra cells
+                if None in row or None in row.values():
+                    parser.error(f"{src}, line {reader.line_num}: {len(reader.fieldnames)} cells expected, "
+                                 f"got a row with {'more' if None in row else 'fewer'}")
+                rows.append(row)
         unknown = sorted({k for row in rows for k in row} - set(COLUMNS))
         if unknown:
             parser.error(f"{src} has columns that are not gpu_harness.COLUMNS: {unknown}")

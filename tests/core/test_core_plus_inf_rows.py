@@ -91,6 +91,7 @@ def test_array_api_path_soft_targets_plus_inf_rows_are_nan(xp, asxp, tonp, monke
     monkeypatch.setattr(cpu, "ENABLED", False)
     t = np.random.default_rng(0).dirichlet(np.ones(4), size=len(X))
     t[1] = 0.0  # an all-zero target row without +inf: 0
+    t[5] = 0.0  # with +inf: NaN, as F (review diff 3: cet's chunked/reference masked it to 0)
     ctx = _quiet(xp)
     try:
         rows = ce.softmax_cross_entropy(asxp(X), asxp(t), reduction="none", z_loss=0.1)
@@ -114,3 +115,24 @@ def test_torch_chunked_and_reference_plus_inf_rows_are_nan(impl, options):
     want_loss, want_grad = _oracle(Y, **options)
     _check(loss.detach().numpy(), x.grad.numpy(), want_loss, want_grad, INF_ROWS)
     np.testing.assert_array_equal(x.grad.numpy()[4], 0.0)  # the ignored row
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunked", "reference"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_torch_soft_targets_plus_inf_rows_are_nan_zero_targets_too(impl, weighted):
+    """Review (diff) 3: a zero target on a +inf logit was masked like one on a -inf logit, so a
+    row of +-inf logits with zero (or zero-weighted) targets had loss 0 on chunked/reference."""
+    import crossent.torch as cet
+
+    t = np.random.default_rng(1).dirichlet(np.ones(4), size=len(X))
+    t[5] = 0.0
+    t[0] = [1.0, 0.0, 0.0, 0.0]
+    w = np.array([0.0, 1.0, 1.0, 1.0]) if weighted else None  # row 0's only mass weighs 0
+    x = torch.tensor(X, requires_grad=True)
+    loss = cet.cross_entropy(x, torch.tensor(t), weight=None if w is None else torch.tensor(w),
+                             reduction="none", impl=impl)
+    loss.sum().backward()
+    xf = torch.tensor(X, requires_grad=True)
+    want = F.cross_entropy(xf, torch.tensor(t), weight=None if w is None else torch.tensor(w), reduction="none")
+    want.sum().backward()
+    _check(loss.detach().numpy(), x.grad.numpy(), want.detach().numpy(), xf.grad.numpy(), INF_ROWS + [4])

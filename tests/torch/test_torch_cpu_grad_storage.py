@@ -83,3 +83,42 @@ def test_gradient_buffer_is_a_plain_torch_tensor():
         assert buf.untyped_storage().resizable()
         buf.fill_(1.5)  # the advised memory is ordinary memory
         assert float(buf.sum()) == 1.5 * x.numel()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(softcap=5.0)], ids=repr)
+def test_negative_bit_views_are_read_as_their_values(options):
+    """Review (diff) 1: the numpy views read raw memory, which holds -t for a negative-bit view
+    (t.numpy() refused those). Probability targets, logits and class weights built that way gave
+    -1.2391 for F's 1.6409 (targets, smoothing); now their values are read."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    p = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    t = torch.complex(0 * p, -p).conj().imag  # equal to p, with the negative bit
+    assert t.is_neg() and torch.equal(t, p)
+    w = torch._neg_view(-torch.arange(1.0, 6.0, dtype=torch.float64))
+    assert w.is_neg()
+    xn = torch._neg_view(-x)
+    assert xn.is_neg()
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    for logits, target, weight in ((x, t, None), (xn, y, None), (x, y, w), (xn, t, w)):
+        want = F.cross_entropy(logits.clone(), target.clone(), weight=None if weight is None else weight.clone(),
+                               **{k: v for k, v in options.items() if k != "softcap"}) if "softcap" not in options \
+            else F.cross_entropy(5.0 * torch.tanh(logits.clone() / 5.0), target.clone(),
+                                 weight=None if weight is None else weight.clone())
+        got = cet.cross_entropy(logits, target, weight=weight, **options)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_buffer_on_the_logits_device_whatever_the_default():
+    """Review (diff) 2: the buffer went to torch's default device (meta: 'data is NULL'; cuda: a
+    GPU pointer handed to the CPU kernels). Under a meta default the CPU logits still get a CPU
+    gradient equal to F's."""
+    x = torch.randn(300, 1000, dtype=torch.float64)
+    y = torch.randint(0, 1000, (300,))
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.device("meta"):
+        loss = cet.cross_entropy(xr, y)
+        loss.backward()
+    F.cross_entropy(xf, y).backward()
+    assert xr.grad.device.type == "cpu"
+    torch.testing.assert_close(xr.grad, xf.grad, rtol=1e-12, atol=1e-15)

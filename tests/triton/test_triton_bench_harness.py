@@ -752,3 +752,12 @@ def test_merge_appends_a_device_csv_by_column_name(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_harness.py"), "merge",
                            str(tmp_path / "other.csv"), str(dest)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown_column" in done.stderr
+    header = ",".join(h.COLUMNS)
+    too_long = ",".join(["x"] * (len(h.COLUMNS) + 1))
+    for name, line, word in (("short.csv", "x,y,z", "fewer"), ("long.csv", too_long, "more")):
+        (tmp_path / name).write_text(f"{header}\n{line}\n")
+        done = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_harness.py"), "merge",
+                               str(tmp_path / name), str(dest)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"line 2: {len(h.COLUMNS)} cells expected, got a row with {word}" in done.stderr
+    with open(dest, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2  # nothing appended by the refused merges

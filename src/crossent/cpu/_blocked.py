@@ -25,9 +25,9 @@ do not depend on the loss) the finished gradient in one pass, class weights and 
 folded into the targets of each block.
 
 No floating-point warnings: inf and NaN rows give what the Array-API path gives (NaN or inf), and
-ignored rows, which the caller masks, are taken as zeros as there. The exception is a kept row
-holding +inf (after the soft cap; no NaN): its loss and its whole gradient row are NaN, as
-``F.cross_entropy`` and crossent.cpu's kernels give (the Array-API path gives an inf loss there).
+ignored rows, which the caller masks, are taken as zeros as there. A kept row holding +inf (after
+the soft cap; no NaN) has a NaN loss and gradient row, as ``F.cross_entropy``, crossent.cpu's
+kernels and the Array-API path give.
 """
 
 from __future__ import annotations

@@ -207,8 +207,9 @@ def _block_forward(
     if soft:
         t = _soft_target(z, target, weight, eps)
         diff = lse[:, None] - z
-        # 0 log 0 = 0 where a zero target meets an infinite logit; a NaN logit keeps its NaN.
-        ce = torch.where((t == 0) & torch.isinf(z), torch.zeros_like(diff), t * diff).sum(dim=-1)
+        # 0 log 0 = 0 where a zero target meets a -inf logit; a row holding +inf is NaN (its lse
+        # is NaN: zero targets too, as in F.cross_entropy), and a NaN logit keeps its NaN.
+        ce = torch.where((t == 0) & (z == -math.inf), torch.zeros_like(diff), t * diff).sum(dim=-1)
         return lse, ce, p
     z_y = z.gather(1, target[:, None]).squeeze(1)
     w_y = torch.ones_like(lse) if weight is None else weight[target]

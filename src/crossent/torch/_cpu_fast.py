@@ -31,9 +31,8 @@ factor is 0 (class weight 0 on its label, an upstream gradient of 0, a "mean" wh
 0) gets 0 times its gradient: zeros, or NaN where its softmax is NaN (all -inf or a NaN logit), as
 on the chunked path and in PyTorch. The results equal impl="chunked" (tested to 1e-12 in float64);
 only the speed differs: one or two passes over the logits, where the chunked path makes several
-through temporaries. The exception is a kept row holding +inf: here its loss and its whole
-gradient row are NaN, as ``F.cross_entropy`` gives (its softmax is not defined); the chunked path
-gives an inf loss there (and a NaN gradient row).
+through temporaries. A kept row holding +inf has a NaN loss and a NaN gradient row on both, as
+``F.cross_entropy`` gives (its softmax is not defined).
 
 Class indices outside ``[0, C)`` (other than ``ignore_index``) raise a ValueError naming
 ``target`` here too when ``validate=False`` skipped the check (one min/max over the M indices).
@@ -124,7 +123,9 @@ def _cpu_array(logits2d: torch.Tensor) -> bool:
     float64 CPU tensor."""
     if logits2d.device.type != "cpu" or logits2d.dtype not in (torch.float32, torch.float64):
         return False
-    return logits2d.is_contiguous() and logits2d.numel() > 0
+    # A negative-bit view (torch._neg_view, .conj().imag) holds -x in memory: the kernels would
+    # read the raw memory (and in place, write it), so such logits take the chunked path.
+    return logits2d.is_contiguous() and logits2d.numel() > 0 and not logits2d.is_neg()
 
 
 def _gradient_buffer(x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def _gradient_buffer(x: torch.Tensor) -> torch.Tensor:
     numpy's allocation, which asks for huge pages itself; with the advice it is as fast (one run,
     the two alternated over 11 repeats: medians 0.406 s vs numpy's 0.434 s, minima 0.396 / 0.397 s;
     both buffers get 760 MiB of AnonHugePages)."""
-    grad = torch.empty(x.shape, dtype=x.dtype)
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # not the default device
     _advise_huge_pages(grad)
     return grad
 
@@ -202,9 +203,16 @@ def _np(t: torch.Tensor):
     """A writable numpy array of the CPU tensor ``t``'s own memory, like ``t.numpy()`` except that
     the storage stays resizable: ``Tensor.numpy()`` marks it not resizable for good, so a ``.grad``
     (or the logits) that went through it could not be ``resize_``d or freed in place afterwards,
-    as they can after ``F.cross_entropy``."""
+    as they can after ``F.cross_entropy``. A tensor with the negative (or conjugate) bit set is
+    resolved first, into a copy: the view reads raw memory, which holds -t there (``t.numpy()``
+    refuses such tensors); logits with it never get here (``_cpu_array``), so nothing written
+    through the array is lost."""
     import numpy as np
 
+    if t.device.type != "cpu":
+        raise ValueError(f"crossent.cpu reads CPU memory, got a tensor on {t.device}")
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_conj().resolve_neg()
     if t.numel() == 0:
         return np.empty(tuple(t.shape), dtype=_numpy_dtype(t.dtype))
     return np.asarray(_TensorMemory(t, _numpy_dtype(t.dtype).str))
@@ -276,7 +284,7 @@ def _unit_scale(w_row: torch.Tensor, denominator: torch.Tensor, reduction: str) 
     """The row factors s_i of ``_gradient`` for an upstream gradient of 1 (float64)."""
     if reduction != "mean":
         return w_row
-    return w_row * safe_divide(torch.ones((), dtype=torch.float64), denominator)
+    return w_row * safe_divide(torch.ones((), dtype=torch.float64, device=w_row.device), denominator)
 
 
 def _backward(ctx, grad_output: torch.Tensor, write) -> torch.Tensor:
@@ -300,7 +308,7 @@ def _on_kept_rows(ctx, g: torch.Tensor) -> torch.Tensor:
     ``F.cross_entropy`` and the chunked path."""
     if ctx.valid is None:
         return g
-    return torch.where(ctx.valid, g, torch.zeros((), dtype=g.dtype))
+    return torch.where(ctx.valid, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
 class CpuFastCrossEntropy(torch.autograd.Function):
@@ -331,7 +339,7 @@ class CpuFastCrossEntropy(torch.autograd.Function):
             n_valid = valid.sum().to(torch.float64)
             z_unit = 2.0 * z * valid.to(torch.float64)
             if reduction == "mean":
-                z_unit = z_unit * safe_divide(torch.ones((), dtype=torch.float64), n_valid)
+                z_unit = z_unit * safe_divide(torch.ones((), dtype=torch.float64, device=n_valid.device), n_valid)
         x = logits.detach()
         # needs_input_grad ignores torch.no_grad(); grad_enabled is taken outside forward.
         ctx.grad = None
@@ -414,7 +422,7 @@ def soft_cross_entropy(logits2d: torch.Tensor, target2d: torch.Tensor, weight: t
     if torch.is_grad_enabled() and logits2d.requires_grad and not inplace_backward:
         # The gradient for an upstream gradient of 1, written in the loss's own pass (wasted only
         # when a row's loss is not finite and the chunked path takes over).
-        w_row = torch.ones(x.shape[0], dtype=torch.float64)
+        w_row = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
         grad = _gradient_buffer(x)
         out, scale = _np(grad), _np(_unit_scale(w_row, w_row.sum(), reduction))
     lse, ce = write(_np(x), _np(t), scale, _keep(None, x.shape[0]) if out is not None else None, out)
@@ -463,7 +471,7 @@ class CpuFastSoftCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, row_loss, reduction, inplace_backward, grad, write):  # type: ignore[override]
-        w_row = torch.ones(logits.shape[0], dtype=torch.float64)
+        w_row = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
         denominator = w_row.sum()
         ctx.save_for_backward(logits, target, w_row, denominator)
         ctx.valid = None  # probability targets: no ignored row

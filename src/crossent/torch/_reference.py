@@ -14,6 +14,8 @@ the documented deviations of DESIGN.md are written out with ``torch.where``:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -78,10 +80,10 @@ def reference_cross_entropy_2d(
         if eps > 0.0:
             t = (1.0 - eps) * t + eps * finite.to(dt) / num_finite
         wt = t if w is None else t * w
-        # 0 log 0 = 0 where a zero target meets an infinite logit (log q = -inf on a -inf logit;
-        # on a +inf one it is NaN, and the row's loss is inf or NaN anyway); a NaN logit keeps its
-        # NaN (0 * NaN), as in F.cross_entropy.
-        terms = torch.where((wt == 0) & torch.isinf(z), torch.zeros_like(logp), -wt * logp)
+        # 0 log 0 = 0 where a zero target meets a -inf logit (log q = -inf); a +inf logit leaves
+        # its row without a softmax (log q NaN: the row is NaN, zero targets too, as in
+        # F.cross_entropy), and a NaN logit keeps its NaN (0 * NaN).
+        terms = torch.where((wt == 0) & (z == -math.inf), torch.zeros_like(logp), -wt * logp)
         row = terms.sum(dim=-1)
         ce_denominator = torch.full((), float(num_rows), dtype=dt, device=z.device)
     else:
