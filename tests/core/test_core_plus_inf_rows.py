@@ -136,3 +136,71 @@ def test_torch_soft_targets_plus_inf_rows_are_nan_zero_targets_too(impl, weighte
     want = F.cross_entropy(xf, torch.tensor(t), weight=None if w is None else torch.tensor(w), reduction="none")
     want.sum().backward()
     _check(loss.detach().numpy(), x.grad.numpy(), want.detach().numpy(), xf.grad.numpy(), INF_ROWS + [4])
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2), dict(label_smoothing=1.0), dict(z_loss=0.1)],
+                         ids=repr)
+def test_autograd_of_a_kept_all_minus_inf_row_is_nan(backend, options):
+    """Review (diff): jax.grad (and torch.autograd) of the core loss gave a finite row (0, or -1
+    at the label) for a kept row of all -inf logits, where F.cross_entropy and the closed form
+    (softmax_cross_entropy_and_grad) give a NaN row. Autograd's row now holds NaN (at the label:
+    the where that keeps log(0) from warning cuts the path through log s, so the other entries
+    stay 0); the closed form's row is all NaN, as F's."""
+    x = np.array([[-INF, -INF, -INF], [0.5, 0.2, 0.1], [-INF, -INF, -INF]])
+    y = np.array([1, 0, -100])
+    xt = torch.tensor(x, requires_grad=True)
+    want = F.cross_entropy(xt, torch.tensor(y), reduction="sum",
+                           **{k: v for k, v in options.items() if k != "z_loss"})
+    if "z_loss" in options:
+        want = want + options["z_loss"] * torch.logsumexp(xt[:2], dim=1).square().sum()
+    want.backward()
+    assert np.isnan(xt.grad.numpy()[0]).all() and not np.isnan(xt.grad.numpy()[1]).any()
+    _, closed = ce.softmax_cross_entropy_and_grad(x, y, ignore_index=-100, reduction="sum", **options)
+    if backend == "torch":
+        xc = torch.tensor(x, requires_grad=True)
+        ce.softmax_cross_entropy(xc, torch.tensor(y), ignore_index=-100, reduction="sum", **options).backward()
+        grad = xc.grad.numpy()
+    else:
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        jnp = jax.numpy
+        grad = np.asarray(jax.jit(jax.grad(lambda a: ce.softmax_cross_entropy(
+            a, jnp.asarray(y), ignore_index=-100, reduction="sum", **options)))(jnp.asarray(x)))
+    assert np.isnan(closed[0]).all()
+    # label_smoothing=1 drops the nll, the one path autograd has into such a row: its loss is NaN
+    # (times NaN) but its autograd gradient stays 0 (a known limit; the closed form is NaN).
+    assert np.isnan(grad[0, y[0]]) if options.get("label_smoothing") != 1.0 else (grad[0] == 0).all()
+    for g in (grad, closed):
+        np.testing.assert_allclose(g[1], xt.grad.numpy()[1], rtol=1e-12)
+        np.testing.assert_array_equal(g[2], 0.0)  # ignored
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_autograd_of_an_all_minus_inf_soft_row(backend):
+    """Soft targets: an all -inf row with target mass is NaN, its gradient NaN where the target
+    is positive (F: the whole row); with zero targets it is 0 with a zero gradient (0 log 0 = 0,
+    DESIGN.md; F: NaN). jax.grad and torch.autograd gave -t there before."""
+    x = np.array([[-INF, -INF, -INF], [0.5, 0.2, 0.1], [-INF, -INF, -INF]])
+    t = np.array([[0.2, 0.8, 0.0], [0.1, 0.6, 0.3], [0.0, 0.0, 0.0]])
+    if backend == "torch":
+        xc = torch.tensor(x, requires_grad=True)
+        rows = ce.softmax_cross_entropy(xc, torch.tensor(t), reduction="none")
+        rows.sum().backward()
+        rows, grad = rows.detach().numpy(), xc.grad.numpy()
+    else:
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        jnp = jax.numpy
+        rows = np.asarray(ce.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(t), reduction="none"))
+        grad = np.asarray(jax.grad(lambda a: ce.softmax_cross_entropy(a, jnp.asarray(t), reduction="sum"))(
+            jnp.asarray(x)))
+    xt = torch.tensor(x, requires_grad=True)
+    want = F.cross_entropy(xt, torch.tensor(t), reduction="none")
+    want.sum().backward()
+    assert np.isnan(rows[0]) and np.isnan(xt.grad.numpy()[0]).all()
+    np.testing.assert_array_equal(np.isnan(grad[0]), t[0] > 0)
+    np.testing.assert_allclose(rows[1], want.detach().numpy()[1], rtol=1e-12)
+    np.testing.assert_allclose(grad[1], xt.grad.numpy()[1], rtol=1e-12)
+    assert rows[2] == 0.0
+    np.testing.assert_array_equal(grad[2], 0.0)

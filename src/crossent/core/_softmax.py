@@ -360,7 +360,10 @@ def _softmax_ce(
                     ce_row = ce_row - eps * smoothed / k
                 # The row's loss times NaN, not a NaN selected: its derivative (jax.grad) is NaN too,
                 # and the other rows' derivatives stay what they were (times 1).
-                one_or_nan = xp.where(bad, xp.asarray(math.nan, dtype=dtype, device=dev), one)
+                # A kept row of all -inf logits (s = 0) likewise: its loss is NaN through its nll,
+                # but autograd differentiates that nll to a finite -1 at the label (jax.grad,
+                # torch.autograd), where PyTorch and the closed form give a NaN row.
+                one_or_nan = xp.where(bad | empty[..., 0], xp.asarray(math.nan, dtype=dtype, device=dev), one)
                 ce_row = ce_row * one_or_nan
             else:
                 if eps > 0.0:
@@ -374,8 +377,13 @@ def _softmax_ce(
                 # keeps the derivative with respect to the targets, -w log q, wherever log q is
                 # finite.
                 # A row of all -inf logits (log s = -inf) with zero targets is 0 likewise.
+                wt_sum = xp.sum(wt, axis=-1)
                 ce_row = (xp.sum(wt * xp.where((wt == 0) & ~finite, zero, m - x), axis=-1)
-                          + mul0(xp, xp.sum(wt, axis=-1), log_s[..., 0]))
+                          + mul0(xp, wt_sum, log_s[..., 0]))
+                # With target mass, such a row is NaN, its gradient too (times NaN, as above: the
+                # sum's derivative alone is a finite -w t).
+                ce_row = ce_row * xp.where(empty[..., 0] & (wt_sum != 0),
+                                           xp.asarray(math.nan, dtype=dtype, device=dev), one)
                 target_w = one
             if with_grad:
                 q = e / s
@@ -402,7 +410,8 @@ def _softmax_ce(
             # A kept row without a finite logit (all -inf, or NaN) has no possible class: NaN, as
             # at any other eps (through its nll) and in PyTorch; eps = 1 drops the nll term and
             # spreads nothing. Its lse is -inf or NaN.
-            ce_row = xp.where(lse > -math.inf, ce_row, xp.asarray(math.nan, dtype=dtype, device=dev))
+            # Times NaN rather than a NaN selected: the row's derivative is NaN too (autograd).
+            ce_row = ce_row * xp.where(lse > -math.inf, one, xp.asarray(math.nan, dtype=dtype, device=dev))
         z_row = z * lse * lse if z > 0 else None
 
     # ---- reduction ---------------------------------------------------------------------------------
