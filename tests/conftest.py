@@ -81,3 +81,19 @@ def asxp(xp):
 def tonp():
     """Convert any backend's array back to NumPy."""
     return to_numpy
+
+
+@pytest.fixture(params=["numba", "no-numba"])
+def cpu_route(request, monkeypatch):
+    """crossent.cpu's compiled kernels ("numba"), or its numpy fallback as when numba is not
+    installed ("no-numba"), with the CPU fast path on."""
+    from crossent import cpu
+
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        monkeypatch.setattr(cpu, "_numba_importable", None)
+    else:
+        monkeypatch.setattr(cpu, "_numba_importable", False)
+    monkeypatch.setattr(cpu, "ENABLED", True)
+    assert cpu.available() is (request.param == "numba")
+    return request.param

@@ -16,19 +16,6 @@ F = torch.nn.functional
 from crossent import cpu  # noqa: E402
 
 
-@pytest.fixture(params=["numba", "no-numba"])
-def route(request, monkeypatch):
-    """The compiled kernels, or the numpy fallback as when numba is not installed."""
-    if request.param == "numba":
-        pytest.importorskip("numba")
-        monkeypatch.setattr(cpu, "_numba_importable", None)
-    else:
-        monkeypatch.setattr(cpu, "_numba_importable", False)
-    monkeypatch.setattr(cpu, "ENABLED", True)
-    assert cpu.available() is (request.param == "numba")
-    return request.param
-
-
 def _torch_grad(x: np.ndarray, labels: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row loss and scale_i * d loss_i / d x_i by float64 torch (the oracle)."""
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
@@ -38,7 +25,7 @@ def _torch_grad(x: np.ndarray, labels: np.ndarray, scale: np.ndarray) -> tuple[n
 
 
 @pytest.mark.parametrize("magnitude", [1e8, 1e12, 1e17])
-def test_softmax_minus_onehot_at_large_logits_matches_torch(route, magnitude):
+def test_softmax_minus_onehot_at_large_logits_matches_torch(cpu_route, magnitude):
     rng = np.random.default_rng(7)
     # Offsets of order 1 on top of a huge common value: x - lse would round log_s away.
     x = magnitude + np.ldexp(np.round(rng.normal(size=(5, 7)) * 8), int(np.floor(np.log2(magnitude))) - 52 + 3)
@@ -54,7 +41,7 @@ def test_softmax_minus_onehot_at_large_logits_matches_torch(route, magnitude):
         np.testing.assert_allclose(out[0], [-6 / 7] + [1 / 7] * 6, rtol=1e-12)
 
 
-def test_review_repro_three_equal_huge_logits(route):
+def test_review_repro_three_equal_huge_logits(cpu_route):
     out = np.empty((1, 3))
     cpu.softmax_minus_onehot(np.array([[1e17] * 3]), np.array([0]), 1.0, out)
     np.testing.assert_allclose(out[0], [-2 / 3, 1 / 3, 1 / 3], rtol=1e-12)
@@ -151,7 +138,7 @@ def _check_inf_rows(loss, grad, want_loss, want_grad):
 
 
 @pytest.mark.parametrize("z", [0.0, 0.1])
-def test_cpu_softmax_minus_onehot_plus_inf_rows(route, z):
+def test_cpu_softmax_minus_onehot_plus_inf_rows(cpu_route, z):
     keep = _Y_INF != -100
     labels = np.where(keep, _Y_INF, 0)
     out = np.empty_like(_X_INF)
@@ -166,7 +153,7 @@ def test_cpu_softmax_minus_onehot_plus_inf_rows(route, z):
     np.testing.assert_array_equal(nll_only, nll)
 
 
-def test_cpu_factor_zero_on_plus_inf_row_is_nan(route):
+def test_cpu_factor_zero_on_plus_inf_row_is_nan(cpu_route):
     """A kept row with factor 0 (class weight 0, sample weight 0) holding +inf: NaN, as F gives
     0 * NaN; the review's case was [0, nan, 0] from the kernels."""
     out = np.empty((1, 3))
@@ -203,23 +190,17 @@ def test_numba_smoothing_and_soft_kernels_plus_inf_rows(dtype):
 
 @pytest.mark.parametrize("options", [dict(), dict(z=0.1), dict(eps=0.2), dict(eps=0.2, z=0.1), dict(eps=1.0),
                                      dict(weight=[1.0, 0.5, 0.0, 2.0])])
-@pytest.mark.parametrize("numba_route", ["numba", "no-numba"])
-def test_torch_auto_plus_inf_rows_match_f(monkeypatch, options, numba_route):
+def test_torch_auto_plus_inf_rows_match_f(options, cpu_route):
     """cet.cross_entropy(impl="auto") on the CPU: the numba kernels, or the blocked numpy pass
     (no numba; also a z-loss with smoothing) give F's NaN rows."""
     import crossent.torch as cet
     from crossent.torch import _cpu_fast
 
-    if numba_route == "numba":
-        pytest.importorskip("numba")
-        monkeypatch.setattr(cpu, "_numba_importable", None)
-    else:
-        monkeypatch.setattr(cpu, "_numba_importable", False)
     eps, z, weight = options.get("eps", 0.0), options.get("z", 0.0), options.get("weight")
     x = torch.tensor(_X_INF, requires_grad=True)
     w = None if weight is None else torch.tensor(weight, dtype=torch.float64)
     path = _cpu_fast.class_index_path(x, False, z, None, eps)
-    assert path == ("kernels" if numba_route == "numba" and not (z and eps) else "blocked")
+    assert path == ("kernels" if cpu_route == "numba" and not (z and eps) else "blocked")
     loss = cet.cross_entropy(x, torch.tensor(_Y_INF), weight=w, reduction="none", label_smoothing=eps, z_loss=z)
     loss.sum().backward()
     want_loss, want_grad = _oracle(_X_INF, _Y_INF, weight=weight, eps=eps, z=z)
@@ -228,16 +209,10 @@ def test_torch_auto_plus_inf_rows_match_f(monkeypatch, options, numba_route):
 
 @pytest.mark.parametrize("options", [dict(), dict(z_loss=0.1), dict(label_smoothing=0.2),
                                      dict(label_smoothing=0.2, z_loss=0.1)])
-@pytest.mark.parametrize("numba_route", ["numba", "no-numba"])
-def test_core_numpy_plus_inf_rows_match_f(monkeypatch, options, numba_route):
+def test_core_numpy_plus_inf_rows_match_f(options, cpu_route):
     """crossent.softmax_cross_entropy_and_grad on numpy logits (kernels, or the blocked pass)."""
     import crossent as ce
 
-    if numba_route == "numba":
-        pytest.importorskip("numba")
-        monkeypatch.setattr(cpu, "_numba_importable", None)
-    else:
-        monkeypatch.setattr(cpu, "_numba_importable", False)
     loss, grad = ce.softmax_cross_entropy_and_grad(_X_INF, _Y_INF, ignore_index=-100, reduction="none", **options)
     want_loss, want_grad = _oracle(_X_INF, _Y_INF, eps=options.get("label_smoothing", 0.0),
                                    z=options.get("z_loss", 0.0))
@@ -245,7 +220,7 @@ def test_core_numpy_plus_inf_rows_match_f(monkeypatch, options, numba_route):
 
 
 def test_blocked_gradient_plus_inf_rows_match_f():
-    """crossent.cpu._blocked directly (the no-numba and softcap/z-loss+smoothing route)."""
+    """crossent.cpu._blocked directly (the no-numba and softcap/z-loss+smoothing cpu_route)."""
     from crossent.cpu import _blocked
 
     keep = _Y_INF != -100
@@ -259,17 +234,11 @@ def test_blocked_gradient_plus_inf_rows_match_f():
 
 
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(weight=np.array([1.0, 0.5, 2.0, 1.5]))])
-@pytest.mark.parametrize("numba_route", ["numba", "no-numba"])
-def test_core_numpy_soft_targets_plus_inf_rows_match_f(monkeypatch, options, numba_route):
+def test_core_numpy_soft_targets_plus_inf_rows_match_f(options, cpu_route):
     """Probability targets (numba's soft kernels, or the blocked ``soft_targets`` with smoothing
     or class weights): NaN loss and gradient rows where a logit is +inf, as F."""
     import crossent as ce
 
-    if numba_route == "numba":
-        pytest.importorskip("numba")
-        monkeypatch.setattr(cpu, "_numba_importable", None)
-    else:
-        monkeypatch.setattr(cpu, "_numba_importable", False)
     rng = np.random.default_rng(3)
     t = rng.dirichlet(np.ones(4), size=6)
     loss, grad = ce.softmax_cross_entropy_and_grad(_X_INF, t, reduction="none", **options)

@@ -8,25 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import crossent.torch as cet
-from crossent import cpu
 from crossent.torch import _cpu_fast
-
-
-@pytest.fixture(params=["numba", "no-numba"])
-def numba_route(request, monkeypatch):
-    if request.param == "numba":
-        pytest.importorskip("numba")
-        monkeypatch.setattr(cpu, "_numba_importable", None)
-    else:
-        monkeypatch.setattr(cpu, "_numba_importable", False)
-    monkeypatch.setattr(cpu, "ENABLED", True)
-    return request.param
 
 
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-2}, {"softcap": 5.0},
                                      {"inplace_backward": True}, {"probs": True}])
 @pytest.mark.parametrize("rows", [7])
-def test_grad_storage_is_resizable_like_f(numba_route, options, rows):
+def test_grad_storage_is_resizable_like_f(cpu_route, options, rows):
     options = dict(options)
     probs = options.pop("probs", False)
     g = torch.Generator().manual_seed(rows)
@@ -60,7 +48,7 @@ def test_grad_storage_is_resizable_like_f(numba_route, options, rows):
     assert grad.numel() == rows * 2000
 
 
-def test_large_grad_with_huge_page_advice_is_correct_and_resizable(numba_route):
+def test_large_grad_with_huge_page_advice_is_correct_and_resizable(cpu_route):
     """1100 x 1000 float32 (4.4 MB): a buffer the huge-page advice (madvise) applies to."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1100, 1000, generator=g, requires_grad=True)
